@@ -1,0 +1,1 @@
+//! FlashAttention-style CPU attention and the log-sum-exp merge. (in progress)

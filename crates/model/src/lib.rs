@@ -1,0 +1,25 @@
+//! tessera's single-process transformer engine.
+//!
+//! Everything a worker needs to run a Llama-family model on the CPU lives here, with no async
+//! runtime or RPC: model configuration and weights (GGUF, safetensors), the quantized matrix
+//! kernels, FlashAttention-style attention with its log-sum-exp merge, the paged KV cache, the
+//! tokenizer and chat templates, and sampling. Sharded execution in the worker crate is judged
+//! against the [`engine::Engine`] defined here.
+
+pub mod attention;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod kv_cache;
+pub mod layers;
+pub mod llama;
+pub mod quant;
+pub mod sampling;
+pub mod source;
+pub mod testing;
+pub mod threadpool;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{ModelError, Result};
+pub use threadpool::ThreadPool;

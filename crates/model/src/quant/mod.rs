@@ -1,0 +1,1 @@
+//! Quantized weight matrices (GGUF block formats) and their matrix products. (in progress)
