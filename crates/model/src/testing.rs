@@ -39,3 +39,129 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         }
     }
 }
+
+/// A deterministic source of pseudo-random f32 values, so random test models are the same on
+/// every machine and in every process (the cluster tests load the same model in each worker).
+#[derive(Clone, Debug)]
+pub struct TestRng(u64);
+
+impl TestRng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    /// The next 64 random bits (splitmix64).
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+
+    /// `n` values of `scale · N(0, 1)`.
+    pub fn normals(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal() * scale).collect()
+    }
+}
+
+/// Weights held in memory: random test models, and tensors handed over by other processes.
+#[derive(Default)]
+pub struct MemoryWeights {
+    tensors: std::collections::HashMap<crate::weights::TensorKey, crate::quant::QMatrix>,
+}
+
+impl MemoryWeights {
+    /// Adds or replaces a tensor.
+    pub fn insert(&mut self, key: crate::weights::TensorKey, m: crate::quant::QMatrix) {
+        self.tensors.insert(key, m);
+    }
+
+    /// A random Llama-family model of shape `cfg`, its matrices stored as `qtype`; the same
+    /// `seed` gives the same model everywhere.
+    ///
+    /// # Errors
+    /// When `qtype`'s block size does not divide the model's widths.
+    pub fn random(
+        cfg: &crate::config::ModelConfig,
+        qtype: crate::quant::QType,
+        tied: bool,
+        seed: u64,
+    ) -> crate::Result<Self> {
+        use crate::quant::{QMatrix, QType};
+        use crate::weights::TensorKey as K;
+        let mut rng = TestRng::new(seed);
+        let mut w = Self::default();
+        // Scales keep activations O(1) through many layers, as trained models do.
+        let mut mat = |w: &mut Self, rng: &mut TestRng, key, rows: usize, cols: usize| {
+            let data = rng.normals(rows * cols, 1.0 / (cols as f32).sqrt());
+            QMatrix::quantize(qtype, rows, cols, &data).map(|m| w.insert(key, m))
+        };
+        let mut vec = |w: &mut Self, rng: &mut TestRng, key, len: usize, base: f32| {
+            let data: Vec<f32> = (0..len).map(|_| base + 0.1 * rng.uniform()).collect();
+            QMatrix::quantize(QType::F32, 1, len, &data).map(|m| w.insert(key, m))
+        };
+        let (h, i, qd, kvd) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
+        let embed = rng.normals(cfg.vocab_size * h, 1.0);
+        w.insert(K::TokenEmbd, QMatrix::quantize(qtype, cfg.vocab_size, h, &embed)?);
+        if !tied {
+            mat(&mut w, &mut rng, K::Output, cfg.vocab_size, h)?;
+        }
+        vec(&mut w, &mut rng, K::OutputNorm, h, 1.0)?;
+        for l in 0..cfg.n_layers {
+            vec(&mut w, &mut rng, K::AttnNorm(l), h, 1.0)?;
+            vec(&mut w, &mut rng, K::FfnNorm(l), h, 1.0)?;
+            mat(&mut w, &mut rng, K::AttnQ(l), qd, h)?;
+            mat(&mut w, &mut rng, K::AttnK(l), kvd, h)?;
+            mat(&mut w, &mut rng, K::AttnV(l), kvd, h)?;
+            mat(&mut w, &mut rng, K::AttnOutput(l), h, qd)?;
+            mat(&mut w, &mut rng, K::FfnGate(l), i, h)?;
+            mat(&mut w, &mut rng, K::FfnUp(l), i, h)?;
+            mat(&mut w, &mut rng, K::FfnDown(l), h, i)?;
+            if cfg.qkv_bias {
+                vec(&mut w, &mut rng, K::AttnQBias(l), qd, 0.0)?;
+                vec(&mut w, &mut rng, K::AttnKBias(l), kvd, 0.0)?;
+                vec(&mut w, &mut rng, K::AttnVBias(l), kvd, 0.0)?;
+            }
+        }
+        Ok(w)
+    }
+}
+
+impl crate::weights::WeightStore for MemoryWeights {
+    fn contains(&self, key: crate::weights::TensorKey) -> bool {
+        self.tensors.contains_key(&key)
+    }
+
+    fn matrix(
+        &self,
+        key: crate::weights::TensorKey,
+        rows: usize,
+        cols: usize,
+    ) -> crate::Result<crate::quant::QMatrix> {
+        let m = self.tensors.get(&key).ok_or_else(|| crate::ModelError::Tensor {
+            name: format!("{key:?}"),
+            reason: "not in memory".into(),
+        })?;
+        if (m.rows(), m.cols()) != (rows, cols) {
+            return Err(crate::ModelError::Tensor {
+                name: format!("{key:?}"),
+                reason: format!("shape ({}, {}), wanted ({rows}, {cols})", m.rows(), m.cols()),
+            });
+        }
+        Ok(m.clone())
+    }
+}

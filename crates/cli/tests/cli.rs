@@ -1,0 +1,81 @@
+//! The `tessera` binary end to end: generation with the real model and argument errors.
+
+use std::process::Command;
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// Ensures that greedy generation with the real model streams the same text twice and reports
+/// its statistics.
+#[test]
+fn greedy_generation_is_deterministic() {
+    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    let run = || {
+        let out = tessera()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--chat", "--temperature", "0", "--max-tokens", "12", "--threads", "2"])
+            .arg("What is the capital of France?")
+            .output()
+            .expect("run tessera");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (a, stats) = run();
+    let (b, _) = run();
+    assert_eq!(a, b);
+    assert!(a.contains("Paris"), "{a}");
+    assert!(stats.contains("prompt tokens") && stats.contains("tok/s"), "{stats}");
+}
+
+/// Ensures that the same seed gives the same sampled text.
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    let run = |seed: &str| {
+        let out = tessera()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args(["--temperature", "1.0", "--seed", seed, "--max-tokens", "16", "--threads", "2"])
+            .arg("Once upon a time")
+            .output()
+            .expect("run tessera");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(run("42"), run("42"));
+}
+
+/// Ensures that invalid sampling options fail with a message naming the option, not a panic.
+#[test]
+fn invalid_options_name_the_field() {
+    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    for (flag, value, field) in [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+        ("--max-tokens", "0", "max_tokens"),
+    ] {
+        let out = tessera()
+            .args(["generate", "--model"])
+            .arg(&model)
+            .args([flag, value, "hello"])
+            .output()
+            .expect("run tessera");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        assert!(err.contains(field) && !err.contains("panicked"), "{flag}: {err}");
+    }
+}
+
+/// Ensures that a missing model file gets an error that says what to do.
+#[test]
+fn missing_model_is_a_clear_error() {
+    let out = tessera()
+        .args(["generate", "--model", "/nonexistent/model.gguf", "hi"])
+        .output()
+        .expect("run tessera");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/model.gguf") && !err.contains("panicked"), "{err}");
+}

@@ -1,0 +1,158 @@
+//! The self-attention layer: projections, RoPE, KV cache writes and the attention kernel.
+
+use crate::ThreadPool;
+use crate::attention::{AttnShape, flash_attention};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::{PagedKvCache, SeqKv};
+use crate::layers::Rope;
+use crate::quant::{QMatrix, QScratch};
+use crate::weights::{TensorKey, WeightStore};
+
+/// One sequence's part of a batched step: its new tokens (a prefill chunk or one decode
+/// token), continuing after the `seq.len()` tokens already in the KV cache. A batch's rows are
+/// the sequences' tokens one sequence after another.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    /// The new tokens.
+    pub tokens: &'a [u32],
+    /// The sequence's KV cache blocks.
+    pub seq: &'a mut SeqKv,
+    /// Whether the caller wants logits for this sequence's last token.
+    pub logits: bool,
+}
+
+/// Scratch rows the attention layer writes; sized by the caller for the batch.
+pub struct AttnScratch<'a> {
+    /// Queries, (n, n_heads, head_dim).
+    pub q: &'a mut [f32],
+    /// New keys, (n, n_kv_heads, head_dim).
+    pub k: &'a mut [f32],
+    /// New values, (n, n_kv_heads, head_dim).
+    pub v: &'a mut [f32],
+    /// Attention output before the output projection, (n, n_heads, head_dim).
+    pub ctx: &'a mut [f32],
+    /// Log-sum-exp per query row and head, (n, n_heads).
+    pub lse: &'a mut [f32],
+    /// Activation quantization buffers.
+    pub q8: &'a mut QScratch,
+}
+
+/// Grouped-query self-attention with optional QKV bias.
+#[derive(Debug)]
+pub struct Attention {
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    bias: Option<[Vec<f32>; 3]>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// Loads layer `layer`'s projections (and biases when the model has them).
+    ///
+    /// # Errors
+    /// When a tensor is missing or misshapen.
+    pub fn load(store: &dyn WeightStore, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let bias = if cfg.qkv_bias {
+            Some([
+                store.vector(TensorKey::AttnQBias(layer), qd)?,
+                store.vector(TensorKey::AttnKBias(layer), kvd)?,
+                store.vector(TensorKey::AttnVBias(layer), kvd)?,
+            ])
+        } else {
+            None
+        };
+        Ok(Self {
+            wq: store.matrix(TensorKey::AttnQ(layer), qd, h)?,
+            wk: store.matrix(TensorKey::AttnK(layer), kvd, h)?,
+            wv: store.matrix(TensorKey::AttnV(layer), kvd, h)?,
+            wo: store.matrix(TensorKey::AttnOutput(layer), h, qd)?,
+            bias,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        self.wq.nbytes() + self.wk.nbytes() + self.wv.nbytes() + self.wo.nbytes()
+    }
+
+    /// Attention of a batch: `x` is (n, hidden) normalised input, `out` (n, hidden) receives the
+    /// projected output. Each sequence's new K/V are written to `cache` at layer `layer` after
+    /// its cached tokens; `positions[t]` is row t's global position.
+    ///
+    /// # Panics
+    /// When buffer sizes disagree with the batch (a caller bug).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        positions: &[usize],
+        batch: &[SeqStep<'_>],
+        cache: &mut PagedKvCache,
+        layer: usize,
+        rope: &Rope,
+        s: AttnScratch<'_>,
+        pool: &ThreadPool,
+    ) {
+        let n = positions.len();
+        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        self.wq.matmul(x, n, s.q, s.q8, pool);
+        self.wk.matmul(x, n, s.k, s.q8, pool);
+        self.wv.matmul(x, n, s.v, s.q8, pool);
+        if let Some([bq, bk, bv]) = &self.bias {
+            add_row_bias(s.q, bq);
+            add_row_bias(s.k, bk);
+            add_row_bias(s.v, bv);
+        }
+        rope.forward(s.q, positions);
+        rope.forward(s.k, positions);
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let mut start = 0;
+        for step in batch {
+            let (seq, len) = (&*step.seq, step.tokens.len());
+            let rows = start..start + len;
+            start += len;
+            cache.write(
+                layer,
+                seq,
+                &s.k[rows.start * kvd..rows.end * kvd],
+                &s.v[rows.start * kvd..rows.end * kvd],
+            );
+            let view = cache.view(layer, seq, seq.len() + len);
+            let shape = AttnShape {
+                seq_q: len,
+                n_heads: self.n_heads,
+                n_kv_heads: self.n_kv_heads,
+                head_dim: self.head_dim,
+            };
+            flash_attention(
+                &s.q[rows.start * qd..rows.end * qd],
+                view,
+                shape,
+                true,
+                scale,
+                &mut s.ctx[rows.start * qd..rows.end * qd],
+                &mut s.lse[rows.start * self.n_heads..rows.end * self.n_heads],
+                pool,
+            );
+        }
+        self.wo.matmul(s.ctx, n, out, s.q8, pool);
+    }
+}
+
+fn add_row_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += b;
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! One transformer block: pre-norm attention and pre-norm MLP, each added to the residual.
+
+use crate::ThreadPool;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::kv_cache::PagedKvCache;
+use crate::layers::attention::{AttnScratch, SeqStep};
+use crate::layers::{Attention, Mlp, RmsNorm, Rope};
+use crate::quant::QScratch;
+use crate::weights::{TensorKey, WeightStore};
+
+/// Buffers one step of a batch needs; they grow to the largest batch seen and are reused, so
+/// a warm decode step allocates nothing.
+#[derive(Default)]
+pub struct StepScratch {
+    /// Normalised input, (n, hidden).
+    pub xn: Vec<f32>,
+    /// Sub-layer output, (n, hidden).
+    pub y: Vec<f32>,
+    /// Queries, (n, q_dim).
+    pub q: Vec<f32>,
+    /// New keys, (n, kv_dim).
+    pub k: Vec<f32>,
+    /// New values, (n, kv_dim).
+    pub v: Vec<f32>,
+    /// Attention context, (n, q_dim).
+    pub ctx: Vec<f32>,
+    /// Log-sum-exp, (n, n_heads).
+    pub lse: Vec<f32>,
+    /// MLP gate, (n, intermediate).
+    pub gate: Vec<f32>,
+    /// MLP up, (n, intermediate).
+    pub up: Vec<f32>,
+    /// Global position of each row.
+    pub positions: Vec<usize>,
+    /// Activation quantization buffers.
+    pub q8: QScratch,
+}
+
+impl StepScratch {
+    /// Sizes every buffer for `n` rows of `cfg`'s model.
+    pub fn prepare(&mut self, cfg: &ModelConfig, n: usize) {
+        let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        fit(&mut self.xn, n * cfg.hidden);
+        fit(&mut self.y, n * cfg.hidden);
+        fit(&mut self.q, n * cfg.q_dim());
+        fit(&mut self.k, n * cfg.kv_dim());
+        fit(&mut self.v, n * cfg.kv_dim());
+        fit(&mut self.ctx, n * cfg.q_dim());
+        fit(&mut self.lse, n * cfg.n_heads);
+        fit(&mut self.gate, n * cfg.intermediate);
+        fit(&mut self.up, n * cfg.intermediate);
+    }
+}
+
+/// A pre-norm Llama block.
+#[derive(Debug)]
+pub struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Loads layer `layer`.
+    ///
+    /// # Errors
+    /// When a tensor is missing or misshapen.
+    pub fn load(store: &dyn WeightStore, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        Ok(Self {
+            attn_norm: RmsNorm::load(store, TensorKey::AttnNorm(layer), cfg.hidden, cfg.rms_eps)?,
+            attn: Attention::load(store, cfg, layer)?,
+            ffn_norm: RmsNorm::load(store, TensorKey::FfnNorm(layer), cfg.hidden, cfg.rms_eps)?,
+            mlp: Mlp::load(store, cfg, layer)?,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        (self.attn_norm.dim() + self.ffn_norm.dim()) * 4 + self.attn.nbytes() + self.mlp.nbytes()
+    }
+
+    /// Runs the block on the residual stream `x` (n, hidden) in place; `s` must be prepared for
+    /// n rows and hold the rows' positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        x: &mut [f32],
+        batch: &[SeqStep<'_>],
+        cache: &mut PagedKvCache,
+        layer: usize,
+        rope: &Rope,
+        s: &mut StepScratch,
+        pool: &ThreadPool,
+    ) {
+        let n = s.positions.len();
+        self.attn_norm.forward(x, &mut s.xn);
+        let scratch = AttnScratch {
+            q: &mut s.q,
+            k: &mut s.k,
+            v: &mut s.v,
+            ctx: &mut s.ctx,
+            lse: &mut s.lse,
+            q8: &mut s.q8,
+        };
+        self.attn.forward(
+            &s.xn,
+            &mut s.y,
+            &s.positions,
+            batch,
+            cache,
+            layer,
+            rope,
+            scratch,
+            pool,
+        );
+        add_in_place(x, &s.y);
+        self.ffn_norm.forward(x, &mut s.xn);
+        self.mlp.forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool);
+        add_in_place(x, &s.y);
+    }
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
