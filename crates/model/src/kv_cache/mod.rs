@@ -1,0 +1,252 @@
+//! The paged KV cache: per-layer K and V pools cut into fixed-size blocks, and per-sequence
+//! block tables.
+//!
+//! This is the layout workers use when sequences are batched and sharded: a sequence owns a
+//! list of blocks (not a contiguous range), so sequences grow, shrink and end without moving
+//! anyone's data, and the attention kernel reads them in place through
+//! [`KvView`](crate::attention::KvView). A block holds `block_size` tokens laid out
+//! `(block_size, n_kv_heads, head_dim)`; all layers share each sequence's block table.
+//!
+//! Once a sequence holds its blocks, writing and viewing allocate nothing; [`PagedKvCache::reserve`]
+//! takes a block from the shared free list only when a token crosses a block boundary.
+
+mod allocator;
+#[cfg(test)]
+mod tests;
+
+pub use allocator::SeqKv;
+use allocator::{BlockAllocator, SharedAllocator, lock};
+
+use crate::attention::KvView;
+
+/// KV cache errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvCacheError {
+    /// Not enough free blocks for a reservation; nothing was allocated.
+    #[error("KV cache is full: {needed} more blocks needed, {free} free")]
+    OutOfBlocks {
+        /// Blocks the reservation needed.
+        needed: usize,
+        /// Blocks free at the time.
+        free: usize,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid KV cache config `{field}`: {reason}")]
+    InvalidConfig {
+        /// The [`KvCacheConfig`] field at fault.
+        field: &'static str,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A [`SeqKv`] was used with a cache other than the one that created it.
+    #[error("the sequence belongs to another KV cache")]
+    ForeignSequence,
+}
+
+/// Shape and capacity of a [`PagedKvCache`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvCacheConfig {
+    /// Layers held (a pipeline stage holds only its own).
+    pub n_layers: usize,
+    /// KV heads held (a tensor-parallel rank holds only its own).
+    pub n_kv_heads: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in each layer's pool; every sequence's blocks come from these.
+    pub num_blocks: usize,
+}
+
+impl KvCacheConfig {
+    /// Floats one token takes in one layer's K (or V) pool.
+    pub fn token_floats(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Checks every field and that the pools are addressable; returns the floats per pool.
+    fn pool_floats(&self) -> Result<usize, KvCacheError> {
+        let positive = |field: &'static str, value: usize| {
+            if value == 0 {
+                Err(KvCacheError::InvalidConfig {
+                    field,
+                    reason: "must be at least 1".into(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        positive("n_layers", self.n_layers)?;
+        positive("n_kv_heads", self.n_kv_heads)?;
+        positive("head_dim", self.head_dim)?;
+        positive("block_size", self.block_size)?;
+        positive("num_blocks", self.num_blocks)?;
+        if u32::try_from(self.num_blocks).is_err() {
+            return Err(KvCacheError::InvalidConfig {
+                field: "num_blocks",
+                reason: format!("{} exceeds the block id range (u32)", self.num_blocks),
+            });
+        }
+        let too_large = || KvCacheError::InvalidConfig {
+            field: "num_blocks",
+            reason: "the K/V pools would exceed the address space".into(),
+        };
+        let per_pool = [self.block_size, self.n_kv_heads, self.head_dim]
+            .into_iter()
+            .try_fold(self.num_blocks, usize::checked_mul)
+            .ok_or_else(too_large)?;
+        // Both pools of every layer, in bytes, must be addressable too.
+        per_pool
+            .checked_mul(2 * self.n_layers)
+            .and_then(|f| f.checked_mul(size_of::<f32>()))
+            .filter(|&bytes| bytes <= isize::MAX as usize)
+            .ok_or_else(too_large)?;
+        Ok(per_pool)
+    }
+}
+
+/// Per-layer K and V pools of `num_blocks` blocks each (f32), and the shared block allocator.
+#[derive(Debug)]
+pub struct PagedKvCache {
+    cfg: KvCacheConfig,
+    /// `k[layer]`: `(num_blocks, block_size, n_kv_heads, head_dim)`.
+    k: Vec<Vec<f32>>,
+    /// `v[layer]`, laid out like `k`.
+    v: Vec<Vec<f32>>,
+    alloc: SharedAllocator,
+}
+
+impl PagedKvCache {
+    /// A cache with every block free; the pools are zero-filled (lazily, by the OS).
+    ///
+    /// # Errors
+    /// [`KvCacheError::InvalidConfig`] naming the field when a dimension is 0, `num_blocks` does
+    /// not fit a `u32` block id, or the pools would not be addressable.
+    pub fn new(cfg: KvCacheConfig) -> Result<Self, KvCacheError> {
+        let floats = cfg.pool_floats()?;
+        let pools = || (0..cfg.n_layers).map(|_| vec![0.0f32; floats]).collect();
+        let num_blocks =
+            u32::try_from(cfg.num_blocks).map_err(|_| KvCacheError::InvalidConfig {
+                field: "num_blocks",
+                reason: "exceeds u32".into(),
+            })?;
+        Ok(Self {
+            k: pools(),
+            v: pools(),
+            alloc: BlockAllocator::shared(num_blocks),
+            cfg,
+        })
+    }
+
+    /// The configuration the cache was built with.
+    pub fn config(&self) -> &KvCacheConfig {
+        &self.cfg
+    }
+
+    /// An empty sequence holding no block.
+    pub fn new_seq(&self) -> SeqKv {
+        SeqKv::new(self.alloc.clone(), self.cfg.block_size)
+    }
+
+    /// Makes room for `n` more tokens after `seq.len()`, taking blocks from the free list only
+    /// when the sequence's current blocks are not enough.
+    ///
+    /// # Errors
+    /// [`KvCacheError::OutOfBlocks`] when too few blocks are free — the sequence and the free
+    /// list are then unchanged; [`KvCacheError::ForeignSequence`] when `seq` comes from another
+    /// cache.
+    pub fn reserve(&self, seq: &mut SeqKv, n: usize) -> Result<(), KvCacheError> {
+        if !seq.belongs_to(&self.alloc) {
+            return Err(KvCacheError::ForeignSequence);
+        }
+        seq.grow(n)
+    }
+
+    /// Writes `k`, `v` `(n, n_kv_heads, head_dim)` of `layer` at positions
+    /// `seq.len()..seq.len() + n` (call [`SeqKv::commit`] once every layer is written).
+    ///
+    /// # Panics
+    /// Caller bugs: `layer >= n_layers`, `k`/`v` not whole tokens or of different lengths,
+    /// the positions not reserved, or `seq` from another cache.
+    pub fn write(&mut self, layer: usize, seq: &SeqKv, k: &[f32], v: &[f32]) {
+        assert!(
+            seq.belongs_to(&self.alloc),
+            "PagedKvCache::write: the sequence belongs to another cache"
+        );
+        assert!(
+            layer < self.cfg.n_layers,
+            "PagedKvCache::write: layer {layer} >= n_layers {}",
+            self.cfg.n_layers
+        );
+        let row = self.cfg.token_floats();
+        assert!(
+            k.len() == v.len() && k.len().is_multiple_of(row),
+            "PagedKvCache::write: k/v are not (n, n_kv_heads, head_dim)"
+        );
+        let n = k.len() / row;
+        let (start, end) = (seq.len(), seq.len() + n);
+        assert!(
+            end <= seq.capacity(),
+            "PagedKvCache::write: positions {start}..{end} not reserved"
+        );
+        let bs = self.cfg.block_size;
+        let (kp, vp) = (&mut self.k[layer], &mut self.v[layer]);
+        // Copy runs of tokens that are contiguous inside one block.
+        let mut t = start;
+        while t < end {
+            let run = (bs - t % bs).min(end - t);
+            let dst = (seq.block_table()[t / bs] as usize * bs + t % bs) * row;
+            let src = (t - start) * row;
+            kp[dst..dst + run * row].copy_from_slice(&k[src..src + run * row]);
+            vp[dst..dst + run * row].copy_from_slice(&v[src..src + run * row]);
+            t += run;
+        }
+    }
+
+    /// A view of `layer` over the first `len` tokens of `seq` (`len` may include tokens just
+    /// written and not yet committed), for [`flash_attention`](crate::attention::flash_attention).
+    ///
+    /// The view borrows both the cache and the sequence's block table.
+    ///
+    /// # Panics
+    /// When `layer >= n_layers`, `len > seq.capacity()`, or `seq` is from another cache.
+    pub fn view<'a>(&'a self, layer: usize, seq: &'a SeqKv, len: usize) -> KvView<'a> {
+        assert!(
+            seq.belongs_to(&self.alloc),
+            "PagedKvCache::view: the sequence belongs to another cache"
+        );
+        assert!(
+            layer < self.cfg.n_layers,
+            "PagedKvCache::view: layer {layer} >= n_layers {}",
+            self.cfg.n_layers
+        );
+        assert!(
+            len <= seq.capacity(),
+            "PagedKvCache::view: {len} tokens exceed the reserved {}",
+            seq.capacity()
+        );
+        KvView {
+            k: &self.k[layer],
+            v: &self.v[layer],
+            block_table: seq.block_table(),
+            block_size: self.cfg.block_size,
+            len,
+        }
+    }
+
+    /// Blocks not owned by any sequence.
+    pub fn free_blocks(&self) -> usize {
+        lock(&self.alloc).free()
+    }
+
+    /// The free block ids, for invariant checks.
+    #[cfg(test)]
+    fn free_ids(&self) -> Vec<u32> {
+        lock(&self.alloc).free_ids()
+    }
+
+    /// Blocks needed to hold `tokens` tokens (what a scheduler checks before admitting).
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.cfg.block_size)
+    }
+}
