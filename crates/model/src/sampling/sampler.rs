@@ -75,7 +75,8 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// A sampler for one sequence whose prompt is `prompt` (counted by the repetition penalty).
+    /// A sampler for one sequence whose prompt is `prompt` (counted by the repetition penalty;
+    /// ids outside the vocabulary are ignored).
     ///
     /// The seed is `params.seed`, or a fresh one from [`Rng::entropy_seed`]; see [`Self::seed`].
     pub fn new(params: ValidSamplingParams, prompt: &[u32]) -> Self {
@@ -145,10 +146,10 @@ impl Sampler {
                 out.logprob = Some((f64::from(self.raw[id as usize]) - lse) as f32);
             }
             if n_top > 0 {
-                out.top_logprobs = top_n(&self.raw, n_top as usize)
-                    .into_iter()
-                    .map(|(t, l)| (t, (f64::from(l) - lse) as f32))
-                    .collect();
+                out.top_logprobs = top_n(&self.raw, n_top as usize);
+                for (_, l) in &mut out.top_logprobs {
+                    *l = (f64::from(*l) - lse) as f32;
+                }
             }
         }
         out
