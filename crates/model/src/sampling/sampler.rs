@@ -50,6 +50,10 @@ const COUNT_MASK: u32 = SEEN_BIT - 1;
 /// distribution fit in a few hundred tokens, so this avoids sorting the whole vocabulary.
 const TOP_P_FIRST_WINDOW: usize = 64;
 
+/// Up to this many ids, top-k and top-p windows use a heap scan ([`top_m_sorted`]); beyond it,
+/// selection (`select_nth_unstable_by`) over the whole candidate list is cheaper.
+const HEAP_SCAN_MAX: usize = 1024;
+
 /// Samples one sequence's tokens; holds its penalty state, RNG and scratch buffers.
 #[derive(Clone, Debug)]
 pub struct Sampler {
@@ -64,12 +68,15 @@ pub struct Sampler {
     idx: Vec<u32>,
     /// Candidate weights (scratch).
     weights: Vec<f64>,
+    /// Heap scan results for top-k / top-p windows (scratch).
+    heap: Vec<u32>,
     /// A copy of the raw logits when logprobs are asked for (scratch).
     raw: Vec<f32>,
 }
 
 impl Sampler {
-    /// A sampler for one sequence whose prompt is `prompt` (counted by the repetition penalty).
+    /// A sampler for one sequence whose prompt is `prompt` (counted by the repetition penalty;
+    /// ids outside the vocabulary are ignored).
     ///
     /// The seed is `params.seed`, or a fresh one from [`Rng::entropy_seed`]; see [`Self::seed`].
     pub fn new(params: ValidSamplingParams, prompt: &[u32]) -> Self {
@@ -84,6 +91,7 @@ impl Sampler {
             touched: Vec::new(),
             idx: Vec::new(),
             weights: Vec::new(),
+            heap: Vec::new(),
             raw: Vec::new(),
             params,
         };
@@ -138,10 +146,10 @@ impl Sampler {
                 out.logprob = Some((f64::from(self.raw[id as usize]) - lse) as f32);
             }
             if n_top > 0 {
-                out.top_logprobs = top_n(&self.raw, n_top as usize)
-                    .into_iter()
-                    .map(|(t, l)| (t, (f64::from(l) - lse) as f32))
-                    .collect();
+                out.top_logprobs = top_n(&self.raw, n_top as usize);
+                for (_, l) in &mut out.top_logprobs {
+                    *l = (f64::from(*l) - lse) as f32;
+                }
             }
         }
         out
@@ -216,9 +224,14 @@ impl Sampler {
         // 2. top-k.
         let k = p.top_k as usize;
         if k > 0 && k < n {
-            idx.select_nth_unstable_by(k - 1, by_logit_desc);
+            if k <= HEAP_SCAN_MAX {
+                top_m_sorted(logits, k, &mut self.heap);
+                idx[..k].copy_from_slice(&self.heap);
+            } else {
+                idx.select_nth_unstable_by(k - 1, by_logit_desc);
+                idx[..k].sort_unstable_by(by_logit_desc);
+            }
             n = k;
-            idx[..n].sort_unstable_by(by_logit_desc);
             sorted = true;
         }
 
@@ -230,31 +243,47 @@ impl Sampler {
                 .fold(f32::NEG_INFINITY, f32::max);
             let z: f64 = idx[..n]
                 .iter()
-                .map(|&t| f64::from(logits[t as usize] - max).exp())
+                .map(|&t| f64::from((logits[t as usize] - max).exp()))
                 .sum();
             let target = f64::from(p.top_p) * z;
             let mut window = if sorted { n } else { TOP_P_FIRST_WINDOW.min(n) };
             loop {
-                if !sorted {
+                // While `idx` is still the whole vocabulary in id order, small windows come from
+                // a heap scan into `self.heap`; larger ones sort a selected prefix of `idx`.
+                let from_heap = !sorted && window <= HEAP_SCAN_MAX && n == vocab;
+                if from_heap {
+                    top_m_sorted(logits, window, &mut self.heap);
+                } else if !sorted {
                     if window < n {
                         idx[..n].select_nth_unstable_by(window - 1, by_logit_desc);
                     }
                     idx[..window].sort_unstable_by(by_logit_desc);
                 }
+                let ranked: &[u32] = if from_heap {
+                    &self.heap
+                } else {
+                    &idx[..window]
+                };
                 let mut cum = 0.0f64;
                 let mut cut = None;
-                for (i, &t) in idx[..window].iter().enumerate() {
-                    cum += f64::from(logits[t as usize] - max).exp();
+                for (i, &t) in ranked.iter().enumerate() {
+                    cum += f64::from((logits[t as usize] - max).exp());
                     if cum >= target {
                         cut = Some(i + 1);
                         break;
                     }
                 }
                 if let Some(c) = cut {
+                    if from_heap {
+                        idx[..c].copy_from_slice(&self.heap[..c]);
+                    }
                     n = c;
                     break;
                 }
                 if window == n {
+                    if from_heap {
+                        idx[..n].copy_from_slice(&self.heap);
+                    }
                     // Rounding kept the sum just below p: keep everything.
                     break;
                 }
@@ -296,7 +325,9 @@ impl Sampler {
     fn draw(&mut self, logits: &[f32], n: usize) -> u32 {
         let p = &self.params.params;
         let idx = &self.idx;
-        let inv_t = 1.0 / f64::from(p.temperature);
+        // f32 exp (each weight to ~1e-7 relative) is plenty for a draw and much cheaper than
+        // f64 over a whole vocabulary; the running sums stay f64.
+        let inv_t = 1.0 / p.temperature;
         let max = idx[..n]
             .iter()
             .map(|&t| logits[t as usize])
@@ -305,7 +336,7 @@ impl Sampler {
         weights.clear();
         let mut total = 0.0f64;
         for &t in &idx[..n] {
-            let w = (f64::from(logits[t as usize] - max) * inv_t).exp();
+            let w = f64::from(((logits[t as usize] - max) * inv_t).exp());
             // NaN logits (a broken model) get no mass rather than poisoning the sum.
             let w = if w.is_nan() { 0.0 } else { w };
             total += w;
@@ -331,6 +362,60 @@ impl Sampler {
     }
 }
 
+/// Leaves in `heap` the `m` ids of `logits` ranked first by (logit descending, id ascending;
+/// `total_cmp` order), sorted in that order. One pass with a size-`m` heap whose root is the
+/// worst kept id: most ids lose a single comparison against the root, which makes this several
+/// times faster than `select_nth_unstable_by` over the whole vocabulary for small `m`.
+fn top_m_sorted(logits: &[f32], m: usize, heap: &mut Vec<u32>) {
+    // Less = `a` ranks before `b`.
+    let rank = |a: u32, b: u32| {
+        logits[b as usize]
+            .total_cmp(&logits[a as usize])
+            .then(a.cmp(&b))
+    };
+    let worse = |a: u32, b: u32| rank(a, b) == Ordering::Greater;
+    heap.clear();
+    if m == 0 {
+        return;
+    }
+    for (t, &v) in logits.iter().enumerate() {
+        let t = t as u32;
+        if heap.len() < m {
+            heap.push(t);
+            let mut i = heap.len() - 1;
+            while i > 0 {
+                let parent = (i - 1) / 2;
+                if !worse(heap[i], heap[parent]) {
+                    break;
+                }
+                heap.swap(i, parent);
+                i = parent;
+            }
+        } else if v.total_cmp(&logits[heap[0] as usize]).is_gt() {
+            // Ids are scanned in increasing order, so a tie with the root ranks after it and
+            // only a strictly larger logit gets in.
+            heap[0] = t;
+            let mut i = 0;
+            loop {
+                let (l, r) = (2 * i + 1, 2 * i + 2);
+                let mut w = i;
+                if l < m && worse(heap[l], heap[w]) {
+                    w = l;
+                }
+                if r < m && worse(heap[r], heap[w]) {
+                    w = r;
+                }
+                if w == i {
+                    break;
+                }
+                heap.swap(i, w);
+                i = w;
+            }
+        }
+    }
+    heap.sort_unstable_by(|&a, &b| rank(a, b));
+}
+
 /// The index of the largest value, ties to the lowest index; NaN never wins.
 fn argmax(xs: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -352,7 +437,7 @@ fn log_sum_exp(xs: &[f32]) -> f64 {
     if !max.is_finite() {
         return f64::from(max);
     }
-    let s: f64 = xs.iter().map(|&x| f64::from(x - max).exp()).sum();
+    let s: f64 = xs.iter().map(|&x| f64::from((x - max).exp())).sum();
     f64::from(max) + s.ln()
 }
 

@@ -302,6 +302,7 @@ fn no_reallocation_after_first_call() {
         s.weights.as_ptr(),
         s.raw.as_ptr(),
         s.touched.as_ptr(),
+        s.heap.as_ptr(),
     );
     for _ in 0..50 {
         buf.copy_from_slice(&logits);
@@ -313,7 +314,8 @@ fn no_reallocation_after_first_call() {
             s.idx.as_ptr(),
             s.weights.as_ptr(),
             s.raw.as_ptr(),
-            s.touched.as_ptr()
+            s.touched.as_ptr(),
+            s.heap.as_ptr()
         )
     );
 }
@@ -333,12 +335,12 @@ fn naive_kept(logits: &[f32], top_k: usize, top_p: f32, min_p: f32) -> Vec<u32> 
         let max = logits[ids[0] as usize];
         let z: f64 = ids
             .iter()
-            .map(|&t| f64::from(logits[t as usize] - max).exp())
+            .map(|&t| f64::from((logits[t as usize] - max).exp()))
             .sum();
         let mut cum = 0.0;
         let mut cut = ids.len();
         for (i, &t) in ids.iter().enumerate() {
-            cum += f64::from(logits[t as usize] - max).exp();
+            cum += f64::from((logits[t as usize] - max).exp());
             if cum >= f64::from(top_p) * z {
                 cut = i + 1;
                 break;
@@ -397,6 +399,20 @@ proptest! {
         prop_assert_eq!(s.sample(&mut logits.clone()).id as usize, best);
     }
 
+    /// Ensures that the heap scan returns the first m ids of a full sort, in order.
+    #[test]
+    fn top_m_heap_scan_matches_full_sort(
+        logits in prop::collection::vec(prop_oneof![Just(1.0f32), -3.0f32..3.0], 1..400),
+        m in 0usize..64,
+    ) {
+        let mut all: Vec<u32> = (0..logits.len() as u32).collect();
+        all.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        all.truncate(m);
+        let mut heap = Vec::new();
+        top_m_sorted(&logits, m.min(logits.len()), &mut heap);
+        prop_assert_eq!(heap, all);
+    }
+
     /// Ensures that top_n equals the first n of a full sort (value descending, id ascending).
     #[test]
     fn top_n_matches_full_sort(
@@ -407,5 +423,70 @@ proptest! {
         all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         all.truncate(n);
         prop_assert_eq!(top_n(&logits, n), all);
+    }
+}
+
+/// Ensures that sampling a 49152-token vocabulary stays cheap next to a forward pass; prints
+/// the time per call for common settings (run by hand with `--ignored --nocapture`).
+#[test]
+#[ignore = "timing report, not a check of behaviour"]
+fn timing_report_for_real_vocab() {
+    let vocab = 49_152;
+    let mut rng = crate::sampling::Rng::seed_from_u64(3);
+    // Roughly LM-shaped logits: a sum of uniforms, scaled, with a few strong candidates.
+    let mut logits: Vec<f32> = (0..vocab)
+        .map(|_| ((0..4).map(|_| rng.next_f64()).sum::<f64>() * 3.0) as f32)
+        .collect();
+    for i in 0..8 {
+        logits[i * 1000] += 12.0;
+    }
+    let configs = [
+        ("greedy", SamplingParams::greedy()),
+        ("temperature 1", SamplingParams::default()),
+        (
+            "top_k 40",
+            SamplingParams {
+                top_k: 40,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "top_p 0.95",
+            SamplingParams {
+                top_p: 0.95,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "min_p 0.05",
+            SamplingParams {
+                min_p: 0.05,
+                ..SamplingParams::default()
+            },
+        ),
+        (
+            "k40 p0.95 minp0.05 rep1.1 logprobs5",
+            SamplingParams {
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                logprobs: true,
+                top_logprobs: 5,
+                ..SamplingParams::default()
+            },
+        ),
+    ];
+    for (label, p) in configs {
+        let mut s = sampler(seeded(p), vocab, &[1, 2, 3]);
+        let mut buf = logits.clone();
+        let iters = 200;
+        let start = std::time::Instant::now();
+        for _ in 0..iters {
+            buf.copy_from_slice(&logits);
+            s.sample(&mut buf);
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / iters as f64;
+        println!("{label:<40} {us:8.1} us/token");
     }
 }

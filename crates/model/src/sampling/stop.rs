@@ -2,7 +2,9 @@
 //!
 //! A sequence ends on the first of: a stop token id, an end-of-generation token (unless
 //! `ignore_eos`), a stop string appearing in the generated text, or `max_tokens` generated
-//! tokens. Text that could still become a stop string is held back, so a client never sees the
+//! tokens. It ends at the first token that completes any stop string (generation cannot wait to
+//! see whether a longer one completes later); when one delta completes several, the output is cut
+//! at the one that starts earliest. Text that could still become a stop string is held back, so a client never sees the
 //! beginning of a stop string that later completes; the stop string itself and the text of a
 //! stop or end-of-generation token are never emitted (OpenAI and vLLM behave the same way).
 

@@ -109,6 +109,15 @@ fn earliest_of_several_stop_strings() {
     assert_eq!((text.as_str(), fin), ("x", Some(FinishReason::Stop)));
 }
 
+/// Ensures that the checker stops at the first delta completing any stop string, even when a
+/// longer stop string that started earlier could still have completed (found by proptest).
+#[test]
+fn stops_at_first_completed_stop_string() {
+    let mut c = checker(cond(100, &["bab", "a"], &[]));
+    let (text, fin) = run(&mut c, &[(1, false, " ba"), (2, false, "b")]);
+    assert_eq!((text.as_str(), fin), (" b", Some(FinishReason::Stop)));
+}
+
 /// Ensures that a stop token id ends the sequence without its text, releasing held text.
 #[test]
 fn stop_token_id_finishes() {
@@ -194,8 +203,9 @@ fn finish_reason_serializes_like_openai() {
 }
 
 proptest! {
-    /// Ensures that, however the text is split into deltas, the emitted text is exactly the text
-    /// before the first stop string occurrence (or all of it, with flush, when there is none).
+    /// Ensures that, however the text is split into deltas, the checker stops at the first delta
+    /// that completes a stop string and emits exactly the text before the earliest-starting stop
+    /// string complete by then (or all of the text, with flush, when none occurs).
     #[test]
     fn emitted_text_is_prefix_before_first_stop(
         text in "[ab c]{0,40}",
@@ -217,7 +227,11 @@ proptest! {
             if s.finished.is_some() { fin = s.finished; break; }
         }
         out.push_str(&c.flush());
-        let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+        // Reference: the first delta end by which some stop string is complete, and the
+        // earliest start among the stop strings complete by then.
+        let first = cuts.iter().skip(1).find_map(|&end| {
+            stops.iter().filter_map(|s| text[..end].find(s.as_str())).min()
+        });
         match first {
             Some(at) => {
                 prop_assert_eq!(&out, &text[..at]);

@@ -32,6 +32,9 @@ pub struct CachedModel {
 
 const GGUF_MAGIC: &[u8; 4] = b"GGUF";
 
+/// The index file of a sharded safetensors checkpoint.
+const SHARD_INDEX: &str = "model.safetensors.index.json";
+
 /// Resolves what a user typed to a model on disk: an existing path (a `.gguf` file, or a
 /// directory holding an HF-style model or a single `.gguf`), else a cache name (pulled, or a
 /// directory placed under `models/` by hand).
@@ -105,6 +108,10 @@ fn resolve_path(path: &Path) -> Result<ModelLocation, SourceError> {
     if !has("tokenizer.json") {
         missing.push("tokenizer.json");
     }
+    let mut missing: Vec<String> = missing.into_iter().map(str::to_owned).collect();
+    if has(SHARD_INDEX) {
+        missing.extend(missing_shards(&path.join(SHARD_INDEX))?);
+    }
     if !missing.is_empty() {
         let mut what = format!("missing {}", missing.join(", "));
         if ggufs.len() > 1 {
@@ -124,6 +131,30 @@ fn resolve_path(path: &Path) -> Result<ModelLocation, SourceError> {
         });
     }
     Ok(ModelLocation::HfDir(path.to_path_buf()))
+}
+
+/// The shard files named by a sharded checkpoint's index (`weight_map` values) that are absent.
+fn missing_shards(index: &Path) -> Result<Vec<String>, SourceError> {
+    let text = fs::read_to_string(index).map_err(SourceError::io("reading", index))?;
+    let corrupt = |why: String| SourceError::Incomplete {
+        path: index.to_path_buf(),
+        what: format!("unreadable shard index: {why}"),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| corrupt("no `weight_map` object".to_owned()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    Ok(shards
+        .into_iter()
+        .filter(|s| !dir.join(s).is_file())
+        .map(|s| format!("shard {s}"))
+        .collect())
 }
 
 /// The regular files directly inside `dir`.
@@ -260,6 +291,31 @@ mod tests {
         hf_dir(&noweights, "model.safetensors");
         let e = resolve(noweights.to_str().expect("utf-8"), &cache).expect_err("incomplete");
         assert!(e.to_string().contains("safetensors"), "{e}");
+    }
+
+    /// Ensures that a sharded checkpoint whose index names an absent shard is reported naming
+    /// that shard, and resolves once the shard is there.
+    #[test]
+    fn sharded_checkpoint_names_missing_shard() {
+        let t = TempDir::new("res-shards");
+        let cache = ModelCache::at(t.path().join("cache"));
+        let d = t.path().join("sharded");
+        write(&d.join("config.json"), b"{}");
+        write(&d.join("tokenizer.json"), b"{}");
+        write(&d.join("model-00001-of-00002.safetensors"), b"x");
+        let index = br#"{"metadata":{},"weight_map":{"a":"model-00001-of-00002.safetensors",
+            "b":"model-00002-of-00002.safetensors"}}"#;
+        write(&d.join(SHARD_INDEX), index);
+        let spec = d.to_str().expect("utf-8");
+        let e = resolve(spec, &cache).expect_err("a shard is missing");
+        assert!(
+            e.to_string()
+                .contains("shard model-00002-of-00002.safetensors"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("00001"), "{e}");
+        write(&d.join("model-00002-of-00002.safetensors"), b"x");
+        assert_eq!(resolve(spec, &cache).ok(), Some(ModelLocation::HfDir(d)));
     }
 
     /// Ensures that a known name resolves from the cache once present, and before that says to
