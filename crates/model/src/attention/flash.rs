@@ -305,13 +305,7 @@ impl Job<'_> {
                     }
                     max[x] = tile_max;
                 }
-                let m = max[x];
-                let mut tile_sum = 0.0f32;
-                for p in s.iter_mut() {
-                    *p = (*p - m).exp();
-                    tile_sum += *p;
-                }
-                sum[x] += tile_sum;
+                sum[x] += self.isa.exp_sub(s, max[x]);
                 self.isa.accumulate(acc_x, s, v_tile, stride);
             }
             t += n;

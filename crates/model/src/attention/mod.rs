@@ -4,7 +4,7 @@
 //! online softmax, no score matrix, GQA, bottom-right causal masking, keys read through a block
 //! table so the paged KV cache needs no copy), [`merge_into`] (combining partial results over
 //! disjoint key sets, used by flash-decoding here and by ring/context-parallel attention in the
-//! worker), and [`reference`], the naive f64 implementation tests everywhere are judged against.
+//! worker), and [`reference`](mod@reference), the naive f64 implementation tests everywhere are judged against.
 //!
 //! Shapes follow the candle convention: `q`/`out` are `(seq_q, n_heads, head_dim)`, `lse` is
 //! `(seq_q, n_heads)`, a K/V block is `(block_size, n_kv_heads, head_dim)`, all row-major f32.

@@ -514,3 +514,25 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Ensures that any small shape — odd head dims, any GQA ratio, any block size, more queries
+    /// than keys, forced key splits, any pool size — matches the reference on both paths.
+    #[test]
+    fn random_shapes_match_reference(
+        seq_q in 1usize..12,
+        len in 0usize..70,
+        n_kv in 1usize..4,
+        ratio in 1usize..5,
+        hd in 1usize..70,
+        block_size in proptest::option::of(1usize..9),
+        causal in any::<bool>(),
+        splits in 1usize..5,
+        threads in 1usize..4,
+    ) {
+        let pool = ThreadPool::new(threads).expect("pool");
+        check(shape(seq_q, n_kv * ratio, n_kv, hd), len, causal, block_size, Some(splits), &pool);
+    }
+}

@@ -4,7 +4,7 @@
 //! This is the layout workers use when sequences are batched and sharded: a sequence owns a
 //! list of blocks (not a contiguous range), so sequences grow, shrink and end without moving
 //! anyone's data, and the attention kernel reads them in place through
-//! [`KvView`](crate::attention::KvView). A block holds `block_size` tokens laid out
+//! [`KvView`]. A block holds `block_size` tokens laid out
 //! `(block_size, n_kv_heads, head_dim)`; all layers share each sequence's block table.
 //!
 //! Once a sequence holds its blocks, writing and viewing allocate nothing; [`PagedKvCache::reserve`]
