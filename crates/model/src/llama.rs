@@ -181,7 +181,7 @@ impl Llama {
         for t in tokens {
             let at = x.len();
             x.resize(at + h, 0.0);
-            embed.dequantize_row(t as usize, &mut x[at..]);
+            embed.dequantize_row(t as usize, &mut x[at..])?;
         }
         Ok(())
     }
@@ -219,7 +219,7 @@ impl Llama {
         let first = self.spec.layers.start;
         for (i, block) in self.blocks.iter().enumerate() {
             // The cache is indexed by global layer so a stage's cache lines up with the plan.
-            block.forward(x, batch, cache, first + i, &self.rope, s, pool);
+            block.forward(x, batch, cache, first + i, &self.rope, s, pool)?;
         }
         for step in batch.iter_mut() {
             step.seq.commit(step.tokens.len());
@@ -249,8 +249,7 @@ impl Llama {
         normed.resize(x.len(), 0.0);
         norm.forward(x, normed);
         logits.resize(m * self.cfg.vocab_size, 0.0);
-        output.matmul(normed, m, logits, q8, pool);
-        Ok(())
+        output.matmul(normed, m, logits, q8, pool)
     }
 
     /// The whole model over a batch: embeds, runs every block, and returns the logits (m, vocab)

@@ -106,11 +106,11 @@ impl MemoryWeights {
         let mut rng = TestRng::new(seed);
         let mut w = Self::default();
         // Scales keep activations O(1) through many layers, as trained models do.
-        let mut mat = |w: &mut Self, rng: &mut TestRng, key, rows: usize, cols: usize| {
+        let mat = |w: &mut Self, rng: &mut TestRng, key, rows: usize, cols: usize| {
             let data = rng.normals(rows * cols, 1.0 / (cols as f32).sqrt());
             QMatrix::quantize(qtype, rows, cols, &data).map(|m| w.insert(key, m))
         };
-        let mut vec = |w: &mut Self, rng: &mut TestRng, key, len: usize, base: f32| {
+        let vec = |w: &mut Self, rng: &mut TestRng, key, len: usize, base: f32| {
             let data: Vec<f32> = (0..len).map(|_| base + 0.1 * rng.uniform()).collect();
             QMatrix::quantize(QType::F32, 1, len, &data).map(|m| w.insert(key, m))
         };

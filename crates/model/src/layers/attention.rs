@@ -88,8 +88,11 @@ impl Attention {
     /// projected output. Each sequence's new K/V are written to `cache` at layer `layer` after
     /// its cached tokens; `positions[t]` is row t's global position.
     ///
-    /// # Panics
+    /// # Errors
     /// When buffer sizes disagree with the batch (a caller bug).
+    ///
+    /// # Panics
+    /// When the KV cache was not reserved for the batch (a caller bug).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -102,12 +105,12 @@ impl Attention {
         rope: &Rope,
         s: AttnScratch<'_>,
         pool: &ThreadPool,
-    ) {
+    ) -> Result<()> {
         let n = positions.len();
         let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
-        self.wq.matmul(x, n, s.q, s.q8, pool);
-        self.wk.matmul(x, n, s.k, s.q8, pool);
-        self.wv.matmul(x, n, s.v, s.q8, pool);
+        self.wq.matmul(x, n, s.q, s.q8, pool)?;
+        self.wk.matmul(x, n, s.k, s.q8, pool)?;
+        self.wv.matmul(x, n, s.v, s.q8, pool)?;
         if let Some([bq, bk, bv]) = &self.bias {
             add_row_bias(s.q, bq);
             add_row_bias(s.k, bk);
@@ -145,7 +148,7 @@ impl Attention {
                 pool,
             );
         }
-        self.wo.matmul(s.ctx, n, out, s.q8, pool);
+        self.wo.matmul(s.ctx, n, out, s.q8, pool)
     }
 }
 

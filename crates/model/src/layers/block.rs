@@ -83,6 +83,9 @@ impl Block {
 
     /// Runs the block on the residual stream `x` (n, hidden) in place; `s` must be prepared for
     /// n rows and hold the rows' positions.
+    ///
+    /// # Errors
+    /// When buffer sizes disagree with the batch (a caller bug).
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -93,7 +96,7 @@ impl Block {
         rope: &Rope,
         s: &mut StepScratch,
         pool: &ThreadPool,
-    ) {
+    ) -> Result<()> {
         let n = s.positions.len();
         self.attn_norm.forward(x, &mut s.xn);
         let scratch = AttnScratch {
@@ -114,11 +117,12 @@ impl Block {
             rope,
             scratch,
             pool,
-        );
+        )?;
         add_in_place(x, &s.y);
         self.ffn_norm.forward(x, &mut s.xn);
-        self.mlp.forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool);
+        self.mlp.forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool)?;
         add_in_place(x, &s.y);
+        Ok(())
     }
 }
 

@@ -34,6 +34,9 @@ impl Mlp {
     }
 
     /// `out` (n, hidden) = MLP of `x` (n, hidden); `gate` and `up` are (n, intermediate) scratch.
+    ///
+    /// # Errors
+    /// When buffer sizes disagree with `n` (a caller bug).
     pub fn forward(
         &self,
         x: &[f32],
@@ -43,11 +46,11 @@ impl Mlp {
         up: &mut [f32],
         q8: &mut QScratch,
         pool: &ThreadPool,
-    ) {
-        self.gate.matmul(x, n, gate, q8, pool);
-        self.up.matmul(x, n, up, q8, pool);
+    ) -> Result<()> {
+        self.gate.matmul(x, n, gate, q8, pool)?;
+        self.up.matmul(x, n, up, q8, pool)?;
         swiglu_in_place(gate, up);
-        self.down.matmul(gate, n, out, q8, pool);
+        self.down.matmul(gate, n, out, q8, pool)
     }
 }
 
