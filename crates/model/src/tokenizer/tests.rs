@@ -209,3 +209,21 @@ proptest! {
         prop_assert_eq!(all, t.decode(&ids, skip).expect("decode"));
     }
 }
+
+/// Ensures that a tokenizer can be shared across threads (the coordinator holds one in an Arc).
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<ChatTemplate>();
+    let t = std::sync::Arc::new(toy());
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let t = std::sync::Arc::clone(&t);
+            std::thread::spawn(move || t.encode(" hi😀", false, true).expect("encode"))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().expect("thread"), [258, 256, 0x98, 0x80]);
+    }
+}
