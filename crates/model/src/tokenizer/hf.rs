@@ -185,6 +185,15 @@ pub fn load(path: &Path) -> Result<(Vocab, HfModel), TokenizerError> {
             .unwrap_or(false);
         vocab.chat_template = config_template(cfg);
     }
+    // Newer Hugging Face repos keep the template in its own file.
+    let jinja = path.with_file_name("chat_template.jinja");
+    if vocab.chat_template.is_none() && jinja.is_file() {
+        let source = std::fs::read_to_string(&jinja).map_err(|source| TokenizerError::Io {
+            path: jinja.clone(),
+            source,
+        })?;
+        vocab.chat_template = Some(source);
+    }
     let mut plain = tok.clone();
     plain.set_encode_special_tokens(true);
     Ok((
@@ -271,6 +280,16 @@ mod tests {
             .decode_bytes_into(&[3, 4, 5], false, &mut out)
             .expect("decode");
         assert_eq!(out, b"hi hi<|end|>");
+
+        // Without a template in the config, chat_template.jinja beside it is used.
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|end|>"}"#,
+        )
+        .expect("write config");
+        std::fs::write(dir.join("chat_template.jinja"), "{{ eos_token }}").expect("write jinja");
+        let (vocab, _) = load(&path).expect("loads");
+        assert_eq!(vocab.chat_template.as_deref(), Some("{{ eos_token }}"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

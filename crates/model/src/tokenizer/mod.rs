@@ -141,7 +141,8 @@ impl Tokenizer {
     }
 
     /// Loads a Hugging Face `tokenizer.json`, and `tokenizer_config.json` beside it if present
-    /// (for BOS/EOS, `add_bos_token`/`add_eos_token` and `chat_template`).
+    /// (for BOS/EOS, `add_bos_token`/`add_eos_token` and `chat_template`; the template may
+    /// instead be a `chat_template.jinja` beside it).
     ///
     /// # Errors
     /// [`TokenizerError::Io`] or [`TokenizerError::HfTokenizer`] naming the file.

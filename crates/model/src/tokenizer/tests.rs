@@ -227,3 +227,26 @@ fn tokenizer_is_send_and_sync() {
         assert_eq!(h.join().expect("thread"), [258, 256, 0x98, 0x80]);
     }
 }
+
+/// Ensures that long degenerate inputs (one huge word, whitespace or digit runs) neither hit
+/// the regex engine's backtracking limit nor lose text.
+#[test]
+fn pathological_inputs_round_trip() {
+    let t = toy();
+    let n = 100_000;
+    let inputs = [
+        "a".repeat(n),
+        " ".repeat(n),
+        "\n".repeat(n),
+        "7".repeat(n),
+        "!".repeat(n),
+        format!("{}x", " \t".repeat(n / 2)),
+        "😀".repeat(n / 4),
+    ];
+    for text in &inputs {
+        let ids = t
+            .encode(text, false, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&t.decode(&ids, false).expect("decode"), text);
+    }
+}
