@@ -52,6 +52,8 @@ const EOG_TEXTS: &[&str] = &[
     "<|endoftext|>",
     "<|eom_id|>",
     "<EOT>",
+    // DeepSeek's; llama.cpp reaches it as the detected EOT token.
+    "<｜end▁of▁sentence｜>",
 ];
 
 /// The vocabulary. Token ids index every vector.
@@ -80,8 +82,9 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Builds the inverse map and the end-of-generation set, and promotes EOG-looking tokens
-    /// to control tokens as llama.cpp does (so `skip_special` hides them).
+    /// Builds the inverse map and the end-of-generation set (`extra_eog` plus the tokens with
+    /// EOG texts), and promotes those tokens to control tokens as llama.cpp does (so
+    /// `skip_special` hides them).
     ///
     /// # Errors
     /// [`TokenizerError::InvalidMetadata`] when two tokens share a string or the vectors'
@@ -116,7 +119,13 @@ impl Vocab {
                 });
             }
         }
-        let mut eog: Vec<u32> = extra_eog.to_vec();
+        let mut eog: Vec<u32> = Vec::with_capacity(extra_eog.len() + EOG_TEXTS.len());
+        for &id in extra_eog {
+            if let Some(ty) = types.get_mut(id as usize) {
+                *ty = TokenType::Control;
+                eog.push(id);
+            }
+        }
         for text in EOG_TEXTS {
             if let Some(&id) = text_to_id.get(*text) {
                 eog.push(id);
