@@ -17,7 +17,7 @@ pub const MAX_HEAD_DIM: usize = 256;
 pub const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 /// A decode split shorter than this costs more to merge than it saves.
 pub const MIN_KEYS_PER_SPLIT: usize = 256;
-const _: () = assert!(MIN_KEYS_PER_SPLIT % TILE_KEYS == 0);
+const _: () = assert!(MIN_KEYS_PER_SPLIT.is_multiple_of(TILE_KEYS));
 /// Decode blocks per SM the split planner aims for.
 const DECODE_BLOCKS_PER_SM: usize = 2;
 /// Threads of the grid-stride elementwise kernels.
@@ -81,7 +81,7 @@ impl HeadDimClass {
 pub fn attn_smem_bytes(head_dim: usize, rows: usize) -> usize {
     let hp = (head_dim + 1) & !1;
     let mut words = hp / 2;
-    if words % 2 == 0 {
+    if words.is_multiple_of(2) {
         words += 1;
     }
     let kst = words * 2;
@@ -140,7 +140,7 @@ fn check_heads(n_heads: usize, n_kv_heads: usize) -> Result<()> {
     if n_kv_heads == 0 {
         return Err(CudaError::invalid("n_kv_heads", "must be at least 1"));
     }
-    if n_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         return Err(CudaError::invalid(
             "n_heads",
             format!("{n_heads} is not a positive multiple of n_kv_heads = {n_kv_heads}"),
@@ -153,7 +153,10 @@ fn check_scale(scale: f32) -> Result<()> {
     if scale.is_finite() {
         Ok(())
     } else {
-        Err(CudaError::invalid("scale", format!("{scale} is not finite")))
+        Err(CudaError::invalid(
+            "scale",
+            format!("{scale} is not finite"),
+        ))
     }
 }
 
@@ -202,7 +205,11 @@ impl PrefillParams {
     pub fn flops(&self) -> f64 {
         let pairs: f64 = if self.causal {
             (0..self.seq_q)
-                .map(|i| (i + self.seq_k + 1).saturating_sub(self.seq_q).min(self.seq_k) as f64)
+                .map(|i| {
+                    (i + self.seq_k + 1)
+                        .saturating_sub(self.seq_q)
+                        .min(self.seq_k) as f64
+                })
                 .sum()
         } else {
             (self.seq_q * self.seq_k) as f64

@@ -43,10 +43,22 @@ fn field(e: CudaError) -> &'static str {
 fn head_dim_classes() {
     assert_eq!(HeadDimClass::for_head_dim(1).ok(), Some(HeadDimClass::D64));
     assert_eq!(HeadDimClass::for_head_dim(64).ok(), Some(HeadDimClass::D64));
-    assert_eq!(HeadDimClass::for_head_dim(65).ok(), Some(HeadDimClass::D128));
-    assert_eq!(HeadDimClass::for_head_dim(128).ok(), Some(HeadDimClass::D128));
-    assert_eq!(HeadDimClass::for_head_dim(129).ok(), Some(HeadDimClass::D256));
-    assert_eq!(HeadDimClass::for_head_dim(256).ok(), Some(HeadDimClass::D256));
+    assert_eq!(
+        HeadDimClass::for_head_dim(65).ok(),
+        Some(HeadDimClass::D128)
+    );
+    assert_eq!(
+        HeadDimClass::for_head_dim(128).ok(),
+        Some(HeadDimClass::D128)
+    );
+    assert_eq!(
+        HeadDimClass::for_head_dim(129).ok(),
+        Some(HeadDimClass::D256)
+    );
+    assert_eq!(
+        HeadDimClass::for_head_dim(256).ok(),
+        Some(HeadDimClass::D256)
+    );
     for bad in [0, 257, 1000] {
         assert_eq!(
             field(HeadDimClass::for_head_dim(bad).expect_err("bad")),
@@ -64,7 +76,10 @@ fn shared_memory_fits_default_limit() {
         let class = HeadDimClass::for_head_dim(hd).expect("class");
         for rpw in [class.prefill_rows_per_warp(), class.decode_rows_per_warp()] {
             let bytes = attn_smem_bytes(hd, WARPS as usize * rpw);
-            assert!(bytes <= DEFAULT_SMEM_LIMIT, "hd {hd} rpw {rpw}: {bytes} bytes");
+            assert!(
+                bytes <= DEFAULT_SMEM_LIMIT,
+                "hd {hd} rpw {rpw}: {bytes} bytes"
+            );
         }
     }
     assert_eq!(
@@ -98,11 +113,35 @@ fn prefill_rejects_bad_params() {
     let cases: [(PrefillParams, &str); 7] = [
         (PrefillParams { batch: 0, ..ok }, "batch"),
         (PrefillParams { seq_q: 0, ..ok }, "seq_q"),
-        (PrefillParams { n_kv_heads: 0, ..ok }, "n_kv_heads"),
+        (
+            PrefillParams {
+                n_kv_heads: 0,
+                ..ok
+            },
+            "n_kv_heads",
+        ),
         (PrefillParams { n_heads: 5, ..ok }, "n_heads"),
-        (PrefillParams { head_dim: 300, ..ok }, "head_dim"),
-        (PrefillParams { scale: f32::NAN, ..ok }, "scale"),
-        (PrefillParams { batch: 70_000, ..ok }, "batch"),
+        (
+            PrefillParams {
+                head_dim: 300,
+                ..ok
+            },
+            "head_dim",
+        ),
+        (
+            PrefillParams {
+                scale: f32::NAN,
+                ..ok
+            },
+            "scale",
+        ),
+        (
+            PrefillParams {
+                batch: 70_000,
+                ..ok
+            },
+            "batch",
+        ),
     ];
     for (p, want) in cases {
         assert_eq!(field(p.geometry().expect_err("invalid")), want, "{p:?}");
@@ -181,10 +220,22 @@ fn decode_rejects_bad_params() {
     let ok = decode(1, 100);
     let cases: [(DecodeParams, &str); 5] = [
         (DecodeParams { seq_q: 0, ..ok }, "seq_q"),
-        (DecodeParams { block_size: 0, ..ok }, "block_size"),
+        (
+            DecodeParams {
+                block_size: 0,
+                ..ok
+            },
+            "block_size",
+        ),
         (DecodeParams { n_heads: 10, ..ok }, "n_heads"),
         (DecodeParams { head_dim: 0, ..ok }, "head_dim"),
-        (DecodeParams { scale: f32::INFINITY, ..ok }, "scale"),
+        (
+            DecodeParams {
+                scale: f32::INFINITY,
+                ..ok
+            },
+            "scale",
+        ),
     ];
     for (p, want) in cases {
         assert_eq!(field(p.plan(132).expect_err("invalid")), want, "{p:?}");

@@ -90,7 +90,9 @@ impl Device {
             return Err(CudaError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(drv("cuCtxCreate"))?;
-        let (major, minor) = ctx.compute_capability().map_err(drv("compute capability"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(drv("compute capability"))?;
         let n_sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv("multiprocessor count"))?;
@@ -136,7 +138,9 @@ impl Device {
     /// # Errors
     /// [`CudaError::Driver`] when a kernel failed or the device was lost.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(drv("cuStreamSynchronize"))
+        self.stream
+            .synchronize()
+            .map_err(drv("cuStreamSynchronize"))
     }
 
     /// The kernel `entry` of `module`, compiling and loading the module on first use.
@@ -160,7 +164,9 @@ impl Device {
                 }
             }
         };
-        loaded.load_function(entry).map_err(drv("cuModuleGetFunction"))
+        loaded
+            .load_function(entry)
+            .map_err(drv("cuModuleGetFunction"))
     }
 
     /// Copies f32 values to the device as `dtype`.
