@@ -25,6 +25,26 @@ pub const ELEMENTWISE_THREADS: u32 = 256;
 /// Cap on elementwise blocks (the kernels loop, so more add nothing).
 const MAX_ELEMENTWISE_BLOCKS: usize = 65_535;
 
+/// Static shared memory of an attention block besides the dynamic part: 32 row descriptors of
+/// 32 bytes and the block's key limit (see `attn_core`/`prefill`/`decode`).
+pub const ATTN_STATIC_SMEM: usize = 32 * 32 + 16;
+
+/// Query rows per block of the tensor-core prefill (`TC_BM`).
+pub const TC_ROWS: usize = 64;
+/// Keys per tile of the tensor-core prefill (`TC_BN`).
+pub const TC_KEYS: usize = 64;
+/// Oldest compute capability with the `mma.sync` shapes the tensor-core prefill uses.
+pub const TC_MIN_CC: u32 = 80;
+
+/// Which prefill kernel runs a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrefillPath {
+    /// Tensor cores when the head dim (64 or 128) and the device (sm_80+) allow, else SIMT.
+    Auto,
+    /// The SIMT kernel, any head dim (tests compare both paths with it).
+    Simt,
+}
+
 /// Which register-resident head-dim variant of a kernel runs a head dim.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum HeadDimClass {
@@ -86,6 +106,12 @@ pub fn attn_smem_bytes(head_dim: usize, rows: usize) -> usize {
     }
     let kst = words * 2;
     rows * hp * 4 + TILE_KEYS * kst * 2 + TILE_KEYS * hp * 2
+}
+
+/// Dynamic shared memory of the tensor-core prefill: K and V tiles of [`TC_KEYS`] rows padded
+/// by 8 elements.
+pub fn tc_smem_bytes(head_dim: usize) -> usize {
+    2 * TC_KEYS * (head_dim + 8) * 2
 }
 
 /// Grid, block and dynamic shared memory of one launch.
@@ -198,6 +224,25 @@ impl PrefillParams {
             smem_bytes: attn_smem_bytes(self.head_dim, rows) as u32,
         };
         Ok((class, geometry))
+    }
+
+    /// The tensor-core variant's launch, when `path` and `cc` allow it for this head dim (64
+    /// or 128); `None` means the SIMT kernel runs. Call after [`PrefillParams::geometry`]
+    /// accepted the parameters.
+    pub fn tc_geometry(&self, path: PrefillPath, cc: u32) -> Option<LaunchGeometry> {
+        let eligible = path == PrefillPath::Auto
+            && cc >= TC_MIN_CC
+            && matches!(self.head_dim, 64 | 128)
+            && self.seq_q.div_ceil(TC_ROWS) <= i32::MAX as usize;
+        eligible.then(|| LaunchGeometry {
+            grid: (
+                self.seq_q.div_ceil(TC_ROWS) as u32,
+                self.n_heads as u32,
+                self.batch as u32,
+            ),
+            block: (WARPS * 32, 1, 1),
+            smem_bytes: tc_smem_bytes(self.head_dim) as u32,
+        })
     }
 
     /// Floating-point operations of the call (two matmuls of `2·d` flops per visible

@@ -8,10 +8,11 @@ mod common;
 
 use common::{LSE_TOL, Rng, device_or_skip, lse_err, max_abs};
 use tessera_cuda::DType;
-use tessera_cuda::plan::{DecodeParams, PrefillParams};
+use tessera_cuda::plan::{DecodeParams, PrefillParams, PrefillPath};
 use tessera_cuda::runtime::Device;
 use tessera_cuda::runtime::attention::{
     DecodeScratch, cast_to, decode_attention, merge_attention, prefill_attention,
+    prefill_attention_with,
 };
 use tessera_cuda::runtime::elementwise::{RopeLayout, add, embed, rmsnorm, rope, swiglu};
 use tessera_model::attention::reference::attention_f64;
@@ -24,8 +25,15 @@ fn round_all(dt: DType, xs: &[f32]) -> Vec<f32> {
     xs.iter().map(|&x| dt.round(x)).collect()
 }
 
-/// Runs one prefill case on the device and checks it; returns (out error, lse error).
-fn check_prefill(dev: &Device, dt: DType, p: PrefillParams, seed: u64) -> (f64, f64) {
+/// Runs one prefill case on the device through `path` and checks it; returns (out error, lse
+/// error).
+fn check_prefill(
+    dev: &Device,
+    path: PrefillPath,
+    dt: DType,
+    p: PrefillParams,
+    seed: u64,
+) -> (f64, f64) {
     let mut rng = Rng::new(seed);
     let q = round_all(dt, &rng.normals(p.batch * p.seq_q * p.n_heads * p.head_dim));
     let k = round_all(
@@ -45,7 +53,7 @@ fn check_prefill(dev: &Device, dt: DType, p: PrefillParams, seed: u64) -> (f64, 
     let mut lse = dev
         .zeros_raw::<f32>(p.batch * p.seq_q * p.n_heads)
         .expect("lse");
-    prefill_attention(dev, &p, &qd, &kd, &vd, &mut out, &mut lse).expect("prefill");
+    prefill_attention_with(dev, path, &p, &qd, &kd, &vd, &mut out, &mut lse).expect("prefill");
     let got = dev.download(&out).expect("download");
     let got_lse = dev.download_raw(&lse).expect("download");
     let shape = AttnShape {
@@ -68,7 +76,7 @@ fn check_prefill(dev: &Device, dt: DType, p: PrefillParams, seed: u64) -> (f64, 
     }
     assert!(
         e_o <= dt.tolerance() && e_l <= LSE_TOL,
-        "prefill {dt} {p:?}: out err {e_o:.2e}, lse err {e_l:.2e}"
+        "prefill {path:?} {dt} {p:?}: out err {e_o:.2e}, lse err {e_l:.2e}"
     );
     (e_o, e_l)
 }
@@ -93,20 +101,24 @@ fn prefill_params(
     }
 }
 
-/// Ensures that prefill attention matches the reference for every head dim (64/128 fast,
-/// odd and large ones correct), GQA ratio, mask and short/tile-edge length, both dtypes, with
-/// a batch of two, more queries than keys, and long rows across tile edges.
+/// Ensures that prefill attention matches the reference through both kernel paths (tensor
+/// cores for head dims 64/128, SIMT for all) for every head dim, GQA ratio, mask and
+/// short/tile-edge length, both dtypes, with a batch of two, more queries than keys, and long
+/// rows across tile edges.
 #[test]
 fn prefill_matches_reference() {
     let Some(dev) = device_or_skip("prefill_matches_reference") else {
         return;
     };
-    for dt in DType::ALL {
+    for (dt, path) in DType::ALL
+        .into_iter()
+        .flat_map(|dt| [(dt, PrefillPath::Auto), (dt, PrefillPath::Simt)])
+    {
         let (mut worst_o, mut worst_l) = (0.0f64, 0.0f64);
         let mut seed = 1;
         let mut run = |p: PrefillParams| {
             seed += 1;
-            let (o, l) = check_prefill(&dev, dt, p, seed);
+            let (o, l) = check_prefill(&dev, path, dt, p, seed);
             worst_o = worst_o.max(o);
             worst_l = worst_l.max(l);
         };

@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use common::{Rng, device_or_skip};
 use tessera_cuda::DType;
-use tessera_cuda::plan::{DecodeParams, PrefillParams};
+use tessera_cuda::plan::{DecodeParams, PrefillParams, PrefillPath};
 use tessera_cuda::runtime::Device;
-use tessera_cuda::runtime::attention::{DecodeScratch, decode_attention, prefill_attention};
+use tessera_cuda::runtime::attention::{DecodeScratch, decode_attention, prefill_attention_with};
 
 /// Mean seconds per call of `f` after `warmup` calls, synchronising around the timed loop.
 fn time(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
@@ -45,7 +45,10 @@ fn bench_prefill() {
         let v = dev.upload(dt, &rng.normals(n)).expect("v");
         let mut out = dev.zeros(dt, n).expect("out");
         let mut lse = dev.zeros_raw::<f32>(b * s * h).expect("lse");
-        for causal in [false, true] {
+        for (causal, path) in [false, true]
+            .into_iter()
+            .flat_map(|c| [(c, PrefillPath::Auto), (c, PrefillPath::Simt)])
+        {
             let p = PrefillParams {
                 batch: b,
                 seq_q: s,
@@ -57,10 +60,15 @@ fn bench_prefill() {
                 scale: 1.0 / (d as f32).sqrt(),
             };
             let secs = time(&dev, 2, 5, || {
-                prefill_attention(&dev, &p, &q, &k, &v, &mut out, &mut lse).expect("prefill")
+                prefill_attention_with(&dev, path, &p, &q, &k, &v, &mut out, &mut lse)
+                    .expect("prefill")
             });
+            let kernel = match path {
+                PrefillPath::Auto => "prefill",
+                PrefillPath::Simt => "prefill_simt",
+            };
             println!(
-                "BENCH kernel=prefill dtype={dt} causal={} batch={b} heads={h} seq={s} head_dim={d} ms={:.3} tflops={:.2}",
+                "BENCH kernel={kernel} dtype={dt} causal={} batch={b} heads={h} seq={s} head_dim={d} ms={:.3} tflops={:.2}",
                 u8::from(causal),
                 secs * 1e3,
                 p.flops() / secs / 1e12

@@ -53,6 +53,22 @@ fn every_kernel_compiles_to_ptx() {
                     module.name
                 );
             }
+            // The attention kernels keep their per-row arrays in registers; a `.local` array
+            // would mean an unrolled index became dynamic. (The elementwise module may use
+            // local memory: libdevice's f64 sincos argument reduction does.)
+            if module.name.contains("prefill") || module.name.contains("decode") {
+                assert!(!ptx.contains(".local"), "{} uses local memory", module.name);
+            }
+            if module.name == "tessera_prefill_tc" {
+                assert!(
+                    ptx.contains("mma.sync.aligned.m16n8k16"),
+                    "no tensor-core mma"
+                );
+                assert!(
+                    ptx.contains("ldmatrix.sync.aligned.m8n8.x2.trans"),
+                    "no ldmatrix"
+                );
+            }
             eprintln!(
                 "{} compute_{cc}: {} entries, {} bytes of PTX",
                 module.name,

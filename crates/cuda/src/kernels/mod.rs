@@ -10,6 +10,7 @@ pub mod decode;
 pub mod elementwise;
 pub mod merge;
 pub mod prefill;
+pub mod prefill_tc;
 pub mod prelude;
 
 /// One NVRTC translation unit: its name, its source parts in order, and its entry points.
@@ -37,6 +38,13 @@ pub const PREFILL: KernelModule = KernelModule {
     entries: prefill::ENTRIES,
 };
 
+/// Tensor-core prefill attention for head dims 64 and 128 (compute capability 8.0+).
+pub const PREFILL_TC: KernelModule = KernelModule {
+    name: "tessera_prefill_tc",
+    parts: &[prelude::SOURCE, prefill_tc::SOURCE],
+    entries: prefill_tc::ENTRIES,
+};
+
 /// Split-KV paged decode attention and its combine step.
 pub const DECODE: KernelModule = KernelModule {
     name: "tessera_decode",
@@ -59,7 +67,7 @@ pub const ELEMENTWISE: KernelModule = KernelModule {
 };
 
 /// Every module; the PTX test compiles each of them.
-pub const ALL: &[KernelModule] = &[PREFILL, DECODE, MERGE, ELEMENTWISE];
+pub const ALL: &[KernelModule] = &[PREFILL, PREFILL_TC, DECODE, MERGE, ELEMENTWISE];
 
 #[cfg(test)]
 mod tests {

@@ -75,7 +75,7 @@ fn shared_memory_fits_default_limit() {
     for hd in 1..=MAX_HEAD_DIM {
         let class = HeadDimClass::for_head_dim(hd).expect("class");
         for rpw in [class.prefill_rows_per_warp(), class.decode_rows_per_warp()] {
-            let bytes = attn_smem_bytes(hd, WARPS as usize * rpw);
+            let bytes = attn_smem_bytes(hd, WARPS as usize * rpw) + ATTN_STATIC_SMEM;
             assert!(
                 bytes <= DEFAULT_SMEM_LIMIT,
                 "hd {hd} rpw {rpw}: {bytes} bytes"
@@ -88,6 +88,25 @@ fn shared_memory_fits_default_limit() {
     );
     // Odd head dims pad to even; a K row stride is always an odd number of 32-bit words.
     assert_eq!(attn_smem_bytes(59, 1), 60 * 4 + 32 * 62 * 2 + 32 * 60 * 2);
+}
+
+/// Ensures that the tensor-core path is chosen exactly for head dims 64/128 on sm_80+ under
+/// `Auto`, covers every row with 64-row blocks, and fits the default shared memory.
+#[test]
+fn tensor_core_path_selection() {
+    for hd in [1, 59, 63, 64, 65, 80, 127, 128, 129, 256] {
+        let p = prefill(100, 4, 2, hd);
+        p.geometry().expect("valid");
+        let tc = p.tc_geometry(PrefillPath::Auto, 90);
+        assert_eq!(tc.is_some(), hd == 64 || hd == 128, "hd {hd}");
+        assert!(p.tc_geometry(PrefillPath::Simt, 90).is_none());
+        assert!(p.tc_geometry(PrefillPath::Auto, 75).is_none());
+        if let Some(g) = tc {
+            assert_eq!(g.grid, (2, 4, 1));
+            assert!(g.smem_bytes as usize <= DEFAULT_SMEM_LIMIT);
+        }
+    }
+    assert_eq!(tc_smem_bytes(128), 2 * 64 * 136 * 2);
 }
 
 /// Ensures that the prefill grid covers every query row of every head and batch exactly once.

@@ -8,9 +8,10 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::dtype::DType;
 use crate::error::{CudaError, Result};
-use crate::kernels::{DECODE, MERGE, PREFILL};
+use crate::kernels::{DECODE, MERGE, PREFILL, PREFILL_TC};
 use crate::plan::{
-    DecodeParams, LaunchGeometry, PrefillParams, validate_block_table, warp_per_row_geometry,
+    DecodeParams, LaunchGeometry, PrefillParams, PrefillPath, validate_block_table,
+    warp_per_row_geometry,
 };
 
 use super::device::{Device, Tensor16, drv};
@@ -53,7 +54,8 @@ fn as_i32(v: usize) -> i32 {
 }
 
 /// Prefill attention: `out`/`lse` for `q` over `k`/`v` (layouts in
-/// [`crate::kernels::prefill`]), FlashAttention-2 style.
+/// [`crate::kernels::prefill`]), FlashAttention-2 style, on tensor cores where possible
+/// ([`PrefillPath::Auto`]).
 ///
 /// # Errors
 /// [`CudaError::InvalidArgument`] for invalid parameters, buffer lengths or mixed dtypes;
@@ -68,7 +70,24 @@ pub fn prefill_attention(
     out: &mut Tensor16,
     lse: &mut CudaSlice<f32>,
 ) -> Result<()> {
-    let (class, geometry) = p.geometry()?;
+    prefill_attention_with(dev, PrefillPath::Auto, p, q, k, v, out, lse)
+}
+
+/// [`prefill_attention`] with the kernel path chosen by the caller.
+///
+/// # Errors
+/// As [`prefill_attention`].
+pub fn prefill_attention_with(
+    dev: &Device,
+    path: PrefillPath,
+    p: &PrefillParams,
+    q: &Tensor16,
+    k: &Tensor16,
+    v: &Tensor16,
+    out: &mut Tensor16,
+    lse: &mut CudaSlice<f32>,
+) -> Result<()> {
+    let (class, simt_geometry) = p.geometry()?;
     let q_len = p.batch * p.seq_q * p.n_heads * p.head_dim;
     let kv_len = p.batch * p.seq_k * p.n_kv_heads * p.head_dim;
     check_len("q", q.len(), q_len)?;
@@ -79,8 +98,17 @@ pub fn prefill_attention(
     for (field, t) in [("k", k.dtype), ("v", v.dtype), ("out", out.dtype)] {
         check_dtype(field, t, q.dtype)?;
     }
-    let entry = format!("attn_prefill_{}_{}", q.dtype.suffix(), class.suffix());
-    let f = dev.function(&PREFILL, &entry)?;
+    let dt = q.dtype.suffix();
+    let (f, geometry, with_hd) = match p.tc_geometry(path, dev.compute_capability()) {
+        Some(g) => {
+            let entry = format!("attn_prefill_tc_{dt}_d{}", p.head_dim);
+            (dev.function(&PREFILL_TC, &entry)?, g, false)
+        }
+        None => {
+            let entry = format!("attn_prefill_{dt}_{}", class.suffix());
+            (dev.function(&PREFILL, &entry)?, simt_geometry, true)
+        }
+    };
     let (seq_q, seq_k) = (as_i32(p.seq_q), as_i32(p.seq_k));
     let (nh, nkv, hd) = (as_i32(p.n_heads), as_i32(p.n_kv_heads), as_i32(p.head_dim));
     let causal = i32::from(p.causal);
@@ -91,15 +119,14 @@ pub fn prefill_attention(
         .arg(&v.data)
         .arg(&mut out.data)
         .arg(lse);
-    b.arg(&seq_q)
-        .arg(&seq_k)
-        .arg(&nh)
-        .arg(&nkv)
-        .arg(&hd)
-        .arg(&causal)
-        .arg(&scale_log2);
+    b.arg(&seq_q).arg(&seq_k).arg(&nh).arg(&nkv);
+    // The tensor-core kernels have the head dim baked in; the SIMT ones take it.
+    if with_hd {
+        b.arg(&hd);
+    }
+    b.arg(&causal).arg(&scale_log2);
     // SAFETY: every buffer's length was checked against the shape the kernel indexes, the
-    // argument list matches the kernel's signature, and the geometry comes from `plan`.
+    // argument list matches the chosen kernel's signature, and the geometry comes from `plan`.
     unsafe { b.launch(cfg(geometry)) }.map_err(drv("prefill launch"))?;
     Ok(())
 }
