@@ -18,8 +18,10 @@ pub const DEFAULT_SMEM_LIMIT: usize = 48 * 1024;
 /// A decode split shorter than this costs more to merge than it saves.
 pub const MIN_KEYS_PER_SPLIT: usize = 256;
 const _: () = assert!(MIN_KEYS_PER_SPLIT.is_multiple_of(TILE_KEYS));
-/// Decode blocks per SM the split planner aims for.
-const DECODE_BLOCKS_PER_SM: usize = 2;
+/// Decode blocks per SM the split planner aims for: decode is bandwidth-bound, and a decode
+/// block is small (128 threads, ~20 KiB of shared memory at head dim 128), so several per SM
+/// keep enough loads in flight.
+pub const DECODE_BLOCKS_PER_SM: usize = 8;
 /// Threads of the grid-stride elementwise kernels.
 pub const ELEMENTWISE_THREADS: u32 = 256;
 /// Cap on elementwise blocks (the kernels loop, so more add nothing).

@@ -48,6 +48,32 @@ __device__ __forceinline__ void load_kv_tile(
     int t0, int t_end, int hd) {
     const int hp = padded_dim(hd);
     const int kst = k_stride(hd);
+    if ((hd & 7) == 0) {
+        // Head dims divisible by 8 (64, 80, 128, ...): 16-byte global loads; K rows have an
+        // odd-word stride, so they are stored as four 32-bit words, V rows as one vector.
+        const int vecs = hd >> 3;
+        for (int idx = threadIdx.x; idx < TILE * vecs; idx += blockDim.x) {
+            const int j = idx / vecs;
+            const int d = (idx - j * vecs) * 8;
+            const int t = t0 + j;
+            uint4 kw = make_uint4(0u, 0u, 0u, 0u), vw = make_uint4(0u, 0u, 0u, 0u);
+            if (t < t_end) {
+                long long row;
+                if (table != 0) {
+                    const long long b = (long long)table[t / block_size];
+                    row = (b * block_size + (t % block_size)) * tok_stride;
+                } else {
+                    row = (long long)t * tok_stride;
+                }
+                kw = *reinterpret_cast<const uint4*>(k + row + head_off + d);
+                vw = *reinterpret_cast<const uint4*>(v + row + head_off + d);
+            }
+            u32* kd = reinterpret_cast<u32*>(sk + j * kst + d);
+            kd[0] = kw.x; kd[1] = kw.y; kd[2] = kw.z; kd[3] = kw.w;
+            *reinterpret_cast<uint4*>(sv + j * hp + d) = vw;
+        }
+        return;
+    }
     const int pairs = hp >> 1;
     for (int idx = threadIdx.x; idx < TILE * pairs; idx += blockDim.x) {
         const int j = idx / pairs;

@@ -141,15 +141,19 @@ pub struct DecodeScratch {
     part_lse: Option<CudaSlice<f32>>,
 }
 
-fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+/// The buffer in `slot`, (re)allocated when it is missing or shorter than `n`.
+fn ensure<'s, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     dev: &Device,
-    slot: &mut Option<CudaSlice<T>>,
+    slot: &'s mut Option<CudaSlice<T>>,
     n: usize,
-) -> Result<()> {
+) -> Result<&'s mut CudaSlice<T>> {
     if slot.as_ref().is_none_or(|s| s.len() < n) {
-        *slot = Some(dev.zeros_raw::<T>(n.max(1))?);
+        *slot = None;
     }
-    Ok(())
+    match slot {
+        Some(s) => Ok(s),
+        None => Ok(slot.insert(dev.zeros_raw::<T>(n.max(1))?)),
+    }
 }
 
 /// Decode attention of `q` `(seq_q, n_heads, head_dim)` over `len` keys held in paged pools
@@ -188,16 +192,9 @@ pub fn decode_attention(
     }
     validate_block_table(block_table, p.block_size, p.len, p.num_blocks)?;
     let n_splits = plan.split.n_splits;
-    ensure(dev, &mut scratch.table, block_table.len())?;
-    ensure(dev, &mut scratch.part_o, n_splits * rows * p.head_dim)?;
-    ensure(dev, &mut scratch.part_lse, n_splits * rows)?;
-    let (Some(table), Some(part_o), Some(part_lse)) = (
-        scratch.table.as_mut(),
-        scratch.part_o.as_mut(),
-        scratch.part_lse.as_mut(),
-    ) else {
-        unreachable!("ensure filled every slot");
-    };
+    let table = ensure(dev, &mut scratch.table, block_table.len())?;
+    let part_o = ensure(dev, &mut scratch.part_o, n_splits * rows * p.head_dim)?;
+    let part_lse = ensure(dev, &mut scratch.part_lse, n_splits * rows)?;
     if !block_table.is_empty() {
         let mut view = table.slice_mut(..block_table.len());
         dev.stream()
