@@ -9,8 +9,9 @@
 #   NCCL  all-reduce and send/recv on the devices present (world size 1 on one GPU).
 #
 # Usage: ./gpu-check.sh            (from the staged folder; bin/ and lib/ sit next to it)
-# Env:   TESSERA_GPU_BIN (default ./bin), TESSERA_REQUIRE_GPU (default 1: a missing device fails),
-#        PYTHON (default python3).
+# Env:   TESSERA_GPU_BIN (default ./bin), TESSERA_REQUIRE_GPU (default 1: a missing device fails;
+#        0 for a dry run on a machine without a GPU), PYTHON (default python3),
+#        BUDGET_S (default 285: the whole check's time limit).
 # Exit status: 0 when every step passed, 1 otherwise (each failing step is named at the end).
 set -uo pipefail
 
@@ -42,15 +43,26 @@ nccl_so="$(IFS=:; for d in $LD_LIBRARY_PATH /usr/lib/x86_64-linux-gnu /usr/local
     ls "$d"/libnccl.so* 2>/dev/null; done | head -n 1)"
 [[ -n "$nccl_so" ]] && ln -sf "$nccl_so" "$shim/libnccl.so"
 
-step() { # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logs its output to $log/NAME.
+# Every step gets its own limit, cut so that the whole check ends within BUDGET_S seconds.
+budget_s="${BUDGET_S:-285}"
+step() { # step NAME LIMIT_S CMD...: runs CMD with a time limit, logs its output to $log/NAME.
     local name="$1" limit="$2"
     shift 2
+    local left=$((budget_s - (SECONDS - start)))
+    ((left < limit)) && limit=$left
     echo "=== $name (limit ${limit}s) ==="
+    if ((limit <= 0)); then
+        echo "    SKIPPED: the ${budget_s}s budget is spent"
+        failed+=("$name")
+        return
+    fi
     if timeout "$limit" "$@" >"$log/$name.out" 2>&1; then
         echo "    ok ($((SECONDS - start))s elapsed)"
     else
-        echo "    FAILED (status $?), last lines:"
-        tail -n 25 "$log/$name.out" | sed 's/^/    | /'
+        echo "    FAILED (status $?):"
+        # The first panics say why; the tail says how far it got.
+        { grep -A3 "panicked" "$log/$name.out" | head -n 24; tail -n 4 "$log/$name.out"; } |
+            sed 's/^/    | /'
         failed+=("$name")
     fi
 }
@@ -60,12 +72,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
     echo "nvidia-smi unavailable"
 echo "NCCL: ${nccl_so:-not found}"
 
-step ptx 90 "$bin/ptx" --nocapture --test-threads=1
-step smoke 30 "$bin/smoke" --nocapture
-step unit 60 "$bin/unit" --test-threads=2
-step kernels 150 "$bin/gpu" --nocapture --test-threads=1
-step bench 60 "$bin/gpu_bench" --ignored --nocapture --test-threads=1
-step nccl 45 "$bin/nccl" --nocapture --test-threads=1
+step ptx 60 "$bin/ptx" --nocapture --test-threads=1
+step smoke 20 "$bin/smoke" --nocapture
+step unit 20 "$bin/unit" --test-threads=2
+step kernels 120 "$bin/gpu" --nocapture --test-threads=1
+step bench 45 "$bin/gpu_bench" --ignored --nocapture --test-threads=1
+step nccl 30 "$bin/nccl" --nocapture --test-threads=1
 
 echo
 echo "=== errors against the f64 reference ==="
@@ -79,7 +91,10 @@ grep -h '^BENCH kernel=nccl' "$log"/nccl.out 2>/dev/null | sed 's/^BENCH /  /' |
 echo
 echo "=== ours vs torch SDPA ==="
 grep -h '^BENCH kernel=\(prefill\|decode\)' "$log"/bench.out > "$log/ours.txt" 2>/dev/null || true
-if ! timeout 90 "$python" - "$log/ours.txt" <<'PY'
+sdpa_limit=$((budget_s - (SECONDS - start)))
+((sdpa_limit > 60)) && sdpa_limit=60
+((sdpa_limit < 1)) && sdpa_limit=1
+if ! timeout "$sdpa_limit" "$python" - "$log/ours.txt" <<'PY'
 import sys
 
 def parse(path):
