@@ -270,6 +270,19 @@ fn long_sequences() {
     }
 }
 
+/// Ensures that the largest supported head dims (256, and 255 with a scalar tail) work on
+/// every path: prefill, paged, and split decode.
+#[test]
+fn largest_head_dims() {
+    let pool = ThreadPool::new(2).expect("pool");
+    for hd in [256, 255] {
+        for causal in [false, true] {
+            check(shape(40, 4, 2, hd), 300, causal, Some(16), None, &pool);
+            check(shape(1, 4, 2, hd), 300, causal, None, Some(3), &pool);
+        }
+    }
+}
+
 /// Ensures that queries outnumbering keys under the causal mask give exactly (0, -inf) on the
 /// rows that see nothing and correct values on the others, including with no keys at all.
 #[test]

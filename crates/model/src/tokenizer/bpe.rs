@@ -45,6 +45,10 @@ struct Symbol {
 
 const NONE: u32 = u32::MAX;
 
+/// A merge candidate: (rank, left position, right position, left id, right id). Ordering by
+/// the tuple gives llama.cpp's priority: lowest rank, then leftmost.
+type Candidate = (u32, u32, u32, u32, u32);
+
 impl BpeModel {
     /// Builds the merge map from ranked `"left right"` strings.
     ///
@@ -87,11 +91,20 @@ impl BpeModel {
             }
         }
         if dropped > 0 {
-            tracing::warn!(dropped, "BPE merge rules over strings that are not tokens were ignored");
+            tracing::warn!(
+                dropped,
+                "BPE merge rules over strings that are not tokens were ignored"
+            );
         }
-        let mut specials: Vec<u32> = (0..vocab.len() as u32).filter(|&id| vocab.is_special(id)).collect();
+        let mut specials: Vec<u32> = (0..vocab.len() as u32)
+            .filter(|&id| vocab.is_special(id))
+            .collect();
         specials.sort_by_key(|&id| Reverse(vocab.texts[id as usize].len()));
-        Ok(Self { merges: map, pre, specials })
+        Ok(Self {
+            merges: map,
+            pre,
+            specials,
+        })
     }
 
     /// Tokenizes `text`; see [`super::Tokenizer::encode`].
@@ -173,18 +186,22 @@ impl BpeModel {
 
     /// Merges one pre-tokenized word (already in the byte-level alphabet) and appends its ids.
     fn merge_word(&self, vocab: &Vocab, word: &str, out: &mut Vec<u32>) {
-        if self.pre.kind().ignore_merges() {
-            if let Some(&id) = vocab.text_to_id.get(word) {
-                out.push(id);
-                return;
-            }
+        if self.pre.kind().ignore_merges()
+            && let Some(&id) = vocab.text_to_id.get(word)
+        {
+            out.push(id);
+            return;
         }
         let mut buf = [0u8; 4];
         let mut syms: Vec<Symbol> = word
             .chars()
             .enumerate()
             .map(|(i, c)| Symbol {
-                id: vocab.text_to_id.get(c.encode_utf8(&mut buf) as &str).copied().unwrap_or(NO_TOKEN),
+                id: vocab
+                    .text_to_id
+                    .get(c.encode_utf8(&mut buf) as &str)
+                    .copied()
+                    .unwrap_or(NO_TOKEN),
                 prev: if i == 0 { NONE } else { i as u32 - 1 },
                 next: i as u32 + 1,
             })
@@ -192,8 +209,7 @@ impl BpeModel {
         if let Some(last) = syms.last_mut() {
             last.next = NONE;
         }
-        // Entries: (rank, left position, right position, left id, right id).
-        let mut heap: BinaryHeap<Reverse<(u32, u32, u32, u32, u32)>> = BinaryHeap::new();
+        let mut heap: BinaryHeap<Reverse<Candidate>> = BinaryHeap::new();
         let push = |heap: &mut BinaryHeap<_>, syms: &[Symbol], l: u32, r: u32| {
             if l == NONE || r == NONE {
                 return;
@@ -212,7 +228,9 @@ impl BpeModel {
             if ls.id != a || rs.id != b || ls.next != r {
                 continue;
             }
-            let Some(&(_, merged)) = self.merges.get(&(a, b)) else { continue };
+            let Some(&(_, merged)) = self.merges.get(&(a, b)) else {
+                continue;
+            };
             syms[l as usize].id = merged;
             syms[l as usize].next = rs.next;
             syms[r as usize].id = NO_TOKEN;
@@ -242,7 +260,9 @@ mod tests {
 
     /// A toy byte-level vocabulary: all 256 byte characters, then `extra` strings.
     fn toy(extra: &[&str], types: &[(usize, TokenType)]) -> Vocab {
-        let mut texts: Vec<String> = (0..=255u8).map(|b| byte_level::byte_to_char(b).to_string()).collect();
+        let mut texts: Vec<String> = (0..=255u8)
+            .map(|b| byte_level::byte_to_char(b).to_string())
+            .collect();
         texts.extend(extra.iter().map(|s| s.to_string()));
         let pieces = texts
             .iter()
@@ -270,9 +290,15 @@ mod tests {
     fn merge_order_follows_rank() {
         let v = toy(&["ab", "bc", "abc"], &[]);
         let m = model(&v, &["b c", "a b", "ab c"]);
-        assert_eq!(text_of(&v, &m.encode(&v, "abc", false, false).expect("encode")), ["a", "bc"]);
+        assert_eq!(
+            text_of(&v, &m.encode(&v, "abc", false, false).expect("encode")),
+            ["a", "bc"]
+        );
         let m = model(&v, &["a b", "b c", "ab c"]);
-        assert_eq!(text_of(&v, &m.encode(&v, "abc", false, false).expect("encode")), ["abc"]);
+        assert_eq!(
+            text_of(&v, &m.encode(&v, "abc", false, false).expect("encode")),
+            ["abc"]
+        );
     }
 
     /// Ensures that equal-rank candidates merge leftmost first ("aaa" -> "aa" + "a").
@@ -280,8 +306,14 @@ mod tests {
     fn ties_merge_leftmost() {
         let v = toy(&["aa"], &[]);
         let m = model(&v, &["a a"]);
-        assert_eq!(text_of(&v, &m.encode(&v, "aaa", false, false).expect("encode")), ["aa", "a"]);
-        assert_eq!(text_of(&v, &m.encode(&v, "aaaa", false, false).expect("encode")), ["aa", "aa"]);
+        assert_eq!(
+            text_of(&v, &m.encode(&v, "aaa", false, false).expect("encode")),
+            ["aa", "a"]
+        );
+        assert_eq!(
+            text_of(&v, &m.encode(&v, "aaaa", false, false).expect("encode")),
+            ["aa", "aa"]
+        );
     }
 
     /// Ensures that a merge applies through the byte-level alphabet (space is Ġ).
@@ -300,7 +332,11 @@ mod tests {
         // 256: control "<s>", 257: control "<s><s>", 258: user-defined "@@".
         let v = toy(
             &["<s>", "<s><s>", "@@"],
-            &[(0, TokenType::Control), (1, TokenType::Control), (2, TokenType::UserDefined)],
+            &[
+                (0, TokenType::Control),
+                (1, TokenType::Control),
+                (2, TokenType::UserDefined),
+            ],
         );
         let m = model(&v, &[]);
         let ids = m.encode(&v, "x<s><s><s>y@@", false, true).expect("encode");
@@ -312,13 +348,22 @@ mod tests {
     /// Ensures that add_special adds BOS/EOS exactly as the vocabulary's flags say.
     #[test]
     fn add_special_follows_flags() {
-        let mut v = toy(&["<b>", "<e>"], &[(0, TokenType::Control), (1, TokenType::Control)]);
+        let mut v = toy(
+            &["<b>", "<e>"],
+            &[(0, TokenType::Control), (1, TokenType::Control)],
+        );
         v.set_bos_eos(Some(256), Some(257));
         let m = model(&v, &[]);
-        assert_eq!(m.encode(&v, "a", true, false).expect("encode"), [u32::from(b'a')]);
+        assert_eq!(
+            m.encode(&v, "a", true, false).expect("encode"),
+            [u32::from(b'a')]
+        );
         v.add_bos = true;
         v.add_eos = true;
-        assert_eq!(m.encode(&v, "a", true, false).expect("encode"), [256, u32::from(b'a'), 257]);
+        assert_eq!(
+            m.encode(&v, "a", true, false).expect("encode"),
+            [256, u32::from(b'a'), 257]
+        );
         assert_eq!(m.encode(&v, "", true, false).expect("encode"), [256, 257]);
     }
 }

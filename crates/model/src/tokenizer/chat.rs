@@ -23,7 +23,10 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A message with `role` and `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -60,11 +63,16 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned(NAME, source.to_owned()).map_err(|e| TokenizerError::TemplateSyntax {
-            line: e.line(),
-            reason: e.detail().map_or_else(|| e.to_string(), str::to_owned),
-        })?;
-        Ok(Self { env, bos_token: bos_token.to_owned(), eos_token: eos_token.to_owned() })
+        env.add_template_owned(NAME, source.to_owned())
+            .map_err(|e| TokenizerError::TemplateSyntax {
+                line: e.line(),
+                reason: e.detail().map_or_else(|| e.to_string(), str::to_owned),
+            })?;
+        Ok(Self {
+            env,
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+        })
     }
 
     /// Renders `messages`, ending with the assistant header when `add_generation_prompt`.
@@ -72,7 +80,11 @@ impl ChatTemplate {
     /// # Errors
     /// [`TokenizerError::TemplateRender`] when the template fails or calls
     /// `raise_exception` (its message is kept).
-    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, TokenizerError> {
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let render_err = |e: minijinja::Error| TokenizerError::TemplateRender {
             line: e.line(),
             reason: e.detail().map_or_else(|| e.to_string(), str::to_owned),
@@ -132,18 +144,25 @@ mod tests {
     fn python_methods_and_variables() {
         let src = "{{ bos_token }}\n{% for m in messages %}\n  {{ m['content'].strip().upper() }}|\n{% endfor %}{{ eos_token }}";
         let t = ChatTemplate::new(src, "<s>", "</s>").expect("compiles");
-        let out = t.render(&[ChatMessage::new("user", "  hi  ")], false).expect("renders");
+        let out = t
+            .render(&[ChatMessage::new("user", "  hi  ")], false)
+            .expect("renders");
         assert_eq!(out, "<s>\n  HI|\n</s>");
     }
 
     /// Ensures that raise_exception surfaces the template's message as a render error.
     #[test]
     fn raise_exception_is_an_error() {
-        let src = "{% if messages|length == 0 %}{{ raise_exception('need a message') }}{% endif %}ok";
+        let src =
+            "{% if messages|length == 0 %}{{ raise_exception('need a message') }}{% endif %}ok";
         let t = ChatTemplate::new(src, "", "").expect("compiles");
         let err = t.render(&[], false).expect_err("raises");
         assert!(err.to_string().contains("need a message"), "{err}");
-        assert_eq!(t.render(&[ChatMessage::new("user", "x")], false).expect("renders"), "ok");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "x")], false)
+                .expect("renders"),
+            "ok"
+        );
     }
 
     /// Ensures that a syntax error is reported with its line number.

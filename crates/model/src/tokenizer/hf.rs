@@ -29,12 +29,17 @@ impl std::fmt::Debug for HfModel {
 }
 
 fn hf_err(path: &Path, reason: impl std::fmt::Display) -> TokenizerError {
-    TokenizerError::HfTokenizer { path: path.to_owned(), reason: reason.to_string() }
+    TokenizerError::HfTokenizer {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
 }
 
 fn read_json(path: &Path) -> Result<Json, TokenizerError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| TokenizerError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
     serde_json::from_str(&text).map_err(|e| hf_err(path, e))
 }
 
@@ -61,18 +66,20 @@ fn decoder_types(v: &Json, out: &mut Vec<String>) {
 }
 
 fn piece_of(text: &str, ty: TokenType, style: PieceStyle) -> Vec<u8> {
-    if matches!(ty, TokenType::Control | TokenType::UserDefined | TokenType::Unknown) {
+    if matches!(
+        ty,
+        TokenType::Control | TokenType::UserDefined | TokenType::Unknown
+    ) {
         return text.as_bytes().to_vec();
     }
     if style.byte_level {
         return byte_level::decode_str(text).unwrap_or_else(|| text.as_bytes().to_vec());
     }
-    if style.byte_fallback {
-        if let Some(hex) = text.strip_prefix("<0x").and_then(|s| s.strip_suffix('>')) {
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                return vec![b];
-            }
-        }
+    if style.byte_fallback
+        && let Some(hex) = text.strip_prefix("<0x").and_then(|s| s.strip_suffix('>'))
+        && let Ok(b) = u8::from_str_radix(hex, 16)
+    {
+        return vec![b];
     }
     if style.metaspace {
         return text.replace('▁', " ").into_bytes();
@@ -133,7 +140,11 @@ pub fn load(path: &Path) -> Result<(Vocab, HfModel), TokenizerError> {
     }
     for (id, added) in tok.get_added_tokens_decoder() {
         if let Some(t) = types.get_mut(id as usize) {
-            *t = if added.special { TokenType::Control } else { TokenType::UserDefined };
+            *t = if added.special {
+                TokenType::Control
+            } else {
+                TokenType::UserDefined
+            };
         }
     }
     let texts: Vec<String> = texts
@@ -146,22 +157,52 @@ pub fn load(path: &Path) -> Result<(Vocab, HfModel), TokenizerError> {
             })
         })
         .collect();
-    let pieces = texts.iter().zip(&types).map(|(t, &ty)| piece_of(t, ty, style)).collect();
+    let pieces = texts
+        .iter()
+        .zip(&types)
+        .map(|(t, &ty)| piece_of(t, ty, style))
+        .collect();
     let mut vocab = Vocab::finish(texts, pieces, types, &[]).map_err(|e| hf_err(path, e))?;
 
     let cfg_path = path.with_file_name("tokenizer_config.json");
-    let cfg = if cfg_path.is_file() { Some(read_json(&cfg_path)?) } else { None };
+    let cfg = if cfg_path.is_file() {
+        Some(read_json(&cfg_path)?)
+    } else {
+        None
+    };
     if let Some(cfg) = &cfg {
-        let id_of = |key: &str| config_token(cfg, key).and_then(|t| vocab.text_to_id.get(&t).copied());
+        let id_of =
+            |key: &str| config_token(cfg, key).and_then(|t| vocab.text_to_id.get(&t).copied());
         let (bos, eos) = (id_of("bos_token"), id_of("eos_token"));
         vocab.set_bos_eos(bos, eos);
-        vocab.add_bos = cfg.get("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
-        vocab.add_eos = cfg.get("add_eos_token").and_then(Json::as_bool).unwrap_or(false);
+        vocab.add_bos = cfg
+            .get("add_bos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
+        vocab.add_eos = cfg
+            .get("add_eos_token")
+            .and_then(Json::as_bool)
+            .unwrap_or(false);
         vocab.chat_template = config_template(cfg);
+    }
+    // Newer Hugging Face repos keep the template in its own file.
+    let jinja = path.with_file_name("chat_template.jinja");
+    if vocab.chat_template.is_none() && jinja.is_file() {
+        let source = std::fs::read_to_string(&jinja).map_err(|source| TokenizerError::Io {
+            path: jinja.clone(),
+            source,
+        })?;
+        vocab.chat_template = Some(source);
     }
     let mut plain = tok.clone();
     plain.set_encode_special_tokens(true);
-    Ok((vocab, HfModel { parse_special: tok, plain }))
+    Ok((
+        vocab,
+        HfModel {
+            parse_special: tok,
+            plain,
+        },
+    ))
 }
 
 impl HfModel {
@@ -169,11 +210,22 @@ impl HfModel {
     ///
     /// # Errors
     /// [`TokenizerError::Encode`] when `tokenizers` fails.
-    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let tok = if parse_special { &self.parse_special } else { &self.plain };
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let tok = if parse_special {
+            &self.parse_special
+        } else {
+            &self.plain
+        };
         let enc = tok
             .encode(text, add_special)
-            .map_err(|e| TokenizerError::Encode { reason: e.to_string() })?;
+            .map_err(|e| TokenizerError::Encode {
+                reason: e.to_string(),
+            })?;
         Ok(enc.get_ids().to_vec())
     }
 }
@@ -213,13 +265,31 @@ mod tests {
         )
         .expect("write config");
         let (vocab, model) = load(&path).expect("loads");
-        assert_eq!(model.encode("hi hi<|end|>", false, true).expect("encode"), [3, 4, 5]);
+        assert_eq!(
+            model.encode("hi hi<|end|>", false, true).expect("encode"),
+            [3, 4, 5]
+        );
         assert_eq!(vocab.eos, Some(5));
         assert!(vocab.eog.contains(&5));
-        assert_eq!(vocab.chat_template.as_deref(), Some("{{ messages[0]['content'] }}"));
+        assert_eq!(
+            vocab.chat_template.as_deref(),
+            Some("{{ messages[0]['content'] }}")
+        );
         let mut out = Vec::new();
-        vocab.decode_bytes_into(&[3, 4, 5], false, &mut out).expect("decode");
+        vocab
+            .decode_bytes_into(&[3, 4, 5], false, &mut out)
+            .expect("decode");
         assert_eq!(out, b"hi hi<|end|>");
+
+        // Without a template in the config, chat_template.jinja beside it is used.
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "<|end|>"}"#,
+        )
+        .expect("write config");
+        std::fs::write(dir.join("chat_template.jinja"), "{{ eos_token }}").expect("write jinja");
+        let (vocab, _) = load(&path).expect("loads");
+        assert_eq!(vocab.chat_template.as_deref(), Some("{{ eos_token }}"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -20,7 +20,10 @@ impl IncrementalDecoder {
     /// A decoder that, like `decode(ids, skip_special)`, leaves out control tokens when
     /// `skip_special` is true.
     pub fn new(skip_special: bool) -> Self {
-        Self { skip_special, pending: Vec::with_capacity(8) }
+        Self {
+            skip_special,
+            pending: Vec::with_capacity(8),
+        }
     }
 
     /// Adds token `id` and returns the text it completes (possibly empty). An id outside the
@@ -29,7 +32,9 @@ impl IncrementalDecoder {
         if self.skip_special && tok.vocab.is_hidden_special(id) {
             return String::new();
         }
-        let Some(piece) = tok.token_bytes(id) else { return String::new() };
+        let Some(piece) = tok.token_bytes(id) else {
+            return String::new();
+        };
         if self.pending.is_empty() {
             // Fast path: a whole-character token with nothing held back.
             if let Ok(s) = std::str::from_utf8(piece) {
@@ -69,7 +74,9 @@ impl IncrementalDecoder {
 /// Whether `bytes`, found at the end of the stream, are a proper prefix of some UTF-8
 /// sequence (so more bytes could make them valid).
 fn could_complete(bytes: &[u8]) -> bool {
-    let Some(&lead) = bytes.first() else { return false };
+    let Some(&lead) = bytes.first() else {
+        return false;
+    };
     let need = match lead {
         0xC2..=0xDF => 2,
         0xE0..=0xEF => 3,

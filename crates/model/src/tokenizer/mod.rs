@@ -130,19 +130,28 @@ impl Tokenizer {
     /// [`TokenizerError::MissingMetadata`] / [`TokenizerError::InvalidMetadata`] naming the key,
     /// [`TokenizerError::UnsupportedModel`] for non-`gpt2` vocabularies,
     /// [`TokenizerError::UnknownPreTokenizer`] listing the supported pre-tokenizers.
-    pub fn from_gguf(content: &candle_core::quantized::gguf_file::Content) -> Result<Self, TokenizerError> {
+    pub fn from_gguf(
+        content: &candle_core::quantized::gguf_file::Content,
+    ) -> Result<Self, TokenizerError> {
         let (vocab, model) = gguf::load(content)?;
-        Ok(Self { vocab, backend: Backend::Gguf(model) })
+        Ok(Self {
+            vocab,
+            backend: Backend::Gguf(model),
+        })
     }
 
     /// Loads a Hugging Face `tokenizer.json`, and `tokenizer_config.json` beside it if present
-    /// (for BOS/EOS, `add_bos_token`/`add_eos_token` and `chat_template`).
+    /// (for BOS/EOS, `add_bos_token`/`add_eos_token` and `chat_template`; the template may
+    /// instead be a `chat_template.jinja` beside it).
     ///
     /// # Errors
     /// [`TokenizerError::Io`] or [`TokenizerError::HfTokenizer`] naming the file.
     pub fn from_hf_file(path: &Path) -> Result<Self, TokenizerError> {
         let (vocab, model) = hf::load(path)?;
-        Ok(Self { vocab, backend: Backend::Hf(Box::new(model)) })
+        Ok(Self {
+            vocab,
+            backend: Backend::Hf(Box::new(model)),
+        })
     }
 
     /// Tokenizes `text`.
@@ -155,7 +164,12 @@ impl Tokenizer {
     /// # Errors
     /// [`TokenizerError::Regex`] if the pre-tokenizer gives up on pathological input,
     /// [`TokenizerError::Encode`] if `tokenizers` fails.
-    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>, TokenizerError> {
+    pub fn encode(
+        &self,
+        text: &str,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
         match &self.backend {
             Backend::Gguf(m) => m.encode(&self.vocab, text, add_special, parse_special),
             Backend::Hf(m) => m.encode(text, add_special, parse_special),
@@ -170,7 +184,8 @@ impl Tokenizer {
     /// [`TokenizerError::TokenOutOfRange`] for an id outside the vocabulary.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         let mut bytes = Vec::with_capacity(ids.len() * 4);
-        self.vocab.decode_bytes_into(ids, skip_special, &mut bytes)?;
+        self.vocab
+            .decode_bytes_into(ids, skip_special, &mut bytes)?;
         Ok(match String::from_utf8(bytes) {
             Ok(s) => s,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),

@@ -12,8 +12,7 @@ use super::TokenizerError;
 
 /// GPT-2's word regex. llama.cpp's hand-written matcher for it also takes a lone whitespace
 /// that the lookahead rejects; the trailing `|\s+` does the same.
-const GPT2: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// Llama 3's regex, with llama.cpp's case-insensitive contractions spelled out.
 const LLAMA3: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -121,10 +120,11 @@ impl PreTokenizer {
     /// # Errors
     /// [`TokenizerError::Regex`] when the regex engine gives up (backtrack limit).
     pub fn split(&self, text: &str) -> Result<Vec<std::ops::Range<usize>>, TokenizerError> {
-        let mut fragments = vec![0..text.len()];
         if text.is_empty() {
             return Ok(Vec::new());
         }
+        let mut fragments = Vec::with_capacity(text.len() / 3 + 1);
+        fragments.push(0..text.len());
         let mut next = Vec::with_capacity(text.len() / 3 + 1);
         for re in &self.regexes {
             next.clear();
@@ -160,7 +160,11 @@ mod tests {
 
     fn words(kind: PreKind, text: &str) -> Vec<String> {
         let pre = PreTokenizer::new(kind).expect("patterns compile");
-        pre.split(text).expect("split").into_iter().map(|r| text[r].to_owned()).collect()
+        pre.split(text)
+            .expect("split")
+            .into_iter()
+            .map(|r| text[r].to_owned())
+            .collect()
     }
 
     /// Ensures that SmolLM splits every digit on its own and keeps GPT-2's word rules.
@@ -186,8 +190,17 @@ mod tests {
     #[test]
     fn ranges_tile_input() {
         let text = "Héllo  wörld\n\n\t 42 😀👍🏽 <|x|> 'll";
-        for kind in [PreKind::SmolLm, PreKind::Llama3, PreKind::Qwen2, PreKind::Gpt2, PreKind::Default] {
-            let ranges = PreTokenizer::new(kind).expect("compile").split(text).expect("split");
+        for kind in [
+            PreKind::SmolLm,
+            PreKind::Llama3,
+            PreKind::Qwen2,
+            PreKind::Gpt2,
+            PreKind::Default,
+        ] {
+            let ranges = PreTokenizer::new(kind)
+                .expect("compile")
+                .split(text)
+                .expect("split");
             let mut pos = 0;
             for r in ranges {
                 assert_eq!(r.start, pos, "{kind:?}");
@@ -203,6 +216,9 @@ mod tests {
     fn unknown_name_lists_supported() {
         let err = PreKind::from_name("klingon").expect_err("unknown");
         let msg = err.to_string();
-        assert!(msg.contains("klingon") && msg.contains("smollm") && msg.contains("qwen2"), "{msg}");
+        assert!(
+            msg.contains("klingon") && msg.contains("smollm") && msg.contains("qwen2"),
+            "{msg}"
+        );
     }
 }

@@ -15,7 +15,9 @@ fn strings(v: &[&str]) -> Value {
 /// 256 byte tokens, then merges that build "😀" (F0 9F 98 80) as "F0 9F" + "98" + "80", and
 /// "Ġhi"; then three control tokens.
 fn toy_content() -> Content {
-    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_level::byte_to_char(b).to_string()).collect();
+    let mut tokens: Vec<String> = (0..=255u8)
+        .map(|b| byte_level::byte_to_char(b).to_string())
+        .collect();
     let enc = |bytes: &[u8]| {
         let mut s = String::new();
         byte_level::encode_into(bytes, &mut s);
@@ -38,14 +40,25 @@ fn toy_content() -> Content {
     md.insert("tokenizer.ggml.pre".into(), Value::String("smollm".into()));
     let tok_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     md.insert("tokenizer.ggml.tokens".into(), strings(&tok_refs));
-    md.insert("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect()));
+    md.insert(
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    );
     let merge_refs: Vec<&str> = merges.iter().map(String::as_str).collect();
     md.insert("tokenizer.ggml.merges".into(), strings(&merge_refs));
     md.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(259));
     md.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(260));
     md.insert("tokenizer.ggml.add_bos_token".into(), Value::Bool(false));
-    md.insert("tokenizer.chat_template".into(), Value::String("{{ bos_token }}".into()));
-    Content { magic: VersionedMagic::GgufV3, metadata: md, tensor_infos: HashMap::new(), tensor_data_offset: 0 }
+    md.insert(
+        "tokenizer.chat_template".into(),
+        Value::String("{{ bos_token }}".into()),
+    );
+    Content {
+        magic: VersionedMagic::GgufV3,
+        metadata: md,
+        tensor_infos: HashMap::new(),
+        tensor_data_offset: 0,
+    }
 }
 
 fn toy() -> Tokenizer {
@@ -75,22 +88,44 @@ fn gguf_errors_name_the_key() {
     let mut c = toy_content();
     c.metadata.remove("tokenizer.ggml.tokens");
     let err = Tokenizer::from_gguf(&c).expect_err("no tokens");
-    assert!(matches!(err, TokenizerError::MissingMetadata { key: "tokenizer.ggml.tokens" }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TokenizerError::MissingMetadata {
+                key: "tokenizer.ggml.tokens"
+            }
+        ),
+        "{err}"
+    );
     let mut c = toy_content();
-    c.metadata.insert("tokenizer.ggml.pre".into(), Value::String("nope".into()));
+    c.metadata
+        .insert("tokenizer.ggml.pre".into(), Value::String("nope".into()));
     let err = Tokenizer::from_gguf(&c).expect_err("bad pre");
-    assert!(err.to_string().contains("nope") && err.to_string().contains("llama3"), "{err}");
+    assert!(
+        err.to_string().contains("nope") && err.to_string().contains("llama3"),
+        "{err}"
+    );
     let mut c = toy_content();
-    c.metadata.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
-    assert!(matches!(Tokenizer::from_gguf(&c), Err(TokenizerError::UnsupportedModel { .. })));
+    c.metadata
+        .insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+    assert!(matches!(
+        Tokenizer::from_gguf(&c),
+        Err(TokenizerError::UnsupportedModel { .. })
+    ));
 }
 
 /// Ensures that the emoji is split over three tokens, and special text is parsed only on request.
 #[test]
 fn encode_toy() {
     let t = toy();
-    assert_eq!(t.encode("😀", false, true).expect("encode"), [256, 0x98, 0x80]);
-    assert_eq!(t.encode("<|im_start|> hi", false, true).expect("encode"), [259, 258]);
+    assert_eq!(
+        t.encode("😀", false, true).expect("encode"),
+        [256, 0x98, 0x80]
+    );
+    assert_eq!(
+        t.encode("<|im_start|> hi", false, true).expect("encode"),
+        [259, 258]
+    );
     let plain = t.encode("<|im_start|>", false, false).expect("encode");
     assert_eq!(t.decode(&plain, false).expect("decode"), "<|im_start|>");
     assert!(plain.len() > 1);
@@ -100,11 +135,20 @@ fn encode_toy() {
 #[test]
 fn decode_special_and_range() {
     let t = toy();
-    assert_eq!(t.decode(&[259, 258, 260], false).expect("decode"), "<|im_start|> hi<|im_end|>");
+    assert_eq!(
+        t.decode(&[259, 258, 260], false).expect("decode"),
+        "<|im_start|> hi<|im_end|>"
+    );
     assert_eq!(t.decode(&[259, 258, 260], true).expect("decode"), " hi");
-    assert!(matches!(t.decode(&[9999], false), Err(TokenizerError::TokenOutOfRange { id: 9999, .. })));
+    assert!(matches!(
+        t.decode(&[9999], false),
+        Err(TokenizerError::TokenOutOfRange { id: 9999, .. })
+    ));
     // A lone continuation byte is invalid: lossy only at the end.
-    assert_eq!(t.decode(&[0x80, u32::from(b'a')], false).expect("decode"), "\u{FFFD}a");
+    assert_eq!(
+        t.decode(&[0x80, u32::from(b'a')], false).expect("decode"),
+        "\u{FFFD}a"
+    );
 }
 
 /// Ensures that an emoji split over three tokens streams as nothing, nothing, then the emoji.
@@ -148,7 +192,9 @@ proptest! {
         let ids = t.encode(&text, false, true).expect("encode");
         let (deltas, all) = stream(&t, &ids, false);
         for d in &deltas {
-            prop_assert!(!d.contains(char::REPLACEMENT_CHARACTER) || text.contains(char::REPLACEMENT_CHARACTER), "broken delta {:?}", d);
+            let broken = d.contains(char::REPLACEMENT_CHARACTER)
+                && !text.contains(char::REPLACEMENT_CHARACTER);
+            prop_assert!(!broken, "broken delta {:?}", d);
         }
         prop_assert_eq!(&all, &text);
         prop_assert_eq!(all, t.decode(&ids, false).expect("decode"));
@@ -161,5 +207,46 @@ proptest! {
         let t = toy();
         let (_, all) = stream(&t, &ids, skip);
         prop_assert_eq!(all, t.decode(&ids, skip).expect("decode"));
+    }
+}
+
+/// Ensures that a tokenizer can be shared across threads (the coordinator holds one in an Arc).
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<ChatTemplate>();
+    let t = std::sync::Arc::new(toy());
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let t = std::sync::Arc::clone(&t);
+            std::thread::spawn(move || t.encode(" hi😀", false, true).expect("encode"))
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().expect("thread"), [258, 256, 0x98, 0x80]);
+    }
+}
+
+/// Ensures that long degenerate inputs (one huge word, whitespace or digit runs) neither hit
+/// the regex engine's backtracking limit nor lose text.
+#[test]
+fn pathological_inputs_round_trip() {
+    let t = toy();
+    let n = 100_000;
+    let inputs = [
+        "a".repeat(n),
+        " ".repeat(n),
+        "\n".repeat(n),
+        "7".repeat(n),
+        "!".repeat(n),
+        format!("{}x", " \t".repeat(n / 2)),
+        "😀".repeat(n / 4),
+    ];
+    for text in &inputs {
+        let ids = t
+            .encode(text, false, true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&t.decode(&ids, false).expect("decode"), text);
     }
 }

@@ -44,8 +44,17 @@ impl TokenType {
 }
 
 /// Texts llama.cpp treats as end of generation whatever their declared type.
-const EOG_TEXTS: &[&str] =
-    &["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>"];
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    // DeepSeek's; llama.cpp reaches it as the detected EOT token.
+    "<｜end▁of▁sentence｜>",
+];
 
 /// The vocabulary. Token ids index every vector.
 #[derive(Debug)]
@@ -73,8 +82,9 @@ pub struct Vocab {
 }
 
 impl Vocab {
-    /// Builds the inverse map and the end-of-generation set, and promotes EOG-looking tokens
-    /// to control tokens as llama.cpp does (so `skip_special` hides them).
+    /// Builds the inverse map and the end-of-generation set (`extra_eog` plus the tokens with
+    /// EOG texts), and promotes those tokens to control tokens as llama.cpp does (so
+    /// `skip_special` hides them).
     ///
     /// # Errors
     /// [`TokenizerError::InvalidMetadata`] when two tokens share a string or the vectors'
@@ -109,7 +119,13 @@ impl Vocab {
                 });
             }
         }
-        let mut eog: Vec<u32> = extra_eog.to_vec();
+        let mut eog: Vec<u32> = Vec::with_capacity(extra_eog.len() + EOG_TEXTS.len());
+        for &id in extra_eog {
+            if let Some(ty) = types.get_mut(id as usize) {
+                *ty = TokenType::Control;
+                eog.push(id);
+            }
+        }
         for text in EOG_TEXTS {
             if let Some(&id) = text_to_id.get(*text) {
                 eog.push(id);
@@ -142,15 +158,23 @@ impl Vocab {
         self.bos = bos;
         self.eos = eos;
         if let Some(e) = eos {
-            if let Err(pos) = self.eog.binary_search(&e) {
-                self.eog.insert(pos, e);
-            }
+            self.add_eog(e);
+        }
+    }
+
+    /// Adds `id` to the end-of-generation set.
+    pub fn add_eog(&mut self, id: u32) {
+        if let Err(pos) = self.eog.binary_search(&id) {
+            self.eog.insert(pos, id);
         }
     }
 
     /// Whether `id` is a control or unknown token (not rendered when skipping specials).
     pub fn is_hidden_special(&self, id: u32) -> bool {
-        matches!(self.types.get(id as usize), Some(TokenType::Control | TokenType::Unknown))
+        matches!(
+            self.types.get(id as usize),
+            Some(TokenType::Control | TokenType::Unknown)
+        )
     }
 
     /// Whether `id` is matched as a whole before BPE: control, user-defined or unknown.
@@ -172,10 +196,13 @@ impl Vocab {
         out: &mut Vec<u8>,
     ) -> Result<(), TokenizerError> {
         for &id in ids {
-            let piece = self.pieces.get(id as usize).ok_or(TokenizerError::TokenOutOfRange {
-                id,
-                vocab_size: self.len(),
-            })?;
+            let piece = self
+                .pieces
+                .get(id as usize)
+                .ok_or(TokenizerError::TokenOutOfRange {
+                    id,
+                    vocab_size: self.len(),
+                })?;
             if skip_special && self.is_hidden_special(id) {
                 continue;
             }

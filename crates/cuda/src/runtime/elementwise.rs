@@ -1,0 +1,259 @@
+//! Launchers of the elementwise Llama kernels: RMSNorm, RoPE, SwiGLU, embedding gather,
+//! residual add (contracts in [`crate::kernels::elementwise`]).
+//!
+//! Each validates shapes and dtypes into typed errors naming the field and enqueues on the
+//! device's compute stream.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::error::{CudaError, Result};
+use crate::kernels::ELEMENTWISE;
+use crate::plan::{LaunchGeometry, elementwise_geometry};
+
+use super::device::{Device, Tensor16, drv};
+
+fn cfg(g: LaunchGeometry) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: g.grid,
+        block_dim: g.block,
+        shared_mem_bytes: g.smem_bytes,
+    }
+}
+
+fn same(field: &'static str, a: &Tensor16, b: &Tensor16) -> Result<()> {
+    if a.len() != b.len() {
+        return Err(CudaError::invalid(
+            field,
+            format!("has {} elements, expected {}", b.len(), a.len()),
+        ));
+    }
+    if a.dtype != b.dtype {
+        return Err(CudaError::invalid(
+            field,
+            format!("is {}, expected {}", b.dtype, a.dtype),
+        ));
+    }
+    Ok(())
+}
+
+fn fits_i32(field: &'static str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| CudaError::invalid(field, format!("{v} exceeds i32::MAX")))
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w` per row of `dim`.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] for `dim == 0`, `x` not a whole number of rows, `w` not of
+/// `dim` elements, `out` unlike `x`, mixed dtypes, or a negative/non-finite `eps`.
+pub fn rmsnorm(
+    dev: &Device,
+    x: &Tensor16,
+    w: &Tensor16,
+    out: &mut Tensor16,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
+        return Err(CudaError::invalid(
+            "dim",
+            format!("{dim} does not divide x's {} elements", x.len()),
+        ));
+    }
+    if w.len() != dim || w.dtype != x.dtype {
+        return Err(CudaError::invalid(
+            "w",
+            format!("must be {dim} {} values", x.dtype),
+        ));
+    }
+    same("out", x, out)?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(CudaError::invalid(
+            "eps",
+            format!("{eps} is not a finite non-negative value"),
+        ));
+    }
+    let rows = x.len() / dim;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows_i, dim_i) = (fits_i32("rows", rows)?, fits_i32("dim", dim)?);
+    let f = dev.function(&ELEMENTWISE, &format!("rmsnorm_{}", x.dtype.suffix()))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&x.data)
+        .arg(&w.data)
+        .arg(&mut out.data)
+        .arg(&rows_i)
+        .arg(&dim_i)
+        .arg(&eps);
+    let g = LaunchGeometry {
+        grid: (rows_i as u32, 1, 1),
+        block: (256, 1, 1),
+        smem_bytes: 0,
+    };
+    // SAFETY: x/out hold rows·dim elements and w holds dim (checked above).
+    unsafe { b.launch(cfg(g)) }.map_err(drv("rmsnorm launch"))?;
+    Ok(())
+}
+
+/// Pair layout of rotary embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Adjacent pairs `(2p, 2p + 1)` (GGUF/llama.cpp "normal", Meta's Llama).
+    Interleaved,
+    /// Halves `(p, p + head_dim / 2)` (GPT-NeoX, Hugging Face Llama).
+    Neox,
+}
+
+/// Rotates `x` `(seq, n_heads, head_dim)` in place at the global positions `pos` (one i32 per
+/// token, on the device; `seq = pos.len()`).
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] for an odd or zero `head_dim`, `x` not `(pos.len(),
+/// n_heads, head_dim)`, or a non-positive `theta`.
+pub fn rope(
+    dev: &Device,
+    x: &mut Tensor16,
+    pos: &CudaSlice<i32>,
+    n_heads: usize,
+    head_dim: usize,
+    theta: f32,
+    layout: RopeLayout,
+) -> Result<()> {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(CudaError::invalid(
+            "head_dim",
+            format!("{head_dim} must be even and positive"),
+        ));
+    }
+    let seq = pos.len();
+    if x.len() != seq * n_heads * head_dim {
+        return Err(CudaError::invalid(
+            "x",
+            format!(
+                "has {} elements, ({seq}, {n_heads}, {head_dim}) needs {}",
+                x.len(),
+                seq * n_heads * head_dim
+            ),
+        ));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(CudaError::invalid(
+            "theta",
+            format!("{theta} must be finite and positive"),
+        ));
+    }
+    if x.is_empty() {
+        return Ok(());
+    }
+    let (seq_i, nh, hd) = (
+        fits_i32("pos", seq)?,
+        fits_i32("n_heads", n_heads)?,
+        fits_i32("head_dim", head_dim)?,
+    );
+    let neox = i32::from(layout == RopeLayout::Neox);
+    let f = dev.function(&ELEMENTWISE, &format!("rope_{}", x.dtype.suffix()))?;
+    let g = elementwise_geometry(x.len() / 2);
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut x.data)
+        .arg(pos)
+        .arg(&seq_i)
+        .arg(&nh)
+        .arg(&hd)
+        .arg(&theta)
+        .arg(&neox);
+    // SAFETY: x holds seq·n_heads·head_dim elements and pos holds seq.
+    unsafe { b.launch(cfg(g)) }.map_err(drv("rope launch"))?;
+    Ok(())
+}
+
+/// `out = silu(gate) · up`.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] when `up` or `out` differ from `gate` in length or dtype.
+pub fn swiglu(dev: &Device, gate: &Tensor16, up: &Tensor16, out: &mut Tensor16) -> Result<()> {
+    same("up", gate, up)?;
+    same("out", gate, out)?;
+    if gate.is_empty() {
+        return Ok(());
+    }
+    let n = gate.len() as i64;
+    let f = dev.function(&ELEMENTWISE, &format!("swiglu_{}", gate.dtype.suffix()))?;
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&gate.data).arg(&up.data).arg(&mut out.data).arg(&n);
+    // SAFETY: all three hold n elements.
+    unsafe { b.launch(cfg(elementwise_geometry(gate.len()))) }.map_err(drv("swiglu launch"))?;
+    Ok(())
+}
+
+/// Gathers rows of `table` `(vocab, dim)` for `ids` into `out` `(ids.len(), dim)`. The ids are
+/// checked on the host (the kernel cannot report an error) and uploaded.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] (`ids`) for an id past the vocabulary, (`dim`/`out`) for
+/// shapes that disagree.
+pub fn embed(
+    dev: &Device,
+    ids: &[u32],
+    table: &Tensor16,
+    dim: usize,
+    out: &mut Tensor16,
+) -> Result<()> {
+    if dim == 0 || !table.len().is_multiple_of(dim) {
+        return Err(CudaError::invalid(
+            "dim",
+            format!("{dim} does not divide the table's {} elements", table.len()),
+        ));
+    }
+    let vocab = table.len() / dim;
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &id)| id as usize >= vocab)
+    {
+        return Err(CudaError::invalid(
+            "ids",
+            format!("ids[{i}] = {id} is past the vocabulary of {vocab}"),
+        ));
+    }
+    if out.len() != ids.len() * dim || out.dtype != table.dtype {
+        return Err(CudaError::invalid(
+            "out",
+            format!("must be ({}, {dim}) {} values", ids.len(), table.dtype),
+        ));
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let dev_ids = dev.upload_raw(ids)?;
+    let (n, dim_i) = (fits_i32("ids", ids.len())?, fits_i32("dim", dim)?);
+    let f = dev.function(&ELEMENTWISE, &format!("embed_{}", table.dtype.suffix()))?;
+    let g = elementwise_geometry(out.len());
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&dev_ids)
+        .arg(&table.data)
+        .arg(&mut out.data)
+        .arg(&n)
+        .arg(&dim_i);
+    // SAFETY: every id is below vocab (checked), out holds n·dim elements.
+    unsafe { b.launch(cfg(g)) }.map_err(drv("embed launch"))?;
+    Ok(())
+}
+
+/// `x += y` (the residual stream).
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] (`y`) when `y` differs from `x` in length or dtype.
+pub fn add(dev: &Device, x: &mut Tensor16, y: &Tensor16) -> Result<()> {
+    same("y", x, y)?;
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = x.len() as i64;
+    let f = dev.function(&ELEMENTWISE, &format!("add_{}", x.dtype.suffix()))?;
+    let g = elementwise_geometry(x.len());
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(&mut x.data).arg(&y.data).arg(&n);
+    // SAFETY: both hold n elements.
+    unsafe { b.launch(cfg(g)) }.map_err(drv("add launch"))?;
+    Ok(())
+}
