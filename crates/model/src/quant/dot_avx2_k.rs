@@ -59,7 +59,11 @@ pub(crate) unsafe fn dot_q45k<const Q5: bool>(w: &[u8], a: &[BlockQ8K]) -> f32 {
     for (b, ab) in w.chunks_exact(ts).zip(a) {
         let scales = &b[4..16];
         // SAFETY: a Q5_K block holds 32 qh bytes at 16.
-        let qh = if Q5 { unsafe { _mm256_loadu_si256(b.as_ptr().add(16).cast()) } } else { one };
+        let qh = if Q5 {
+            unsafe { _mm256_loadu_si256(b.as_ptr().add(16).cast()) }
+        } else {
+            one
+        };
         let mut sumi = _mm256_setzero_si256();
         for c in 0..4 {
             // SAFETY: qs holds 128 bytes from qs_at; chunk c reads 32 of them.
