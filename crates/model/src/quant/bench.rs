@@ -73,6 +73,13 @@ fn bench() {
             "--- {threads} thread(s); streaming read {:.1} GB/s",
             read_bandwidth(&pool)
         );
+        // The fixed cost a decode step pays ~210 times: one parallel call of 8 empty tasks.
+        let noop = time(Duration::from_millis(300), || {
+            pool.for_each(8, |i| {
+                std::hint::black_box(i);
+            })
+        });
+        println!("pool.for_each(8 empty tasks): {:.2} us/call", noop * 1e6);
         for &(label, q, rows, cols, m) in &shapes {
             let w = QMatrix::quantize(q, rows, cols, &normal(rows * cols, 1)).expect("w");
             let x = normal(m * cols, 2);
@@ -106,9 +113,13 @@ fn bench() {
             (1536, 576),
             (576, 1536),
         ];
-        let mats: Vec<QMatrix> = layer
-            .iter()
-            .map(|&(r, c)| QMatrix::quantize(QType::Q4_1, r, c, &normal(r * c, 3)).expect("w"))
+        // Thirty distinct layers (66 MB of Q4_1), so weights stream from memory as in a real
+        // decode step instead of staying in the last-level cache.
+        let mats: Vec<QMatrix> = (0..30)
+            .flat_map(|l| layer.iter().map(move |&(r, c)| (l, r, c)))
+            .map(|(l, r, c)| {
+                QMatrix::quantize(QType::Q4_1, r, c, &normal(r * c, 3 + l)).expect("w")
+            })
             .collect();
         let head = QMatrix::quantize(QType::Q8_0, 49152, 576, &normal(49152 * 576, 4)).expect("w");
         for m in [1usize, 512] {
@@ -119,12 +130,10 @@ fn bench() {
             let secs = time(
                 Duration::from_millis(if m == 1 { 1000 } else { 3000 }),
                 || {
-                    for _ in 0..30 {
-                        for w in &mats {
-                            let (r, c) = (w.rows(), w.cols());
-                            w.matmul(&x[..c * m], m, &mut ybig[..r * m], &mut s, &pool)
-                                .expect("mm");
-                        }
+                    for w in &mats {
+                        let (r, c) = (w.rows(), w.cols());
+                        w.matmul(&x[..c * m], m, &mut ybig[..r * m], &mut s, &pool)
+                            .expect("mm");
                     }
                     // Prefill only needs the last token's logits.
                     head.matmul(&x[..576], 1, &mut y, &mut s, &pool)
