@@ -22,7 +22,11 @@ pub(crate) struct BlockQ8 {
 }
 
 impl BlockQ8 {
-    pub(crate) const ZERO: BlockQ8 = BlockQ8 { d: 0.0, s: 0.0, qs: [0; 32] };
+    pub(crate) const ZERO: BlockQ8 = BlockQ8 {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; 32],
+    };
 }
 
 /// 256 activations `d * qs[i]` with the sums of each group of 16 quants (K formats subtract
@@ -39,7 +43,11 @@ pub(crate) struct BlockQ8K {
 }
 
 impl BlockQ8K {
-    pub(crate) const ZERO: BlockQ8K = BlockQ8K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
+    pub(crate) const ZERO: BlockQ8K = BlockQ8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; QK_K / 16],
+    };
 }
 
 /// The scale and its inverse for a block whose largest magnitude is `amax`.
@@ -157,7 +165,9 @@ mod tests {
         // A cheap deterministic spread of magnitudes, including exact zeros and ties.
         (0..n)
             .map(|i| {
-                let h = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503));
+                let h = (i as u32)
+                    .wrapping_mul(2654435761)
+                    .wrapping_add(seed.wrapping_mul(40503));
                 ((h >> 8) as f32 / (1 << 24) as f32 - 0.5) * (1 + (i % 7)) as f32
             })
             .collect()
@@ -174,7 +184,10 @@ mod tests {
             let sum: i32 = blk.qs.iter().map(|&q| q as i32).sum();
             assert!((blk.s - blk.d * sum as f32).abs() <= 1e-6 * blk.s.abs().max(1.0));
             for (v, &q) in xb.iter().zip(&blk.qs) {
-                assert!((v - blk.d * q as f32).abs() <= blk.d * 0.5 * (1.0 + 1e-5), "{v} {q}");
+                assert!(
+                    (v - blk.d * q as f32).abs() <= blk.d * 0.5 * (1.0 + 1e-5),
+                    "{v} {q}"
+                );
             }
         }
     }

@@ -37,7 +37,10 @@ fn read_bandwidth(pool: &ThreadPool) -> f64 {
                     acc[k] = acc[k].wrapping_add(c[k]);
                 }
             }
-            sink.fetch_add(acc.iter().fold(0, |a, &b| a ^ b), std::sync::atomic::Ordering::Relaxed);
+            sink.fetch_add(
+                acc.iter().fold(0, |a, &b| a ^ b),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         })
     });
     std::hint::black_box(sink.into_inner());
@@ -66,7 +69,17 @@ fn bench() {
     ];
     for threads in [1, 2] {
         let pool = ThreadPool::new(threads).expect("pool");
-        println!("--- {threads} thread(s); streaming read {:.1} GB/s", read_bandwidth(&pool));
+        println!(
+            "--- {threads} thread(s); streaming read {:.1} GB/s",
+            read_bandwidth(&pool)
+        );
+        // The fixed cost a decode step pays ~210 times: one parallel call of 8 empty tasks.
+        let noop = time(Duration::from_millis(300), || {
+            pool.for_each(8, |i| {
+                std::hint::black_box(i);
+            })
+        });
+        println!("pool.for_each(8 empty tasks): {:.2} us/call", noop * 1e6);
         for &(label, q, rows, cols, m) in &shapes {
             let w = QMatrix::quantize(q, rows, cols, &normal(rows * cols, 1)).expect("w");
             let x = normal(m * cols, 2);
@@ -91,10 +104,22 @@ fn bench() {
         }
         // SmolLM2-135M's linear layers for one decoded token: per layer q, k, v, o, gate, up,
         // down; then the tied Q8_0 output head.
-        let layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)];
-        let mats: Vec<QMatrix> = layer
-            .iter()
-            .map(|&(r, c)| QMatrix::quantize(QType::Q4_1, r, c, &normal(r * c, 3)).expect("w"))
+        let layer = [
+            (576, 576),
+            (192, 576),
+            (192, 576),
+            (576, 576),
+            (1536, 576),
+            (1536, 576),
+            (576, 1536),
+        ];
+        // Thirty distinct layers (66 MB of Q4_1), so weights stream from memory as in a real
+        // decode step instead of staying in the last-level cache.
+        let mats: Vec<QMatrix> = (0..30)
+            .flat_map(|l| layer.iter().map(move |&(r, c)| (l, r, c)))
+            .map(|(l, r, c)| {
+                QMatrix::quantize(QType::Q4_1, r, c, &normal(r * c, 3 + l)).expect("w")
+            })
             .collect();
         let head = QMatrix::quantize(QType::Q8_0, 49152, 576, &normal(49152 * 576, 4)).expect("w");
         for m in [1usize, 512] {
@@ -102,16 +127,19 @@ fn bench() {
             let mut y = vec![0.0; 49152];
             let mut ybig = vec![0.0; 1536 * m];
             let mut s = QScratch::new();
-            let secs = time(Duration::from_millis(if m == 1 { 1000 } else { 3000 }), || {
-                for _ in 0..30 {
+            let secs = time(
+                Duration::from_millis(if m == 1 { 1000 } else { 3000 }),
+                || {
                     for w in &mats {
                         let (r, c) = (w.rows(), w.cols());
-                        w.matmul(&x[..c * m], m, &mut ybig[..r * m], &mut s, &pool).expect("mm");
+                        w.matmul(&x[..c * m], m, &mut ybig[..r * m], &mut s, &pool)
+                            .expect("mm");
                     }
-                }
-                // Prefill only needs the last token's logits.
-                head.matmul(&x[..576], 1, &mut y, &mut s, &pool).expect("mm");
-            });
+                    // Prefill only needs the last token's logits.
+                    head.matmul(&x[..576], 1, &mut y, &mut s, &pool)
+                        .expect("mm");
+                },
+            );
             println!(
                 "SmolLM2 linear layers, m={m:3}: {:8.2} ms/step = {:7.1} tok/s (matmuls only)",
                 secs * 1e3,

@@ -190,11 +190,17 @@ mod tests {
     #[test]
     fn scale_min_packing_round_trips() {
         for seed in 0..64u8 {
-            let sc: [u8; 8] = std::array::from_fn(|j| seed.wrapping_mul(7).wrapping_add(11 * j as u8) % 64);
-            let mn: [u8; 8] = std::array::from_fn(|j| seed.wrapping_mul(13).wrapping_add(5 * j as u8) % 64);
+            let sc: [u8; 8] =
+                std::array::from_fn(|j| seed.wrapping_mul(7).wrapping_add(11 * j as u8) % 64);
+            let mn: [u8; 8] =
+                std::array::from_fn(|j| seed.wrapping_mul(13).wrapping_add(5 * j as u8) % 64);
             let packed = pack_scale_min_k4(&sc, &mn);
             for j in 0..8 {
-                assert_eq!(scale_min_k4(j, &packed), (sc[j], mn[j]), "seed {seed} j {j}");
+                assert_eq!(
+                    scale_min_k4(j, &packed),
+                    (sc[j], mn[j]),
+                    "seed {seed} j {j}"
+                );
             }
         }
     }

@@ -63,7 +63,9 @@ pub fn isa() -> Isa {
     *ISA.get_or_init(|| {
         let best = detected();
         let wanted = std::env::var("TESSERA_QUANT_ISA").ok().and_then(|v| {
-            Isa::ALL.into_iter().find(|i| i.name().eq_ignore_ascii_case(v.trim()))
+            Isa::ALL
+                .into_iter()
+                .find(|i| i.name().eq_ignore_ascii_case(v.trim()))
         });
         match wanted {
             Some(w) if w < best => w,

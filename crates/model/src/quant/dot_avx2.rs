@@ -34,7 +34,9 @@ pub(crate) fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f16x2(p: *const u8) -> (f32, f32) {
     // SAFETY: the caller guarantees 4 readable bytes at p.
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe { p.cast::<i32>().read_unaligned() }));
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
+        p.cast::<i32>().read_unaligned()
+    }));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
 }
 
@@ -184,7 +186,10 @@ pub(crate) unsafe fn dot_q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
         unsafe {
             let b = w.as_ptr().add(i * 34);
             let wq = _mm256_loadu_si256(b.add(2).cast());
-            let p = dot_u8i8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(load_act(&a[i]), wq));
+            let p = dot_u8i8(
+                _mm256_sign_epi8(wq, wq),
+                _mm256_sign_epi8(load_act(&a[i]), wq),
+            );
             let s = _mm256_set1_ps(f16x1(b) * a[i].d);
             if i & 1 == 0 {
                 acc0 = _mm256_fmadd_ps(s, p, acc0);

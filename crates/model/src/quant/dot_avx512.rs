@@ -136,7 +136,13 @@ macro_rules! avx512_kernels {
     };
 }
 
-avx512_kernels!(bw, "avx512f,avx512bw,avx512vl,avx2,fma,f16c", dot_q4_bw, dot_q8_0_bw, dot_bw);
+avx512_kernels!(
+    bw,
+    "avx512f,avx512bw,avx512vl,avx2,fma,f16c",
+    dot_q4_bw,
+    dot_q8_0_bw,
+    dot_bw
+);
 avx512_kernels!(
     vnni,
     "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c",

@@ -45,7 +45,11 @@ pub(crate) fn dot_q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
     let mut acc = 0.0f32;
     for (b, ab) in w.chunks_exact(34).zip(a) {
         let d = f16_at(b, 0);
-        let sumi: i32 = b[2..34].iter().zip(&ab.qs).map(|(&q, &x)| (q as i8) as i32 * x as i32).sum();
+        let sumi: i32 = b[2..34]
+            .iter()
+            .zip(&ab.qs)
+            .map(|(&q, &x)| (q as i8) as i32 * x as i32)
+            .sum();
         acc += d * ab.d * sumi as f32;
     }
     acc
@@ -59,8 +63,9 @@ fn qk_asym_block(b: &[u8], q: &[u8; QK_K], ab: &BlockQ8K) -> f32 {
     let (mut sumi, mut summ) = (0i32, 0i32);
     for j in 0..8 {
         let (sc, mn) = scale_min_k4(j, scales);
-        let dot: i32 =
-            (32 * j..32 * j + 32).map(|i| q[i] as i32 * ab.qs[i] as i32).sum();
+        let dot: i32 = (32 * j..32 * j + 32)
+            .map(|i| q[i] as i32 * ab.qs[i] as i32)
+            .sum();
         sumi += sc as i32 * dot;
         summ += mn as i32 * (ab.bsums[2 * j] as i32 + ab.bsums[2 * j + 1] as i32);
     }
@@ -121,8 +126,9 @@ pub(crate) fn dot_q6k(w: &[u8], a: &[BlockQ8K]) -> f32 {
         }
         let mut sumi = 0i32;
         for g in 0..16 {
-            let dot: i32 =
-                (16 * g..16 * g + 16).map(|i| q[i] as i32 * ab.qs[i] as i32).sum();
+            let dot: i32 = (16 * g..16 * g + 16)
+                .map(|i| q[i] as i32 * ab.qs[i] as i32)
+                .sum();
             sumi += (b[192 + g] as i8) as i32 * dot;
         }
         acc += ab.d * f16_at(b, 208) * sumi as f32;
@@ -132,15 +138,24 @@ pub(crate) fn dot_q6k(w: &[u8], a: &[BlockQ8K]) -> f32 {
 
 /// f32 row · f32 activations.
 pub(crate) fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
-    w.chunks_exact(4).zip(x).map(|(c, v)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v).sum()
+    w.chunks_exact(4)
+        .zip(x)
+        .map(|(c, v)| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * v)
+        .sum()
 }
 
 /// f16 row · f32 activations.
 pub(crate) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
-    w.chunks_exact(2).zip(x).map(|(c, v)| f16::from_le_bytes([c[0], c[1]]).to_f32() * v).sum()
+    w.chunks_exact(2)
+        .zip(x)
+        .map(|(c, v)| f16::from_le_bytes([c[0], c[1]]).to_f32() * v)
+        .sum()
 }
 
 /// bf16 row · f32 activations.
 pub(crate) fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
-    w.chunks_exact(2).zip(x).map(|(c, v)| bf16::from_le_bytes([c[0], c[1]]).to_f32() * v).sum()
+    w.chunks_exact(2)
+        .zip(x)
+        .map(|(c, v)| bf16::from_le_bytes([c[0], c[1]]).to_f32() * v)
+        .sum()
 }

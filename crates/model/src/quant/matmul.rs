@@ -92,6 +92,25 @@ fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Dot4<BlockQ8>) {
     }
 }
 
+/// The Q8_K-activation kernel for the K format `qtype` at `isa`.
+fn k_kernel(qtype: QType, isa: Isa) -> Dot<BlockQ8K> {
+    #[cfg(target_arch = "x86_64")]
+    if isa >= Isa::Avx2 {
+        use super::dot_avx2_k as v2;
+        return match qtype {
+            QType::Q4K => v2::dot_q45k::<false>,
+            QType::Q5K => v2::dot_q45k::<true>,
+            _ => v2::dot_q6k,
+        };
+    }
+    let _ = isa;
+    match qtype {
+        QType::Q4K => sc::dot_q4k,
+        QType::Q5K => sc::dot_q5k,
+        _ => sc::dot_q6k,
+    }
+}
+
 /// The float-weight kernel for `qtype` at `isa`.
 fn float_kernel(qtype: QType, isa: Isa) -> Dot<f32> {
     #[cfg(target_arch = "x86_64")]
@@ -118,6 +137,18 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 // SAFETY: as above; no element is read or written by two tasks.
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Writes `v` at element `i`.
+    ///
+    /// # Safety
+    /// `i` is inside the output and no other task writes it. (A method, not field access, so
+    /// closures capture the whole `Sync` wrapper rather than the bare pointer.)
+    unsafe fn write(&self, i: usize, v: f32) {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.add(i).write(v) }
+    }
+}
 
 /// Work (multiply-adds) below which a product runs on the calling thread: waking the pool
 /// costs a few microseconds, more than a tiny product.
@@ -199,11 +230,7 @@ impl QMatrix {
                 grow(&mut scratch.q8k, m * nb, BlockQ8K::ZERO);
                 let acts = &mut scratch.q8k[..m * nb];
                 quantize_parallel(x, acts, cols, nb, pool, act::quantize_q8k);
-                let dot: Dot<BlockQ8K> = match self.qtype() {
-                    QType::Q4K => sc::dot_q4k,
-                    QType::Q5K => sc::dot_q5k,
-                    _ => sc::dot_q6k,
-                };
+                let dot = k_kernel(self.qtype(), isa);
                 self.run(acts, nb, m, y, pool, dot, None);
             }
             QType::F32 | QType::F16 | QType::BF16 => {
@@ -230,14 +257,15 @@ impl QMatrix {
         let n_tasks = if pool.n_threads() == 1 || work < MIN_PARALLEL_WORK {
             1
         } else {
-            (pool.n_threads() * TASKS_PER_THREAD).min(rows.div_ceil(4)).max(1)
+            (pool.n_threads() * TASKS_PER_THREAD)
+                .min(rows.div_ceil(4))
+                .max(1)
         };
         let rows_per_task = rows.div_ceil(n_tasks);
         let tile = (TILE_BYTES / self.row_bytes().max(1)).clamp(4, rows_per_task.max(4));
         let out = OutPtr(y.as_mut_ptr());
         let tok = |t: usize| &acts[t * per_token..(t + 1) * per_token];
         let task = |i: usize| {
-            let out = out;
             let r_end = rows.min((i + 1) * rows_per_task);
             let mut r0 = i * rows_per_task;
             while r0 < r_end {
@@ -252,7 +280,7 @@ impl QMatrix {
                             let v = unsafe { dot4(self.row(r), a) };
                             for (k, vk) in v.into_iter().enumerate() {
                                 // SAFETY: (t + k, r) is inside y and owned by this task's rows.
-                                unsafe { out.0.add((t + k) * rows + r).write(vk) };
+                                unsafe { out.write((t + k) * rows + r, vk) };
                             }
                         }
                         t += 4;
@@ -264,7 +292,7 @@ impl QMatrix {
                         // SAFETY: as above.
                         let v = unsafe { dot(self.row(r), a) };
                         // SAFETY: (t, r) is inside y and owned by this task's rows.
-                        unsafe { out.0.add(t * rows + r).write(v) };
+                        unsafe { out.write(t * rows + r, v) };
                     }
                 }
                 r0 = r1;

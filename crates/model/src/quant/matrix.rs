@@ -61,7 +61,7 @@ impl std::fmt::Debug for QMatrix {
 
 /// Checks that `cols` fits the format's blocks and returns the expected byte size.
 fn check_shape(qtype: QType, rows: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || cols % qtype.block_size() != 0 {
+    if cols == 0 || !cols.is_multiple_of(qtype.block_size()) {
         return Err(ModelError::InvalidArgument {
             field: "cols",
             reason: format!(
@@ -70,10 +70,11 @@ fn check_shape(qtype: QType, rows: usize, cols: usize) -> Result<usize> {
             ),
         });
     }
-    rows.checked_mul(qtype.row_bytes(cols)).ok_or_else(|| ModelError::InvalidArgument {
-        field: "rows",
-        reason: format!("{rows} × {cols} {qtype} overflows the address space"),
-    })
+    rows.checked_mul(qtype.row_bytes(cols))
+        .ok_or_else(|| ModelError::InvalidArgument {
+            field: "rows",
+            reason: format!("{rows} × {cols} {qtype} overflows the address space"),
+        })
 }
 
 impl QMatrix {
@@ -95,7 +96,12 @@ impl QMatrix {
         }
         let mut data = AlignedBytes::zeroed(expected);
         data.as_mut_slice().copy_from_slice(&bytes);
-        Ok(QMatrix { qtype, rows, cols, data })
+        Ok(QMatrix {
+            qtype,
+            rows,
+            cols,
+            data,
+        })
     }
 
     /// Quantizes row-major f32 `data` (`rows × cols`) with the reference quantizer.
@@ -120,11 +126,19 @@ impl QMatrix {
         let mut buf = AlignedBytes::zeroed(nbytes);
         let rb = qtype.row_bytes(cols);
         if rb > 0 {
-            for (x, out) in data.chunks_exact(cols).zip(buf.as_mut_slice().chunks_exact_mut(rb)) {
+            for (x, out) in data
+                .chunks_exact(cols)
+                .zip(buf.as_mut_slice().chunks_exact_mut(rb))
+            {
                 quantize::quantize_row(qtype, x, out);
             }
         }
-        Ok(QMatrix { qtype, rows, cols, data: buf })
+        Ok(QMatrix {
+            qtype,
+            rows,
+            cols,
+            data: buf,
+        })
     }
 
     /// The storage format.
@@ -211,6 +225,11 @@ impl QMatrix {
         let mut data = AlignedBytes::zeroed(n * rb);
         data.as_mut_slice()
             .copy_from_slice(&self.data.as_slice()[range.start * rb..range.end * rb]);
-        Ok(QMatrix { qtype: self.qtype, rows: n, cols: self.cols, data })
+        Ok(QMatrix {
+            qtype: self.qtype,
+            rows: n,
+            cols: self.cols,
+            data,
+        })
     }
 }

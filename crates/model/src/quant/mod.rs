@@ -8,11 +8,13 @@
 mod act;
 mod blocks;
 pub mod dispatch;
-mod dot_scalar;
 #[cfg(target_arch = "x86_64")]
 mod dot_avx2;
 #[cfg(target_arch = "x86_64")]
+mod dot_avx2_k;
+#[cfg(target_arch = "x86_64")]
 mod dot_avx512;
+mod dot_scalar;
 mod matmul;
 mod matrix;
 mod qtype;

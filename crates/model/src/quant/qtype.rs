@@ -161,8 +161,16 @@ mod tests {
     /// Ensures that formats without kernels are refused with a typed error.
     #[test]
     fn rejects_unsupported() {
-        for g in [GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q2K, GgmlDType::Q8K] {
-            assert!(matches!(QType::from_ggml(g), Err(ModelError::UnsupportedDType(_))));
+        for g in [
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q8K,
+        ] {
+            assert!(matches!(
+                QType::from_ggml(g),
+                Err(ModelError::UnsupportedDType(_))
+            ));
         }
     }
 }

@@ -62,7 +62,10 @@ fn inv(d: f32) -> f32 {
 
 fn quant_q4_0(x: &[f32], b: &mut [u8]) {
     // The signed extreme maps to -8 so the full 16 levels are used on its side.
-    let ext = x.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+    let ext = x
+        .iter()
+        .copied()
+        .fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a });
     let d = f16_round(ext / -8.0);
     put_f16(b, 0, d);
     let id = inv(d);
@@ -119,7 +122,9 @@ fn quant_qk_asym(x: &[f32], b: &mut [u8], nmax: u8) {
     for (i, qi) in q.iter_mut().enumerate() {
         let s = i / 32;
         let step = d * sc[s] as f32;
-        *qi = ((x[i] + dmin * mn[s] as f32) * inv(step)).round().clamp(0.0, nmax as f32) as u8;
+        *qi = ((x[i] + dmin * mn[s] as f32) * inv(step))
+            .round()
+            .clamp(0.0, nmax as f32) as u8;
     }
     let qs_at = if nmax == 15 { 16 } else { 48 };
     if nmax == 31 {
@@ -139,7 +144,10 @@ fn quant_qk_asym(x: &[f32], b: &mut [u8], nmax: u8) {
 fn quant_q6k(x: &[f32], b: &mut [u8]) {
     // Sixteen sub-blocks of 16 with a signed i8 scale each, quants in -32..32.
     let steps: [f32; 16] = std::array::from_fn(|s| {
-        x[16 * s..16 * s + 16].iter().fold(0.0f32, |a, v| a.max(v.abs())) / 31.0
+        x[16 * s..16 * s + 16]
+            .iter()
+            .fold(0.0f32, |a, v| a.max(v.abs()))
+            / 31.0
     });
     let d = f16_round(steps.iter().copied().fold(0.0, f32::max) / 127.0);
     let sc: [i8; 16] = std::array::from_fn(|s| (steps[s] * inv(d)).ceil().clamp(0.0, 127.0) as i8);

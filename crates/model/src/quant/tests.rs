@@ -47,13 +47,17 @@ fn check_product(w: &QMatrix, x: &[f32], m: usize, y: &[f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     let wd = w.dequantize();
     let ab = act_block(w.qtype());
-    let nb = if ab == 0 { cols } else { cols / ab };
+    let nb = cols.checked_div(ab).unwrap_or(cols);
     for t in 0..m {
         let xt = &x[t * cols..(t + 1) * cols];
         for r in 0..rows {
             let wr = &wd[r * cols..(r + 1) * cols];
             let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-            let abs: f64 = wr.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+            let abs: f64 = wr
+                .iter()
+                .zip(xt)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
             let mut bound = (nb as f64 + 8.0) * f32::EPSILON as f64 * abs * 1.5;
             if ab > 0 {
                 for (wb, xb) in wr.chunks_exact(ab).zip(xt.chunks_exact(ab)) {
@@ -74,7 +78,11 @@ fn check_product(w: &QMatrix, x: &[f32], m: usize, y: &[f32]) {
 
 /// A column count valid for `q`, `k` blocks long (floats get an odd count).
 fn cols_for(q: QType, k: usize) -> usize {
-    if q.is_quantized() { q.block_size() * k } else { 32 * k + 5 }
+    if q.is_quantized() {
+        q.block_size() * k
+    } else {
+        32 * k + 5
+    }
 }
 
 /// Ensures that every format's product, at every ISA this CPU has, is within the activation
@@ -90,7 +98,8 @@ fn matmul_matches_reference_all_formats() {
             let x = normal(m * cols, 100 + m as u64);
             for isa in Isa::ALL.into_iter().filter(|&i| i <= dispatch::detected()) {
                 let mut y = vec![f32::NAN; m * rows];
-                w.matmul_isa(isa, &x, m, &mut y, &mut scratch, &pool).expect("matmul");
+                w.matmul_isa(isa, &x, m, &mut y, &mut scratch, &pool)
+                    .expect("matmul");
                 check_product(&w, &x, m, &y);
             }
         }
@@ -109,12 +118,16 @@ fn simd_paths_agree_with_scalar() {
         for m in [1, 6] {
             let x = normal(m * cols, 9);
             let mut reference = vec![0.0; m * rows];
-            w.matmul_isa(Isa::Scalar, &x, m, &mut reference, &mut scratch, &pool).expect("mm");
+            w.matmul_isa(Isa::Scalar, &x, m, &mut reference, &mut scratch, &pool)
+                .expect("mm");
             let wd = w.dequantize();
-            for isa in Isa::ALL.into_iter().filter(|&i| i > Isa::Scalar && i <= dispatch::detected())
+            for isa in Isa::ALL
+                .into_iter()
+                .filter(|&i| i > Isa::Scalar && i <= dispatch::detected())
             {
                 let mut y = vec![0.0; m * rows];
-                w.matmul_isa(isa, &x, m, &mut y, &mut scratch, &pool).expect("mm");
+                w.matmul_isa(isa, &x, m, &mut y, &mut scratch, &pool)
+                    .expect("mm");
                 for (i, (a, b)) in y.iter().zip(&reference).enumerate() {
                     let (t, r) = (i / rows, i % rows);
                     let abs: f32 = wd[r * cols..(r + 1) * cols]
@@ -122,7 +135,11 @@ fn simd_paths_agree_with_scalar() {
                         .zip(&x[t * cols..(t + 1) * cols])
                         .map(|(p, q)| (p * q).abs())
                         .sum();
-                    assert!((a - b).abs() <= 1e-5 * abs, "{q} {} [{t},{r}]: {a} vs {b}", isa.name());
+                    assert!(
+                        (a - b).abs() <= 1e-5 * abs,
+                        "{q} {} [{t},{r}]: {a} vs {b}",
+                        isa.name()
+                    );
                 }
             }
         }
@@ -139,8 +156,13 @@ fn round_trip_error_per_format() {
     for q in QType::ALL {
         let w = QMatrix::quantize(q, rows, cols, &x).expect("quantize");
         let y = w.dequantize();
-        let err_rms =
-            (x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum::<f32>() / x.len() as f32).sqrt();
+        let err_rms = (x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / x.len() as f32)
+            .sqrt();
         // Expected RMS: step / sqrt(12) with step ≈ range / levels; bounds leave ~1.5x margin.
         let rel = match q {
             QType::F32 => 0.0,
@@ -151,7 +173,10 @@ fn round_trip_error_per_format() {
             QType::Q5K => 0.06,
             QType::Q4_0 | QType::Q4_1 | QType::Q4K => 0.12,
         };
-        assert!(err_rms <= rel * rms, "{q}: rms error {err_rms} vs data rms {rms}");
+        assert!(
+            err_rms <= rel * rms,
+            "{q}: rms error {err_rms} vs data rms {rms}"
+        );
         if matches!(q, QType::Q4_0 | QType::Q4_1 | QType::Q8_0) {
             let levels = match q {
                 QType::Q8_0 => 254.0,
@@ -161,9 +186,17 @@ fn round_trip_error_per_format() {
                 let lo = xb.iter().copied().fold(f32::INFINITY, f32::min);
                 let hi = xb.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let amax = lo.abs().max(hi.abs());
-                let step = if q == QType::Q4_1 { (hi - lo) / levels } else { 2.0 * amax / levels };
+                let step = if q == QType::Q4_1 {
+                    (hi - lo) / levels
+                } else {
+                    2.0 * amax / levels
+                };
                 // Q4_0 maps the signed extreme to -8, so the other side may clamp by one step.
-                let allowed = if q == QType::Q4_0 { step * 1.2 } else { step * 0.5 * 1.01 };
+                let allowed = if q == QType::Q4_0 {
+                    step * 1.2
+                } else {
+                    step * 0.5 * 1.01
+                };
                 for (a, b) in xb.iter().zip(yb) {
                     assert!((a - b).abs() <= allowed + amax * 2e-3, "{q}: {a} -> {b}");
                 }
@@ -194,7 +227,9 @@ fn dequantize_matches_candle() {
     for q in QType::ALL {
         let qt = QTensor::quantize(&t, q.to_ggml()).expect("candle quantize");
         let bytes = qt.data().expect("bytes").into_owned();
-        let ours = QMatrix::from_bytes(q, rows, cols, bytes).expect("from_bytes").dequantize();
+        let ours = QMatrix::from_bytes(q, rows, cols, bytes)
+            .expect("from_bytes")
+            .dequantize();
         let theirs: Vec<f32> = qt
             .dequantize(&Device::Cpu)
             .and_then(|d| d.flatten_all())
@@ -225,14 +260,26 @@ fn rejects_bad_shapes() {
     assert_eq!(field(w.slice_rows(2..4)), "range");
     assert_eq!(field(w.slice_rows(1..1)), "range");
     let mut out = vec![0.0; 64];
-    assert!(matches!(w.dequantize_row(3, &mut out), Err(ModelError::InvalidArgument { field: "row", .. })));
-    assert!(matches!(w.dequantize_row(0, &mut out[..63]), Err(ModelError::InvalidArgument { field: "out", .. })));
+    assert!(matches!(
+        w.dequantize_row(3, &mut out),
+        Err(ModelError::InvalidArgument { field: "row", .. })
+    ));
+    assert!(matches!(
+        w.dequantize_row(0, &mut out[..63]),
+        Err(ModelError::InvalidArgument { field: "out", .. })
+    ));
     let (pool, mut s) = (ThreadPool::new(1).expect("pool"), QScratch::new());
     let mut y = vec![0.0; 6];
     let e = w.matmul(&[0.0; 127], 2, &mut y, &mut s, &pool);
-    assert!(matches!(e, Err(ModelError::InvalidArgument { field: "x", .. })));
+    assert!(matches!(
+        e,
+        Err(ModelError::InvalidArgument { field: "x", .. })
+    ));
     let e = w.matmul(&[0.0; 128], 2, &mut y[..5], &mut s, &pool);
-    assert!(matches!(e, Err(ModelError::InvalidArgument { field: "y", .. })));
+    assert!(matches!(
+        e,
+        Err(ModelError::InvalidArgument { field: "y", .. })
+    ));
 }
 
 /// Ensures that row slices hold exactly the parent's rows and multiply like them.
@@ -243,7 +290,10 @@ fn slice_rows_matches_parent() {
     let (rows, cols) = (9, 96);
     let w = QMatrix::quantize(QType::Q4_1, rows, cols, &normal(rows * cols, 3)).expect("w");
     let part = w.slice_rows(3..7).expect("slice");
-    assert_eq!((part.rows(), part.cols(), part.nbytes()), (4, cols, 4 * w.row_bytes()));
+    assert_eq!(
+        (part.rows(), part.cols(), part.nbytes()),
+        (4, cols, 4 * w.row_bytes())
+    );
     assert_eq!(part.dequantize(), w.dequantize()[3 * cols..7 * cols]);
     let x = normal(2 * cols, 4);
     let (mut full, mut sub) = (vec![0.0; 2 * rows], vec![0.0; 2 * 4]);
@@ -261,10 +311,12 @@ fn warm_scratch_does_not_grow() {
     let mut s = QScratch::new();
     let w = QMatrix::quantize(QType::Q4_1, 64, 576, &normal(64 * 576, 8)).expect("w");
     let mut y = vec![0.0; 64];
-    w.matmul(&normal(576, 1), 1, &mut y, &mut s, &pool).expect("mm");
+    w.matmul(&normal(576, 1), 1, &mut y, &mut s, &pool)
+        .expect("mm");
     let cap = s.capacity_bytes();
     for seed in 0..4 {
-        w.matmul(&normal(576, seed), 1, &mut y, &mut s, &pool).expect("mm");
+        w.matmul(&normal(576, seed), 1, &mut y, &mut s, &pool)
+            .expect("mm");
         assert_eq!(s.capacity_bytes(), cap);
     }
     assert!(cap >= 18 * size_of::<BlockQ8>());
@@ -290,19 +342,29 @@ fn activation_quantizers_agree_on_normal_data() {
 fn real_model_tensors() {
     use candle_core::Device;
     use candle_core::quantized::gguf_file;
-    let Some(path) = crate::testing::smollm2_gguf() else { return };
+    let Some(path) = crate::testing::smollm2_gguf() else {
+        return;
+    };
     let mut f = std::fs::File::open(&path).expect("open model");
     let content = gguf_file::Content::read(&mut f).expect("gguf");
     let pool = ThreadPool::new(2).expect("pool");
     let mut s = QScratch::new();
-    for name in ["blk.0.ffn_down.weight", "blk.3.attn_k.weight", "token_embd.weight"] {
+    for name in [
+        "blk.0.ffn_down.weight",
+        "blk.3.attn_k.weight",
+        "token_embd.weight",
+    ] {
         let qt = content.tensor(&mut f, name, &Device::Cpu).expect("tensor");
         let (rows, cols) = qt.shape().dims2().expect("2-D");
         let q = QType::from_ggml(qt.dtype()).expect("supported");
         let w = QMatrix::from_bytes(q, rows, cols, qt.data().expect("data").into_owned())
             .expect("from_bytes");
         // The embedding is large: check a slice of it to keep the test fast.
-        let w = if rows > 4096 { w.slice_rows(1000..1400).expect("slice") } else { w };
+        let w = if rows > 4096 {
+            w.slice_rows(1000..1400).expect("slice")
+        } else {
+            w
+        };
         let theirs: Vec<f32> = qt
             .dequantize(&Device::Cpu)
             .and_then(|d| d.flatten_all())
