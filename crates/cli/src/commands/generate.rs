@@ -14,6 +14,7 @@ use crate::progress::Bar;
 
 /// Arguments of `tessera generate`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct GenerateArgs {
     /// The prompt.
     pub prompt: String,

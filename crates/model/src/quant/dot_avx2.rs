@@ -105,37 +105,21 @@ const fn q4_size<const Q41: bool>() -> usize {
 pub(crate) unsafe fn dot_q4<const Q41: bool>(w: &[u8], a: &[BlockQ8]) -> f32 {
     let ts = q4_size::<Q41>();
     debug_assert!(w.len() >= a.len() * ts);
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let (mut m0, mut m1) = (0.0f32, 0.0f32);
-    let mut i = 0;
-    // Two blocks per iteration on two accumulators hide the FMA latency.
-    while i + 1 < a.len() {
-        // SAFETY: blocks i and i + 1 are inside w.
-        unsafe {
-            let b0 = w.as_ptr().add(i * ts);
-            let b1 = b0.add(ts);
-            let (d0, mm0, o) = q4_params::<Q41>(b0);
-            let (d1, mm1, _) = q4_params::<Q41>(b1);
-            let p0 = dot_u8i8(unpack_q4(b0.add(o)), load_act(&a[i]));
-            let p1 = dot_u8i8(unpack_q4(b1.add(o)), load_act(&a[i + 1]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[i].d), p0, acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d1 * a[i + 1].d), p1, acc1);
-            m0 += mm0 * a[i].s;
-            m1 += mm1 * a[i + 1].s;
-        }
-        i += 2;
-    }
-    if i < a.len() {
+    // The same operations in the same order as one lane of `dot_q4_x4`: a token's result must
+    // not depend on how many tokens share the call, or batching would change the output.
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = 0.0f32;
+    for (i, ai) in a.iter().enumerate() {
         // SAFETY: block i is inside w.
         unsafe {
-            let b0 = w.as_ptr().add(i * ts);
-            let (d0, mm0, o) = q4_params::<Q41>(b0);
-            let p0 = dot_u8i8(unpack_q4(b0.add(o)), load_act(&a[i]));
-            acc0 = _mm256_fmadd_ps(_mm256_set1_ps(d0 * a[i].d), p0, acc0);
-            m0 += mm0 * a[i].s;
+            let b = w.as_ptr().add(i * ts);
+            let (d, m, o) = q4_params::<Q41>(b);
+            let p = dot_u8i8(unpack_q4(b.add(o)), load_act(ai));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * ai.d), p, acc);
+            accm = m.mul_add(ai.s, accm);
         }
     }
-    hsum(_mm256_add_ps(acc0, acc1)) + (m0 + m1)
+    accm + hsum(acc)
 }
 
 /// One Q4_0/Q4_1 row against four tokens' activations: `[dot(w, a[t]) for t in 0..4]`.
@@ -179,27 +163,18 @@ pub(crate) unsafe fn dot_q4_x4<const Q41: bool>(w: &[u8], a: [&[BlockQ8]; 4]) ->
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn dot_q8_0(w: &[u8], a: &[BlockQ8]) -> f32 {
     debug_assert!(w.len() >= a.len() * 34);
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i < a.len() {
+    // Mirrors one lane of `dot_q8_0_x4` exactly, so batching never changes a token's result.
+    let mut acc = _mm256_setzero_ps();
+    for (i, ai) in a.iter().enumerate() {
         // SAFETY: block i is inside w.
         unsafe {
             let b = w.as_ptr().add(i * 34);
             let wq = _mm256_loadu_si256(b.add(2).cast());
-            let p = dot_u8i8(
-                _mm256_sign_epi8(wq, wq),
-                _mm256_sign_epi8(load_act(&a[i]), wq),
-            );
-            let s = _mm256_set1_ps(f16x1(b) * a[i].d);
-            if i & 1 == 0 {
-                acc0 = _mm256_fmadd_ps(s, p, acc0);
-            } else {
-                acc1 = _mm256_fmadd_ps(s, p, acc1);
-            }
+            let p = dot_u8i8(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(load_act(ai), wq));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16x1(b) * ai.d), p, acc);
         }
-        i += 1;
     }
-    hsum(_mm256_add_ps(acc0, acc1))
+    hsum(acc)
 }
 
 /// One Q8_0 row against four tokens' activations.

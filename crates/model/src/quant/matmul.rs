@@ -53,7 +53,11 @@ scalar_x4!(q4_1_x4, sc::dot_q4_1, BlockQ8);
 scalar_x4!(q8_0_x4, sc::dot_q8_0, BlockQ8);
 
 /// The Q8-activation kernels for `qtype` at `isa`.
-fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Dot4<BlockQ8>) {
+///
+/// A token's result must be the same whatever `m` is (batched decode steps must equal solo
+/// ones), so the `_x4` kernel of an ISA does exactly the arithmetic of its single-token `dot`.
+/// AVX-512 has no `_x4` kernel: it returns `None` there and every token uses the same `dot`.
+fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Option<Dot4<BlockQ8>>) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::{dot_avx2 as v2, dot_avx512 as v5};
@@ -79,15 +83,15 @@ fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Dot4<BlockQ8>) {
             (QType::Q4_1, _) => sc::dot_q4_1,
             _ => sc::dot_q8_0,
         };
-        (dot, x4)
+        (dot, (isa < Isa::Avx512).then_some(x4))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = isa;
         match qtype {
-            QType::Q4_0 => (sc::dot_q4_0, q4_0_x4),
-            QType::Q4_1 => (sc::dot_q4_1, q4_1_x4),
-            _ => (sc::dot_q8_0, q8_0_x4),
+            QType::Q4_0 => (sc::dot_q4_0, Some(q4_0_x4)),
+            QType::Q4_1 => (sc::dot_q4_1, Some(q4_1_x4)),
+            _ => (sc::dot_q8_0, Some(q8_0_x4)),
         }
     }
 }
@@ -223,7 +227,7 @@ impl QMatrix {
                 let acts = &mut scratch.q8[..m * nb];
                 quantize_parallel(x, acts, cols, nb, pool, act::quantize_q8);
                 let (dot, x4) = q8_kernels(self.qtype(), isa);
-                self.run(acts, nb, m, y, pool, dot, Some(x4));
+                self.run(acts, nb, m, y, pool, dot, x4);
             }
             QType::Q4K | QType::Q5K | QType::Q6K => {
                 let nb = cols / QK_K;
