@@ -12,7 +12,9 @@ pub struct Bar {
 impl Bar {
     /// A bar that appears when the first task begins.
     pub fn new() -> Self {
-        Self { bar: Mutex::new(None) }
+        Self {
+            bar: Mutex::new(None),
+        }
     }
 
     /// A bar over `total` steps labelled `label`, for counted work such as loading layers.

@@ -10,38 +10,73 @@ fn tessera() -> Command {
 /// and reports its statistics (what the text says is the goldens' business).
 #[test]
 fn greedy_generation_is_deterministic() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+        return;
+    };
     let run = || {
         let out = tessera()
             .args(["generate", "--model"])
             .arg(&model)
-            .args(["--chat", "--temperature", "0", "--max-tokens", "12", "--threads", "2"])
+            .args([
+                "--chat",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "12",
+                "--threads",
+                "2",
+            ])
             .arg("What is the capital of France?")
             .output()
             .expect("run tessera");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (a, stats) = run();
     let (b, _) = run();
     assert_eq!(a, b);
     assert!(a.trim().len() > 3, "{a:?}");
-    assert!(stats.contains("prompt tokens") && stats.contains("tok/s"), "{stats}");
+    assert!(
+        stats.contains("prompt tokens") && stats.contains("tok/s"),
+        "{stats}"
+    );
 }
 
 /// Ensures that the same seed gives the same sampled text.
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+        return;
+    };
     let run = |seed: &str| {
         let out = tessera()
             .args(["generate", "--model"])
             .arg(&model)
-            .args(["--temperature", "1.0", "--seed", seed, "--max-tokens", "16", "--threads", "2"])
+            .args([
+                "--temperature",
+                "1.0",
+                "--seed",
+                seed,
+                "--max-tokens",
+                "16",
+                "--threads",
+                "2",
+            ])
             .arg("Once upon a time")
             .output()
             .expect("run tessera");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(run("42"), run("42"));
@@ -50,7 +85,9 @@ fn seeded_sampling_is_reproducible() {
 /// Ensures that invalid sampling options fail with a message naming the option, not a panic.
 #[test]
 fn invalid_options_name_the_field() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else { return };
+    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+        return;
+    };
     for (flag, value, field) in [
         ("--temperature", "-1", "temperature"),
         ("--top-p", "1.5", "top_p"),
@@ -64,7 +101,10 @@ fn invalid_options_name_the_field() {
             .expect("run tessera");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{flag} {value} was accepted");
-        assert!(err.contains(field) && !err.contains("panicked"), "{flag}: {err}");
+        assert!(
+            err.contains(field) && !err.contains("panicked"),
+            "{flag}: {err}"
+        );
     }
 }
 
@@ -77,5 +117,8 @@ fn missing_model_is_a_clear_error() {
         .expect("run tessera");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/model.gguf") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model.gguf") && !err.contains("panicked"),
+        "{err}"
+    );
 }

@@ -70,7 +70,10 @@ impl ModelConfig {
     /// [`ModelError::InvalidModel`] naming the missing or unsupported key.
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         let md = &content.metadata;
-        let invalid = |reason: String| ModelError::InvalidModel { path: path.to_owned(), reason };
+        let invalid = |reason: String| ModelError::InvalidModel {
+            path: path.to_owned(),
+            reason,
+        };
         let arch_name = md
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
@@ -92,12 +95,15 @@ impl ModelConfig {
                 .ok_or_else(|| invalid(format!("missing or non-integer `{full}`")))
         };
         let get_f = |key: &str| -> Option<f32> {
-            md.get(&format!("{arch_name}.{key}")).and_then(|v| v.to_f32().ok())
+            md.get(&format!("{arch_name}.{key}"))
+                .and_then(|v| v.to_f32().ok())
         };
         if md.contains_key(&format!("{arch_name}.rope.scaling.type"))
             || content.tensor_infos.contains_key("rope_freqs.weight")
         {
-            return Err(invalid("RoPE frequency scaling is not supported yet".into()));
+            return Err(invalid(
+                "RoPE frequency scaling is not supported yet".into(),
+            ));
         }
         let hidden = get_u("embedding_length")?;
         let n_heads = get_u("attention.head_count")?;
@@ -143,12 +149,20 @@ impl ModelConfig {
     /// [`ModelError::Io`] when unreadable, [`ModelError::InvalidModel`] when a field is missing
     /// or the architecture is not one we run.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ModelError::Io { path: path.to_owned(), source })?;
-        let invalid = |reason: String| ModelError::InvalidModel { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: String| ModelError::InvalidModel {
+            path: path.to_owned(),
+            reason,
+        };
         let raw: HashMap<String, serde_json::Value> =
             serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
-        let model_type = raw.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama");
         let arch = match model_type {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
@@ -167,7 +181,11 @@ impl ModelConfig {
                 .map(|v| v as usize)
                 .ok_or_else(|| invalid(format!("missing or non-integer `{key}`")))
         };
-        let get_f = |key: &str| raw.get(key).and_then(serde_json::Value::as_f64).map(|v| v as f32);
+        let get_f = |key: &str| {
+            raw.get(key)
+                .and_then(serde_json::Value::as_f64)
+                .map(|v| v as f32)
+        };
         let hidden = get_u("hidden_size")?;
         let n_heads = get_u("num_attention_heads")?;
         let head_dim = match get_u("head_dim") {
@@ -234,7 +252,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 || self.head_dim > 256 {
-            return Err(format!("head dim {} must be even and at most 256", self.head_dim));
+            return Err(format!(
+                "head dim {} must be even and at most 256",
+                self.head_dim
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("rope θ {} must be positive", self.rope_theta));
@@ -292,7 +313,10 @@ mod tests {
     /// Ensures that heads that do not divide into kv heads are rejected with a reason.
     #[test]
     fn rejects_uneven_gqa() {
-        let c = ModelConfig { n_kv_heads: 4, ..smollm_like() };
+        let c = ModelConfig {
+            n_kv_heads: 4,
+            ..smollm_like()
+        };
         assert!(c.check().is_err_and(|e| e.contains("kv heads")));
     }
 

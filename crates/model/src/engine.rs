@@ -41,7 +41,12 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { threads: 0, kv_tokens: None, block_size: 16, prefill_chunk: 512 }
+        Self {
+            threads: 0,
+            kv_tokens: None,
+            block_size: 16,
+            prefill_chunk: 512,
+        }
     }
 }
 
@@ -125,20 +130,20 @@ impl Engine {
         opts: EngineOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let (store, cfg, tokenizer): (Box<dyn WeightStore>, ModelConfig, Tokenizer) =
-            match location {
-                ModelLocation::Gguf(path) => {
-                    let w = GgufWeights::open(path)?;
-                    let cfg = w.config()?;
-                    let tok = Tokenizer::from_gguf(w.content())?;
-                    (Box::new(w), cfg, tok)
-                }
-                ModelLocation::HfDir(dir) => {
-                    let cfg = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-                    let tok = Tokenizer::from_hf_file(&dir.join("tokenizer.json"))?;
-                    (Box::new(SafetensorsWeights::open_dir(dir)?), cfg, tok)
-                }
-            };
+        let (store, cfg, tokenizer): (Box<dyn WeightStore>, ModelConfig, Tokenizer) = match location
+        {
+            ModelLocation::Gguf(path) => {
+                let w = GgufWeights::open(path)?;
+                let cfg = w.config()?;
+                let tok = Tokenizer::from_gguf(w.content())?;
+                (Box::new(w), cfg, tok)
+            }
+            ModelLocation::HfDir(dir) => {
+                let cfg = ModelConfig::from_hf_json(&dir.join("config.json"))?;
+                let tok = Tokenizer::from_hf_file(&dir.join("tokenizer.json"))?;
+                (Box::new(SafetensorsWeights::open_dir(dir)?), cfg, tok)
+            }
+        };
         let model = Llama::load(store.as_ref(), &cfg, LoadSpec::full(&cfg), progress)?;
         Self::new(model, tokenizer, opts)
     }
@@ -150,7 +155,9 @@ impl Engine {
     pub fn new(model: Llama, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Self> {
         let cfg = model.config().clone();
         let token_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default().to_owned()
+            id.and_then(|i| tokenizer.token_text(i))
+                .unwrap_or_default()
+                .to_owned()
         };
         let template = match tokenizer.chat_template() {
             Some(src) => Some(ChatTemplate::new(
@@ -169,7 +176,15 @@ impl Engine {
             num_blocks: kv_tokens.div_ceil(opts.block_size),
         })?;
         let pool = ThreadPool::new(opts.threads)?;
-        Ok(Self { model, tokenizer: Arc::new(tokenizer), template, cache, pool, scratch: ForwardScratch::default(), opts })
+        Ok(Self {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            template,
+            cache,
+            pool,
+            scratch: ForwardScratch::default(),
+            opts,
+        })
     }
 
     /// The model's configuration.
@@ -197,10 +212,13 @@ impl Engine {
     /// # Errors
     /// When the model has no chat template, or rendering fails.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        let template = self.template.as_ref().ok_or_else(|| ModelError::InvalidArgument {
-            field: "messages",
-            reason: "this model has no chat template; send a plain prompt".into(),
-        })?;
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidArgument {
+                field: "messages",
+                reason: "this model has no chat template; send a plain prompt".into(),
+            })?;
         Ok(template.render(messages, true)?)
     }
 
@@ -229,7 +247,9 @@ impl Engine {
             });
         }
         let cfg = self.config();
-        let context = cfg.context_len.min(self.cache.config().num_blocks * self.opts.block_size);
+        let context = cfg
+            .context_len
+            .min(self.cache.config().num_blocks * self.opts.block_size);
         if prompt_ids.len() >= context {
             return Err(ModelError::InvalidArgument {
                 field: "prompt",
@@ -240,8 +260,14 @@ impl Engine {
             });
         }
         let sampling = req.sampling.validate(cfg.vocab_size)?;
-        let stop = req.stop.validate(cfg.vocab_size, prompt_ids.len(), context)?;
-        Ok(ValidGenerateRequest { prompt_ids, sampling, stop })
+        let stop = req
+            .stop
+            .validate(cfg.vocab_size, prompt_ids.len(), context)?;
+        Ok(ValidGenerateRequest {
+            prompt_ids,
+            sampling,
+            stop,
+        })
     }
 
     /// Generates, calling `on_token` for every sampled token; returning `Break` from it cancels.
@@ -274,8 +300,13 @@ impl Engine {
         for (i, chunk) in req.prompt_ids.chunks(chunk_len).enumerate() {
             let last = i + 1 == n_chunks;
             let _s = tracing::debug_span!("prefill", tokens = chunk.len()).entered();
-            let mut batch = [SeqStep { tokens: chunk, seq: &mut seq, logits: last }];
-            self.model.forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?;
+            let mut batch = [SeqStep {
+                tokens: chunk,
+                seq: &mut seq,
+                logits: last,
+            }];
+            self.model
+                .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?;
         }
         loop {
             // The sampler may scribble on the logits: they are scratch the next step rewrites.
@@ -290,8 +321,13 @@ impl Engine {
             }
             let _s = tracing::trace_span!("decode").entered();
             let tokens = [next];
-            let mut batch = [SeqStep { tokens: &tokens, seq: &mut seq, logits: true }];
-            self.model.forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?;
+            let mut batch = [SeqStep {
+                tokens: &tokens,
+                seq: &mut seq,
+                logits: true,
+            }];
+            self.model
+                .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?;
         }
         if out.finish_reason.is_some() {
             out.text.push_str(&stop.flush());
@@ -310,12 +346,19 @@ impl Engine {
         on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         let is_eog = self.tokenizer.is_eog(token.id);
-        let delta = if is_eog { String::new() } else { decoder.push(&self.tokenizer, token.id) };
+        let delta = if is_eog {
+            String::new()
+        } else {
+            decoder.push(&self.tokenizer, token.id)
+        };
         let step = stop.push(token.id, is_eog, &delta);
         out.text.push_str(&step.text);
         out.finish_reason = step.finished;
         out.tokens.push(token.clone());
-        on_token(&TokenEvent { token, text: step.text })
+        on_token(&TokenEvent {
+            token,
+            text: step.text,
+        })
     }
 
     /// Logits at every position of `tokens`, feeding them one at a time (teacher forcing), as
@@ -328,9 +371,15 @@ impl Engine {
         let mut all = Vec::with_capacity(tokens.len());
         for t in tokens {
             let tok = [*t];
-            let mut batch = [SeqStep { tokens: &tok, seq: &mut seq, logits: true }];
+            let mut batch = [SeqStep {
+                tokens: &tok,
+                seq: &mut seq,
+                logits: true,
+            }];
             all.push(
-                self.model.forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?.to_vec(),
+                self.model
+                    .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?
+                    .to_vec(),
             );
         }
         Ok(all)

@@ -32,7 +32,11 @@ pub struct LoadSpec {
 impl LoadSpec {
     /// The whole model.
     pub fn full(cfg: &ModelConfig) -> Self {
-        Self { layers: 0..cfg.n_layers, embed: true, head: true }
+        Self {
+            layers: 0..cfg.n_layers,
+            embed: true,
+            head: true,
+        }
     }
 }
 
@@ -79,12 +83,19 @@ impl Llama {
         if spec.layers.end > cfg.n_layers || spec.layers.start > spec.layers.end {
             return Err(ModelError::InvalidArgument {
                 field: "layers",
-                reason: format!("{:?} is not within the model's {} layers", spec.layers, cfg.n_layers),
+                reason: format!(
+                    "{:?} is not within the model's {} layers",
+                    spec.layers, cfg.n_layers
+                ),
             });
         }
         let total = spec.layers.len() + 2;
         let embed = if spec.embed {
-            Some(Arc::new(store.matrix(TensorKey::TokenEmbd, cfg.vocab_size, cfg.hidden)?))
+            Some(Arc::new(store.matrix(
+                TensorKey::TokenEmbd,
+                cfg.vocab_size,
+                cfg.hidden,
+            )?))
         } else {
             None
         };
@@ -109,8 +120,21 @@ impl Llama {
             (None, None)
         };
         progress(total, total);
-        let rope = Rope::new(cfg.rope_layout, cfg.head_dim, cfg.rope_theta, cfg.context_len);
-        Ok(Self { cfg: cfg.clone(), spec, embed, blocks, norm, output, rope })
+        let rope = Rope::new(
+            cfg.rope_layout,
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.context_len,
+        );
+        Ok(Self {
+            cfg: cfg.clone(),
+            spec,
+            embed,
+            blocks,
+            norm,
+            output,
+            rope,
+        })
     }
 
     /// The model's configuration.
@@ -146,10 +170,17 @@ impl Llama {
                     reason: "a sequence step has no tokens".into(),
                 });
             }
-            if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            if let Some(&t) = step
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
                 return Err(ModelError::InvalidArgument {
                     field: "tokens",
-                    reason: format!("token id {t} is outside the vocabulary of {}", self.cfg.vocab_size),
+                    reason: format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        self.cfg.vocab_size
+                    ),
                 });
             }
             let end = step.seq.len() + step.tokens.len();
@@ -172,10 +203,13 @@ impl Llama {
     /// # Errors
     /// [`ModelError::InvalidArgument`] when this stage has no embedding.
     pub fn embed(&self, tokens: impl Iterator<Item = u32>, x: &mut Vec<f32>) -> Result<()> {
-        let embed = self.embed.as_ref().ok_or_else(|| ModelError::InvalidArgument {
-            field: "tokens",
-            reason: "this stage does not hold the embedding".into(),
-        })?;
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidArgument {
+                field: "tokens",
+                reason: "this stage does not hold the embedding".into(),
+            })?;
         let h = self.cfg.hidden;
         x.clear();
         for t in tokens {
@@ -204,7 +238,11 @@ impl Llama {
         if x.len() != n * self.cfg.hidden {
             return Err(ModelError::InvalidArgument {
                 field: "hidden",
-                reason: format!("{} values for {n} tokens of width {}", x.len(), self.cfg.hidden),
+                reason: format!(
+                    "{} values for {n} tokens of width {}",
+                    x.len(),
+                    self.cfg.hidden
+                ),
             });
         }
         for step in batch.iter_mut() {
@@ -265,7 +303,13 @@ impl Llama {
         pool: &ThreadPool,
     ) -> Result<&'s [f32]> {
         self.validate(batch)?;
-        let ForwardScratch { x, last, last_norm, logits, step } = scratch;
+        let ForwardScratch {
+            x,
+            last,
+            last_norm,
+            logits,
+            step,
+        } = scratch;
         self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
         self.forward_hidden(batch, x, cache, step, pool)?;
         let h = self.cfg.hidden;

@@ -17,12 +17,17 @@ pub const SMOLLM2_NAME: &str = "smollm2-135m-instruct";
 /// # Panics
 /// When the model is missing and `CI` is set: CI must never skip the real-model tests.
 pub fn smollm2_gguf() -> Option<PathBuf> {
-    let candidate = std::env::var_os("TESSERA_MODEL_GGUF").map(PathBuf::from).or_else(|| {
-        let home = std::env::var_os("TESSERA_HOME").map(PathBuf::from).or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("tessera"))
-        })?;
-        Some(home.join("models").join(SMOLLM2_NAME).join(SMOLLM2_FILE))
-    });
+    let candidate = std::env::var_os("TESSERA_MODEL_GGUF")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let home = std::env::var_os("TESSERA_HOME")
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .map(|h| PathBuf::from(h).join(".cache").join("tessera"))
+                })?;
+            Some(home.join("models").join(SMOLLM2_NAME).join(SMOLLM2_FILE))
+        });
     match candidate {
         Some(p) if p.is_file() => Some(p),
         other => {
@@ -116,7 +121,10 @@ impl MemoryWeights {
         };
         let (h, i, qd, kvd) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
         let embed = rng.normals(cfg.vocab_size * h, 1.0);
-        w.insert(K::TokenEmbd, QMatrix::quantize(qtype, cfg.vocab_size, h, &embed)?);
+        w.insert(
+            K::TokenEmbd,
+            QMatrix::quantize(qtype, cfg.vocab_size, h, &embed)?,
+        );
         if !tied {
             mat(&mut w, &mut rng, K::Output, cfg.vocab_size, h)?;
         }
@@ -152,14 +160,21 @@ impl crate::weights::WeightStore for MemoryWeights {
         rows: usize,
         cols: usize,
     ) -> crate::Result<crate::quant::QMatrix> {
-        let m = self.tensors.get(&key).ok_or_else(|| crate::ModelError::Tensor {
-            name: format!("{key:?}"),
-            reason: "not in memory".into(),
-        })?;
+        let m = self
+            .tensors
+            .get(&key)
+            .ok_or_else(|| crate::ModelError::Tensor {
+                name: format!("{key:?}"),
+                reason: "not in memory".into(),
+            })?;
         if (m.rows(), m.cols()) != (rows, cols) {
             return Err(crate::ModelError::Tensor {
                 name: format!("{key:?}"),
-                reason: format!("shape ({}, {}), wanted ({rows}, {cols})", m.rows(), m.cols()),
+                reason: format!(
+                    "shape ({}, {}), wanted ({rows}, {cols})",
+                    m.rows(),
+                    m.cols()
+                ),
             });
         }
         Ok(m.clone())

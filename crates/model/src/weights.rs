@@ -146,7 +146,10 @@ impl GgufWeights {
     /// # Errors
     /// [`ModelError::Io`] when unreadable; [`ModelError::InvalidModel`] when it is not GGUF.
     pub fn open(path: &Path) -> Result<Self> {
-        let io = |source| ModelError::Io { path: path.to_owned(), source };
+        let io = |source| ModelError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let mut file = File::open(path).map_err(io)?;
         let content =
             gguf_file::Content::read(&mut file).map_err(|e| ModelError::InvalidModel {
@@ -155,7 +158,11 @@ impl GgufWeights {
                     "not a readable GGUF file ({e}); re-download it, e.g. `tessera model pull`"
                 ),
             })?;
-        Ok(Self { path: path.to_owned(), file, content })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            content,
+        })
     }
 
     /// The parsed header: metadata and tensor directory.
@@ -184,7 +191,11 @@ impl WeightStore for GgufWeights {
 
     fn matrix(&self, key: TensorKey, rows: usize, cols: usize) -> Result<QMatrix> {
         let name = key.gguf_name();
-        let info = self.content.tensor_infos.get(&name).ok_or_else(|| missing(&name, &self.path))?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(&name)
+            .ok_or_else(|| missing(&name, &self.path))?;
         // candle reverses ggml's dimension order, so a (rows, cols) matrix reads as [rows, cols]
         // and a vector as [len].
         let dims = info.shape.dims();
@@ -207,15 +218,15 @@ impl WeightStore for GgufWeights {
         let nbytes = rows * (cols / block) * qtype.type_size();
         let mut bytes = vec![0u8; nbytes];
         let start = self.content.tensor_data_offset + info.offset;
-        self.file.read_exact_at(&mut bytes, start).map_err(|source| {
-            ModelError::InvalidModel {
+        self.file
+            .read_exact_at(&mut bytes, start)
+            .map_err(|source| ModelError::InvalidModel {
                 path: self.path.clone(),
                 reason: format!(
                     "tensor {name} ({nbytes} bytes at {start}) cannot be read: {source}; the \
                      file is probably truncated — download it again"
                 ),
-            }
-        })?;
+            })?;
         QMatrix::from_bytes(qtype, rows, cols, bytes)
     }
 }
@@ -233,9 +244,15 @@ impl SafetensorsWeights {
     /// # Errors
     /// [`ModelError::InvalidModel`] when there is none or one is not valid safetensors.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let invalid = |reason: String| ModelError::InvalidModel { path: dir.to_owned(), reason };
+        let invalid = |reason: String| ModelError::InvalidModel {
+            path: dir.to_owned(),
+            reason,
+        };
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| ModelError::Io { path: dir.to_owned(), source })?
+            .map_err(|source| ModelError::Io {
+                path: dir.to_owned(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
@@ -247,8 +264,16 @@ impl SafetensorsWeights {
         // truncating a checkpoint while it is being loaded.
         let tensors = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| invalid(format!("invalid safetensors: {e}")))?;
-        let names = tensors.tensors().into_iter().map(|(n, _)| (n, ())).collect();
-        Ok(Self { dir: dir.to_owned(), tensors, names })
+        let names = tensors
+            .tensors()
+            .into_iter()
+            .map(|(n, _)| (n, ()))
+            .collect();
+        Ok(Self {
+            dir: dir.to_owned(),
+            tensors,
+            names,
+        })
     }
 }
 

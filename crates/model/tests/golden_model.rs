@@ -104,7 +104,12 @@ impl Runner {
         })
         .expect("cache");
         let pool = ThreadPool::new(2).expect("pool");
-        Some(Self { model, cache, scratch: ForwardScratch::default(), pool })
+        Some(Self {
+            model,
+            cache,
+            scratch: ForwardScratch::default(),
+            pool,
+        })
     }
 
     /// Logits after each of `tokens` fed one step at a time.
@@ -114,8 +119,15 @@ impl Runner {
             .iter()
             .map(|t| {
                 let tok = [*t];
-                let mut batch = [SeqStep { tokens: &tok, seq: &mut seq, logits: true }];
-                self.model.forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool).expect("forward").to_vec()
+                let mut batch = [SeqStep {
+                    tokens: &tok,
+                    seq: &mut seq,
+                    logits: true,
+                }];
+                self.model
+                    .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)
+                    .expect("forward")
+                    .to_vec()
             })
             .collect()
     }
@@ -126,8 +138,15 @@ impl Runner {
         let mut out = Vec::with_capacity(n);
         let mut next: Vec<u32> = prompt.to_vec();
         for _ in 0..n {
-            let mut batch = [SeqStep { tokens: &next, seq: &mut seq, logits: true }];
-            let logits = self.model.forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool).expect("forward");
+            let mut batch = [SeqStep {
+                tokens: &next,
+                seq: &mut seq,
+                logits: true,
+            }];
+            let logits = self
+                .model
+                .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)
+                .expect("forward");
             let best = argmax(logits);
             out.push(best);
             next = vec![best];
@@ -174,9 +193,18 @@ fn teacher_forced_logits_match_llama_cpp() {
             let margin = theirs.logits[0] - theirs.logits[1];
             let gap_err = ((mine[t1] - mine[t2]) - margin).abs();
             worst_gap = worst_gap.max(gap_err);
-            assert!(gap_err <= GAP_ERROR_BOUND, "{:?} position {pos}: top-1/top-2 gap off by {gap_err}", case.prompt);
+            assert!(
+                gap_err <= GAP_ERROR_BOUND,
+                "{:?} position {pos}: top-1/top-2 gap off by {gap_err}",
+                case.prompt
+            );
             if margin > GAP_ERROR_BOUND {
-                assert_eq!(argmax(mine), theirs.ids[0], "{:?} position {pos}", case.prompt);
+                assert_eq!(
+                    argmax(mine),
+                    theirs.ids[0],
+                    "{:?} position {pos}",
+                    case.prompt
+                );
                 checked += 1;
             } else {
                 skipped += 1;
@@ -187,7 +215,10 @@ fn teacher_forced_logits_match_llama_cpp() {
         "max |Δlogit| {worst:.4}, max |Δgap| {worst_gap:.4}; top-1 checked at {checked} positions, \
          {skipped} near-ties"
     );
-    assert!(checked > skipped, "the top-1 check must cover most positions");
+    assert!(
+        checked > skipped,
+        "the top-1 check must cover most positions"
+    );
 }
 
 /// Ensures that greedy continuations equal llama.cpp's up to the first near-tie step, and in
@@ -200,15 +231,30 @@ fn greedy_continuations_match_llama_cpp() {
     let mut identical = 0;
     for case in &file.cases {
         let ours = r.greedy(&case.prompt_ids, case.tokens.len());
-        let first_tie = case.steps.iter().position(|s| s.margin <= GAP_ERROR_BOUND).unwrap_or(case.tokens.len());
-        assert_eq!(ours[..first_tie], case.tokens[..first_tie], "{:?} before step {first_tie}", case.prompt);
+        let first_tie = case
+            .steps
+            .iter()
+            .position(|s| s.margin <= GAP_ERROR_BOUND)
+            .unwrap_or(case.tokens.len());
+        assert_eq!(
+            ours[..first_tie],
+            case.tokens[..first_tie],
+            "{:?} before step {first_tie}",
+            case.prompt
+        );
         if ours == case.tokens {
             identical += 1;
         } else {
-            eprintln!("{:?}: diverges after the near-tie at step {first_tie}", case.prompt);
+            eprintln!(
+                "{:?}: diverges after the near-tie at step {first_tie}",
+                case.prompt
+            );
         }
     }
-    eprintln!("{identical} of {} continuations identical in full", file.cases.len());
+    eprintln!(
+        "{identical} of {} continuations identical in full",
+        file.cases.len()
+    );
     assert!(
         identical >= MIN_IDENTICAL_CONTINUATIONS,
         "only {identical} of {} continuations identical",

@@ -10,7 +10,13 @@ use tessera_model::quant::QType;
 use tessera_model::testing::MemoryWeights;
 use tessera_model::weights::{TensorKey as K, WeightStore};
 
-fn cfg(arch: Arch, rope_layout: RopeLayout, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
+fn cfg(
+    arch: Arch,
+    rope_layout: RopeLayout,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> ModelConfig {
     ModelConfig {
         arch,
         n_layers: 3,
@@ -43,19 +49,30 @@ fn cache_for(cfg: &ModelConfig, block_size: usize) -> PagedKvCache {
 /// returning the logits at every position.
 fn reference_logits(w: &MemoryWeights, c: &ModelConfig, tokens: &[u32]) -> Vec<Vec<f64>> {
     let get = |key, rows, cols| -> Vec<f64> {
-        w.matrix(key, rows, cols).expect("tensor").dequantize().into_iter().map(f64::from).collect()
+        w.matrix(key, rows, cols)
+            .expect("tensor")
+            .dequantize()
+            .into_iter()
+            .map(f64::from)
+            .collect()
     };
     let (h, d, n) = (c.hidden, c.head_dim, tokens.len());
     let linear = |x: &[f64], wt: &[f64], rows: usize, cols: usize| -> Vec<f64> {
         x.chunks(cols)
-            .flat_map(|xr| (0..rows).map(move |r| (0..cols).map(|k| xr[k] * wt[r * cols + k]).sum::<f64>()))
+            .flat_map(|xr| {
+                (0..rows).map(move |r| (0..cols).map(|k| xr[k] * wt[r * cols + k]).sum::<f64>())
+            })
             .collect()
     };
     let rms = |x: &[f64], g: &[f64]| -> Vec<f64> {
         x.chunks(h)
             .flat_map(|r| {
-                let s = (r.iter().map(|v| v * v).sum::<f64>() / h as f64 + f64::from(c.rms_eps)).sqrt();
-                r.iter().zip(g).map(move |(v, g)| v / s * g).collect::<Vec<_>>()
+                let s =
+                    (r.iter().map(|v| v * v).sum::<f64>() / h as f64 + f64::from(c.rms_eps)).sqrt();
+                r.iter()
+                    .zip(g)
+                    .map(move |(v, g)| v / s * g)
+                    .collect::<Vec<_>>()
             })
             .collect()
     };
@@ -77,16 +94,25 @@ fn reference_logits(w: &MemoryWeights, c: &ModelConfig, tokens: &[u32]) -> Vec<V
         }
     };
     let embed = get(K::TokenEmbd, c.vocab_size, h);
-    let mut x: Vec<f64> = tokens.iter().flat_map(|&t| embed[t as usize * h..(t as usize + 1) * h].to_vec()).collect();
+    let mut x: Vec<f64> = tokens
+        .iter()
+        .flat_map(|&t| embed[t as usize * h..(t as usize + 1) * h].to_vec())
+        .collect();
     for l in 0..c.n_layers {
         let xn = rms(&x, &get(K::AttnNorm(l), 1, h));
         let mut q = linear(&xn, &get(K::AttnQ(l), c.q_dim(), h), c.q_dim(), h);
         let mut k = linear(&xn, &get(K::AttnK(l), c.kv_dim(), h), c.kv_dim(), h);
         let mut v = linear(&xn, &get(K::AttnV(l), c.kv_dim(), h), c.kv_dim(), h);
         if c.qkv_bias {
-            for (buf, key, width) in [(&mut q, K::AttnQBias(l), c.q_dim()), (&mut k, K::AttnKBias(l), c.kv_dim()), (&mut v, K::AttnVBias(l), c.kv_dim())] {
+            for (buf, key, width) in [
+                (&mut q, K::AttnQBias(l), c.q_dim()),
+                (&mut k, K::AttnKBias(l), c.kv_dim()),
+                (&mut v, K::AttnVBias(l), c.kv_dim()),
+            ] {
                 let b = get(key, 1, width);
-                buf.iter_mut().enumerate().for_each(|(i, val)| *val += b[i % width]);
+                buf.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, val)| *val += b[i % width]);
             }
         }
         rope(&mut q, c.n_heads);
@@ -97,14 +123,21 @@ fn reference_logits(w: &MemoryWeights, c: &ModelConfig, tokens: &[u32]) -> Vec<V
                 let kvh = hh / c.gqa_ratio();
                 let qv = &q[(t * c.n_heads + hh) * d..][..d];
                 let scores: Vec<f64> = (0..=t)
-                    .map(|j| qv.iter().zip(&k[(j * c.n_kv_heads + kvh) * d..][..d]).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt())
+                    .map(|j| {
+                        qv.iter()
+                            .zip(&k[(j * c.n_kv_heads + kvh) * d..][..d])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 for (j, s) in scores.iter().enumerate() {
                     let p = (s - m).exp() / z;
                     for i in 0..d {
-                        ctx[(t * c.n_heads + hh) * d + i] += p * v[(j * c.n_kv_heads + kvh) * d + i];
+                        ctx[(t * c.n_heads + hh) * d + i] +=
+                            p * v[(j * c.n_kv_heads + kvh) * d + i];
                     }
                 }
             }
@@ -112,27 +145,58 @@ fn reference_logits(w: &MemoryWeights, c: &ModelConfig, tokens: &[u32]) -> Vec<V
         let o = linear(&ctx, &get(K::AttnOutput(l), h, c.q_dim()), h, c.q_dim());
         x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         let xn = rms(&x, &get(K::FfnNorm(l), 1, h));
-        let g = linear(&xn, &get(K::FfnGate(l), c.intermediate, h), c.intermediate, h);
+        let g = linear(
+            &xn,
+            &get(K::FfnGate(l), c.intermediate, h),
+            c.intermediate,
+            h,
+        );
         let u = linear(&xn, &get(K::FfnUp(l), c.intermediate, h), c.intermediate, h);
-        let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-        let down = linear(&act, &get(K::FfnDown(l), h, c.intermediate), h, c.intermediate);
+        let act: Vec<f64> = g
+            .iter()
+            .zip(&u)
+            .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+            .collect();
+        let down = linear(
+            &act,
+            &get(K::FfnDown(l), h, c.intermediate),
+            h,
+            c.intermediate,
+        );
         x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
     }
     let xn = rms(&x, &get(K::OutputNorm, 1, h));
-    let out_key = if w.contains(K::Output) { K::Output } else { K::TokenEmbd };
+    let out_key = if w.contains(K::Output) {
+        K::Output
+    } else {
+        K::TokenEmbd
+    };
     let logits = linear(&xn, &get(out_key, c.vocab_size, h), c.vocab_size, h);
     logits.chunks(c.vocab_size).map(<[f64]>::to_vec).collect()
 }
 
 /// Runs `tokens` as a prefill of `prefill` tokens then one decode step per remaining token,
 /// returning the logits after the prefill and after each decode step.
-fn run_engine(model: &Llama, cache: &mut PagedKvCache, tokens: &[u32], prefill: usize, pool: &ThreadPool) -> Vec<Vec<f32>> {
+fn run_engine(
+    model: &Llama,
+    cache: &mut PagedKvCache,
+    tokens: &[u32],
+    prefill: usize,
+    pool: &ThreadPool,
+) -> Vec<Vec<f32>> {
     let mut seq = cache.new_seq();
     let mut scratch = ForwardScratch::default();
     let mut out = Vec::new();
     let mut step = |toks: &[u32], seq: &mut _, cache: &mut PagedKvCache| {
-        let mut batch = [SeqStep { tokens: toks, seq, logits: true }];
-        model.forward(&mut batch, cache, &mut scratch, pool).expect("forward").to_vec()
+        let mut batch = [SeqStep {
+            tokens: toks,
+            seq,
+            logits: true,
+        }];
+        model
+            .forward(&mut batch, cache, &mut scratch, pool)
+            .expect("forward")
+            .to_vec()
     };
     out.push(step(&tokens[..prefill], &mut seq, cache));
     for t in prefill..tokens.len() {
@@ -142,7 +206,10 @@ fn run_engine(model: &Llama, cache: &mut PagedKvCache, tokens: &[u32], prefill: 
 }
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (f64::from(*x) - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Ensures that the f32 forward pass (prefill then decode through the paged cache) matches the
@@ -168,7 +235,11 @@ fn forward_matches_f64_reference() {
             let err = max_abs_diff(logits, &want[pos]);
             assert!(err < 2e-4, "case {i} position {pos}: max |Δlogit| {err}");
         }
-        assert_eq!(cache.free_blocks(), 64, "the sequence's blocks return on drop");
+        assert_eq!(
+            cache.free_blocks(),
+            64,
+            "the sequence's blocks return on drop"
+        );
     }
 }
 
@@ -181,13 +252,25 @@ fn quantized_forward_tracks_reference() {
     let mut c = cfg(Arch::Llama, RopeLayout::Interleaved, 4, 2, 64);
     c.hidden = 256;
     c.intermediate = 512;
-    for qtype in [QType::Q4_0, QType::Q4_1, QType::Q8_0, QType::Q4K, QType::Q5K, QType::Q6K, QType::F16] {
+    for qtype in [
+        QType::Q4_0,
+        QType::Q4_1,
+        QType::Q8_0,
+        QType::Q4K,
+        QType::Q5K,
+        QType::Q6K,
+        QType::F16,
+    ] {
         let w = MemoryWeights::random(&c, qtype, true, 3).expect("weights");
         let model = Llama::load(&w, &c, LoadSpec::full(&c), &mut |_, _| {}).expect("load");
         let mut cache = cache_for(&c, 16);
         let ours = run_engine(&model, &mut cache, &tokens, 9, &pool);
         let want = &reference_logits(&w, &c, &tokens)[8];
-        let num: f64 = ours[0].iter().zip(want).map(|(a, b)| (f64::from(*a) - b).powi(2)).sum();
+        let num: f64 = ours[0]
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (f64::from(*a) - b).powi(2))
+            .sum();
         let den: f64 = want.iter().map(|b| b * b).sum();
         let rel = (num / den).sqrt();
         assert!(rel < 3e-2, "{qtype:?}: relative error {rel}");
@@ -216,16 +299,34 @@ fn batched_steps_equal_solo_runs() {
     let mut scratch = ForwardScratch::default();
     let vocab = c.vocab_size;
     for step in 0..=decode.len() {
-        let toks: Vec<Vec<u32>> =
-            prompts.iter().map(|p| if step == 0 { p.clone() } else { vec![decode[step - 1]] }).collect();
+        let toks: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                if step == 0 {
+                    p.clone()
+                } else {
+                    vec![decode[step - 1]]
+                }
+            })
+            .collect();
         let mut batch: Vec<SeqStep<'_>> = toks
             .iter()
             .zip(seqs.iter_mut())
-            .map(|(t, seq)| SeqStep { tokens: t, seq, logits: true })
+            .map(|(t, seq)| SeqStep {
+                tokens: t,
+                seq,
+                logits: true,
+            })
             .collect();
-        let logits = model.forward(&mut batch, &mut cache, &mut scratch, &pool).expect("forward");
+        let logits = model
+            .forward(&mut batch, &mut cache, &mut scratch, &pool)
+            .expect("forward");
         for (i, s) in solo.iter().enumerate() {
-            assert_eq!(&logits[i * vocab..(i + 1) * vocab], s[step].as_slice(), "seq {i} step {step}");
+            assert_eq!(
+                &logits[i * vocab..(i + 1) * vocab],
+                s[step].as_slice(),
+                "seq {i} step {step}"
+            );
         }
     }
 }
@@ -238,9 +339,32 @@ fn pipeline_stages_equal_whole_model() {
     let c = cfg(Arch::Llama, RopeLayout::Interleaved, 4, 2, 16);
     let w = MemoryWeights::random(&c, QType::Q4_1, true, 5).expect("weights");
     let whole = Llama::load(&w, &c, LoadSpec::full(&c), &mut |_, _| {}).expect("load");
-    let first = Llama::load(&w, &c, LoadSpec { layers: 0..1, embed: true, head: false }, &mut |_, _| {}).expect("stage 0");
-    let last = Llama::load(&w, &c, LoadSpec { layers: 1..3, embed: false, head: true }, &mut |_, _| {}).expect("stage 1");
-    assert!(first.weight_bytes() + last.weight_bytes() > whole.weight_bytes(), "the tied head is loaded twice");
+    let first = Llama::load(
+        &w,
+        &c,
+        LoadSpec {
+            layers: 0..1,
+            embed: true,
+            head: false,
+        },
+        &mut |_, _| {},
+    )
+    .expect("stage 0");
+    let last = Llama::load(
+        &w,
+        &c,
+        LoadSpec {
+            layers: 1..3,
+            embed: false,
+            head: true,
+        },
+        &mut |_, _| {},
+    )
+    .expect("stage 1");
+    assert!(
+        first.weight_bytes() + last.weight_bytes() > whole.weight_bytes(),
+        "the tied head is loaded twice"
+    );
     let tokens: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
     let mut cache = cache_for(&c, 4);
     let want = run_engine(&whole, &mut cache, &tokens, 5, &pool);
@@ -250,13 +374,45 @@ fn pipeline_stages_equal_whole_model() {
     let mut scratch = ForwardScratch::default();
     let (mut normed, mut logits) = (Vec::new(), Vec::new());
     let mut x = Vec::new();
-    let steps: Vec<&[u32]> = std::iter::once(&tokens[..5]).chain(tokens[5..].chunks(1)).collect();
+    let steps: Vec<&[u32]> = std::iter::once(&tokens[..5])
+        .chain(tokens[5..].chunks(1))
+        .collect();
     for (i, toks) in steps.into_iter().enumerate() {
         first.embed(toks.iter().copied(), &mut x).expect("embed");
-        first.forward_hidden(&mut [SeqStep { tokens: toks, seq: &mut s0, logits: false }], &mut x, &mut c0, &mut scratch.step, &pool).expect("stage 0");
-        last.forward_hidden(&mut [SeqStep { tokens: toks, seq: &mut s1, logits: true }], &mut x, &mut c1, &mut scratch.step, &pool).expect("stage 1");
+        first
+            .forward_hidden(
+                &mut [SeqStep {
+                    tokens: toks,
+                    seq: &mut s0,
+                    logits: false,
+                }],
+                &mut x,
+                &mut c0,
+                &mut scratch.step,
+                &pool,
+            )
+            .expect("stage 0");
+        last.forward_hidden(
+            &mut [SeqStep {
+                tokens: toks,
+                seq: &mut s1,
+                logits: true,
+            }],
+            &mut x,
+            &mut c1,
+            &mut scratch.step,
+            &pool,
+        )
+        .expect("stage 1");
         let h = c.hidden;
-        last.logits(&x[x.len() - h..], &mut normed, &mut logits, &mut scratch.step.q8, &pool).expect("head");
+        last.logits(
+            &x[x.len() - h..],
+            &mut normed,
+            &mut logits,
+            &mut scratch.step.q8,
+            &pool,
+        )
+        .expect("head");
         assert_eq!(logits, want[i], "step {i}");
     }
 }
@@ -271,9 +427,19 @@ fn rejects_bad_batches_without_side_effects() {
     let mut cache = cache_for(&c, 4);
     let mut seq = cache.new_seq();
     let mut scratch = ForwardScratch::default();
-    for (tokens, field) in [(vec![], "tokens"), (vec![5, 101], "tokens"), (vec![1; 129], "tokens")] {
-        let mut batch = [SeqStep { tokens: &tokens, seq: &mut seq, logits: true }];
-        let err = model.forward(&mut batch, &mut cache, &mut scratch, &pool).expect_err("must fail");
+    for (tokens, field) in [
+        (vec![], "tokens"),
+        (vec![5, 101], "tokens"),
+        (vec![1; 129], "tokens"),
+    ] {
+        let mut batch = [SeqStep {
+            tokens: &tokens,
+            seq: &mut seq,
+            logits: true,
+        }];
+        let err = model
+            .forward(&mut batch, &mut cache, &mut scratch, &pool)
+            .expect_err("must fail");
         assert!(err.to_string().contains(field), "{err}");
     }
     assert_eq!(seq.len(), 0);

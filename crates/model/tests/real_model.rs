@@ -11,7 +11,11 @@ use tessera_model::tokenizer::ChatMessage;
 
 fn engine() -> Option<Engine> {
     let path = tessera_model::testing::smollm2_gguf()?;
-    let opts = EngineOptions { threads: 2, kv_tokens: Some(2048), ..EngineOptions::default() };
+    let opts = EngineOptions {
+        threads: 2,
+        kv_tokens: Some(2048),
+        ..EngineOptions::default()
+    };
     Some(Engine::load(&ModelLocation::Gguf(path), opts, &mut |_, _| {}).expect("load SmolLM2"))
 }
 
@@ -19,7 +23,12 @@ fn request(prompt: Prompt, max_tokens: u32, stop: Vec<String>) -> GenerateReques
     GenerateRequest {
         prompt,
         sampling: SamplingParams::greedy(),
-        stop: StopConditions { max_tokens, stop, stop_token_ids: Vec::new(), ignore_eos: false },
+        stop: StopConditions {
+            max_tokens,
+            stop,
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+        },
     }
 }
 
@@ -30,7 +39,10 @@ fn reads_smollm2_config() {
     let c = engine.config();
     assert_eq!(c.arch, Arch::Llama);
     assert_eq!((c.n_layers, c.hidden, c.intermediate), (30, 576, 1536));
-    assert_eq!((c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size), (9, 3, 64, 49152));
+    assert_eq!(
+        (c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size),
+        (9, 3, 64, 49152)
+    );
     assert_eq!(c.rope_layout, RopeLayout::Interleaved);
     assert!((c.rope_theta - 100_000.0).abs() < 1e-3);
     assert!(!c.qkv_bias);
@@ -45,7 +57,9 @@ fn chat_generation_and_stop_strings() {
         role: "user".into(),
         content: "What is the capital of France? Answer in one word.".into(),
     }]);
-    let valid = engine.validate(&request(chat.clone(), 64, vec![])).expect("valid");
+    let valid = engine
+        .validate(&request(chat.clone(), 64, vec![]))
+        .expect("valid");
     let mut streamed = String::new();
     let out = engine
         .generate(&valid, &mut |ev| {
@@ -58,10 +72,18 @@ fn chat_generation_and_stop_strings() {
     assert!(out.text.contains("Paris"), "{}", out.text);
     assert!(!out.text.contains("<|im_end|>"));
 
-    let valid = engine.validate(&request(chat, 64, vec!["aris".into()])).expect("valid");
-    let out = engine.generate(&valid, &mut |_| ControlFlow::Continue(())).expect("generate");
+    let valid = engine
+        .validate(&request(chat, 64, vec!["aris".into()]))
+        .expect("valid");
+    let out = engine
+        .generate(&valid, &mut |_| ControlFlow::Continue(()))
+        .expect("generate");
     assert_eq!(out.finish_reason, Some(FinishReason::Stop));
-    assert!(out.text.ends_with('P') && !out.text.contains("aris"), "{:?}", out.text);
+    assert!(
+        out.text.ends_with('P') && !out.text.contains("aris"),
+        "{:?}",
+        out.text
+    );
 }
 
 /// Ensures that max_tokens ends generation with `length` and cancelling from the callback
@@ -70,15 +92,28 @@ fn chat_generation_and_stop_strings() {
 fn length_limit_and_cancellation() {
     let Some(mut engine) = engine() else { return };
     let valid = engine
-        .validate(&request(Prompt::Text("The numbers from one to fifty are one, two,".into()), 5, vec![]))
+        .validate(&request(
+            Prompt::Text("The numbers from one to fifty are one, two,".into()),
+            5,
+            vec![],
+        ))
         .expect("valid");
-    let out = engine.generate(&valid, &mut |_| ControlFlow::Continue(())).expect("generate");
-    assert_eq!((out.finish_reason, out.tokens.len()), (Some(FinishReason::Length), 5));
+    let out = engine
+        .generate(&valid, &mut |_| ControlFlow::Continue(()))
+        .expect("generate");
+    assert_eq!(
+        (out.finish_reason, out.tokens.len()),
+        (Some(FinishReason::Length), 5)
+    );
     let mut seen = 0;
     let out = engine
         .generate(&valid, &mut |_| {
             seen += 1;
-            if seen == 2 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if seen == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .expect("generate");
     assert_eq!((out.finish_reason, out.tokens.len()), (None, 2));
@@ -90,7 +125,9 @@ fn rejects_bad_prompts() {
     let Some(engine) = engine() else { return };
     let long = "word ".repeat(4000);
     for (prompt, field) in [(String::new(), "prompt"), (long, "prompt")] {
-        let err = engine.validate(&request(Prompt::Text(prompt), 8, vec![])).expect_err("invalid");
+        let err = engine
+            .validate(&request(Prompt::Text(prompt), 8, vec![]))
+            .expect_err("invalid");
         assert!(err.to_string().contains(field), "{err}");
     }
 }

@@ -33,7 +33,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Python interpreter with llama-cpp-python installed.
-    #[arg(long, env = "TESSERA_LLAMA_PYTHON", default_value = "tests/golden/.venv/bin/python")]
+    #[arg(
+        long,
+        env = "TESSERA_LLAMA_PYTHON",
+        default_value = "tests/golden/.venv/bin/python"
+    )]
     pub llama_python: PathBuf,
     /// The llama.cpp side's script.
     #[arg(long, default_value = "scripts/bench_llama_cpp.py")]
@@ -84,13 +88,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     if args.no_llama {
         println!("{:<12} {:>14} {:>14}", "", "prefill tok/s", "decode tok/s");
-        println!("{:<12} {:>14.1} {:>14.1}", "tessera", ours.prefill_tok_s, ours.decode_tok_s);
+        println!(
+            "{:<12} {:>14.1} {:>14.1}",
+            "tessera", ours.prefill_tok_s, ours.decode_tok_s
+        );
         return Ok(());
     }
     let theirs = llama_cpp(&args, gguf, &ids)?;
     println!("{:<12} {:>14} {:>14}", "", "prefill tok/s", "decode tok/s");
-    println!("{:<12} {:>14.1} {:>14.1}", "tessera", ours.prefill_tok_s, ours.decode_tok_s);
-    println!("{:<12} {:>14.1} {:>14.1}", "llama.cpp", theirs.prefill_tok_s, theirs.decode_tok_s);
+    println!(
+        "{:<12} {:>14.1} {:>14.1}",
+        "tessera", ours.prefill_tok_s, ours.decode_tok_s
+    );
+    println!(
+        "{:<12} {:>14.1} {:>14.1}",
+        "llama.cpp", theirs.prefill_tok_s, theirs.decode_tok_s
+    );
     println!(
         "{:<12} {:>13.2}x {:>13.2}x",
         "ratio",
@@ -121,7 +134,10 @@ fn request(engine: &Engine, ids: &[u32], max_tokens: usize) -> Result<ValidGener
 fn measure(engine: &mut Engine, ids: &[u32], args: &BenchArgs) -> Result<Figures> {
     let prefill_req = request(engine, ids, 1)?;
     let decode_req = request(engine, &ids[..16.min(ids.len())], args.decode)?;
-    let mut best = Figures { prefill_tok_s: 0.0, decode_tok_s: 0.0 };
+    let mut best = Figures {
+        prefill_tok_s: 0.0,
+        decode_tok_s: 0.0,
+    };
     for run in 0..=args.runs {
         let out = engine.generate(&prefill_req, &mut |_| std::ops::ControlFlow::Continue(()))?;
         let prefill = ids.len() as f64 / out.time_to_first_token.as_secs_f64();
@@ -156,7 +172,10 @@ fn llama_cpp(args: &BenchArgs, gguf: &std::path::Path, ids: &[u32]) -> Result<Fi
         .output()
         .with_context(|| format!("running {}", args.llama_python.display()))?;
     if !out.status.success() {
-        bail!("llama.cpp benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "llama.cpp benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().last().unwrap_or_default();

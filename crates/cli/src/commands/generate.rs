@@ -72,9 +72,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
-            messages.push(ChatMessage { role: "system".into(), content: system.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: system.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: args.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        });
         Prompt::Chat(messages)
     } else {
         Prompt::Text(args.prompt.clone())
@@ -114,9 +120,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                     .iter()
                     .map(|(id, lp)| format!("{:?}={lp:.3}", tok.token_text(*id).unwrap_or("?")))
                     .collect();
-                eprintln!("[{} {:.3}] {}", ev.token.id, ev.token.logprob.unwrap_or(f32::NAN), alts.join(" "));
+                eprintln!(
+                    "[{} {:.3}] {}",
+                    ev.token.id,
+                    ev.token.logprob.unwrap_or(f32::NAN),
+                    alts.join(" ")
+                );
             }
-            match stdout.write_all(ev.text.as_bytes()).and_then(|()| stdout.flush()) {
+            match stdout
+                .write_all(ev.text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(e) => {
                     // A closed pipe (`| head`) ends generation instead of wasting the cores.
@@ -135,20 +149,35 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     eprintln!(
         "[{} prompt tokens, {gen_tokens} generated, finish: {}, first token {:.0} ms, {:.1} tok/s]",
         out.prompt_tokens,
-        out.finish_reason.map_or("cancelled".to_owned(), |r| format!("{r:?}").to_lowercase()),
+        out.finish_reason
+            .map_or("cancelled".to_owned(), |r| format!("{r:?}").to_lowercase()),
         out.time_to_first_token.as_secs_f64() * 1e3,
-        if decode_s > 0.0 { (gen_tokens.saturating_sub(1)) as f64 / decode_s } else { 0.0 },
+        if decode_s > 0.0 {
+            (gen_tokens.saturating_sub(1)) as f64 / decode_s
+        } else {
+            0.0
+        },
     );
     Ok(())
 }
 
 /// Loads the engine with a progress bar over its layers.
-pub fn load_engine(location: &tessera_model::source::ModelLocation, threads: usize) -> Result<Engine> {
+pub fn load_engine(
+    location: &tessera_model::source::ModelLocation,
+    threads: usize,
+) -> Result<Engine> {
     let mut bar = None;
-    let engine = Engine::load(location, EngineOptions { threads, ..EngineOptions::default() }, &mut |done, total| {
-        let b = bar.get_or_insert_with(|| Bar::steps("loading", total as u64));
-        b.set_position(done as u64);
-    })
+    let engine = Engine::load(
+        location,
+        EngineOptions {
+            threads,
+            ..EngineOptions::default()
+        },
+        &mut |done, total| {
+            let b = bar.get_or_insert_with(|| Bar::steps("loading", total as u64));
+            b.set_position(done as u64);
+        },
+    )
     .context("loading the model")?;
     if let Some(b) = bar {
         b.finish_and_clear();

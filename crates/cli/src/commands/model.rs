@@ -30,10 +30,21 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
             let pulled = source::list(&cache)?;
             println!("cache: {}", cache.root().display());
             for m in &pulled {
-                println!("{:<28} {:>8.1} MiB  {}", m.name, m.bytes as f64 / (1 << 20) as f64, m.path.display());
+                println!(
+                    "{:<28} {:>8.1} MiB  {}",
+                    m.name,
+                    m.bytes as f64 / (1 << 20) as f64,
+                    m.path.display()
+                );
             }
-            for k in KNOWN_MODELS.iter().filter(|k| !pulled.iter().any(|m| m.name == k.name)) {
-                println!("{:<28} (not pulled: `tessera model pull {}`)", k.name, k.name);
+            for k in KNOWN_MODELS
+                .iter()
+                .filter(|k| !pulled.iter().any(|m| m.name == k.name))
+            {
+                println!(
+                    "{:<28} (not pulled: `tessera model pull {}`)",
+                    k.name, k.name
+                );
             }
         }
     }

@@ -107,7 +107,10 @@ impl Attention {
         pool: &ThreadPool,
     ) -> Result<()> {
         let n = positions.len();
-        let (qd, kvd) = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim);
+        let (qd, kvd) = (
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        );
         self.wq.matmul(x, n, s.q, s.q8, pool)?;
         self.wk.matmul(x, n, s.k, s.q8, pool)?;
         self.wv.matmul(x, n, s.v, s.q8, pool)?;

@@ -120,7 +120,8 @@ impl Block {
         )?;
         add_in_place(x, &s.y);
         self.ffn_norm.forward(x, &mut s.xn);
-        self.mlp.forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool)?;
+        self.mlp
+            .forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool)?;
         add_in_place(x, &s.y);
         Ok(())
     }

@@ -70,11 +70,16 @@ mod tests {
     fn swiglu_matches_reference() {
         let mut g = vec![-100.0f32, -3.0, -0.5, 0.0, 0.5, 3.0, 100.0];
         let u = vec![2.0f32; g.len()];
-        let want: Vec<f64> =
-            g.iter().map(|&x| f64::from(x) / (1.0 + (-f64::from(x)).exp()) * 2.0).collect();
+        let want: Vec<f64> = g
+            .iter()
+            .map(|&x| f64::from(x) / (1.0 + (-f64::from(x)).exp()) * 2.0)
+            .collect();
         swiglu_in_place(&mut g, &u);
         for (a, b) in g.iter().zip(&want) {
-            assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+            assert!(
+                (f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{a} vs {b}"
+            );
         }
     }
 }

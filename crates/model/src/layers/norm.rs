@@ -16,7 +16,10 @@ impl RmsNorm {
     /// # Errors
     /// When the tensor is missing or not `dim` wide.
     pub fn load(store: &dyn WeightStore, key: TensorKey, dim: usize, eps: f32) -> Result<Self> {
-        Ok(Self { weight: store.vector(key, dim)?, eps })
+        Ok(Self {
+            weight: store.vector(key, dim)?,
+            eps,
+        })
     }
 
     /// A norm from explicit values (tests, random models).
@@ -35,7 +38,10 @@ impl RmsNorm {
     /// When `x` and `out` differ in length or are not whole rows.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         let dim = self.weight.len();
-        assert!(x.len() == out.len() && x.len() % dim == 0, "rms norm: ragged rows");
+        assert!(
+            x.len() == out.len() && x.len() % dim == 0,
+            "rms norm: ragged rows"
+        );
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             // The sum of squares is taken in f64, as llama.cpp does, so long rows lose nothing.
             let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
@@ -56,7 +62,9 @@ mod tests {
     fn matches_f64_reference() {
         let dim = 7;
         let w: Vec<f32> = (0..dim).map(|i| 0.5 + i as f32 * 0.1).collect();
-        let x: Vec<f32> = (0..3 * dim).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        let x: Vec<f32> = (0..3 * dim)
+            .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3)
+            .collect();
         let norm = RmsNorm::new(w.clone(), 1e-5);
         let mut out = vec![0.0; x.len()];
         norm.forward(&x, &mut out);

@@ -22,7 +22,10 @@ impl Rope {
     /// # Panics
     /// When `head_dim` is odd.
     pub fn new(layout: RopeLayout, head_dim: usize, theta: f32, max_pos: usize) -> Self {
-        assert!(head_dim % 2 == 0, "rope needs an even head dim, got {head_dim}");
+        assert!(
+            head_dim % 2 == 0,
+            "rope needs an even head dim, got {head_dim}"
+        );
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
@@ -35,7 +38,13 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
-        Self { layout, head_dim, max_pos, cos, sin }
+        Self {
+            layout,
+            head_dim,
+            max_pos,
+            cos,
+            sin,
+        }
     }
 
     /// The largest position + 1 this table covers.
@@ -53,10 +62,17 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         let n_tokens = positions.len();
-        assert!(n_tokens > 0 && x.len() % (n_tokens * d) == 0, "rope: ragged input");
+        assert!(
+            n_tokens > 0 && x.len() % (n_tokens * d) == 0,
+            "rope: ragged input"
+        );
         let row = x.len() / n_tokens; // n_heads * head_dim
         for (t, &pos) in positions.iter().enumerate() {
-            assert!(pos < self.max_pos, "rope: position {pos} past table of {}", self.max_pos);
+            assert!(
+                pos < self.max_pos,
+                "rope: position {pos} past table of {}",
+                self.max_pos
+            );
             let cos = &self.cos[pos * half..(pos + 1) * half];
             let sin = &self.sin[pos * half..(pos + 1) * half];
             for head in x[t * row..(t + 1) * row].chunks_exact_mut(d) {
@@ -108,8 +124,9 @@ mod tests {
             let (d, heads) = (16, 3);
             let rope = Rope::new(layout, d, 10_000.0, 300);
             let positions = [0usize, 1, 7, 299];
-            let mut x: Vec<f32> =
-                (0..positions.len() * heads * d).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+            let mut x: Vec<f32> = (0..positions.len() * heads * d)
+                .map(|i| ((i * 7919) % 13) as f32 - 6.0)
+                .collect();
             let orig = x.clone();
             rope.forward(&mut x, &positions);
             for (t, &pos) in positions.iter().enumerate() {
