@@ -4,7 +4,7 @@
 //! runtime or RPC: model configuration and weights (GGUF, safetensors), the quantized matrix
 //! kernels, FlashAttention-style attention with its log-sum-exp merge, the paged KV cache, the
 //! tokenizer and chat templates, and sampling. Sharded execution in the worker crate is judged
-//! against the [`engine::Engine`] defined here.
+//! against the `engine::Engine` defined here.
 
 pub mod attention;
 pub mod config;

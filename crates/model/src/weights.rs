@@ -209,7 +209,7 @@ impl WeightStore for GgufWeights {
         }
         let qtype = QType::from_ggml(info.ggml_dtype)?;
         let block = qtype.block_size();
-        if cols % block != 0 {
+        if !cols.is_multiple_of(block) {
             return Err(ModelError::Tensor {
                 name,
                 reason: format!("{cols} columns are not a whole number of {block}-wide blocks"),

@@ -39,7 +39,7 @@ impl RmsNorm {
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
         let dim = self.weight.len();
         assert!(
-            x.len() == out.len() && x.len() % dim == 0,
+            x.len() == out.len() && x.len().is_multiple_of(dim),
             "rms norm: ragged rows"
         );
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {

@@ -23,7 +23,7 @@ impl Rope {
     /// When `head_dim` is odd.
     pub fn new(layout: RopeLayout, head_dim: usize, theta: f32, max_pos: usize) -> Self {
         assert!(
-            head_dim % 2 == 0,
+            head_dim.is_multiple_of(2),
             "rope needs an even head dim, got {head_dim}"
         );
         let half = head_dim / 2;
@@ -63,7 +63,7 @@ impl Rope {
         let half = d / 2;
         let n_tokens = positions.len();
         assert!(
-            n_tokens > 0 && x.len() % (n_tokens * d) == 0,
+            n_tokens > 0 && x.len().is_multiple_of(n_tokens * d),
             "rope: ragged input"
         );
         let row = x.len() / n_tokens; // n_heads * head_dim
