@@ -1,0 +1,149 @@
+//! Hugging Face checkpoints: a model written to `*.safetensors` with HF tensor names loads and
+//! computes exactly what the same weights give from memory.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use tessera_model::ThreadPool;
+use tessera_model::config::{Arch, ModelConfig, RopeLayout};
+use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
+use tessera_model::layers::SeqStep;
+use tessera_model::llama::{ForwardScratch, Llama, LoadSpec};
+use tessera_model::quant::QType;
+use tessera_model::testing::MemoryWeights;
+use tessera_model::weights::{SafetensorsWeights, TensorKey, WeightStore};
+
+fn keys(cfg: &ModelConfig) -> Vec<TensorKey> {
+    use TensorKey as K;
+    let mut keys = vec![K::TokenEmbd, K::OutputNorm];
+    for l in 0..cfg.n_layers {
+        keys.extend([
+            K::AttnNorm(l),
+            K::AttnQ(l),
+            K::AttnK(l),
+            K::AttnV(l),
+            K::AttnOutput(l),
+            K::FfnNorm(l),
+            K::FfnGate(l),
+            K::FfnUp(l),
+            K::FfnDown(l),
+        ]);
+        if cfg.qkv_bias {
+            keys.extend([K::AttnQBias(l), K::AttnKBias(l), K::AttnVBias(l)]);
+        }
+    }
+    keys
+}
+
+fn logits(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
+    let pool = ThreadPool::new(2).expect("pool");
+    let mut cache = PagedKvCache::new(KvCacheConfig {
+        n_layers: cfg.n_layers,
+        n_kv_heads: cfg.n_kv_heads,
+        head_dim: cfg.head_dim,
+        block_size: 8,
+        num_blocks: 8,
+    })
+    .expect("cache");
+    let mut seq = cache.new_seq();
+    let mut scratch = ForwardScratch::default();
+    let mut batch = [SeqStep {
+        tokens,
+        seq: &mut seq,
+        logits: true,
+    }];
+    model
+        .forward(&mut batch, &mut cache, &mut scratch, &pool)
+        .expect("forward")
+        .to_vec()
+}
+
+/// Ensures that f32, f16 and bf16 safetensors checkpoints with HF names load through
+/// `SafetensorsWeights` and give the logits of the same (rounded) weights held in memory.
+#[test]
+fn safetensors_checkpoint_matches_memory_weights() {
+    let cfg = ModelConfig {
+        arch: Arch::Qwen2,
+        n_layers: 2,
+        hidden: 32,
+        intermediate: 64,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 50,
+        context_len: 64,
+        rope_theta: 10_000.0,
+        rope_layout: RopeLayout::Half,
+        rms_eps: 1e-6,
+        qkv_bias: true,
+    };
+    for (dtype, qtype) in [
+        (DType::F32, QType::F32),
+        (DType::F16, QType::F16),
+        (DType::BF16, QType::BF16),
+    ] {
+        let mem = MemoryWeights::random(&cfg, QType::F32, true, 9).expect("weights");
+        let dir = std::env::temp_dir().join(format!("tessera-st-{}-{dtype:?}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut tensors = HashMap::new();
+        let mut rounded = MemoryWeights::default();
+        for key in keys(&cfg) {
+            // Matrices are (rows, cols), vectors (1, len).
+            let (r, c) = shape(&cfg, key);
+            let m = WeightStore::matrix(&mem, key, r, c).expect("tensor");
+            let data = m.dequantize();
+            let dims: Vec<usize> = if m.rows() == 1 {
+                vec![m.cols()]
+            } else {
+                vec![m.rows(), m.cols()]
+            };
+            let t = Tensor::from_vec(data.clone(), dims, &Device::Cpu)
+                .expect("tensor")
+                .to_dtype(dtype)
+                .expect("cast");
+            // Vectors stay f32 in memory either way; matrices are stored in the file's precision.
+            let back = t
+                .to_dtype(DType::F32)
+                .expect("f32")
+                .flatten_all()
+                .expect("flat")
+                .to_vec1::<f32>()
+                .expect("vec");
+            let q = if m.rows() == 1 { QType::F32 } else { qtype };
+            rounded.insert(
+                key,
+                tessera_model::quant::QMatrix::quantize(q, m.rows(), m.cols(), &back).expect("q"),
+            );
+            tensors.insert(key.hf_name(), t);
+        }
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
+        let st = SafetensorsWeights::open_dir(&dir).expect("open");
+        let from_file =
+            Llama::load(&st, &cfg, LoadSpec::full(&cfg), &mut |_, _| {}).expect("load file");
+        let from_mem =
+            Llama::load(&rounded, &cfg, LoadSpec::full(&cfg), &mut |_, _| {}).expect("load mem");
+        let tokens = [3, 14, 15, 9, 26];
+        assert_eq!(
+            logits(&from_file, &cfg, &tokens),
+            logits(&from_mem, &cfg, &tokens),
+            "{dtype:?}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+fn shape(cfg: &ModelConfig, key: TensorKey) -> (usize, usize) {
+    use TensorKey as K;
+    let (h, i, q, kv) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
+    match key {
+        K::TokenEmbd | K::Output => (cfg.vocab_size, h),
+        K::OutputNorm | K::AttnNorm(_) | K::FfnNorm(_) => (1, h),
+        K::AttnQ(_) => (q, h),
+        K::AttnK(_) | K::AttnV(_) => (kv, h),
+        K::AttnQBias(_) => (1, q),
+        K::AttnKBias(_) | K::AttnVBias(_) => (1, kv),
+        K::AttnOutput(_) => (h, q),
+        K::FfnGate(_) | K::FfnUp(_) => (i, h),
+        K::FfnDown(_) => (h, i),
+    }
+}
