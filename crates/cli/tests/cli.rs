@@ -1,9 +1,28 @@
 //! The `tessera` binary end to end: generation with the real model and argument errors.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 fn tessera() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// `tessera generate --model MODEL ARGS… PROMPT`.
+fn generate(model: &Path, args: &[&str], prompt: &str) -> Output {
+    tessera()
+        .args(["generate", "--model"])
+        .arg(model)
+        .args(args)
+        .arg(prompt)
+        .output()
+        .expect("run tessera")
+}
+
+/// Standard output of a run that must succeed, and its standard error.
+fn succeeded(out: Output) -> (String, String) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), err)
 }
 
 /// Ensures that greedy generation with the real model streams the same, non-empty text twice
@@ -13,32 +32,16 @@ fn greedy_generation_is_deterministic() {
     let Some(model) = tessera_model::testing::smollm2_gguf() else {
         return;
     };
-    let run = || {
-        let out = tessera()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args([
-                "--chat",
-                "--temperature",
-                "0",
-                "--max-tokens",
-                "12",
-                "--threads",
-                "2",
-            ])
-            .arg("What is the capital of France?")
-            .output()
-            .expect("run tessera");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let args = [
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--threads",
+        "2",
+    ];
+    let run = || succeeded(generate(&model, &args, "What is the capital of France?"));
     let (a, stats) = run();
     let (b, _) = run();
     assert_eq!(a, b);
@@ -56,28 +59,17 @@ fn seeded_sampling_is_reproducible() {
         return;
     };
     let run = |seed: &str| {
-        let out = tessera()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args([
-                "--temperature",
-                "1.0",
-                "--seed",
-                seed,
-                "--max-tokens",
-                "16",
-                "--threads",
-                "2",
-            ])
-            .arg("Once upon a time")
-            .output()
-            .expect("run tessera");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let args = [
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "16",
+            "--threads",
+            "2",
+        ];
+        succeeded(generate(&model, &args, "Once upon a time")).0
     };
     assert_eq!(run("42"), run("42"));
 }
@@ -93,12 +85,7 @@ fn invalid_options_name_the_field() {
         ("--top-p", "1.5", "top_p"),
         ("--max-tokens", "0", "max_tokens"),
     ] {
-        let out = tessera()
-            .args(["generate", "--model"])
-            .arg(&model)
-            .args([flag, value, "hello"])
-            .output()
-            .expect("run tessera");
+        let out = generate(&model, &[flag, value], "hello");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{flag} {value} was accepted");
         assert!(

@@ -6,7 +6,6 @@
 //! [`ValidGenerateRequest`]; generation itself cannot fail on user input after that.
 
 use std::ops::ControlFlow;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -360,41 +359,4 @@ impl Engine {
             text: step.text,
         })
     }
-
-    /// Logits at every position of `tokens`, feeding them one at a time (teacher forcing), as
-    /// the goldens compare them.
-    ///
-    /// # Errors
-    /// As [`Llama::forward`].
-    pub fn teacher_forced_logits(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let mut seq = self.cache.new_seq();
-        let mut all = Vec::with_capacity(tokens.len());
-        for t in tokens {
-            let tok = [*t];
-            let mut batch = [SeqStep {
-                tokens: &tok,
-                seq: &mut seq,
-                logits: true,
-            }];
-            all.push(
-                self.model
-                    .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?
-                    .to_vec(),
-            );
-        }
-        Ok(all)
-    }
-}
-
-/// Loads the engine from a path to a GGUF file or Hugging Face directory.
-///
-/// # Errors
-/// As [`Engine::load`].
-pub fn load_path(path: &Path, opts: EngineOptions) -> Result<Engine> {
-    let location = if path.is_dir() {
-        ModelLocation::HfDir(path.to_owned())
-    } else {
-        ModelLocation::Gguf(path.to_owned())
-    };
-    Engine::load(&location, opts, &mut |_, _| {})
 }

@@ -90,6 +90,13 @@ pub struct MemoryWeights {
 }
 
 impl MemoryWeights {
+    /// Every tensor held, with its role.
+    pub fn iter(
+        &self,
+    ) -> impl Iterator<Item = (crate::weights::TensorKey, &crate::quant::QMatrix)> {
+        self.tensors.iter().map(|(k, m)| (*k, m))
+    }
+
     /// Adds or replaces a tensor.
     pub fn insert(&mut self, key: crate::weights::TensorKey, m: crate::quant::QMatrix) {
         self.tensors.insert(key, m);

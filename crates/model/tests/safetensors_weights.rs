@@ -11,29 +11,7 @@ use tessera_model::layers::SeqStep;
 use tessera_model::llama::{ForwardScratch, Llama, LoadSpec};
 use tessera_model::quant::QType;
 use tessera_model::testing::MemoryWeights;
-use tessera_model::weights::{SafetensorsWeights, TensorKey, WeightStore};
-
-fn keys(cfg: &ModelConfig) -> Vec<TensorKey> {
-    use TensorKey as K;
-    let mut keys = vec![K::TokenEmbd, K::OutputNorm];
-    for l in 0..cfg.n_layers {
-        keys.extend([
-            K::AttnNorm(l),
-            K::AttnQ(l),
-            K::AttnK(l),
-            K::AttnV(l),
-            K::AttnOutput(l),
-            K::FfnNorm(l),
-            K::FfnGate(l),
-            K::FfnUp(l),
-            K::FfnDown(l),
-        ]);
-        if cfg.qkv_bias {
-            keys.extend([K::AttnQBias(l), K::AttnKBias(l), K::AttnVBias(l)]);
-        }
-    }
-    keys
-}
+use tessera_model::weights::SafetensorsWeights;
 
 fn logits(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
     let pool = ThreadPool::new(2).expect("pool");
@@ -87,10 +65,7 @@ fn safetensors_checkpoint_matches_memory_weights() {
         std::fs::create_dir_all(&dir).expect("dir");
         let mut tensors = HashMap::new();
         let mut rounded = MemoryWeights::default();
-        for key in keys(&cfg) {
-            // Matrices are (rows, cols), vectors (1, len).
-            let (r, c) = shape(&cfg, key);
-            let m = WeightStore::matrix(&mem, key, r, c).expect("tensor");
+        for (key, m) in mem.iter() {
             let data = m.dequantize();
             let dims: Vec<usize> = if m.rows() == 1 {
                 vec![m.cols()]
@@ -129,21 +104,5 @@ fn safetensors_checkpoint_matches_memory_weights() {
             "{dtype:?}"
         );
         std::fs::remove_dir_all(&dir).ok();
-    }
-}
-
-fn shape(cfg: &ModelConfig, key: TensorKey) -> (usize, usize) {
-    use TensorKey as K;
-    let (h, i, q, kv) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
-    match key {
-        K::TokenEmbd | K::Output => (cfg.vocab_size, h),
-        K::OutputNorm | K::AttnNorm(_) | K::FfnNorm(_) => (1, h),
-        K::AttnQ(_) => (q, h),
-        K::AttnK(_) | K::AttnV(_) => (kv, h),
-        K::AttnQBias(_) => (1, q),
-        K::AttnKBias(_) | K::AttnVBias(_) => (1, kv),
-        K::AttnOutput(_) => (h, q),
-        K::FfnGate(_) | K::FfnUp(_) => (i, h),
-        K::FfnDown(_) => (h, i),
     }
 }
