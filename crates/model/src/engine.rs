@@ -9,21 +9,17 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::ThreadPool;
 use crate::config::ModelConfig;
-use crate::error::{ModelError, Result};
+use crate::error::Result;
+pub use crate::frontend::{GenerateRequest, Prompt, TokenEvent, ValidGenerateRequest};
+use crate::frontend::{Frontend, OutputStream, open_weights};
 use crate::kv_cache::{KvCacheConfig, PagedKvCache};
 use crate::layers::SeqStep;
 use crate::llama::{ForwardScratch, Llama, LoadSpec};
-use crate::sampling::{
-    FinishReason, SampledToken, Sampler, SamplingParams, StopChecker, StopConditions,
-    ValidSamplingParams, ValidStopConditions,
-};
+use crate::sampling::{FinishReason, SampledToken, Sampler};
 use crate::source::ModelLocation;
-use crate::tokenizer::{ChatMessage, ChatTemplate, IncrementalDecoder, Tokenizer};
-use crate::weights::{GgufWeights, SafetensorsWeights, WeightStore};
+use crate::tokenizer::{ChatMessage, Tokenizer};
 
 /// How to run the engine.
 #[derive(Clone, Debug)]
@@ -49,47 +45,6 @@ impl Default for EngineOptions {
     }
 }
 
-/// What to generate from.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub enum Prompt {
-    /// Raw text, tokenized as is (special-token text recognised).
-    Text(String),
-    /// Chat messages, rendered with the model's chat template.
-    Chat(Vec<ChatMessage>),
-}
-
-/// A generate request as a caller writes it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct GenerateRequest {
-    /// The prompt.
-    pub prompt: Prompt,
-    /// How to pick tokens.
-    pub sampling: SamplingParams,
-    /// When to stop.
-    pub stop: StopConditions,
-}
-
-/// A request that passed validation: tokenized, within the context, parameters in range.
-#[derive(Clone, Debug)]
-pub struct ValidGenerateRequest {
-    /// The prompt's token ids.
-    pub prompt_ids: Vec<u32>,
-    /// Validated sampling parameters.
-    pub sampling: ValidSamplingParams,
-    /// Validated stop conditions.
-    pub stop: ValidStopConditions,
-}
-
-/// One generated token as it is streamed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TokenEvent {
-    /// The token and its log-probabilities.
-    pub token: SampledToken,
-    /// Text that became final with this token (may be empty while a multi-byte character or
-    /// a possible stop string is incomplete).
-    pub text: String,
-}
-
 /// The end of a generation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GenerateOutput {
@@ -110,8 +65,7 @@ pub struct GenerateOutput {
 /// A model ready to generate on this process's CPU.
 pub struct Engine {
     model: Llama,
-    tokenizer: Arc<Tokenizer>,
-    template: Option<ChatTemplate>,
+    frontend: Frontend,
     cache: PagedKvCache,
     pool: ThreadPool,
     scratch: ForwardScratch,
@@ -129,43 +83,20 @@ impl Engine {
         opts: EngineOptions,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        let (store, cfg, tokenizer): (Box<dyn WeightStore>, ModelConfig, Tokenizer) = match location
-        {
-            ModelLocation::Gguf(path) => {
-                let w = GgufWeights::open(path)?;
-                let cfg = w.config()?;
-                let tok = Tokenizer::from_gguf(w.content())?;
-                (Box::new(w), cfg, tok)
-            }
-            ModelLocation::HfDir(dir) => {
-                let cfg = ModelConfig::from_hf_json(&dir.join("config.json"))?;
-                let tok = Tokenizer::from_hf_file(&dir.join("tokenizer.json"))?;
-                (Box::new(SafetensorsWeights::open_dir(dir)?), cfg, tok)
-            }
-        };
+        // The GGUF header is read twice (weights, then tokenizer); it is small and this keeps
+        // one code path for the request side.
+        let (store, cfg) = open_weights(location)?;
+        let frontend = Frontend::open(location)?;
         let model = Llama::load(store.as_ref(), &cfg, LoadSpec::full(&cfg), progress)?;
-        Self::new(model, tokenizer, opts)
+        Self::new(model, frontend, opts)
     }
 
-    /// An engine over an already loaded model.
+    /// An engine over an already loaded model and its frontend.
     ///
     /// # Errors
-    /// When the chat template does not compile or the thread pool cannot start.
-    pub fn new(model: Llama, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Self> {
+    /// When the KV cache or the thread pool cannot be set up.
+    pub fn new(model: Llama, frontend: Frontend, opts: EngineOptions) -> Result<Self> {
         let cfg = model.config().clone();
-        let token_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.token_text(i))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let template = match tokenizer.chat_template() {
-            Some(src) => Some(ChatTemplate::new(
-                src,
-                &token_text(tokenizer.bos_id()),
-                &token_text(tokenizer.eos_id()),
-            )?),
-            None => None,
-        };
         let kv_tokens = opts.kv_tokens.unwrap_or(cfg.context_len).max(1);
         let cache = PagedKvCache::new(KvCacheConfig {
             n_layers: cfg.n_layers,
@@ -177,8 +108,7 @@ impl Engine {
         let pool = ThreadPool::new(opts.threads)?;
         Ok(Self {
             model,
-            tokenizer: Arc::new(tokenizer),
-            template,
+            frontend,
             cache,
             pool,
             scratch: ForwardScratch::default(),
@@ -193,7 +123,12 @@ impl Engine {
 
     /// The model's tokenizer, shareable with threads that detokenize.
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
-        &self.tokenizer
+        self.frontend.tokenizer()
+    }
+
+    /// The request side: tokenizer, chat template, validation.
+    pub fn frontend(&self) -> &Frontend {
+        &self.frontend
     }
 
     /// The loaded model.
@@ -211,14 +146,7 @@ impl Engine {
     /// # Errors
     /// When the model has no chat template, or rendering fails.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or_else(|| ModelError::InvalidArgument {
-                field: "messages",
-                reason: "this model has no chat template; send a plain prompt".into(),
-            })?;
-        Ok(template.render(messages, true)?)
+        self.frontend.render_chat(messages)
     }
 
     /// Tokenizes a prompt the way generation will.
@@ -226,47 +154,24 @@ impl Engine {
     /// # Errors
     /// As [`Engine::render_chat`] and the tokenizer.
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        let text = match prompt {
-            Prompt::Text(t) => std::borrow::Cow::Borrowed(t.as_str()),
-            Prompt::Chat(m) => std::borrow::Cow::Owned(self.render_chat(m)?),
-        };
-        Ok(self.tokenizer.encode(&text, true, true)?)
+        self.frontend.tokenize_prompt(prompt)
+    }
+
+    /// The longest sequence this engine can hold: the model's context, or less when the KV
+    /// cache is smaller.
+    pub fn context(&self) -> usize {
+        self.config()
+            .context_len
+            .min(self.cache.config().num_blocks * self.opts.block_size)
     }
 
     /// Validates a request once: everything generation needs to trust.
     ///
     /// # Errors
-    /// [`ModelError::InvalidArgument`] / [`ModelError::Sampling`] naming the field at fault.
+    /// [`crate::ModelError::InvalidArgument`] / [`crate::ModelError::Sampling`] naming the
+    /// field at fault.
     pub fn validate(&self, req: &GenerateRequest) -> Result<ValidGenerateRequest> {
-        let prompt_ids = self.tokenize_prompt(&req.prompt)?;
-        if prompt_ids.is_empty() {
-            return Err(ModelError::InvalidArgument {
-                field: "prompt",
-                reason: "the prompt is empty".into(),
-            });
-        }
-        let cfg = self.config();
-        let context = cfg
-            .context_len
-            .min(self.cache.config().num_blocks * self.opts.block_size);
-        if prompt_ids.len() >= context {
-            return Err(ModelError::InvalidArgument {
-                field: "prompt",
-                reason: format!(
-                    "the prompt is {} tokens, the context holds {context}",
-                    prompt_ids.len()
-                ),
-            });
-        }
-        let sampling = req.sampling.validate(cfg.vocab_size)?;
-        let stop = req
-            .stop
-            .validate(cfg.vocab_size, prompt_ids.len(), context)?;
-        Ok(ValidGenerateRequest {
-            prompt_ids,
-            sampling,
-            stop,
-        })
+        self.frontend.validate(req, self.context())
     }
 
     /// Generates, calling `on_token` for every sampled token; returning `Break` from it cancels.
@@ -283,8 +188,7 @@ impl Engine {
         let _span = tracing::info_span!("generate", prompt_tokens = req.prompt_ids.len()).entered();
         let mut seq = self.cache.new_seq();
         let mut sampler = Sampler::new(req.sampling.clone(), &req.prompt_ids);
-        let mut stop = StopChecker::new(req.stop.clone());
-        let mut decoder = IncrementalDecoder::new(true);
+        let mut output = self.frontend.output(req);
         let mut out = GenerateOutput {
             text: String::new(),
             tokens: Vec::new(),
@@ -314,7 +218,7 @@ impl Engine {
                 out.time_to_first_token = start.elapsed();
             }
             let next = sampled.id;
-            let flow = self.emit(sampled, &mut stop, &mut decoder, &mut out, on_token);
+            let flow = Self::emit(sampled, &mut output, &mut out, on_token);
             if flow.is_break() || out.finish_reason.is_some() {
                 break;
             }
@@ -328,35 +232,22 @@ impl Engine {
             self.model
                 .forward(&mut batch, &mut self.cache, &mut self.scratch, &self.pool)?;
         }
-        if out.finish_reason.is_some() {
-            out.text.push_str(&stop.flush());
-        }
+        out.text.push_str(&output.flush());
         out.elapsed = start.elapsed();
         Ok(out)
     }
 
     /// Records a sampled token, feeds the stop checker, and tells the caller.
     fn emit(
-        &self,
         token: SampledToken,
-        stop: &mut StopChecker,
-        decoder: &mut IncrementalDecoder,
+        output: &mut OutputStream,
         out: &mut GenerateOutput,
         on_token: &mut dyn FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        let is_eog = self.tokenizer.is_eog(token.id);
-        let delta = if is_eog {
-            String::new()
-        } else {
-            decoder.push(&self.tokenizer, token.id)
-        };
-        let step = stop.push(token.id, is_eog, &delta);
-        out.text.push_str(&step.text);
-        out.finish_reason = step.finished;
-        out.tokens.push(token.clone());
-        on_token(&TokenEvent {
-            token,
-            text: step.text,
-        })
+        let (event, finished) = output.push(token);
+        out.text.push_str(&event.text);
+        out.finish_reason = finished;
+        out.tokens.push(event.token.clone());
+        on_token(&event)
     }
 }

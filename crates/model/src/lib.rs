@@ -10,6 +10,7 @@ pub mod attention;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod frontend;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

@@ -1,0 +1,1 @@
+//! The tessera coordinator (being built).

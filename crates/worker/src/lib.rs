@@ -1,0 +1,1 @@
+//! A tessera worker (being built).
