@@ -186,4 +186,8 @@ impl crate::weights::WeightStore for MemoryWeights {
         }
         Ok(m.clone())
     }
+
+    fn stored_bytes(&self, key: crate::weights::TensorKey) -> Option<u64> {
+        self.tensors.get(&key).map(|m| m.nbytes() as u64)
+    }
 }

@@ -117,6 +117,14 @@ pub trait WeightStore: Send + Sync {
         let m = self.matrix(key, 1, len)?;
         Ok(m.dequantize())
     }
+
+    /// Bytes this tensor occupies once loaded (what a worker holding it keeps resident), or
+    /// `None` when absent or the store cannot tell without loading it. Planners size shards
+    /// with it.
+    fn stored_bytes(&self, key: TensorKey) -> Option<u64> {
+        let _ = key;
+        None
+    }
 }
 
 fn shape_error(key: TensorKey, name: &str, want: &[usize], got: &[usize]) -> ModelError {
@@ -229,6 +237,14 @@ impl WeightStore for GgufWeights {
             })?;
         QMatrix::from_bytes(qtype, rows, cols, bytes)
     }
+
+    fn stored_bytes(&self, key: TensorKey) -> Option<u64> {
+        let info = self.content.tensor_infos.get(&key.gguf_name())?;
+        // Loaded quantized blocks are the file's bytes, unchanged.
+        let dt = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        Some((elems / dt.block_size() * dt.type_size()) as u64)
+    }
 }
 
 /// Weights in one or more `.safetensors` files (a Hugging Face checkpoint directory).
@@ -306,5 +322,13 @@ impl WeightStore for SafetensorsWeights {
         };
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         QMatrix::quantize(qtype, rows, cols, &data)
+    }
+
+    fn stored_bytes(&self, key: TensorKey) -> Option<u64> {
+        let view = self.tensors.get(&key.hf_name()).ok()?;
+        let elems: usize = view.shape().iter().product();
+        // As `matrix` stores them: 16-bit floats stay 16-bit, everything else becomes f32.
+        let width = if view.dtype().bitsize() == 16 { 2 } else { 4 };
+        Some((elems * width) as u64)
     }
 }

@@ -1,0 +1,66 @@
+//! The coordinator's configuration: where it listens, which model it serves, and the knobs of
+//! liveness, planning and scheduling.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How to run a coordinator.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Where to serve gRPC; port 0 picks a free one (the bound address is printed).
+    pub listen: SocketAddr,
+    /// The model: a name in the model cache or a path; sent to workers as is.
+    pub model: String,
+    /// The model cache root (`TESSERA_HOME`); `None` = the environment's.
+    pub model_home: Option<PathBuf>,
+    /// How often workers heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A worker silent this long is dropped.
+    pub heartbeat_timeout: Duration,
+    /// Plan once this many workers are registered.
+    pub min_workers: usize,
+    /// KV cache capacity per worker, in tokens; 0 = the model's context length.
+    pub kv_tokens: u32,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// Longest prompt chunk prefilled in one step.
+    pub prefill_chunk: u32,
+    /// Most tokens (prefill and decode together) in one step.
+    pub max_batch_tokens: u32,
+    /// How long a request waits for a serving plan before failing with UNAVAILABLE.
+    pub ready_wait: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            model: tessera_model::testing::SMOLLM2_NAME.to_owned(),
+            model_home: None,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(2),
+            min_workers: 1,
+            kv_tokens: 0,
+            block_size: 16,
+            prefill_chunk: 512,
+            max_batch_tokens: 2048,
+            ready_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// The KV capacity per worker in tokens for a model of `context_len` positions: the
+    /// configured value, or the context when 0; rounded down to whole blocks.
+    pub fn kv_tokens_for(&self, context_len: usize) -> u32 {
+        let ctx = u32::try_from(context_len).unwrap_or(u32::MAX);
+        let tokens = if self.kv_tokens == 0 {
+            ctx
+        } else {
+            self.kv_tokens
+        };
+        let block = self.block_size.max(1);
+        (tokens / block * block).max(block)
+    }
+}

@@ -1,0 +1,167 @@
+//! The coordinator's error type and its one mapping to `tonic::Status`.
+
+use tessera_model::ModelError;
+use tessera_model::sampling::SamplingError;
+
+use crate::planner::PlanError;
+use crate::state::StateError;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// A request field is invalid; `field` is its proto path (`sampling.top_p`, `prompt`, …).
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field's proto path.
+        field: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// The model could not be opened, or misbehaved.
+    #[error("model: {0}")]
+    Model(#[source] ModelError),
+    /// No plan serves the model (too few workers, or reloading), or a worker was lost
+    /// mid-request; retrying later may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The cluster cannot take the request now (queue or KV capacity).
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(String),
+    /// No plan fits the workers.
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    /// A cluster state command was refused.
+    #[error("cluster state: {0}")]
+    State(#[from] StateError),
+    /// A worker call failed.
+    #[error("worker {worker}: {status}")]
+    Worker {
+        /// The worker's id or address.
+        worker: String,
+        /// What it answered.
+        status: tonic::Status,
+    },
+    /// The listen address could not be bound or served.
+    #[error("serving {addr}: {reason}")]
+    Serve {
+        /// The address.
+        addr: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A bug: an internal task or channel went away.
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// The proto path of a `tessera_model` request field.
+fn proto_field(field: &str) -> String {
+    match field {
+        "temperature" | "top_k" | "top_p" | "min_p" | "repetition_penalty"
+        | "frequency_penalty" | "presence_penalty" | "seed" => format!("sampling.{field}"),
+        "max_tokens" | "stop" | "stop_token_ids" | "ignore_eos" => format!("stop.{field}"),
+        "messages" => "chat.messages".into(),
+        other => other.into(),
+    }
+}
+
+impl From<ModelError> for CoordinatorError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidArgument { field, reason } => Self::InvalidArgument {
+                field: proto_field(field),
+                reason,
+            },
+            ModelError::Sampling(SamplingError::InvalidField { field, reason }) => {
+                Self::InvalidArgument {
+                    field: proto_field(field),
+                    reason,
+                }
+            }
+            // A chat template that cannot render these messages is the messages' fault.
+            ModelError::Tokenizer(t) => Self::InvalidArgument {
+                field: "prompt".into(),
+                reason: t.to_string(),
+            },
+            other => Self::Model(other),
+        }
+    }
+}
+
+impl CoordinatorError {
+    /// An [`CoordinatorError::InvalidArgument`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            CoordinatorError::InvalidArgument { .. } => Code::InvalidArgument,
+            CoordinatorError::Model(_) => Code::Internal,
+            CoordinatorError::Unavailable(_) => Code::Unavailable,
+            CoordinatorError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::Plan(_) => Code::Unavailable,
+            CoordinatorError::State(_) => Code::FailedPrecondition,
+            CoordinatorError::Worker { .. } => Code::Unavailable,
+            CoordinatorError::Serve { .. } => Code::Internal,
+            CoordinatorError::Internal(_) => Code::Internal,
+        };
+        // Invalid arguments start with the field's proto path, as the proto promises.
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ensures that model errors become INVALID_ARGUMENT prefixed with the proto field path.
+    #[test]
+    fn model_errors_map_to_proto_paths() {
+        let cases = [
+            (
+                SamplingError::InvalidField {
+                    field: "top_p",
+                    reason: "r".into(),
+                }
+                .into(),
+                "sampling.top_p: r",
+            ),
+            (
+                SamplingError::InvalidField {
+                    field: "max_tokens",
+                    reason: "r".into(),
+                }
+                .into(),
+                "stop.max_tokens: r",
+            ),
+            (
+                ModelError::InvalidArgument {
+                    field: "prompt",
+                    reason: "r".into(),
+                },
+                "prompt: r",
+            ),
+            (
+                ModelError::InvalidArgument {
+                    field: "messages",
+                    reason: "r".into(),
+                },
+                "chat.messages: r",
+            ),
+        ];
+        for (model_err, want) in cases {
+            let s = tonic::Status::from(CoordinatorError::from(model_err));
+            assert_eq!(s.code(), tonic::Code::InvalidArgument);
+            assert_eq!(s.message(), want);
+        }
+        let s = tonic::Status::from(CoordinatorError::Unavailable("x".into()));
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+    }
+}
