@@ -1,11 +1,156 @@
 //! The tessera coordinator: the public gRPC API, request validation, the shard planner, the
 //! cluster state, worker registry and liveness, and the continuous-batching scheduler.
+//!
+//! [`serve`] runs one coordinator: it reads the model's tokenizer and footprint (no weights),
+//! serves `tessera.v1.Inference`, `tessera.v1.Coordination`, `grpc.health.v1` and server
+//! reflection, and keeps a plan loaded on the registered workers.
 
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_model::ModelError;
+use tessera_model::frontend::{Frontend, open_weights};
+use tessera_model::source::{ModelCache, resolve};
+use tessera_proto::v1 as pb;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Channel, Endpoint};
+
+pub mod api;
+mod cluster;
 pub mod config;
+mod controller;
 pub mod error;
 pub mod footprint;
 pub mod planner;
+mod registry;
+pub mod scheduler;
 pub mod state;
+pub mod validate;
 
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
+
+/// Connects to a worker at host:port.
+pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(format!("worker address {addr}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting to {addr}: {e}")))
+}
+
+/// Aborts the background tasks when `serve` returns, however it returns.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Runs a coordinator until `shutdown` resolves.
+///
+/// Prints exactly one stdout line, `tessera coordinator listening on <addr>`, once bound.
+///
+/// # Errors
+/// [`CoordinatorError::Model`] when the model cannot be resolved or read;
+/// [`CoordinatorError::Serve`] when the address cannot be bound or serving fails.
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
+    let cache = match &cfg.model_home {
+        Some(home) => ModelCache::at(home.clone()),
+        None => ModelCache::from_env().map_err(ModelError::from)?,
+    };
+    let location = resolve(&cfg.model, &cache).map_err(ModelError::from)?;
+    let frontend = Frontend::open(&location).map_err(CoordinatorError::Model)?;
+    let (store, model_cfg) = open_weights(&location).map_err(CoordinatorError::Model)?;
+    let footprint = footprint::ModelFootprint::from_store(store.as_ref(), &model_cfg)
+        .map_err(CoordinatorError::Model)?;
+    drop(store);
+    let kv_tokens = cfg.kv_tokens_for(model_cfg.context_len);
+    let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize);
+
+    let listen = cfg.listen;
+    let serve_err = |reason: String| CoordinatorError::Serve {
+        addr: listen.to_string(),
+        reason,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| serve_err(e.to_string()))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| serve_err(e.to_string()))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tessera coordinator listening on {addr}")
+            .and_then(|()| out.flush())
+            .map_err(|e| serve_err(format!("writing stdout: {e}")))?;
+    }
+    tracing::info!(%addr, model = %cfg.model, kv_tokens, layers = footprint.n_layers(),
+        weight_bytes = footprint.weight_bytes(), "coordinator up");
+
+    let cluster = Arc::new(cluster::Cluster::new(cfg, footprint, kv_tokens));
+    let (scheduler, sched_task) = scheduler::spawn(Arc::clone(&cluster), frontend);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let mut tasks = Tasks(vec![
+        sched_task,
+        tokio::spawn(controller::run(Arc::clone(&cluster))),
+        tokio::spawn(registry::monitor(Arc::clone(&cluster))),
+    ]);
+    tasks
+        .0
+        .push(tokio::spawn(report_health(Arc::clone(&cluster), health)));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| serve_err(format!("reflection: {e}")))?;
+
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::inference_server::InferenceServer::new(api::Api::new(
+            Arc::clone(&cluster),
+            validator,
+            scheduler,
+        )))
+        .add_service(pb::coordination_server::CoordinationServer::new(
+            registry::Registry::new(Arc::clone(&cluster)),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| serve_err(e.to_string()));
+    drop(tasks);
+    result
+}
+
+/// Keeps `grpc.health.v1` in line with readiness: the server is SERVING once up;
+/// `tessera.v1.Inference` is SERVING only while a plan serves the model.
+async fn report_health(
+    cluster: Arc<cluster::Cluster>,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut serving = cluster.subscribe();
+    let name =
+        <pb::inference_server::InferenceServer<api::Api> as tonic::server::NamedService>::NAME;
+    loop {
+        let status = if serving.borrow_and_update().is_some() {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        health.set_service_status(name, status).await;
+        if serving.changed().await.is_err() {
+            return;
+        }
+    }
+}

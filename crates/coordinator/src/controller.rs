@@ -1,0 +1,185 @@
+//! The plan controller: a task that keeps a loaded plan serving the live workers.
+//!
+//! Re-plan = planner over the live workers → `SetPlan` → `LoadShard` on every worker of the
+//! plan, concurrently (each told the next stage's address) → `PlanReady`. It re-plans at once
+//! when the cluster is not ready (first plan, a plan worker dropped, a broken pipeline), and
+//! when a worker joined and the planner would now use it, only while no request is running or
+//! waiting, so adopting it interrupts nothing. A worker whose load fails is dropped (it
+//! registers again if it is alive) and planning starts over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tessera_proto::v1 as pb;
+use tokio::task::JoinSet;
+
+use crate::cluster::Cluster;
+use crate::error::CoordinatorError;
+use crate::planner::{self, Plan, PlanPolicy, PlanStage};
+use crate::state::Command;
+
+/// How long a shard may take to load before the worker is given up on.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs the controller until the task is aborted.
+pub async fn run(cluster: Arc<Cluster>) {
+    let mut tick = tokio::time::interval(cluster.cfg.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cluster.replan.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = reconcile(&cluster).await {
+            tracing::warn!(error = %e, "planning failed");
+        }
+    }
+}
+
+/// The plan the planner makes over the registered workers now.
+fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
+    let st = cluster.state();
+    let workers: Vec<_> = st.workers().map(|w| w.capacity()).collect();
+    if workers.len() < cluster.cfg.min_workers.max(1) {
+        return Ok(None);
+    }
+    let policy = PlanPolicy {
+        kv_tokens: cluster.kv_tokens,
+    };
+    Ok(Some(planner::plan(&cluster.footprint, &workers, &policy)?))
+}
+
+/// One look at the cluster: plans and loads when needed.
+async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
+    let st = cluster.state();
+    let failed = cluster.failed_epoch() >= st.plan_epoch() && st.plan_epoch() > 0;
+    let ready = st.ready() && !failed;
+    if ready && cluster.busy() {
+        return Ok(());
+    }
+    let Some(plan) = candidate(cluster)? else {
+        if st.plan().is_some() {
+            // Too few workers: stop serving a plan that no longer has the quorum asked for.
+            cluster.commit(Command::SetPlan {
+                epoch: st.plan_epoch() + 1,
+                plan: None,
+            })?;
+        }
+        return Ok(());
+    };
+    if ready && st.plan() == Some(&plan) {
+        return Ok(());
+    }
+    let epoch = st.plan_epoch() + 1;
+    let _span = tracing::info_span!("replan", epoch, stages = plan.stages.len()).entered();
+    tracing::info!(?plan, "new plan");
+    cluster.commit(Command::SetPlan {
+        epoch,
+        plan: Some(plan.clone()),
+    })?;
+    drop(_span);
+    let failures = load_all(cluster, epoch, &plan).await;
+    if failures.is_empty() {
+        cluster.commit(Command::PlanReady { epoch })?;
+        tracing::info!(epoch, "plan ready");
+        return Ok(());
+    }
+    for (worker, e) in failures {
+        tracing::warn!(worker = %worker, error = %e, "shard load failed; dropping the worker");
+        if cluster
+            .commit(Command::RemoveWorker { id: worker.clone() })
+            .is_ok()
+        {
+            cluster.forget(&worker);
+        }
+    }
+    cluster.replan.notify_one();
+    Ok(())
+}
+
+/// Loads every stage's shard concurrently; returns the workers that failed.
+async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, CoordinatorError)> {
+    let st = cluster.state();
+    let address = |id: &str| st.worker(id).map(|w| w.address.clone());
+    let mut set = JoinSet::new();
+    let mut failures = Vec::new();
+    for (i, stage) in plan.stages.iter().enumerate() {
+        let Some(addr) = address(&stage.worker_id) else {
+            failures.push((
+                stage.worker_id.clone(),
+                CoordinatorError::Unavailable("worker left before loading".into()),
+            ));
+            continue;
+        };
+        let next = plan
+            .stages
+            .get(i + 1)
+            .and_then(|s| address(&s.worker_id))
+            .unwrap_or_default();
+        let req = pb::LoadShardRequest {
+            plan_epoch: epoch,
+            model: cluster.cfg.model.clone(),
+            shard: Some(assignment(stage)),
+            next_address: next,
+            kv_tokens: cluster.kv_tokens,
+            block_size: cluster.cfg.block_size,
+        };
+        let id = stage.worker_id.clone();
+        let connect = cluster.cfg.heartbeat_timeout;
+        set.spawn(async move {
+            let r = load_one(&addr, req, connect).await;
+            (id, r)
+        });
+    }
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((id, Err(e))) => failures.push((id, e)),
+            Err(e) => tracing::error!(error = %e, "shard load task failed"),
+        }
+    }
+    failures
+}
+
+async fn load_one(
+    addr: &str,
+    req: pb::LoadShardRequest,
+    connect_timeout: Duration,
+) -> Result<(), CoordinatorError> {
+    let worker_err = |status| CoordinatorError::Worker {
+        worker: addr.to_owned(),
+        status,
+    };
+    let channel = crate::connect(addr, connect_timeout)
+        .await
+        .map_err(worker_err)?;
+    let mut client = pb::worker_client::WorkerClient::new(channel);
+    let shard = req.shard.clone();
+    let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
+        .await
+        .map_err(|_| worker_err(tonic::Status::deadline_exceeded("LoadShard timed out")))?
+        .map_err(worker_err)?
+        .into_inner();
+    tracing::info!(
+        worker = addr,
+        ?shard,
+        weight_bytes = resp.weight_bytes,
+        resident_bytes = resp.resident_bytes,
+        load_ms = resp.load_ms,
+        "shard loaded"
+    );
+    Ok(())
+}
+
+/// A plan stage as the proto describes it.
+pub fn assignment(s: &PlanStage) -> pb::ShardAssignment {
+    pb::ShardAssignment {
+        stage: s.stage,
+        tp_rank: s.tp_rank,
+        cp_rank: s.cp_rank,
+        layer_start: s.layers.start,
+        layer_end: s.layers.end,
+        embed: s.embed,
+        head: s.head,
+    }
+}

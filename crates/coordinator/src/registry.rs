@@ -1,0 +1,121 @@
+//! Worker registry and liveness: the `tessera.v1.Coordination` service (Register assigns ids,
+//! Heartbeat refreshes) and the monitor task that drops workers silent for longer than the
+//! heartbeat timeout, which makes the controller re-plan.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tessera_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::cluster::{Cluster, Seen};
+use crate::error::CoordinatorError;
+use crate::state::Command;
+
+/// The Coordination service.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    cluster: Arc<Cluster>,
+}
+
+impl Registry {
+    /// A registry over the shared cluster.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self { cluster }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordination_server::Coordination for Registry {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        if req.address.is_empty() {
+            return Err(CoordinatorError::invalid("address", "required (host:port)").into());
+        }
+        let cap = req.capacity.unwrap_or_default();
+        let id = self
+            .cluster
+            .commit_with(|st| {
+                let id = st.next_worker_id();
+                (
+                    Command::RegisterWorker {
+                        id: id.clone(),
+                        address: req.address.clone(),
+                        name: req.name.clone(),
+                        memory_bytes: cap.memory_bytes,
+                        threads: cap.threads,
+                        devices: cap.devices.clone(),
+                    },
+                    id,
+                )
+            })
+            .map_err(CoordinatorError::from)?;
+        self.cluster.heartbeat(
+            &id,
+            Seen {
+                at: Instant::now(),
+                resident_bytes: 0,
+                weight_bytes: 0,
+                plan_epoch: 0,
+            },
+        );
+        tracing::info!(worker = %id, address = %req.address, memory = cap.memory_bytes,
+            threads = cap.threads, "worker registered");
+        self.cluster.replan.notify_one();
+        let interval = self.cluster.cfg.heartbeat_interval.as_millis();
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id: id,
+            heartbeat_interval_ms: u32::try_from(interval).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        let known = self.cluster.heartbeat(
+            &req.worker_id,
+            Seen {
+                at: Instant::now(),
+                resident_bytes: req.resident_bytes,
+                weight_bytes: req.weight_bytes,
+                plan_epoch: req.plan_epoch,
+            },
+        );
+        Ok(Response::new(pb::HeartbeatResponse { known }))
+    }
+}
+
+/// Drops workers silent for longer than the heartbeat timeout, checking a few times per
+/// heartbeat interval so a silent worker goes within timeout + interval/4.
+pub async fn monitor(cluster: Arc<Cluster>) {
+    let period = (cluster.cfg.heartbeat_interval / 4).max(std::time::Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let seen = cluster.seen();
+        let silent: Vec<String> = cluster
+            .state()
+            .workers()
+            .filter(|w| {
+                seen.get(&w.id)
+                    .is_none_or(|s| now.duration_since(s.at) > cluster.cfg.heartbeat_timeout)
+            })
+            .map(|w| w.id.clone())
+            .collect();
+        for id in silent {
+            tracing::warn!(worker = %id, "worker missed heartbeats; dropping it");
+            if let Err(e) = cluster.commit(Command::RemoveWorker { id: id.clone() }) {
+                tracing::debug!(worker = %id, error = %e, "already gone");
+            }
+            cluster.forget(&id);
+            cluster.replan.notify_one();
+        }
+    }
+}

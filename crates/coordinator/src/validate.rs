@@ -1,0 +1,195 @@
+//! Request validation: a proto `GenerateRequest` becomes a [`ValidRequest`] once, at the edge;
+//! nothing downstream re-checks it. Defaults follow the proto (OpenAI's), the field names in
+//! errors are the proto's paths, and the arithmetic of validation is the engine's own
+//! ([`Frontend::validate`]), so a cluster accepts exactly what the engine accepts.
+
+use std::time::Instant;
+
+use tessera_model::frontend::{Frontend, GenerateRequest, Prompt, ValidGenerateRequest};
+use tessera_model::sampling::{Rng, SamplingParams, StopConditions};
+use tessera_model::tokenizer::ChatMessage;
+use tessera_proto::v1 as pb;
+
+use crate::error::CoordinatorError;
+
+/// `max_tokens` when the request gives none (capped so the prompt plus it fits the context).
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+/// A generate request that passed validation.
+#[derive(Clone, Debug)]
+pub struct ValidRequest {
+    /// The caller's id, or one made up.
+    pub request_id: String,
+    /// Tokenized prompt, validated sampling parameters and stop conditions.
+    pub inner: ValidGenerateRequest,
+    /// The seed the last stage samples with (the request's, or one drawn for it).
+    pub seed: u64,
+    /// When the coordinator received it (time to first token counts from here).
+    pub received: Instant,
+}
+
+impl ValidRequest {
+    /// Tokens this request may occupy in the KV cache: the prompt plus `max_tokens`.
+    pub fn max_len(&self) -> usize {
+        self.inner.prompt_ids.len() + self.inner.stop.conditions().max_tokens as usize
+    }
+
+    /// The sampler of the sequence as the last stage receives it.
+    pub fn seq_start(&self) -> pb::SeqStart {
+        let p = self.inner.sampling.params();
+        pb::SeqStart {
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(p.temperature),
+                top_k: p.top_k,
+                top_p: Some(p.top_p),
+                min_p: p.min_p,
+                repetition_penalty: Some(p.repetition_penalty),
+                frequency_penalty: p.frequency_penalty,
+                presence_penalty: p.presence_penalty,
+                seed: Some(self.seed),
+            }),
+            logprobs: p.logprobs,
+            top_logprobs: p.top_logprobs,
+            seed: self.seed,
+            prompt: self.inner.prompt_ids.clone(),
+        }
+    }
+}
+
+/// Validates requests for one model and serving context.
+#[derive(Clone, Debug)]
+pub struct Validator {
+    frontend: Frontend,
+    model: String,
+    context: usize,
+}
+
+impl Validator {
+    /// A validator for `model` (its name as clients give it) with `context` tokens per sequence
+    /// (the model's context, or less when the KV cache is smaller).
+    pub fn new(frontend: Frontend, model: &str, context: usize) -> Self {
+        let context = context.min(frontend.config().context_len);
+        Self {
+            frontend,
+            model: model.to_owned(),
+            context,
+        }
+    }
+
+    /// The model's frontend.
+    pub fn frontend(&self) -> &Frontend {
+        &self.frontend
+    }
+
+    /// The longest sequence a request may reach.
+    pub fn context(&self) -> usize {
+        self.context
+    }
+
+    /// Checks a requested model name (empty = the default).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT on `model` when it is not the one served.
+    pub fn check_model(&self, model: &str) -> Result<(), CoordinatorError> {
+        if model.is_empty() || model == self.model {
+            Ok(())
+        } else {
+            Err(CoordinatorError::invalid(
+                "model",
+                format!(
+                    "unknown model `{model}`; this cluster serves `{}`",
+                    self.model
+                ),
+            ))
+        }
+    }
+
+    /// The prompt of a generate or tokenize request.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT on `prompt` when neither text nor chat is given.
+    pub fn prompt(
+        text: Option<String>,
+        chat: Option<pb::ChatMessages>,
+    ) -> Result<Prompt, CoordinatorError> {
+        match (text, chat) {
+            (Some(t), _) => Ok(Prompt::Text(t)),
+            (None, Some(c)) => Ok(Prompt::Chat(
+                c.messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            )),
+            (None, None) => Err(CoordinatorError::invalid(
+                "prompt",
+                "required: give text or chat",
+            )),
+        }
+    }
+
+    /// Validates a generate request received at `received`.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field's proto path.
+    pub fn validate(
+        &self,
+        req: pb::GenerateRequest,
+        received: Instant,
+    ) -> Result<ValidRequest, CoordinatorError> {
+        self.check_model(&req.model)?;
+        let (text, chat) = match req.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => (Some(t), None),
+            Some(pb::generate_request::Prompt::Chat(c)) => (None, Some(c)),
+            None => (None, None),
+        };
+        let prompt = Self::prompt(text, chat)?;
+        let s = req.sampling.unwrap_or_default();
+        let stop = req.stop.unwrap_or_default();
+        let seed = s.seed.unwrap_or_else(Rng::entropy_seed);
+        let sampling = SamplingParams {
+            temperature: s.temperature.unwrap_or(1.0),
+            top_k: s.top_k,
+            top_p: s.top_p.unwrap_or(1.0),
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            seed: Some(seed),
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
+        };
+        let max_tokens = match stop.max_tokens {
+            Some(m) => m,
+            None => {
+                let prompt_len = self.frontend.tokenize_prompt(&prompt)?.len();
+                let room = self.context.saturating_sub(prompt_len).max(1);
+                DEFAULT_MAX_TOKENS.min(u32::try_from(room).unwrap_or(u32::MAX))
+            }
+        };
+        let model_req = GenerateRequest {
+            prompt,
+            sampling,
+            stop: StopConditions {
+                max_tokens,
+                stop: stop.stop,
+                stop_token_ids: stop.stop_token_ids,
+                ignore_eos: stop.ignore_eos,
+            },
+        };
+        let inner = self.frontend.validate(&model_req, self.context)?;
+        let request_id = if req.request_id.is_empty() {
+            format!("req-{:016x}", Rng::entropy_seed())
+        } else {
+            req.request_id
+        };
+        Ok(ValidRequest {
+            request_id,
+            inner,
+            seed,
+            received,
+        })
+    }
+}
