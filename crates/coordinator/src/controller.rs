@@ -154,7 +154,7 @@ async fn load_one(
         .await
         .map_err(worker_err)?;
     let mut client = pb::worker_client::WorkerClient::new(channel);
-    let shard = req.shard.clone();
+    let shard = req.shard;
     let resp = tokio::time::timeout(LOAD_TIMEOUT, client.load_shard(req))
         .await
         .map_err(|_| worker_err(tonic::Status::deadline_exceeded("LoadShard timed out")))?

@@ -158,13 +158,13 @@ impl Scheduler {
                 .borrow_and_update()
                 .clone()
                 .filter(|s| s.epoch > dead);
-            if self.link.as_ref().map(|l| l.epoch) != serving.as_ref().map(|s| s.epoch) {
-                if let Some(link) = self.link.take() {
-                    self.fail_running(&format!(
-                        "the plan of epoch {} stopped serving (a worker was lost)",
-                        link.epoch
-                    ));
-                }
+            if self.link.as_ref().map(|l| l.epoch) != serving.as_ref().map(|s| s.epoch)
+                && let Some(link) = self.link.take()
+            {
+                self.fail_running(&format!(
+                    "the plan of epoch {} stopped serving (a worker was lost)",
+                    link.epoch
+                ));
             }
             self.expire_queue(serving.is_some());
             self.publish_load();
