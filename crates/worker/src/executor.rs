@@ -94,8 +94,9 @@ impl Executor {
         }));
     }
 
-    /// Loads (or replaces) the shard. The previous shard and all its sequences are dropped
-    /// first, so the two never sit in memory together.
+    /// Loads (or replaces) the shard. A request that fails validation leaves the previous
+    /// shard in place; otherwise the previous shard and all its sequences are dropped before
+    /// the new one loads.
     ///
     /// # Errors
     /// INVALID_ARGUMENT for a malformed request or a shard the model does not have; NOT_FOUND
@@ -105,8 +106,6 @@ impl Executor {
         req: pb::LoadShardRequest,
     ) -> Result<pb::LoadShardResponse, WorkerError> {
         let start = Instant::now();
-        self.loaded = None;
-        self.publish();
         let shard = req
             .shard
             .ok_or_else(|| WorkerError::invalid("shard", "missing"))?;
@@ -166,6 +165,10 @@ impl Executor {
             head = shard.head
         );
         let _g = span.enter();
+        // The request is sound: drop the old shard (and its sequences) before loading the
+        // new one, so the two never sit in memory together.
+        self.loaded = None;
+        self.publish();
         let spec = LoadSpec {
             layers: start_l..end_l,
             embed: shard.embed,
