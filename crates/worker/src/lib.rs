@@ -1,1 +1,28 @@
-//! A tessera worker (being built).
+//! A tessera worker: loads one shard of a model (a stage of the pipeline) and runs batched
+//! steps for the coordinator, passing hidden states straight to the next stage.
+//!
+//! - [`serve`] / [`start`] ([`server`]): the process — Worker and health services, registration.
+//! - `shard` / `executor`: the dedicated compute thread that owns the model, KV cache and
+//!   sequences; [`ShardHandle`] is its cloneable front.
+//! - `pipeline`: one inbound Pipeline stream and its outbound stream to the next stage.
+//! - `register`: registration and heartbeats.
+//! - [`hidden`]: hidden states on the wire.
+
+mod config;
+mod error;
+mod executor;
+pub mod hidden;
+mod memory;
+mod pipeline;
+mod register;
+mod seqs;
+pub mod server;
+mod service;
+mod shard;
+
+pub use config::{Capacity, WorkerConfig};
+pub use error::WorkerError;
+pub use memory::resident_bytes;
+pub use seqs::StreamId;
+pub use server::{RunningWorker, serve, start};
+pub use shard::{ShardHandle, ShardStatus};

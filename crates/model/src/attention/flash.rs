@@ -26,6 +26,11 @@ const VECS_PER_TASK: usize = 8;
 /// Tasks per pool thread the planner aims for, so uneven tasks (causal rows) still balance.
 const TASKS_PER_THREAD: usize = 4;
 
+/// The thread count key splits are planned for, whatever the pool's size: the split changes
+/// rounding, and a pipeline stage must compute exactly what the single-process engine does even
+/// when the two run with different thread counts. Eight keeps a 2-16 thread pool busy on decode.
+pub(crate) const SPLIT_PLAN_THREADS: usize = 8;
+
 /// A key split shorter than this costs more in merging and scheduling than it saves.
 const MIN_KEYS_PER_SPLIT: usize = 128;
 
@@ -40,8 +45,9 @@ const PARTIAL_FLOATS: usize = 16 * 1024;
 /// with scores `scale · q·k`. Causal masking is aligned bottom-right: query `i` sees key `j` iff
 /// `j <= i + kv.len - seq_q`. GQA: query head `h` uses KV head `h / (n_heads / n_kv_heads)`.
 /// A row with no visible key (causal with `seq_q > kv.len`, or `kv.len == 0`) gets output 0
-/// and lse `-inf`. Accumulation is f32; the result does not depend on the pool size unless the
-/// keys are split for decode (then within rounding of the unsplit result).
+/// and lse `-inf`. Accumulation is f32; the result does not depend on the pool size (key splits
+/// for decode are planned for a fixed thread count, and are within rounding of the unsplit
+/// result).
 ///
 /// # Panics
 /// On inconsistent arguments, which are caller bugs: `n_kv_heads == 0`, `n_heads` not a
@@ -135,7 +141,7 @@ pub(crate) fn flash_attention_with(
         scale,
         n_splits: 1,
     };
-    let n_splits = job.plan_splits(pool.n_threads(), splits);
+    let n_splits = job.plan_splits(SPLIT_PLAN_THREADS, splits);
     if n_splits == 1 {
         job.run(out, lse, None, pool);
     } else {

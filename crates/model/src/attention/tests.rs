@@ -367,6 +367,11 @@ fn key_splits() {
         "decode over 2048 keys on 4 threads should split"
     );
     assert_eq!(plan(&p, 1), 1, "one thread never splits");
+    // The kernel plans for a fixed thread count, so the pool's size never changes the result.
+    assert_eq!(
+        super::flash::plan_for_tests(p.view(), p.shape, super::flash::SPLIT_PLAN_THREADS),
+        plan(&p, 8)
+    );
     assert_eq!(plan(&Problem::new(shape(1, 9, 3, 64), 100, None, 1), 4), 1);
     assert_eq!(
         plan(&Problem::new(shape(256, 9, 3, 64), 2048, None, 1), 4),
@@ -375,7 +380,7 @@ fn key_splits() {
     check(shape(1, 9, 3, 64), 2048, true, Some(32), None, &pool);
 }
 
-/// Ensures that without key splits the result is bit-identical whatever the pool size, so
+/// Ensures that the result is bit-identical whatever the pool size, so
 /// pipeline-split runs reproduce single-process output exactly.
 #[test]
 fn pool_size_does_not_change_bits() {
@@ -386,6 +391,20 @@ fn pool_size_does_not_change_bits() {
             p.flash(
                 Isa::detect(),
                 Some(1),
+                true,
+                &ThreadPool::new(n).expect("pool"),
+            )
+        })
+        .collect();
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
+    // Decode over a long context, splits left to the planner: still the same bits.
+    let p = Problem::new(shape(1, 9, 3, 64), 2048, Some(16), 5);
+    let results: Vec<_> = [1, 2, 4]
+        .iter()
+        .map(|&n| {
+            p.flash(
+                Isa::detect(),
+                None,
                 true,
                 &ThreadPool::new(n).expect("pool"),
             )

@@ -3,8 +3,15 @@
 //! Two variants are generated from one body: plain AVX-512 BW (`vpmaddubsw` + `vpmaddwd`) and
 //! AVX-512 VNNI (`vpdpbusd`, the same u8·i8 sum in one instruction). Both are compiled on every
 //! x86-64 build and only called after [`super::dispatch::isa`] detects the features, so a
-//! machine without AVX-512 (like the 2-core development box) still builds and tests the rest;
-//! the tests compare these against the scalar kernels wherever the CPU has them.
+//! machine without AVX-512 still builds and tests the rest.
+//!
+//! Only the integer work is 512 bits wide. The float accumulation is the AVX2 kernel's, step for
+//! step: one eight-lane accumulator, each block's lane sums folded in with its own fused
+//! multiply-add in block order, and the `m · s` offsets on a separate fused scalar accumulator.
+//! Keeping two blocks in two accumulator halves (the natural 512-bit layout) would add the
+//! blocks in a different order and make the result depend on the CPU; the scalar, AVX2 and
+//! AVX-512 paths must agree bit for bit (see `dot_scalar`), and integer sums are exact, so the
+//! integer part is the only place wider vectors may be used freely.
 //!
 //! The matrix-vector (decode) product is where the wider vectors pay; the prefill micro-kernel
 //! keeps using the AVX2 `_x4` kernels on AVX-512 machines.
@@ -22,16 +29,14 @@ fn join_i(lo: __m256i, hi: __m256i) -> __m512i {
     _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1)
 }
 
-/// Eight lanes of `a` then eight lanes of `b`.
+/// Lanes 0..8 and 8..16 of `v`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-fn join_scales(a: f32, b: f32) -> __m512 {
-    let lo = _mm512_castps256_ps512(_mm256_set1_ps(a));
-    _mm512_castpd_ps(_mm512_insertf64x4(
-        _mm512_castps_pd(lo),
-        _mm256_castps_pd(_mm256_set1_ps(b)),
-        1,
-    ))
+fn halves(v: __m512) -> (__m256, __m256) {
+    (
+        _mm512_castps512_ps256(v),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)),
+    )
 }
 
 /// A block's f16 scale at `p`.
@@ -68,31 +73,33 @@ macro_rules! avx512_kernels {
         pub(crate) unsafe fn $q4<const Q41: bool>(w: &[u8], a: &[BlockQ8]) -> f32 {
             let (ts, o) = if Q41 { (20, 4) } else { (18, 2) };
             debug_assert!(w.len() >= a.len() * ts);
-            let mut acc = _mm512_setzero_ps();
+            let mut acc = _mm256_setzero_ps();
             let mut accm = 0.0f32;
             let mut i = 0;
-            while i + 1 < a.len() {
-                // SAFETY: blocks i and i + 1 are inside w.
+            while i < a.len() {
+                // A lone last block pairs with zeros; its (zero) second half is never added.
+                let pair = i + 1 < a.len();
+                // SAFETY: block i, and block i + 1 when `pair`, are inside w.
                 unsafe {
                     let b0 = w.as_ptr().add(i * ts);
-                    let b1 = b0.add(ts);
-                    let (d0, d1) = (f16_at(b0), f16_at(b1));
-                    let (m0, m1) =
-                        if Q41 { (f16_at(b0.add(2)), f16_at(b1.add(2))) } else { (-8.0 * d0, -8.0 * d1) };
-                    let wq = join_i(dot_avx2::unpack_q4(b0.add(o)), dot_avx2::unpack_q4(b1.add(o)));
-                    let aq = join_i(load_act(&a[i]), load_act(&a[i + 1]));
-                    let sc = join_scales(d0 * a[i].d, d1 * a[i + 1].d);
-                    acc = _mm512_fmadd_ps(sc, $dot(wq, aq), acc);
-                    accm += m0 * a[i].s + m1 * a[i + 1].s;
+                    let (w1, a1) = if pair {
+                        (dot_avx2::unpack_q4(b0.add(ts + o)), load_act(&a[i + 1]))
+                    } else {
+                        (_mm256_setzero_si256(), _mm256_setzero_si256())
+                    };
+                    let wq = join_i(dot_avx2::unpack_q4(b0.add(o)), w1);
+                    let (p0, p1) = halves($dot(wq, join_i(load_act(&a[i]), a1)));
+                    for (k, p) in [(0, p0), (1, p1)].into_iter().take(1 + pair as usize) {
+                        let b = b0.add(k * ts);
+                        let d = f16_at(b);
+                        let m = if Q41 { f16_at(b.add(2)) } else { -8.0 * d };
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a[i + k].d), p, acc);
+                        accm = m.mul_add(a[i + k].s, accm);
+                    }
                 }
                 i += 2;
             }
-            let mut sum = _mm512_reduce_add_ps(acc) + accm;
-            if i < a.len() {
-                // SAFETY: forwarded contract; AVX2/FMA/F16C are implied by these features.
-                sum += unsafe { dot_avx2::dot_q4::<Q41>(&w[i * ts..], &a[i..]) };
-            }
-            sum
+            accm + dot_avx2::hsum(acc)
         }
 
         /// Q8_0 row · Q8 activations.
@@ -102,30 +109,33 @@ macro_rules! avx512_kernels {
         #[target_feature(enable = $features)]
         pub(crate) unsafe fn $q8(w: &[u8], a: &[BlockQ8]) -> f32 {
             debug_assert!(w.len() >= a.len() * 34);
-            let mut acc = _mm512_setzero_ps();
+            let mut acc = _mm256_setzero_ps();
             let mut i = 0;
-            while i + 1 < a.len() {
-                // SAFETY: blocks i and i + 1 are inside w.
+            while i < a.len() {
+                let pair = i + 1 < a.len();
+                // SAFETY: block i, and block i + 1 when `pair`, are inside w.
                 unsafe {
                     let b0 = w.as_ptr().add(i * 34);
-                    let b1 = b0.add(34);
-                    let wq = join_i(_mm256_loadu_si256(b0.add(2).cast()), _mm256_loadu_si256(b1.add(2).cast()));
-                    let aq = join_i(load_act(&a[i]), load_act(&a[i + 1]));
+                    let (w1, a1) = if pair {
+                        (_mm256_loadu_si256(b0.add(34 + 2).cast()), load_act(&a[i + 1]))
+                    } else {
+                        (_mm256_setzero_si256(), _mm256_setzero_si256())
+                    };
+                    let wq = join_i(_mm256_loadu_si256(b0.add(2).cast()), w1);
+                    let aq = join_i(load_act(&a[i]), a1);
                     // |w| · (a with w's sign): the unsigned operand must be the weight magnitude.
                     let neg = _mm512_movepi8_mask(wq);
                     let aw = _mm512_abs_epi8(wq);
                     let sa = _mm512_mask_sub_epi8(aq, neg, _mm512_setzero_si512(), aq);
-                    let sc = join_scales(f16_at(b0) * a[i].d, f16_at(b1) * a[i + 1].d);
-                    acc = _mm512_fmadd_ps(sc, $dot(aw, sa), acc);
+                    let (p0, p1) = halves($dot(aw, sa));
+                    for (k, p) in [(0, p0), (1, p1)].into_iter().take(1 + pair as usize) {
+                        let d = f16_at(b0.add(k * 34));
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a[i + k].d), p, acc);
+                    }
                 }
                 i += 2;
             }
-            let mut sum = _mm512_reduce_add_ps(acc);
-            if i < a.len() {
-                // SAFETY: forwarded contract; AVX2/FMA/F16C are implied by these features.
-                sum += unsafe { dot_avx2::dot_q8_0(&w[i * 34..], &a[i..]) };
-            }
-            sum
+            dot_avx2::hsum(acc)
         }
     };
     (@dot bw, $u:ident, $s:ident) => {

@@ -1,0 +1,47 @@
+//! What a worker is told at start: where to listen, whom to register with, and what it offers.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tessera_proto::v1 as pb;
+
+/// The resources a worker declares to the coordinator; the planner sizes its shard by them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Memory the worker may use for weights and KV cache, in bytes; 0 = unlimited (no check
+    /// at shard load).
+    pub memory_bytes: u64,
+    /// Compute threads; 0 = one per available core.
+    pub threads: u32,
+    /// Accelerators (`"cuda:0"`, …); empty for CPU only.
+    pub devices: Vec<String>,
+}
+
+impl Capacity {
+    /// The capacity as the protocol carries it.
+    pub fn to_proto(&self) -> pb::Capacity {
+        pb::Capacity {
+            memory_bytes: self.memory_bytes,
+            threads: self.threads,
+            devices: self.devices.clone(),
+        }
+    }
+}
+
+/// How to run a worker process (see [`crate::serve`]).
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Where the Worker and health services listen; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// `host:port` the coordinator and the other workers dial; `None` = the bound address.
+    pub advertise: Option<String>,
+    /// The coordinator's Coordination service, e.g. `http://127.0.0.1:7070`.
+    pub coordinator: String,
+    /// Resources declared at registration.
+    pub capacity: Capacity,
+    /// A human-readable name (not an identity).
+    pub name: String,
+    /// Root of the model cache that `LoadShard` model names resolve in; `None` =
+    /// `ModelCache::from_env()` (`$TESSERA_HOME`, else `~/.cache/tessera`).
+    pub model_home: Option<PathBuf>,
+}

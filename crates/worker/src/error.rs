@@ -1,0 +1,187 @@
+//! The worker's error type and its one mapping to gRPC status codes.
+
+use tessera_model::ModelError;
+use tessera_model::kv_cache::KvCacheError;
+use tessera_model::source::SourceError;
+use tonic::{Code, Status};
+
+/// Everything a worker can fail with, from a bad step to a port that cannot be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A request field is invalid; `field` is its protocol path (`seqs[2].start`, `hidden`).
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The request field at fault, spelled as in the proto.
+        field: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// The request does not fit the worker's state (no shard loaded, or a stream opened for
+    /// an older plan epoch).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The model named by `LoadShard` is not on this worker.
+    #[error("model: {0}")]
+    ModelNotFound(String),
+    /// Out of KV cache blocks or declared memory.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The next stage cannot be reached, broke its stream, or this worker is shutting down.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The model failed in a way not caused by the request (unreadable file, bad tensor).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The listen address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The shard executor thread could not start or has stopped.
+    #[error("shard executor: {0}")]
+    Executor(String),
+}
+
+impl WorkerError {
+    /// An [`WorkerError::InvalidArgument`] for `field`.
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::ModelNotFound(_) => Code::NotFound,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Model(e) => model_code(e),
+            Self::Bind { .. } | Self::Transport(_) | Self::Executor(_) => Code::Internal,
+        }
+    }
+}
+
+/// How each engine error reaches a gRPC caller.
+fn model_code(e: &ModelError) -> Code {
+    match e {
+        ModelError::InvalidArgument { .. } | ModelError::Sampling(_) => Code::InvalidArgument,
+        ModelError::KvCache(KvCacheError::OutOfBlocks { .. }) => Code::ResourceExhausted,
+        ModelError::KvCache(KvCacheError::InvalidConfig { .. }) => Code::InvalidArgument,
+        ModelError::KvCache(KvCacheError::ForeignSequence) => Code::Internal,
+        ModelError::Source(SourceError::Unknown { .. } | SourceError::NotPulled { .. }) => {
+            Code::NotFound
+        }
+        ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Code::NotFound
+        }
+        // A model file we cannot run is a bad LoadShard request for this worker.
+        ModelError::InvalidModel { .. }
+        | ModelError::Tensor { .. }
+        | ModelError::UnsupportedDType(_)
+        | ModelError::Candle(_)
+        | ModelError::Source(_) => Code::InvalidArgument,
+        ModelError::Io { .. } | ModelError::ThreadPool(_) | ModelError::Tokenizer(_) => {
+            Code::Internal
+        }
+    }
+}
+
+impl From<WorkerError> for Status {
+    fn from(e: WorkerError) -> Self {
+        let message = match &e {
+            // The engine names its own fields (`tokens`, `layers`); keep them first.
+            WorkerError::Model(ModelError::InvalidArgument { field, reason }) => {
+                format!("{field}: {reason}")
+            }
+            WorkerError::Model(ModelError::Sampling(s)) => format!("{}: {s}", s.field_name()),
+            WorkerError::Model(ModelError::Source(s)) => format!("model: {s}"),
+            other => other.to_string(),
+        };
+        Status::new(e.code(), message)
+    }
+}
+
+/// A status from the next stage, or from the transport to it, as this stage reports it
+/// upstream: transport failures become UNAVAILABLE naming the stage; a status the next stage
+/// chose itself is passed on unchanged, so the caller sees the original cause.
+pub(crate) fn relay_status(next: &str, s: Status) -> Status {
+    match s.code() {
+        Code::Unknown | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+            Status::unavailable(format!("next stage {next}: {}", s.message()))
+        }
+        _ => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ensures that each kind of failure reaches callers with the code the protocol promises.
+    #[test]
+    fn codes_follow_the_contract() {
+        let cases: Vec<(WorkerError, Code, &str)> = vec![
+            (
+                WorkerError::invalid("seqs[0].start", "missing"),
+                Code::InvalidArgument,
+                "seqs[0].start: missing",
+            ),
+            (
+                ModelError::KvCache(KvCacheError::OutOfBlocks { needed: 2, free: 1 }).into(),
+                Code::ResourceExhausted,
+                "KV cache is full",
+            ),
+            (
+                ModelError::InvalidArgument {
+                    field: "tokens",
+                    reason: "bad".into(),
+                }
+                .into(),
+                Code::InvalidArgument,
+                "tokens: bad",
+            ),
+            (
+                ModelError::Source(SourceError::NoCacheDir).into(),
+                Code::InvalidArgument,
+                "model: ",
+            ),
+            (
+                WorkerError::FailedPrecondition("plan_epoch: old".into()),
+                Code::FailedPrecondition,
+                "plan_epoch",
+            ),
+            (
+                WorkerError::Unavailable("next stage gone".into()),
+                Code::Unavailable,
+                "next stage",
+            ),
+        ];
+        for (err, code, prefix) in cases {
+            let s = Status::from(err);
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().starts_with(prefix), "{s:?}");
+        }
+    }
+
+    /// Ensures that transport failures from the next stage turn into UNAVAILABLE while a
+    /// status it chose (INVALID_ARGUMENT) passes through unchanged.
+    #[test]
+    fn relayed_statuses() {
+        let s = relay_status("1.2.3.4:5", Status::unknown("h2 protocol error"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("1.2.3.4:5"));
+        let s = relay_status("x", Status::invalid_argument("hidden: bad"));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "hidden: bad");
+    }
+}

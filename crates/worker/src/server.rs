@@ -1,0 +1,185 @@
+//! The worker process: binds, serves `tessera.v1.Worker` and `grpc.health.v1`, registers with
+//! the coordinator, and shuts down on request.
+
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tessera_model::source::ModelCache;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::worker_server::WorkerServer;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Endpoint, Server};
+
+use crate::config::WorkerConfig;
+use crate::error::WorkerError;
+use crate::pipeline::MAX_MESSAGE_BYTES;
+use crate::register::{self, Registration};
+use crate::service::WorkerService;
+use crate::shard::ShardHandle;
+
+/// How long shutdown waits for connections to drain before giving up on them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A started worker; dropping it does not stop it — call [`RunningWorker::shutdown`].
+#[derive(Debug)]
+pub struct RunningWorker {
+    local_addr: SocketAddr,
+    advertise: String,
+    shard: ShardHandle,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl RunningWorker {
+    /// The address the services are bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The `host:port` registered with the coordinator.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// The shard this worker runs (its status: epoch, weight bytes, free KV blocks).
+    pub fn shard(&self) -> &ShardHandle {
+        &self.shard
+    }
+
+    /// Ends every pipeline stream with UNAVAILABLE, stops registration and the server, and
+    /// waits for them.
+    ///
+    /// # Errors
+    /// When the server had failed.
+    pub async fn shutdown(self) -> Result<(), WorkerError> {
+        let _ = self.shutdown.send(true);
+        join(self.task).await
+    }
+}
+
+async fn join(
+    task: impl Future<Output = Result<Result<(), WorkerError>, tokio::task::JoinError>>,
+) -> Result<(), WorkerError> {
+    task.await
+        .map_err(|e| WorkerError::Executor(format!("server task: {e}")))?
+}
+
+/// Binds and starts a worker: the gRPC services serve at once; registration proceeds in the
+/// background (retrying while the coordinator is unreachable).
+///
+/// # Errors
+/// [`WorkerError::Bind`] when the address cannot be bound; [`WorkerError::InvalidArgument`]
+/// for a malformed coordinator URL; [`WorkerError::Executor`] when the compute thread cannot
+/// start.
+pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
+    let coordinator = Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(|e| WorkerError::invalid("coordinator", format!("{:?}: {e}", cfg.coordinator)))?
+        .connect_timeout(Duration::from_secs(1));
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| WorkerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| WorkerError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let advertise = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| local_addr.to_string());
+    let shard = ShardHandle::spawn(
+        cfg.capacity.threads as usize,
+        cfg.model_home.clone().map(ModelCache::at),
+        cfg.capacity.memory_bytes,
+    )?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    let service = WorkerServer::new(WorkerService::new(shard.clone(), shutdown_rx.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let registration = Registration {
+        endpoint: coordinator,
+        request: pb::RegisterRequest {
+            address: advertise.clone(),
+            capacity: Some(cfg.capacity.to_proto()),
+            name: cfg.name.clone(),
+        },
+    };
+    let register = tokio::spawn(register::run(
+        registration,
+        shard.clone(),
+        shutdown_rx.clone(),
+    ));
+    let mut stop = shutdown_rx;
+    let server = Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|&s| s).await;
+        });
+    let span = tracing::info_span!("worker", addr = %advertise, name = %cfg.name);
+    let mut drained = shutdown_tx.subscribe();
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let mut server = std::pin::pin!(server);
+            // Pipeline streams end themselves on shutdown; a peer that keeps its connection
+            // open must not keep this process alive.
+            let result = tokio::select! {
+                r = &mut server => r.map_err(WorkerError::from),
+                () = async {
+                    let _ = drained.wait_for(|&s| s).await;
+                    tokio::time::sleep(DRAIN_TIMEOUT).await;
+                } => {
+                    tracing::warn!("connections did not drain; stopping anyway");
+                    Ok(())
+                }
+            };
+            register.abort();
+            result
+        },
+        span,
+    ));
+    tracing::info!(addr = %local_addr, "worker started");
+    Ok(RunningWorker {
+        local_addr,
+        advertise,
+        shard,
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+/// Runs a worker until `shutdown` resolves: binds, prints `tessera worker listening on <addr>`
+/// on stdout once bound, serves, registers and heartbeats.
+///
+/// # Errors
+/// As [`start`]; also when the server fails while running.
+pub async fn serve(
+    cfg: WorkerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    let mut worker = start(cfg).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout must not stop the worker; the line is for humans and scripts.
+        let _ = writeln!(out, "tessera worker listening on {}", worker.local_addr());
+        let _ = out.flush();
+    }
+    let shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        () = shutdown => {}
+        // The server only stops by itself when it fails.
+        r = &mut worker.task => {
+            return r.map_err(|e| WorkerError::Executor(format!("server task: {e}")))?;
+        }
+    }
+    worker.shutdown().await
+}

@@ -1,0 +1,227 @@
+//! The shard handle: a cloneable front for the dedicated OS thread that owns the loaded stage
+//! of the model and runs every step ([`crate::executor`]).
+//!
+//! Tokio threads never compute: they send a command over a channel and await a one-shot
+//! reply. What heartbeats and tests need (epoch, weight bytes, free KV blocks) is published in
+//! atomics after every command, so reading it never waits behind a running step.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+
+use tessera_model::ThreadPool;
+use tessera_model::source::ModelCache;
+use tessera_proto::v1 as pb;
+use tokio::sync::oneshot;
+
+use crate::error::WorkerError;
+use crate::executor::Executor;
+use crate::seqs::StreamId;
+
+/// What a step produced on this stage.
+#[derive(Debug)]
+pub(crate) enum StepOutput {
+    /// Not the last stage: this request (hidden states replaced by this stage's output) goes
+    /// to `next`.
+    Forward {
+        /// The next stage's `host:port`.
+        next: String,
+        /// The step to send it.
+        request: pb::StepRequest,
+    },
+    /// The last stage: the sampled tokens.
+    Answer(pb::StepResponse),
+}
+
+/// A request to the executor thread.
+enum Command {
+    Load(
+        Box<pb::LoadShardRequest>,
+        oneshot::Sender<Result<pb::LoadShardResponse, WorkerError>>,
+    ),
+    Step(
+        StreamId,
+        Box<pb::StepRequest>,
+        oneshot::Sender<Result<StepOutput, WorkerError>>,
+    ),
+    Release(Vec<u64>, oneshot::Sender<()>),
+    CloseStream(StreamId),
+}
+
+/// The shard's state as last published by the executor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShardStatus {
+    /// Plan epoch of the loaded shard; 0 when none is loaded.
+    pub plan_epoch: u64,
+    /// Bytes of model weights held.
+    pub weight_bytes: u64,
+    /// KV cache blocks not held by any sequence.
+    pub free_kv_blocks: u64,
+    /// KV cache blocks in all.
+    pub total_kv_blocks: u64,
+    /// Sequences live on this stage.
+    pub live_sequences: u64,
+}
+
+/// Atomics the executor writes after every command.
+#[derive(Debug, Default)]
+pub(crate) struct ShardStats {
+    plan_epoch: AtomicU64,
+    weight_bytes: AtomicU64,
+    free_kv_blocks: AtomicU64,
+    total_kv_blocks: AtomicU64,
+    live_sequences: AtomicU64,
+}
+
+impl ShardStats {
+    /// Records (epoch, weight bytes, free blocks, total blocks, live sequences), or nothing
+    /// loaded.
+    pub fn publish(&self, v: Option<(u64, u64, u64, u64, u64)>) {
+        let (e, w, f, t, s) = v.unwrap_or_default();
+        self.plan_epoch.store(e, Ordering::Relaxed);
+        self.weight_bytes.store(w, Ordering::Relaxed);
+        self.free_kv_blocks.store(f, Ordering::Relaxed);
+        self.total_kv_blocks.store(t, Ordering::Relaxed);
+        self.live_sequences.store(s, Ordering::Release);
+    }
+
+    fn read(&self) -> ShardStatus {
+        let live_sequences = self.live_sequences.load(Ordering::Acquire);
+        ShardStatus {
+            plan_epoch: self.plan_epoch.load(Ordering::Relaxed),
+            weight_bytes: self.weight_bytes.load(Ordering::Relaxed),
+            free_kv_blocks: self.free_kv_blocks.load(Ordering::Relaxed),
+            total_kv_blocks: self.total_kv_blocks.load(Ordering::Relaxed),
+            live_sequences,
+        }
+    }
+}
+
+/// A cloneable handle to the shard executor thread. The thread ends when the last handle is
+/// dropped.
+#[derive(Clone, Debug)]
+pub struct ShardHandle {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<ShardStats>,
+    next_stream: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Load(..) => "Load",
+            Self::Step(..) => "Step",
+            Self::Release(..) => "Release",
+            Self::CloseStream(..) => "CloseStream",
+        })
+    }
+}
+
+impl ShardHandle {
+    /// Starts the executor thread with `threads` compute threads (0 = one per core).
+    ///
+    /// # Errors
+    /// [`WorkerError::Executor`] when the thread or its compute pool cannot start.
+    pub(crate) fn spawn(
+        threads: usize,
+        cache_home: Option<ModelCache>,
+        memory_bytes: u64,
+    ) -> Result<Self, WorkerError> {
+        let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
+        let stats = Arc::new(ShardStats::default());
+        let (tx, rx) = mpsc::channel();
+        let mut exec = Executor::new(pool, cache_home, memory_bytes, Arc::clone(&stats));
+        std::thread::Builder::new()
+            .name("tessera-shard".into())
+            .spawn(move || {
+                while let Ok(cmd) = rx.recv() {
+                    // A dropped reply means the caller gave up (its stream ended); the work
+                    // is done either way.
+                    match cmd {
+                        Command::Load(req, reply) => {
+                            let _ = reply.send(exec.load(*req));
+                        }
+                        Command::Step(stream, req, reply) => {
+                            let _ = reply.send(exec.step(stream, *req));
+                        }
+                        Command::Release(ids, reply) => {
+                            exec.release(&ids);
+                            let _ = reply.send(());
+                        }
+                        Command::CloseStream(stream) => exec.close_stream(stream),
+                    }
+                }
+                tracing::debug!("shard executor stopped");
+            })
+            .map_err(|e| WorkerError::Executor(e.to_string()))?;
+        Ok(Self {
+            tx,
+            stats,
+            next_stream: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), WorkerError> {
+        self.tx
+            .send(cmd)
+            .map_err(|_| WorkerError::Executor("the executor thread has stopped".into()))
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await
+            .map_err(|_| WorkerError::Executor("the executor thread stopped mid-command".into()))
+    }
+
+    /// The shard's state as last published (never waits for a running step).
+    pub fn status(&self) -> ShardStatus {
+        self.stats.read()
+    }
+
+    /// Loads (or replaces) the shard.
+    ///
+    /// # Errors
+    /// As the `LoadShard` RPC: INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED.
+    pub(crate) async fn load(
+        &self,
+        req: pb::LoadShardRequest,
+    ) -> Result<pb::LoadShardResponse, WorkerError> {
+        self.ask(|tx| Command::Load(Box::new(req), tx)).await?
+    }
+
+    /// A fresh id for an inbound stream.
+    pub(crate) fn new_stream(&self) -> StreamId {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Runs one step of `stream`.
+    ///
+    /// # Errors
+    /// As the executor's step.
+    pub(crate) async fn step(
+        &self,
+        stream: StreamId,
+        req: pb::StepRequest,
+    ) -> Result<StepOutput, WorkerError> {
+        self.ask(|tx| Command::Step(stream, Box::new(req), tx))
+            .await?
+    }
+
+    /// Frees sequences on this stage.
+    ///
+    /// # Errors
+    /// [`WorkerError::Executor`] when the executor has stopped.
+    pub(crate) async fn release(&self, ids: Vec<u64>) -> Result<(), WorkerError> {
+        self.ask(|tx| Command::Release(ids, tx)).await
+    }
+
+    /// Frees every sequence `stream` created; does not wait.
+    pub(crate) fn close_stream(&self, stream: StreamId) {
+        // An executor that stopped has freed everything already.
+        let _ = self.send(Command::CloseStream(stream));
+    }
+}

@@ -1,0 +1,629 @@
+//! Three in-process workers holding uneven layer ranges of the real SmolLM2 model, driven
+//! over stage 0's Pipeline stream exactly as a coordinator drives them, against the
+//! single-process engine.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
+use tessera_model::sampling::{SampledToken, SamplingParams, StopConditions};
+use tessera_model::source::ModelLocation;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::worker_client::WorkerClient;
+use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+/// The layer ranges of the three stages.
+const STAGES: [(u32, u32); 3] = [(0, 7), (7, 20), (20, 30)];
+const KV_TOKENS: u32 = 4096;
+const BLOCK_SIZE: u32 = 16;
+const CHUNK: usize = 512;
+/// Compute threads of the reference engine and of every stage.
+const ENGINE_THREADS: u32 = 2;
+/// Bound on any single RPC or step in these tests.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village at the edge of the forest,",
+];
+
+fn model() -> Option<PathBuf> {
+    tessera_model::testing::smollm2_gguf()
+}
+
+/// Three workers with the model loaded at `epoch`, none registered (the coordinator URL
+/// points at a port nobody listens on).
+struct Cluster {
+    workers: Vec<RunningWorker>,
+    model: PathBuf,
+}
+
+impl Cluster {
+    async fn start(model: PathBuf) -> Self {
+        let mut workers = Vec::new();
+        for i in 0..STAGES.len() {
+            let cfg = WorkerConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                advertise: None,
+                coordinator: "http://127.0.0.1:1".into(),
+                capacity: Capacity {
+                    memory_bytes: 0,
+                    // The engine's count: flash-decoding splits keys by thread count, so
+                    // stages must match the reference's threads for bitwise equality.
+                    threads: ENGINE_THREADS,
+                    devices: Vec::new(),
+                },
+                name: format!("w{i}"),
+                model_home: None,
+            };
+            workers.push(tessera_worker::start(cfg).await.expect("start worker"));
+        }
+        let c = Self { workers, model };
+        c.load(1).await;
+        c
+    }
+
+    fn addr(&self, i: usize) -> String {
+        self.workers[i].local_addr().to_string()
+    }
+
+    async fn client(&self, i: usize) -> WorkerClient<Channel> {
+        let url = format!("http://{}", self.addr(i));
+        let ch = tokio::time::timeout(
+            STEP_TIMEOUT,
+            Channel::from_shared(url).expect("url").connect(),
+        )
+        .await
+        .expect("connect in time")
+        .expect("connect");
+        WorkerClient::new(ch)
+    }
+
+    fn load_request(&self, i: usize, epoch: u64) -> pb::LoadShardRequest {
+        let (start, end) = STAGES[i];
+        pb::LoadShardRequest {
+            plan_epoch: epoch,
+            model: self.model.display().to_string(),
+            shard: Some(pb::ShardAssignment {
+                stage: i as u32,
+                tp_rank: 0,
+                cp_rank: 0,
+                layer_start: start,
+                layer_end: end,
+                embed: i == 0,
+                head: i + 1 == STAGES.len(),
+            }),
+            next_address: if i + 1 < STAGES.len() {
+                self.addr(i + 1)
+            } else {
+                String::new()
+            },
+            kv_tokens: KV_TOKENS,
+            block_size: BLOCK_SIZE,
+        }
+    }
+
+    async fn load(&self, epoch: u64) {
+        for i in 0..STAGES.len() {
+            let req = self.load_request(i, epoch);
+            let mut c = self.client(i).await;
+            let r = tokio::time::timeout(STEP_TIMEOUT, c.load_shard(req))
+                .await
+                .expect("load in time")
+                .expect("load shard")
+                .into_inner();
+            assert!(r.weight_bytes > 0 && r.resident_bytes > 0, "{r:?}");
+        }
+    }
+
+    async fn open(&self, i: usize, epoch: u64) -> Driver {
+        let (tx, rx) = mpsc::channel(4);
+        let mut c = self.client(i).await;
+        let stream = tokio::time::timeout(STEP_TIMEOUT, c.pipeline(ReceiverStream::new(rx)))
+            .await
+            .expect("open in time")
+            .expect("open pipeline")
+            .into_inner();
+        Driver {
+            tx,
+            rx: stream,
+            next_step: 1,
+            epoch,
+        }
+    }
+
+    /// Blocks and sequences of every stage, once all have settled to `live` sequences.
+    async fn wait_live(&self, live: u64) -> Vec<tessera_worker::ShardStatus> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s: Vec<_> = self.workers.iter().map(|w| w.shard().status()).collect();
+            if s.iter().all(|s| s.live_sequences == live) || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The test's side of a Pipeline stream: what a coordinator's scheduler does.
+struct Driver {
+    tx: mpsc::Sender<pb::StepRequest>,
+    rx: Streaming<pb::StepResponse>,
+    next_step: u64,
+    epoch: u64,
+}
+
+impl Driver {
+    async fn step(
+        &mut self,
+        seqs: Vec<pb::SeqStep>,
+        release: Vec<u64>,
+    ) -> Result<pb::StepResponse, Status> {
+        self.step_raw(pb::StepRequest {
+            plan_epoch: self.epoch,
+            step_id: self.next_step,
+            seqs,
+            hidden: Vec::new(),
+            release,
+        })
+        .await
+    }
+
+    async fn step_raw(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, Status> {
+        let id = req.step_id;
+        self.next_step += 1;
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| Status::unavailable("stream closed"))?;
+        let r = tokio::time::timeout(STEP_TIMEOUT, self.rx.message())
+            .await
+            .expect("step answered in time")?
+            .ok_or_else(|| Status::unavailable("stream ended"))?;
+        assert_eq!(r.step_id, id);
+        Ok(r)
+    }
+}
+
+fn start(prompt: &[u32], sampling: &SamplingParams) -> pb::SeqStart {
+    pb::SeqStart {
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(sampling.temperature),
+            top_k: sampling.top_k,
+            top_p: Some(sampling.top_p),
+            min_p: sampling.min_p,
+            repetition_penalty: Some(sampling.repetition_penalty),
+            frequency_penalty: sampling.frequency_penalty,
+            presence_penalty: sampling.presence_penalty,
+            seed: None,
+        }),
+        logprobs: sampling.logprobs,
+        top_logprobs: sampling.top_logprobs,
+        seed: sampling.seed.unwrap_or(0),
+        prompt: prompt.to_vec(),
+    }
+}
+
+fn to_sampled(t: &pb::SampledToken) -> SampledToken {
+    SampledToken {
+        id: t.id,
+        logprob: t.logprob,
+        top_logprobs: t.top_logprobs.iter().map(|l| (l.id, l.logprob)).collect(),
+    }
+}
+
+/// One sequence as the driver schedules it.
+struct Seq {
+    id: u64,
+    prompt: Vec<u32>,
+    sampling: SamplingParams,
+    /// Tokens to generate (the engine's count).
+    want: usize,
+    /// The driver step at which it joins.
+    join: usize,
+    prefilled: usize,
+    out: Vec<SampledToken>,
+}
+
+impl Seq {
+    /// Its part of the next step, or `None` while it waits or once it is done.
+    fn next(&mut self, step: usize) -> Option<pb::SeqStep> {
+        if step < self.join || self.out.len() >= self.want {
+            return None;
+        }
+        if self.prefilled < self.prompt.len() {
+            let end = (self.prefilled + CHUNK).min(self.prompt.len());
+            let s = pb::SeqStep {
+                seq_id: self.id,
+                tokens: self.prompt[self.prefilled..end].to_vec(),
+                sample: end == self.prompt.len(),
+                start: (self.prefilled == 0).then(|| start(&self.prompt, &self.sampling)),
+            };
+            self.prefilled = end;
+            return Some(s);
+        }
+        let last = self.out.last().map(|t| t.id)?;
+        Some(pb::SeqStep {
+            seq_id: self.id,
+            tokens: vec![last],
+            sample: true,
+            start: None,
+        })
+    }
+}
+
+/// Runs `seqs` to completion in shared steps, releasing each in-band on the step after it
+/// finishes.
+async fn drive(d: &mut Driver, seqs: &mut [Seq]) {
+    let mut release = Vec::new();
+    for step in 0.. {
+        let batch: Vec<pb::SeqStep> = seqs.iter_mut().filter_map(|s| s.next(step)).collect();
+        if batch.is_empty() && seqs.iter().all(|s| s.out.len() >= s.want) {
+            break;
+        }
+        let r = d
+            .step(batch, std::mem::take(&mut release))
+            .await
+            .expect("step");
+        for t in &r.tokens {
+            let s = seqs
+                .iter_mut()
+                .find(|s| s.id == t.seq_id)
+                .expect("known seq");
+            s.out.push(to_sampled(t));
+            if s.out.len() == s.want {
+                release.push(s.id);
+            }
+        }
+    }
+    if !release.is_empty() {
+        d.step(Vec::new(), release).await.expect("release step");
+    }
+}
+
+/// The engine's prompt ids and answer for each (prompt, sampling, max tokens).
+fn reference(
+    model: &Path,
+    cases: &[(String, SamplingParams, u32)],
+) -> Vec<(Vec<u32>, Vec<SampledToken>)> {
+    let opts = EngineOptions {
+        threads: ENGINE_THREADS as usize,
+        kv_tokens: Some(KV_TOKENS as usize),
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(
+        &ModelLocation::Gguf(model.to_path_buf()),
+        opts,
+        &mut |_, _| {},
+    )
+    .expect("engine");
+    cases
+        .iter()
+        .map(|(text, sampling, max)| {
+            let req = GenerateRequest {
+                prompt: Prompt::Text(text.clone()),
+                sampling: sampling.clone(),
+                stop: StopConditions {
+                    max_tokens: *max,
+                    stop: Vec::new(),
+                    stop_token_ids: Vec::new(),
+                    ignore_eos: true,
+                },
+            };
+            let valid = engine.validate(&req).expect("valid");
+            let out = engine
+                .generate(&valid, &mut |_| ControlFlow::Continue(()))
+                .expect("generate");
+            (valid.prompt_ids, out.tokens)
+        })
+        .collect()
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams {
+        logprobs: true,
+        top_logprobs: 3,
+        seed: Some(0),
+        ..SamplingParams::greedy()
+    }
+}
+
+fn prompts() -> Vec<String> {
+    let mut p: Vec<String> = PROMPTS.iter().map(|s| (*s).to_owned()).collect();
+    // Longer than one prefill chunk, so chunked prefill crosses the pipeline too.
+    p.push("The quick brown fox jumps over the lazy dog. ".repeat(60));
+    p
+}
+
+fn seqs_for(
+    refs: &[(Vec<u32>, Vec<SampledToken>)],
+    sampling: &[SamplingParams],
+    joins: &[usize],
+) -> Vec<Seq> {
+    refs.iter()
+        .zip(sampling)
+        .zip(joins)
+        .enumerate()
+        .map(|(i, (((prompt, out), sampling), &join))| Seq {
+            id: 100 + i as u64,
+            prompt: prompt.clone(),
+            sampling: sampling.clone(),
+            want: out.len(),
+            join,
+            prefilled: 0,
+            out: Vec::new(),
+        })
+        .collect()
+}
+
+/// Ensures that greedy token ids, logprobs and top logprobs from a 3-stage pipeline with
+/// uneven layer ranges are bit-identical to the single-process engine, one sequence at a
+/// time (including a prompt prefilled in two chunks), and that releasing each sequence
+/// in-band frees it on every stage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_pipeline_equals_engine() {
+    let Some(model) = model() else { return };
+    let texts = prompts();
+    let cases: Vec<_> = texts.iter().map(|t| (t.clone(), greedy(), 16)).collect();
+    let refs = reference(&model, &cases);
+    assert!(refs[4].0.len() > CHUNK, "the long prompt spans two chunks");
+    let cluster = Cluster::start(model).await;
+    let total: Vec<u64> = cluster
+        .wait_live(0)
+        .await
+        .iter()
+        .map(|s| s.total_kv_blocks)
+        .collect();
+    let mut d = cluster.open(0, 1).await;
+    for (i, r) in refs.iter().enumerate() {
+        let mut seqs = seqs_for(std::slice::from_ref(r), &[greedy()], &[0]);
+        seqs[0].id = i as u64;
+        drive(&mut d, &mut seqs).await;
+        assert_eq!(
+            seqs[0].out, r.1,
+            "prompt {i}: pipeline differs from the engine"
+        );
+        assert!(
+            r.1.iter()
+                .all(|t| t.logprob.is_some() && t.top_logprobs.len() == 3)
+        );
+        // The release rode the last step: every stage is back to an empty cache.
+        for (w, s) in cluster.workers.iter().zip(&total) {
+            let st = w.shard().status();
+            assert_eq!(
+                (st.live_sequences, st.free_kv_blocks),
+                (0, *s),
+                "prompt {i}: {st:?}"
+            );
+        }
+    }
+}
+
+/// Ensures that four sequences with seeded random sampling and penalties, joining the batch
+/// at different steps (so prefill chunks and decode tokens share steps), each produce exactly
+/// their solo engine output; and that an in-band release frees the sequence on every stage
+/// while the others keep running, and closing the stream frees the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sequences_equal_their_solo_runs() {
+    let Some(model) = model() else { return };
+    let texts = prompts();
+    let sampling: Vec<SamplingParams> = (0..4)
+        .map(|i| SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            presence_penalty: 0.2,
+            seed: Some(1234 + i),
+            logprobs: true,
+            ..SamplingParams::default()
+        })
+        .collect();
+    let idx = [0usize, 4, 2, 3];
+    let cases: Vec<_> = idx
+        .iter()
+        .zip(&sampling)
+        .map(|(&i, s)| (texts[i].clone(), s.clone(), 12 + 2 * i as u32))
+        .collect();
+    let refs = reference(&model, &cases);
+    let cluster = Cluster::start(model).await;
+    let total = cluster.wait_live(0).await[1].total_kv_blocks;
+    let mut d = cluster.open(0, 1).await;
+    let mut seqs = seqs_for(&refs, &sampling, &[0, 1, 1, 5]);
+    drive(&mut d, &mut seqs).await;
+    for (s, r) in seqs.iter().zip(&refs) {
+        assert_eq!(s.out, r.1, "seq {} differs from its solo run", s.id);
+    }
+    let st = cluster.wait_live(0).await;
+    assert!(st.iter().all(|s| s.live_sequences == 0), "{st:?}");
+
+    // Two live sequences; release one in-band while the other decodes.
+    let mut seqs = seqs_for(&refs[..2], &sampling[..2], &[0, 0]);
+    for s in &mut seqs {
+        s.want = usize::MAX;
+    }
+    for step in 0..3 {
+        let batch: Vec<_> = seqs.iter_mut().filter_map(|s| s.next(step)).collect();
+        let r = d.step(batch, Vec::new()).await.expect("step");
+        for t in &r.tokens {
+            let s = seqs.iter_mut().find(|s| s.id == t.seq_id).expect("seq");
+            s.out.push(to_sampled(t));
+        }
+    }
+    let both: Vec<_> = cluster.workers.iter().map(|w| w.shard().status()).collect();
+    assert!(both.iter().all(|s| s.live_sequences == 2), "{both:?}");
+    let batch = seqs[1].next(3).into_iter().collect();
+    d.step(batch, vec![seqs[0].id]).await.expect("release step");
+    let blocks_of = |tokens: usize| (tokens as u64).div_ceil(u64::from(BLOCK_SIZE));
+    let still = seqs[1].prompt.len() + seqs[1].out.len();
+    for w in &cluster.workers {
+        let s = w.shard().status();
+        assert_eq!(s.live_sequences, 1, "{s:?}");
+        assert_eq!(s.free_kv_blocks, total - blocks_of(still), "{s:?}");
+    }
+    drop(d);
+    let st = cluster.wait_live(0).await;
+    assert!(
+        st.iter()
+            .all(|s| s.live_sequences == 0 && s.free_kv_blocks == s.total_kv_blocks),
+        "{st:?}"
+    );
+}
+
+/// Ensures that shutting down the last stage mid-stream ends stage 0's stream with
+/// UNAVAILABLE within 2 s without the caller sending anything, and that a new stream then
+/// fails fast with UNAVAILABLE too (the next stage's next stage is gone), never hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_last_stage_ends_the_stream_unavailable() {
+    let Some(model) = model() else { return };
+    let texts = prompts();
+    let cluster = Cluster::start(model.clone()).await;
+    let ids = reference(&model, &[(texts[0].clone(), greedy(), 1)])
+        .remove(0)
+        .0;
+    let mut d = cluster.open(0, 1).await;
+    let mut seqs = seqs_for(&[(ids, Vec::new())], &[greedy()], &[0]);
+    seqs[0].want = usize::MAX;
+    for step in 0..4 {
+        let batch = seqs[0].next(step).into_iter().collect();
+        let r = d.step(batch, Vec::new()).await.expect("step");
+        seqs[0].out.push(to_sampled(&r.tokens[0]));
+    }
+    let Cluster { mut workers, .. } = cluster;
+    let last = workers.pop().expect("three workers");
+    let t0 = Instant::now();
+    let stopping = tokio::spawn(last.shutdown());
+    let got = tokio::time::timeout(Duration::from_secs(2), d.rx.message())
+        .await
+        .expect("stage 0's stream must end within 2 s");
+    let err = got.expect_err("the stream ends with a status");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    eprintln!("stream ended after {:?}: {}", t0.elapsed(), err.message());
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown in time")
+        .expect("join")
+        .expect("clean shutdown");
+
+    let cluster = Cluster { workers, model };
+    let mut d = cluster.open(0, 1).await;
+    let t0 = Instant::now();
+    let batch = seqs_for(&[(vec![1, 2, 3], Vec::new())], &[greedy()], &[0])[0]
+        .next(0)
+        .into_iter()
+        .collect();
+    let err = tokio::time::timeout(Duration::from_secs(2), d.step(batch, Vec::new()))
+        .await
+        .expect("answered within 2 s")
+        .expect_err("no last stage");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    eprintln!(
+        "new stream failed after {:?}: {}",
+        t0.elapsed(),
+        err.message()
+    );
+    for w in cluster.workers {
+        w.shutdown().await.expect("shutdown");
+    }
+}
+
+/// Ensures that bad steps and bad loads are rejected with INVALID_ARGUMENT (or
+/// FAILED_PRECONDITION / NOT_FOUND where the contract says so) naming the field, and that the
+/// workers keep serving correct answers afterwards, including after a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_and_workers_keep_serving() {
+    let Some(model) = model() else { return };
+    let texts = prompts();
+    let refs = reference(&model, &[(texts[0].clone(), greedy(), 6)]);
+    let cluster = Cluster::start(model).await;
+    let ok_start = |id| pb::SeqStep {
+        seq_id: id,
+        tokens: refs[0].0.clone(),
+        sample: true,
+        start: Some(start(&refs[0].0, &greedy())),
+    };
+    let mut bad_top_p = ok_start(1);
+    if let Some(s) = bad_top_p.start.as_mut().and_then(|s| s.sampling.as_mut()) {
+        s.top_p = Some(1.5);
+    }
+    let mut bad_token = ok_start(1);
+    bad_token.tokens.push(1_000_000);
+    let mut empty = ok_start(1);
+    empty.tokens.clear();
+    let unknown = pb::SeqStep {
+        seq_id: 77,
+        tokens: vec![1],
+        sample: true,
+        start: None,
+    };
+    let cases: Vec<(Vec<pb::SeqStep>, &str)> = vec![
+        (vec![unknown], "seqs[0].seq_id"),
+        (vec![bad_top_p], "seqs[0].start.sampling.top_p"),
+        (vec![ok_start(3), bad_token], "seqs[1].tokens"),
+        (vec![empty], "seqs[0].tokens"),
+        (vec![ok_start(4), ok_start(4)], "seqs[1].seq_id"),
+    ];
+    for (seqs, field) in cases {
+        let mut d = cluster.open(0, 1).await;
+        let err = d.step(seqs, Vec::new()).await.expect_err("bad step");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{field}: {err:?}");
+    }
+    // Hidden states of the wrong size into stage 1.
+    let mut d = cluster.open(1, 1).await;
+    let err = d
+        .step_raw(pb::StepRequest {
+            plan_epoch: 1,
+            step_id: 1,
+            seqs: vec![ok_start(5)],
+            hidden: vec![0; 12],
+            release: Vec::new(),
+        })
+        .await
+        .expect_err("short hidden");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("hidden"), "{err:?}");
+    // A step for another epoch.
+    let mut d = cluster.open(0, 9).await;
+    let err = d
+        .step(vec![ok_start(6)], Vec::new())
+        .await
+        .expect_err("epoch");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Bad loads: a layer past the model, an unknown model.
+    let mut c = cluster.client(2).await;
+    let mut req = cluster.load_request(2, 5);
+    if let Some(s) = req.shard.as_mut() {
+        s.layer_end = 31;
+    }
+    let err = c.load_shard(req).await.expect_err("bad shard");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("shard.layer_end"), "{err:?}");
+    let mut req = cluster.load_request(2, 5);
+    req.model = "no-such-model".into();
+    let err = c.load_shard(req).await.expect_err("unknown model");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Reload epoch 2 everywhere: old streams are refused, new ones answer correctly.
+    let mut old = cluster.open(0, 1).await;
+    cluster.load(2).await;
+    let err = old
+        .step(vec![ok_start(8)], Vec::new())
+        .await
+        .expect_err("old epoch");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let mut d = cluster.open(0, 2).await;
+    let mut seqs = seqs_for(&refs, &[greedy()], &[0]);
+    drive(&mut d, &mut seqs).await;
+    assert_eq!(seqs[0].out, refs[0].1);
+    // Out-of-band Release is accepted (the sequence is gone already).
+    c.release(pb::ReleaseRequest { seq_ids: vec![100] })
+        .await
+        .expect("release");
+}
