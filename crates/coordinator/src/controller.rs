@@ -40,7 +40,13 @@ pub async fn run(cluster: Arc<Cluster>) {
 fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
     let st = cluster.state();
     let workers: Vec<_> = st.workers().map(|w| w.capacity()).collect();
-    if workers.len() < cluster.cfg.min_workers.max(1) {
+    // The quorum gates the first plan only: after a loss, the survivors serve.
+    let quorum = if st.plan_epoch() == 0 {
+        cluster.cfg.min_workers.max(1)
+    } else {
+        1
+    };
+    if workers.len() < quorum {
         return Ok(None);
     }
     let policy = PlanPolicy {
@@ -59,7 +65,7 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     }
     let Some(plan) = candidate(cluster)? else {
         if st.plan().is_some() {
-            // Too few workers: stop serving a plan that no longer has the quorum asked for.
+            // No workers left: no plan.
             cluster.commit(Command::SetPlan {
                 epoch: st.plan_epoch() + 1,
                 plan: None,

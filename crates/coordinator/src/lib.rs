@@ -66,6 +66,25 @@ pub async fn serve(
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| CoordinatorError::Serve {
+            addr: cfg.listen.to_string(),
+            reason: e.to_string(),
+        })?;
+    serve_on(listener, cfg, shutdown).await
+}
+
+/// As [`serve`], on a listener the caller bound (`cfg.listen` is ignored): tests and
+/// embedders bind port 0 and know the address before the coordinator starts.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), CoordinatorError> {
     let cache = match &cfg.model_home {
         Some(home) => ModelCache::at(home.clone()),
         None => ModelCache::from_env().map_err(ModelError::from)?,
@@ -84,9 +103,6 @@ pub async fn serve(
         addr: listen.to_string(),
         reason,
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| serve_err(e.to_string()))?;
     let addr = listener
         .local_addr()
         .map_err(|e| serve_err(e.to_string()))?;

@@ -19,7 +19,7 @@ pub struct WorkerRecord {
     pub address: String,
     /// A human-readable name.
     pub name: String,
-    /// Memory it may use for weights and KV cache.
+    /// Memory it may use for weights and KV cache; 0 = no limit.
     pub memory_bytes: u64,
     /// Compute threads.
     pub threads: u32,
@@ -35,7 +35,12 @@ impl WorkerRecord {
     pub fn capacity(&self) -> WorkerCapacity {
         WorkerCapacity {
             id: self.id.clone(),
-            memory_bytes: self.memory_bytes,
+            // A worker declaring 0 sets no limit.
+            memory_bytes: if self.memory_bytes == 0 {
+                u64::MAX
+            } else {
+                self.memory_bytes
+            },
             threads: self.threads,
         }
     }

@@ -1,0 +1,333 @@
+//! End to end in one process: a coordinator and three real workers (their `start`) serving
+//! the real SmolLM2 model over gRPC on loopback, against the single-process engine.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tessera_coordinator::CoordinatorConfig;
+use tessera_coordinator::footprint::ModelFootprint;
+use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
+use tessera_model::frontend::open_weights;
+use tessera_model::sampling::{FinishReason, SamplingParams, StopConditions};
+use tessera_model::source::ModelLocation;
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
+use tonic::transport::Channel;
+
+const THREADS: u32 = 2;
+const KV_TOKENS: u32 = 1024;
+const MAX_TOKENS: u32 = 16;
+const HEARTBEAT: Duration = Duration::from_millis(200);
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Bound on anything in this test that waits.
+const WAIT: Duration = Duration::from_secs(120);
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
+    "def fibonacci(n):\n    ",
+    "Once upon a time, in a small village at the edge of the forest,",
+];
+
+/// What one generate stream produced.
+#[derive(Debug, PartialEq)]
+struct Output {
+    ids: Vec<u32>,
+    logprobs: Vec<Option<f32>>,
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+fn reference(engine: &mut Engine, prompt: &str) -> Output {
+    let req = GenerateRequest {
+        prompt: Prompt::Text(prompt.into()),
+        sampling: SamplingParams {
+            logprobs: true,
+            ..SamplingParams::greedy()
+        },
+        stop: StopConditions {
+            max_tokens: MAX_TOKENS,
+            stop: vec![],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+        },
+    };
+    let valid = engine.validate(&req).expect("valid");
+    let out = engine
+        .generate(&valid, &mut |_| ControlFlow::Continue(()))
+        .expect("generate");
+    Output {
+        ids: out.tokens.iter().map(|t| t.id).collect(),
+        logprobs: out.tokens.iter().map(|t| t.logprob).collect(),
+        text: out.text,
+        finish: out.finish_reason,
+    }
+}
+
+fn request(prompt: &str) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(prompt.into())),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        stop: Some(pb::StopConditions {
+            max_tokens: Some(MAX_TOKENS),
+            ..Default::default()
+        }),
+        logprobs: true,
+        ..Default::default()
+    }
+}
+
+/// Runs one generate request to its end; the error status if it failed.
+async fn generate(
+    client: &mut InferenceClient<Channel>,
+    prompt: &str,
+) -> Result<Output, tonic::Status> {
+    let mut stream = client.generate(request(prompt)).await?.into_inner();
+    let mut out = Output {
+        ids: vec![],
+        logprobs: vec![],
+        text: String::new(),
+        finish: None,
+    };
+    while let Some(ev) = tokio::time::timeout(WAIT, stream.message())
+        .await
+        .expect("event in time")?
+    {
+        match ev.event.expect("event") {
+            pb::generate_event::Event::Token(t) => {
+                out.ids.push(t.id);
+                out.logprobs.push(t.logprob);
+                out.text.push_str(&t.text);
+            }
+            pb::generate_event::Event::Finished(f) => {
+                out.text.push_str(&f.text);
+                out.finish = match f.reason() {
+                    pb::FinishReason::Stop => Some(FinishReason::Stop),
+                    pb::FinishReason::Length => Some(FinishReason::Length),
+                    pb::FinishReason::Unspecified => None,
+                };
+                let usage = f.usage.expect("usage");
+                assert_eq!(usage.completion_tokens as usize, out.ids.len());
+                assert!(usage.time_to_first_token_ms > 0.0);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn start_worker(coordinator: &str, memory_bytes: u64, name: &str) -> RunningWorker {
+    tessera_worker::start(WorkerConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        advertise: None,
+        coordinator: format!("http://{coordinator}"),
+        capacity: Capacity {
+            memory_bytes,
+            threads: THREADS,
+            devices: vec![],
+        },
+        name: name.into(),
+        model_home: None,
+    })
+    .await
+    .expect("start worker")
+}
+
+async fn status(client: &mut InferenceClient<Channel>) -> pb::ClusterStatusResponse {
+    client
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
+}
+
+/// Waits until the cluster serves with `stages` stages.
+async fn wait_ready(
+    client: &mut InferenceClient<Channel>,
+    stages: usize,
+) -> pb::ClusterStatusResponse {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(client).await;
+        let planned = s.workers.iter().filter(|w| w.shard.is_some()).count();
+        if s.ready && planned == stages {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster not ready in time: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Ensures that a coordinator with three uneven workers streams greedy outputs and logprobs
+/// identical to the engine, alone and 8 at once, and that losing a worker mid-generation ends
+/// the stream with UNAVAILABLE within two heartbeat timeouts, after which the survivors serve
+/// the same outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_equals_engine_and_survives_a_lost_worker() {
+    let Some(path) = tessera_model::testing::smollm2_gguf() else {
+        return;
+    };
+    let location = ModelLocation::Gguf(path.clone());
+    let (store, cfg) = open_weights(&location).expect("weights");
+    let fp = ModelFootprint::from_store(store.as_ref(), &cfg).expect("footprint");
+    drop(store);
+    let kv_layer = fp.kv_bytes_per_token_layer * u64::from(KV_TOKENS);
+    // The first worker holds the embedding and at most 6 layers; the others have no limit.
+    let small = fp.embed_bytes + 6 * (fp.layer_bytes[0] + kv_layer) + kv_layer / 2;
+
+    let mut engine = Engine::load(
+        &location,
+        EngineOptions {
+            threads: THREADS as usize,
+            kv_tokens: Some(KV_TOKENS as usize),
+            ..EngineOptions::default()
+        },
+        &mut |_, _| {},
+    )
+    .expect("engine");
+    let want: Vec<Output> = PROMPTS.iter().map(|p| reference(&mut engine, p)).collect();
+    drop(engine);
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let coord = tokio::spawn(tessera_coordinator::serve_on(
+        listener,
+        CoordinatorConfig {
+            model: PathBuf::from(&path).display().to_string(),
+            heartbeat_interval: HEARTBEAT,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
+            min_workers: 3,
+            kv_tokens: KV_TOKENS,
+            ready_wait: WAIT,
+            ..CoordinatorConfig::default()
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let mut workers = vec![
+        start_worker(&addr, small, "small").await,
+        start_worker(&addr, 0, "b").await,
+        start_worker(&addr, 0, "c").await,
+    ];
+    let mut client = InferenceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    let s = wait_ready(&mut client, 3).await;
+    let mut ranges: Vec<_> = s
+        .workers
+        .iter()
+        .filter_map(|w| w.shard.map(|sh| (sh.stage, sh.layer_start, sh.layer_end)))
+        .collect();
+    ranges.sort();
+    eprintln!("plan: {ranges:?}");
+    let capped = s
+        .workers
+        .iter()
+        .find(|w| w.capacity.as_ref().is_some_and(|c| c.memory_bytes == small))
+        .and_then(|w| w.shard)
+        .expect("the small worker has a shard");
+    let (a, b) = (capped.layer_start as usize, capped.layer_end as usize);
+    let needs = fp.layer_bytes[a..b].iter().sum::<u64>()
+        + kv_layer * (b - a) as u64
+        + if capped.embed { fp.embed_bytes } else { 0 }
+        + if capped.head { fp.head_bytes } else { 0 };
+    assert!(
+        needs <= small,
+        "memory caps the small worker: {ranges:?} {capped:?}"
+    );
+    assert!(
+        b - a <= 7,
+        "the small worker holds fewer layers: {ranges:?}"
+    );
+
+    for (p, w) in PROMPTS.iter().zip(&want) {
+        let got = generate(&mut client, p).await.expect("generate");
+        assert_eq!(&got, w, "prompt {p:?}");
+    }
+
+    // 8 at once, batched into shared steps.
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = client.clone();
+        tasks.push(tokio::spawn(async move {
+            generate(&mut c, PROMPTS[i % PROMPTS.len()]).await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let got = task.await.expect("task").expect("generate");
+        assert_eq!(got, want[i % PROMPTS.len()], "concurrent request {i}");
+    }
+    eprintln!(
+        "8 concurrent requests of {MAX_TOKENS} tokens: {:?}",
+        t.elapsed()
+    );
+
+    // Lose the middle worker while a long request runs.
+    let mut c = client.clone();
+    let long = tokio::spawn(async move {
+        let mut req = request(PROMPTS[3]);
+        req.stop = Some(pb::StopConditions {
+            max_tokens: Some(400),
+            ignore_eos: true,
+            ..Default::default()
+        });
+        let mut stream = c.generate(req).await.expect("generate").into_inner();
+        let mut tokens = 0;
+        loop {
+            match tokio::time::timeout(WAIT, stream.message())
+                .await
+                .expect("in time")
+            {
+                Ok(Some(_)) => tokens += 1,
+                Ok(None) => return (tokens, None, Instant::now()),
+                Err(s) => return (tokens, Some(s), Instant::now()),
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = workers.remove(1);
+    let killed = Instant::now();
+    victim.shutdown().await.expect("shutdown");
+    let (tokens, err, ended) = long.await.expect("task");
+    let err = err.expect("the stream must fail");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(tokens > 0, "it was generating");
+    assert!(
+        ended.duration_since(killed) < 2 * HEARTBEAT_TIMEOUT,
+        "failed after {:?}",
+        ended.duration_since(killed)
+    );
+    eprintln!(
+        "lost worker: UNAVAILABLE after {:?}",
+        ended.duration_since(killed)
+    );
+
+    let s = wait_ready(&mut client, 2).await;
+    assert_eq!(s.workers.len(), 2);
+    let got = generate(&mut client, PROMPTS[0])
+        .await
+        .expect("generate after the loss");
+    assert_eq!(got, want[0]);
+
+    for w in workers {
+        w.shutdown().await.expect("shutdown");
+    }
+    let _ = stop_tx.send(());
+    tokio::time::timeout(WAIT, coord)
+        .await
+        .expect("coordinator stops")
+        .expect("task")
+        .expect("serve");
+}
