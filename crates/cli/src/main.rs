@@ -1,4 +1,5 @@
-//! The `tessera` binary: model management, embedded generation and benchmarks.
+//! The `tessera` binary: the cluster's processes (coordinator, worker, a whole local cluster),
+//! its clients (generate, status), model management and benchmarks.
 //!
 //! Subcommands live in `commands/`, one file each; this file only parses arguments, sets up
 //! logging and dispatches.
@@ -21,10 +22,20 @@ enum Command {
     /// Manage the model cache.
     #[command(subcommand)]
     Model(commands::model::ModelCommand),
-    /// Generate text with the embedded engine, streaming it as it is produced.
+    /// Start a local cluster (a coordinator and workers as child processes).
+    Up(commands::up::UpArgs),
+    /// Run a coordinator: the public API, the planner and the scheduler.
+    Coordinator(commands::serve::CoordinatorArgs),
+    /// Run a worker: holds one shard of the model and executes pipeline steps.
+    Worker(commands::serve::WorkerArgs),
+    /// Generate text from a cluster (or the embedded engine), streaming it as it is produced.
     Generate(commands::generate::GenerateArgs),
+    /// Show a cluster's workers, plan and memory.
+    Status(commands::status::StatusArgs),
     /// Measure decode and prefill speed side by side with llama.cpp.
     Bench(commands::bench::BenchArgs),
+    /// Measure what pipeline sharding costs: 1, 2, 3 workers against the embedded engine.
+    BenchCluster(commands::bench_cluster::BenchClusterArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,8 +49,15 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Model(cmd) => commands::model::run(cmd),
+        Command::Up(args) => commands::up::run(args),
+        Command::Coordinator(args) => commands::serve::run_coordinator(args),
+        Command::Worker(args) => commands::serve::run_worker(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Status(args) => {
+            commands::runtime().and_then(|rt| rt.block_on(commands::status::run(args)))
+        }
         Command::Bench(args) => commands::bench::run(args),
+        Command::BenchCluster(args) => commands::bench_cluster::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -7,10 +7,10 @@ fn tessera() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
-/// `tessera generate --model MODEL ARGS… PROMPT`.
+/// `tessera generate --embedded --model MODEL ARGS… PROMPT`.
 fn generate(model: &Path, args: &[&str], prompt: &str) -> Output {
     tessera()
-        .args(["generate", "--model"])
+        .args(["generate", "--embedded", "--model"])
         .arg(model)
         .args(args)
         .arg(prompt)
@@ -99,7 +99,13 @@ fn invalid_options_name_the_field() {
 #[test]
 fn missing_model_is_a_clear_error() {
     let out = tessera()
-        .args(["generate", "--model", "/nonexistent/model.gguf", "hi"])
+        .args([
+            "generate",
+            "--embedded",
+            "--model",
+            "/nonexistent/model.gguf",
+            "hi",
+        ])
         .output()
         .expect("run tessera");
     assert!(!out.status.success());

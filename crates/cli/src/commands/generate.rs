@@ -1,7 +1,9 @@
-//! `tessera generate`: stream a completion from the embedded engine.
+//! `tessera generate`: stream a completion from a cluster (`--endpoint`, by default the local
+//! one `tessera up` starts) or from the embedded engine (`--embedded`).
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -9,6 +11,9 @@ use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_model::sampling::{SamplingParams, StopConditions};
 use tessera_model::testing::SMOLLM2_NAME;
 use tessera_model::tokenizer::ChatMessage;
+use tessera_proto::v1 as pb;
+
+use super::client::{DEFAULT_ENDPOINT, connect, stream_generate};
 
 use crate::progress::Bar;
 
@@ -18,9 +23,10 @@ use crate::progress::Bar;
 pub struct GenerateArgs {
     /// The prompt.
     pub prompt: String,
-    /// A model name from the cache, a .gguf file, or a Hugging Face directory.
-    #[arg(long, default_value = SMOLLM2_NAME)]
-    pub model: String,
+    /// A model name from the cache, a .gguf file, or a Hugging Face directory (embedded; the
+    /// default is smollm2-135m-instruct), or a model the cluster serves (default: its own).
+    #[arg(long)]
+    pub model: Option<String>,
     /// Apply the model's chat template to the prompt (as a user message).
     #[arg(long)]
     pub chat: bool,
@@ -60,18 +66,21 @@ pub struct GenerateArgs {
     /// Print the top-N log-probabilities of each token to standard error.
     #[arg(long, default_value_t = 0)]
     pub logprobs: u32,
-    /// Compute threads (0: one per core).
+    /// Compute threads (0: one per core), with --embedded.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// The cluster to ask.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Run the model in this process instead of asking a cluster.
+    #[arg(long)]
+    pub embedded: bool,
 }
 
-/// Runs `tessera generate`.
-pub fn run(args: GenerateArgs) -> Result<()> {
-    let location = super::model::resolve_or_pull(&args.model)?;
-    let mut engine = load_engine(&location, args.threads)?;
-    let prompt = if args.chat {
+impl GenerateArgs {
+    fn messages(&self) -> Vec<ChatMessage> {
         let mut messages = Vec::new();
-        if let Some(system) = &args.system {
+        if let Some(system) = &self.system {
             messages.push(ChatMessage {
                 role: "system".into(),
                 content: system.clone(),
@@ -79,9 +88,100 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         messages.push(ChatMessage {
             role: "user".into(),
-            content: args.prompt.clone(),
+            content: self.prompt.clone(),
         });
-        Prompt::Chat(messages)
+        messages
+    }
+
+    /// The request as the public gRPC API spells it.
+    pub fn to_proto(&self) -> pb::GenerateRequest {
+        let prompt = if self.chat {
+            pb::generate_request::Prompt::Chat(pb::ChatMessages {
+                messages: self
+                    .messages()
+                    .into_iter()
+                    .map(|m| pb::ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            })
+        } else {
+            pb::generate_request::Prompt::Text(self.prompt.clone())
+        };
+        pb::GenerateRequest {
+            request_id: String::new(),
+            model: self.model.clone().unwrap_or_default(),
+            prompt: Some(prompt),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(self.temperature),
+                top_k: self.top_k,
+                top_p: Some(self.top_p),
+                min_p: self.min_p,
+                repetition_penalty: Some(self.repetition_penalty),
+                frequency_penalty: self.frequency_penalty,
+                presence_penalty: self.presence_penalty,
+                seed: self.seed,
+            }),
+            stop: Some(pb::StopConditions {
+                max_tokens: Some(self.max_tokens),
+                stop: self.stop.clone(),
+                stop_token_ids: Vec::new(),
+                ignore_eos: false,
+            }),
+            logprobs: self.logprobs > 0,
+            top_logprobs: self.logprobs,
+        }
+    }
+}
+
+/// Runs `tessera generate` against a cluster.
+async fn run_remote(args: GenerateArgs) -> Result<()> {
+    let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
+    let mut stdout = std::io::stdout();
+    let show_logprobs = args.logprobs > 0;
+    let done = stream_generate(&mut client, args.to_proto(), &mut stdout, &mut |t| {
+        if show_logprobs {
+            let alts: Vec<String> = t
+                .top_logprobs
+                .iter()
+                .map(|a| format!("{}={:.3}", a.id, a.logprob))
+                .collect();
+            eprintln!(
+                "[{} {:.3}] {}",
+                t.id,
+                t.logprob.unwrap_or(f32::NAN),
+                alts.join(" ")
+            );
+        }
+    })
+    .await?;
+    println!();
+    let decode_s = (done.total_ms - done.ttft_ms) / 1e3;
+    eprintln!(
+        "[{} prompt tokens, {} generated, finish: {}, first token {:.0} ms, {:.1} tok/s]",
+        done.prompt_tokens,
+        done.tokens.len(),
+        done.finish.as_deref().unwrap_or("none"),
+        done.ttft_ms,
+        if decode_s > 0.0 {
+            done.tokens.len().saturating_sub(1) as f64 / decode_s
+        } else {
+            0.0
+        }
+    );
+    Ok(())
+}
+
+/// Runs `tessera generate`.
+pub fn run(args: GenerateArgs) -> Result<()> {
+    if !args.embedded {
+        return super::runtime()?.block_on(run_remote(args));
+    }
+    let location = super::model::resolve_or_pull(args.model.as_deref().unwrap_or(SMOLLM2_NAME))?;
+    let mut engine = load_engine(&location, args.threads)?;
+    let prompt = if args.chat {
+        Prompt::Chat(args.messages())
     } else {
         Prompt::Text(args.prompt.clone())
     };

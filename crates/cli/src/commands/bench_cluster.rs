@@ -1,0 +1,186 @@
+//! `tessera bench-cluster`: what pipeline sharding costs — decode tokens/s and time to first
+//! token for the embedded engine and for local clusters of 1, 2, 3… workers at equal total
+//! threads, with the latency each extra pipeline hop adds, printed side by side.
+//!
+//! A benchmark, not a test: it prints figures and asserts nothing about speed.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_model::engine::{GenerateRequest, Prompt};
+use tessera_model::sampling::{SamplingParams, StopConditions};
+use tessera_model::testing::SMOLLM2_NAME;
+use tessera_proto::v1 as pb;
+
+use super::client::{connect, stream_generate, wait_ready};
+use super::up::{LocalCluster, LocalClusterSpec};
+
+/// Arguments of `tessera bench-cluster`.
+#[derive(Args, Debug)]
+pub struct BenchClusterArgs {
+    /// A model name from the cache or a path.
+    #[arg(long, default_value = SMOLLM2_NAME)]
+    pub model: String,
+    /// Compute threads in total, shared evenly by the workers (at least one each).
+    #[arg(long, default_value_t = 2)]
+    pub total_threads: u32,
+    /// Clusters of 1..=this many workers are measured.
+    #[arg(long, default_value_t = 3)]
+    pub max_workers: u32,
+    /// Prompt length, in repetitions of a two-token phrase.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_repeats: usize,
+    /// Tokens to decode per run.
+    #[arg(long, default_value_t = 64)]
+    pub decode: u32,
+    /// Measured runs per configuration (after one warm-up); the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// One configuration's best figures.
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    ttft_ms: f64,
+    decode_tok_s: f64,
+}
+
+impl Figures {
+    fn best(self, other: Self) -> Self {
+        Self {
+            ttft_ms: self.ttft_ms.min(other.ttft_ms),
+            decode_tok_s: self.decode_tok_s.max(other.decode_tok_s),
+        }
+    }
+}
+
+fn prompt(args: &BenchClusterArgs) -> String {
+    "the cat ".repeat(args.prompt_repeats)
+}
+
+/// Runs `tessera bench-cluster`.
+pub fn run(args: BenchClusterArgs) -> Result<()> {
+    let location = super::model::resolve_or_pull(&args.model)?;
+    let embedded = {
+        let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;
+        let req = engine.validate(&GenerateRequest {
+            prompt: Prompt::Text(prompt(&args)),
+            sampling: SamplingParams::greedy(),
+            stop: StopConditions {
+                max_tokens: args.decode,
+                stop: Vec::new(),
+                stop_token_ids: Vec::new(),
+                ignore_eos: true,
+            },
+        })?;
+        let mut best = None::<Figures>;
+        for run in 0..=args.runs {
+            let out = engine.generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))?;
+            let f = Figures {
+                ttft_ms: out.time_to_first_token.as_secs_f64() * 1e3,
+                decode_tok_s: (out.tokens.len() - 1) as f64
+                    / (out.elapsed - out.time_to_first_token).as_secs_f64(),
+            };
+            if run > 0 {
+                best = Some(best.map_or(f, |b| b.best(f)));
+            }
+        }
+        best.context("no runs")?
+    };
+    let rt = super::runtime()?;
+    let mut rows = Vec::new();
+    for n in 1..=args.max_workers.max(1) {
+        let threads = (args.total_threads / n).max(1);
+        let f = rt.block_on(measure_cluster(&args, n, threads))?;
+        rows.push((n, threads, f));
+    }
+    println!(
+        "model {} | prompt {} repeats, decode {} tokens, {} total threads, best of {}",
+        args.model, args.prompt_repeats, args.decode, args.total_threads, args.runs
+    );
+    println!(
+        "{:<22} {:>12} {:>14} {:>14} {:>16}",
+        "configuration", "TTFT ms", "decode tok/s", "ms / token", "added per hop ms"
+    );
+    let embedded_ms = 1e3 / embedded.decode_tok_s;
+    println!(
+        "{:<22} {:>12.1} {:>14.1} {:>14.2} {:>16}",
+        format!("embedded ({} thr)", args.total_threads),
+        embedded.ttft_ms,
+        embedded.decode_tok_s,
+        embedded_ms,
+        "-"
+    );
+    let one = rows.first().map(|r| 1e3 / r.2.decode_tok_s);
+    for (n, threads, f) in &rows {
+        let ms = 1e3 / f.decode_tok_s;
+        // Hops: n workers have n-1 worker-to-worker hops plus the coordinator round trip.
+        let per_hop = match (one, *n) {
+            (Some(base), n) if n > 1 => format!("{:.2}", (ms - base) / f64::from(n - 1)),
+            _ => format!("{:.2} (rpc)", ms - embedded_ms),
+        };
+        println!(
+            "{:<22} {:>12.1} {:>14.1} {:>14.2} {:>16}",
+            format!("{n} worker(s) x {threads} thr"),
+            f.ttft_ms,
+            f.decode_tok_s,
+            ms,
+            per_hop
+        );
+    }
+    Ok(())
+}
+
+async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) -> Result<Figures> {
+    let cluster = LocalCluster::start(&LocalClusterSpec {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        model: args.model.clone(),
+        workers,
+        threads,
+        memory: 4 << 30,
+        coordinator_args: Vec::new(),
+    })
+    .await?;
+    let result = async {
+        let mut client = connect(&cluster.endpoint, Duration::from_secs(10)).await?;
+        wait_ready(&mut client, Duration::from_secs(120)).await?;
+        let mut best = None::<Figures>;
+        for run in 0..=args.runs {
+            let req = pb::GenerateRequest {
+                prompt: Some(pb::generate_request::Prompt::Text(prompt(args))),
+                sampling: Some(pb::SamplingParams {
+                    temperature: Some(0.0),
+                    ..Default::default()
+                }),
+                stop: Some(pb::StopConditions {
+                    max_tokens: Some(args.decode),
+                    ignore_eos: true,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            // Client-side clock: what a user sees, including the RPC to the coordinator.
+            let start = Instant::now();
+            let mut first = None;
+            let done = stream_generate(&mut client, req, &mut std::io::sink(), &mut |_| {
+                first.get_or_insert_with(Instant::now);
+            })
+            .await?;
+            let end = Instant::now();
+            let first = first.context("no tokens")?;
+            let f = Figures {
+                ttft_ms: (first - start).as_secs_f64() * 1e3,
+                decode_tok_s: (done.tokens.len() - 1) as f64 / (end - first).as_secs_f64(),
+            };
+            if run > 0 {
+                best = Some(best.map_or(f, |b| b.best(f)));
+            }
+        }
+        best.context("no runs")
+    }
+    .await;
+    cluster.shutdown().await;
+    result
+}

@@ -1,0 +1,189 @@
+//! `tessera coordinator` and `tessera worker`: the two long-running processes of a cluster.
+//!
+//! Both stop cleanly on Ctrl-C / SIGTERM, and — when started by `tessera up` — when their
+//! standard input closes, so a parent that dies (even by `kill -9`) takes its cluster with it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_model::testing::SMOLLM2_NAME;
+
+use super::client::DEFAULT_ENDPOINT;
+
+/// Arguments of `tessera coordinator`.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    /// Address to serve the public API and the worker protocol on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// The model to serve: a name from the model cache or a path valid on every worker.
+    #[arg(long, default_value = SMOLLM2_NAME)]
+    pub model: String,
+    /// Plan once this many workers have registered.
+    #[arg(long, default_value_t = 1)]
+    pub min_workers: usize,
+    /// Milliseconds between worker heartbeats.
+    #[arg(long, default_value_t = 500)]
+    pub heartbeat_ms: u64,
+    /// Milliseconds of silence after which a worker is dropped.
+    #[arg(long, default_value_t = 2000)]
+    pub heartbeat_timeout_ms: u64,
+    /// KV cache capacity per worker, in tokens (default: the model's context).
+    #[arg(long)]
+    pub kv_tokens: Option<u32>,
+    /// Exit when standard input closes (used by `tessera up`).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// Arguments of `tessera worker`.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// The coordinator to register with.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    pub coordinator: String,
+    /// Address to serve the worker protocol on (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address the coordinator and other workers dial (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Compute threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: u32,
+    /// Memory this worker may use for weights and KV cache, e.g. 512MiB, 2GiB.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
+    pub memory: u64,
+    /// A human-readable name (default: host name and port).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Model cache root (default: $TESSERA_HOME or ~/.cache/tessera).
+    #[arg(long)]
+    pub model_home: Option<PathBuf>,
+    /// Exit when standard input closes (used by `tessera up`).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+/// Parses a byte size such as `512MiB`, `2GiB`, `1.5G` or `1048576`.
+///
+/// # Errors
+/// When the number or unit is not understood.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512MiB or 2GiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+    };
+    Ok((num * mult as f64) as u64)
+}
+
+/// Resolves when the process is asked to stop: Ctrl-C, SIGTERM, or (optionally) EOF on stdin.
+async fn shutdown_signal(stdin_eof: bool) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    let eof = async {
+        if stdin_eof {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 64];
+            let mut stdin = tokio::io::stdin();
+            // Anything read is ignored; only the end of the stream matters.
+            while let Ok(n) = stdin.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+        () = eof => {},
+    }
+}
+
+/// Runs `tessera coordinator` until it is stopped.
+pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    // A known model is pulled here so that `tessera coordinator` alone works on a fresh machine.
+    super::model::resolve_or_pull(&args.model)?;
+    let cfg = tessera_coordinator::CoordinatorConfig {
+        listen: args.listen,
+        model: args.model.clone(),
+        heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        min_workers: args.min_workers,
+        kv_tokens: args.kv_tokens.unwrap_or(0),
+        ..tessera_coordinator::CoordinatorConfig::default()
+    };
+    super::runtime()?.block_on(async move {
+        tessera_coordinator::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
+            .await
+            .context("coordinator")
+    })
+}
+
+/// Runs `tessera worker` until it is stopped.
+pub fn run_worker(args: WorkerArgs) -> Result<()> {
+    let name = args
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let cfg = tessera_worker::WorkerConfig {
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        coordinator: args.coordinator.clone(),
+        capacity: tessera_worker::Capacity {
+            memory_bytes: args.memory,
+            threads: args.threads,
+            devices: Vec::new(),
+        },
+        name,
+        model_home: args.model_home.clone(),
+    };
+    super::runtime()?.block_on(async move {
+        tessera_worker::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
+            .await
+            .context("worker")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    /// Ensures that sizes parse in the units people write, and nonsense is refused.
+    #[test]
+    fn byte_sizes_parse() {
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_bytes("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("3 parsecs").is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! `tessera status`: what a running cluster looks like — workers, their shards and memory, the
+//! plan, and coordinator replication.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use tessera_proto::v1::ClusterStatusRequest;
+
+use super::client::{DEFAULT_ENDPOINT, connect, status_error};
+
+/// Arguments of `tessera status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The coordinator to ask.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// Print the raw status as JSON-like debug output instead of a table.
+    #[arg(long)]
+    pub raw: bool,
+}
+
+/// Runs `tessera status`.
+pub async fn run(args: StatusArgs) -> Result<()> {
+    let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
+    let s = client
+        .cluster_status(ClusterStatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if args.raw {
+        println!("{s:#?}");
+        return Ok(());
+    }
+    println!(
+        "model {}  plan epoch {}  {}  running requests {}",
+        s.model,
+        s.plan_epoch,
+        if s.ready { "ready" } else { "NOT READY" },
+        s.running_requests
+    );
+    if !s.leader.is_empty() || s.term > 0 {
+        println!(
+            "leader {}  term {}  commit index {}  members {}",
+            s.leader,
+            s.term,
+            s.commit_index,
+            s.members.join(", ")
+        );
+    }
+    println!(
+        "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>9}  shard",
+        "worker", "address", "threads", "memory", "resident", "weights", "seen"
+    );
+    let mib = |b: u64| format!("{:.1}M", b as f64 / f64::from(1 << 20));
+    for w in &s.workers {
+        let cap = w.capacity.clone().unwrap_or_default();
+        let shard = w.shard.as_ref().map_or("-".to_owned(), |sh| {
+            format!(
+                "stage {} layers {}..{}{}{}",
+                sh.stage,
+                sh.layer_start,
+                sh.layer_end,
+                if sh.embed { " +embed" } else { "" },
+                if sh.head { " +head" } else { "" }
+            )
+        });
+        println!(
+            "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>7}ms  {}",
+            w.worker_id,
+            w.address,
+            cap.threads,
+            mib(cap.memory_bytes),
+            mib(w.resident_bytes),
+            mib(w.weight_bytes),
+            w.last_seen_ms,
+            shard
+        );
+    }
+    Ok(())
+}

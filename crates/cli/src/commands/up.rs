@@ -1,0 +1,274 @@
+//! `tessera up`: a whole local cluster — one coordinator and N workers as child processes on
+//! loopback — with the model pulled first when it is missing.
+//!
+//! Children get a pipe as standard input and exit when it closes, so the cluster goes away with
+//! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`).
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tessera_model::testing::SMOLLM2_NAME;
+use tessera_proto::v1 as pb;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use super::client::{connect, stream_generate, wait_ready};
+
+/// Arguments of `tessera up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Worker processes to start.
+    #[arg(long, default_value_t = 3)]
+    pub workers: u32,
+    /// Where the coordinator serves (port 0: any free port, printed when ready).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// The model to serve.
+    #[arg(long, default_value = SMOLLM2_NAME)]
+    pub model: String,
+    /// Compute threads per worker (0: the machine's cores shared out evenly).
+    #[arg(long, default_value_t = 0)]
+    pub threads_per_worker: u32,
+    /// Memory per worker, e.g. 1GiB.
+    #[arg(long, default_value = "2GiB", value_parser = super::serve::parse_bytes)]
+    pub memory: u64,
+    /// Send this prompt once the cluster is ready, print the answer, and shut down.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// With --prompt: apply the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// With --prompt: most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// With --prompt: sampling temperature (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Seconds to wait for the cluster to load the model and become ready.
+    #[arg(long, default_value_t = 300)]
+    pub ready_timeout: u64,
+}
+
+/// Runs `tessera up`.
+pub fn run(args: UpArgs) -> Result<()> {
+    if args.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    super::model::resolve_or_pull(&args.model)?;
+    super::runtime()?.block_on(up(args))
+}
+
+fn spawn(args: &[String]) -> Result<Child> {
+    let exe = std::env::current_exe().context("locating the tessera binary")?;
+    Command::new(exe)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting `tessera {}`", args.join(" ")))
+}
+
+/// Reads a child's stdout until its "listening on ADDR" line, then keeps draining it.
+async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
+    let stdout = child
+        .stdout
+        .take()
+        .with_context(|| format!("{what} has no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = line.split("listening on ").nth(1) {
+                return Ok::<_, std::io::Error>(Some(addr.trim().to_owned()));
+            }
+        }
+        Ok(None)
+    };
+    let addr = tokio::time::timeout(Duration::from_secs(120), read)
+        .await
+        .with_context(|| format!("{what} did not start listening within 120 s"))??
+        .with_context(|| format!("{what} exited before listening (see its log above)"))?;
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            println!("{line}");
+        }
+    });
+    Ok(addr)
+}
+
+/// A coordinator and its workers running as child processes of this one.
+pub struct LocalCluster {
+    /// The coordinator's public endpoint, `http://host:port`.
+    pub endpoint: String,
+    /// The coordinator first, then the workers.
+    children: Vec<Child>,
+}
+
+/// How to start a [`LocalCluster`].
+#[derive(Clone, Debug)]
+pub struct LocalClusterSpec {
+    /// Coordinator address (port 0: any).
+    pub listen: SocketAddr,
+    /// Model name or path.
+    pub model: String,
+    /// Workers to start.
+    pub workers: u32,
+    /// Threads per worker.
+    pub threads: u32,
+    /// Memory per worker in bytes.
+    pub memory: u64,
+    /// Extra coordinator arguments.
+    pub coordinator_args: Vec<String>,
+}
+
+impl LocalCluster {
+    /// Starts the coordinator, then the workers, each once its predecessor listens.
+    ///
+    /// # Errors
+    /// When a process cannot start or does not listen within two minutes.
+    pub async fn start(spec: &LocalClusterSpec) -> Result<Self> {
+        let mut args = vec![
+            "coordinator".into(),
+            "--listen".into(),
+            spec.listen.to_string(),
+            "--model".into(),
+            spec.model.clone(),
+            "--min-workers".into(),
+            spec.workers.to_string(),
+            "--exit-on-stdin-eof".into(),
+        ];
+        args.extend(spec.coordinator_args.iter().cloned());
+        let mut coordinator = spawn(&args)?;
+        let addr = listening_address(&mut coordinator, "the coordinator").await?;
+        let endpoint = format!("http://{addr}");
+        let mut cluster = Self {
+            endpoint,
+            children: vec![coordinator],
+        };
+        for i in 0..spec.workers {
+            let mut worker = spawn(&[
+                "worker".into(),
+                "--coordinator".into(),
+                cluster.endpoint.clone(),
+                "--threads".into(),
+                spec.threads.to_string(),
+                "--memory".into(),
+                spec.memory.to_string(),
+                "--name".into(),
+                format!("worker-{i}"),
+                "--exit-on-stdin-eof".into(),
+            ])?;
+            listening_address(&mut worker, &format!("worker {i}")).await?;
+            cluster.children.push(worker);
+        }
+        Ok(cluster)
+    }
+
+    /// Closes every child's stdin (their signal to stop), waits a little, then kills stragglers.
+    pub async fn shutdown(mut self) {
+        for c in &mut self.children {
+            drop(c.stdin.take());
+        }
+        for c in &mut self.children {
+            if tokio::time::timeout(Duration::from_secs(5), c.wait())
+                .await
+                .is_err()
+            {
+                let _ = c.kill().await;
+            }
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> Result<()> {
+    let threads = if args.threads_per_worker > 0 {
+        args.threads_per_worker
+    } else {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        (cores / args.workers).max(1)
+    };
+    let mut cluster = LocalCluster::start(&LocalClusterSpec {
+        listen: args.listen,
+        model: args.model.clone(),
+        workers: args.workers,
+        threads,
+        memory: args.memory,
+        coordinator_args: Vec::new(),
+    })
+    .await?;
+    let endpoint = cluster.endpoint.clone();
+    let result = serve(&args, &endpoint, &mut cluster.children).await;
+    cluster.shutdown().await;
+    result
+}
+
+async fn serve(args: &UpArgs, endpoint: &str, children: &mut [Child]) -> Result<()> {
+    let mut client = connect(endpoint, Duration::from_secs(10)).await?;
+    let status = wait_ready(&mut client, Duration::from_secs(args.ready_timeout)).await?;
+    eprintln!(
+        "tessera cluster ready at {endpoint}: {} workers, plan epoch {}",
+        status.workers.len(),
+        status.plan_epoch
+    );
+    if let Some(prompt) = &args.prompt {
+        let prompt = if args.chat {
+            pb::generate_request::Prompt::Chat(pb::ChatMessages {
+                messages: vec![pb::ChatMessage {
+                    role: "user".into(),
+                    content: prompt.clone(),
+                }],
+            })
+        } else {
+            pb::generate_request::Prompt::Text(prompt.clone())
+        };
+        let req = pb::GenerateRequest {
+            prompt: Some(prompt),
+            sampling: Some(pb::SamplingParams {
+                temperature: Some(args.temperature),
+                ..Default::default()
+            }),
+            stop: Some(pb::StopConditions {
+                max_tokens: Some(args.max_tokens),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut stdout = std::io::stdout();
+        let done = stream_generate(&mut client, req, &mut stdout, &mut |_| {}).await?;
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {}, first token {:.0} ms]",
+            done.prompt_tokens,
+            done.tokens.len(),
+            done.finish.as_deref().unwrap_or("none"),
+            done.ttft_ms
+        );
+        return Ok(());
+    }
+    println!("{endpoint}");
+    eprintln!("try: tessera generate --endpoint {endpoint} \"Hello\"   (Ctrl-C stops the cluster)");
+    let exited = async {
+        loop {
+            for (i, c) in children.iter_mut().enumerate() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    return (i, status);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("stopping the cluster");
+            Ok(())
+        }
+        (i, status) = exited => {
+            let what = if i == 0 { "the coordinator".to_owned() } else { format!("worker {}", i - 1) };
+            bail!("{what} exited ({status}); stopping the cluster")
+        }
+    }
+}
