@@ -1,1 +1,3 @@
 //! The tessera coordinator (being built).
+
+pub mod raft;
