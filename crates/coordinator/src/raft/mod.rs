@@ -19,11 +19,18 @@
 //! Every error of this module is a [`RaftError`]; [`RaftError::to_status`] is the single
 //! mapping to gRPC.
 
+mod handle;
+mod logger;
+mod node;
 mod state_machine;
 mod storage;
+mod transport;
 
+pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
+pub use node::{RaftConfig, RaftNode};
 pub use state_machine::{ApplyError, StateMachine};
 pub use storage::RedbStorage;
+pub use transport::{MemNetwork, MemTransport, Transport};
 
 /// Raft messages, entries and conf-change types as raft-rs defines them (re-exported so users
 /// need not depend on `raft` themselves).

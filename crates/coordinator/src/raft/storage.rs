@@ -619,9 +619,21 @@ impl raft::Storage for RedbStorage {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let snap = self.read_snapshot().map_err(store_err)?;
-        if snap.get_metadata().index == 0 || snap.get_metadata().index < request_index {
+        let meta = snap.get_metadata();
+        let cs = meta.get_conf_state();
+        // A node ignores a snapshot whose configuration does not include it (a new member
+        // added after the snapshot was taken), so such a snapshot is not worth sending.
+        let includes_to = [
+            &cs.voters,
+            &cs.learners,
+            &cs.voters_outgoing,
+            &cs.learners_next,
+        ]
+        .iter()
+        .any(|ids| ids.contains(&to));
+        if meta.index == 0 || meta.index < request_index || !includes_to {
             // The node loop sees the flag and compacts at its applied index, then raft retries.
             self.snapshot_wanted.store(true, Ordering::Relaxed);
             return Err(raft::Error::Store(
@@ -659,11 +671,12 @@ mod tests {
     }
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     fn bootstrapped(dir: &Path) -> RedbStorage {
@@ -681,10 +694,12 @@ mod tests {
         let dir = TempDir::new("reopen");
         {
             let mut s = bootstrapped(&dir.0);
-            let mut hs = HardState::default();
-            hs.term = 3;
-            hs.vote = 2;
-            hs.commit = 3;
+            let hs = HardState {
+                term: 3,
+                vote: 2,
+                commit: 3,
+                ..Default::default()
+            };
             s.append(&[entry(2, 2, b"x"), entry(3, 3, b"y")], Some(&hs))
                 .expect("append");
             let cs = ConfState::from((vec![1, 2, 3], vec![]));
