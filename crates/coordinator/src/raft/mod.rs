@@ -19,6 +19,7 @@
 //! Every error of this module is a [`RaftError`]; [`RaftError::to_status`] is the single
 //! mapping to gRPC.
 
+mod grpc;
 mod handle;
 mod logger;
 mod node;
@@ -26,6 +27,7 @@ mod state_machine;
 mod storage;
 mod transport;
 
+pub use grpc::{GrpcTransport, RaftService};
 pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
 pub use node::{RaftConfig, RaftNode};
 pub use state_machine::{ApplyError, StateMachine};
