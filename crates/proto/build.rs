@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let protos: Vec<PathBuf> = ["inference.proto", "worker.proto"]
+    let protos: Vec<PathBuf> = ["inference.proto", "worker.proto", "raft.proto"]
         .iter()
         .map(|f| root.join("tessera/v1").join(f))
         .collect();

@@ -24,6 +24,7 @@ mod controller;
 pub mod error;
 pub mod footprint;
 pub mod planner;
+pub mod raft;
 mod registry;
 pub mod scheduler;
 pub mod state;

@@ -1,0 +1,157 @@
+//! Raft over gRPC: [`GrpcTransport`] sends each peer's messages from one task over a lazily
+//! connected channel; [`RaftService`] serves `tessera.v1.Raft` and steps what it receives
+//! into the local node.
+//!
+//! A message travels as raft-rs's own protobuf encoding inside `RaftMessage.message`, so the
+//! wire format is exactly raft-rs's and this crate's proto files do not duplicate it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tessera_proto::v1::raft_client::RaftClient;
+use tessera_proto::v1::raft_server::{Raft, RaftServer};
+use tessera_proto::v1::{RaftAck, RaftMessage};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::transport::PeerQueues;
+use super::{RaftError, RaftHandle, Transport};
+
+/// How long a connection attempt to a peer may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long one send may take; a peer slower than this is treated as down for this message.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Addresses = Arc<Mutex<HashMap<u64, String>>>;
+
+/// Sends Raft messages to peers over gRPC (see the module docs).
+pub struct GrpcTransport {
+    queues: PeerQueues,
+    addresses: Addresses,
+}
+
+impl GrpcTransport {
+    /// A transport knowing the given peer addresses (host:port, or a full `http://` URI);
+    /// more are learnt from membership changes through [`Transport::set_peer`].
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime.
+    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Arc<Self> {
+        Arc::new(GrpcTransport {
+            queues: PeerQueues::new(),
+            addresses: Arc::new(Mutex::new(peers.into_iter().collect())),
+        })
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msg: Message) {
+        let to = msg.to;
+        let addresses = self.addresses.clone();
+        self.queues
+            .push(msg, move |rx| peer_task(to, addresses, rx));
+    }
+
+    fn set_peer(&self, id: u64, address: Option<&str>) {
+        let mut map = self
+            .addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = match address {
+            Some(a) => map.insert(id, a.to_string()).as_deref() != Some(a),
+            None => map.remove(&id).is_some(),
+        };
+        if changed {
+            // The task holds a channel to the old address; the next message starts a new one.
+            self.queues.remove(id);
+        }
+    }
+}
+
+fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("http://{address}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(SEND_TIMEOUT))
+}
+
+/// Sends peer `to`'s queue, one message at a time. A failed send drops what is queued
+/// behind it too: those messages are as stale as the one that failed, and Raft resends.
+async fn peer_task(to: u64, addresses: Addresses, mut rx: mpsc::Receiver<Message>) {
+    let mut client: Option<(String, RaftClient<Channel>)> = None;
+    while let Some(msg) = rx.recv().await {
+        let span = tracing::trace_span!("raft_send", to, kind = ?msg.get_msg_type());
+        let _enter = span.enter();
+        let Some(address) = addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&to)
+            .cloned()
+        else {
+            tracing::debug!(to, "no address for raft peer; message dropped");
+            continue;
+        };
+        if client.as_ref().is_none_or(|(a, _)| *a != address) {
+            match endpoint(&address) {
+                Ok(e) => client = Some((address.clone(), RaftClient::new(e.connect_lazy()))),
+                Err(e) => {
+                    tracing::warn!(to, %address, "bad raft peer address: {e}");
+                    continue;
+                }
+            }
+        }
+        let Some((_, c)) = client.as_mut() else {
+            continue;
+        };
+        let bytes = match msg.write_to_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(to, "cannot encode a raft message: {e}");
+                continue;
+            }
+        };
+        drop(_enter);
+        if let Err(status) = c.send(RaftMessage { message: bytes }).await {
+            tracing::debug!(to, %address, "raft send failed: {status}");
+            while rx.try_recv().is_ok() {}
+        }
+    }
+}
+
+/// The `tessera.v1.Raft` service: hands received messages to the local node.
+#[derive(Debug, Clone)]
+pub struct RaftService {
+    handle: RaftHandle,
+}
+
+impl RaftService {
+    /// A service stepping into `handle`'s node.
+    pub fn new(handle: RaftHandle) -> Self {
+        RaftService { handle }
+    }
+
+    /// The tonic server to add to a router.
+    pub fn into_server(self) -> RaftServer<Self> {
+        RaftServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl Raft for RaftService {
+    async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
+        let msg = Message::parse_from_bytes(&request.get_ref().message)
+            .map_err(|e| RaftError::InvalidMessage(format!("not a raft message: {e}")))?;
+        let _span = tracing::trace_span!("raft_recv", from = msg.from, kind = ?msg.get_msg_type())
+            .entered();
+        self.handle.step(msg)?;
+        Ok(Response::new(RaftAck {}))
+    }
+}
