@@ -1,0 +1,189 @@
+{{/* Names, labels and the derived addresses every template shares. */}}
+
+{{- define "tessera.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Kept to 40 characters so "<fullname>-coordinator-headless" stays a valid 63-char DNS label. */}}
+{{- define "tessera.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tessera.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tessera.labels" -}}
+helm.sh/chart: {{ include "tessera.chart" . }}
+{{ include "tessera.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "tessera.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tessera.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "coordinator"). */}}
+{{- define "tessera.componentSelectorLabels" -}}
+{{ include "tessera.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "tessera.coordinator.fullname" -}}
+{{- printf "%s-coordinator" (include "tessera.fullname" .) }}
+{{- end }}
+
+{{- define "tessera.coordinator.headless" -}}
+{{- printf "%s-coordinator-headless" (include "tessera.fullname" .) }}
+{{- end }}
+
+{{- define "tessera.worker.fullname" -}}
+{{- printf "%s-worker" (include "tessera.fullname" .) }}
+{{- end }}
+
+{{- define "tessera.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tessera.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tessera.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "tessera.pullImage" -}}
+{{- $repo := default .Values.image.repository .Values.model.pull.image.repository }}
+{{- $tag := default (default .Chart.AppVersion .Values.image.tag) .Values.model.pull.image.tag }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+
+{{/* Stable DNS name of coordinator ordinal i (call with (dict "ctx" $ "i" 0)), without port. */}}
+{{- define "tessera.coordinator.host" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "tessera.coordinator.fullname" .ctx) (int .i) (include "tessera.coordinator.headless" .ctx) .ctx.Release.Namespace .ctx.Values.clusterDomain }}
+{{- end }}
+
+{{/* --peers: "1=host0:port,2=host1:port,..." — Raft id = ordinal + 1, as `--id auto` computes. */}}
+{{- define "tessera.coordinator.peers" -}}
+{{- $peers := list }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $peers = append $peers (printf "%d=%s:%d" (add $i 1) (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.port)) }}
+{{- end }}
+{{- join "," $peers }}
+{{- end }}
+
+{{/* --coordinator for workers: every coordinator's URL; the worker follows the leader. */}}
+{{- define "tessera.coordinator.urls" -}}
+{{- $urls := list }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $urls = append $urls (printf "http://%s:%d" (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.port)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+
+{{/* The model volume (mounted at model.home, i.e. TESSERA_HOME). */}}
+{{- define "tessera.modelVolume" -}}
+- name: model
+{{- if eq .Values.model.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ required "model.pvc.claimName is required when model.source is pvc" .Values.model.pvc.claimName }}
+    readOnly: true
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.model.pull.sizeLimit }}
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{- define "tessera.modelMount" -}}
+- name: model
+  mountPath: {{ .Values.model.home }}
+{{- if eq .Values.model.source "pvc" }}
+  readOnly: true
+{{- with .Values.model.pvc.subPath }}
+  subPath: {{ . }}
+{{- end }}
+{{- end }}
+- name: tmp
+  mountPath: /tmp
+{{- end }}
+
+{{/* The init container that pulls the model (model.source = pull). */}}
+{{- define "tessera.modelPullInit" -}}
+{{- if eq .Values.model.source "pull" }}
+initContainers:
+  - name: model-pull
+    image: {{ include "tessera.pullImage" . }}
+    imagePullPolicy: {{ .Values.image.pullPolicy }}
+    args: ["model", "pull", {{ .Values.model.name | quote }}]
+    env:
+      - name: TESSERA_HOME
+        value: {{ .Values.model.home | quote }}
+      # pip writes its cache and build files under HOME; the root filesystem is read-only.
+      - name: HOME
+        value: /tmp
+    securityContext:
+      {{- toYaml .Values.securityContext | nindent 6 }}
+    {{- with .Values.model.pull.resources }}
+    resources:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    volumeMounts:
+      {{- include "tessera.modelMount" . | nindent 6 }}
+{{- end }}
+{{- end }}
+
+{{/* gRPC probes on the standard health service; call with (dict "p" .probes "port" N "service" S). */}}
+{{- define "tessera.probes" -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service | quote }}
+  periodSeconds: {{ .p.startup.periodSeconds }}
+  failureThreshold: {{ .p.startup.failureThreshold }}
+  timeoutSeconds: {{ .p.startup.timeoutSeconds }}
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service | quote }}
+  periodSeconds: {{ .p.readiness.periodSeconds }}
+  failureThreshold: {{ .p.readiness.failureThreshold }}
+  timeoutSeconds: {{ .p.readiness.timeoutSeconds }}
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+    service: {{ .service | quote }}
+  periodSeconds: {{ .p.liveness.periodSeconds }}
+  failureThreshold: {{ .p.liveness.failureThreshold }}
+  timeoutSeconds: {{ .p.liveness.timeoutSeconds }}
+{{- end }}
+
+{{/* Pod anti-affinity preset merged with user affinity; call with (dict "ctx" $ "component" C "v" values). */}}
+{{- define "tessera.affinity" -}}
+{{- $aff := deepCopy (default dict .v.affinity) }}
+{{- $term := dict "labelSelector" (dict "matchLabels" (fromYaml (include "tessera.componentSelectorLabels" (dict "ctx" .ctx "component" .component)))) "topologyKey" .v.antiAffinityTopologyKey }}
+{{- if hasKey $aff "podAntiAffinity" }}
+{{- /* The user's own podAntiAffinity wins over the preset. */}}
+{{- else if eq .v.podAntiAffinity "preferred" }}
+{{- $_ := set $aff "podAntiAffinity" (dict "preferredDuringSchedulingIgnoredDuringExecution" (list (dict "weight" 100 "podAffinityTerm" $term))) }}
+{{- else if eq .v.podAntiAffinity "required" }}
+{{- $_ := set $aff "podAntiAffinity" (dict "requiredDuringSchedulingIgnoredDuringExecution" (list $term)) }}
+{{- end }}
+{{- if $aff }}
+affinity:
+  {{- toYaml $aff | nindent 2 }}
+{{- end }}
+{{- end }}
