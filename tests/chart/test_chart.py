@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""Offline test of the Helm chart in charts/tessera.
+
+Lints and renders the chart with Helm's own engine (the PyPI package helm-python-sdk, which
+bundles Helm v4 as a shared library: no helm binary, no cluster), validates every rendered
+object against the Kubernetes OpenAPI schemas of a pinned Kubernetes version with
+kubernetes-validate in strict mode (unknown fields are errors), and asserts on the rendered
+objects: replicas, Raft peers, gRPC probes, the PodDisruptionBudget, GPU resources,
+anti-affinity, the headless Service, security settings and the model source. It also checks
+that values.schema.json rejects an even coordinator count.
+
+Prints one line per failed check and closes with "chart: N checks passed" (exit 0) or
+"chart: N checks passed, M failed" (exit 1).
+
+Usage: python tests/chart/test_chart.py  (scripts/test-chart.sh prepares the venv)
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "tessera"
+# A bundled schema set of kubernetes-validate; gRPC probes are GA since 1.27.
+KUBE_VERSION = "1.33.0"
+RELEASE = "demo"
+NAMESPACE = "ml"
+# Objects that come from CRDs: kubernetes-validate has no schema for them, so the test checks
+# their shape itself.
+CRD_KINDS = {"ServiceMonitor"}
+
+
+class Checks:
+    """Counts checks; a failed one is recorded with its message instead of stopping the run."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed: list[str] = []
+        self.scope = ""
+
+    def __call__(self, cond: bool, msg: str) -> bool:
+        if cond:
+            self.passed += 1
+        else:
+            self.failed.append(f"{self.scope}: {msg}")
+            print(f"FAIL {self.scope}: {msg}", flush=True)
+        return cond
+
+    def eq(self, got: Any, want: Any, msg: str) -> bool:
+        return self(got == want, f"{msg}: got {got!r}, want {want!r}")
+
+
+check = Checks()
+
+
+def render(values: dict[str, Any]) -> tuple[list[dict[str, Any]], str]:
+    """Renders the chart with `values`; returns the objects and NOTES.txt."""
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects: list[dict[str, Any]] = []
+    notes = ""
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                objects.append(doc)
+    return objects, notes
+
+
+def validate_all(objects: list[dict[str, Any]]) -> None:
+    """Every object must pass strict schema validation (CRD kinds: a shape check instead)."""
+    for obj in objects:
+        name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            check(True, name)
+        except SchemaNotFoundError:
+            check(obj.get("kind") in CRD_KINDS, f"{name}: no Kubernetes schema for this kind")
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            check(False, f"{name} does not validate against {KUBE_VERSION} (strict): {path}: {e.message}")
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The one object of `kind` named `name`; raises AssertionError when absent."""
+    hits = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    if len(hits) != 1:
+        raise AssertionError(f"expected one {kind}/{name}, found {len(hits)}")
+    return hits[0]
+
+
+def container(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    """The container `name` of a workload's pod template."""
+    return next(c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def arg(c: dict[str, Any], flag: str) -> str | None:
+    """The value of `--flag=value` in a container's args, or None."""
+    for a in c.get("args", []):
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def with_values(**overrides: Any) -> dict[str, Any]:
+    """Values from dotted keys: with_values(**{"coordinator.replicas": 5})."""
+    out: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = copy.deepcopy(value)
+    return out
+
+
+COORD = f"{RELEASE}-tessera-coordinator"
+HEADLESS = f"{COORD}-headless"
+WORKER = f"{RELEASE}-tessera-worker"
+CLIENT = f"{RELEASE}-tessera"
+
+
+def coordinator_host(i: int) -> str:
+    return f"{COORD}-{i}.{HEADLESS}.{NAMESPACE}.svc.cluster.local"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tests. Each is a function; a raised exception counts as one failed check.
+
+
+def test_lint() -> None:
+    """Ensures that `helm lint --strict` finds no warning or error with default and other values."""
+    for values in [{}, with_values(**{"coordinator.replicas": 5, "worker.gpus": 1}),
+                   with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"})]:
+        report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+        bad = [m for m in report["messages"] if m["severity"] >= 2]
+        check(not bad and not report["errors"], f"lint {values}: {bad or report['errors']}")
+
+
+def test_defaults_validate_and_shape() -> None:
+    """Ensures that the default render validates strictly and has the expected objects."""
+    objects, notes = render({})
+    validate_all(objects)
+    kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
+    check.eq(kinds, sorted([
+        ("PodDisruptionBudget", COORD), ("Service", CLIENT), ("Service", HEADLESS),
+        ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD),
+        ("Deployment", WORKER)]), "rendered objects")
+    check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
+    check(f"port-forward service/{CLIENT} 50051:50051" in notes, "NOTES: port-forward command")
+    check("tessera generate --endpoint http://127.0.0.1:50051" in notes, "NOTES: first generate request")
+    check("grpcurl" in notes, "NOTES: grpcurl alternative")
+
+
+def test_coordinator_statefulset() -> None:
+    """Ensures that the coordinators are a parallel StatefulSet with the agreed flags, claims and probes."""
+    objects, _ = render({})
+    sts = find(objects, "StatefulSet", COORD)
+    spec = sts["spec"]
+    check.eq(spec["replicas"], 3, "default coordinator replicas")
+    check.eq(spec["serviceName"], HEADLESS, "serviceName is the headless Service")
+    check.eq(spec["podManagementPolicy"], "Parallel", "peers start together")
+    c = container(sts, "coordinator")
+    check.eq(c["args"][0], "coordinator", "subcommand")
+    check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen")
+    check.eq(arg(c, "--id"), "auto", "--id auto")
+    check.eq(arg(c, "--advertise"), f"$(POD_NAME).{HEADLESS}.{NAMESPACE}.svc.cluster.local:50051",
+             "--advertise is the pod's stable DNS name")
+    check.eq(arg(c, "--data-dir"), "/var/lib/tessera/raft", "--data-dir")
+    check.eq(arg(c, "--model"), "smollm2-135m-instruct", "--model")
+    check.eq(arg(c, "--min-workers"), "2", "--min-workers")
+    env = {e["name"]: e for e in c["env"]}
+    check.eq(env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name", "POD_NAME from the downward API")
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    check.eq(mounts.get("data"), arg(c, "--data-dir"), "--data-dir is on the claim")
+    claims = spec["volumeClaimTemplates"]
+    check.eq([v["metadata"]["name"] for v in claims], ["data"], "one claim template")
+    check.eq(claims[0]["spec"]["resources"]["requests"]["storage"], "1Gi", "claim size")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = c.get(kind, {})
+        check.eq(probe.get("grpc"), {"port": 50051, "service": ""}, f"{kind} is gRPC health on service \"\"")
+    startup = c["startupProbe"]
+    check(startup["periodSeconds"] * startup["failureThreshold"] >= 300,
+          "startup probe allows at least 5 minutes for model loading")
+    check.eq(c["ports"], [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}], "one gRPC port")
+
+
+def test_peers_match_replicas() -> None:
+    """Ensures that --peers lists every ordinal as id=ordinal+1 at its headless DNS name, for 1..7 replicas."""
+    for n in (1, 3, 5, 7):
+        objects, _ = render(with_values(**{"coordinator.replicas": n}))
+        sts = find(objects, "StatefulSet", COORD)
+        check.eq(sts["spec"]["replicas"], n, f"replicas={n}")
+        want = ",".join(f"{i + 1}={coordinator_host(i)}:50051" for i in range(n))
+        check.eq(arg(container(sts, "coordinator"), "--peers"), want, f"--peers for {n} replicas")
+        w = container(find(objects, "Deployment", WORKER), "worker")
+        want_urls = ",".join(f"http://{coordinator_host(i)}:50051" for i in range(n))
+        check.eq(arg(w, "--coordinator"), want_urls, f"workers know all {n} coordinators")
+        pdb = find(objects, "PodDisruptionBudget", COORD)
+        check.eq(pdb["spec"]["maxUnavailable"], 1, f"PDB maxUnavailable with {n} replicas")
+        validate_all(objects)
+
+
+def test_schema_rejects_even_replicas() -> None:
+    """Ensures that values.schema.json rejects an even (or zero) coordinator count, in validation and render."""
+    with helm.Chart.load(CHART) as chart:
+        for n in (0, 2, 4, 6, 8):
+            values = with_values(**{"coordinator.replicas": n})
+            try:
+                chart.validate_schema(values)
+                check(False, f"schema accepted coordinator.replicas={n}")
+            except helm.HelmValuesError as e:
+                check("/coordinator/replicas" in str(e), f"replicas={n} rejected naming the field: {e}")
+            try:
+                chart.render(values, name=RELEASE, namespace=NAMESPACE)
+                check(False, f"render accepted coordinator.replicas={n}")
+            except helm.HelmValuesError:
+                check(True, "")
+        for n in (1, 3, 5, 7):
+            chart.validate_schema(with_values(**{"coordinator.replicas": n}))
+            check(True, "")
+        for bad in [with_values(**{"coordinator.replicas": "3"}), with_values(**{"model.source": "s3"}),
+                    with_values(**{"model.source": "pvc"}), with_values(**{"worker.gpus": -1}),
+                    with_values(**{"coordinator.replicass": 3})]:
+            try:
+                chart.validate_schema(bad)
+                check(False, f"schema accepted {bad}")
+            except helm.HelmValuesError:
+                check(True, "")
+
+
+def test_services() -> None:
+    """Ensures that the headless Service publishes not-ready addresses and the client Service serves 50051."""
+    objects, _ = render({})
+    headless = find(objects, "Service", HEADLESS)["spec"]
+    check.eq(headless["clusterIP"], "None", "headless")
+    check.eq(headless.get("publishNotReadyAddresses"), True, "publishNotReadyAddresses")
+    sts = find(objects, "StatefulSet", COORD)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    check(all(pod_labels.get(k) == v for k, v in headless["selector"].items()), "headless selects coordinators")
+    client = find(objects, "Service", CLIENT)["spec"]
+    check.eq(client["type"], "ClusterIP", "client Service type")
+    check.eq([(p["name"], p["port"], p["targetPort"]) for p in client["ports"]], [("grpc", 50051, "grpc")],
+             "client Service port")
+    check.eq(client["selector"], headless["selector"], "client Service selects coordinators only")
+    check(not client.get("publishNotReadyAddresses"), "client Service routes to ready pods only")
+    check.eq(sts["spec"]["selector"]["matchLabels"], headless["selector"], "StatefulSet selector")
+
+
+def test_pdb() -> None:
+    """Ensures that the PodDisruptionBudget allows one coordinator down and can be turned off."""
+    objects, _ = render({})
+    pdb = find(objects, "PodDisruptionBudget", COORD)
+    check.eq(pdb["apiVersion"], "policy/v1", "PDB apiVersion")
+    check.eq(pdb["spec"]["maxUnavailable"], 1, "maxUnavailable")
+    check("minAvailable" not in pdb["spec"], "no minAvailable alongside maxUnavailable")
+    sts = find(objects, "StatefulSet", COORD)
+    check.eq(pdb["spec"]["selector"]["matchLabels"], sts["spec"]["selector"]["matchLabels"], "PDB selects coordinators")
+    objects, _ = render(with_values(**{"coordinator.podDisruptionBudget.enabled": False}))
+    check("PodDisruptionBudget" not in {o["kind"] for o in objects}, "PDB disabled")
+
+
+def test_gpu_resources() -> None:
+    """Ensures that nvidia.com/gpu is a worker limit when gpus > 0 and absent everywhere when 0."""
+    objects, notes = render({})
+    w = container(find(objects, "Deployment", WORKER), "worker")
+    check("nvidia.com/gpu" not in str(objects), "no GPU resource with worker.gpus=0")
+    check.eq(w["resources"]["limits"], {"memory": "3Gi"}, "CPU worker limits")
+    for n in (1, 4):
+        objects, notes = render(with_values(**{"worker.gpus": n}))
+        validate_all(objects)
+        w = container(find(objects, "Deployment", WORKER), "worker")
+        check.eq(w["resources"]["limits"].get("nvidia.com/gpu"), n, f"nvidia.com/gpu limit {n}")
+        check.eq(w["resources"]["limits"].get("memory"), "3Gi", "memory limit kept next to GPUs")
+        check("nvidia.com/gpu" not in str(find(objects, "StatefulSet", COORD)), "coordinators get no GPU")
+        check(f"{n} GPU(s)" in notes, "NOTES mention GPUs")
+    # No resources at all (null removes the default) and no GPUs: the key is left out, not empty.
+    objects, _ = render(with_values(**{"worker.resources": None}))
+    check("resources" not in container(find(objects, "Deployment", WORKER), "worker"), "no empty resources")
+    objects, _ = render(with_values(**{"worker.resources": None, "worker.gpus": 2}))
+    check.eq(container(find(objects, "Deployment", WORKER), "worker")["resources"],
+             {"limits": {"nvidia.com/gpu": 2}}, "GPU limit without other resources")
+
+
+def test_anti_affinity() -> None:
+    """Ensures that coordinators and workers spread over nodes: preferred by default, required or none on request."""
+    objects, _ = render({})
+    for kind, name, comp in (("StatefulSet", COORD, "coordinator"), ("Deployment", WORKER, "worker")):
+        aff = find(objects, kind, name)["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        terms = aff["preferredDuringSchedulingIgnoredDuringExecution"]
+        check.eq(len(terms), 1, f"{comp}: one preferred term")
+        term = terms[0]["podAffinityTerm"]
+        check.eq(term["topologyKey"], "kubernetes.io/hostname", f"{comp}: spread by host")
+        check.eq(term["labelSelector"]["matchLabels"].get("app.kubernetes.io/component"), comp,
+                 f"{comp}: repels its own component")
+        check("requiredDuringSchedulingIgnoredDuringExecution" not in aff, f"{comp}: not required by default")
+    objects, _ = render(with_values(**{"coordinator.podAntiAffinity": "required", "worker.podAntiAffinity": "none"}))
+    validate_all(objects)
+    spec = find(objects, "StatefulSet", COORD)["spec"]["template"]["spec"]
+    check("requiredDuringSchedulingIgnoredDuringExecution" in spec["affinity"]["podAntiAffinity"], "required")
+    check("affinity" not in find(objects, "Deployment", WORKER)["spec"]["template"]["spec"], "none")
+    node_aff = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["llm"]}]}]}}}
+    objects, _ = render(with_values(**{
+        "worker.affinity": node_aff, "worker.nodeSelector": {"gpu": "h100"},
+        "worker.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}))
+    validate_all(objects)
+    spec = find(objects, "Deployment", WORKER)["spec"]["template"]["spec"]
+    check("nodeAffinity" in spec["affinity"] and "podAntiAffinity" in spec["affinity"], "user affinity merged with preset")
+    check.eq(spec["nodeSelector"], {"gpu": "h100"}, "nodeSelector")
+    check.eq(spec["tolerations"][0]["key"], "nvidia.com/gpu", "tolerations")
+
+
+def test_workers() -> None:
+    """Ensures that workers advertise their pod IP, carry their sizing flags and gRPC probes."""
+    objects, _ = render(with_values(**{"worker.replicas": 5, "worker.threads": 8, "worker.memory": "12GiB"}))
+    dep = find(objects, "Deployment", WORKER)
+    check.eq(dep["spec"]["replicas"], 5, "worker replicas")
+    w = container(dep, "worker")
+    check.eq(w["args"][0], "worker", "subcommand")
+    check.eq(arg(w, "--listen"), "0.0.0.0:50061", "--listen")
+    check.eq(arg(w, "--advertise"), "$(POD_IP):50061", "--advertise")
+    check.eq(arg(w, "--threads"), "8", "--threads")
+    check.eq(arg(w, "--memory"), "12GiB", "--memory")
+    env = {e["name"]: e for e in w["env"]}
+    check.eq(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP", "POD_IP from the downward API")
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check.eq(w.get(kind, {}).get("grpc"), {"port": 50061, "service": ""}, f"worker {kind} is gRPC")
+
+
+def test_security() -> None:
+    """Ensures that every container runs as non-root, read-only, with all capabilities dropped."""
+    objects, _ = render({})
+    for obj in objects:
+        if obj["kind"] not in ("StatefulSet", "Deployment"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        check.eq(pod["securityContext"].get("runAsNonRoot"), True, f"{obj['kind']} runAsNonRoot")
+        check.eq(pod.get("automountServiceAccountToken"), False, f"{obj['kind']} no API token")
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c["securityContext"]
+            check.eq(sc.get("readOnlyRootFilesystem"), True, f"{c['name']} readOnlyRootFilesystem")
+            check.eq(sc.get("capabilities", {}).get("drop"), ["ALL"], f"{c['name']} drops ALL")
+            check.eq(sc.get("allowPrivilegeEscalation"), False, f"{c['name']} no privilege escalation")
+            check(c["image"] == "tessera:0.1.0", f"{c['name']} image pinned to appVersion: {c['image']}")
+
+
+def test_model_source() -> None:
+    """Ensures that the model comes from an init-container pull by default, or read-only from an existing PVC."""
+    objects, _ = render({})
+    for kind, name in (("StatefulSet", COORD), ("Deployment", WORKER)):
+        pod = find(objects, kind, name)["spec"]["template"]["spec"]
+        init = pod["initContainers"]
+        check.eq([c["name"] for c in init], ["model-pull"], f"{kind}: pull init container")
+        check.eq(init[0]["args"], ["model", "pull", "smollm2-135m-instruct"], f"{kind}: tessera model pull")
+        vols = {v["name"]: v for v in pod["volumes"]}
+        check("emptyDir" in vols["model"], f"{kind}: model on an emptyDir")
+        mounts = {m["name"]: m for m in init[0]["volumeMounts"]}
+        check.eq(mounts["model"]["mountPath"], "/var/lib/tessera/home", f"{kind}: init writes TESSERA_HOME")
+    objects, _ = render(with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"}))
+    validate_all(objects)
+    for kind, name in (("StatefulSet", COORD), ("Deployment", WORKER)):
+        pod = find(objects, kind, name)["spec"]["template"]["spec"]
+        check("initContainers" not in pod, f"{kind}: nothing pulled with a PVC")
+        vols = {v["name"]: v for v in pod["volumes"]}
+        check.eq(vols["model"].get("persistentVolumeClaim"), {"claimName": "models", "readOnly": True},
+                 f"{kind}: existing claim, read-only")
+        c = pod["containers"][0]
+        mount = next(m for m in c["volumeMounts"] if m["name"] == "model")
+        check.eq(mount.get("readOnly"), True, f"{kind}: model mounted read-only")
+
+
+def test_service_monitor() -> None:
+    """Ensures that the optional ServiceMonitor scrapes the metrics port of coordinators and workers."""
+    objects, _ = render(with_values(**{"metrics.serviceMonitor.enabled": True}))
+    validate_all(objects)
+    sm = find(objects, "ServiceMonitor", CLIENT)
+    check.eq(sm["apiVersion"], "monitoring.coreos.com/v1", "ServiceMonitor apiVersion")
+    check.eq([e["port"] for e in sm["spec"]["endpoints"]], ["metrics"], "scrapes the metrics port")
+    selected = [o for o in objects if o["kind"] == "Service" and all(
+        o["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())]
+    check.eq(sorted(o["metadata"]["name"] for o in selected), sorted([CLIENT, WORKER]),
+             "selects the client and worker Services (not the headless one twice)")
+    for svc in selected:
+        check("metrics" in [p["name"] for p in svc["spec"]["ports"]], f"{svc['metadata']['name']} has a metrics port")
+    for kind, name in (("StatefulSet", COORD), ("Deployment", WORKER)):
+        ports = [p["name"] for p in find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["ports"]]
+        check.eq(ports, ["grpc", "metrics"], f"{kind} ports")
+
+
+TESTS: list[Callable[[], None]] = [
+    test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
+    test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
+    test_workers, test_security, test_model_source, test_service_monitor,
+]
+
+
+def main() -> int:
+    print(f"chart: {CHART} with Helm {helm.helm_sdk_version()}, Kubernetes schemas {KUBE_VERSION} (strict)")
+    for test in TESTS:
+        check.scope = test.__name__
+        before = (check.passed, len(check.failed))
+        try:
+            test()
+        except Exception:  # noqa: BLE001 - a crashing test is one failed check, the rest still run
+            check(False, "raised:\n" + traceback.format_exc())
+        passed, failed = check.passed - before[0], len(check.failed) - before[1]
+        print(f"{'ok  ' if failed == 0 else 'FAIL'} {test.__name__}: {passed} checks" + (f", {failed} failed" if failed else ""))
+    if check.failed:
+        print(f"chart: {check.passed} checks passed, {len(check.failed)} failed")
+        return 1
+    print(f"chart: {check.passed} checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
