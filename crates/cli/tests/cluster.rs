@@ -563,3 +563,87 @@ fn up_answers_a_prompt_and_stops() {
     assert!(stderr.contains("8 generated"), "{stderr}");
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
+
+/// Sends a signal to a worker process with kill(1).
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+/// Ensures that a worker that goes silent without closing its connections (SIGSTOP: a hung
+/// host or a cut network) ends in-flight streams with UNAVAILABLE within two heartbeat
+/// timeouts, that the remaining workers then serve the same output, and that the worker, once
+/// it speaks again, registers anew and is used by the next plan.
+#[test]
+fn silent_worker_is_dropped_then_rejoins() {
+    let Some(model) = model() else {
+        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
+        return;
+    };
+    let cluster = Cluster::start(&model, &[(1, "1GiB"), (1, "1GiB"), (1, "1GiB")]);
+    let prompt = PROMPTS[0];
+    let before = ids_and_logprobs(&cluster.generate(greedy(prompt, 12)).expect("before"));
+
+    let mut c = cluster.client();
+    let mut stream = cluster
+        .rt
+        .block_on(c.generate(greedy(prompt, 1000)))
+        .expect("start")
+        .into_inner();
+    for _ in 0..3 {
+        cluster
+            .rt
+            .block_on(stream.message())
+            .expect("tokens before the stop")
+            .expect("stream open");
+    }
+    let victim = cluster.workers[1].as_ref().expect("running");
+    signal(victim, "-STOP");
+    let stopped = Instant::now();
+    let err = cluster.rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("stream ended without an error"),
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await
+        .expect("the stream hangs after the worker went silent")
+    });
+    let waited = stopped.elapsed();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        waited <= Duration::from_millis(2 * HEARTBEAT_TIMEOUT_MS),
+        "stream ended {waited:?} after the worker went silent"
+    );
+    let after = cluster
+        .generate(greedy(prompt, 12))
+        .expect("after the stop");
+    assert_eq!(ids_and_logprobs(&after), before);
+    assert_eq!(cluster.status().workers.len(), 2);
+
+    signal(victim, "-CONT");
+    let start = Instant::now();
+    loop {
+        let s = cluster.status();
+        if s.ready && s.workers.len() == 3 && s.workers.iter().all(|w| w.shard.is_some()) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the worker did not rejoin the plan: {s:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rejoined = cluster
+        .generate(greedy(prompt, 12))
+        .expect("after the rejoin");
+    assert_eq!(ids_and_logprobs(&rejoined), before);
+}
