@@ -295,8 +295,21 @@ fn pipeline_matches_the_single_process_engine() {
         sizes[0] != sizes[2],
         "uneven capacities, uneven split: {sizes:?}"
     );
-    let weights: Vec<u64> = status.workers.iter().map(|w| w.weight_bytes).collect();
-    assert!(weights.iter().all(|&b| b > 0), "{weights:?}");
+    // Weight bytes arrive with each worker's first heartbeat after its load.
+    let start = Instant::now();
+    loop {
+        let weights: Vec<u64> = cluster
+            .status()
+            .workers
+            .iter()
+            .map(|w| w.weight_bytes)
+            .collect();
+        if weights.iter().all(|&b| b > 0) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{weights:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["status", "--endpoint", &cluster.endpoint])
