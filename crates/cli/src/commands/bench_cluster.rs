@@ -96,6 +96,19 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
         let f = rt.block_on(measure_cluster(&args, n, threads))?;
         rows.push((n, threads, f));
     }
+    // The cost of a hop is only visible against one worker with the same threads per worker:
+    // measure that baseline for every thread count the larger clusters used.
+    let mut extra = Vec::new();
+    for &(_, threads, _) in &rows {
+        if !rows
+            .iter()
+            .chain(&extra)
+            .any(|r| r.0 == 1 && r.1 == threads)
+        {
+            extra.push((1, threads, rt.block_on(measure_cluster(&args, 1, threads))?));
+        }
+    }
+    rows.extend(extra);
     println!(
         "model {} | prompt {} repeats, decode {} tokens, {} total threads, best of {}",
         args.model, args.prompt_repeats, args.decode, args.total_threads, args.runs
@@ -113,10 +126,14 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
         embedded_ms,
         "-"
     );
-    let one = rows.first().map(|r| 1e3 / r.2.decode_tok_s);
     for (n, threads, f) in &rows {
         let ms = 1e3 / f.decode_tok_s;
-        // Hops: n workers have n-1 worker-to-worker hops plus the coordinator round trip.
+        // n workers add n-1 worker-to-worker hops to one worker with the same threads; one
+        // worker adds the coordinator round trip to the embedded engine.
+        let one = rows
+            .iter()
+            .find(|r| r.0 == 1 && r.1 == *threads)
+            .map(|r| 1e3 / r.2.decode_tok_s);
         let per_hop = match (one, *n) {
             (Some(base), n) if n > 1 => format!("{:.2}", (ms - base) / f64::from(n - 1)),
             _ => format!("{:.2} (rpc)", ms - embedded_ms),
