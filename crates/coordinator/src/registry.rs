@@ -35,6 +35,20 @@ impl pb::coordination_server::Coordination for Registry {
         if req.address.is_empty() {
             return Err(CoordinatorError::invalid("address", "required (host:port)").into());
         }
+        if !self.cluster.is_leader() {
+            // Only the leader assigns ids; point the worker there.
+            let Some(leader) = self.cluster.leader_address() else {
+                return Err(CoordinatorError::Unavailable(
+                    "no coordinator leader elected yet; retry".into(),
+                )
+                .into());
+            };
+            return Ok(Response::new(pb::RegisterResponse {
+                worker_id: String::new(),
+                heartbeat_interval_ms: 0,
+                leader,
+            }));
+        }
         let cap = req.capacity.unwrap_or_default();
         let id = self
             .cluster
@@ -52,7 +66,7 @@ impl pb::coordination_server::Coordination for Registry {
                     id,
                 )
             })
-            .map_err(CoordinatorError::from)?;
+            .await?;
         self.cluster.heartbeat(
             &id,
             Seen {
@@ -69,6 +83,7 @@ impl pb::coordination_server::Coordination for Registry {
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             heartbeat_interval_ms: u32::try_from(interval).unwrap_or(u32::MAX),
+            leader: String::new(),
         }))
     }
 
@@ -77,6 +92,15 @@ impl pb::coordination_server::Coordination for Registry {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
+        if !self.cluster.is_leader() {
+            // The worker's id is valid cluster-wide; it only has to talk to the leader.
+            let known = self
+                .cluster
+                .replica()
+                .with(|st| st.worker(&req.worker_id).is_some());
+            let leader = self.cluster.leader_address().unwrap_or_default();
+            return Ok(Response::new(pb::HeartbeatResponse { known, leader }));
+        }
         let known = self.cluster.heartbeat(
             &req.worker_id,
             Seen {
@@ -86,7 +110,10 @@ impl pb::coordination_server::Coordination for Registry {
                 plan_epoch: req.plan_epoch,
             },
         );
-        Ok(Response::new(pb::HeartbeatResponse { known }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            known,
+            leader: String::new(),
+        }))
     }
 }
 
@@ -98,6 +125,9 @@ pub async fn monitor(cluster: Arc<Cluster>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !cluster.replica().is_leading() {
+            continue;
+        }
         let now = Instant::now();
         let seen = cluster.seen();
         let silent: Vec<String> = cluster
@@ -111,7 +141,10 @@ pub async fn monitor(cluster: Arc<Cluster>) {
             .collect();
         for id in silent {
             tracing::warn!(worker = %id, "worker missed heartbeats; dropping it");
-            if let Err(e) = cluster.commit(Command::RemoveWorker { id: id.clone() }) {
+            if let Err(e) = cluster
+                .commit(Command::RemoveWorker { id: id.clone() })
+                .await
+            {
                 tracing::debug!(worker = %id, error = %e, "already gone");
             }
             cluster.forget(&id);
