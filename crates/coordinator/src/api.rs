@@ -60,6 +60,15 @@ impl pb::inference_server::Inference for Api {
                 // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or
                 // when the client went away.
                 while let Some(event) = stream.next().await {
+                    // The leader answers with mapped statuses only; UNKNOWN is the client
+                    // library's word for a connection torn mid-stream: the leader was lost.
+                    let event = event.map_err(|s| match s.code() {
+                        tonic::Code::Unknown => Status::unavailable(format!(
+                            "the coordinator leader was lost mid-stream: {}",
+                            s.message()
+                        )),
+                        _ => s,
+                    });
                     if tx.send(event).is_err() {
                         break;
                     }

@@ -202,6 +202,15 @@ impl Cluster {
         }
     }
 
+    /// Records what a worker reported when it loaded its shard for the plan at `epoch`.
+    pub fn record_load(&self, worker: &str, weight_bytes: u64, resident_bytes: u64, epoch: u64) {
+        if let Some(s) = lock(&self.seen).get_mut(worker) {
+            s.weight_bytes = weight_bytes;
+            s.resident_bytes = resident_bytes;
+            s.plan_epoch = epoch;
+        }
+    }
+
     /// Forgets all liveness (this node no longer leads).
     pub fn forget_all(&self) {
         lock(&self.seen).clear();

@@ -147,7 +147,10 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
     }
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((_, Ok(()))) => {}
+            Ok((id, Ok(resp))) => {
+                // Known now, not a heartbeat later: status is right as soon as the plan serves.
+                cluster.record_load(&id, resp.weight_bytes, resp.resident_bytes, epoch);
+            }
             Ok((id, Err(e))) => failures.push((id, e)),
             Err(e) => tracing::error!(error = %e, "shard load task failed"),
         }
@@ -159,7 +162,7 @@ async fn load_one(
     addr: &str,
     req: pb::LoadShardRequest,
     connect_timeout: Duration,
-) -> Result<(), CoordinatorError> {
+) -> Result<pb::LoadShardResponse, CoordinatorError> {
     let worker_err = |status| CoordinatorError::Worker {
         worker: addr.to_owned(),
         status,
@@ -182,7 +185,7 @@ async fn load_one(
         load_ms = resp.load_ms,
         "shard loaded"
     );
-    Ok(())
+    Ok(resp)
 }
 
 /// A plan stage as the proto describes it.

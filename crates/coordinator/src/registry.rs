@@ -35,8 +35,9 @@ impl pb::coordination_server::Coordination for Registry {
         if req.address.is_empty() {
             return Err(CoordinatorError::invalid("address", "required (host:port)").into());
         }
-        if !self.cluster.is_leader() {
-            // Only the leader assigns ids; point the worker there.
+        if !self.cluster.replica().is_leading() {
+            // Only the leader, once it has caught up with the log, assigns ids; point the
+            // worker there.
             let Some(leader) = self.cluster.leader_address() else {
                 return Err(CoordinatorError::Unavailable(
                     "no coordinator leader elected yet; retry".into(),
@@ -92,14 +93,17 @@ impl pb::coordination_server::Coordination for Registry {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        if !self.cluster.is_leader() {
-            // The worker's id is valid cluster-wide; it only has to talk to the leader.
-            let known = self
-                .cluster
-                .replica()
-                .with(|st| st.worker(&req.worker_id).is_some());
+        if !self.cluster.replica().is_leading() {
+            // The worker's id is valid cluster-wide; it only has to talk to the leader. Only
+            // the leader, once caught up, may call a worker unknown: a lagging replica (a
+            // follower, or a leader still committing its barrier) has not applied every
+            // registration, and a wrong "unknown" would make the worker re-register and its
+            // shard reload.
             let leader = self.cluster.leader_address().unwrap_or_default();
-            return Ok(Response::new(pb::HeartbeatResponse { known, leader }));
+            return Ok(Response::new(pb::HeartbeatResponse {
+                known: true,
+                leader,
+            }));
         }
         let known = self.cluster.heartbeat(
             &req.worker_id,

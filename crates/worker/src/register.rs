@@ -5,8 +5,9 @@
 //! the worker keeps serving and retries with capped backoff, trying each configured
 //! coordinator in turn. A coordinator that is not the Raft leader answers with the leader's
 //! address, and the worker follows it, keeping its id (the state is replicated). It registers
-//! again when a heartbeat answers `known = false` (dropped, or a new coordinator) or when
-//! heartbeats have failed for [`LOST_AFTER_INTERVALS`] intervals (the coordinators were lost).
+//! again only when a coordinator answers `known = false` (dropped, or a coordinator that kept
+//! no state); failing heartbeats alone never drop the id, so a cluster of coordinators restarted
+//! from disk finds its workers (and their loaded shards) as they were.
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +27,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Heartbeat interval used when the coordinator answers 0.
 const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-/// Heartbeats failing this many intervals in a row mean the coordinator was lost.
+/// Heartbeats failing this many intervals in a row are logged as the coordinators being lost.
 pub const LOST_AFTER_INTERVALS: u32 = 3;
 
 /// Who this worker is, as it registers.
@@ -165,6 +166,7 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<Instant> = None;
+    let mut lost_logged = false;
     loop {
         ticker.tick().await;
         let status = shard.status();
@@ -178,6 +180,7 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
         match answer {
             Ok(Ok(r)) if r.get_ref().known => {
                 failing_since = None;
+                lost_logged = false;
                 let leader = &r.get_ref().leader;
                 if !leader.is_empty() && cursor.follow(leader) {
                     tracing::info!(worker_id = id, leader = %leader, "following the coordinator leader");
@@ -193,14 +196,15 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             }
             Ok(Err(_)) | Err(_) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= interval * LOST_AFTER_INTERVALS {
-                    tracing::warn!(worker_id = id, "coordinator lost; registering again");
-                    return;
+                if since.elapsed() >= interval * LOST_AFTER_INTERVALS && !lost_logged {
+                    tracing::warn!(worker_id = id, "no coordinator answers; still trying");
+                    lost_logged = true;
                 }
                 if cursor.endpoints.len() > 1 || cursor.leader.is_some() {
                     cursor.rotate();
-                    client = self::client(cursor.current());
                 }
+                // A fresh channel: the old one may hold a connection to a dead process.
+                client = self::client(cursor.current());
             }
         }
     }
