@@ -232,7 +232,7 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
         }
         gaps.sort();
         println!(
-            "failover over {} leader kills: p50 {:.0?}  p99 {:.0?}  max {:.0?}  (plan epochs seen: {:?})",
+            "failover over {} leader kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (plan epochs seen: {:?})",
             gaps.len(),
             percentile(&gaps, 0.5),
             percentile(&gaps, 0.99),
