@@ -32,6 +32,13 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Show a cluster's workers, plan and memory.
     Status(commands::status::StatusArgs),
+    /// Change the replicated coordinators' membership.
+    #[command(subcommand)]
+    Cluster(commands::cluster::ClusterCommand),
+    /// Check a process's grpc.health.v1 status (exit 0 when SERVING), for container probes.
+    Health(commands::health::HealthArgs),
+    /// Measure leader failover: kill -9 the Raft leader repeatedly, time kill -> first answer.
+    BenchFailover(commands::bench_failover::BenchFailoverArgs),
     /// Measure decode and prefill speed side by side with llama.cpp.
     Bench(commands::bench::BenchArgs),
     /// Measure what pipeline sharding costs: 1, 2, 3 workers against the embedded engine.
@@ -56,8 +63,15 @@ fn main() -> std::process::ExitCode {
         Command::Status(args) => {
             commands::runtime().and_then(|rt| rt.block_on(commands::status::run(args)))
         }
+        Command::Cluster(cmd) => {
+            commands::runtime().and_then(|rt| rt.block_on(commands::cluster::run(cmd)))
+        }
+        Command::Health(args) => {
+            commands::runtime().and_then(|rt| rt.block_on(commands::health::run(args)))
+        }
         Command::Bench(args) => commands::bench::run(args),
         Command::BenchCluster(args) => commands::bench_cluster::run(args),
+        Command::BenchFailover(args) => commands::bench_failover::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

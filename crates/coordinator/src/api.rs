@@ -1,19 +1,26 @@
 //! The public `tessera.v1.Inference` service: Generate (streamed through the scheduler),
-//! Tokenize, ListModels and ClusterStatus.
+//! Tokenize, ListModels and ClusterStatus. On a follower, Generate and ClusterStatus are
+//! forwarded to the leader; Tokenize and ListModels are answered locally (same model, and
+//! readiness comes from the replicated state).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_proto::v1 as pb;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::Cluster;
 use crate::controller::assignment;
 use crate::error::CoordinatorError;
+use crate::forward::{Forwarder, Route};
 use crate::scheduler::{EventResult, SchedulerHandle};
 use crate::validate::Validator;
+
+/// How long a follower waits for the leader's status before answering from its own replica.
+const STATUS_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The Inference service.
 #[derive(Clone, Debug)]
@@ -21,6 +28,7 @@ pub struct Api {
     cluster: Arc<Cluster>,
     validator: Validator,
     scheduler: SchedulerHandle,
+    forward: Arc<Forwarder>,
 }
 
 impl Api {
@@ -30,6 +38,7 @@ impl Api {
             cluster,
             validator,
             scheduler,
+            forward: Arc::new(Forwarder::default()),
         }
     }
 }
@@ -44,6 +53,29 @@ impl pb::inference_server::Inference for Api {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
         let req = request.into_inner();
+        if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
+            let mut stream = leader.generate(req).await?.into_inner();
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or
+                // when the client went away.
+                while let Some(event) = stream.next().await {
+                    // The leader answers with mapped statuses only; UNKNOWN is the client
+                    // library's word for a connection torn mid-stream: the leader was lost.
+                    let event = event.map_err(|s| match s.code() {
+                        tonic::Code::Unknown => Status::unavailable(format!(
+                            "the coordinator leader was lost mid-stream: {}",
+                            s.message()
+                        )),
+                        _ => s,
+                    });
+                    if tx.send(event).is_err() {
+                        break;
+                    }
+                }
+            });
+            return Ok(Response::new(UnboundedReceiverStream::new(rx)));
+        }
         let valid = self.validator.validate(req, received).map_err(|e| {
             tracing::info!(error = %e, "generate request rejected");
             Status::from(e)
@@ -96,8 +128,22 @@ impl pb::inference_server::Inference for Api {
 
     async fn cluster_status(
         &self,
-        _request: Request<pb::ClusterStatusRequest>,
+        request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        // The leader knows liveness and load; when it cannot be reached, this node answers
+        // from its own replica.
+        if !self.cluster.replica().is_leading()
+            && self.cluster.leader_address().is_some()
+            && let Ok(Route::Leader(mut leader)) = self.forward.route(&self.cluster).await
+        {
+            let req = request.into_inner();
+            match tokio::time::timeout(STATUS_FORWARD_TIMEOUT, leader.cluster_status(req)).await {
+                Ok(Ok(resp)) => return Ok(resp),
+                Ok(Err(e)) => tracing::debug!(error = %e, "status from the leader failed"),
+                Err(_) => tracing::debug!("status from the leader timed out"),
+            }
+        }
+        let raft = self.cluster.raft().status();
         let st = self.cluster.state();
         let seen = self.cluster.seen();
         let now = Instant::now();
@@ -127,10 +173,25 @@ impl pb::inference_server::Inference for Api {
             ready: self.cluster.serving().is_some(),
             workers,
             running_requests: self.cluster.running() as u32,
-            leader: String::new(),
-            term: 0,
-            commit_index: 0,
-            members: Vec::new(),
+            leader: raft
+                .leader
+                .and_then(|l| raft.addresses.get(&l).map(|a| format!("{l}={a}")))
+                .unwrap_or_default(),
+            term: raft.term,
+            commit_index: raft.commit,
+            members: raft
+                .members
+                .voters
+                .iter()
+                .map(|id| {
+                    let addr = raft.addresses.get(id).map_or("?", String::as_str);
+                    format!("{id}={addr}")
+                })
+                .chain(raft.members.learners.iter().map(|id| {
+                    let addr = raft.addresses.get(id).map_or("?", String::as_str);
+                    format!("{id}={addr} (learner)")
+                }))
+                .collect(),
         }))
     }
 }

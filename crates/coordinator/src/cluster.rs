@@ -1,21 +1,25 @@
 //! The coordinator's shared core: the [`ClusterState`] behind its one commit path, the
 //! liveness table (not replicated), and the serving plan the scheduler follows.
 //!
-//! Every state change goes through [`Cluster::commit`]; with Raft, that is where a command is
-//! proposed and applied once committed. After each commit the published [`Serving`] value is
-//! brought in line with the state, so the scheduler learns of a lost plan at once.
+//! Every state change goes through [`Cluster::commit`]: the command is proposed to Raft and
+//! applied on every coordinator once committed (see `replica.rs`). After each apply the
+//! published [`Serving`] value is brought in line with the state, so the scheduler learns of a
+//! lost plan at once. Liveness stays local to the leader.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
 use crate::config::CoordinatorConfig;
+use crate::error::CoordinatorError;
 use crate::footprint::ModelFootprint;
 use crate::planner::Plan;
-use crate::state::{ClusterState, Command, StateError};
+use crate::raft::{RaftHandle, RaftRole};
+use crate::replica::Replica;
+use crate::state::{ClusterState, Command};
 
 /// A loaded plan the scheduler can send steps to.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,9 +54,11 @@ pub struct Cluster {
     pub footprint: ModelFootprint,
     /// KV capacity per worker, in tokens.
     pub kv_tokens: u32,
-    state: Mutex<ClusterState>,
+    replica: Arc<Replica>,
+    raft: RaftHandle,
+    /// Serialises [`Cluster::commit_with`], whose command depends on the state it saw.
+    propose: tokio::sync::Mutex<()>,
     seen: Mutex<HashMap<String, Seen>>,
-    serving: watch::Sender<Option<Serving>>,
     /// Wakes the controller to (re)consider the plan.
     pub replan: Notify,
     failed_epoch: AtomicU64,
@@ -62,21 +68,27 @@ pub struct Cluster {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave these maps half-updated in a way later
-    // readers would misread (every update is a single insert/remove or a whole apply).
+    // readers would misread (every update is a single insert/remove).
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Cluster {
-    /// A cluster with no workers yet.
-    pub fn new(cfg: CoordinatorConfig, footprint: ModelFootprint, kv_tokens: u32) -> Self {
-        let state = ClusterState::new(&cfg.model);
+    /// A cluster over the replicated state `replica`, which the Raft node `raft` drives.
+    pub fn new(
+        cfg: CoordinatorConfig,
+        footprint: ModelFootprint,
+        kv_tokens: u32,
+        replica: Arc<Replica>,
+        raft: RaftHandle,
+    ) -> Self {
         Self {
             cfg,
             footprint,
             kv_tokens,
-            state: Mutex::new(state),
+            replica,
+            raft,
+            propose: tokio::sync::Mutex::new(()),
             seen: Mutex::new(HashMap::new()),
-            serving: watch::channel(None).0,
             replan: Notify::new(),
             failed_epoch: AtomicU64::new(0),
             running: AtomicUsize::new(0),
@@ -84,74 +96,84 @@ impl Cluster {
         }
     }
 
-    /// A copy of the cluster state.
+    /// A copy of the cluster state as applied on this node.
     pub fn state(&self) -> ClusterState {
-        lock(&self.state).clone()
+        self.replica.state()
     }
 
-    /// Applies a command: the one way the state changes.
+    /// The Raft node.
+    pub fn raft(&self) -> &RaftHandle {
+        &self.raft
+    }
+
+    /// The replicated state.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// Whether this node is the Raft leader now.
+    pub fn is_leader(&self) -> bool {
+        self.raft.status().role == RaftRole::Leader
+    }
+
+    /// The leader's advertised address, when a leader is known and it is not this node.
+    pub fn leader_address(&self) -> Option<String> {
+        let st = self.raft.status();
+        let leader = st.leader?;
+        if leader == st.id {
+            return None;
+        }
+        st.addresses.get(&leader).cloned()
+    }
+
+    /// Proposes a command through Raft and waits until it is applied here: the one way the
+    /// state changes.
     ///
     /// # Errors
-    /// When the state refuses it (unchanged then).
-    pub fn commit(&self, cmd: Command) -> Result<(), StateError> {
-        let mut st = lock(&self.state);
-        tracing::debug!(?cmd, "commit");
-        st.apply(cmd)?;
-        self.publish(&st);
+    /// [`CoordinatorError::Raft`] when this node is not the leader, the proposal was lost, or
+    /// the state refused the command (unchanged then).
+    pub async fn commit(&self, cmd: Command) -> Result<(), CoordinatorError> {
+        tracing::debug!(?cmd, "propose");
+        let data = serde_json::to_vec(&cmd)
+            .map_err(|e| CoordinatorError::Internal(format!("serialising {cmd:?}: {e}")))?;
+        self.raft.propose(data).await?;
         Ok(())
     }
 
-    /// Builds a command from the current state and applies it, atomically (for ids the
-    /// state assigns).
+    /// Builds a command from the current state and commits it, with no other such command in
+    /// between (for ids the state assigns).
     ///
     /// # Errors
     /// As [`Cluster::commit`].
-    pub fn commit_with<R>(
+    pub async fn commit_with<R>(
         &self,
         make: impl FnOnce(&ClusterState) -> (Command, R),
-    ) -> Result<R, StateError> {
-        let mut st = lock(&self.state);
-        let (cmd, r) = make(&st);
-        tracing::debug!(?cmd, "commit");
-        st.apply(cmd)?;
-        self.publish(&st);
+    ) -> Result<R, CoordinatorError> {
+        let _one_at_a_time = self.propose.lock().await;
+        let (cmd, r) = self.replica.with(make);
+        self.commit(cmd).await?;
         Ok(r)
-    }
-
-    fn publish(&self, st: &ClusterState) {
-        let next = match (st.ready(), st.plan()) {
-            (true, Some(plan)) => plan.stages.first().and_then(|s0| {
-                st.worker(&s0.worker_id).map(|w| Serving {
-                    epoch: st.plan_epoch(),
-                    stage0: w.address.clone(),
-                    plan: plan.clone(),
-                })
-            }),
-            _ => None,
-        };
-        self.serving.send_if_modified(|cur| {
-            if *cur == next {
-                false
-            } else {
-                *cur = next;
-                true
-            }
-        });
     }
 
     /// Follows the serving plan.
     pub fn subscribe(&self) -> watch::Receiver<Option<Serving>> {
-        self.serving.subscribe()
+        self.replica.serving().subscribe()
+    }
+
+    /// Follows the serving plan while this node leads (`None` otherwise): what the scheduler
+    /// drives.
+    pub fn subscribe_leading(&self) -> watch::Receiver<Option<Serving>> {
+        self.replica.leading().subscribe()
     }
 
     /// The serving plan now.
     pub fn serving(&self) -> Option<Serving> {
-        self.serving.borrow().clone()
+        self.replica.serving().borrow().clone()
     }
 
     /// Records a heartbeat; false when the worker is unknown.
     pub fn heartbeat(&self, worker: &str, seen: Seen) -> bool {
-        if lock(&self.state).worker(worker).is_none() {
+        if self.replica.with(|st| st.worker(worker).is_none()) {
             return false;
         }
         lock(&self.seen).insert(worker.to_owned(), seen);
@@ -161,6 +183,37 @@ impl Cluster {
     /// What was last heard from every worker.
     pub fn seen(&self) -> HashMap<String, Seen> {
         lock(&self.seen).clone()
+    }
+
+    /// Starts every registered worker's liveness afresh at `now` (a new leader gives each a
+    /// full heartbeat timeout to find it).
+    pub fn adopt_workers(&self, now: Instant) {
+        let ids: Vec<String> = self
+            .replica
+            .with(|st| st.workers().map(|w| w.id.clone()).collect());
+        let mut seen = lock(&self.seen);
+        for id in ids {
+            seen.entry(id).or_insert(Seen {
+                at: now,
+                resident_bytes: 0,
+                weight_bytes: 0,
+                plan_epoch: 0,
+            });
+        }
+    }
+
+    /// Records what a worker reported when it loaded its shard for the plan at `epoch`.
+    pub fn record_load(&self, worker: &str, weight_bytes: u64, resident_bytes: u64, epoch: u64) {
+        if let Some(s) = lock(&self.seen).get_mut(worker) {
+            s.weight_bytes = weight_bytes;
+            s.resident_bytes = resident_bytes;
+            s.plan_epoch = epoch;
+        }
+    }
+
+    /// Forgets all liveness (this node no longer leads).
+    pub fn forget_all(&self) {
+        lock(&self.seen).clear();
     }
 
     /// Forgets a worker's liveness entry.

@@ -1,6 +1,7 @@
 //! The coordinator's configuration: where it listens, which model it serves, and the knobs of
 //! liveness, planning and scheduling.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +31,16 @@ pub struct CoordinatorConfig {
     pub max_batch_tokens: u32,
     /// How long a request waits for a serving plan before failing with UNAVAILABLE.
     pub ready_wait: Duration,
+    /// This coordinator's Raft node id (>= 1).
+    pub id: u64,
+    /// The founding voters, id -> host:port, this node included; empty = a single-node
+    /// cluster of this node alone. Ignored when the data directory already holds a cluster.
+    pub peers: BTreeMap<u64, String>,
+    /// host:port peers and workers dial; `None` = the bound address.
+    pub advertise: Option<String>,
+    /// The Raft storage directory; `None` = a fresh temporary directory removed at exit
+    /// (state is then not durable).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for CoordinatorConfig {
@@ -46,6 +57,10 @@ impl Default for CoordinatorConfig {
             prefill_chunk: 512,
             max_batch_tokens: 2048,
             ready_wait: Duration::from_secs(30),
+            id: 1,
+            peers: BTreeMap::new(),
+            advertise: None,
+            data_dir: None,
         }
     }
 }

@@ -30,6 +30,11 @@ pub async fn run(cluster: Arc<Cluster>) {
             () = cluster.replan.notified() => {}
             _ = tick.tick() => {}
         }
+        // Only the leader plans and drives the workers; a new leader finds the plan its
+        // predecessor committed and keeps it when it still fits (no reload).
+        if !cluster.replica().is_leading() {
+            continue;
+        }
         if let Err(e) = reconcile(&cluster).await {
             tracing::warn!(error = %e, "planning failed");
         }
@@ -66,10 +71,12 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     let Some(plan) = candidate(cluster)? else {
         if st.plan().is_some() {
             // No workers left: no plan.
-            cluster.commit(Command::SetPlan {
-                epoch: st.plan_epoch() + 1,
-                plan: None,
-            })?;
+            cluster
+                .commit(Command::SetPlan {
+                    epoch: st.plan_epoch() + 1,
+                    plan: None,
+                })
+                .await?;
         }
         return Ok(());
     };
@@ -77,16 +84,16 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
         return Ok(());
     }
     let epoch = st.plan_epoch() + 1;
-    let _span = tracing::info_span!("replan", epoch, stages = plan.stages.len()).entered();
-    tracing::info!(?plan, "new plan");
-    cluster.commit(Command::SetPlan {
-        epoch,
-        plan: Some(plan.clone()),
-    })?;
-    drop(_span);
+    tracing::info!(epoch, stages = plan.stages.len(), ?plan, "new plan");
+    cluster
+        .commit(Command::SetPlan {
+            epoch,
+            plan: Some(plan.clone()),
+        })
+        .await?;
     let failures = load_all(cluster, epoch, &plan).await;
     if failures.is_empty() {
-        cluster.commit(Command::PlanReady { epoch })?;
+        cluster.commit(Command::PlanReady { epoch }).await?;
         tracing::info!(epoch, "plan ready");
         return Ok(());
     }
@@ -94,6 +101,7 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
         tracing::warn!(worker = %worker, error = %e, "shard load failed; dropping the worker");
         if cluster
             .commit(Command::RemoveWorker { id: worker.clone() })
+            .await
             .is_ok()
         {
             cluster.forget(&worker);
@@ -139,7 +147,10 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
     }
     while let Some(joined) = set.join_next().await {
         match joined {
-            Ok((_, Ok(()))) => {}
+            Ok((id, Ok(resp))) => {
+                // Known now, not a heartbeat later: status is right as soon as the plan serves.
+                cluster.record_load(&id, resp.weight_bytes, resp.resident_bytes, epoch);
+            }
             Ok((id, Err(e))) => failures.push((id, e)),
             Err(e) => tracing::error!(error = %e, "shard load task failed"),
         }
@@ -151,7 +162,7 @@ async fn load_one(
     addr: &str,
     req: pb::LoadShardRequest,
     connect_timeout: Duration,
-) -> Result<(), CoordinatorError> {
+) -> Result<pb::LoadShardResponse, CoordinatorError> {
     let worker_err = |status| CoordinatorError::Worker {
         worker: addr.to_owned(),
         status,
@@ -174,7 +185,7 @@ async fn load_one(
         load_ms = resp.load_ms,
         "shard loaded"
     );
-    Ok(())
+    Ok(resp)
 }
 
 /// A plan stage as the proto describes it.

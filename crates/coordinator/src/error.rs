@@ -4,6 +4,7 @@ use tessera_model::ModelError;
 use tessera_model::sampling::SamplingError;
 
 use crate::planner::PlanError;
+use crate::raft::RaftError;
 use crate::state::StateError;
 
 /// Everything that can go wrong in the coordinator.
@@ -49,6 +50,9 @@ pub enum CoordinatorError {
         /// What failed.
         reason: String,
     },
+    /// Raft refused or lost a proposal, or its storage failed (see [`RaftError::to_status`]).
+    #[error(transparent)]
+    Raft(#[from] RaftError),
     /// A bug: an internal task or channel went away.
     #[error("internal: {0}")]
     Internal(String),
@@ -111,6 +115,7 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Worker { .. } => Code::Unavailable,
             CoordinatorError::Serve { .. } => Code::Internal,
             CoordinatorError::Internal(_) => Code::Internal,
+            CoordinatorError::Raft(r) => return r.to_status(),
         };
         // Invalid arguments start with the field's proto path, as the proto promises.
         tonic::Status::new(code, e.to_string())

@@ -23,9 +23,12 @@ pub mod config;
 mod controller;
 pub mod error;
 pub mod footprint;
+mod forward;
+mod leadership;
 pub mod planner;
 pub mod raft;
 mod registry;
+pub mod replica;
 pub mod scheduler;
 pub mod state;
 pub mod validate;
@@ -107,20 +110,54 @@ pub async fn serve_on(
     let addr = listener
         .local_addr()
         .map_err(|e| serve_err(e.to_string()))?;
+
+    let data = DataDir::open(cfg.data_dir.clone(), cfg.id).map_err(serve_err)?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let mut peers = cfg.peers.clone();
+    if peers.is_empty() {
+        peers.insert(cfg.id, advertise.clone());
+    }
+    if !peers.contains_key(&cfg.id) {
+        return Err(CoordinatorError::invalid(
+            "peers",
+            format!("must include this coordinator's id {}", cfg.id),
+        ));
+    }
+    let storage = raft::RedbStorage::open(&data.path)?;
+    let replica = replica::Replica::new(&cfg.model);
+    let transport = raft::GrpcTransport::new(
+        peers
+            .iter()
+            .filter(|(id, _)| **id != cfg.id)
+            .map(|(id, a)| (*id, a.clone())),
+    );
+    let raft = raft::RaftNode::start(
+        raft::RaftConfig::new(cfg.id),
+        storage,
+        replica::ReplicaMachine(Arc::clone(&replica)),
+        transport,
+        Some(peers),
+    )?;
+    let cluster = Arc::new(cluster::Cluster::new(
+        cfg,
+        footprint,
+        kv_tokens,
+        replica,
+        raft.clone(),
+    ));
+    let (scheduler, sched_task) = scheduler::spawn(Arc::clone(&cluster), frontend);
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tessera coordinator listening on {addr}")
             .and_then(|()| out.flush())
             .map_err(|e| serve_err(format!("writing stdout: {e}")))?;
     }
-    tracing::info!(%addr, model = %cfg.model, kv_tokens, layers = footprint.n_layers(),
-        weight_bytes = footprint.weight_bytes(), "coordinator up");
-
-    let cluster = Arc::new(cluster::Cluster::new(cfg, footprint, kv_tokens));
-    let (scheduler, sched_task) = scheduler::spawn(Arc::clone(&cluster), frontend);
+    tracing::info!(%addr, model = %cluster.cfg.model, kv_tokens, layers = cluster.footprint.n_layers(),
+        weight_bytes = cluster.footprint.weight_bytes(), "coordinator up");
     let (health, health_service) = tonic_health::server::health_reporter();
     let mut tasks = Tasks(vec![
         sched_task,
+        tokio::spawn(leadership::run(Arc::clone(&cluster))),
         tokio::spawn(controller::run(Arc::clone(&cluster))),
         tokio::spawn(registry::monitor(Arc::clone(&cluster))),
     ]);
@@ -135,6 +172,7 @@ pub async fn serve_on(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(raft::RaftService::new(raft.clone()).into_server())
         .add_service(pb::inference_server::InferenceServer::new(api::Api::new(
             Arc::clone(&cluster),
             validator,
@@ -147,7 +185,40 @@ pub async fn serve_on(
         .await
         .map_err(|e| serve_err(e.to_string()));
     drop(tasks);
+    raft.shutdown().await;
+    drop(data);
     result
+}
+
+/// The Raft data directory; a temporary one is removed when dropped.
+struct DataDir {
+    path: std::path::PathBuf,
+    temporary: bool,
+}
+
+impl DataDir {
+    fn open(dir: Option<std::path::PathBuf>, id: u64) -> Result<Self, String> {
+        let (path, temporary) = match dir {
+            Some(p) => (p, false),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                let name = format!("tessera-coordinator-{id}-{}-{nanos}", std::process::id());
+                (std::env::temp_dir().join(name), true)
+            }
+        };
+        std::fs::create_dir_all(&path).map_err(|e| format!("data dir {}: {e}", path.display()))?;
+        Ok(Self { path, temporary })
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 /// Keeps `grpc.health.v1` in line with readiness: the server is SERVING once up;

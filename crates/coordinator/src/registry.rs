@@ -35,6 +35,21 @@ impl pb::coordination_server::Coordination for Registry {
         if req.address.is_empty() {
             return Err(CoordinatorError::invalid("address", "required (host:port)").into());
         }
+        if !self.cluster.replica().is_leading() {
+            // Only the leader, once it has caught up with the log, assigns ids; point the
+            // worker there.
+            let Some(leader) = self.cluster.leader_address() else {
+                return Err(CoordinatorError::Unavailable(
+                    "no coordinator leader elected yet; retry".into(),
+                )
+                .into());
+            };
+            return Ok(Response::new(pb::RegisterResponse {
+                worker_id: String::new(),
+                heartbeat_interval_ms: 0,
+                leader,
+            }));
+        }
         let cap = req.capacity.unwrap_or_default();
         let id = self
             .cluster
@@ -52,7 +67,7 @@ impl pb::coordination_server::Coordination for Registry {
                     id,
                 )
             })
-            .map_err(CoordinatorError::from)?;
+            .await?;
         self.cluster.heartbeat(
             &id,
             Seen {
@@ -69,6 +84,7 @@ impl pb::coordination_server::Coordination for Registry {
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,
             heartbeat_interval_ms: u32::try_from(interval).unwrap_or(u32::MAX),
+            leader: String::new(),
         }))
     }
 
@@ -77,6 +93,18 @@ impl pb::coordination_server::Coordination for Registry {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = request.into_inner();
+        if !self.cluster.replica().is_leading() {
+            // The worker's id is valid cluster-wide; it only has to talk to the leader. Only
+            // the leader, once caught up, may call a worker unknown: a lagging replica (a
+            // follower, or a leader still committing its barrier) has not applied every
+            // registration, and a wrong "unknown" would make the worker re-register and its
+            // shard reload.
+            let leader = self.cluster.leader_address().unwrap_or_default();
+            return Ok(Response::new(pb::HeartbeatResponse {
+                known: true,
+                leader,
+            }));
+        }
         let known = self.cluster.heartbeat(
             &req.worker_id,
             Seen {
@@ -86,7 +114,10 @@ impl pb::coordination_server::Coordination for Registry {
                 plan_epoch: req.plan_epoch,
             },
         );
-        Ok(Response::new(pb::HeartbeatResponse { known }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            known,
+            leader: String::new(),
+        }))
     }
 }
 
@@ -98,6 +129,9 @@ pub async fn monitor(cluster: Arc<Cluster>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if !cluster.replica().is_leading() {
+            continue;
+        }
         let now = Instant::now();
         let seen = cluster.seen();
         let silent: Vec<String> = cluster
@@ -111,7 +145,10 @@ pub async fn monitor(cluster: Arc<Cluster>) {
             .collect();
         for id in silent {
             tracing::warn!(worker = %id, "worker missed heartbeats; dropping it");
-            if let Err(e) = cluster.commit(Command::RemoveWorker { id: id.clone() }) {
+            if let Err(e) = cluster
+                .commit(Command::RemoveWorker { id: id.clone() })
+                .await
+            {
                 tracing::debug!(worker = %id, error = %e, "already gone");
             }
             cluster.forget(&id);

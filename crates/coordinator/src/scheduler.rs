@@ -124,7 +124,7 @@ pub fn spawn(
     frontend: Frontend,
 ) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let serving = cluster.subscribe();
+    let serving = cluster.subscribe_leading();
     let s = Scheduler {
         cluster,
         frontend,

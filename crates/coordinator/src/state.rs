@@ -86,6 +86,9 @@ pub enum Command {
         /// The plan's epoch.
         epoch: u64,
     },
+    /// Changes nothing. A new leader commits one to know that its state includes every
+    /// command committed before its term, before it acts on that state.
+    Barrier,
 }
 
 /// Why a command was refused (the state is unchanged).
@@ -245,6 +248,7 @@ impl ClusterState {
                 }
                 self.ready = true;
             }
+            Command::Barrier => {}
         }
         Ok(())
     }

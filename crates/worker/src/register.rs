@@ -1,10 +1,13 @@
-//! Registration with the coordinator and the heartbeat loop.
+//! Registration with the coordinators and the heartbeat loop.
 //!
 //! The loop runs on its own tokio task and reads the shard's published numbers, so a long
-//! step on the executor thread never delays a heartbeat. While the coordinator is unreachable
-//! the worker keeps serving and retries with capped backoff; it registers again when a
-//! heartbeat answers `known = false` (dropped, or a new coordinator) or when heartbeats have
-//! failed for [`LOST_AFTER_INTERVALS`] intervals (the coordinator was lost).
+//! step on the executor thread never delays a heartbeat. While no coordinator is reachable
+//! the worker keeps serving and retries with capped backoff, trying each configured
+//! coordinator in turn. A coordinator that is not the Raft leader answers with the leader's
+//! address, and the worker follows it, keeping its id (the state is replicated). It registers
+//! again only when a coordinator answers `known = false` (dropped, or a coordinator that kept
+//! no state); failing heartbeats alone never drop the id, so a cluster of coordinators restarted
+//! from disk finds its workers (and their loaded shards) as they were.
 
 use std::time::{Duration, Instant};
 
@@ -24,16 +27,54 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Heartbeat interval used when the coordinator answers 0.
 const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
-/// Heartbeats failing this many intervals in a row mean the coordinator was lost.
+/// Heartbeats failing this many intervals in a row are logged as the coordinators being lost.
 pub const LOST_AFTER_INTERVALS: u32 = 3;
 
 /// Who this worker is, as it registers.
 #[derive(Clone, Debug)]
 pub(crate) struct Registration {
-    /// The coordinator endpoint.
-    pub endpoint: Endpoint,
+    /// The coordinator endpoints (at least one).
+    pub endpoints: Vec<Endpoint>,
     /// What Register carries.
     pub request: pb::RegisterRequest,
+}
+
+/// Which coordinator to talk to: the leader a coordinator pointed at, else the configured
+/// ones in turn.
+struct Cursor {
+    endpoints: Vec<Endpoint>,
+    next: usize,
+    leader: Option<Endpoint>,
+}
+
+impl Cursor {
+    fn current(&self) -> Endpoint {
+        match &self.leader {
+            Some(e) => e.clone(),
+            None => self.endpoints[self.next % self.endpoints.len()].clone(),
+        }
+    }
+
+    /// The current coordinator failed: try the next configured one.
+    fn rotate(&mut self) {
+        if self.leader.take().is_none() {
+            self.next = (self.next + 1) % self.endpoints.len();
+        }
+    }
+
+    /// Follows a leader hint (host:port); false when it is not a usable address.
+    fn follow(&mut self, leader: &str) -> bool {
+        match Endpoint::from_shared(format!("http://{leader}")) {
+            Ok(e) => {
+                self.leader = Some(e.connect_timeout(Duration::from_secs(1)));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(leader, error = %e, "unusable leader address");
+                false
+            }
+        }
+    }
 }
 
 /// Registers and heartbeats until `shutdown` turns true.
@@ -52,32 +93,56 @@ pub(crate) async fn run(
 }
 
 async fn register_forever(reg: Registration, shard: ShardHandle) {
+    let mut cursor = Cursor {
+        endpoints: reg.endpoints.clone(),
+        next: 0,
+        leader: None,
+    };
     loop {
-        let (client, id, interval) = register(&reg).await;
+        let (id, interval) = register(&reg, &mut cursor).await;
         tracing::info!(worker_id = %id, interval_ms = interval.as_millis() as u64, "registered");
-        heartbeat(client, &id, interval, &shard).await;
+        heartbeat(&mut cursor, &id, interval, &shard).await;
     }
 }
 
-/// Registers, retrying with capped backoff until the coordinator answers.
-async fn register(reg: &Registration) -> (CoordinationClient<Channel>, String, Duration) {
+/// Registers, retrying with capped backoff until the leader answers.
+async fn register(reg: &Registration, cursor: &mut Cursor) -> (String, Duration) {
     let mut backoff = FIRST_BACKOFF;
     loop {
-        match try_register(reg).await {
-            Ok(ok) => return ok,
+        match try_register(reg, cursor.current()).await {
+            Ok(resp) if !resp.worker_id.is_empty() => {
+                let interval = match resp.heartbeat_interval_ms {
+                    0 => DEFAULT_INTERVAL,
+                    ms => Duration::from_millis(u64::from(ms)),
+                };
+                return (resp.worker_id, interval);
+            }
+            Ok(resp) if !resp.leader.is_empty() && cursor.follow(&resp.leader) => {
+                tracing::debug!(leader = %resp.leader, "registering with the leader");
+                // A redirect is not a failure, but two followers pointing at each other must
+                // not spin.
+                tokio::time::sleep(FIRST_BACKOFF / 4).await;
+                continue;
+            }
+            Ok(_) => {
+                tracing::debug!("register answered without an id or a leader");
+                cursor.rotate();
+            }
             Err(e) => {
                 tracing::debug!(error = %e, retry_in_ms = backoff.as_millis() as u64, "register failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                cursor.rotate();
             }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
 async fn try_register(
     reg: &Registration,
-) -> Result<(CoordinationClient<Channel>, String, Duration), String> {
-    let channel = tokio::time::timeout(RPC_TIMEOUT, reg.endpoint.connect())
+    endpoint: Endpoint,
+) -> Result<pb::RegisterResponse, String> {
+    let channel = tokio::time::timeout(RPC_TIMEOUT, endpoint.connect())
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;
@@ -87,23 +152,21 @@ async fn try_register(
         .map_err(|_| "Register timed out".to_owned())?
         .map_err(|s| s.to_string())?
         .into_inner();
-    let interval = match resp.heartbeat_interval_ms {
-        0 => DEFAULT_INTERVAL,
-        ms => Duration::from_millis(u64::from(ms)),
-    };
-    Ok((client, resp.worker_id, interval))
+    Ok(resp)
+}
+
+fn client(endpoint: Endpoint) -> CoordinationClient<Channel> {
+    // Lazy: a dead coordinator shows up as a failed heartbeat, never as a stalled loop.
+    CoordinationClient::new(endpoint.connect_lazy())
 }
 
 /// Heartbeats every `interval`; returns when the worker must register again.
-async fn heartbeat(
-    mut client: CoordinationClient<Channel>,
-    id: &str,
-    interval: Duration,
-    shard: &ShardHandle,
-) {
+async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &ShardHandle) {
+    let mut client = client(cursor.current());
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing_since: Option<Instant> = None;
+    let mut lost_logged = false;
     loop {
         ticker.tick().await;
         let status = shard.status();
@@ -115,7 +178,15 @@ async fn heartbeat(
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {
-            Ok(Ok(r)) if r.get_ref().known => failing_since = None,
+            Ok(Ok(r)) if r.get_ref().known => {
+                failing_since = None;
+                lost_logged = false;
+                let leader = &r.get_ref().leader;
+                if !leader.is_empty() && cursor.follow(leader) {
+                    tracing::info!(worker_id = id, leader = %leader, "following the coordinator leader");
+                    client = self::client(cursor.current());
+                }
+            }
             Ok(Ok(_)) => {
                 tracing::info!(
                     worker_id = id,
@@ -125,10 +196,15 @@ async fn heartbeat(
             }
             Ok(Err(_)) | Err(_) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= interval * LOST_AFTER_INTERVALS {
-                    tracing::warn!(worker_id = id, "coordinator lost; registering again");
-                    return;
+                if since.elapsed() >= interval * LOST_AFTER_INTERVALS && !lost_logged {
+                    tracing::warn!(worker_id = id, "no coordinator answers; still trying");
+                    lost_logged = true;
                 }
+                if cursor.endpoints.len() > 1 || cursor.leader.is_some() {
+                    cursor.rotate();
+                }
+                // A fresh channel: the old one may hold a connection to a dead process.
+                client = self::client(cursor.current());
             }
         }
     }

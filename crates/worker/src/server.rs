@@ -76,9 +76,24 @@ async fn join(
 /// for a malformed coordinator URL; [`WorkerError::Executor`] when the compute thread cannot
 /// start.
 pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
-    let coordinator = Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(|e| WorkerError::invalid("coordinator", format!("{:?}: {e}", cfg.coordinator)))?
-        .connect_timeout(Duration::from_secs(1));
+    // Any or all coordinators, comma-separated: the worker follows whichever leads.
+    let coordinators = cfg
+        .coordinator
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            Endpoint::from_shared(u.to_owned())
+                .map(|e| e.connect_timeout(Duration::from_secs(1)))
+                .map_err(|e| WorkerError::invalid("coordinator", format!("{u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if coordinators.is_empty() {
+        return Err(WorkerError::invalid(
+            "coordinator",
+            "at least one URL is required",
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| WorkerError::Bind {
@@ -105,7 +120,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let registration = Registration {
-        endpoint: coordinator,
+        endpoints: coordinators,
         request: pb::RegisterRequest {
             address: advertise.clone(),
             capacity: Some(cfg.capacity.to_proto()),

@@ -42,6 +42,7 @@ impl Coordination for Coordinator {
         Ok(Response::new(pb::RegisterResponse {
             worker_id: format!("w{n}"),
             heartbeat_interval_ms: 50,
+            leader: String::new(),
         }))
     }
 
@@ -51,7 +52,10 @@ impl Coordination for Coordinator {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let _ = self.seen.send(Seen::Heartbeat(r.into_inner()));
         let known = !self.forget.swap(false, Ordering::Relaxed);
-        Ok(Response::new(pb::HeartbeatResponse { known }))
+        Ok(Response::new(pb::HeartbeatResponse {
+            known,
+            leader: String::new(),
+        }))
     }
 }
 

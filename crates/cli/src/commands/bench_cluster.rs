@@ -157,6 +157,7 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
         workers,
         threads,
         memory: 4 << 30,
+        coordinators: 1,
         coordinator_args: Vec::new(),
     })
     .await?;

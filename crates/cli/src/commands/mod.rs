@@ -2,8 +2,11 @@
 
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_failover;
 pub mod client;
+pub mod cluster;
 pub mod generate;
+pub mod health;
 pub mod model;
 pub mod serve;
 pub mod status;

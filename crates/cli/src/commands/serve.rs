@@ -3,6 +3,7 @@
 //! Both stop cleanly on Ctrl-C / SIGTERM, and — when started by `tessera up` — when their
 //! standard input closes, so a parent that dies (even by `kill -9`) takes its cluster with it.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -34,15 +35,88 @@ pub struct CoordinatorArgs {
     /// KV cache capacity per worker, in tokens (default: the model's context).
     #[arg(long)]
     pub kv_tokens: Option<u32>,
+    /// Address peers and workers dial (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Raft node id (>= 1), or `auto`: the trailing ordinal of $HOSTNAME + 1 (a StatefulSet pod
+    /// `tessera-coordinator-2` is node 3).
+    #[arg(long, default_value = "1", value_parser = parse_id)]
+    pub id: u64,
+    /// The founding voters, this coordinator included: `1=HOST:PORT,2=HOST:PORT,...`. Omitted:
+    /// a single-node cluster of this coordinator.
+    #[arg(long, value_parser = parse_peers)]
+    pub peers: Option<BTreeMap<u64, String>>,
+    /// Raft storage directory (default with --peers: $TESSERA_HOME/coordinator-<id>; without:
+    /// a temporary directory, so a lone coordinator keeps no state across restarts).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
 }
 
+/// Parses `--id`: a positive number, or `auto` (from `$HOSTNAME`).
+///
+/// # Errors
+/// When it is neither, or `$HOSTNAME` has no trailing number.
+pub fn parse_id(s: &str) -> Result<u64, String> {
+    if s == "auto" {
+        let host = std::env::var("HOSTNAME").map_err(|_| "--id auto needs $HOSTNAME".to_owned())?;
+        return id_from_hostname(&host);
+    }
+    match s.parse::<u64>() {
+        Ok(0) => Err("node id 0 is reserved; ids start at 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a node id (a number >= 1, or auto)")),
+    }
+}
+
+/// The node id of a StatefulSet pod: its trailing ordinal + 1.
+fn id_from_hostname(host: &str) -> Result<u64, String> {
+    let digits: String = host
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits
+        .parse::<u64>()
+        .map(|n| n + 1)
+        .map_err(|_| format!("--id auto: host name {host:?} does not end in an ordinal"))
+}
+
+/// Parses `--peers 1=HOST:PORT,2=HOST:PORT`.
+///
+/// # Errors
+/// On a malformed entry, id 0, or a duplicate id.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for entry in s.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (id, addr) = entry
+            .split_once('=')
+            .ok_or_else(|| format!("{entry:?} is not ID=HOST:PORT"))?;
+        let id = parse_id(id.trim())?;
+        let addr = addr.trim();
+        if addr.is_empty() || !addr.contains(':') {
+            return Err(format!("{entry:?}: the address must be HOST:PORT"));
+        }
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(format!("node id {id} appears twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
 /// Arguments of `tessera worker`.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// The coordinator to register with.
+    /// The coordinator(s) to register with: one URL or a comma-separated list; the worker
+    /// follows whichever is the Raft leader.
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub coordinator: String,
     /// Address to serve the worker protocol on (port 0: any free port).
@@ -138,6 +212,18 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         min_workers: args.min_workers,
         kv_tokens: args.kv_tokens.unwrap_or(0),
+        id: args.id,
+        peers: args.peers.clone().unwrap_or_default(),
+        advertise: args.advertise.clone(),
+        data_dir: match (&args.data_dir, &args.peers) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some(_)) => Some(
+                tessera_model::source::ModelCache::from_env()?
+                    .root()
+                    .join(format!("coordinator-{}", args.id)),
+            ),
+            (None, None) => None,
+        },
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     super::runtime()?.block_on(async move {
@@ -185,5 +271,21 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    /// Ensures that node ids, `auto` host names and peer lists parse, and bad ones are refused.
+    #[test]
+    fn ids_and_peers_parse() {
+        use super::{id_from_hostname, parse_id, parse_peers};
+        assert_eq!(parse_id("3"), Ok(3));
+        assert!(parse_id("0").is_err());
+        assert!(parse_id("x").is_err());
+        assert_eq!(id_from_hostname("tessera-coordinator-2"), Ok(3));
+        assert!(id_from_hostname("tessera").is_err());
+        let p = parse_peers("1=a:1, 2=b:2").expect("valid peers");
+        assert_eq!(p.get(&2).map(String::as_str), Some("b:2"));
+        assert!(parse_peers("1=a:1,1=b:2").is_err());
+        assert!(parse_peers("1=a").is_err());
+        assert!(parse_peers("a:1").is_err());
     }
 }

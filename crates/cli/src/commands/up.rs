@@ -1,5 +1,6 @@
-//! `tessera up`: a whole local cluster — one coordinator and N workers as child processes on
-//! loopback — with the model pulled first when it is missing.
+//! `tessera up`: a whole local cluster — replicated coordinators (3 by default, one Raft
+//! group) and N workers as child processes on loopback — with the model pulled first when it
+//! is missing.
 //!
 //! Children get a pipe as standard input and exit when it closes, so the cluster goes away with
 //! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`).
@@ -23,7 +24,11 @@ pub struct UpArgs {
     /// Worker processes to start.
     #[arg(long, default_value_t = 3)]
     pub workers: u32,
-    /// Where the coordinator serves (port 0: any free port, printed when ready).
+    /// Coordinators to start (one Raft group; 1 = a single unreplicated coordinator).
+    #[arg(long, default_value_t = 3)]
+    pub coordinators: u32,
+    /// Where the first coordinator serves (port 0: any free port, printed when ready); the
+    /// others take free ports.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     /// The model to serve.
@@ -57,11 +62,15 @@ pub fn run(args: UpArgs) -> Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    if args.coordinators == 0 {
+        bail!("--coordinators must be at least 1");
+    }
     super::model::resolve_or_pull(&args.model)?;
     super::runtime()?.block_on(up(args))
 }
 
-fn spawn(args: &[String]) -> Result<Child> {
+/// Starts `tessera ARGS…` as a child that dies with this process.
+pub(crate) fn spawn(args: &[String]) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the tessera binary")?;
     Command::new(exe)
         .args(args)
@@ -74,7 +83,7 @@ fn spawn(args: &[String]) -> Result<Child> {
 }
 
 /// Reads a child's stdout until its "listening on ADDR" line, then keeps draining it.
-async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
+pub(crate) async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
     let stdout = child
         .stdout
         .take()
@@ -100,12 +109,25 @@ async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
     Ok(addr)
 }
 
-/// A coordinator and its workers running as child processes of this one.
+/// Coordinators and workers running as child processes of this one.
 pub struct LocalCluster {
-    /// The coordinator's public endpoint, `http://host:port`.
+    /// The first coordinator's public endpoint, `http://host:port`.
     pub endpoint: String,
-    /// The coordinator first, then the workers.
+    /// Every coordinator's endpoint.
+    pub endpoints: Vec<String>,
+    /// The coordinators first, then the workers.
     children: Vec<Child>,
+    /// How many of `children` are coordinators.
+    coordinators: usize,
+    /// The coordinators' Raft data, removed at shutdown.
+    data: Option<std::path::PathBuf>,
+}
+
+/// A free loopback port (released before the coordinator binds it: a race other processes
+/// rarely win).
+pub(crate) fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr().context("finding a free port")?.port())
 }
 
 /// How to start a [`LocalCluster`].
@@ -121,8 +143,69 @@ pub struct LocalClusterSpec {
     pub threads: u32,
     /// Memory per worker in bytes.
     pub memory: u64,
+    /// Coordinators (one Raft group when more than one).
+    pub coordinators: u32,
     /// Extra coordinator arguments.
     pub coordinator_args: Vec<String>,
+}
+
+/// Starts `n` coordinators as one Raft group on fresh loopback ports; on failure the ones
+/// started are killed.
+async fn start_group(
+    spec: &LocalClusterSpec,
+    n: u32,
+    data: &std::path::Path,
+    base: &dyn Fn(String) -> Vec<String>,
+) -> Result<(Vec<String>, Vec<Child>)> {
+    let mut addrs = Vec::new();
+    for i in 0..n {
+        let port = if i == 0 && spec.listen.port() != 0 {
+            spec.listen.port()
+        } else {
+            free_port()?
+        };
+        addrs.push(std::net::SocketAddr::new(spec.listen.ip(), port));
+    }
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut endpoints = Vec::new();
+    let mut children: Vec<Child> = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let mut args = base(a.to_string());
+        args.extend([
+            "--id".into(),
+            (i + 1).to_string(),
+            "--peers".into(),
+            peers.clone(),
+            "--data-dir".into(),
+            data.join(format!("coordinator-{}", i + 1))
+                .to_string_lossy()
+                .into_owned(),
+        ]);
+        let started = async {
+            let mut c = spawn(&args)?;
+            let addr = listening_address(&mut c, &format!("coordinator {}", i + 1)).await?;
+            Ok::<_, anyhow::Error>((c, addr))
+        }
+        .await;
+        match started {
+            Ok((c, addr)) => {
+                endpoints.push(format!("http://{addr}"));
+                children.push(c);
+            }
+            Err(e) => {
+                for mut c in children {
+                    let _ = c.kill().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok((endpoints, children))
 }
 
 impl LocalCluster {
@@ -131,29 +214,66 @@ impl LocalCluster {
     /// # Errors
     /// When a process cannot start or does not listen within two minutes.
     pub async fn start(spec: &LocalClusterSpec) -> Result<Self> {
-        let mut args = vec![
-            "coordinator".into(),
-            "--listen".into(),
-            spec.listen.to_string(),
-            "--model".into(),
-            spec.model.clone(),
-            "--min-workers".into(),
-            spec.workers.to_string(),
-            "--exit-on-stdin-eof".into(),
-        ];
-        args.extend(spec.coordinator_args.iter().cloned());
-        let mut coordinator = spawn(&args)?;
-        let addr = listening_address(&mut coordinator, "the coordinator").await?;
-        let endpoint = format!("http://{addr}");
-        let mut cluster = Self {
-            endpoint,
-            children: vec![coordinator],
+        let n = spec.coordinators.max(1);
+        let base = |listen: String| -> Vec<String> {
+            let mut args = vec![
+                "coordinator".into(),
+                "--listen".into(),
+                listen,
+                "--model".into(),
+                spec.model.clone(),
+                "--min-workers".into(),
+                spec.workers.to_string(),
+                "--exit-on-stdin-eof".into(),
+            ];
+            args.extend(spec.coordinator_args.iter().cloned());
+            args
         };
+        let mut cluster = Self {
+            endpoint: String::new(),
+            endpoints: Vec::new(),
+            children: Vec::new(),
+            coordinators: n as usize,
+            data: None,
+        };
+        if n == 1 {
+            let mut c = spawn(&base(spec.listen.to_string()))?;
+            let addr = listening_address(&mut c, "the coordinator").await?;
+            cluster.endpoints.push(format!("http://{addr}"));
+            cluster.children.push(c);
+        } else {
+            // Peers must know each other's addresses before any of them starts, so ports are
+            // picked up front; another process can take one in between, so a failed start is
+            // retried on fresh ports.
+            let data = std::env::temp_dir().join(format!("tessera-up-{}", std::process::id()));
+            cluster.data = Some(data.clone());
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match start_group(spec, n, &data, &base).await {
+                    Ok((endpoints, children)) => {
+                        cluster.endpoints = endpoints;
+                        cluster.children = children;
+                        break;
+                    }
+                    Err(e) if attempt < 3 => {
+                        tracing::warn!(
+                            attempt,
+                            "starting the coordinators failed: {e:#}; retrying"
+                        );
+                        let _ = std::fs::remove_dir_all(&data);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        cluster.endpoint = cluster.endpoints[0].clone();
+        let coordinators = cluster.endpoints.join(",");
         for i in 0..spec.workers {
             let mut worker = spawn(&[
                 "worker".into(),
                 "--coordinator".into(),
-                cluster.endpoint.clone(),
+                coordinators.clone(),
                 "--threads".into(),
                 spec.threads.to_string(),
                 "--memory".into(),
@@ -181,6 +301,9 @@ impl LocalCluster {
                 let _ = c.kill().await;
             }
         }
+        if let Some(d) = &self.data {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -197,16 +320,23 @@ async fn up(args: UpArgs) -> Result<()> {
         workers: args.workers,
         threads,
         memory: args.memory,
+        coordinators: args.coordinators,
         coordinator_args: Vec::new(),
     })
     .await?;
     let endpoint = cluster.endpoint.clone();
-    let result = serve(&args, &endpoint, &mut cluster.children).await;
+    let coordinators = cluster.coordinators;
+    let result = serve(&args, &endpoint, &mut cluster.children, coordinators).await;
     cluster.shutdown().await;
     result
 }
 
-async fn serve(args: &UpArgs, endpoint: &str, children: &mut [Child]) -> Result<()> {
+async fn serve(
+    args: &UpArgs,
+    endpoint: &str,
+    children: &mut [Child],
+    coordinators: usize,
+) -> Result<()> {
     let mut client = connect(endpoint, Duration::from_secs(10)).await?;
     let status = wait_ready(&mut client, Duration::from_secs(args.ready_timeout)).await?;
     eprintln!(
@@ -267,7 +397,11 @@ async fn serve(args: &UpArgs, endpoint: &str, children: &mut [Child]) -> Result<
             Ok(())
         }
         (i, status) = exited => {
-            let what = if i == 0 { "the coordinator".to_owned() } else { format!("worker {}", i - 1) };
+            let what = if i < coordinators {
+                format!("coordinator {}", i + 1)
+            } else {
+                format!("worker {}", i - coordinators)
+            };
             bail!("{what} exited ({status}); stopping the cluster")
         }
     }

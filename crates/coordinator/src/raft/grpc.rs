@@ -13,7 +13,9 @@ use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tessera_proto::v1::raft_client::RaftClient;
 use tessera_proto::v1::raft_server::{Raft, RaftServer};
-use tessera_proto::v1::{RaftAck, RaftMessage};
+use tessera_proto::v1::{
+    AddMemberRequest, MembersResponse, RaftAck, RaftMessage, RemoveMemberRequest,
+};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -23,6 +25,8 @@ use super::{RaftError, RaftHandle, Transport};
 
 /// How long a connection attempt to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a new member may take to catch up with the log before it is given up on.
+const CATCH_UP: Duration = Duration::from_secs(5);
 /// How long one send may take; a peer slower than this is treated as down for this message.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -153,5 +157,80 @@ impl Raft for RaftService {
             .entered();
         self.handle.step(msg)?;
         Ok(Response::new(RaftAck {}))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<AddMemberRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let req = request.into_inner();
+        tracing::info!(id = req.id, address = %req.address, "add member");
+        if req.id == 0 {
+            return Err(Status::invalid_argument("id: node ids start at 1"));
+        }
+        if req.address.is_empty() {
+            return Err(Status::invalid_argument("address: required (host:port)"));
+        }
+        match self
+            .handle
+            .add_member(req.id, req.address.clone(), CATCH_UP)
+            .await
+        {
+            Err(RaftError::NotLeader { leader: Some(l) }) => {
+                let mut leader = self.leader_client(l)?;
+                leader.add_member(req).await
+            }
+            r => Ok(Response::new(members(r?))),
+        }
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        let req = request.into_inner();
+        tracing::info!(id = req.id, "remove member");
+        if req.id == 0 {
+            return Err(Status::invalid_argument("id: node ids start at 1"));
+        }
+        let st = self.handle.status();
+        if !st.members.voters.contains(&req.id) && !st.members.learners.contains(&req.id) {
+            return Err(Status::invalid_argument(format!(
+                "id: node {} is not a member (members: {:?})",
+                req.id, st.members.voters
+            )));
+        }
+        match self.handle.remove_member(req.id).await {
+            Err(RaftError::NotLeader { leader: Some(l) }) => {
+                let mut leader = self.leader_client(l)?;
+                leader.remove_member(req).await
+            }
+            r => Ok(Response::new(members(r?))),
+        }
+    }
+}
+
+impl RaftService {
+    /// A client to the leader `id`, for forwarding a membership change.
+    fn leader_client(&self, id: u64) -> Result<RaftClient<Channel>, Status> {
+        let address = self
+            .handle
+            .status()
+            .addresses
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("no address known for leader {id}")))?;
+        // No per-call timeout here: an add waits for the new member to catch up.
+        let e = endpoint(&address)
+            .map(|e| e.timeout(CATCH_UP * 3))
+            .map_err(|e| Status::unavailable(format!("leader address {address}: {e}")))?;
+        Ok(RaftClient::new(e.connect_lazy()))
+    }
+}
+
+fn members(m: super::Members) -> MembersResponse {
+    MembersResponse {
+        voters: m.voters,
+        learners: m.learners,
     }
 }

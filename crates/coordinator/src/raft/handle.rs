@@ -72,6 +72,8 @@ pub struct RaftStatus {
     pub members: Members,
     /// On the leader only: each member's highest log index known to be replicated there.
     pub matched: BTreeMap<u64, u64>,
+    /// Every member's transport address (host:port), as stored with the membership.
+    pub addresses: BTreeMap<u64, String>,
     /// False once the node's loop has stopped.
     pub running: bool,
 }
@@ -87,6 +89,7 @@ impl RaftStatus {
             applied: 0,
             members: Members::default(),
             matched: BTreeMap::new(),
+            addresses: BTreeMap::new(),
             running: true,
         }
     }

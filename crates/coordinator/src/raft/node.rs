@@ -473,6 +473,7 @@ impl<S: StateMachine> NodeLoop<S> {
             applied: self.applied,
             members: Members::from(&r.prs().conf().to_conf_state()),
             matched,
+            addresses: self.raw.store().peers().clone(),
             running: true,
         };
         self.status.send_if_modified(|s| {

@@ -1,0 +1,89 @@
+//! `tessera cluster add-coordinator` / `remove-coordinator`: membership changes of the
+//! replicated coordinators, sent to any coordinator (a follower forwards them to the leader).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use tessera_proto::v1::raft_client::RaftClient;
+use tessera_proto::v1::{AddMemberRequest, MembersResponse, RemoveMemberRequest};
+use tonic::transport::Endpoint;
+
+use super::client::{DEFAULT_ENDPOINT, status_error};
+
+/// `tessera cluster …`.
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Adds a coordinator (it must already run, with no --peers and an empty data dir): it
+    /// catches up as a learner, then becomes a voter. An unreachable one is refused.
+    AddCoordinator(AddArgs),
+    /// Removes a coordinator from the voters. The last one cannot be removed.
+    RemoveCoordinator(RemoveArgs),
+}
+
+/// Arguments of `add-coordinator`.
+#[derive(Args, Debug)]
+pub struct AddArgs {
+    /// Any current coordinator.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// The new coordinator's Raft node id (>= 1).
+    #[arg(long, value_parser = super::serve::parse_id)]
+    pub id: u64,
+    /// The new coordinator's HOST:PORT (its --advertise).
+    #[arg(long)]
+    pub address: String,
+}
+
+/// Arguments of `remove-coordinator`.
+#[derive(Args, Debug)]
+pub struct RemoveArgs {
+    /// Any current coordinator.
+    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
+    /// The node id to remove.
+    #[arg(long, value_parser = super::serve::parse_id)]
+    pub id: u64,
+}
+
+/// Runs `tessera cluster …`.
+///
+/// # Errors
+/// When the coordinator cannot be reached or refuses the change (with its reason).
+pub async fn run(cmd: ClusterCommand) -> Result<()> {
+    let members = match cmd {
+        ClusterCommand::AddCoordinator(a) => client(&a.endpoint)?
+            .add_member(AddMemberRequest {
+                id: a.id,
+                address: a.address,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint)?
+            .remove_member(RemoveMemberRequest { id: r.id })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+    };
+    print_members(&members);
+    Ok(())
+}
+
+fn client(endpoint: &str) -> Result<RaftClient<tonic::transport::Channel>> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let e = Endpoint::from_shared(url)
+        .with_context(|| format!("--endpoint {endpoint:?} is not a valid address"))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    Ok(RaftClient::new(e.connect_lazy()))
+}
+
+fn print_members(m: &MembersResponse) {
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+    println!("voters {}  learners {}", list(&m.voters), list(&m.learners));
+}
