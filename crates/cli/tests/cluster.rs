@@ -56,6 +56,8 @@ struct Cluster {
     coordinator: Child,
     workers: Vec<Option<Child>>,
     endpoint: String,
+    /// host:port of the coordinator's Prometheus endpoint.
+    metrics: String,
     rt: tokio::runtime::Runtime,
 }
 
@@ -65,8 +67,14 @@ impl Cluster {
         let n = workers.len().to_string();
         let hb = HEARTBEAT_TIMEOUT_MS.to_string();
         let kv = KV_TOKENS.to_string();
+        let metrics = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("addr").to_string()
+        };
         let (coordinator, addr) = spawn(&[
             "coordinator",
+            "--metrics-listen",
+            &metrics,
             "--listen",
             "127.0.0.1:0",
             "--model",
@@ -112,6 +120,7 @@ impl Cluster {
             coordinator,
             workers,
             endpoint,
+            metrics,
             rt,
         };
         cluster.wait_ready(Duration::from_secs(60));
@@ -483,6 +492,32 @@ fn bad_input_names_the_field() {
     }
     let ok = cluster.generate(greedy("Hello", 4)).expect("still serving");
     assert_eq!(ok.len(), 4);
+
+    // The Prometheus endpoint counted all of it.
+    let text = scrape(&cluster.metrics);
+    assert!(
+        text.contains("tessera_requests_total{outcome=\"invalid\"} 9"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tessera_requests_total{outcome=\"length\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("tessera_generated_tokens_total 4"), "{text}");
+}
+
+/// `GET /metrics` over a plain TCP connection.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tessera\r\n\r\n")
+        .expect("send the scrape");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read the scrape");
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
 }
 
 /// Ensures that the Python client generated from the protos with grpcio-tools streams an answer.

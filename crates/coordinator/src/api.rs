@@ -78,6 +78,7 @@ impl pb::inference_server::Inference for Api {
         }
         let valid = self.validator.validate(req, received).map_err(|e| {
             tracing::info!(error = %e, "generate request rejected");
+            self.cluster.metrics.request_ended("invalid");
             Status::from(e)
         })?;
         let (tx, rx) = mpsc::unbounded_channel();

@@ -64,6 +64,8 @@ pub struct Cluster {
     failed_epoch: AtomicU64,
     running: AtomicUsize,
     queued: AtomicUsize,
+    /// Prometheus metrics, updated by the API and the scheduler.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -93,6 +95,7 @@ impl Cluster {
             failed_epoch: AtomicU64::new(0),
             running: AtomicUsize::new(0),
             queued: AtomicUsize::new(0),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -237,6 +240,7 @@ impl Cluster {
     pub fn set_load(&self, running: usize, queued: usize) {
         self.running.store(running, Ordering::SeqCst);
         self.queued.store(queued, Ordering::SeqCst);
+        self.metrics.set_running(running);
     }
 
     /// Requests generating now.

@@ -41,6 +41,8 @@ pub struct CoordinatorConfig {
     /// The Raft storage directory; `None` = a fresh temporary directory removed at exit
     /// (state is then not durable).
     pub data_dir: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None` = not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for CoordinatorConfig {
@@ -61,6 +63,7 @@ impl Default for CoordinatorConfig {
             peers: BTreeMap::new(),
             advertise: None,
             data_dir: None,
+            metrics_listen: None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod footprint;
 mod forward;
 mod leadership;
+pub mod metrics;
 pub mod planner;
 pub mod raft;
 mod registry;
@@ -164,6 +165,15 @@ pub async fn serve_on(
     tasks
         .0
         .push(tokio::spawn(report_health(Arc::clone(&cluster), health)));
+    if let Some(addr) = cluster.cfg.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|e| serve_err(format!("metrics endpoint {addr}: {e}")))?;
+        tasks.0.push(tokio::spawn(metrics::serve_http(
+            listener,
+            Arc::clone(&cluster.metrics),
+        )));
+    }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

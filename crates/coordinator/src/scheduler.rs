@@ -393,6 +393,7 @@ impl Scheduler {
         );
         let step_id = step.step_id;
         let epoch = link.epoch;
+        let sent_at = Instant::now();
         let answer = async {
             if link.tx.send(step).await.is_err() {
                 return Err(unavailable("the pipeline stream closed"));
@@ -414,7 +415,12 @@ impl Scheduler {
         .instrument(span.clone())
         .await;
         match answer {
-            Ok(resp) => span.in_scope(|| self.absorb(resp)),
+            Ok(resp) => {
+                self.cluster
+                    .metrics
+                    .step(tokens as u64, sent_at.elapsed().as_secs_f64());
+                span.in_scope(|| self.absorb(resp));
+            }
             Err(status) => {
                 tracing::warn!(epoch, error = %status.message(), "pipeline failed");
                 self.link = None;
@@ -458,6 +464,7 @@ impl Scheduler {
                 let s = self.running.swap_remove(i);
                 s.span
                     .in_scope(|| tracing::info!("client went away; cancelling"));
+                self.cluster.metrics.request_ended("cancelled");
                 self.release.push(s.id);
             } else {
                 s.next = Some(t.id);
@@ -476,10 +483,16 @@ impl Scheduler {
             time_to_first_token_ms: ms(s.first_token.unwrap_or(now) - received),
             total_ms: ms(now - received),
         };
-        let reason = match reason {
-            FinishReason::Stop => pb::FinishReason::Stop,
-            FinishReason::Length => pb::FinishReason::Length,
+        let (reason, outcome) = match reason {
+            FinishReason::Stop => (pb::FinishReason::Stop, "stop"),
+            FinishReason::Length => (pb::FinishReason::Length, "length"),
         };
+        self.cluster.metrics.request_ended(outcome);
+        self.cluster.metrics.usage(
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+            usage.time_to_first_token_ms / 1e3,
+        );
         s.span.in_scope(|| {
             tracing::info!(
                 completion_tokens = usage.completion_tokens,
@@ -504,6 +517,7 @@ impl Scheduler {
         for s in self.running.drain(..) {
             s.span
                 .in_scope(|| tracing::warn!(error = msg, "request failed"));
+            self.cluster.metrics.request_ended("unavailable");
             let _ = s.events.send(Err(unavailable(msg.to_owned())));
         }
         // The stream that held them is gone, and with it their state on every worker.

@@ -50,6 +50,10 @@ pub struct CoordinatorArgs {
     /// a temporary directory, so a lone coordinator keeps no state across restarts).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
+    /// printed as "tessera coordinator metrics on ADDR").
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -224,6 +228,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             ),
             (None, None) => None,
         },
+        metrics_listen: args.metrics_listen,
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     super::runtime()?.block_on(async move {

@@ -1,0 +1,251 @@
+//! Prometheus metrics of a coordinator — requests by outcome, tokens, time to first token,
+//! step latency, running requests — and the plain-HTTP `/metrics` endpoint that serves them.
+//!
+//! The endpoint is a minimal HTTP/1.1 responder on its own port (`--metrics-listen`): a scrape
+//! is one GET, so a web framework would add dependencies and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Labels of the request counter: how a request ended.
+type Outcome = Vec<(&'static str, &'static str)>;
+
+/// The coordinator's metrics, registered once; cheap to update from any task.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Outcome, Counter>,
+    prompt_tokens: Counter,
+    generated_tokens: Counter,
+    ttft: Histogram,
+    step_seconds: Histogram,
+    step_tokens: Counter,
+    running: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `tessera_` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tessera");
+        let requests = Family::<Outcome, Counter>::default();
+        registry.register(
+            "requests",
+            "Generate requests by outcome (stop, length, invalid, unavailable, cancelled)",
+            requests.clone(),
+        );
+        let prompt_tokens = Counter::default();
+        registry.register(
+            "prompt_tokens",
+            "Prompt tokens prefilled",
+            prompt_tokens.clone(),
+        );
+        let generated_tokens = Counter::default();
+        registry.register(
+            "generated_tokens",
+            "Tokens generated",
+            generated_tokens.clone(),
+        );
+        // 5 ms .. ~80 s: a decode-only TTFT on a fast machine up to a long prefill on a slow one.
+        let ttft = Histogram::new(exponential_buckets(0.005, 2.0, 15));
+        registry.register(
+            "time_to_first_token_seconds",
+            "From receiving a request to its first token",
+            ttft.clone(),
+        );
+        let step_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "step_seconds",
+            "One batched pipeline step, all stages, as the scheduler waits for it",
+            step_seconds.clone(),
+        );
+        let step_tokens = Counter::default();
+        registry.register(
+            "step_tokens",
+            "Tokens sent through the pipeline (prefill chunks and decode tokens)",
+            step_tokens.clone(),
+        );
+        let running = Gauge::default();
+        registry.register(
+            "running_requests",
+            "Requests generating now",
+            running.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            prompt_tokens,
+            generated_tokens,
+            ttft,
+            step_seconds,
+            step_tokens,
+            running,
+        }
+    }
+
+    /// Counts a request that ended with `outcome`.
+    pub fn request_ended(&self, outcome: &'static str) {
+        self.requests
+            .get_or_create(&vec![("outcome", outcome)])
+            .inc();
+    }
+
+    /// Records a finished request's usage.
+    pub fn usage(&self, prompt_tokens: u64, generated_tokens: u64, ttft_seconds: f64) {
+        self.prompt_tokens.inc_by(prompt_tokens);
+        self.generated_tokens.inc_by(generated_tokens);
+        self.ttft.observe(ttft_seconds);
+    }
+
+    /// Records one pipeline step.
+    pub fn step(&self, tokens: u64, seconds: f64) {
+        self.step_tokens.inc_by(tokens);
+        self.step_seconds.observe(seconds);
+    }
+
+    /// Sets the number of running requests.
+    pub fn set_running(&self, n: usize) {
+        self.running.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is aborted; other paths get 404.
+pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, peer)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (a scrape has no body); give up on slow or huge requests.
+            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while len < buf.len() {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(head, Ok(true)) {
+                return;
+            }
+            let request_line = String::from_utf8_lossy(&buf[..len]);
+            let ok = request_line.starts_with("GET /metrics ");
+            let (status, body) = if ok {
+                ("200 OK", metrics.render())
+            } else {
+                (
+                    "404 Not Found",
+                    "only GET /metrics is served here\n".to_owned(),
+                )
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = conn.write_all(response.as_bytes()).await {
+                tracing::debug!(%peer, error = %e, "metrics scrape write failed");
+            }
+        });
+    }
+}
+
+/// Binds the metrics endpoint and prints `tessera coordinator metrics on <addr>`.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(addr).await?;
+    println!("tessera coordinator metrics on {}", listener.local_addr()?);
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ensures that updates show up in the exposition with their names, labels and values.
+    #[test]
+    fn renders_what_was_recorded() {
+        let m = Metrics::new();
+        m.request_ended("stop");
+        m.request_ended("stop");
+        m.request_ended("invalid");
+        m.usage(5, 16, 0.25);
+        m.step(4, 0.01);
+        m.set_running(3);
+        let text = m.render();
+        assert!(
+            text.contains("tessera_requests_total{outcome=\"stop\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_requests_total{outcome=\"invalid\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("tessera_generated_tokens_total 16"), "{text}");
+        assert!(text.contains("tessera_prompt_tokens_total 5"), "{text}");
+        assert!(
+            text.contains("tessera_time_to_first_token_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("tessera_running_requests 3"), "{text}");
+    }
+
+    /// Ensures that the endpoint answers a real HTTP GET with the exposition, and 404 otherwise.
+    #[tokio::test]
+    async fn http_endpoint_serves_metrics() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let m = Arc::new(Metrics::new());
+        m.request_ended("stop");
+        let task = tokio::spawn(serve_http(listener, Arc::clone(&m)));
+        let get = |path: &'static str| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("write");
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.expect("read");
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
+        assert!(
+            ok.contains("tessera_requests_total{outcome=\"stop\"} 1"),
+            "{ok}"
+        );
+        assert!(get("/").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+}
