@@ -179,7 +179,8 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
     let fp = ModelFootprint::from_store(store.as_ref(), &cfg).expect("footprint");
     drop(store);
     let kv_layer = fp.kv_bytes_per_token_layer * u64::from(KV_TOKENS);
-    // The first worker holds the embedding and at most 6 layers; the others have no limit.
+    // The small worker fits the embedding and 6 layers (or more layers elsewhere); the others
+    // have no limit.
     let small = fp.embed_bytes + 6 * (fp.layer_bytes[0] + kv_layer) + kv_layer / 2;
 
     let mut engine = Engine::load(
@@ -246,10 +247,14 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
         needs <= small,
         "memory caps the small worker: {ranges:?} {capped:?}"
     );
-    assert!(
-        b - a <= 7,
-        "the small worker holds fewer layers: {ranges:?}"
-    );
+    // Where it registered first it is stage 0 and the embedding leaves room for 6 layers; in
+    // another stage it may hold more, and only the memory bound above applies.
+    if capped.embed {
+        assert!(
+            b - a <= 7,
+            "the small worker holds fewer layers: {ranges:?}"
+        );
+    }
 
     for (p, w) in PROMPTS.iter().zip(&want) {
         let got = generate(&mut client, p).await.expect("generate");
