@@ -2,9 +2,7 @@
 //! the single-process engine: identical outputs through a 3-stage pipeline, batching of
 //! concurrent requests, `kill -9` of a worker, bad input, and the Python client.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
@@ -15,41 +13,13 @@ use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
+mod support;
+use support::{free_port, model, spawn};
+
 /// Heartbeat timeout the test clusters run with: a dead worker must end streams within twice this.
 const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 /// KV capacity per worker: enough for the tests, small enough that memory plans stay modest.
 const KV_TOKENS: u32 = 2048;
-
-fn model() -> Option<String> {
-    let path = tessera_model::testing::smollm2_gguf()?;
-    Some(path.to_string_lossy().into_owned())
-}
-
-/// Starts `tessera ARGS…` and returns it with the address from its "listening on" line.
-fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tessera");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_owned());
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("`tessera {}` did not start listening", args.join(" ")));
-    (child, addr)
-}
 
 /// A coordinator and workers, killed when dropped.
 struct Cluster {
@@ -67,10 +37,7 @@ impl Cluster {
         let n = workers.len().to_string();
         let hb = HEARTBEAT_TIMEOUT_MS.to_string();
         let kv = KV_TOKENS.to_string();
-        let metrics = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr").to_string()
-        };
+        let metrics = format!("127.0.0.1:{}", free_port());
         let (coordinator, addr) = spawn(&[
             "coordinator",
             "--metrics-listen",
@@ -159,6 +126,23 @@ impl Cluster {
     fn generate(&self, req: pb::GenerateRequest) -> Result<Vec<pb::TokenEvent>, tonic::Status> {
         let mut c = self.client();
         self.rt.block_on(collect(&mut c, req))
+    }
+
+    /// Reads a generate stream to its error, which must come within 30 s.
+    fn stream_error(&self, stream: &mut tonic::Streaming<pb::GenerateEvent>) -> tonic::Status {
+        self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => panic!("stream ended without an error"),
+                        Err(e) => return e,
+                    }
+                }
+            })
+            .await
+            .expect("the stream hangs instead of failing")
+        })
     }
 
     /// `kill -9` of worker `i`; returns when the process is gone.
@@ -413,15 +397,7 @@ fn killed_worker_fails_fast_and_the_cluster_replans() {
     }
     cluster.kill_worker(1);
     let killed = Instant::now();
-    let err = cluster.rt.block_on(async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("stream ended without an error after the kill"),
-                Err(e) => return e,
-            }
-        }
-    });
+    let err = cluster.stream_error(&mut stream);
     let waited = killed.elapsed();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(
@@ -654,19 +630,7 @@ fn silent_worker_is_dropped_then_rejoins() {
     let victim = cluster.workers[1].as_ref().expect("running");
     signal(victim, "-STOP");
     let stopped = Instant::now();
-    let err = cluster.rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                match stream.message().await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => panic!("stream ended without an error"),
-                    Err(e) => return e,
-                }
-            }
-        })
-        .await
-        .expect("the stream hangs after the worker went silent")
-    });
+    let err = cluster.stream_error(&mut stream);
     let waited = stopped.elapsed();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(

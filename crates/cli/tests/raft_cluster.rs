@@ -3,10 +3,9 @@
 //! generate load, a full-cluster restart from disk, bad membership changes and a corrupt data
 //! directory. Every wait is bounded.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as pb;
@@ -14,48 +13,21 @@ use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
-fn model() -> Option<String> {
-    let path = tessera_model::testing::smollm2_gguf()?;
-    Some(path.to_string_lossy().into_owned())
-}
-
-/// Starts `tessera ARGS…` and returns it with the address from its "listening on" line.
-fn spawn(args: &[String]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tessera");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if !sent && let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_owned());
-                sent = true;
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("`tessera {}` did not start listening", args.join(" ")));
-    (child, addr)
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("local addr").port()
-}
+mod support;
+use support::{free_port, model, spawn};
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// Two three-coordinator clusters at once on a two-core machine starve each other's elections
+/// and streams, so the clusters of this file run one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Three coordinators and some workers, killed (and their data removed) when dropped.
 struct RaftCluster {
+    /// This cluster's turn; released after `Drop` has stopped the processes.
+    _turn: MutexGuard<'static, ()>,
     model: String,
     addrs: Vec<String>,
     peers: String,
@@ -67,6 +39,8 @@ struct RaftCluster {
 
 impl RaftCluster {
     fn start(model: &str, name: &str, workers: usize) -> Self {
+        // Taken before picking ports, so a waiting cluster's ports are not stale by its turn.
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
         let addrs: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -84,6 +58,7 @@ impl RaftCluster {
             .build()
             .expect("runtime");
         let mut c = Self {
+            _turn: turn,
             model: model.to_owned(),
             addrs,
             peers,
