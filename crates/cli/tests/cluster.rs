@@ -105,7 +105,7 @@ impl Cluster {
     fn status(&self) -> pb::ClusterStatusResponse {
         let mut c = self.client();
         self.rt
-            .block_on(c.cluster_status(pb::ClusterStatusRequest {}))
+            .block_on(c.cluster_status(pb::ClusterStatusRequest::default()))
             .expect("cluster status")
             .into_inner()
     }
@@ -351,7 +351,10 @@ fn concurrent_requests_are_batched_and_unchanged() {
             .await
             .expect("connect");
         while !tasks.iter().all(tokio::task::JoinHandle::is_finished) {
-            if let Ok(s) = probe.cluster_status(pb::ClusterStatusRequest {}).await {
+            if let Ok(s) = probe
+                .cluster_status(pb::ClusterStatusRequest::default())
+                .await
+            {
                 peak = peak.max(s.into_inner().running_requests);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -60,15 +60,8 @@ impl pb::inference_server::Inference for Api {
                 // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or
                 // when the client went away.
                 while let Some(event) = stream.next().await {
-                    // The leader answers with mapped statuses only; UNKNOWN is the client
-                    // library's word for a connection torn mid-stream: the leader was lost.
-                    let event = event.map_err(|s| match s.code() {
-                        tonic::Code::Unknown => Status::unavailable(format!(
-                            "the coordinator leader was lost mid-stream: {}",
-                            s.message()
-                        )),
-                        _ => s,
-                    });
+                    let event = event
+                        .map_err(|s| tessera_proto::status::lost_peer(s, "the coordinator leader"));
                     if tx.send(event).is_err() {
                         break;
                     }
@@ -133,7 +126,8 @@ impl pb::inference_server::Inference for Api {
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         // The leader knows liveness and load; when it cannot be reached, this node answers
         // from its own replica.
-        if !self.cluster.replica().is_leading()
+        if !request.get_ref().local
+            && !self.cluster.replica().is_leading()
             && self.cluster.leader_address().is_some()
             && let Ok(Route::Leader(mut leader)) = self.forward.route(&self.cluster).await
         {

@@ -36,6 +36,9 @@ pub struct CoordinatorConfig {
     /// The founding voters, id -> host:port, this node included; empty = a single-node
     /// cluster of this node alone. Ignored when the data directory already holds a cluster.
     pub peers: BTreeMap<u64, String>,
+    /// Found nothing: with an empty data directory, wait to be added to an existing cluster
+    /// (`tessera cluster add-coordinator`), which sends this node a snapshot. Excludes `peers`.
+    pub join: bool,
     /// host:port peers and workers dial; `None` = the bound address.
     pub advertise: Option<String>,
     /// The Raft storage directory; `None` = a fresh temporary directory removed at exit
@@ -61,6 +64,7 @@ impl Default for CoordinatorConfig {
             ready_wait: Duration::from_secs(30),
             id: 1,
             peers: BTreeMap::new(),
+            join: false,
             advertise: None,
             data_dir: None,
             metrics_listen: None,

@@ -115,6 +115,12 @@ pub async fn serve_on(
     let data = DataDir::open(cfg.data_dir.clone(), cfg.id).map_err(serve_err)?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
     let mut peers = cfg.peers.clone();
+    if cfg.join && !peers.is_empty() {
+        return Err(CoordinatorError::invalid(
+            "peers",
+            "a joining coordinator founds nothing: give either --join or --peers",
+        ));
+    }
     if peers.is_empty() {
         peers.insert(cfg.id, advertise.clone());
     }
@@ -137,7 +143,8 @@ pub async fn serve_on(
         storage,
         replica::ReplicaMachine(Arc::clone(&replica)),
         transport,
-        Some(peers),
+        // A joining node learns its peers from the leader's snapshot.
+        (!cfg.join).then_some(peers),
     )?;
     let cluster = Arc::new(cluster::Cluster::new(
         cfg,

@@ -139,7 +139,7 @@ async fn start_worker(coordinator: &str, memory_bytes: u64, name: &str) -> Runni
 
 async fn status(client: &mut InferenceClient<Channel>) -> pb::ClusterStatusResponse {
     client
-        .cluster_status(pb::ClusterStatusRequest {})
+        .cluster_status(pb::ClusterStatusRequest::default())
         .await
         .expect("status")
         .into_inner()

@@ -63,7 +63,7 @@ impl Coordinators {
             .ok()?;
         let r = tokio::time::timeout(
             Duration::from_secs(1),
-            c.cluster_status(pb::ClusterStatusRequest {}),
+            c.cluster_status(pb::ClusterStatusRequest::default()),
         )
         .await
         .ok()?

@@ -50,7 +50,7 @@ pub async fn wait_ready(
     let start = Instant::now();
     loop {
         let status = client
-            .cluster_status(ClusterStatusRequest {})
+            .cluster_status(ClusterStatusRequest::default())
             .await
             .map(tonic::Response::into_inner);
         match status {
@@ -100,7 +100,11 @@ pub async fn stream_generate(
         .map_err(status_error)?
         .into_inner();
     let mut done = Streamed::default();
-    while let Some(event) = stream.message().await.map_err(status_error)? {
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|s| status_error(tessera_proto::status::lost_peer(s, "the coordinator")))?
+    {
         match event.event {
             Some(Event::Token(t)) => {
                 on_token(&t);

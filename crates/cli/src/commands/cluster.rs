@@ -14,7 +14,7 @@ use super::client::{DEFAULT_ENDPOINT, status_error};
 /// `tessera cluster …`.
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Adds a coordinator (it must already run, with no --peers and an empty data dir): it
+    /// Adds a coordinator (it must already run with `--join` and an empty data dir): it
     /// catches up as a learner, then becomes a voter. An unreachable one is refused.
     AddCoordinator(AddArgs),
     /// Removes a coordinator from the voters. The last one cannot be removed.

@@ -44,10 +44,14 @@ pub struct CoordinatorArgs {
     pub id: u64,
     /// The founding voters, this coordinator included: `1=HOST:PORT,2=HOST:PORT,...`. Omitted:
     /// a single-node cluster of this coordinator.
-    #[arg(long, value_parser = parse_peers)]
+    #[arg(long, value_parser = parse_peers, conflicts_with = "join")]
     pub peers: Option<BTreeMap<u64, String>>,
-    /// Raft storage directory (default with --peers: $TESSERA_HOME/coordinator-<id>; without:
-    /// a temporary directory, so a lone coordinator keeps no state across restarts).
+    /// Join an existing cluster instead of founding one: with an empty data dir, wait until a
+    /// member runs `tessera cluster add-coordinator --id <this id> --address <this address>`.
+    #[arg(long)]
+    pub join: bool,
+    /// Raft storage directory (default with --peers or --join: $TESSERA_HOME/coordinator-<id>;
+    /// otherwise a temporary directory, so a lone coordinator keeps no state across restarts).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
@@ -219,14 +223,15 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),
         advertise: args.advertise.clone(),
-        data_dir: match (&args.data_dir, &args.peers) {
+        join: args.join,
+        data_dir: match (&args.data_dir, args.peers.is_some() || args.join) {
             (Some(d), _) => Some(d.clone()),
-            (None, Some(_)) => Some(
+            (None, true) => Some(
                 tessera_model::source::ModelCache::from_env()?
                     .root()
                     .join(format!("coordinator-{}", args.id)),
             ),
-            (None, None) => None,
+            (None, false) => None,
         },
         metrics_listen: args.metrics_listen,
         ..tessera_coordinator::CoordinatorConfig::default()

@@ -15,6 +15,10 @@ pub struct StatusArgs {
     /// The coordinator to ask.
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// Show the asked coordinator's own replica (its term, commit index, workers and plan)
+    /// instead of the leader's view.
+    #[arg(long)]
+    pub local: bool,
     /// Print the raw status as JSON-like debug output instead of a table.
     #[arg(long)]
     pub raw: bool,
@@ -24,7 +28,7 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> Result<()> {
     let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
     let s = client
-        .cluster_status(ClusterStatusRequest {})
+        .cluster_status(ClusterStatusRequest { local: args.local })
         .await
         .map_err(status_error)?
         .into_inner();

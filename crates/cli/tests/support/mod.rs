@@ -47,3 +47,9 @@ pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
     l.local_addr().expect("local addr").port()
 }
+
+// Only the Raft test binaries use these; the others would warn about unused items.
+#[allow(dead_code, reason = "used by the Raft test binaries only")]
+pub mod proxy;
+#[allow(dead_code, reason = "used by the Raft test binaries only")]
+pub mod raft;
