@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::cluster::Cluster;
 use crate::controller::assignment;
 use crate::error::CoordinatorError;
-use crate::forward::{Forwarder, Route};
+use crate::forward::{ACCEPT_TIMEOUT, Forwarder, Route};
 use crate::scheduler::{EventResult, SchedulerHandle};
 use crate::validate::Validator;
 
@@ -54,7 +54,16 @@ impl pb::inference_server::Inference for Api {
         let received = Instant::now();
         let req = request.into_inner();
         if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
-            let mut stream = leader.generate(req).await?.into_inner();
+            let mut stream = tokio::time::timeout(ACCEPT_TIMEOUT, leader.generate(req))
+                .await
+                .map_err(|_| {
+                    Status::unavailable(format!(
+                        "the coordinator leader did not accept the request within \
+                         {ACCEPT_TIMEOUT:?} (cut off, or overloaded)"
+                    ))
+                })?
+                .map_err(|s| tessera_proto::status::lost_peer(s, "the coordinator leader"))?
+                .into_inner();
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or

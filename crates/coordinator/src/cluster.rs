@@ -188,8 +188,9 @@ impl Cluster {
         lock(&self.seen).clone()
     }
 
-    /// Starts every registered worker's liveness afresh at `now` (a new leader gives each a
-    /// full heartbeat timeout to find it).
+    /// Starts the liveness clock at `now` for every registered worker not heard from yet: a
+    /// new leader gives each a full heartbeat timeout to find it, and a worker whose
+    /// registration committed a moment before its first heartbeat was recorded is not silent.
     pub fn adopt_workers(&self, now: Instant) {
         let ids: Vec<String> = self
             .replica

@@ -16,6 +16,15 @@ use crate::error::CoordinatorError;
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 /// Bound on connecting to the leader.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long the leader may take to accept a forwarded call (its response headers; a
+/// generate's tokens may take as long as they take). A leader that is cut off rather than
+/// dead accepts TCP connections that never answer: without this bound the call would hang.
+pub const ACCEPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 pings on forwarding channels: a leader that vanishes mid-stream without closing
+/// the connection (a partition, a frozen host) ends the relayed stream within
+/// interval + timeout instead of never.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where a call goes.
 pub enum Route {
@@ -88,6 +97,9 @@ impl Forwarder {
                     })?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
+                    .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                    .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                    .keep_alive_while_idle(true)
                     .connect_lazy();
                 channels.insert(addr.to_owned(), c.clone());
                 c

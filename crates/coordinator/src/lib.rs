@@ -133,6 +133,7 @@ pub async fn serve_on(
     let storage = raft::RedbStorage::open(&data.path)?;
     let replica = replica::Replica::new(&cfg.model);
     let transport = raft::GrpcTransport::new(
+        &advertise,
         peers
             .iter()
             .filter(|(id, _)| **id != cfg.id)
@@ -142,7 +143,7 @@ pub async fn serve_on(
         raft::RaftConfig::new(cfg.id),
         storage,
         replica::ReplicaMachine(Arc::clone(&replica)),
-        transport,
+        transport.clone(),
         // A joining node learns its peers from the leader's snapshot.
         (!cfg.join).then_some(peers),
     )?;
@@ -189,7 +190,7 @@ pub async fn serve_on(
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(raft::RaftService::new(raft.clone()).into_server())
+        .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
         .add_service(pb::inference_server::InferenceServer::new(api::Api::new(
             Arc::clone(&cluster),
             validator,

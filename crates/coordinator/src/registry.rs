@@ -99,7 +99,17 @@ impl pb::coordination_server::Coordination for Registry {
             // follower, or a leader still committing its barrier) has not applied every
             // registration, and a wrong "unknown" would make the worker re-register and its
             // shard reload.
-            let leader = self.cluster.leader_address().unwrap_or_default();
+            // A follower that knows no leader (an election, or cut off from the majority)
+            // must not count as an answer, or the worker would stay with it and miss the
+            // leader the rest of the cluster elects: UNAVAILABLE makes it try the next one.
+            let Some(leader) = self.cluster.leader_address() else {
+                return Err(CoordinatorError::Unavailable(
+                    "this coordinator knows no leader (election in progress, or cut off from \
+                     the majority); try another"
+                        .into(),
+                )
+                .into());
+            };
             return Ok(Response::new(pb::HeartbeatResponse {
                 known: true,
                 leader,
@@ -133,6 +143,10 @@ pub async fn monitor(cluster: Arc<Cluster>) {
             continue;
         }
         let now = Instant::now();
+        // A worker whose registration just committed may not have its first heartbeat
+        // recorded yet (the Register call records it after the commit returns): its clock
+        // starts now, rather than it being dropped as silent the moment it joined.
+        cluster.adopt_workers(now);
         let seen = cluster.seen();
         let silent: Vec<String> = cluster
             .state()

@@ -36,17 +36,20 @@ async fn start(
 ) -> Node {
     let storage = RedbStorage::open(dir.0.join(format!("node{id}"))).expect("open storage");
     let view = Arc::new(Mutex::new(KvView::default()));
-    let transport = GrpcTransport::new(peers.clone().into_iter().filter(|(p, _)| *p != id));
+    let transport = GrpcTransport::new(
+        &peers[&id],
+        peers.clone().into_iter().filter(|(p, _)| *p != id),
+    );
     let handle = RaftNode::start(
         test_config(id),
         storage,
         Kv(view.clone()),
-        transport,
+        transport.clone(),
         Some(peers.clone()),
     )
     .expect("start node");
     let (stop, stopped) = oneshot::channel::<()>();
-    let svc = RaftService::new(handle.clone()).into_server();
+    let svc = RaftService::new(handle.clone(), transport).into_server();
     let server = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(svc)
@@ -158,6 +161,7 @@ async fn grpc_cluster_fails_over_and_rejoins() {
     let err = client
         .send(RaftMessage {
             message: vec![0xff, 0xff, 0xff],
+            from_address: String::new(),
         })
         .await
         .expect_err("garbage");

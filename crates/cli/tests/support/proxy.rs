@@ -72,8 +72,8 @@ async fn carry(mut inbound: TcpStream, target: Arc<String>, mut cut: watch::Rece
         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
         _ = cut.wait_for(|c| *c) => {
             // Reset rather than close: a partition gives no orderly goodbye.
-            let _ = inbound.set_linger(Some(Duration::ZERO));
-            let _ = outbound.set_linger(Some(Duration::ZERO));
+            let _ = inbound.set_zero_linger();
+            let _ = outbound.set_zero_linger();
         }
     }
 }

@@ -36,19 +36,41 @@ type Addresses = Arc<Mutex<HashMap<u64, String>>>;
 pub struct GrpcTransport {
     queues: PeerQueues,
     addresses: Addresses,
+    /// This node's own address, stamped on every message it sends.
+    own: Arc<str>,
 }
 
 impl GrpcTransport {
-    /// A transport knowing the given peer addresses (host:port, or a full `http://` URI);
-    /// more are learnt from membership changes through [`Transport::set_peer`].
+    /// A transport for the node reachable at `own` (host:port), knowing the given peer
+    /// addresses (host:port, or a full `http://` URI); more are learnt from membership changes
+    /// through [`Transport::set_peer`], and from senders it has none for (see
+    /// [`GrpcTransport::learn`]).
     ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn new(peers: impl IntoIterator<Item = (u64, String)>) -> Arc<Self> {
+    pub fn new(own: &str, peers: impl IntoIterator<Item = (u64, String)>) -> Arc<Self> {
         Arc::new(GrpcTransport {
             queues: PeerQueues::new(),
             addresses: Arc::new(Mutex::new(peers.into_iter().collect())),
+            own: Arc::from(own),
         })
+    }
+
+    /// Records `address` for node `id` unless one is known: how a node that joined, and has
+    /// no configuration yet, can answer the leader. Known addresses (from the configuration
+    /// or membership changes) are never replaced by what a message claims.
+    pub fn learn(&self, id: u64, address: &str) {
+        if address.is_empty() || id == 0 {
+            return;
+        }
+        let mut map = self
+            .addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.entry(id).or_insert_with(|| {
+            tracing::info!(peer = id, %address, "learnt a raft peer's address from its message");
+            address.to_owned()
+        });
     }
 }
 
@@ -56,8 +78,9 @@ impl Transport for GrpcTransport {
     fn send(&self, msg: Message) {
         let to = msg.to;
         let addresses = self.addresses.clone();
+        let own = Arc::clone(&self.own);
         self.queues
-            .push(msg, move |rx| peer_task(to, addresses, rx));
+            .push(msg, move |rx| peer_task(to, addresses, own, rx));
     }
 
     fn set_peer(&self, id: u64, address: Option<&str>) {
@@ -89,7 +112,7 @@ fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
 
 /// Sends peer `to`'s queue, one message at a time. A failed send drops what is queued
 /// behind it too: those messages are as stale as the one that failed, and Raft resends.
-async fn peer_task(to: u64, addresses: Addresses, mut rx: mpsc::Receiver<Message>) {
+async fn peer_task(to: u64, addresses: Addresses, own: Arc<str>, mut rx: mpsc::Receiver<Message>) {
     let mut client: Option<(String, RaftClient<Channel>)> = None;
     while let Some(msg) = rx.recv().await {
         let span = tracing::trace_span!("raft_send", to, kind = ?msg.get_msg_type());
@@ -123,7 +146,13 @@ async fn peer_task(to: u64, addresses: Addresses, mut rx: mpsc::Receiver<Message
             }
         };
         drop(_enter);
-        if let Err(status) = c.send(RaftMessage { message: bytes }).await {
+        let sent = c
+            .send(RaftMessage {
+                message: bytes,
+                from_address: own.to_string(),
+            })
+            .await;
+        if let Err(status) = sent {
             tracing::debug!(to, %address, "raft send failed: {status}");
             while rx.try_recv().is_ok() {}
         }
@@ -131,15 +160,25 @@ async fn peer_task(to: u64, addresses: Addresses, mut rx: mpsc::Receiver<Message
 }
 
 /// The `tessera.v1.Raft` service: hands received messages to the local node.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RaftService {
     handle: RaftHandle,
+    transport: Arc<GrpcTransport>,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService")
+            .field("node", &self.handle.status().id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RaftService {
-    /// A service stepping into `handle`'s node.
-    pub fn new(handle: RaftHandle) -> Self {
-        RaftService { handle }
+    /// A service stepping into `handle`'s node, whose messages leave through `transport`
+    /// (which learns the addresses of senders it has none for).
+    pub fn new(handle: RaftHandle, transport: Arc<GrpcTransport>) -> Self {
+        RaftService { handle, transport }
     }
 
     /// The tonic server to add to a router.
@@ -153,6 +192,8 @@ impl Raft for RaftService {
     async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
         let msg = Message::parse_from_bytes(&request.get_ref().message)
             .map_err(|e| RaftError::InvalidMessage(format!("not a raft message: {e}")))?;
+        self.transport
+            .learn(msg.from, &request.get_ref().from_address);
         let _span = tracing::trace_span!("raft_recv", from = msg.from, kind = ?msg.get_msg_type())
             .entered();
         self.handle.step(msg)?;
