@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType,
 };
-use raft::{RawNode, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
 use super::failpoint::{FailPoint, check};
@@ -390,9 +391,18 @@ impl<S: StateMachine> NodeLoop<S> {
         Ok(())
     }
 
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
+            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
             self.transport.send(m);
+            if let Some(to) = snapshot_to {
+                // The transport cannot tell whether a snapshot arrived, and raft-rs keeps the
+                // follower paused in its Snapshot state until told: a snapshot lost on the way
+                // (or a follower that crashed before acknowledging it) would stall it forever.
+                // Reporting it finished makes the leader probe the next index: a follower that
+                // has it accepts, one that does not rejects, and the leader sends it again.
+                self.raw.report_snapshot(to, SnapshotStatus::Finish);
+            }
         }
     }
 
