@@ -130,6 +130,8 @@ pub(super) enum Command {
         reply: oneshot::Sender<Result<Members>>,
     },
     Step(Message),
+    /// A linearizable read: answered with the confirmed read index once it is applied.
+    ReadIndex(oneshot::Sender<Result<u64>>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -209,6 +211,27 @@ impl RaftHandle {
         async {
             let (reply, rx) = oneshot::channel();
             self.send(Command::Propose { data, reply })?;
+            self.await_reply(rx).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Confirms a linearizable read with Raft's ReadIndex: waits until a quorum has confirmed
+    /// that this node is the leader and the node has applied everything committed when the
+    /// read was requested. After `Ok(index)`, this node's state machine reflects every command
+    /// that completed before the call (and applied index >= `index`), so reading it then is
+    /// linearizable. Nothing is written to the log.
+    ///
+    /// # Errors
+    /// [`RaftError::NotLeader`] when this node is not (or stops being) the leader;
+    /// [`RaftError::Timeout`] when no quorum confirmed in time; [`RaftError::Overloaded`] /
+    /// [`RaftError::Stopped`] when the node cannot take it. A failed read had no effect.
+    pub async fn read_index(&self) -> Result<u64> {
+        let span = tracing::debug_span!("raft_read_index", node = self.id);
+        async {
+            let (reply, rx) = oneshot::channel();
+            self.send(Command::ReadIndex(reply))?;
             self.await_reply(rx).await
         }
         .instrument(span)

@@ -14,19 +14,24 @@
 //!
 //! [`RaftNode`] (`node.rs`) owns a `raft::RawNode` on its own thread and runs the Ready loop;
 //! [`RaftHandle`] (`handle.rs`) is the cloneable way in: propose a command and await its applied
-//! result, change membership, read the status, step messages from the transport.
+//! result, confirm a linearizable read (ReadIndex), change membership, read the status, step
+//! messages from the transport. [`Failpoints`] (`failpoint.rs`) let tests crash a node at named
+//! places in the Ready loop and the storage transactions.
 //!
 //! Every error of this module is a [`RaftError`]; [`RaftError::to_status`] is the single
 //! mapping to gRPC.
 
+mod failpoint;
 mod grpc;
 mod handle;
 mod logger;
 mod node;
+mod read_index;
 mod state_machine;
 mod storage;
 mod transport;
 
+pub use failpoint::{FailPoint, Failpoints};
 pub use grpc::{GrpcTransport, RaftService};
 pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
 pub use node::{RaftConfig, RaftNode};
@@ -88,6 +93,9 @@ pub enum RaftError {
     /// The node's Raft loop has stopped (shut down, or a fatal storage error).
     #[error("Raft node {0} has stopped")]
     Stopped(u64),
+    /// A test failpoint fired: the node stopped there as if killed (see [`Failpoints`]).
+    #[error("crashed at failpoint {0}")]
+    Crashed(FailPoint),
     /// A Raft message could not be decoded or was not meant for this node.
     #[error("message: {0}")]
     InvalidMessage(String),
@@ -107,6 +115,7 @@ impl RaftError {
         match self {
             RaftError::NotLeader { .. }
             | RaftError::Stopped(_)
+            | RaftError::Crashed(_)
             | RaftError::Overloaded(_)
             | RaftError::Unreachable { .. } => Status::unavailable(msg),
             RaftError::Timeout(_) => Status::deadline_exceeded(msg),

@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType,
 };
-use raft::{RawNode, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 
+use super::failpoint::{FailPoint, check};
 use super::handle::{Command, Members, RaftHandle, RaftRole, RaftStatus};
 use super::logger::logger;
+use super::read_index::Reads;
 use super::storage::{decode_peers, snapshot_state};
-use super::{RaftError, RedbStorage, Result, StateMachine, Transport};
+use super::{Failpoints, RaftError, RedbStorage, Result, StateMachine, Transport};
 
 /// Tunables of a node. [`RaftConfig::new`] gives etcd-like defaults.
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ pub struct RaftConfig {
     pub max_size_per_msg: u64,
     /// Append messages in flight per follower (default 256).
     pub max_inflight_msgs: usize,
+    /// Crash points for tests (default `None`: every check is a test of `None`).
+    pub failpoints: Option<Failpoints>,
 }
 
 impl RaftConfig {
@@ -66,6 +71,7 @@ impl RaftConfig {
             mailbox_capacity: 4096,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            failpoints: None,
         }
     }
 }
@@ -102,6 +108,7 @@ impl RaftNode {
             let conf = raft::eraftpb::ConfState::from((peers.keys().copied(), Vec::<u64>::new()));
             storage.initialize(conf, peers, &state_machine.snapshot())?;
         }
+        storage.set_failpoints(config.failpoints.clone());
         let snap = storage.read_snapshot()?;
         let applied = snap.get_metadata().index;
         if applied > 0 {
@@ -137,6 +144,7 @@ impl RaftNode {
             status: status_tx,
             pending: BTreeMap::new(),
             answers: Vec::new(),
+            reads: Reads::default(),
             applied,
             config,
         };
@@ -169,8 +177,9 @@ enum Outcome {
     Conf(Result<Members>),
 }
 
-/// The state owned by the node's thread. `raw` (and with it the storage) is the first field so
-/// that it is dropped, releasing the redb file, before anyone sees the mailbox close.
+/// The state owned by the node's thread. When the loop ends, `raw` (and with it the storage) is
+/// dropped first, releasing the redb file, before anyone sees the mailbox close or the status
+/// say the node stopped.
 struct NodeLoop<S> {
     raw: RawNode<RedbStorage>,
     sm: S,
@@ -181,6 +190,8 @@ struct NodeLoop<S> {
     pending: BTreeMap<u64, (u64, Waiter)>,
     /// Outcomes of this loop pass, answered after the status is published.
     answers: Vec<(Waiter, Outcome)>,
+    /// Linearizable reads (ReadIndex) in progress.
+    reads: Reads,
     applied: u64,
     config: RaftConfig,
 }
@@ -191,6 +202,7 @@ impl<S: StateMachine> NodeLoop<S> {
         let _span = tracing::info_span!("raft_node", id).entered();
         let mut next_tick = Instant::now() + self.config.tick_interval;
         let mut stop = None;
+        let mut crashed = None;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
@@ -214,9 +226,15 @@ impl<S: StateMachine> NodeLoop<S> {
                 self.raw.tick();
                 next_tick = Instant::now() + self.config.tick_interval;
             }
+            self.reads.issue(&mut self.raw);
             if let Err(e) = self.on_ready().and_then(|()| self.maybe_compact()) {
-                // Storage or state machine failure: continuing could violate Raft's promises.
-                tracing::error!(id, "raft node stops: {e}");
+                if let RaftError::Crashed(point) = e {
+                    crashed = Some(point);
+                } else {
+                    // Storage or state machine failure: continuing could violate Raft's
+                    // promises.
+                    tracing::error!(id, "raft node stops: {e}");
+                }
                 break;
             }
             self.publish_status();
@@ -224,15 +242,36 @@ impl<S: StateMachine> NodeLoop<S> {
             for (w, outcome) in self.answers.drain(..) {
                 reply(w, outcome);
             }
+            self.reads.answer(self.applied);
         }
-        self.status.send_modify(|s| s.running = false);
-        for (w, outcome) in self.answers.drain(..) {
-            reply(w, outcome);
+        // The storage is released first, so that whoever sees the node stopped can reopen it.
+        let NodeLoop {
+            raw,
+            sm,
+            transport,
+            rx,
+            status,
+            pending,
+            answers,
+            reads,
+            ..
+        } = self;
+        drop(raw);
+        drop((sm, transport, rx));
+        status.send_modify(|s| s.running = false);
+        if let Some(point) = crashed {
+            // Like a killed process: nobody is answered; the waiters see the node stopped.
+            tracing::warn!(id, %point, "raft node crashed at a failpoint");
+            drop((answers, pending, reads));
+        } else {
+            for (w, outcome) in answers {
+                reply(w, outcome);
+            }
+            for (_, (_, w)) in pending {
+                reply(w, Outcome::Conf(Err(RaftError::Stopped(id))));
+            }
+            reads.stop(id);
         }
-        for (_, (_, w)) in std::mem::take(&mut self.pending) {
-            reply(w, Outcome::Conf(Err(RaftError::Stopped(id))));
-        }
-        drop(self);
         if let Some(done) = stop {
             let _ = done.send(());
         }
@@ -258,6 +297,12 @@ impl<S: StateMachine> NodeLoop<S> {
                     .and_then(|()| Ok(self.raw.propose_conf_change(vec![], cc)?));
                 self.track(r, Waiter::Conf(reply));
             }
+            Command::ReadIndex(reply) => match self.leader_check() {
+                Ok(()) => self.reads.request(self.raw.raft.term, reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             Command::Stop(done) => return Some(done),
         }
         None
@@ -300,11 +345,14 @@ impl<S: StateMachine> NodeLoop<S> {
         // 1. Messages that need nothing persisted (a leader's appends and heartbeats) go out
         //    first, so followers persist in parallel with the leader.
         self.send(ready.take_messages());
+        // Reads confirmed by a quorum of heartbeats now wait for their index to be applied.
+        self.reads.confirmed(ready.take_read_states());
         // 2. A snapshot from the leader replaces storage and state machine before any entry
         //    after it is applied.
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             self.raw.mut_store().apply_snapshot(&snap)?;
+            self.failpoint(FailPoint::SnapshotStoredBeforeRestore)?;
             let state =
                 snapshot_state(snap.get_data()).map_err(|e| storage_err(self.raw.store(), e))?;
             self.sm
@@ -326,6 +374,9 @@ impl<S: StateMachine> NodeLoop<S> {
         self.apply(ready.take_committed_entries())?;
         // 4. New entries and the hard state are persisted together, in one fsync'd transaction.
         self.raw.mut_store().append(ready.entries(), ready.hs())?;
+        if !ready.entries().is_empty() || ready.hs().is_some() {
+            self.failpoint(FailPoint::PersistedBeforeSend)?;
+        }
         // 5. Only now may messages that promise persisted state (votes, append responses) go.
         self.send(ready.take_persisted_messages());
         // 6. Advance; the light ready carries the new commit index (persisted), more messages
@@ -340,13 +391,28 @@ impl<S: StateMachine> NodeLoop<S> {
         Ok(())
     }
 
-    fn send(&self, msgs: Vec<Message>) {
+    fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
+            let snapshot_to = (m.get_msg_type() == MessageType::MsgSnapshot).then_some(m.to);
             self.transport.send(m);
+            if let Some(to) = snapshot_to {
+                // The transport cannot tell whether a snapshot arrived, and raft-rs keeps the
+                // follower paused in its Snapshot state until told: a snapshot lost on the way
+                // (or a follower that crashed before acknowledging it) would stall it forever.
+                // Reporting it finished makes the leader probe the next index: a follower that
+                // has it accepts, one that does not rejects, and the leader sends it again.
+                self.raw.report_snapshot(to, SnapshotStatus::Finish);
+            }
         }
     }
 
+    fn failpoint(&self, point: FailPoint) -> Result<()> {
+        check(self.config.failpoints.as_ref(), point)
+    }
+
+    /// Applies committed entries in order and collects their proposers' outcomes.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let any = !entries.is_empty();
         for e in entries {
             let _span = tracing::trace_span!("raft_apply", index = e.index).entered();
             let outcome = match e.get_entry_type() {
@@ -369,6 +435,11 @@ impl<S: StateMachine> NodeLoop<S> {
                 };
                 self.answers.push((w, outcome));
             }
+        }
+        if any {
+            // Applied, but neither advanced nor answered (nor, in step 3, the new entries
+            // persisted).
+            self.failpoint(FailPoint::AppliedBeforeAdvance)?;
         }
         Ok(())
     }

@@ -1,7 +1,11 @@
 //! Shared harness for the Raft tests: a small key-value state machine that records what it
-//! applies, and an in-process cluster of Raft nodes on redb files over a `MemNetwork`.
+//! applies, and an in-process cluster of Raft nodes on redb files over a `MemNetwork`, each
+//! node with its own failpoints. `history` records client operations and checks them for
+//! linearizability.
 
 #![allow(dead_code, missing_docs)]
+
+pub mod history;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_coordinator::raft::{
-    ApplyError, MemNetwork, RaftConfig, RaftError, RaftHandle, RaftNode, RaftRole, RedbStorage,
-    StateMachine,
+    ApplyError, Failpoints, MemNetwork, RaftConfig, RaftError, RaftHandle, RaftNode, RaftRole,
+    RedbStorage, StateMachine,
 };
 
 /// What a node's state machine shows the test; survives the node's restarts.
@@ -26,8 +30,9 @@ pub struct KvView {
     pub restored: Vec<u64>,
 }
 
-/// A key-value store: command `set <key> <value>` answers the previous value; `fail` is
-/// refused.
+/// A key-value store: command `set <key> <value>` answers the previous value;
+/// `cas <key> <expected> <new>` sets `new` if the value is `expected` (`-`: absent) and answers
+/// `1`, else answers `0`; anything else is refused.
 pub struct Kv(pub Arc<Mutex<KvView>>);
 
 impl StateMachine for Kv {
@@ -41,12 +46,24 @@ impl StateMachine for Kv {
         }
         v.applied = index;
         let text = std::str::from_utf8(data).map_err(|e| ApplyError(e.to_string()))?;
-        let mut parts = text.splitn(3, ' ');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("set"), Some(k), Some(val)) => {
+        let (op, rest) = text.split_once(' ').unwrap_or((text, ""));
+        match (op, rest.splitn(2, ' ').collect::<Vec<_>>().as_slice()) {
+            ("set", [k, val]) => {
                 let prev = v.map.insert(k.to_string(), val.to_string());
                 Ok(prev.unwrap_or_default().into_bytes())
             }
+            ("cas", [k, args]) => match args.split_once(' ') {
+                Some((expected, new)) => {
+                    let current = v.map.get(*k).map_or("-", String::as_str);
+                    if current == expected {
+                        v.map.insert(k.to_string(), new.to_string());
+                        Ok(b"1".to_vec())
+                    } else {
+                        Ok(b"0".to_vec())
+                    }
+                }
+                None => Err(ApplyError(format!("bad cas {text:?}"))),
+            },
             _ => Err(ApplyError(format!("unknown command {text:?}"))),
         }
     }
@@ -103,7 +120,11 @@ pub struct Cluster {
     pub net: MemNetwork,
     pub dir: TempDir,
     pub handles: BTreeMap<u64, RaftHandle>,
+    /// Each node's state machine view, replaced at every start (so the view of a crashed
+    /// incarnation is frozen, and a read through its handle never sees the next one's state).
     pub views: BTreeMap<u64, Arc<Mutex<KvView>>>,
+    /// Each node's failpoints, kept across restarts.
+    pub failpoints: BTreeMap<u64, Failpoints>,
     pub snapshot_interval: u64,
 }
 
@@ -120,6 +141,7 @@ impl Cluster {
             dir: TempDir::new(name),
             handles: BTreeMap::new(),
             views: BTreeMap::new(),
+            failpoints: BTreeMap::new(),
             snapshot_interval: 1000,
         }
     }
@@ -138,15 +160,25 @@ impl Cluster {
     pub fn start(&mut self, id: u64, bootstrap: Option<BTreeMap<u64, String>>) {
         let storage =
             RedbStorage::open(self.dir.0.join(format!("node{id}"))).expect("open storage");
-        let view = self.views.entry(id).or_default().clone();
-        {
-            // The state machine restarts empty; the node restores it from disk.
-            let mut v = view.lock().expect("kv lock");
-            v.map.clear();
-            v.applied = 0;
-        }
+        // The state machine restarts empty (the node restores it from disk); what it applied
+        // before is kept, to compare re-applications.
+        let view = match self.views.get(&id) {
+            Some(old) => {
+                let old = old.lock().expect("kv lock");
+                KvView {
+                    record: old.record.clone(),
+                    conflicts: old.conflicts.clone(),
+                    restored: old.restored.clone(),
+                    ..KvView::default()
+                }
+            }
+            None => KvView::default(),
+        };
+        let view = Arc::new(Mutex::new(view));
+        self.views.insert(id, view.clone());
         let mut config = test_config(id);
         config.snapshot_interval = self.snapshot_interval;
+        config.failpoints = Some(self.failpoints.entry(id).or_default().clone());
         let handle = RaftNode::start(config, storage, Kv(view), self.net.transport(id), bootstrap)
             .expect("start node");
         self.net.register(handle.clone());
@@ -154,7 +186,7 @@ impl Cluster {
     }
 
     /// Stops node `id` as a crash would: it gets no more messages, its thread ends and its
-    /// file is closed.
+    /// file is closed. Also cleans up after a node that crashed at a failpoint by itself.
     pub async fn crash(&mut self, id: u64) {
         self.net.unregister(id);
         if let Some(h) = self.handles.remove(&id) {
@@ -205,7 +237,7 @@ impl Cluster {
                 .handles
                 .values()
                 .map(|h| h.status())
-                .filter(|s| s.role == RaftRole::Leader)
+                .filter(|s| s.running && s.role == RaftRole::Leader)
                 .max_by_key(|s| s.term)
                 .map(|s| s.id);
             let r = match leader.and_then(|l| self.handles.get(&l)) {
@@ -291,6 +323,15 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Nodes whose loop stopped by itself (a failpoint fired) and are not yet cleaned up.
+    pub fn stopped(&self) -> Vec<u64> {
+        self.handles
+            .iter()
+            .filter(|(_, h)| !h.status().running)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     pub async fn shutdown(mut self) {
