@@ -332,6 +332,20 @@ mod tests {
         assert!(parse_bytes("3 parsecs").is_err());
     }
 
+    /// Ensures that an unset, empty or blank OTLP endpoint means no export, and a set one is
+    /// used as given (trimmed).
+    #[test]
+    fn empty_otlp_endpoint_means_off() {
+        use super::otlp_endpoint;
+        assert_eq!(otlp_endpoint(&None), None);
+        assert_eq!(otlp_endpoint(&Some(String::new())), None);
+        assert_eq!(otlp_endpoint(&Some("  ".into())), None);
+        assert_eq!(
+            otlp_endpoint(&Some(" http://c:4317 ".into())).as_deref(),
+            Some("http://c:4317")
+        );
+    }
+
     /// Ensures that node ids, `auto` host names and peer lists parse, and bad ones are refused.
     #[test]
     fn ids_and_peers_parse() {
