@@ -192,7 +192,8 @@ def test_coordinator_statefulset() -> None:
     startup = c["startupProbe"]
     check(startup["periodSeconds"] * startup["failureThreshold"] >= 300,
           "startup probe allows at least 5 minutes for model loading")
-    check.eq(c["ports"], [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}], "one gRPC port")
+    check.eq(c["ports"], [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}], "the gRPC and metrics ports")
 
 
 def test_peers_match_replicas() -> None:
@@ -398,10 +399,46 @@ def test_service_monitor() -> None:
         check.eq(ports, ["grpc", "metrics"], f"{kind} ports")
 
 
+def test_metrics_ports() -> None:
+    """Ensures that coordinators and workers both serve metrics on metrics.port and declare it."""
+    objects, _ = render(with_values(**{"metrics.port": 9464}))
+    validate_all(objects)
+    for kind, name in (("StatefulSet", COORD), ("Deployment", WORKER)):
+        c = find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]
+        check.eq(arg(c, "--metrics-listen"), "0.0.0.0:9464", f"{kind} --metrics-listen")
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        check.eq(ports.get("metrics"), 9464, f"{kind} declares its metrics port without a ServiceMonitor")
+
+
+def test_otlp_endpoint() -> None:
+    """Ensures that otlp.endpoint becomes OTEL_EXPORTER_OTLP_ENDPOINT on coordinators and workers,
+    that nothing is set by default, and that the schema refuses an endpoint without a scheme."""
+    def otlp_env(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for kind, name, c in (("StatefulSet", COORD, "coordinator"), ("Deployment", WORKER, "worker")):
+            env = {e["name"]: e.get("value") for e in container(find(objects, kind, name), c)["env"]}
+            out[kind] = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return out
+
+    objects, _ = render({})
+    check.eq(otlp_env(objects), {"StatefulSet": None, "Deployment": None}, "no export by default")
+    url = "http://otel-collector.observability:4317"
+    objects, _ = render(with_values(**{"otlp.endpoint": url}))
+    validate_all(objects)
+    check.eq(otlp_env(objects), {"StatefulSet": url, "Deployment": url}, "endpoint passed as env")
+    with helm.Chart.load(CHART) as chart:
+        try:
+            chart.validate_schema(with_values(**{"otlp.endpoint": "otel-collector:4317"}))
+            check(False, "an endpoint without http:// or https:// must be refused")
+        except helm.HelmValuesError as e:
+            check("/otlp/endpoint" in str(e), f"the error names the field: {e}")
+
+
 TESTS: list[Callable[[], None]] = [
     test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
-    test_workers, test_security, test_model_source, test_service_monitor,
+    test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
+    test_otlp_endpoint,
 ]
 
 

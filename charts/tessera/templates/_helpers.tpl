@@ -187,3 +187,11 @@ affinity:
   {{- toYaml $aff | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* OTEL_EXPORTER_OTLP_ENDPOINT from otlp.endpoint; nothing when it is empty (no span export). */}}
+{{- define "tessera.otlpEnv" -}}
+{{- with .Values.otlp.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}

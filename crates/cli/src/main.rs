@@ -6,6 +6,7 @@
 
 mod commands;
 mod progress;
+mod telemetry;
 
 use clap::{Parser, Subcommand};
 
@@ -46,14 +47,11 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TESSERA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The servers install their own telemetry (span export needs their runtime).
+    if !matches!(cli.command, Command::Coordinator(_) | Command::Worker(_)) {
+        telemetry::init_logging();
+    }
     let result = match cli.command {
         Command::Model(cmd) => commands::model::run(cmd),
         Command::Up(args) => commands::up::run(args),

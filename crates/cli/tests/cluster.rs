@@ -14,7 +14,7 @@ use tessera_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
 mod support;
-use support::{free_port, model, spawn};
+use support::{free_port, model, scrape, spawn};
 
 /// Heartbeat timeout the test clusters run with: a dead worker must end streams within twice this.
 const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
@@ -485,20 +485,6 @@ fn bad_input_names_the_field() {
         "{text}"
     );
     assert!(text.contains("tessera_generated_tokens_total 4"), "{text}");
-}
-
-/// `GET /metrics` over a plain TCP connection.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    c.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tessera\r\n\r\n")
-        .expect("send the scrape");
-    let mut out = String::new();
-    c.read_to_string(&mut out).expect("read the scrape");
-    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-    out
 }
 
 /// Ensures that the Python client generated from the protos with grpcio-tools streams an answer.

@@ -52,9 +52,16 @@ impl pb::inference_server::Inference for Api {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
         if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
-            let mut stream = tokio::time::timeout(ACCEPT_TIMEOUT, leader.generate(req))
+            // The client's trace context travels on, so the leader's spans join its trace.
+            let mut forwarded = Request::new(req);
+            for key in ["traceparent", "tracestate"] {
+                if let Some(v) = metadata.get(key) {
+                    forwarded.metadata_mut().insert(key, v.clone());
+                }
+            }
+            let mut stream = tokio::time::timeout(ACCEPT_TIMEOUT, leader.generate(forwarded))
                 .await
                 .map_err(|_| {
                     Status::unavailable(format!(
@@ -84,7 +91,7 @@ impl pb::inference_server::Inference for Api {
             Status::from(e)
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(valid, tx)?;
+        self.scheduler.submit(valid, tx, &metadata)?;
         Ok(Response::new(UnboundedReceiverStream::new(rx)))
     }
 

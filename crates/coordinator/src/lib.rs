@@ -174,12 +174,13 @@ pub async fn serve_on(
         .0
         .push(tokio::spawn(report_health(Arc::clone(&cluster), health)));
     if let Some(addr) = cluster.cfg.metrics_listen {
-        let listener = metrics::bind(addr)
+        let listener = tessera_telemetry::http::bind(addr, "coordinator")
             .await
             .map_err(|e| serve_err(format!("metrics endpoint {addr}: {e}")))?;
-        tasks.0.push(tokio::spawn(metrics::serve_http(
+        let metrics = Arc::clone(&cluster.metrics);
+        tasks.0.push(tokio::spawn(tessera_telemetry::http::serve(
             listener,
-            Arc::clone(&cluster.metrics),
+            move || metrics.render(),
         )));
     }
     let reflection = tonic_reflection::server::Builder::configure()

@@ -1,11 +1,6 @@
 //! Prometheus metrics of a coordinator — requests by outcome, tokens, time to first token,
-//! step latency, running requests — and the plain-HTTP `/metrics` endpoint that serves them.
-//!
-//! The endpoint is a minimal HTTP/1.1 responder on its own port (`--metrics-listen`): a scrape
-//! is one GET, so a web framework would add dependencies and nothing else.
-
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! step latency, running requests. `tessera_telemetry::http` serves them on
+//! `--metrics-listen`.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -13,8 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 /// Labels of the request counter: how a request ended.
 type Outcome = Vec<(&'static str, &'static str)>;
@@ -131,65 +124,6 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is aborted; other paths get 404.
-pub async fn serve_http(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut conn, peer)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = Arc::clone(&metrics);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut len = 0;
-            // Read the request head (a scrape has no body); give up on slow or huge requests.
-            let head = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while len < buf.len() {
-                    match conn.read(&mut buf[len..]).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => len += n,
-                    }
-                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                        return true;
-                    }
-                }
-                false
-            })
-            .await;
-            if !matches!(head, Ok(true)) {
-                return;
-            }
-            let request_line = String::from_utf8_lossy(&buf[..len]);
-            let ok = request_line.starts_with("GET /metrics ");
-            let (status, body) = if ok {
-                ("200 OK", metrics.render())
-            } else {
-                (
-                    "404 Not Found",
-                    "only GET /metrics is served here\n".to_owned(),
-                )
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = conn.write_all(response.as_bytes()).await {
-                tracing::debug!(%peer, error = %e, "metrics scrape write failed");
-            }
-        });
-    }
-}
-
-/// Binds the metrics endpoint and prints `tessera coordinator metrics on <addr>`.
-///
-/// # Errors
-/// When the address cannot be bound.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = TcpListener::bind(addr).await?;
-    println!("tessera coordinator metrics on {}", listener.local_addr()?);
-    Ok(listener)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,32 +154,5 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tessera_running_requests 3"), "{text}");
-    }
-
-    /// Ensures that the endpoint answers a real HTTP GET with the exposition, and 404 otherwise.
-    #[tokio::test]
-    async fn http_endpoint_serves_metrics() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let m = Arc::new(Metrics::new());
-        m.request_ended("stop");
-        let task = tokio::spawn(serve_http(listener, Arc::clone(&m)));
-        let get = |path: &'static str| async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.expect("connect");
-            c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .expect("write");
-            let mut out = String::new();
-            c.read_to_string(&mut out).await.expect("read");
-            out
-        };
-        let ok = get("/metrics").await;
-        assert!(ok.starts_with("HTTP/1.1 200 OK"), "{ok}");
-        assert!(
-            ok.contains("tessera_requests_total{outcome=\"stop\"} 1"),
-            "{ok}"
-        );
-        assert!(get("/").await.starts_with("HTTP/1.1 404"));
-        task.abort();
     }
 }

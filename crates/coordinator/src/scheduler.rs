@@ -47,7 +47,8 @@ pub struct SchedulerHandle {
 
 impl SchedulerHandle {
     /// Queues a validated request; its events (tokens, then Finished or an error status) go
-    /// to `events`. Dropping the receiver cancels it.
+    /// to `events`. Dropping the receiver cancels it. The request's `generate` span continues
+    /// the client's trace when `metadata` carries a W3C `traceparent`.
     ///
     /// # Errors
     /// [`CoordinatorError::Internal`] when the scheduler task is gone.
@@ -55,9 +56,11 @@ impl SchedulerHandle {
         &self,
         req: ValidRequest,
         events: mpsc::UnboundedSender<EventResult>,
+        metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(), CoordinatorError> {
-        let span = tracing::info_span!("generate", request_id = %req.request_id,
+        let span = tracing::info_span!(parent: None, "generate", request_id = %req.request_id,
             prompt_tokens = req.inner.prompt_ids.len());
+        tessera_telemetry::trace_context::set_parent_from_metadata(&span, metadata);
         self.tx
             .send(Submit { req, events, span })
             .map_err(|_| CoordinatorError::Internal("the scheduler has stopped".into()))
@@ -374,23 +377,45 @@ impl Scheduler {
             seqs,
             hidden: Vec::new(),
             release: std::mem::take(&mut self.release),
+            // Set in run_step, from the step's span.
+            trace_context: Default::default(),
         }
     }
 
-    /// Sends a step and feeds its answer to the sequences; on failure ends every running
-    /// request with UNAVAILABLE.
-    async fn run_step(&mut self, step: pb::StepRequest) {
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
+    /// The span of a step: a child of the `generate` span of the batch's first sequence,
+    /// following from those of the others — so a request served alone
+    /// gets one trace holding every step, and a batched step links every request it serves.
+    fn step_span(&self, step: &pb::StepRequest) -> tracing::Span {
         let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
-        let span = tracing::debug_span!(
+        let mut spans = step
+            .seqs
+            .iter()
+            .filter_map(|q| self.running.iter().find(|s| s.id == q.seq_id))
+            .map(|s| &s.span);
+        let first = spans.next();
+        let span = tracing::info_span!(
+            parent: first.and_then(tracing::Span::id),
             "step",
             step_id = step.step_id,
             seqs = step.seqs.len(),
             tokens,
-            epoch = link.epoch
+            epoch = step.plan_epoch
         );
+        for other in spans {
+            span.follows_from(other);
+        }
+        span
+    }
+
+    /// Sends a step and feeds its answer to the sequences; on failure ends every running
+    /// request with UNAVAILABLE.
+    async fn run_step(&mut self, mut step: pb::StepRequest) {
+        let span = self.step_span(&step);
+        step.trace_context = tessera_telemetry::trace_context::inject(&span);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
         let step_id = step.step_id;
         let epoch = link.epoch;
         let sent_at = Instant::now();

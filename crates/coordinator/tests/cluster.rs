@@ -132,6 +132,7 @@ async fn start_worker(coordinator: &str, memory_bytes: u64, name: &str) -> Runni
         },
         name: name.into(),
         model_home: None,
+        metrics_listen: None,
     })
     .await
     .expect("start worker")

@@ -45,4 +45,6 @@ pub struct WorkerConfig {
     /// Root of the model cache that `LoadShard` model names resolve in; `None` =
     /// `ModelCache::from_env()` (`$TESSERA_HOME`, else `~/.cache/tessera`).
     pub model_home: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None` = not served.
+    pub metrics_listen: Option<SocketAddr>,
 }

@@ -6,6 +6,7 @@
 //!   sequences; [`ShardHandle`] is its cloneable front.
 //! - `pipeline`: one inbound Pipeline stream and its outbound stream to the next stage.
 //! - `register`: registration and heartbeats.
+//! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
 //! - [`hidden`]: hidden states on the wire.
 
 mod config;
@@ -13,6 +14,7 @@ mod error;
 mod executor;
 pub mod hidden;
 mod memory;
+mod metrics;
 mod pipeline;
 mod register;
 mod seqs;

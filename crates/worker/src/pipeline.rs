@@ -17,6 +17,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
+use tessera_telemetry::trace_context;
+
 use crate::error::relay_status;
 use crate::seqs::StreamId;
 use crate::shard::{ShardHandle, StepOutput};
@@ -126,10 +128,14 @@ async fn handle(
         tokens,
         epoch = stage.plan_epoch
     );
+    // The sender's step span is this one's parent in the request's trace.
+    trace_context::set_parent(&span, &req.trace_context);
     async move {
         match shard.step(stream, req).await.map_err(Status::from)? {
             StepOutput::Answer(resp) => Ok(resp),
-            StepOutput::Forward { next, request } => {
+            StepOutput::Forward { next, mut request } => {
+                // The next stage's step is a child of this one.
+                request.trace_context = trace_context::inject(&tracing::Span::current());
                 if outbound.is_none() {
                     *outbound = Some(open(&next).await?);
                 }

@@ -1,5 +1,5 @@
-//! The worker process: binds, serves `tessera.v1.Worker` and `grpc.health.v1`, registers with
-//! the coordinator, and shuts down on request.
+//! The worker process: binds, serves `tessera.v1.Worker` and `grpc.health.v1` (and Prometheus
+//! metrics when asked), registers with the coordinator, and shuts down on request.
 
 use std::future::Future;
 use std::io::Write;
@@ -113,6 +113,19 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         cfg.model_home.clone().map(ModelCache::at),
         cfg.capacity.memory_bytes,
     )?;
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => {
+            let listener = tessera_telemetry::http::bind(addr, "worker")
+                .await
+                .map_err(|source| WorkerError::Bind { addr, source })?;
+            let shard = shard.clone();
+            Some(tokio::spawn(tessera_telemetry::http::serve(
+                listener,
+                move || shard.metrics_text(),
+            )))
+        }
+        None => None,
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
@@ -158,6 +171,9 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
                 }
             };
             register.abort();
+            if let Some(m) = metrics {
+                m.abort();
+            }
             result
         },
         span,

@@ -2,12 +2,13 @@
 //! of the model and runs every step ([`crate::executor`]).
 //!
 //! Tokio threads never compute: they send a command over a channel and await a one-shot
-//! reply. What heartbeats and tests need (epoch, weight bytes, free KV blocks) is published in
-//! atomics after every command, so reading it never waits behind a running step.
+//! reply. What heartbeats, metrics and tests need (epoch, weight bytes, free KV blocks) is
+//! published in atomics after every command, so reading it never waits behind a running step.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use tessera_model::ThreadPool;
 use tessera_model::source::ModelCache;
@@ -16,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
 use crate::executor::Executor;
+use crate::metrics::WorkerMetrics;
 use crate::seqs::StreamId;
 
 /// What a step produced on this stage.
@@ -42,6 +44,7 @@ enum Command {
     Step(
         StreamId,
         Box<pb::StepRequest>,
+        tracing::Span,
         oneshot::Sender<Result<StepOutput, WorkerError>>,
     ),
     Release(Vec<u64>, oneshot::Sender<()>),
@@ -103,6 +106,7 @@ impl ShardStats {
 pub struct ShardHandle {
     tx: mpsc::Sender<Command>,
     stats: Arc<ShardStats>,
+    metrics: Arc<WorkerMetrics>,
     next_stream: Arc<AtomicU64>,
 }
 
@@ -129,6 +133,8 @@ impl ShardHandle {
     ) -> Result<Self, WorkerError> {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
+        let metrics = Arc::new(WorkerMetrics::new());
+        let step_metrics = Arc::clone(&metrics);
         let (tx, rx) = mpsc::channel();
         let mut exec = Executor::new(pool, cache_home, memory_bytes, Arc::clone(&stats));
         std::thread::Builder::new()
@@ -141,8 +147,15 @@ impl ShardHandle {
                         Command::Load(req, reply) => {
                             let _ = reply.send(exec.load(*req));
                         }
-                        Command::Step(stream, req, reply) => {
-                            let _ = reply.send(exec.step(stream, *req));
+                        Command::Step(stream, req, span, reply) => {
+                            let _in_span = span.enter();
+                            let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
+                            let started = Instant::now();
+                            let out = exec.step(stream, *req);
+                            if out.is_ok() {
+                                step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
+                            }
+                            let _ = reply.send(out);
                         }
                         Command::Release(ids, reply) => {
                             exec.release(&ids);
@@ -157,6 +170,7 @@ impl ShardHandle {
         Ok(Self {
             tx,
             stats,
+            metrics,
             next_stream: Arc::new(AtomicU64::new(1)),
         })
     }
@@ -198,7 +212,14 @@ impl ShardHandle {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Runs one step of `stream`.
+    /// The Prometheus text exposition of this worker's metrics, as of now.
+    pub fn metrics_text(&self) -> String {
+        self.metrics
+            .render(self.status(), crate::memory::resident_bytes())
+    }
+
+    /// Runs one step of `stream`; the executor computes it inside a `compute` span, a child
+    /// of the current one.
     ///
     /// # Errors
     /// As the executor's step.
@@ -207,7 +228,8 @@ impl ShardHandle {
         stream: StreamId,
         req: pb::StepRequest,
     ) -> Result<StepOutput, WorkerError> {
-        self.ask(|tx| Command::Step(stream, Box::new(req), tx))
+        let span = tracing::info_span!("compute");
+        self.ask(|tx| Command::Step(stream, Box::new(req), span, tx))
             .await?
     }
 

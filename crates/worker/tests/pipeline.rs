@@ -62,6 +62,7 @@ impl Cluster {
                 },
                 name: format!("w{i}"),
                 model_home: None,
+                metrics_listen: None,
             };
             workers.push(tessera_worker::start(cfg).await.expect("start worker"));
         }
@@ -172,6 +173,7 @@ impl Driver {
             seqs,
             hidden: Vec::new(),
             release,
+            trace_context: Default::default(),
         })
         .await
     }
@@ -585,6 +587,7 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
             seqs: vec![ok_start(5)],
             hidden: vec![0; 12],
             release: Vec::new(),
+            trace_context: Default::default(),
         })
         .await
         .expect_err("short hidden");

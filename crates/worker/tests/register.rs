@@ -96,6 +96,7 @@ async fn registers_heartbeats_and_reregisters() {
         },
         name: "reg-test".into(),
         model_home: None,
+        metrics_listen: None,
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;

@@ -159,6 +159,7 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
         memory: 4 << 30,
         coordinators: 1,
         coordinator_args: Vec::new(),
+        worker_args: Vec::new(),
     })
     .await?;
     let result = async {

@@ -13,6 +13,7 @@ use clap::Args;
 use tessera_model::testing::SMOLLM2_NAME;
 
 use super::client::DEFAULT_ENDPOINT;
+use crate::telemetry::{self, Export};
 
 /// Arguments of `tessera coordinator`.
 #[derive(Args, Debug, Clone)]
@@ -58,6 +59,10 @@ pub struct CoordinatorArgs {
     /// printed as "tessera coordinator metrics on ADDR").
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Export spans over OTLP/gRPC to this OpenTelemetry collector, e.g. http://collector:4317
+    /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -145,6 +150,14 @@ pub struct WorkerArgs {
     /// Model cache root (default: $TESSERA_HOME or ~/.cache/tessera).
     #[arg(long)]
     pub model_home: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
+    /// printed as "tessera worker metrics on ADDR").
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export spans over OTLP/gRPC to this OpenTelemetry collector, e.g. http://collector:4317
+    /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
@@ -236,11 +249,41 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         metrics_listen: args.metrics_listen,
         ..tessera_coordinator::CoordinatorConfig::default()
     };
-    super::runtime()?.block_on(async move {
+    let export = otlp_endpoint(&args.otlp_endpoint).map(|endpoint| Export {
+        endpoint,
+        service: "tessera-coordinator",
+        instance: format!("coordinator-{}", args.id),
+    });
+    with_telemetry(export, async move {
         tessera_coordinator::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
             .await
             .context("coordinator")
     })
+}
+
+/// The OTLP endpoint to export to: none when unset or empty (compose files set the variable to
+/// an empty value to mean "off").
+pub(crate) fn otlp_endpoint(flag: &Option<String>) -> Option<String> {
+    flag.as_deref()
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+}
+
+/// Runs a server future on a fresh runtime with logging and (optionally) span export
+/// installed, and flushes the exporter after it ends, while the runtime still runs.
+fn with_telemetry(
+    export: Option<Export>,
+    server: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    let rt = super::runtime()?;
+    let telemetry = {
+        let _in_runtime = rt.enter();
+        telemetry::init(export)?
+    };
+    let result = rt.block_on(server);
+    telemetry.shutdown();
+    result
 }
 
 /// Runs `tessera worker` until it is stopped.
@@ -258,10 +301,16 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
             threads: args.threads,
             devices: Vec::new(),
         },
-        name,
+        name: name.clone(),
         model_home: args.model_home.clone(),
+        metrics_listen: args.metrics_listen,
     };
-    super::runtime()?.block_on(async move {
+    let export = otlp_endpoint(&args.otlp_endpoint).map(|endpoint| Export {
+        endpoint,
+        service: "tessera-worker",
+        instance: name,
+    });
+    with_telemetry(export, async move {
         tessera_worker::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
             .await
             .context("worker")
@@ -281,6 +330,20 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    /// Ensures that an unset, empty or blank OTLP endpoint means no export, and a set one is
+    /// used as given (trimmed).
+    #[test]
+    fn empty_otlp_endpoint_means_off() {
+        use super::otlp_endpoint;
+        assert_eq!(otlp_endpoint(&None), None);
+        assert_eq!(otlp_endpoint(&Some(String::new())), None);
+        assert_eq!(otlp_endpoint(&Some("  ".into())), None);
+        assert_eq!(
+            otlp_endpoint(&Some(" http://c:4317 ".into())).as_deref(),
+            Some("http://c:4317")
+        );
     }
 
     /// Ensures that node ids, `auto` host names and peer lists parse, and bad ones are refused.

@@ -55,6 +55,10 @@ pub struct UpArgs {
     /// Seconds to wait for the cluster to load the model and become ready.
     #[arg(long, default_value_t = 300)]
     pub ready_timeout: u64,
+    /// Have every coordinator and worker export spans over OTLP/gRPC to this collector
+    /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT, which the children also inherit).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Runs `tessera up`.
@@ -147,6 +151,8 @@ pub struct LocalClusterSpec {
     pub coordinators: u32,
     /// Extra coordinator arguments.
     pub coordinator_args: Vec<String>,
+    /// Extra worker arguments.
+    pub worker_args: Vec<String>,
 }
 
 /// Starts `n` coordinators as one Raft group on fresh loopback ports; on failure the ones
@@ -270,7 +276,7 @@ impl LocalCluster {
         cluster.endpoint = cluster.endpoints[0].clone();
         let coordinators = cluster.endpoints.join(",");
         for i in 0..spec.workers {
-            let mut worker = spawn(&[
+            let mut args = vec![
                 "worker".into(),
                 "--coordinator".into(),
                 coordinators.clone(),
@@ -281,7 +287,9 @@ impl LocalCluster {
                 "--name".into(),
                 format!("worker-{i}"),
                 "--exit-on-stdin-eof".into(),
-            ])?;
+            ];
+            args.extend(spec.worker_args.iter().cloned());
+            let mut worker = spawn(&args)?;
             listening_address(&mut worker, &format!("worker {i}")).await?;
             cluster.children.push(worker);
         }
@@ -314,6 +322,10 @@ async fn up(args: UpArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         (cores / args.workers).max(1)
     };
+    let otlp: Vec<String> = super::serve::otlp_endpoint(&args.otlp_endpoint)
+        .into_iter()
+        .flat_map(|e| ["--otlp-endpoint".to_owned(), e.clone()])
+        .collect();
     let mut cluster = LocalCluster::start(&LocalClusterSpec {
         listen: args.listen,
         model: args.model.clone(),
@@ -321,7 +333,8 @@ async fn up(args: UpArgs) -> Result<()> {
         threads,
         memory: args.memory,
         coordinators: args.coordinators,
-        coordinator_args: Vec::new(),
+        coordinator_args: otlp.clone(),
+        worker_args: otlp,
     })
     .await?;
     let endpoint = cluster.endpoint.clone();

@@ -48,6 +48,24 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// `GET /metrics` from `addr` (`host:port`) over a plain TCP connection: the whole response.
+///
+/// # Panics
+/// When the endpoint does not answer `200 OK` within 10 s.
+#[allow(dead_code, reason = "used by the cluster and observability tests only")]
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    c.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: tessera\r\n\r\n")
+        .expect("send the scrape");
+    let mut out = String::new();
+    c.read_to_string(&mut out).expect("read the scrape");
+    assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+    out
+}
+
 // Only the Raft test binaries use these; the others would warn about unused items.
 #[allow(dead_code, reason = "used by the Raft test binaries only")]
 pub mod proxy;
