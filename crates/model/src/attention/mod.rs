@@ -10,6 +10,7 @@
 //! `(seq_q, n_heads)`, a K/V block is `(block_size, n_kv_heads, head_dim)`, all row-major f32.
 
 mod flash;
+mod ggml;
 mod merge;
 pub mod reference;
 mod simd;
@@ -17,6 +18,7 @@ mod simd;
 mod tests;
 
 pub use flash::{MAX_HEAD_DIM, flash_attention};
+pub use ggml::ggml_attention;
 pub use merge::merge_into;
 
 /// The only block of a contiguous K/V buffer.

@@ -1,9 +1,10 @@
 //! The self-attention layer: projections, RoPE, KV cache writes and the attention kernel.
 
 use crate::ThreadPool;
-use crate::attention::{AttnShape, flash_attention};
+use crate::attention::{AttnShape, ggml_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::ggml_math::round_f16_in_place;
 use crate::kv_cache::{PagedKvCache, SeqKv};
 use crate::layers::Rope;
 use crate::quant::{QMatrix, QScratch};
@@ -121,6 +122,9 @@ impl Attention {
         }
         rope.forward(s.q, positions);
         rope.forward(s.k, positions);
+        // The cache holds f16 values, as llama.cpp's default f16 KV cache does.
+        round_f16_in_place(s.k);
+        round_f16_in_place(s.v);
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut start = 0;
         for step in batch {
@@ -140,7 +144,7 @@ impl Attention {
                 n_kv_heads: self.n_kv_heads,
                 head_dim: self.head_dim,
             };
-            flash_attention(
+            ggml_attention(
                 &s.q[rows.start * qd..rows.end * qd],
                 view,
                 shape,
