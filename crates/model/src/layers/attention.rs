@@ -1,4 +1,10 @@
 //! The self-attention layer: projections, RoPE, KV cache writes and the attention kernel.
+//!
+//! K and V are rounded to f16 before they enter the cache, and attention runs
+//! [`ggml_attention`], llama.cpp's non-flash order: the reference the real model is judged
+//! against (its greedy continuations) keeps an f16 KV cache and rounds that way, and the model's
+//! near-ties turn any other rounding into different tokens. The cache pools stay f32 (holding
+//! f16 values) so the flash kernel and the ring paths read them unchanged.
 
 use crate::ThreadPool;
 use crate::attention::{AttnShape, ggml_attention};
