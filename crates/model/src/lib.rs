@@ -2,7 +2,8 @@
 //!
 //! Everything a worker needs to run a Llama-family model on the CPU lives here, with no async
 //! runtime or RPC: model configuration and weights (GGUF, safetensors), the quantized matrix
-//! kernels, FlashAttention-style attention with its log-sum-exp merge, the paged KV cache, the
+//! kernels, attention (llama.cpp's order for the engine, FlashAttention-style with its log-sum-exp
+//! merge for partial key sets), llama.cpp's elementwise arithmetic, the paged KV cache, the
 //! tokenizer and chat templates, and sampling. Sharded execution in the worker crate is judged
 //! against the `engine::Engine` defined here.
 
@@ -11,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod ggml_math;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;

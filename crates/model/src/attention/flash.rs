@@ -343,7 +343,7 @@ impl Job<'_> {
 }
 
 /// A mutable buffer written by many tasks at once, each in its own disjoint ranges.
-struct Shared<'a> {
+pub(super) struct Shared<'a> {
     ptr: *mut f32,
     len: usize,
     _buf: std::marker::PhantomData<&'a mut [f32]>,
@@ -356,7 +356,7 @@ unsafe impl Send for Shared<'_> {}
 unsafe impl Sync for Shared<'_> {}
 
 impl<'a> Shared<'a> {
-    fn new(buf: &'a mut [f32]) -> Self {
+    pub(super) fn new(buf: &'a mut [f32]) -> Self {
         Self {
             ptr: buf.as_mut_ptr(),
             len: buf.len(),
@@ -372,7 +372,7 @@ impl<'a> Shared<'a> {
     /// # Panics
     /// When the range is out of bounds.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
+    pub(super) unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
         assert!(
             start + len <= self.len,
             "attention output range out of bounds"

@@ -1,15 +1,22 @@
-//! FlashAttention-style CPU attention and the log-sum-exp merge.
+//! FlashAttention-style CPU attention, llama.cpp-order attention, and the log-sum-exp merge.
 //!
-//! This module owns the attention math every layer runs: [`flash_attention`] (tiled over keys,
-//! online softmax, no score matrix, GQA, bottom-right causal masking, keys read through a block
-//! table so the paged KV cache needs no copy), [`merge_into`] (combining partial results over
-//! disjoint key sets, used by flash-decoding here and by ring/context-parallel attention in the
-//! worker), and [`reference`](mod@reference), the naive f64 implementation tests everywhere are judged against.
+//! This module owns the attention math: [`ggml_attention`] (what the engine and every pipeline
+//! stage run: llama.cpp's non-flash order of operations with f16 Q/K/V/P, so greedy output
+//! matches the llama.cpp goldens token for token), [`flash_attention`] (tiled over keys, online
+//! softmax, no score matrix, GQA, bottom-right causal masking, keys read through a block table
+//! so the paged KV cache needs no copy; the kernel for partial results over key subsets),
+//! [`merge_into`] (combining partial results over disjoint key sets, used by flash-decoding
+//! here and by ring/context-parallel attention), and [`reference`](mod@reference), the naive
+//! f64 implementation tests everywhere are judged against. Both kernels return the output and
+//! the log-sum-exp per row, so either's results merge with [`merge_into`].
 //!
 //! Shapes follow the candle convention: `q`/`out` are `(seq_q, n_heads, head_dim)`, `lse` is
 //! `(seq_q, n_heads)`, a K/V block is `(block_size, n_kv_heads, head_dim)`, all row-major f32.
 
 mod flash;
+mod ggml;
+#[cfg(test)]
+mod ggml_tests;
 mod merge;
 pub mod reference;
 mod simd;
@@ -17,6 +24,7 @@ mod simd;
 mod tests;
 
 pub use flash::{MAX_HEAD_DIM, flash_attention};
+pub use ggml::ggml_attention;
 pub use merge::merge_into;
 
 /// The only block of a contiguous K/V buffer.

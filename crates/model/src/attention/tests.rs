@@ -16,7 +16,7 @@ use proptest::prelude::*;
 const TOL: f64 = 1e-5;
 
 /// Deterministic N(0,1) data without a rand dependency (splitmix64 + Box–Muller).
-struct Normal(u64);
+pub(super) struct Normal(pub(super) u64);
 
 impl Normal {
     fn next_u64(&mut self) -> u64 {
@@ -31,7 +31,7 @@ impl Normal {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    fn vec(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn vec(&mut self, n: usize) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 let (u1, u2) = (self.uniform(), self.uniform());
@@ -52,24 +52,24 @@ impl Normal {
 
 /// One attention problem: contiguous K/V plus, optionally, the same K/V scattered into a pool
 /// through a random block table.
-struct Problem {
-    shape: AttnShape,
-    len: usize,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    paged: Option<Paged>,
+pub(super) struct Problem {
+    pub(super) shape: AttnShape,
+    pub(super) len: usize,
+    pub(super) q: Vec<f32>,
+    pub(super) k: Vec<f32>,
+    pub(super) v: Vec<f32>,
+    pub(super) paged: Option<Paged>,
 }
 
-struct Paged {
-    block_size: usize,
-    table: Vec<u32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
+pub(super) struct Paged {
+    pub(super) block_size: usize,
+    pub(super) table: Vec<u32>,
+    pub(super) k: Vec<f32>,
+    pub(super) v: Vec<f32>,
 }
 
 impl Problem {
-    fn new(shape: AttnShape, len: usize, block_size: Option<usize>, seed: u64) -> Self {
+    pub(super) fn new(shape: AttnShape, len: usize, block_size: Option<usize>, seed: u64) -> Self {
         let mut rng = Normal(seed);
         let row = shape.n_kv_heads * shape.head_dim;
         let q = rng.vec(shape.seq_q * shape.n_heads * shape.head_dim);
@@ -103,11 +103,11 @@ impl Problem {
         }
     }
 
-    fn contiguous(&self) -> KvView<'_> {
+    pub(super) fn contiguous(&self) -> KvView<'_> {
         KvView::contiguous(&self.k, &self.v, self.len)
     }
 
-    fn view(&self) -> KvView<'_> {
+    pub(super) fn view(&self) -> KvView<'_> {
         match &self.paged {
             Some(p) => KvView {
                 k: &p.k,
@@ -120,11 +120,11 @@ impl Problem {
         }
     }
 
-    fn scale(&self) -> f32 {
+    pub(super) fn scale(&self) -> f32 {
         1.0 / (self.shape.head_dim as f32).sqrt()
     }
 
-    fn reference(&self, causal: bool) -> Reference {
+    pub(super) fn reference(&self, causal: bool) -> Reference {
         attention_f64(&self.q, self.contiguous(), self.shape, causal, self.scale())
     }
 

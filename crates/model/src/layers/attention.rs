@@ -1,9 +1,16 @@
 //! The self-attention layer: projections, RoPE, KV cache writes and the attention kernel.
+//!
+//! K and V are rounded to f16 before they enter the cache, and attention runs
+//! [`ggml_attention`], llama.cpp's non-flash order: the reference the real model is judged
+//! against (its greedy continuations) keeps an f16 KV cache and rounds that way, and the model's
+//! near-ties turn any other rounding into different tokens. The cache pools stay f32 (holding
+//! f16 values) so the flash kernel and the ring paths read them unchanged.
 
 use crate::ThreadPool;
-use crate::attention::{AttnShape, flash_attention};
+use crate::attention::{AttnShape, ggml_attention};
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::ggml_math::round_f16_in_place;
 use crate::kv_cache::{PagedKvCache, SeqKv};
 use crate::layers::Rope;
 use crate::quant::{QMatrix, QScratch};
@@ -121,6 +128,9 @@ impl Attention {
         }
         rope.forward(s.q, positions);
         rope.forward(s.k, positions);
+        // The cache holds f16 values, as llama.cpp's default f16 KV cache does.
+        round_f16_in_place(s.k);
+        round_f16_in_place(s.v);
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut start = 0;
         for step in batch {
@@ -140,7 +150,7 @@ impl Attention {
                 n_kv_heads: self.n_kv_heads,
                 head_dim: self.head_dim,
             };
-            flash_attention(
+            ggml_attention(
                 &s.q[rows.start * qd..rows.end * qd],
                 view,
                 shape,

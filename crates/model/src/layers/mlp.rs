@@ -54,11 +54,13 @@ impl Mlp {
     }
 }
 
-/// `g = silu(g) * u`, elementwise.
+/// `g = silu(g) * u`, elementwise, with llama.cpp's rounding: the exponential is ggml's
+/// vectorised approximation (see [`crate::ggml_math`]), so greedy output can match llama.cpp's.
+///
+/// # Panics
+/// When the lengths differ.
 pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
-    for (g, &u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
+    crate::ggml_math::swiglu_in_place(g, u);
 }
 
 #[cfg(test)]

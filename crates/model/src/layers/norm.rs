@@ -43,9 +43,12 @@ impl RmsNorm {
             "rms norm: ragged rows"
         );
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-            // The sum of squares is taken in f64, as llama.cpp does, so long rows lose nothing.
-            let ss: f64 = xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let scale = 1.0 / ((ss / dim as f64) as f32 + self.eps).sqrt();
+            // llama.cpp's order: each square rounded in f32, the squares summed in f64, the
+            // mean rounded to f32 and the scale taken in f32 (bit-identical norms keep greedy
+            // output on llama.cpp's side of near-ties).
+            let ss: f64 = xr.iter().map(|&v| f64::from(v * v)).sum();
+            let mean = (ss / dim as f64) as f32;
+            let scale = 1.0 / (mean + self.eps).sqrt();
             for ((o, &v), &w) in or.iter_mut().zip(xr).zip(&self.weight) {
                 *o = v * scale * w;
             }

@@ -17,7 +17,11 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Tables for positions `0..max_pos` with base frequency `theta`.
+    /// Tables for positions `0..max_pos` with base frequency `theta`, computed as llama.cpp's
+    /// `ggml_rope_cache_init` does: the angle of pair `i` at position `p` is
+    /// `p · s^i` with `s = theta^(-2/head_dim)`, formed in f32 by repeated multiplication, and
+    /// its cosine and sine are taken in f32. That drifts from the exact angle by a few ulp per
+    /// step, but it is what the golden model computes, and its rounding decides near-ties.
     ///
     /// # Panics
     /// When `head_dim` is odd.
@@ -29,13 +33,13 @@ impl Rope {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max_pos * half);
         let mut sin = Vec::with_capacity(max_pos * half);
+        let theta_scale = theta.powf(-2.0 / head_dim as f32);
         for pos in 0..max_pos {
-            for i in 0..half {
-                // f64 angles: positions up to 10^5 times frequencies near 1 lose digits in f32.
-                let freq = f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64);
-                let angle = pos as f64 * freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            let mut angle = pos as f32;
+            for _ in 0..half {
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+                angle *= theta_scale;
             }
         }
         Self {
@@ -80,16 +84,14 @@ impl Rope {
                     RopeLayout::Interleaved => {
                         for (i, pair) in head.chunks_exact_mut(2).enumerate() {
                             let (a, b) = (pair[0], pair[1]);
-                            pair[0] = a * cos[i] - b * sin[i];
-                            pair[1] = a * sin[i] + b * cos[i];
+                            (pair[0], pair[1]) = rotate(a, b, cos[i], sin[i]);
                         }
                     }
                     RopeLayout::Half => {
                         let (lo, hi) = head.split_at_mut(half);
                         for i in 0..half {
                             let (a, b) = (lo[i], hi[i]);
-                            lo[i] = a * cos[i] - b * sin[i];
-                            hi[i] = a * sin[i] + b * cos[i];
+                            (lo[i], hi[i]) = rotate(a, b, cos[i], sin[i]);
                         }
                     }
                 }
@@ -98,15 +100,27 @@ impl Rope {
     }
 }
 
+/// `(a cos − b sin, a sin + b cos)` as ggml's `rotate_pairs` computes it when compiled with
+/// fused multiply-adds (GCC contracts the first product of each expression into the add).
+#[inline(always)]
+fn rotate(a: f32, b: f32, cos: f32, sin: f32) -> (f32, f32) {
+    (a.mul_add(cos, -(b * sin)), a.mul_add(sin, b * cos))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn reference(layout: RopeLayout, x: &[f64], pos: usize, theta: f64) -> Vec<f64> {
+    /// The rotation in f64, by the angles llama.cpp forms (f32 repeated multiplication: the
+    /// table's contract) — only the trigonometry and the rotation are exact.
+    fn reference(layout: RopeLayout, x: &[f64], pos: usize, theta: f32) -> Vec<f64> {
         let d = x.len();
         let mut out = x.to_vec();
+        let scale = theta.powf(-2.0 / d as f32);
+        let mut angle = pos as f32;
         for i in 0..d / 2 {
-            let a = pos as f64 * theta.powf(-2.0 * i as f64 / d as f64);
+            let a = f64::from(angle);
+            angle *= scale;
             let (p, q) = match layout {
                 RopeLayout::Interleaved => (2 * i, 2 * i + 1),
                 RopeLayout::Half => (i, i + d / 2),
@@ -135,9 +149,29 @@ mod tests {
                     let src: Vec<f64> = orig[off..off + d].iter().map(|&v| f64::from(v)).collect();
                     let want = reference(layout, &src, pos, 10_000.0);
                     for i in 0..d {
-                        assert!((f64::from(x[off + i]) - want[i]).abs() < 1e-4, "{layout:?}");
+                        assert!((f64::from(x[off + i]) - want[i]).abs() < 1e-5, "{layout:?}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Ensures that llama.cpp's f32 angles stay within 1e-6 (relative) of the exact angles
+    /// `pos · theta^(-2i/d)`, so the table is still the rotation it claims to be.
+    #[test]
+    fn ggml_angles_track_exact_angles() {
+        let (d, theta, max_pos) = (64, 100_000.0f32, 2048);
+        let rope = Rope::new(RopeLayout::Interleaved, d, theta, max_pos);
+        for pos in [1usize, 7, 300, 2047] {
+            for i in 0..d / 2 {
+                let exact = pos as f64 * f64::from(theta).powf(-2.0 * i as f64 / d as f64);
+                let (c, s) = (rope.cos[pos * d / 2 + i], rope.sin[pos * d / 2 + i]);
+                let got = f64::from(s).atan2(f64::from(c));
+                let want = exact.sin().atan2(exact.cos());
+                let diff = (got - want)
+                    .abs()
+                    .min(2.0 * std::f64::consts::PI - (got - want).abs());
+                assert!(diff <= 1e-6 * exact.max(1.0), "pos {pos} pair {i}: {diff}");
             }
         }
     }

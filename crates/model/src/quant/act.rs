@@ -2,20 +2,23 @@
 //!
 //! Integer dot products need both operands quantized. Like llama.cpp, activations are quantized
 //! per block of 32 (for Q4_0, Q4_1, Q8_0 weights) or per super-block of 256 (K formats), with a
-//! symmetric scale `d = amax / 127`. Unlike ggml we keep `d` in f32 (not f16): it costs nothing
-//! here and removes one rounding from the error budget. Each element's error is at most `d / 2`,
-//! which is the bound the tests' tolerances are derived from.
+//! symmetric scale `d = amax / 127`, and exactly as ggml's `quantize_row_q8_0`/`q8_1` do it:
+//! quants are `round(x · 127 / amax)` (not `x / d`, which differs in the last bit), and the
+//! block's `d` and `s = d · Σq` are stored rounded to f16 (Q8_K keeps an f32 `d`, as ggml does).
+//! The f16 rounding costs accuracy (`|x − d·q| ≤ d/2 + 127·|d − d₁₆|`, about `0.53 d`), but
+//! the golden continuations are llama.cpp's, and its rounding decides their near-ties.
 
 use super::qtype::QK_K;
+use crate::ggml_math::round_f16;
 
 /// 32 activations `d * qs[i]`, plus `s = d * sum(qs)` (the Q8_1 term that lets Q4_1's offset
 /// `m` and Q4_0's implicit `-8` be applied once per block instead of per element).
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(8))]
 pub(crate) struct BlockQ8 {
-    /// Scale.
+    /// Scale (an f16 value).
     pub d: f32,
-    /// `d * sum(qs)`, computed exactly from the integer quants.
+    /// `d * sum(qs)` from the unrounded scale, rounded to f16.
     pub s: f32,
     /// Quants in `-127..=127`.
     pub qs: [i8; 32],
@@ -50,11 +53,18 @@ impl BlockQ8K {
     };
 }
 
-/// The scale and its inverse for a block whose largest magnitude is `amax`.
+/// The scale and the quantizing multiplier for a block whose largest magnitude is `amax`:
+/// ggml's `d = amax / 127` and `id = 127 / amax`.
 #[inline(always)]
 fn scale(amax: f32) -> (f32, f32) {
     let d = amax / 127.0;
-    (d, if d == 0.0 { 0.0 } else { 1.0 / d })
+    (d, if amax == 0.0 { 0.0 } else { 127.0 / amax })
+}
+
+/// The stored `d` and `s` of a Q8 block: ggml rounds both to f16, `s` from the unrounded `d`.
+#[inline(always)]
+fn stored(d: f32, sum: i32) -> (f32, f32) {
+    (round_f16(d), round_f16(d * sum as f32))
 }
 
 /// Quantizes `x` (a multiple of 32 long) into `out` (`x.len() / 32` blocks).
@@ -84,8 +94,7 @@ pub(crate) fn quantize_q8_scalar(x: &[f32], out: &mut [BlockQ8]) {
             *q = (v * id).round_ties_even() as i8;
             sum += *q as i32;
         }
-        b.d = d;
-        b.s = d * sum as f32;
+        (b.d, b.s) = stored(d, sum);
     }
 }
 
@@ -132,8 +141,7 @@ unsafe fn quantize_q8_avx2(x: &[f32], out: &mut [BlockQ8]) {
             let ordered =
                 _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             _mm256_storeu_si256(b.qs.as_mut_ptr().cast(), ordered);
-            b.d = d;
-            b.s = d * sum as f32;
+            (b.d, b.s) = stored(d, sum);
         }
     }
 }
@@ -173,21 +181,26 @@ mod tests {
             .collect()
     }
 
-    /// Ensures that every quantized activation is within half a step of its input and that `s`
-    /// is the scaled sum of the quants.
+    /// Ensures that every quantized activation is within half a step (plus the f16 rounding of
+    /// the scale) of its input, that `d` and `s` are ggml's f16-rounded values, and that the
+    /// quants are ggml's `round(x · 127 / amax)`.
     #[test]
     fn q8_error_is_half_a_step() {
         let x = data(32 * 40, 3);
         let mut b = vec![BlockQ8::ZERO; 40];
         quantize_q8_scalar(&x, &mut b);
         for (xb, blk) in x.chunks_exact(32).zip(&b) {
+            let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let d = f64::from(amax) / 127.0;
             let sum: i32 = blk.qs.iter().map(|&q| q as i32).sum();
-            assert!((blk.s - blk.d * sum as f32).abs() <= 1e-6 * blk.s.abs().max(1.0));
+            assert_eq!(blk.d, round_f16(amax / 127.0));
+            assert_eq!(blk.s, round_f16(amax / 127.0 * sum as f32));
+            let d16_err = (f64::from(blk.d) - d).abs();
+            assert!(d16_err <= d * 2f64.powi(-11), "f16 rounding of d");
             for (v, &q) in xb.iter().zip(&blk.qs) {
-                assert!(
-                    (v - blk.d * q as f32).abs() <= blk.d * 0.5 * (1.0 + 1e-5),
-                    "{v} {q}"
-                );
+                assert_eq!(q as f32, (v * (127.0 / amax)).round_ties_even());
+                let err = (f64::from(*v) - f64::from(blk.d) * f64::from(q)).abs();
+                assert!(err <= d * 0.5 * (1.0 + 1e-5) + 127.0 * d16_err, "{v} {q}");
             }
         }
     }
