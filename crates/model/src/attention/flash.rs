@@ -93,41 +93,9 @@ pub(crate) fn flash_attention_with(
     lse: &mut [f32],
     pool: &ThreadPool,
 ) {
-    let AttnShape {
-        seq_q,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    } = shape;
-    assert!(
-        n_kv_heads > 0,
-        "flash_attention: n_kv_heads must be at least 1"
-    );
-    assert!(
-        n_heads % n_kv_heads == 0,
-        "flash_attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
-    );
-    assert!(
-        (1..=MAX_HEAD_DIM).contains(&head_dim),
-        "flash_attention: head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"
-    );
+    let AttnShape { seq_q, n_heads, .. } = shape;
+    shape.check("flash_attention", q, out, lse, &kv);
     let rows = seq_q * n_heads;
-    assert_eq!(
-        q.len(),
-        rows * head_dim,
-        "flash_attention: q is not (seq_q, n_heads, head_dim)"
-    );
-    assert_eq!(
-        out.len(),
-        rows * head_dim,
-        "flash_attention: out is not (seq_q, n_heads, head_dim)"
-    );
-    assert_eq!(
-        lse.len(),
-        rows,
-        "flash_attention: lse is not (seq_q, n_heads)"
-    );
-    kv.validate(n_kv_heads, head_dim);
     if rows == 0 {
         return;
     }

@@ -63,26 +63,11 @@ pub fn ggml_attention(
     let AttnShape {
         seq_q,
         n_heads,
-        n_kv_heads,
         head_dim,
+        ..
     } = shape;
-    assert!(
-        n_kv_heads > 0,
-        "ggml_attention: n_kv_heads must be at least 1"
-    );
-    assert!(
-        n_heads % n_kv_heads == 0,
-        "ggml_attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
-    );
-    assert!(
-        (1..=MAX_HEAD_DIM).contains(&head_dim),
-        "ggml_attention: head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"
-    );
+    shape.check("ggml_attention", q, out, lse, &kv);
     let rows = seq_q * n_heads;
-    assert_eq!(q.len(), rows * head_dim, "ggml_attention: q shape");
-    assert_eq!(out.len(), rows * head_dim, "ggml_attention: out shape");
-    assert_eq!(lse.len(), rows, "ggml_attention: lse shape");
-    kv.validate(n_kv_heads, head_dim);
     let job = Job {
         q,
         kv,

@@ -135,6 +135,43 @@ impl AttnShape {
         self.n_heads / self.n_kv_heads
     }
 
+    /// Checks one kernel call's buffers against this shape: heads divisible into groups, a
+    /// supported head size, q and out `(seq_q, n_heads, head_dim)`, lse `(seq_q, n_heads)`,
+    /// and the KV view. `kernel` names the caller in the panic message.
+    ///
+    /// # Panics
+    /// On any mismatch (a caller bug).
+    pub fn check(&self, kernel: &str, q: &[f32], out: &[f32], lse: &[f32], kv: &KvView<'_>) {
+        let AttnShape {
+            seq_q,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = *self;
+        assert!(n_kv_heads > 0, "{kernel}: n_kv_heads must be at least 1");
+        assert!(
+            n_heads % n_kv_heads == 0,
+            "{kernel}: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}"
+        );
+        assert!(
+            (1..=MAX_HEAD_DIM).contains(&head_dim),
+            "{kernel}: head_dim {head_dim} is outside 1..={MAX_HEAD_DIM}"
+        );
+        let rows = seq_q * n_heads;
+        assert_eq!(
+            q.len(),
+            rows * head_dim,
+            "{kernel}: q is not (seq_q, n_heads, head_dim)"
+        );
+        assert_eq!(
+            out.len(),
+            rows * head_dim,
+            "{kernel}: out is not (seq_q, n_heads, head_dim)"
+        );
+        assert_eq!(lse.len(), rows, "{kernel}: lse is not (seq_q, n_heads)");
+        kv.validate(n_kv_heads, head_dim);
+    }
+
     /// Index of the last key query row `i` may see, plus one (0 when it sees none), for `len`
     /// keys: bottom-right aligned, row `i` sees key `j` iff `j <= i + len - seq_q`.
     pub fn causal_limit(&self, i: usize, len: usize) -> usize {
