@@ -5,7 +5,9 @@
 //! their scaled sums for Q4_0/Q4_1/Q8_0, Q8_K super-blocks for the K formats, nothing for float
 //! weights), then splits the output rows into tasks on the [`ThreadPool`]. Inside a task, rows
 //! are walked in cache-sized tiles; for `m ≥ 4` each row is applied to four tokens at a time by
-//! the `_x4` micro-kernel so every weight block is unpacked once per four tokens.
+//! the `_x4` micro-kernel so every weight block is unpacked once per four tokens, and the tokens
+//! left over (all of them in a decode step) go four rows at a time through the `_r4`
+//! micro-kernel (`dot_rows`), whose four independent accumulation chains overlap.
 
 use super::act::{self, BlockQ8, BlockQ8K};
 use super::dispatch::{self, Isa};
@@ -39,6 +41,31 @@ impl QScratch {
 type Dot<A> = unsafe fn(&[u8], &[A]) -> f32;
 /// One weight row with four tokens' activations.
 type Dot4<A> = unsafe fn(&[u8], [&[A]; 4]) -> [f32; 4];
+/// Four weight rows with one token's activations.
+type DotR4<A> = unsafe fn([&[u8]; 4], &[A]) -> [f32; 4];
+
+/// The kernels of one product. Each computes, for every (row, token) pair it covers, exactly
+/// the arithmetic of `dot`, so which one ran never shows in the result.
+#[derive(Clone, Copy)]
+struct Kernels<A> {
+    /// One row, one token.
+    dot: Dot<A>,
+    /// One row, four tokens (the prefill micro-kernel).
+    tokens4: Option<Dot4<A>>,
+    /// Four rows, one token (the decode micro-kernel).
+    rows4: Option<DotR4<A>>,
+}
+
+impl<A> Kernels<A> {
+    /// Only the single-pair kernel.
+    fn single(dot: Dot<A>) -> Self {
+        Self {
+            dot,
+            tokens4: None,
+            rows4: None,
+        }
+    }
+}
 
 /// Four scalar dot products, the `_x4` fallback where no SIMD micro-kernel exists.
 macro_rules! scalar_x4 {
@@ -55,12 +82,15 @@ scalar_x4!(q8_0_x4, sc::dot_q8_0, BlockQ8);
 /// The Q8-activation kernels for `qtype` at `isa`.
 ///
 /// A token's result must be the same whatever `m` is (batched decode steps must equal solo
-/// ones), so the `_x4` kernel of an ISA does exactly the arithmetic of its single-token `dot`.
-/// AVX-512 has no `_x4` kernel: it returns `None` there and every token uses the same `dot`.
-fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Option<Dot4<BlockQ8>>) {
+/// ones), so the `_x4` kernel does exactly the arithmetic of the single-token `dot`. AVX-512
+/// has no `_x4` kernel of its own: its `dot` is bit-identical to AVX2's (only the exact integer
+/// part is wider), so AVX-512 machines use the AVX2 `_x4`, which unpacks each weight block once
+/// per four tokens — the difference between a prefill bound by weight unpacking and one bound
+/// by arithmetic.
+fn q8_kernels(qtype: QType, isa: Isa) -> Kernels<BlockQ8> {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::{dot_avx2 as v2, dot_avx512 as v5};
+        use super::{dot_avx2 as v2, dot_avx512 as v5, dot_rows as rows};
         let x4: Dot4<BlockQ8> = match (qtype, isa >= Isa::Avx2) {
             (QType::Q4_0, true) => v2::dot_q4_x4::<false>,
             (QType::Q4_1, true) => v2::dot_q4_x4::<true>,
@@ -83,15 +113,33 @@ fn q8_kernels(qtype: QType, isa: Isa) -> (Dot<BlockQ8>, Option<Dot4<BlockQ8>>) {
             (QType::Q4_1, _) => sc::dot_q4_1,
             _ => sc::dot_q8_0,
         };
-        (dot, (isa < Isa::Avx512).then_some(x4))
+        let rows4: Option<DotR4<BlockQ8>> = match (qtype, isa) {
+            (QType::Q4_0, Isa::Avx512Vnni) => Some(rows::dot_q4_r4_vnni::<false>),
+            (QType::Q4_1, Isa::Avx512Vnni) => Some(rows::dot_q4_r4_vnni::<true>),
+            (QType::Q8_0, Isa::Avx512Vnni) => Some(rows::dot_q8_0_r4_vnni),
+            (QType::Q4_0, Isa::Avx2 | Isa::Avx512) => Some(rows::dot_q4_r4::<false>),
+            (QType::Q4_1, Isa::Avx2 | Isa::Avx512) => Some(rows::dot_q4_r4::<true>),
+            (QType::Q8_0, Isa::Avx2 | Isa::Avx512) => Some(rows::dot_q8_0_r4),
+            _ => None,
+        };
+        Kernels {
+            dot,
+            tokens4: Some(x4),
+            rows4,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = isa;
-        match qtype {
-            QType::Q4_0 => (sc::dot_q4_0, Some(q4_0_x4)),
-            QType::Q4_1 => (sc::dot_q4_1, Some(q4_1_x4)),
-            _ => (sc::dot_q8_0, Some(q8_0_x4)),
+        let (dot, x4): (Dot<BlockQ8>, Dot4<BlockQ8>) = match qtype {
+            QType::Q4_0 => (sc::dot_q4_0, q4_0_x4),
+            QType::Q4_1 => (sc::dot_q4_1, q4_1_x4),
+            _ => (sc::dot_q8_0, q8_0_x4),
+        };
+        Kernels {
+            dot,
+            tokens4: Some(x4),
+            rows4: None,
         }
     }
 }
@@ -226,26 +274,27 @@ impl QMatrix {
                 grow(&mut scratch.q8, m * nb, BlockQ8::ZERO);
                 let acts = &mut scratch.q8[..m * nb];
                 quantize_parallel(x, acts, cols, nb, pool, act::quantize_q8);
-                let (dot, x4) = q8_kernels(self.qtype(), isa);
-                self.run(acts, nb, m, y, pool, dot, x4);
+                self.run(acts, nb, m, y, pool, q8_kernels(self.qtype(), isa));
             }
             QType::Q4K | QType::Q5K | QType::Q6K => {
                 let nb = cols / QK_K;
                 grow(&mut scratch.q8k, m * nb, BlockQ8K::ZERO);
                 let acts = &mut scratch.q8k[..m * nb];
                 quantize_parallel(x, acts, cols, nb, pool, act::quantize_q8k);
-                let dot = k_kernel(self.qtype(), isa);
-                self.run(acts, nb, m, y, pool, dot, None);
+                let kernels = Kernels::single(k_kernel(self.qtype(), isa));
+                self.run(acts, nb, m, y, pool, kernels);
             }
             QType::F32 | QType::F16 | QType::BF16 => {
-                self.run(x, cols, m, y, pool, float_kernel(self.qtype(), isa), None);
+                let kernels = Kernels::single(float_kernel(self.qtype(), isa));
+                self.run(x, cols, m, y, pool, kernels);
             }
         }
         Ok(())
     }
 
-    /// Runs `dot` (and `dot4` for groups of four tokens) over every (token, row) pair, tasks
-    /// split by output rows. `acts` holds `m` tokens of `per_token` activation units.
+    /// Runs `k` over every (token, row) pair, tasks split by output rows: four tokens at a time
+    /// where it can, then the remaining tokens four rows at a time. `acts` holds `m` tokens of
+    /// `per_token` activation units.
     fn run<A: Sync>(
         &self,
         acts: &[A],
@@ -253,8 +302,7 @@ impl QMatrix {
         m: usize,
         y: &mut [f32],
         pool: &ThreadPool,
-        dot: Dot<A>,
-        dot4: Option<Dot4<A>>,
+        k: Kernels<A>,
     ) {
         let rows = self.rows();
         let work = rows * m * self.cols();
@@ -275,7 +323,7 @@ impl QMatrix {
             while r0 < r_end {
                 let r1 = r_end.min(r0 + tile);
                 let mut t = 0;
-                if let Some(dot4) = dot4 {
+                if let Some(dot4) = k.tokens4 {
                     while t + 4 <= m {
                         let a = [tok(t), tok(t + 1), tok(t + 2), tok(t + 3)];
                         for r in r0..r1 {
@@ -292,9 +340,27 @@ impl QMatrix {
                 }
                 for t in t..m {
                     let a = tok(t);
-                    for r in r0..r1 {
+                    let mut r = r0;
+                    if let Some(rows4) = k.rows4 {
+                        while r + 4 <= r1 {
+                            let w = [
+                                self.row(r),
+                                self.row(r + 1),
+                                self.row(r + 2),
+                                self.row(r + 3),
+                            ];
+                            // SAFETY: as above.
+                            let v = unsafe { rows4(w, a) };
+                            for (j, vj) in v.into_iter().enumerate() {
+                                // SAFETY: (t, r + j) is inside y and owned by this task's rows.
+                                unsafe { out.write(t * rows + r + j, vj) };
+                            }
+                            r += 4;
+                        }
+                    }
+                    for r in r..r1 {
                         // SAFETY: as above.
-                        let v = unsafe { dot(self.row(r), a) };
+                        let v = unsafe { (k.dot)(self.row(r), a) };
                         // SAFETY: (t, r) is inside y and owned by this task's rows.
                         unsafe { out.write(t * rows + r, v) };
                     }

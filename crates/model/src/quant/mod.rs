@@ -14,6 +14,8 @@ mod dot_avx2;
 mod dot_avx2_k;
 #[cfg(target_arch = "x86_64")]
 mod dot_avx512;
+#[cfg(target_arch = "x86_64")]
+mod dot_rows;
 mod dot_scalar;
 mod matmul;
 mod matrix;
