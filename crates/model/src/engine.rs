@@ -17,6 +17,7 @@ pub use crate::frontend::{GenerateRequest, Prompt, TokenEvent, ValidGenerateRequ
 use crate::kv_cache::{KvCacheConfig, PagedKvCache};
 use crate::layers::SeqStep;
 use crate::llama::{ForwardScratch, Llama, LoadSpec};
+use crate::profile::{self, Op};
 use crate::sampling::{FinishReason, SampledToken, Sampler};
 use crate::source::ModelLocation;
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -213,12 +214,14 @@ impl Engine {
         }
         loop {
             // The sampler may scribble on the logits: they are scratch the next step rewrites.
+            let timer = profile::scope(Op::Sample);
             let sampled = sampler.sample(&mut self.scratch.logits);
             if out.tokens.is_empty() {
                 out.time_to_first_token = start.elapsed();
             }
             let next = sampled.id;
             let flow = Self::emit(sampled, &mut output, &mut out, on_token);
+            drop(timer);
             if flow.is_break() || out.finish_reason.is_some() {
                 break;
             }

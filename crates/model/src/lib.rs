@@ -16,6 +16,7 @@ pub mod ggml_math;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
+pub mod profile;
 pub mod quant;
 pub mod sampling;
 pub mod source;

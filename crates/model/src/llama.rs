@@ -15,6 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
 use crate::layers::{Block, RmsNorm, Rope, SeqStep};
+use crate::profile::{self, Op};
 use crate::quant::{QMatrix, QScratch};
 use crate::weights::{TensorKey, WeightStore};
 
@@ -285,8 +286,11 @@ impl Llama {
         };
         let m = x.len() / self.cfg.hidden;
         normed.resize(x.len(), 0.0);
+        let timer = profile::scope(Op::Norm);
         norm.forward(x, normed);
+        drop(timer);
         logits.resize(m * self.cfg.vocab_size, 0.0);
+        let _timer = profile::scope(Op::Head);
         output.matmul(normed, m, logits, q8, pool)
     }
 
@@ -310,7 +314,9 @@ impl Llama {
             logits,
             step,
         } = scratch;
+        let timer = profile::scope(Op::Embed);
         self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
+        drop(timer);
         self.forward_hidden(batch, x, cache, step, pool)?;
         let h = self.cfg.hidden;
         last.clear();

@@ -2,14 +2,17 @@
 //!
 //! Both engines get the same GGUF, thread count and token ids. llama.cpp runs through
 //! `llama-cpp-python` (`scripts/bench_llama_cpp.py`) in a virtual environment that
-//! `scripts/bench.sh` prepares; with `--no-llama` only tessera's figures are printed.
+//! `scripts/bench.sh` prepares; with `--no-llama` only tessera's figures are printed. With
+//! `--profile`, tessera's time is broken down by operation ([`tessera_model::profile`]).
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_model::engine::{Engine, GenerateRequest, Prompt, ValidGenerateRequest};
+use tessera_model::profile;
 use tessera_model::sampling::{SamplingParams, StopConditions};
 use tessera_model::source::ModelLocation;
 use tessera_model::testing::SMOLLM2_NAME;
@@ -45,6 +48,10 @@ pub struct BenchArgs {
     /// Only measure tessera.
     #[arg(long)]
     pub no_llama: bool,
+    /// After the timed runs, one more prefill and decode with per-operation timing, printed as
+    /// a table of where tessera's time goes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// Tokens per second of one engine.
@@ -78,6 +85,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     ids.truncate(args.prefill);
 
     let ours = measure(&mut engine, &ids, &args)?;
+    if args.profile {
+        print_profile(&mut engine, &ids, &args)?;
+    }
     println!(
         "model {}  threads {}  prefill {} tokens  decode {} tokens  best of {}",
         gguf.display(),
@@ -139,9 +149,9 @@ fn measure(engine: &mut Engine, ids: &[u32], args: &BenchArgs) -> Result<Figures
         decode_tok_s: 0.0,
     };
     for run in 0..=args.runs {
-        let out = engine.generate(&prefill_req, &mut |_| std::ops::ControlFlow::Continue(()))?;
+        let out = engine.generate(&prefill_req, &mut |_| ControlFlow::Continue(()))?;
         let prefill = ids.len() as f64 / out.time_to_first_token.as_secs_f64();
-        let out = engine.generate(&decode_req, &mut |_| std::ops::ControlFlow::Continue(()))?;
+        let out = engine.generate(&decode_req, &mut |_| ControlFlow::Continue(()))?;
         let steps = out.tokens.len().saturating_sub(1) as f64;
         let decode = steps / (out.elapsed - out.time_to_first_token).as_secs_f64();
         if run > 0 {
@@ -150,6 +160,42 @@ fn measure(engine: &mut Engine, ids: &[u32], args: &BenchArgs) -> Result<Figures
         }
     }
     Ok(best)
+}
+
+/// One profiled prefill and one profiled decode run, each printed as a table.
+fn print_profile(engine: &mut Engine, ids: &[u32], args: &BenchArgs) -> Result<()> {
+    let prefill_req = request(engine, ids, 1)?;
+    let decode_req = request(engine, &ids[..16.min(ids.len())], args.decode)?;
+    profile::set_enabled(true);
+    let tables = profiled_runs(engine, &prefill_req, &decode_req);
+    profile::set_enabled(false);
+    let (prefill, decode, steps) = tables?;
+    println!("where tessera's time goes: prefill of {} tokens", ids.len());
+    println!("{prefill}");
+    println!("where tessera's time goes: decode of {steps} tokens");
+    println!("{decode}");
+    Ok(())
+}
+
+/// The two runs behind [`print_profile`], with profiling already on.
+fn profiled_runs(
+    engine: &mut Engine,
+    prefill_req: &ValidGenerateRequest,
+    decode_req: &ValidGenerateRequest,
+) -> Result<(profile::Profile, profile::Profile, usize)> {
+    profile::reset();
+    let out = engine.generate(prefill_req, &mut |_| ControlFlow::Continue(()))?;
+    let prefill = profile::snapshot(out.time_to_first_token);
+    // Counting restarts at the first token, so the decode table leaves out the short prefill.
+    let mut first = true;
+    let out = engine.generate(decode_req, &mut |_| {
+        if std::mem::take(&mut first) {
+            profile::reset();
+        }
+        ControlFlow::Continue(())
+    })?;
+    let decode = profile::snapshot(out.elapsed - out.time_to_first_token);
+    Ok((prefill, decode, out.tokens.len().saturating_sub(1)))
 }
 
 fn llama_cpp(args: &BenchArgs, gguf: &std::path::Path, ids: &[u32]) -> Result<Figures> {

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::ggml_math::round_f16_in_place;
 use crate::kv_cache::{PagedKvCache, SeqKv};
 use crate::layers::Rope;
+use crate::profile::{self, Op};
 use crate::quant::{QMatrix, QScratch};
 use crate::weights::{TensorKey, WeightStore};
 
@@ -118,6 +119,7 @@ impl Attention {
             self.n_heads * self.head_dim,
             self.n_kv_heads * self.head_dim,
         );
+        let timer = profile::scope(Op::QkvProj);
         self.wq.matmul(x, n, s.q, s.q8, pool)?;
         self.wk.matmul(x, n, s.k, s.q8, pool)?;
         self.wv.matmul(x, n, s.v, s.q8, pool)?;
@@ -126,23 +128,29 @@ impl Attention {
             add_row_bias(s.k, bk);
             add_row_bias(s.v, bv);
         }
+        drop(timer);
+        let timer = profile::scope(Op::RopeKv);
         rope.forward(s.q, positions);
         rope.forward(s.k, positions);
         // The cache holds f16 values, as llama.cpp's default f16 KV cache does.
         round_f16_in_place(s.k);
         round_f16_in_place(s.v);
+        drop(timer);
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut start = 0;
         for step in batch {
             let (seq, len) = (&*step.seq, step.tokens.len());
             let rows = start..start + len;
             start += len;
+            let timer = profile::scope(Op::RopeKv);
             cache.write(
                 layer,
                 seq,
                 &s.k[rows.start * kvd..rows.end * kvd],
                 &s.v[rows.start * kvd..rows.end * kvd],
             );
+            drop(timer);
+            let _timer = profile::scope(Op::Attention);
             let view = cache.view(layer, seq, seq.len() + len);
             let shape = AttnShape {
                 seq_q: len,
@@ -161,6 +169,7 @@ impl Attention {
                 pool,
             );
         }
+        let _timer = profile::scope(Op::OutProj);
         self.wo.matmul(s.ctx, n, out, s.q8, pool)
     }
 }

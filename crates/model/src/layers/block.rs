@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::layers::attention::{AttnScratch, SeqStep};
 use crate::layers::{Attention, Mlp, RmsNorm, Rope};
+use crate::profile::{self, Op};
 use crate::quant::QScratch;
 use crate::weights::{TensorKey, WeightStore};
 
@@ -98,7 +99,9 @@ impl Block {
         pool: &ThreadPool,
     ) -> Result<()> {
         let n = s.positions.len();
+        let timer = profile::scope(Op::Norm);
         self.attn_norm.forward(x, &mut s.xn);
+        drop(timer);
         let scratch = AttnScratch {
             q: &mut s.q,
             k: &mut s.k,
@@ -118,10 +121,15 @@ impl Block {
             scratch,
             pool,
         )?;
+        let timer = profile::scope(Op::Residual);
         add_in_place(x, &s.y);
+        drop(timer);
+        let timer = profile::scope(Op::Norm);
         self.ffn_norm.forward(x, &mut s.xn);
+        drop(timer);
         self.mlp
             .forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool)?;
+        let _timer = profile::scope(Op::Residual);
         add_in_place(x, &s.y);
         Ok(())
     }

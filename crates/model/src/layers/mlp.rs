@@ -3,6 +3,7 @@
 use crate::ThreadPool;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::profile::{self, Op};
 use crate::quant::{QMatrix, QScratch};
 use crate::weights::{TensorKey, WeightStore};
 
@@ -47,9 +48,14 @@ impl Mlp {
         q8: &mut QScratch,
         pool: &ThreadPool,
     ) -> Result<()> {
+        let timer = profile::scope(Op::GateUp);
         self.gate.matmul(x, n, gate, q8, pool)?;
         self.up.matmul(x, n, up, q8, pool)?;
+        drop(timer);
+        let timer = profile::scope(Op::Swiglu);
         swiglu_in_place(gate, up);
+        drop(timer);
+        let _timer = profile::scope(Op::Down);
         self.down.matmul(gate, n, out, q8, pool)
     }
 }
