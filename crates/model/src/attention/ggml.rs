@@ -32,7 +32,7 @@ use crate::ggml_math::{exp_sum, hsum8, round_f16};
 use std::cell::RefCell;
 
 /// Keys are padded to a multiple of this (one `ggml_vec_dot_f16` step).
-const PAD: usize = 32;
+pub(super) const PAD: usize = 32;
 
 thread_local! {
     /// Per-thread scores / probabilities of one query vector (grown, never shrunk).
@@ -102,23 +102,33 @@ impl Job<'_> {
     /// Query vector `r` (row `r / n_heads`, head `r % n_heads`).
     fn row(&self, r: usize, out: &mut [f32], lse: &mut f32, buf: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2")
+        if std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: AVX2 and FMA were detected at run time.
             unsafe { self.row_fma(r, out, lse, buf) };
             return;
         }
-        self.row_portable(r, out, lse, buf);
+        self.row_impl::<false>(r, out, lse, buf);
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_fma(&self, r: usize, out: &mut [f32], lse: &mut f32, buf: &mut Vec<f32>) {
-        self.row_portable(r, out, lse, buf);
+        self.row_impl::<true>(r, out, lse, buf);
     }
 
+    /// One query vector; `SIMD` only where AVX2, FMA and F16C were detected (then the inner
+    /// loops are `ggml_simd`'s, which compute the same bits).
     #[inline(always)]
-    fn row_portable(&self, r: usize, out: &mut [f32], lse: &mut f32, buf: &mut Vec<f32>) {
+    fn row_impl<const SIMD: bool>(
+        &self,
+        r: usize,
+        out: &mut [f32],
+        lse: &mut f32,
+        buf: &mut Vec<f32>,
+    ) {
         let AttnShape {
             n_heads,
             n_kv_heads,
@@ -147,7 +157,24 @@ impl Job<'_> {
         let (w, p) = buf.split_at_mut(padded);
 
         // KQ, scaled (soft_max_ext multiplies by the scale, then adds the 0 / -inf mask).
-        for (t, wt) in w[..len].iter_mut().enumerate() {
+        let simd = SIMD && cfg!(target_arch = "x86_64");
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: SIMD is set only after detecting AVX2 and FMA; tiled_kq implies
+            // hd % 8 == 0; the shape check put every visible key inside the view.
+            unsafe {
+                super::ggml_simd::scores(
+                    &self.kv,
+                    kvh,
+                    n_kv_heads,
+                    q16,
+                    self.scale,
+                    self.tiled_kq,
+                    &mut w[..len],
+                );
+            }
+        }
+        for (t, wt) in w[..len].iter_mut().enumerate().filter(|_| !simd) {
             let off = self.kv.offset(t, kvh, n_kv_heads, hd);
             let k = &self.kv.k[off..off + hd];
             let s = if self.tiled_kq {
@@ -163,7 +190,12 @@ impl Job<'_> {
         // ggml takes 1/sum in f64 and scales by it as f32; P is then rounded to f16 by the
         // KQV product's conversion to V's type.
         let inv = (1.0 / sum) as f32;
-        for v in p[..len].iter_mut() {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: SIMD is set only after detecting AVX2, FMA and F16C.
+            unsafe { super::ggml_simd::scale_round_f16(&mut p[..len], inv) };
+        }
+        for v in p[..len].iter_mut().filter(|_| !simd) {
             *v = round_f16(*v * inv);
         }
         *lse = max + sum.ln() as f32;

@@ -175,3 +175,69 @@ fn decode_reduction_pairs_like_ggml() {
     // absorbed by 2^24 (ties to even) before -2^24 cancels it.
     assert_eq!(dot_tiled(&x, &y), 0.0);
 }
+
+/// Ensures that the AVX2 inner loops (`ggml_simd`) compute exactly the portable loops' bits:
+/// scores in both summation orders (four-key groups and their tail, head dims with and without
+/// a tail past 32, a paged view), the decode dot product, and the scaled f16 rounding of P.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn simd_loops_are_bit_identical_to_portable() {
+    use super::ggml_simd;
+    if !(std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c"))
+    {
+        eprintln!("skipping: this CPU lacks AVX2/FMA/F16C");
+        return;
+    }
+    let mut rng = Normal(11);
+    for hd in [8, 24, 64, 72, 128] {
+        let (n_kv_heads, block_size, len) = (3usize, 5usize, 23usize);
+        let blocks = len.div_ceil(block_size);
+        let pool_len = (blocks + 2) * block_size * n_kv_heads * hd;
+        let k: Vec<f32> = rng.vec(pool_len).into_iter().map(round_f16).collect();
+        let v = vec![0.0f32; pool_len];
+        // Blocks out of order, as a paged cache hands them out.
+        let table: Vec<u32> = (0..blocks as u32).rev().map(|b| b + 1).collect();
+        let kv = KvView {
+            k: &k,
+            v: &v,
+            block_table: &table,
+            block_size,
+            len,
+        };
+        let q: Vec<f32> = rng.vec(hd).into_iter().map(round_f16).collect();
+        for kvh in 0..n_kv_heads {
+            for tiled in [false, true].into_iter().filter(|t| !t || hd % 8 == 0) {
+                let mut fast = vec![f32::NAN; len];
+                // SAFETY: features detected above; tiled only for hd % 8 == 0; keys in view.
+                unsafe { ggml_simd::scores(&kv, kvh, n_kv_heads, &q, 0.125, tiled, &mut fast) };
+                for (t, f) in fast.iter().enumerate() {
+                    let off = kv.offset(t, kvh, n_kv_heads, hd);
+                    let key = &k[off..off + hd];
+                    let d = if tiled {
+                        dot_tiled(key, &q)
+                    } else {
+                        dot_vec(key, &q)
+                    };
+                    assert_eq!(
+                        f.to_bits(),
+                        (d * 0.125).to_bits(),
+                        "hd {hd} key {t} tiled {tiled}"
+                    );
+                }
+            }
+        }
+        let y: Vec<f32> = rng.vec(hd).into_iter().map(round_f16).collect();
+        // SAFETY: features detected above.
+        let fast = unsafe { ggml_simd::dot_vec(&q, &y) };
+        assert_eq!(fast.to_bits(), dot_vec(&q, &y).to_bits(), "dot_vec hd {hd}");
+    }
+    let p: Vec<f32> = rng.vec(37).into_iter().map(f32::abs).collect();
+    let mut fast = p.clone();
+    // SAFETY: features detected above.
+    unsafe { ggml_simd::scale_round_f16(&mut fast, 0.37) };
+    for (f, x) in fast.iter().zip(&p) {
+        assert_eq!(f.to_bits(), round_f16(x * 0.37).to_bits());
+    }
+}

@@ -15,6 +15,8 @@
 
 mod flash;
 mod ggml;
+#[cfg(target_arch = "x86_64")]
+mod ggml_simd;
 #[cfg(test)]
 mod ggml_tests;
 mod merge;
