@@ -43,7 +43,7 @@ unsafe fn f16x2(p: *const u8) -> (f32, f32) {
 /// The f16 at `p` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16x1(p: *const u8) -> f32 {
+pub(crate) unsafe fn f16x1(p: *const u8) -> f32 {
     // SAFETY: the caller guarantees 2 readable bytes at p.
     let bits = unsafe { p.cast::<u16>().read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
@@ -72,7 +72,7 @@ fn dot_u8i8(u: __m256i, s: __m256i) -> __m256 {
 /// Loads a Q8 activation block's 32 quants.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn load_act(a: &BlockQ8) -> __m256i {
+pub(crate) fn load_act(a: &BlockQ8) -> __m256i {
     // SAFETY: qs is 32 bytes.
     unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) }
 }

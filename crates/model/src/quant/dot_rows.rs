@@ -13,25 +13,8 @@
 #![cfg(target_arch = "x86_64")]
 
 use super::act::BlockQ8;
-use super::dot_avx2::{hsum, unpack_q4};
+use super::dot_avx2::{f16x1 as f16_at, hsum, load_act, unpack_q4};
 use std::arch::x86_64::*;
-
-/// A block's f16 value at `p` as f32.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees 2 readable bytes at p.
-    let bits = unsafe { p.cast::<u16>().read_unaligned() };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
-}
-
-/// Loads a Q8 activation block's 32 quants.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load_act(a: &BlockQ8) -> __m256i {
-    // SAFETY: qs is 32 bytes.
-    unsafe { _mm256_loadu_si256(a.qs.as_ptr().cast()) }
-}
 
 macro_rules! row_kernels {
     ($kind:ident, $features:literal, $q4:ident, $q8:ident, $dot:ident) => {
