@@ -76,9 +76,9 @@ pub fn v_silu(x: f32) -> f32 {
 pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
     assert_eq!(g.len(), u.len(), "swiglu: gate and up lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: FMA was detected at run time.
-        unsafe { swiglu_fma(g, u) };
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        unsafe { avx2::swiglu(g, u) };
         return;
     }
     swiglu_portable(g, u);
@@ -89,12 +89,6 @@ fn swiglu_portable(g: &mut [f32], u: &[f32]) {
     for (g, &u) in g.iter_mut().zip(u) {
         *g = v_silu(*g) * u;
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn swiglu_fma(g: &mut [f32], u: &[f32]) {
-    swiglu_portable(g, u);
 }
 
 /// `y[i] = v_expf(x[i] - max)` and the sum of the `y[i]`, as ggml's `ggml_vec_soft_max_f32`
@@ -110,9 +104,9 @@ pub fn exp_sum(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
         "exp_sum: lengths must match and be a multiple of 8"
     );
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: FMA was detected at run time.
-        return unsafe { exp_sum_fma(x, max, y) };
+    if avx2::available() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { avx2::exp_sum(x, max, y) };
     }
     exp_sum_portable(x, max, y)
 }
@@ -131,10 +125,114 @@ fn exp_sum_portable(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
     sum
 }
 
+/// The same arithmetic eight lanes at a time, as ggml's AVX2 build runs it: every function
+/// here gives the portable one's bits (tested), it only stops the compiler from evaluating
+/// `v_expf` one lane at a time.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_sum_fma(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
-    exp_sum_portable(x, max, y)
+mod avx2 {
+    use super::{hsum8, v_expf, v_silu};
+    use std::arch::x86_64::*;
+
+    /// Whether this CPU runs the functions below.
+    pub(super) fn available() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+
+    /// An f32 constant given by its bits, in every lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn c(bits: u32) -> __m256 {
+        _mm256_set1_ps(f32::from_bits(bits))
+    }
+
+    /// [`v_expf`] on eight lanes; `None` when a lane needs the overflow / underflow branch
+    /// (|n| > 126), which callers then take lane by lane with the scalar function.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn expf8(x: __m256) -> Option<__m256> {
+        let r = c(0x4B40_0000);
+        let z = _mm256_fmadd_ps(x, c(0x3FB8_AA3B), r);
+        let n = _mm256_sub_ps(z, r);
+        let abs_n = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        // Ordered compare: a NaN lane stays on the fast path, as in the scalar function.
+        let slow = _mm256_cmp_ps::<_CMP_GT_OQ>(abs_n, _mm256_set1_ps(126.0));
+        if _mm256_movemask_ps(slow) != 0 {
+            return None;
+        }
+        // fnmadd(n, c, x) = fma(-n, c, x) exactly: negation is exact.
+        let hi = _mm256_fnmadd_ps(n, c(0x3F31_7200), x);
+        let b = _mm256_fnmadd_ps(n, c(0x35BF_BE8E), hi);
+        let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+        let one = _mm256_castps_si256(_mm256_set1_ps(1.0));
+        let k = _mm256_castsi256_ps(_mm256_add_epi32(e, one));
+        let u = _mm256_mul_ps(b, b);
+        let j = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(
+                _mm256_fmadd_ps(c(0x3C07_2010), b, c(0x3D2B_9F17)),
+                u,
+                _mm256_fmadd_ps(c(0x3E2A_AF33), b, c(0x3EFF_FEDB)),
+            ),
+            u,
+            _mm256_mul_ps(c(0x3F7F_FFF6), b),
+        );
+        Some(_mm256_fmadd_ps(j, k, k))
+    }
+
+    /// [`super::swiglu_in_place`]'s loop.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `g` and `u` have the same length.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn swiglu(g: &mut [f32], u: &[f32]) {
+        let mut gc = g.chunks_exact_mut(8);
+        let mut uc = u.chunks_exact(8);
+        for (gs, us) in (&mut gc).zip(&mut uc) {
+            // SAFETY: both chunks hold 8 f32.
+            let (x, up) = unsafe { (_mm256_loadu_ps(gs.as_ptr()), _mm256_loadu_ps(us.as_ptr())) };
+            match expf8(_mm256_sub_ps(_mm256_setzero_ps(), x)) {
+                Some(e) => {
+                    let silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+                    // SAFETY: gs holds 8 f32.
+                    unsafe { _mm256_storeu_ps(gs.as_mut_ptr(), _mm256_mul_ps(silu, up)) };
+                }
+                None => {
+                    for (g, &u) in gs.iter_mut().zip(us) {
+                        *g = v_silu(*g) * u;
+                    }
+                }
+            }
+        }
+        for (g, &u) in gc.into_remainder().iter_mut().zip(uc.remainder()) {
+            *g = v_silu(*g) * u;
+        }
+    }
+
+    /// [`super::exp_sum`]'s loop.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `x` and `y` have the same length, a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn exp_sum(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
+        let m = _mm256_set1_ps(max);
+        let mut sum = 0.0f64;
+        for (xs, ys) in x.chunks_exact(8).zip(y.chunks_exact_mut(8)) {
+            // SAFETY: xs holds 8 f32.
+            let d = _mm256_sub_ps(unsafe { _mm256_loadu_ps(xs.as_ptr()) }, m);
+            let mut v = [0.0f32; 8];
+            match expf8(d) {
+                // SAFETY: v holds 8 f32.
+                Some(e) => unsafe { _mm256_storeu_ps(v.as_mut_ptr(), e) },
+                None => {
+                    for (o, &xi) in v.iter_mut().zip(xs) {
+                        *o = v_expf(xi - max);
+                    }
+                }
+            }
+            ys.copy_from_slice(&v);
+            sum += f64::from(hsum8(&v));
+        }
+        sum
+    }
 }
 
 /// The horizontal sum of eight lanes in ggml's order (`hsum_float_8` and the soft-max
@@ -206,6 +304,54 @@ mod tests {
                 "{x}: {got} vs {want}"
             );
         }
+    }
+
+    /// Ensures that the vectorised swiglu and exp_sum give the portable loops' exact bits on
+    /// adversarial inputs: both signs of zero, NaN, infinities, subnormals, values around the
+    /// overflow / underflow branch (|x| near 87.3), and chunks mixing them with ordinary values.
+    #[test]
+    fn vector_paths_are_bit_identical() {
+        let mut x: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e-40,
+            -1e-40,
+            87.3,
+            -87.3,
+            88.8,
+            -88.8,
+            103.0,
+            -103.0,
+            1e30,
+            -1e30,
+            126.5,
+            -126.5,
+            0.5,
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for i in 0..4000 {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
+            let unit = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            x.push(unit * if i % 3 == 0 { 250.0 } else { 20.0 });
+        }
+        x.truncate(x.len() / 8 * 8);
+        let u: Vec<f32> = x.iter().map(|v| 1.0 - v * 0.01).collect();
+        let (mut g, mut gp) = (x.clone(), x.clone());
+        swiglu_in_place(&mut g, &u);
+        swiglu_portable(&mut gp, &u);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&g), bits(&gp));
+        let finite_max = 40.0;
+        let (mut y, mut yp) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let sum = exp_sum(&x, finite_max, &mut y);
+        let sum_p = exp_sum_portable(&x, finite_max, &mut yp);
+        assert_eq!(bits(&y), bits(&yp));
+        assert_eq!(sum.to_bits(), sum_p.to_bits());
     }
 
     /// Ensures that `exp_sum` returns the exponentials and their exact-enough sum, that padded
