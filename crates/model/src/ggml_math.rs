@@ -125,6 +125,18 @@ fn exp_sum_portable(x: &[f32], max: f32, y: &mut [f32]) -> f64 {
     sum
 }
 
+/// [`hsum8`] on a 256-bit vector, in the same order: the one horizontal sum every AVX2 kernel
+/// (quantized dot products, both attention kernels) reduces its accumulators with.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn hsum8_m256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
+}
+
 /// The same arithmetic eight lanes at a time, as ggml's AVX2 build runs it: every function
 /// here gives the portable one's bits (tested), it only stops the compiler from evaluating
 /// `v_expf` one lane at a time.

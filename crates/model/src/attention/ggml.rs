@@ -158,10 +158,10 @@ impl Job<'_> {
 
         // KQ, scaled (soft_max_ext multiplies by the scale, then adds the 0 / -inf mask).
         let simd = SIMD && cfg!(target_arch = "x86_64");
-        #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: SIMD is set only after detecting AVX2 and FMA; tiled_kq implies
             // hd % 8 == 0; the shape check put every visible key inside the view.
+            #[cfg(target_arch = "x86_64")]
             unsafe {
                 super::ggml_simd::scores(
                     &self.kv,
@@ -173,16 +173,17 @@ impl Job<'_> {
                     &mut w[..len],
                 );
             }
-        }
-        for (t, wt) in w[..len].iter_mut().enumerate().filter(|_| !simd) {
-            let off = self.kv.offset(t, kvh, n_kv_heads, hd);
-            let k = &self.kv.k[off..off + hd];
-            let s = if self.tiled_kq {
-                dot_tiled(k, q16)
-            } else {
-                dot_vec(k, q16)
-            };
-            *wt = s * self.scale;
+        } else {
+            for (t, wt) in w[..len].iter_mut().enumerate() {
+                let off = self.kv.offset(t, kvh, n_kv_heads, hd);
+                let k = &self.kv.k[off..off + hd];
+                let s = if self.tiled_kq {
+                    dot_tiled(k, q16)
+                } else {
+                    dot_vec(k, q16)
+                };
+                *wt = s * self.scale;
+            }
         }
         w[len..].fill(f32::NEG_INFINITY);
         let max = w[..len].iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -190,13 +191,16 @@ impl Job<'_> {
         // ggml takes 1/sum in f64 and scales by it as f32; P is then rounded to f16 by the
         // KQV product's conversion to V's type.
         let inv = (1.0 / sum) as f32;
-        #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: SIMD is set only after detecting AVX2, FMA and F16C.
-            unsafe { super::ggml_simd::scale_round_f16(&mut p[..len], inv) };
-        }
-        for v in p[..len].iter_mut().filter(|_| !simd) {
-            *v = round_f16(*v * inv);
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                super::ggml_simd::scale_round_f16(&mut p[..len], inv)
+            };
+        } else {
+            for v in p[..len].iter_mut() {
+                *v = round_f16(*v * inv);
+            }
         }
         *lse = max + sum.ln() as f32;
 

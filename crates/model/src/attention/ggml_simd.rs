@@ -10,17 +10,9 @@
 #![cfg(target_arch = "x86_64")]
 
 use super::KvView;
-use super::ggml::PAD;
+use super::ggml::{PAD, dot_tiled};
+use crate::ggml_math::hsum8_m256 as hsum;
 use std::arch::x86_64::*;
-
-/// `hsum8`'s order: high half onto low half, lanes 2–3 onto 0–1, lane 1 onto lane 0.
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-fn hsum(v: __m256) -> f32 {
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)))
-}
 
 /// `reduce_vec`'s order over four accumulators: (0 + 2) + (1 + 3) lane-wise, high half onto
 /// low half, then (lane 0 + lane 1) + (lane 2 + lane 3).
@@ -81,17 +73,9 @@ pub(super) unsafe fn scores(
         }
         t += 4;
     }
+    // The last one to three keys: the portable loop, compiled here with AVX2 and FMA.
     for (t, wt) in w.iter_mut().enumerate().skip(t) {
-        let k = key(t);
-        let mut acc = _mm256_setzero_ps();
-        for c in (0..hd).step_by(8) {
-            // SAFETY: as above.
-            unsafe {
-                let kc = _mm256_loadu_ps(k.as_ptr().add(c));
-                acc = _mm256_fmadd_ps(kc, _mm256_loadu_ps(q.as_ptr().add(c)), acc);
-            }
-        }
-        *wt = hsum(acc) * scale;
+        *wt = dot_tiled(key(t), q) * scale;
     }
 }
 

@@ -136,18 +136,8 @@ mod avx2 {
     //! length checks, and unlike `add` it carries no debug-build precondition check, which in
     //! the dev profile cost the inner loops a factor of three.
 
+    use crate::ggml_math::hsum8_m256 as hsum;
     use std::arch::x86_64::*;
-
-    /// Horizontal sum of the 8 lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps::<1>(v);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-        _mm_cvtss_f32(s)
-    }
 
     /// # Safety
     /// `a` and `b` must be readable for `n` floats; the CPU must have AVX2 and FMA.

@@ -19,15 +19,7 @@
 use super::act::BlockQ8;
 use std::arch::x86_64::*;
 
-/// Sum of the eight lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn hsum(v: __m256) -> f32 {
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    let s1 = _mm_add_ss(s2, _mm_movehdup_ps(s2));
-    _mm_cvtss_f32(s1)
-}
+pub(crate) use crate::ggml_math::hsum8_m256 as hsum;
 
 /// The two f16 values at `p` and `p + 2` (a block's `d` and `m`), as f32.
 #[inline]
