@@ -25,7 +25,8 @@ enum Command {
     Model(commands::model::ModelCommand),
     /// Start a local cluster (a coordinator and workers as child processes).
     Up(commands::up::UpArgs),
-    /// Run a coordinator: the public API, the planner and the scheduler.
+    /// Run a coordinator: the public API (--listen), the cluster protocol (--cluster-listen),
+    /// the planner and the scheduler.
     Coordinator(commands::serve::CoordinatorArgs),
     /// Run a worker: holds one shard of the model and executes pipeline steps.
     Worker(commands::serve::WorkerArgs),
@@ -33,7 +34,7 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// Show a cluster's workers, plan and memory.
     Status(commands::status::StatusArgs),
-    /// Change the replicated coordinators' membership.
+    /// Change the replicated coordinators' membership (dials a coordinator's cluster port).
     #[command(subcommand)]
     Cluster(commands::cluster::ClusterCommand),
     /// Check a process's grpc.health.v1 status (exit 0 when SERVING), for container probes.

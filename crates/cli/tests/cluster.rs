@@ -14,7 +14,7 @@ use tessera_proto::v1::inference_client::InferenceClient;
 use tonic::transport::Channel;
 
 mod support;
-use support::{free_port, model, scrape, spawn};
+use support::{free_port, model, scrape, spawn, spawn_coordinator};
 
 /// Heartbeat timeout the test clusters run with: a dead worker must end streams within twice this.
 const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
@@ -38,11 +38,13 @@ impl Cluster {
         let hb = HEARTBEAT_TIMEOUT_MS.to_string();
         let kv = KV_TOKENS.to_string();
         let metrics = format!("127.0.0.1:{}", free_port());
-        let (coordinator, addr) = spawn(&[
+        let (coordinator, addr, cluster_addr) = spawn_coordinator(&[
             "coordinator",
             "--metrics-listen",
             &metrics,
             "--listen",
+            "127.0.0.1:0",
+            "--cluster-listen",
             "127.0.0.1:0",
             "--model",
             model,
@@ -57,6 +59,7 @@ impl Cluster {
             "--exit-on-stdin-eof",
         ]);
         let endpoint = format!("http://{addr}");
+        let cluster_endpoint = format!("http://{cluster_addr}");
         let workers = workers
             .iter()
             .enumerate()
@@ -66,7 +69,7 @@ impl Cluster {
                 let (child, _) = spawn(&[
                     "worker",
                     "--coordinator",
-                    &endpoint,
+                    &cluster_endpoint,
                     "--threads",
                     &threads,
                     "--memory",

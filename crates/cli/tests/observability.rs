@@ -21,7 +21,7 @@ use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
 
 mod support;
-use support::{free_port, model, scrape, spawn};
+use support::{free_port, model, scrape, spawn, spawn_coordinator};
 
 /// A span as received, with the resource attributes that say which process sent it.
 #[derive(Clone, Debug)]
@@ -110,9 +110,11 @@ fn start_cluster(model: &str, workers: usize, otlp: &str) -> (Vec<Child>, String
         .map(|_| format!("127.0.0.1:{}", free_port()))
         .collect();
     let n = workers.to_string();
-    let (coordinator, addr) = spawn(&[
+    let (coordinator, addr, cluster_addr) = spawn_coordinator(&[
         "coordinator",
         "--listen",
+        "127.0.0.1:0",
+        "--cluster-listen",
         "127.0.0.1:0",
         "--model",
         model,
@@ -135,7 +137,7 @@ fn start_cluster(model: &str, workers: usize, otlp: &str) -> (Vec<Child>, String
         let (child, _) = spawn(&[
             "worker",
             "--coordinator",
-            &endpoint,
+            &format!("http://{cluster_addr}"),
             "--threads",
             "1",
             "--memory",

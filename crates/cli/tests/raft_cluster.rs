@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 use support::raft::{RaftCluster, collect, request, strings, tessera, worker_ids};
-use support::{free_port, model, spawn};
+use support::{free_port, model, spawn_coordinator};
 
 /// Ensures that `kill -9` of the leader under generate load ends its in-flight streams with
 /// UNAVAILABLE, and that a new leader serves new requests with the same workers and the same
@@ -179,7 +179,8 @@ fn minority_partition_cannot_commit() {
         "took {:?}",
         asked.elapsed()
     );
-    let endpoint = format!("http://{}", c.addrs[old]);
+    // Membership changes go to the cluster port.
+    let endpoint = format!("http://{}", c.cluster_addrs[old]);
     let out = tessera(&[
         "cluster",
         "remove-coordinator",
@@ -284,15 +285,18 @@ fn bad_membership_changes_are_clear_errors() {
         eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
         return;
     };
-    let (mut coord, addr) = spawn(&strings(&[
+    let (mut coord, addr, cluster_addr) = spawn_coordinator(&strings(&[
         "coordinator",
         "--listen",
+        "127.0.0.1:0",
+        "--cluster-listen",
         "127.0.0.1:0",
         "--model",
         &model,
         "--exit-on-stdin-eof",
     ]));
     let endpoint = format!("http://{addr}");
+    let cluster_endpoint = format!("http://{cluster_addr}");
     // Wait for the single node to elect itself.
     let status = || tessera(&["status", "--endpoint", &endpoint]);
     let start = Instant::now();
@@ -301,11 +305,28 @@ fn bad_membership_changes_are_clear_errors() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let nowhere = format!("127.0.0.1:{}", free_port());
+    // Membership is a cluster operation: the public port does not serve it, and says so.
     let out = tessera(&[
         "cluster",
         "add-coordinator",
         "--endpoint",
         &endpoint,
+        "--id",
+        "2",
+        "--address",
+        &nowhere,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not serve the cluster protocol") && err.contains("Unimplemented"),
+        "{err}"
+    );
+    let out = tessera(&[
+        "cluster",
+        "add-coordinator",
+        "--endpoint",
+        &cluster_endpoint,
         "--id",
         "2",
         "--address",
@@ -321,7 +342,7 @@ fn bad_membership_changes_are_clear_errors() {
         "cluster",
         "remove-coordinator",
         "--endpoint",
-        &endpoint,
+        &cluster_endpoint,
         "--id",
         "1",
     ]);
@@ -332,7 +353,8 @@ fn bad_membership_changes_are_clear_errors() {
         "{err}"
     );
     let s = String::from_utf8_lossy(&status().stdout).into_owned();
-    assert!(s.contains(&format!("members 1={addr}\n")), "{s}");
+    // Members are named by their cluster addresses.
+    assert!(s.contains(&format!("members 1={cluster_addr}\n")), "{s}");
     let health = tessera(&["health", "--endpoint", &endpoint]);
     assert!(health.status.success(), "{health:?}");
     let _ = coord.kill();
@@ -352,6 +374,8 @@ fn corrupt_data_dir_is_a_clear_startup_error() {
     let out = tessera(&[
         "coordinator",
         "--listen",
+        "127.0.0.1:0",
+        "--cluster-listen",
         "127.0.0.1:0",
         "--model",
         &model,

@@ -19,7 +19,10 @@ use support::{free_port, model, spawn};
 struct Members {
     model: String,
     data: std::path::PathBuf,
+    /// Public addresses, what clients call.
     addrs: BTreeMap<u64, String>,
+    /// Cluster addresses: what members and workers dial, and what membership changes name.
+    cluster_addrs: BTreeMap<u64, String>,
     procs: BTreeMap<u64, Child>,
     worker: Option<Child>,
 }
@@ -32,10 +35,14 @@ impl Members {
         let addrs = (1..=5)
             .map(|id| (id, format!("127.0.0.1:{}", free_port())))
             .collect();
+        let cluster_addrs = (1..=5)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
         Self {
             model: model.to_owned(),
             data,
             addrs,
+            cluster_addrs,
             procs: BTreeMap::new(),
             worker: None,
         }
@@ -44,11 +51,14 @@ impl Members {
     /// Starts node `id`: the founder of a one-member cluster, or a node waiting to be added.
     fn start(&mut self, id: u64, found: bool) {
         let addr = self.addrs[&id].clone();
+        let cluster = self.cluster_addrs[&id].clone();
         let dir = self.data.join(format!("c{id}"));
         let mut args = strings(&[
             "coordinator",
             "--listen",
             &addr,
+            "--cluster-listen",
+            &cluster,
             "--id",
             &id.to_string(),
             "--data-dir",
@@ -64,7 +74,7 @@ impl Members {
             "--exit-on-stdin-eof",
         ]);
         if found {
-            args.extend(strings(&["--peers", &format!("{id}={addr}")]));
+            args.extend(strings(&["--peers", &format!("{id}={cluster}")]));
         } else {
             args.push("--join".to_owned());
         }
@@ -76,17 +86,22 @@ impl Members {
         format!("http://{}", self.addrs[&id])
     }
 
+    /// Node `id`'s cluster port, where membership changes go.
+    fn cluster_endpoint(&self, id: u64) -> String {
+        format!("http://{}", self.cluster_addrs[&id])
+    }
+
     /// `tessera cluster add-coordinator` through node `via`; returns what it printed.
     fn add(&self, via: u64, id: u64) -> String {
         let out = tessera(&[
             "cluster",
             "add-coordinator",
             "--endpoint",
-            &self.endpoint(via),
+            &self.cluster_endpoint(via),
             "--id",
             &id.to_string(),
             "--address",
-            &self.addrs[&id],
+            &self.cluster_addrs[&id],
         ]);
         assert!(out.status.success(), "adding {id}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -98,7 +113,7 @@ impl Members {
             "cluster",
             "remove-coordinator",
             "--endpoint",
-            &self.endpoint(via),
+            &self.cluster_endpoint(via),
             "--id",
             &id.to_string(),
         ]);
@@ -162,7 +177,7 @@ fn membership_grows_and_shrinks_while_serving() {
     let mut m = Members::new(&model);
     m.start(1, true);
     let list = m
-        .addrs
+        .cluster_addrs
         .values()
         .map(|a| format!("http://{a}"))
         .collect::<Vec<_>>()

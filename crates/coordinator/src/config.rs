@@ -9,8 +9,12 @@ use std::time::Duration;
 /// How to run a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
-    /// Where to serve gRPC; port 0 picks a free one (the bound address is printed).
+    /// Where to serve the public API (`tessera.v1`, health, reflection): what clients dial.
+    /// Port 0 picks a free one (the bound address is printed).
     pub listen: SocketAddr,
+    /// Where to serve the cluster protocol (`tessera.cluster.v1`: Raft, worker registration,
+    /// forwarding to the leader): what peers and workers dial. Port 0 picks a free one.
+    pub cluster_listen: SocketAddr,
     /// The model: a name in the model cache or a path; sent to workers as is.
     pub model: String,
     /// The model cache root (`TESSERA_HOME`); `None` = the environment's.
@@ -33,13 +37,14 @@ pub struct CoordinatorConfig {
     pub ready_wait: Duration,
     /// This coordinator's Raft node id (>= 1).
     pub id: u64,
-    /// The founding voters, id -> host:port, this node included; empty = a single-node
+    /// The founding voters, id -> cluster address (host:port), this node included; empty = a single-node
     /// cluster of this node alone. Ignored when the data directory already holds a cluster.
     pub peers: BTreeMap<u64, String>,
     /// Found nothing: with an empty data directory, wait to be added to an existing cluster
     /// (`tessera cluster add-coordinator`), which sends this node a snapshot. Excludes `peers`.
     pub join: bool,
-    /// host:port peers and workers dial; `None` = the bound address.
+    /// The cluster address peers and workers dial (host:port of `cluster_listen` as they can
+    /// reach it); `None` = the bound cluster address. `peers` names these addresses too.
     pub advertise: Option<String>,
     /// The Raft storage directory; `None` = a fresh temporary directory removed at exit
     /// (state is then not durable).
@@ -52,6 +57,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             model: tessera_model::testing::SMOLLM2_NAME.to_owned(),
             model_home: None,
             heartbeat_interval: Duration::from_millis(500),

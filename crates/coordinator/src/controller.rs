@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_proto::v1 as pb;
+use tessera_proto::cluster::v1 as pb;
 use tokio::task::JoinSet;
 
 use crate::cluster::Cluster;
@@ -189,8 +189,8 @@ async fn load_one(
 }
 
 /// A plan stage as the proto describes it.
-pub fn assignment(s: &PlanStage) -> pb::ShardAssignment {
-    pb::ShardAssignment {
+pub fn assignment(s: &PlanStage) -> tessera_proto::v1::ShardAssignment {
+    tessera_proto::v1::ShardAssignment {
         stage: s.stage,
         tp_rank: s.tp_rank,
         cp_rank: s.cp_rank,

@@ -1,14 +1,25 @@
 //! Forwarding to the leader: a follower hands client calls to the coordinator Raft elected,
 //! over one cached channel per leader address, so a client connected to any coordinator gets
 //! its answer.
+//!
+//! Forwarding is member-to-member traffic, so it goes to the leader's cluster address (the one
+//! Raft knows; a member's public address is nowhere in the replicated state) and to a service
+//! of the cluster protocol, `tessera.cluster.v1.Forward`, rather than to `tessera.v1.Inference`
+//! mounted a second time on the cluster port. That keeps the cluster port to the cluster
+//! package alone — one place to authenticate members once it has TLS — and tells a forwarded
+//! call apart from a client's. [`ForwardService`] serves it with the very same code as the
+//! public API.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
 
+use crate::api::Api;
 use crate::cluster::Cluster;
 use crate::error::CoordinatorError;
 
@@ -30,8 +41,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Route {
     /// This node leads: serve it here.
     Local,
-    /// Forward it to the leader.
-    Leader(pb::inference_client::InferenceClient<Channel>),
+    /// Forward it to the leader, at its cluster address.
+    Leader(cpb::forward_client::ForwardClient<Channel>),
 }
 
 /// Cached channels to leaders.
@@ -78,7 +89,7 @@ impl Forwarder {
     fn client(
         &self,
         addr: &str,
-    ) -> Result<pb::inference_client::InferenceClient<Channel>, CoordinatorError> {
+    ) -> Result<cpb::forward_client::ForwardClient<Channel>, CoordinatorError> {
         let mut channels = self
             .channels
             .lock()
@@ -105,6 +116,39 @@ impl Forwarder {
                 c
             }
         };
-        Ok(pb::inference_client::InferenceClient::new(channel))
+        Ok(cpb::forward_client::ForwardClient::new(channel))
+    }
+}
+
+/// `tessera.cluster.v1.Forward`: what a follower forwards, answered by the public API's own
+/// code (so by the same rules, and forwarded on if this node no longer leads).
+#[derive(Clone, Debug)]
+pub struct ForwardService {
+    api: Api,
+}
+
+impl ForwardService {
+    /// The service over the public API's handler.
+    pub fn new(api: Api) -> Self {
+        Self { api }
+    }
+}
+
+#[tonic::async_trait]
+impl cpb::forward_server::Forward for ForwardService {
+    type GenerateStream = <Api as pb::inference_server::Inference>::GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        pb::inference_server::Inference::generate(&self.api, request).await
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        pb::inference_server::Inference::cluster_status(&self.api, request).await
     }
 }

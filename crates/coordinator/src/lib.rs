@@ -2,8 +2,17 @@
 //! cluster state, worker registry and liveness, and the continuous-batching scheduler.
 //!
 //! [`serve`] runs one coordinator: it reads the model's tokenizer and footprint (no weights),
-//! serves `tessera.v1.Inference`, `tessera.v1.Coordination`, `grpc.health.v1` and server
-//! reflection, and keeps a plan loaded on the registered workers.
+//! keeps a plan loaded on the registered workers, and serves two protocols on two ports:
+//!
+//! - the **public port** (`listen`): `tessera.v1.Inference`, `grpc.health.v1` and server
+//!   reflection (v1 and v1alpha), which lists exactly those services — nothing of the cluster;
+//! - the **cluster port** (`cluster_listen`, advertised as `advertise`): `tessera.cluster.v1`'s
+//!   `Raft`, `Coordination` (workers register and heartbeat) and `Forward` (followers hand
+//!   client calls to the leader), and `grpc.health.v1`. This is the address Raft peers and
+//!   workers know a coordinator by.
+//!
+//! Each port is its own `tonic` server, so a call to a service of the other port is answered
+//! `UNIMPLEMENTED`, and each can get its own transport security.
 
 use std::future::Future;
 use std::io::Write;
@@ -13,6 +22,7 @@ use std::time::Duration;
 use tessera_model::ModelError;
 use tessera_model::frontend::{Frontend, open_weights};
 use tessera_model::source::{ModelCache, resolve};
+use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
@@ -60,33 +70,65 @@ impl Drop for Tasks {
     }
 }
 
+/// The two sockets a coordinator serves on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The public API (`tessera.v1`), what clients dial.
+    pub public: tokio::net::TcpListener,
+    /// The cluster protocol (`tessera.cluster.v1`), what peers and workers dial.
+    pub cluster: tokio::net::TcpListener,
+}
+
+impl Listeners {
+    /// Binds both addresses.
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Serve`] naming the address that could not be bound.
+    pub async fn bind(
+        public: std::net::SocketAddr,
+        cluster: std::net::SocketAddr,
+    ) -> Result<Self, CoordinatorError> {
+        let bind = |addr: std::net::SocketAddr| async move {
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| CoordinatorError::Serve {
+                    addr: addr.to_string(),
+                    reason: e.to_string(),
+                })
+        };
+        Ok(Self {
+            public: bind(public).await?,
+            cluster: bind(cluster).await?,
+        })
+    }
+}
+
 /// Runs a coordinator until `shutdown` resolves.
 ///
-/// Prints exactly one stdout line, `tessera coordinator listening on <addr>`, once bound.
+/// Prints exactly two stdout lines once both ports are bound, in this order:
+/// `tessera coordinator cluster on <cluster addr>` then
+/// `tessera coordinator listening on <public addr>` (the last line means "up"; tools that only
+/// look for "listening on" get the public address).
 ///
 /// # Errors
 /// [`CoordinatorError::Model`] when the model cannot be resolved or read;
-/// [`CoordinatorError::Serve`] when the address cannot be bound or serving fails.
+/// [`CoordinatorError::Serve`] when an address cannot be bound or serving fails.
 pub async fn serve(
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| CoordinatorError::Serve {
-            addr: cfg.listen.to_string(),
-            reason: e.to_string(),
-        })?;
-    serve_on(listener, cfg, shutdown).await
+    let listeners = Listeners::bind(cfg.listen, cfg.cluster_listen).await?;
+    serve_on(listeners, cfg, shutdown).await
 }
 
-/// As [`serve`], on a listener the caller bound (`cfg.listen` is ignored): tests and
-/// embedders bind port 0 and know the address before the coordinator starts.
+/// As [`serve`], on listeners the caller bound (`cfg.listen` and `cfg.cluster_listen` are
+/// ignored): tests and embedders bind port 0 and know the addresses before the coordinator
+/// starts.
 ///
 /// # Errors
 /// As [`serve`].
 pub async fn serve_on(
-    listener: tokio::net::TcpListener,
+    listeners: Listeners,
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
@@ -108,12 +150,23 @@ pub async fn serve_on(
         addr: listen.to_string(),
         reason,
     };
+    let Listeners {
+        public: listener,
+        cluster: cluster_listener,
+    } = listeners;
     let addr = listener
+        .local_addr()
+        .map_err(|e| serve_err(e.to_string()))?;
+    let cluster_addr = cluster_listener
         .local_addr()
         .map_err(|e| serve_err(e.to_string()))?;
 
     let data = DataDir::open(cfg.data_dir.clone(), cfg.id).map_err(serve_err)?;
-    let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
+    // Peers and workers dial the cluster port; the public address is only for clients.
+    let advertise = cfg
+        .advertise
+        .clone()
+        .unwrap_or_else(|| cluster_addr.to_string());
     let mut peers = cfg.peers.clone();
     if cfg.join && !peers.is_empty() {
         return Err(CoordinatorError::invalid(
@@ -157,13 +210,16 @@ pub async fn serve_on(
     let (scheduler, sched_task) = scheduler::spawn(Arc::clone(&cluster), frontend);
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "tessera coordinator listening on {addr}")
+        writeln!(out, "tessera coordinator cluster on {cluster_addr}")
+            .and_then(|()| writeln!(out, "tessera coordinator listening on {addr}"))
             .and_then(|()| out.flush())
             .map_err(|e| serve_err(format!("writing stdout: {e}")))?;
     }
-    tracing::info!(%addr, model = %cluster.cfg.model, kv_tokens, layers = cluster.footprint.n_layers(),
+    tracing::info!(%addr, %cluster_addr, %advertise, model = %cluster.cfg.model, kv_tokens, layers = cluster.footprint.n_layers(),
         weight_bytes = cluster.footprint.weight_bytes(), "coordinator up");
     let (health, health_service) = tonic_health::server::health_reporter();
+    // The cluster port's own health: "" is SERVING while the process serves.
+    let (_cluster_health, cluster_health_service) = tonic_health::server::health_reporter();
     let mut tasks = Tasks(vec![
         sched_task,
         tokio::spawn(leadership::run(Arc::clone(&cluster))),
@@ -183,30 +239,94 @@ pub async fn serve_on(
             move || metrics.render(),
         )));
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(tessera_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| serve_err(format!("reflection: {e}")))?;
+    let (reflection_v1, reflection_v1alpha) = public_reflection().map_err(serve_err)?;
+    let (stop, _) = tokio::sync::watch::channel(false);
+    let api = api::Api::new(Arc::clone(&cluster), validator, scheduler);
 
-    let result = tonic::transport::Server::builder()
+    let public = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::inference_server::InferenceServer::new(api.clone()))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_rx(&stop));
+    let cluster_server = tonic::transport::Server::builder()
+        .add_service(cluster_health_service)
         .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
-        .add_service(pb::inference_server::InferenceServer::new(api::Api::new(
-            Arc::clone(&cluster),
-            validator,
-            scheduler,
-        )))
-        .add_service(pb::coordination_server::CoordinationServer::new(
+        .add_service(cpb::coordination_server::CoordinationServer::new(
             registry::Registry::new(Arc::clone(&cluster)),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|e| serve_err(e.to_string()));
+        .add_service(cpb::forward_server::ForwardServer::new(
+            forward::ForwardService::new(api),
+        ))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(cluster_listener),
+            shutdown_rx(&stop),
+        );
+    // `shutdown` stops both servers, and either one failing stops the other.
+    let (public, cluster_server, ()) = tokio::join!(
+        async {
+            let r = public.await;
+            stop.send_replace(true);
+            r.map_err(|e| serve_err(format!("public port {addr}: {e}")))
+        },
+        async {
+            let r = cluster_server.await;
+            stop.send_replace(true);
+            r.map_err(|e| serve_err(format!("cluster port {cluster_addr}: {e}")))
+        },
+        async {
+            let mut stopped = stop.subscribe();
+            tokio::select! {
+                () = shutdown => { stop.send_replace(true); }
+                _ = stopped.wait_for(|s| *s) => {}
+            }
+        },
+    );
+    let result = public.and(cluster_server);
     drop(tasks);
     raft.shutdown().await;
     drop(data);
     result
+}
+
+/// Resolves once `stop` is set.
+fn shutdown_rx(stop: &tokio::sync::watch::Sender<bool>) -> impl Future<Output = ()> + use<> {
+    let mut rx = stop.subscribe();
+    async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// Server reflection for the public port, in both protocol versions (v1, and v1alpha that
+/// many stock clients still speak): the public API's descriptors, health's and reflection's
+/// own, so either version lists exactly `tessera.v1.Inference`, `grpc.health.v1.Health` and
+/// the two `ServerReflection` services. The cluster protocol's descriptors are not registered.
+fn public_reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    String,
+> {
+    let base = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tessera_proto::PUBLIC_FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Each build adds its own version's descriptors; the other version's are added here.
+    let v1 = base()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("reflection v1: {e}"))?;
+    let v1alpha = base()
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("reflection v1alpha: {e}"))?;
+    Ok((v1, v1alpha))
 }
 
 /// The Raft data directory; a temporary one is removed when dropped.

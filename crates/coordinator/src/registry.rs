@@ -1,11 +1,11 @@
-//! Worker registry and liveness: the `tessera.v1.Coordination` service (Register assigns ids,
+//! Worker registry and liveness: the `tessera.cluster.v1.Coordination` service (Register assigns ids,
 //! Heartbeat refreshes) and the monitor task that drops workers silent for longer than the
 //! heartbeat timeout, which makes the controller re-plan.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use tessera_proto::v1 as pb;
+use tessera_proto::cluster::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::{Cluster, Seen};

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use tessera_model::frontend::{Frontend, OutputStream};
 use tessera_model::sampling::{FinishReason, SampledToken};
+use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -99,8 +100,8 @@ struct Seq {
 /// The pipeline stream of one plan epoch.
 struct Link {
     epoch: u64,
-    tx: mpsc::Sender<pb::StepRequest>,
-    rx: Streaming<pb::StepResponse>,
+    tx: mpsc::Sender<cpb::StepRequest>,
+    rx: Streaming<cpb::StepResponse>,
 }
 
 /// The scheduler task's state.
@@ -266,7 +267,7 @@ impl Scheduler {
     async fn open(&self, serving: &Serving) -> Result<Link, Status> {
         let timeout = self.cluster.cfg.heartbeat_timeout * 2;
         let channel = crate::connect(&serving.stage0, timeout).await?;
-        let mut client = pb::worker_client::WorkerClient::new(channel);
+        let mut client = cpb::worker_client::WorkerClient::new(channel);
         let (tx, rx) = mpsc::channel(4);
         let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))
             .await
@@ -333,7 +334,7 @@ impl Scheduler {
 
     /// The next step: one decode token per decoding sequence, then prefill chunks, within
     /// `max_batch_tokens`.
-    fn build_step(&mut self) -> pb::StepRequest {
+    fn build_step(&mut self) -> cpb::StepRequest {
         let cfg = &self.cluster.cfg;
         let mut budget = cfg.max_batch_tokens.max(1) as usize;
         let chunk = cfg.prefill_chunk.max(1) as usize;
@@ -343,7 +344,7 @@ impl Scheduler {
                 break;
             }
             budget -= 1;
-            seqs.push(pb::SeqStep {
+            seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens: s.next.into_iter().collect(),
                 sample: true,
@@ -362,7 +363,7 @@ impl Scheduler {
             s.prefilled += n;
             let start = (!s.started).then(|| s.req.seq_start());
             s.started = true;
-            seqs.push(pb::SeqStep {
+            seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens,
                 sample: s.prefilled == prompt.len(),
@@ -371,7 +372,7 @@ impl Scheduler {
         }
         let step_id = self.next_step;
         self.next_step += 1;
-        pb::StepRequest {
+        cpb::StepRequest {
             plan_epoch: self.link.as_ref().map_or(0, |l| l.epoch),
             step_id,
             seqs,
@@ -385,7 +386,7 @@ impl Scheduler {
     /// The span of a step: a child of the `generate` span of the batch's first sequence,
     /// following from those of the others — so a request served alone
     /// gets one trace holding every step, and a batched step links every request it serves.
-    fn step_span(&self, step: &pb::StepRequest) -> tracing::Span {
+    fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
         let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
         let mut spans = step
             .seqs
@@ -409,7 +410,7 @@ impl Scheduler {
 
     /// Sends a step and feeds its answer to the sequences; on failure ends every running
     /// request with UNAVAILABLE.
-    async fn run_step(&mut self, mut step: pb::StepRequest) {
+    async fn run_step(&mut self, mut step: cpb::StepRequest) {
         let span = self.step_span(&step);
         step.trace_context = tessera_telemetry::trace_context::inject(&span);
         let Some(link) = self.link.as_mut() else {
@@ -457,7 +458,7 @@ impl Scheduler {
     }
 
     /// Feeds sampled tokens to their sequences and streams the events.
-    fn absorb(&mut self, resp: pb::StepResponse) {
+    fn absorb(&mut self, resp: cpb::StepResponse) {
         for t in resp.tokens {
             let Some(i) = self.running.iter().position(|s| s.id == t.seq_id) else {
                 continue;

@@ -8,6 +8,7 @@ use std::time::Instant;
 use tessera_model::frontend::{Frontend, GenerateRequest, Prompt, ValidGenerateRequest};
 use tessera_model::sampling::{Rng, SamplingParams, StopConditions};
 use tessera_model::tokenizer::ChatMessage;
+use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 
 use crate::error::CoordinatorError;
@@ -35,9 +36,9 @@ impl ValidRequest {
     }
 
     /// The sampler of the sequence as the last stage receives it.
-    pub fn seq_start(&self) -> pb::SeqStart {
+    pub fn seq_start(&self) -> cpb::SeqStart {
         let p = self.inner.sampling.params();
-        pb::SeqStart {
+        cpb::SeqStart {
             sampling: Some(pb::SamplingParams {
                 temperature: Some(p.temperature),
                 top_k: p.top_k,

@@ -120,6 +120,7 @@ async fn generate(
     Ok(out)
 }
 
+/// Starts a worker registering with the coordinator's cluster address.
 async fn start_worker(coordinator: &str, memory_bytes: u64, name: &str) -> RunningWorker {
     tessera_worker::start(WorkerConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -197,13 +198,15 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
     let want: Vec<Output> = PROMPTS.iter().map(|p| reference(&mut engine, p)).collect();
     drop(engine);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let listeners = tessera_coordinator::Listeners::bind(any, any)
         .await
         .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
+    let addr = listeners.public.local_addr().expect("addr").to_string();
+    let cluster_addr = listeners.cluster.local_addr().expect("addr").to_string();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let coord = tokio::spawn(tessera_coordinator::serve_on(
-        listener,
+        listeners,
         CoordinatorConfig {
             model: PathBuf::from(&path).display().to_string(),
             heartbeat_interval: HEARTBEAT,
@@ -218,9 +221,9 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
         },
     ));
     let mut workers = vec![
-        start_worker(&addr, small, "small").await,
-        start_worker(&addr, 0, "b").await,
-        start_worker(&addr, 0, "c").await,
+        start_worker(&cluster_addr, small, "small").await,
+        start_worker(&cluster_addr, 0, "b").await,
+        start_worker(&cluster_addr, 0, "c").await,
     ];
     let mut client = InferenceClient::connect(format!("http://{addr}"))
         .await

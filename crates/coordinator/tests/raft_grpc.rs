@@ -12,8 +12,8 @@ use raft_support::{Kv, KvView, TempDir, test_config};
 use tessera_coordinator::raft::{
     GrpcTransport, RaftHandle, RaftNode, RaftRole, RaftService, RedbStorage,
 };
-use tessera_proto::v1::RaftMessage;
-use tessera_proto::v1::raft_client::RaftClient;
+use tessera_proto::cluster::v1::RaftMessage;
+use tessera_proto::cluster::v1::raft_client::RaftClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio_stream::wrappers::TcpListenerStream;

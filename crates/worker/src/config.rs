@@ -35,8 +35,9 @@ pub struct WorkerConfig {
     pub listen: SocketAddr,
     /// `host:port` the coordinator and the other workers dial; `None` = the bound address.
     pub advertise: Option<String>,
-    /// The coordinators' Coordination service, e.g. `http://127.0.0.1:7070`; several
-    /// comma-separated URLs name replicated coordinators, and the worker follows the leader.
+    /// The coordinators' cluster port (`tessera.cluster.v1.Coordination`; their `--advertise`
+    /// address, not the public API's), e.g. `http://127.0.0.1:50052`; several comma-separated
+    /// URLs name replicated coordinators, and the worker follows the leader.
     pub coordinator: String,
     /// Resources declared at registration.
     pub capacity: Capacity,

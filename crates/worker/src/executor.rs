@@ -19,7 +19,7 @@ use tessera_model::layers::block::StepScratch;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::sampling::{Sampler, SamplingParams};
 use tessera_model::source::{self, ModelCache};
-use tessera_proto::v1 as pb;
+use tessera_proto::cluster::v1 as pb;
 
 use crate::error::WorkerError;
 use crate::hidden;
@@ -411,7 +411,7 @@ fn run_batch(
             top_logprobs: t
                 .top_logprobs
                 .into_iter()
-                .map(|(id, logprob)| pb::TokenLogprob { id, logprob })
+                .map(|(id, logprob)| tessera_proto::v1::TokenLogprob { id, logprob })
                 .collect(),
         });
     }

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::worker_client::WorkerClient;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::worker_client::WorkerClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};

@@ -11,8 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::coordination_client::CoordinationClient;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::coordination_client::CoordinationClient;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 

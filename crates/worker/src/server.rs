@@ -1,5 +1,6 @@
-//! The worker process: binds, serves `tessera.v1.Worker` and `grpc.health.v1` (and Prometheus
-//! metrics when asked), registers with the coordinator, and shuts down on request.
+//! The worker process: binds, serves `tessera.cluster.v1.Worker` and `grpc.health.v1` (and
+//! Prometheus metrics when asked), registers with the coordinators' cluster port, and shuts
+//! down on request. A worker speaks only the cluster protocol.
 
 use std::future::Future;
 use std::io::Write;
@@ -7,8 +8,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tessera_model::source::ModelCache;
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::worker_server::WorkerServer;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::worker_server::WorkerServer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;

@@ -1,8 +1,8 @@
-//! The `tessera.v1.Worker` gRPC service: LoadShard, Pipeline and Release, each a thin
+//! The `tessera.cluster.v1.Worker` gRPC service: LoadShard, Pipeline and Release, each a thin
 //! translation onto the shard handle (and, for Pipeline, a task per inbound stream).
 
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::worker_server::Worker;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::worker_server::Worker;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};

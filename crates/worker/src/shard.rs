@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tessera_model::ThreadPool;
 use tessera_model::source::ModelCache;
-use tessera_proto::v1 as pb;
+use tessera_proto::cluster::v1 as pb;
 use tokio::sync::oneshot;
 
 use crate::error::WorkerError;

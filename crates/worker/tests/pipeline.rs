@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_model::sampling::{SampledToken, SamplingParams, StopConditions};
 use tessera_model::source::ModelLocation;
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::worker_client::WorkerClient;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::worker_client::WorkerClient;
 use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -92,7 +92,7 @@ impl Cluster {
         pb::LoadShardRequest {
             plan_epoch: epoch,
             model: self.model.display().to_string(),
-            shard: Some(pb::ShardAssignment {
+            shard: Some(tessera_proto::v1::ShardAssignment {
                 stage: i as u32,
                 tp_rank: 0,
                 cp_rank: 0,
@@ -196,7 +196,7 @@ impl Driver {
 
 fn start(prompt: &[u32], sampling: &SamplingParams) -> pb::SeqStart {
     pb::SeqStart {
-        sampling: Some(pb::SamplingParams {
+        sampling: Some(tessera_proto::v1::SamplingParams {
             temperature: Some(sampling.temperature),
             top_k: sampling.top_k,
             top_p: Some(sampling.top_p),

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tessera_proto::v1 as pb;
-use tessera_proto::v1::coordination_server::{Coordination, CoordinationServer};
-use tessera_proto::v1::worker_client::WorkerClient;
+use tessera_proto::cluster::v1 as pb;
+use tessera_proto::cluster::v1::coordination_server::{Coordination, CoordinationServer};
+use tessera_proto::cluster::v1::worker_client::WorkerClient;
 use tessera_worker::{Capacity, WorkerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -144,7 +144,7 @@ async fn registers_heartbeats_and_reregisters() {
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
     let status = health
         .check(tonic_health::pb::HealthCheckRequest {
-            service: "tessera.v1.Worker".into(),
+            service: "tessera.cluster.v1.Worker".into(),
         })
         .await
         .expect("health")
@@ -166,7 +166,7 @@ async fn registers_heartbeats_and_reregisters() {
             .load_shard(pb::LoadShardRequest {
                 plan_epoch: 3,
                 model: model.display().to_string(),
-                shard: Some(pb::ShardAssignment {
+                shard: Some(tessera_proto::v1::ShardAssignment {
                     layer_start: 0,
                     layer_end: 30,
                     embed: true,

@@ -153,6 +153,7 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
 async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) -> Result<Figures> {
     let cluster = LocalCluster::start(&LocalClusterSpec {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         model: args.model.clone(),
         workers,
         threads,

@@ -44,7 +44,10 @@ pub fn run(args: BenchFailoverArgs) -> Result<()> {
 }
 
 struct Coordinators {
+    /// Public addresses, what clients dial.
     addrs: Vec<String>,
+    /// Cluster addresses, what the Raft status names members by.
+    cluster_addrs: Vec<String>,
     args: Vec<Vec<String>>,
     children: Vec<Option<Child>>,
 }
@@ -81,7 +84,7 @@ impl Coordinators {
                 if let Some(s) = self.status(i).await
                     && s.ready
                     && let Some((_, addr)) = s.leader.split_once('=')
-                    && let Some(l) = self.addrs.iter().position(|a| a == addr)
+                    && let Some(l) = self.cluster_addrs.iter().position(|a| a == addr)
                 {
                     return Ok(l);
                 }
@@ -131,7 +134,10 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
     let addrs: Vec<String> = (0..3)
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
-    let peers = addrs
+    let cluster_addrs: Vec<String> = (0..3)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<Result<_>>()?;
+    let peers = cluster_addrs
         .iter()
         .enumerate()
         .map(|(i, a)| format!("{}={a}", i + 1))
@@ -145,6 +151,8 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
                 "coordinator",
                 "--listen",
                 a,
+                "--cluster-listen",
+                &cluster_addrs[i],
                 "--id",
                 &(i + 1).to_string(),
                 "--peers",
@@ -166,13 +174,14 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
         .collect();
     let mut cs = Coordinators {
         addrs: addrs.clone(),
+        cluster_addrs: cluster_addrs.clone(),
         args: coord_args,
         children: vec![None, None, None],
     };
     for i in 0..3 {
         cs.start(i).await?;
     }
-    let list = addrs
+    let list = cluster_addrs
         .iter()
         .map(|a| format!("http://{a}"))
         .collect::<Vec<_>>()

@@ -12,8 +12,12 @@ use tessera_proto::v1::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-/// The endpoint `tessera up` serves on and the client commands use by default.
+/// The public endpoint `tessera up` serves on and the client commands use by default.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
+
+/// The cluster port of that same coordinator: what workers and `tessera cluster` dial by
+/// default.
+pub const DEFAULT_CLUSTER_ENDPOINT: &str = "http://127.0.0.1:50052";
 
 /// Connects to a coordinator, failing within `timeout` with a message that says how to start one.
 ///

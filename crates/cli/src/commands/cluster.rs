@@ -1,15 +1,17 @@
 //! `tessera cluster add-coordinator` / `remove-coordinator`: membership changes of the
-//! replicated coordinators, sent to any coordinator (a follower forwards them to the leader).
+//! replicated coordinators, sent to any coordinator's cluster port (membership is part of the
+//! cluster protocol, `tessera.cluster.v1.Raft`; the public port answers UNIMPLEMENTED). A
+//! follower forwards them to the leader.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use tessera_proto::v1::raft_client::RaftClient;
-use tessera_proto::v1::{AddMemberRequest, MembersResponse, RemoveMemberRequest};
+use tessera_proto::cluster::v1::raft_client::RaftClient;
+use tessera_proto::cluster::v1::{AddMemberRequest, MembersResponse, RemoveMemberRequest};
 use tonic::transport::Endpoint;
 
-use super::client::{DEFAULT_ENDPOINT, status_error};
+use super::client::{DEFAULT_CLUSTER_ENDPOINT, status_error};
 
 /// `tessera cluster …`.
 #[derive(Subcommand, Debug)]
@@ -24,13 +26,14 @@ pub enum ClusterCommand {
 /// Arguments of `add-coordinator`.
 #[derive(Args, Debug)]
 pub struct AddArgs {
-    /// Any current coordinator.
-    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    /// Any current coordinator's cluster port (its --advertise / --cluster-listen address, not
+    /// the public API's --listen): membership is a cluster operation.
+    #[arg(long, default_value = DEFAULT_CLUSTER_ENDPOINT)]
     pub endpoint: String,
     /// The new coordinator's Raft node id (>= 1).
     #[arg(long, value_parser = super::serve::parse_id)]
     pub id: u64,
-    /// The new coordinator's HOST:PORT (its --advertise).
+    /// The new coordinator's cluster address, HOST:PORT (its --advertise).
     #[arg(long)]
     pub address: String,
 }
@@ -38,8 +41,9 @@ pub struct AddArgs {
 /// Arguments of `remove-coordinator`.
 #[derive(Args, Debug)]
 pub struct RemoveArgs {
-    /// Any current coordinator.
-    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    /// Any current coordinator's cluster port (its --advertise / --cluster-listen address, not
+    /// the public API's --listen): membership is a cluster operation.
+    #[arg(long, default_value = DEFAULT_CLUSTER_ENDPOINT)]
     pub endpoint: String,
     /// The node id to remove.
     #[arg(long, value_parser = super::serve::parse_id)]
@@ -58,16 +62,32 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
                 address: a.address,
             })
             .await
-            .map_err(status_error)?
+            .map_err(|s| membership_error(s, &a.endpoint))?
             .into_inner(),
         ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint)?
             .remove_member(RemoveMemberRequest { id: r.id })
             .await
-            .map_err(status_error)?
+            .map_err(|s| membership_error(s, &r.endpoint))?
             .into_inner(),
     };
     print_members(&members);
     Ok(())
+}
+
+/// A refused change, with a hint when `endpoint` is not a cluster port at all (a public port
+/// answers UNIMPLEMENTED to the Raft service).
+fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
+    if s.code() == tonic::Code::Unimplemented {
+        anyhow::anyhow!(
+            "{endpoint} does not serve the cluster protocol: pass a coordinator's cluster port \
+             (its --advertise / --cluster-listen address), not its public --listen address \
+             ({:?}: {})",
+            s.code(),
+            s.message()
+        )
+    } else {
+        status_error(s)
+    }
 }
 
 fn client(endpoint: &str) -> Result<RaftClient<tonic::transport::Channel>> {

@@ -12,15 +12,21 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tessera_model::testing::SMOLLM2_NAME;
 
-use super::client::DEFAULT_ENDPOINT;
+use super::client::DEFAULT_CLUSTER_ENDPOINT;
 use crate::telemetry::{self, Export};
 
 /// Arguments of `tessera coordinator`.
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorArgs {
-    /// Address to serve the public API and the worker protocol on.
+    /// Address to serve the public API on (`tessera.v1.Inference`, gRPC health and
+    /// reflection): what clients dial.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address to serve the cluster protocol on (`tessera.cluster.v1`: Raft, worker
+    /// registration, forwarding to the leader): what peers and workers dial. Keep it off the
+    /// network clients reach.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub cluster_listen: SocketAddr,
     /// The model to serve: a name from the model cache or a path valid on every worker.
     #[arg(long, default_value = SMOLLM2_NAME)]
     pub model: String,
@@ -36,19 +42,22 @@ pub struct CoordinatorArgs {
     /// KV cache capacity per worker, in tokens (default: the model's context).
     #[arg(long)]
     pub kv_tokens: Option<u32>,
-    /// Address peers and workers dial (default: the bound address).
+    /// The cluster address (HOST:PORT of --cluster-listen) that peers and workers dial
+    /// (default: the bound cluster address).
     #[arg(long)]
     pub advertise: Option<String>,
     /// Raft node id (>= 1), or `auto`: the trailing ordinal of $HOSTNAME + 1 (a StatefulSet pod
     /// `tessera-coordinator-2` is node 3).
     #[arg(long, default_value = "1", value_parser = parse_id)]
     pub id: u64,
-    /// The founding voters, this coordinator included: `1=HOST:PORT,2=HOST:PORT,...`. Omitted:
-    /// a single-node cluster of this coordinator.
+    /// The founding voters, this coordinator included, at their cluster addresses (their
+    /// --advertise): `1=HOST:PORT,2=HOST:PORT,...`. Omitted: a single-node cluster of this
+    /// coordinator.
     #[arg(long, value_parser = parse_peers, conflicts_with = "join")]
     pub peers: Option<BTreeMap<u64, String>>,
     /// Join an existing cluster instead of founding one: with an empty data dir, wait until a
-    /// member runs `tessera cluster add-coordinator --id <this id> --address <this address>`.
+    /// member runs `tessera cluster add-coordinator --id <this id> --address <this
+    /// --advertise>`.
     #[arg(long)]
     pub join: bool,
     /// Raft storage directory (default with --peers or --join: $TESSERA_HOME/coordinator-<id>;
@@ -128,9 +137,10 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
 /// Arguments of `tessera worker`.
 #[derive(Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// The coordinator(s) to register with: one URL or a comma-separated list; the worker
-    /// follows whichever is the Raft leader.
-    #[arg(long, default_value = DEFAULT_ENDPOINT)]
+    /// The coordinator(s) to register with, at their cluster port (--cluster-listen /
+    /// --advertise, not the public API): one URL or a comma-separated list; the worker follows
+    /// whichever is the Raft leader.
+    #[arg(long, default_value = DEFAULT_CLUSTER_ENDPOINT)]
     pub coordinator: String,
     /// Address to serve the worker protocol on (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -228,6 +238,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
     super::model::resolve_or_pull(&args.model)?;
     let cfg = tessera_coordinator::CoordinatorConfig {
         listen: args.listen,
+        cluster_listen: args.cluster_listen,
         model: args.model.clone(),
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),

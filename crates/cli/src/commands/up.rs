@@ -1,6 +1,7 @@
 //! `tessera up`: a whole local cluster — replicated coordinators (3 by default, one Raft
 //! group) and N workers as child processes on loopback — with the model pulled first when it
-//! is missing.
+//! is missing. Each coordinator gets a public port (what the printed endpoint names) and a
+//! cluster port (what its peers and the workers dial).
 //!
 //! Children get a pipe as standard input and exit when it closes, so the cluster goes away with
 //! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`).
@@ -27,10 +28,15 @@ pub struct UpArgs {
     /// Coordinators to start (one Raft group; 1 = a single unreplicated coordinator).
     #[arg(long, default_value_t = 3)]
     pub coordinators: u32,
-    /// Where the first coordinator serves (port 0: any free port, printed when ready); the
-    /// others take free ports.
+    /// Where the first coordinator serves the public API (port 0: any free port, printed when
+    /// ready); the others take free ports.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Where the first coordinator serves the cluster protocol, which workers and peers dial
+    /// (default: the port after --listen's, 127.0.0.1:50052 with the defaults, or any free port
+    /// when --listen's is 0); the others take free ports.
+    #[arg(long)]
+    pub cluster_listen: Option<SocketAddr>,
     /// The model to serve.
     #[arg(long, default_value = SMOLLM2_NAME)]
     pub model: String,
@@ -88,20 +94,40 @@ pub(crate) fn spawn(args: &[String]) -> Result<Child> {
 
 /// Reads a child's stdout until its "listening on ADDR" line, then keeps draining it.
 pub(crate) async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
+    Ok(start_lines(child, what).await?.0)
+}
+
+/// A coordinator's addresses from its start lines: (public, cluster).
+pub(crate) async fn coordinator_addresses(
+    child: &mut Child,
+    what: &str,
+) -> Result<(String, String)> {
+    let (public, cluster) = start_lines(child, what).await?;
+    let cluster = cluster.with_context(|| format!("{what} printed no cluster address"))?;
+    Ok((public, cluster))
+}
+
+/// Reads a child's stdout until its "listening on ADDR" line, noting a "cluster on ADDR" line
+/// before it (coordinators print both, cluster first), then keeps draining it.
+async fn start_lines(child: &mut Child, what: &str) -> Result<(String, Option<String>)> {
     let stdout = child
         .stdout
         .take()
         .with_context(|| format!("{what} has no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
     let read = async {
+        let mut cluster = None;
         while let Some(line) = lines.next_line().await? {
+            if let Some(addr) = line.split("cluster on ").nth(1) {
+                cluster = Some(addr.trim().to_owned());
+            }
             if let Some(addr) = line.split("listening on ").nth(1) {
-                return Ok::<_, std::io::Error>(Some(addr.trim().to_owned()));
+                return Ok::<_, std::io::Error>(Some((addr.trim().to_owned(), cluster)));
             }
         }
         Ok(None)
     };
-    let addr = tokio::time::timeout(Duration::from_secs(120), read)
+    let addrs = tokio::time::timeout(Duration::from_secs(120), read)
         .await
         .with_context(|| format!("{what} did not start listening within 120 s"))??
         .with_context(|| format!("{what} exited before listening (see its log above)"))?;
@@ -110,15 +136,17 @@ pub(crate) async fn listening_address(child: &mut Child, what: &str) -> Result<S
             println!("{line}");
         }
     });
-    Ok(addr)
+    Ok(addrs)
 }
 
 /// Coordinators and workers running as child processes of this one.
 pub struct LocalCluster {
     /// The first coordinator's public endpoint, `http://host:port`.
     pub endpoint: String,
-    /// Every coordinator's endpoint.
+    /// Every coordinator's public endpoint.
     pub endpoints: Vec<String>,
+    /// Every coordinator's cluster endpoint (what workers and peers dial), in the same order.
+    pub cluster_endpoints: Vec<String>,
     /// The coordinators first, then the workers.
     children: Vec<Child>,
     /// How many of `children` are coordinators.
@@ -137,8 +165,10 @@ pub(crate) fn free_port() -> Result<u16> {
 /// How to start a [`LocalCluster`].
 #[derive(Clone, Debug)]
 pub struct LocalClusterSpec {
-    /// Coordinator address (port 0: any).
+    /// The first coordinator's public address (port 0: any).
     pub listen: SocketAddr,
+    /// The first coordinator's cluster address (port 0: any).
+    pub cluster_listen: SocketAddr,
     /// Model name or path.
     pub model: String,
     /// Workers to start.
@@ -155,33 +185,44 @@ pub struct LocalClusterSpec {
     pub worker_args: Vec<String>,
 }
 
+/// The public and cluster ports of coordinator `i`: the spec's for the first, when not 0,
+/// else free ones.
+fn coordinator_ports(spec: &LocalClusterSpec, i: u32) -> Result<(SocketAddr, SocketAddr)> {
+    let pick = |want: SocketAddr| -> Result<SocketAddr> {
+        let port = if i == 0 && want.port() != 0 {
+            want.port()
+        } else {
+            free_port()?
+        };
+        Ok(SocketAddr::new(want.ip(), port))
+    };
+    Ok((pick(spec.listen)?, pick(spec.cluster_listen)?))
+}
+
+/// Coordinators started: (public endpoints, cluster endpoints, processes).
+type Started = (Vec<String>, Vec<String>, Vec<Child>);
+
 /// Starts `n` coordinators as one Raft group on fresh loopback ports; on failure the ones
-/// started are killed.
+/// started are killed. They know each other (`--peers`) by their cluster addresses.
 async fn start_group(
     spec: &LocalClusterSpec,
     n: u32,
     data: &std::path::Path,
-    base: &dyn Fn(String) -> Vec<String>,
-) -> Result<(Vec<String>, Vec<Child>)> {
-    let mut addrs = Vec::new();
-    for i in 0..n {
-        let port = if i == 0 && spec.listen.port() != 0 {
-            spec.listen.port()
-        } else {
-            free_port()?
-        };
-        addrs.push(std::net::SocketAddr::new(spec.listen.ip(), port));
-    }
+    base: &dyn Fn(String, String) -> Vec<String>,
+) -> Result<Started> {
+    let addrs = (0..n)
+        .map(|i| coordinator_ports(spec, i))
+        .collect::<Result<Vec<_>>>()?;
     let peers = addrs
         .iter()
         .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
+        .map(|(i, (_, cluster))| format!("{}={cluster}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let mut endpoints = Vec::new();
+    let (mut endpoints, mut cluster_endpoints) = (Vec::new(), Vec::new());
     let mut children: Vec<Child> = Vec::new();
-    for (i, a) in addrs.iter().enumerate() {
-        let mut args = base(a.to_string());
+    for (i, (public, cluster)) in addrs.iter().enumerate() {
+        let mut args = base(public.to_string(), cluster.to_string());
         args.extend([
             "--id".into(),
             (i + 1).to_string(),
@@ -194,13 +235,14 @@ async fn start_group(
         ]);
         let started = async {
             let mut c = spawn(&args)?;
-            let addr = listening_address(&mut c, &format!("coordinator {}", i + 1)).await?;
-            Ok::<_, anyhow::Error>((c, addr))
+            let addrs = coordinator_addresses(&mut c, &format!("coordinator {}", i + 1)).await?;
+            Ok::<_, anyhow::Error>((c, addrs))
         }
         .await;
         match started {
-            Ok((c, addr)) => {
-                endpoints.push(format!("http://{addr}"));
+            Ok((c, (public, cluster))) => {
+                endpoints.push(format!("http://{public}"));
+                cluster_endpoints.push(format!("http://{cluster}"));
                 children.push(c);
             }
             Err(e) => {
@@ -211,7 +253,7 @@ async fn start_group(
             }
         }
     }
-    Ok((endpoints, children))
+    Ok((endpoints, cluster_endpoints, children))
 }
 
 impl LocalCluster {
@@ -221,11 +263,13 @@ impl LocalCluster {
     /// When a process cannot start or does not listen within two minutes.
     pub async fn start(spec: &LocalClusterSpec) -> Result<Self> {
         let n = spec.coordinators.max(1);
-        let base = |listen: String| -> Vec<String> {
+        let base = |listen: String, cluster_listen: String| -> Vec<String> {
             let mut args = vec![
                 "coordinator".into(),
                 "--listen".into(),
                 listen,
+                "--cluster-listen".into(),
+                cluster_listen,
                 "--model".into(),
                 spec.model.clone(),
                 "--min-workers".into(),
@@ -238,14 +282,21 @@ impl LocalCluster {
         let mut cluster = Self {
             endpoint: String::new(),
             endpoints: Vec::new(),
+            cluster_endpoints: Vec::new(),
             children: Vec::new(),
             coordinators: n as usize,
             data: None,
         };
         if n == 1 {
-            let mut c = spawn(&base(spec.listen.to_string()))?;
-            let addr = listening_address(&mut c, "the coordinator").await?;
-            cluster.endpoints.push(format!("http://{addr}"));
+            let mut c = spawn(&base(
+                spec.listen.to_string(),
+                spec.cluster_listen.to_string(),
+            ))?;
+            let (public, cluster_addr) = coordinator_addresses(&mut c, "the coordinator").await?;
+            cluster.endpoints.push(format!("http://{public}"));
+            cluster
+                .cluster_endpoints
+                .push(format!("http://{cluster_addr}"));
             cluster.children.push(c);
         } else {
             // Peers must know each other's addresses before any of them starts, so ports are
@@ -257,8 +308,9 @@ impl LocalCluster {
             loop {
                 attempt += 1;
                 match start_group(spec, n, &data, &base).await {
-                    Ok((endpoints, children)) => {
+                    Ok((endpoints, cluster_endpoints, children)) => {
                         cluster.endpoints = endpoints;
+                        cluster.cluster_endpoints = cluster_endpoints;
                         cluster.children = children;
                         break;
                     }
@@ -274,7 +326,8 @@ impl LocalCluster {
             }
         }
         cluster.endpoint = cluster.endpoints[0].clone();
-        let coordinators = cluster.endpoints.join(",");
+        // Workers speak only the cluster protocol.
+        let coordinators = cluster.cluster_endpoints.join(",");
         for i in 0..spec.workers {
             let mut args = vec![
                 "worker".into(),
@@ -326,8 +379,16 @@ async fn up(args: UpArgs) -> Result<()> {
         .into_iter()
         .flat_map(|e| ["--otlp-endpoint".to_owned(), e.clone()])
         .collect();
+    let cluster_listen = args.cluster_listen.unwrap_or_else(|| {
+        let port = match args.listen.port() {
+            0 | u16::MAX => 0,
+            p => p + 1,
+        };
+        SocketAddr::new(args.listen.ip(), port)
+    });
     let mut cluster = LocalCluster::start(&LocalClusterSpec {
         listen: args.listen,
+        cluster_listen,
         model: args.model.clone(),
         workers: args.workers,
         threads,
@@ -339,7 +400,15 @@ async fn up(args: UpArgs) -> Result<()> {
     .await?;
     let endpoint = cluster.endpoint.clone();
     let coordinators = cluster.coordinators;
-    let result = serve(&args, &endpoint, &mut cluster.children, coordinators).await;
+    let cluster_endpoints = cluster.cluster_endpoints.join(",");
+    let result = serve(
+        &args,
+        &endpoint,
+        &cluster_endpoints,
+        &mut cluster.children,
+        coordinators,
+    )
+    .await;
     cluster.shutdown().await;
     result
 }
@@ -347,6 +416,7 @@ async fn up(args: UpArgs) -> Result<()> {
 async fn serve(
     args: &UpArgs,
     endpoint: &str,
+    cluster_endpoints: &str,
     children: &mut [Child],
     coordinators: usize,
 ) -> Result<()> {
@@ -393,6 +463,9 @@ async fn serve(
         return Ok(());
     }
     println!("{endpoint}");
+    eprintln!(
+        "cluster port (more workers: tessera worker --coordinator {cluster_endpoints})"
+    );
     eprintln!("try: tessera generate --endpoint {endpoint} \"Hello\"   (Ctrl-C stops the cluster)");
     let exited = async {
         loop {

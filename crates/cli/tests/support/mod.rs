@@ -1,5 +1,5 @@
 //! What the multi-process tests share: finding the real model, starting `tessera` processes
-//! and reading the address they listen on, and picking free loopback ports.
+//! and reading the addresses they listen on, and picking free loopback ports.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -12,11 +12,43 @@ pub fn model() -> Option<String> {
     Some(path.to_string_lossy().into_owned())
 }
 
-/// Starts `tessera ARGS…` and returns it with the address from its "listening on" line.
+/// Starts `tessera ARGS…` and returns it with the address from its "listening on" line (a
+/// coordinator's public address).
 ///
 /// # Panics
 /// When the process cannot start or does not listen within 60 s.
 pub fn spawn<S: AsRef<str>>(args: &[S]) -> (Child, String) {
+    let (child, addrs) = spawn_with_addresses(args);
+    (child, addrs.public)
+}
+
+/// What a started process printed: the address from its "listening on" line and, for a
+/// coordinator, its cluster address (the "cluster on" line it prints before).
+#[derive(Clone, Debug)]
+#[allow(dead_code, reason = "not every test binary reads the cluster address")]
+pub struct Addresses {
+    /// The "listening on" address: a coordinator's public API, a worker's Worker service.
+    pub public: String,
+    /// A coordinator's cluster port (Raft, worker registration); `None` for a worker.
+    pub cluster: Option<String>,
+}
+
+/// Starts `tessera coordinator ARGS…` and returns it with its (public, cluster) addresses.
+///
+/// # Panics
+/// As [`spawn`], or when the coordinator printed no cluster address.
+#[allow(dead_code, reason = "not every test binary starts coordinators this way")]
+pub fn spawn_coordinator<S: AsRef<str>>(args: &[S]) -> (Child, String, String) {
+    let (child, addrs) = spawn_with_addresses(args);
+    let cluster = addrs.cluster.expect("a coordinator prints its cluster address");
+    (child, addrs.public, cluster)
+}
+
+/// Starts `tessera ARGS…` and returns it with the addresses it printed.
+///
+/// # Panics
+/// When the process cannot start or does not listen within 60 s.
+pub fn spawn_with_addresses<S: AsRef<str>>(args: &[S]) -> (Child, Addresses) {
     let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(&args)
@@ -28,18 +60,24 @@ pub fn spawn<S: AsRef<str>>(args: &[S]) -> (Child, String) {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut sent = false;
+        let (mut sent, mut cluster) = (false, None);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if !sent && let Some(addr) = line.split("cluster on ").nth(1) {
+                cluster = Some(addr.trim().to_owned());
+            }
             if !sent && let Some(addr) = line.split("listening on ").nth(1) {
-                let _ = tx.send(addr.trim().to_owned());
+                let _ = tx.send(Addresses {
+                    public: addr.trim().to_owned(),
+                    cluster: cluster.take(),
+                });
                 sent = true;
             }
         }
     });
-    let addr = rx
+    let addrs = rx
         .recv_timeout(Duration::from_secs(60))
         .unwrap_or_else(|_| panic!("`tessera {}` did not start listening", args.join(" ")));
-    (child, addr)
+    (child, addrs)
 }
 
 /// A loopback port free at the time of the call.

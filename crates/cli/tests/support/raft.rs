@@ -31,8 +31,10 @@ pub struct RaftCluster {
     /// This cluster's turn; released after `Drop` has stopped the processes.
     _turn: MutexGuard<'static, ()>,
     model: String,
-    /// Where each coordinator listens.
+    /// Where each coordinator serves the public API.
     pub addrs: Vec<String>,
+    /// Where each coordinator serves the cluster protocol (Raft, workers).
+    pub cluster_addrs: Vec<String>,
     data: PathBuf,
     coordinators: Vec<Option<Child>>,
     workers: Vec<Child>,
@@ -60,6 +62,9 @@ impl RaftCluster {
         let addrs: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
+        let cluster_addrs: Vec<String> = (0..3)
+            .map(|_| format!("127.0.0.1:{}", free_port()))
+            .collect();
         let data = std::env::temp_dir().join(format!("tessera-raft-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -71,7 +76,7 @@ impl RaftCluster {
         if proxied {
             for from in 0..3 {
                 for to in (0..3).filter(|to| *to != from) {
-                    let p = rt.block_on(Proxy::start(addrs[to].clone()));
+                    let p = rt.block_on(Proxy::start(cluster_addrs[to].clone()));
                     proxies.insert((from, to), p);
                 }
             }
@@ -80,6 +85,7 @@ impl RaftCluster {
             _turn: turn,
             model: model.to_owned(),
             addrs,
+            cluster_addrs,
             data,
             coordinators: vec![None, None, None],
             workers: Vec::new(),
@@ -95,10 +101,10 @@ impl RaftCluster {
         c
     }
 
-    /// Starts one more worker, named `name`, that knows every coordinator.
+    /// Starts one more worker, named `name`, that knows every coordinator's cluster port.
     pub fn add_worker(&mut self, name: &str) {
         let list = self
-            .addrs
+            .cluster_addrs
             .iter()
             .map(|a| format!("http://{a}"))
             .collect::<Vec<_>>()
@@ -118,14 +124,14 @@ impl RaftCluster {
         self.workers.push(w);
     }
 
-    /// Coordinator `i`'s founding peer list: itself at its own address, the others where `i`
-    /// dials them (their proxy for `i`, when partitionable).
+    /// Coordinator `i`'s founding peer list: itself at its own cluster address, the others
+    /// where `i` dials them (their proxy for `i`, when partitionable).
     fn peers_for(&self, i: usize) -> String {
         (0..3)
             .map(|j| {
                 let addr = match self.proxies.get(&(i, j)) {
                     Some(p) => p.address.as_str(),
-                    None => self.addrs[j].as_str(),
+                    None => self.cluster_addrs[j].as_str(),
                 };
                 format!("{}={addr}", j + 1)
             })
@@ -139,6 +145,8 @@ impl RaftCluster {
             "coordinator",
             "--listen",
             &self.addrs[i],
+            "--cluster-listen",
+            &self.cluster_addrs[i],
             "--id",
             &(i + 1).to_string(),
             "--peers",
@@ -242,7 +250,7 @@ impl RaftCluster {
         }
     }
 
-    /// The index of the coordinator a status names as leader, by its address or its proxy's.
+    /// The index of the coordinator a status names as leader, by its node id.
     pub fn leader_index(&self, s: &pb::ClusterStatusResponse) -> Option<usize> {
         let (id, _) = s.leader.split_once('=')?;
         let id: usize = id.parse().ok()?;

@@ -1,5 +1,5 @@
 //! Raft over gRPC: [`GrpcTransport`] sends each peer's messages from one task over a lazily
-//! connected channel; [`RaftService`] serves `tessera.v1.Raft` and steps what it receives
+//! connected channel; [`RaftService`] serves `tessera.cluster.v1.Raft` and steps what it receives
 //! into the local node.
 //!
 //! A message travels as raft-rs's own protobuf encoding inside `RaftMessage.message`, so the
@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use protobuf::Message as _;
 use raft::eraftpb::Message;
-use tessera_proto::v1::raft_client::RaftClient;
-use tessera_proto::v1::raft_server::{Raft, RaftServer};
-use tessera_proto::v1::{
+use tessera_proto::cluster::v1::raft_client::RaftClient;
+use tessera_proto::cluster::v1::raft_server::{Raft, RaftServer};
+use tessera_proto::cluster::v1::{
     AddMemberRequest, MembersResponse, RaftAck, RaftMessage, RemoveMemberRequest,
 };
 use tokio::sync::mpsc;
@@ -159,7 +159,7 @@ async fn peer_task(to: u64, addresses: Addresses, own: Arc<str>, mut rx: mpsc::R
     }
 }
 
-/// The `tessera.v1.Raft` service: hands received messages to the local node.
+/// The `tessera.cluster.v1.Raft` service: hands received messages to the local node.
 #[derive(Clone)]
 pub struct RaftService {
     handle: RaftHandle,

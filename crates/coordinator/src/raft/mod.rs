@@ -10,7 +10,7 @@
 //! - [`Transport`] (`transport.rs`) sends a Raft message to a peer without blocking: one task
 //!   per peer with a bounded queue. [`MemNetwork`] is the in-memory implementation for tests
 //!   (partitions, loss, delay); [`GrpcTransport`] and [`RaftService`] (`grpc.rs`) carry the
-//!   messages over the `tessera.v1.Raft` gRPC service.
+//!   messages over the `tessera.cluster.v1.Raft` gRPC service.
 //!
 //! [`RaftNode`] (`node.rs`) owns a `raft::RawNode` on its own thread and runs the Ready loop;
 //! [`RaftHandle`] (`handle.rs`) is the cloneable way in: propose a command and await its applied
