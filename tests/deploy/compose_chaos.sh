@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Compose chaos test: validates the compose file with and without the `otel` profile, builds
-# the image with no registry, brings up deploy/docker-compose.yml (3 coordinators + 3 workers),
-# and checks that the cluster answers with the real model, that every worker's metrics endpoint
-# counts the steps it computed, that a
+# Compose chaos test: validates the compose file with and without the `otel` profile (and that
+# coordinators publish only their public and metrics ports while peers and workers dial the
+# cluster port), builds the image with no registry, brings up deploy/docker-compose.yml
+# (3 coordinators + 3 workers), and checks that the cluster answers with the real model, that
+# the public port refuses the cluster protocol, that every worker's metrics endpoint counts the steps it computed, that a
 # new leader serves after `docker kill` of the Raft leader, that a worker cut off the network
 # fails in-flight requests with UNAVAILABLE while new ones succeed on a re-planned cluster, that
 # the worker rejoins when reconnected, and that `down -v` leaves nothing behind.
@@ -53,6 +54,15 @@ grep -q "otel-collector.yaml:/etc/otelcol/config.yaml" <<<"$otel" || fail "colle
 [ "$(grep -c "OTEL_EXPORTER_OTLP_ENDPOINT: http://otel-collector:4317" <<<"$otel")" -ge 6 ] \
   || fail "coordinators and workers do not export to the collector under the otel profile"
 pass "compose config valid, with and without the otel profile"
+# Two ports: coordinators publish the public API and metrics, never the cluster port (50052 in
+# the containers), which the peers and workers dial on the private network.
+! grep -Eq -- "(:50052/tcp|target: 50052)$" <<<"$plain" || fail "a coordinator's cluster port is published"
+[ "$(grep -c -- "--cluster-listen=0.0.0.0:50052" <<<"$plain")" = 3 ] || fail "coordinators lack --cluster-listen"
+[ "$(grep -c -- "--peers=1=coordinator-1:50052,2=coordinator-2:50052,3=coordinator-3:50052" <<<"$plain")" = 3 ] \
+  || fail "--peers does not name the cluster ports"
+[ "$(grep -c -- "--coordinator=http://coordinator-1:50052,http://coordinator-2:50052,http://coordinator-3:50052" <<<"$plain")" = 3 ] \
+  || fail "workers do not register at the cluster ports"
+pass "only public and metrics ports published; peers and workers use the cluster port"
 cleanup() { dc down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 cleanup
@@ -85,6 +95,12 @@ pass "3 coordinators + 3 workers up and planned"
 answer=$(gen $ep 2>/dev/null)
 [ -n "$answer" ] || fail "empty answer"
 pass "generate answers: $answer"
+# Membership is cluster protocol: the published (public) port refuses it.
+if out=$("$bin" cluster remove-coordinator --endpoint $ep --id 3 2>&1) \
+  || ! grep -q "does not serve the cluster protocol" <<<"$out"; then
+  fail "the public port accepted (or mis-refused) a membership change: $out"
+fi
+pass "the public port refuses the cluster protocol (UNIMPLEMENTED)"
 
 # Every worker holds a stage, so each computed steps; their metrics are published on 9101-9103.
 scrape() { # $1 = port: GET /metrics over bash's /dev/tcp (no curl in the base image or here)
