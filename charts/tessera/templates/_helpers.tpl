@@ -75,20 +75,20 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%d.%s.%s.svc.%s" (include "tessera.coordinator.fullname" .ctx) (int .i) (include "tessera.coordinator.headless" .ctx) .ctx.Release.Namespace .ctx.Values.clusterDomain }}
 {{- end }}
 
-{{/* --peers: "1=host0:port,2=host1:port,..." — Raft id = ordinal + 1, as `--id auto` computes. */}}
+{{/* --peers: "1=host0:clusterPort,2=host1:clusterPort,..." — Raft id = ordinal + 1, as `--id auto` computes. */}}
 {{- define "tessera.coordinator.peers" -}}
 {{- $peers := list }}
 {{- range $i := until (int .Values.coordinator.replicas) }}
-{{- $peers = append $peers (printf "%d=%s:%d" (add $i 1) (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.port)) }}
+{{- $peers = append $peers (printf "%d=%s:%d" (add $i 1) (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.clusterPort)) }}
 {{- end }}
 {{- join "," $peers }}
 {{- end }}
 
-{{/* --coordinator for workers: every coordinator's URL; the worker follows the leader. */}}
+{{/* --coordinator for workers: every coordinator's cluster port; the worker follows the leader. */}}
 {{- define "tessera.coordinator.urls" -}}
 {{- $urls := list }}
 {{- range $i := until (int .Values.coordinator.replicas) }}
-{{- $urls = append $urls (printf "http://%s:%d" (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.port)) }}
+{{- $urls = append $urls (printf "http://%s:%d" (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.clusterPort)) }}
 {{- end }}
 {{- join "," $urls }}
 {{- end }}
