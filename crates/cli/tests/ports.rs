@@ -171,11 +171,14 @@ fn public_port_serves_only_the_public_api() {
         return;
     };
     let c = Coordinator::start(&model);
+    // Elected (alone), so that its status names itself as member.
+    c.leader_and_term();
     let public = c.channel(&c.public);
     let cluster = c.channel(&c.cluster);
 
     assert_eq!(
-        c.rt.block_on(list_v1(public.clone())).expect("reflection v1"),
+        c.rt.block_on(list_v1(public.clone()))
+            .expect("reflection v1"),
         PUBLIC_SERVICES
     );
     assert_eq!(
@@ -213,9 +216,8 @@ fn public_port_serves_only_the_public_api() {
         }
     }
     // The public API answers on the public port.
-    let models = c
-        .rt
-        .block_on(
+    let models =
+        c.rt.block_on(
             pb::inference_client::InferenceClient::new(public.clone())
                 .list_models(pb::ListModelsRequest {}),
         )
@@ -224,27 +226,23 @@ fn public_port_serves_only_the_public_api() {
     assert_eq!(models.models.len(), 1);
 
     // The cluster port: no public API, no reflection; health and forwarding are there.
-    let err = c
-        .rt
-        .block_on(
+    let err =
+        c.rt.block_on(
             pb::inference_client::InferenceClient::new(cluster.clone())
                 .list_models(pb::ListModelsRequest {}),
         )
         .expect_err("Inference on the cluster port");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    let err = c
-        .rt
-        .block_on(list_v1(cluster.clone()))
-        .expect_err("reflection on the cluster port");
+    let err =
+        c.rt.block_on(list_v1(cluster.clone()))
+            .expect_err("reflection on the cluster port");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    let err = c
-        .rt
-        .block_on(list_v1alpha(cluster.clone()))
-        .expect_err("reflection v1alpha on the cluster port");
+    let err =
+        c.rt.block_on(list_v1alpha(cluster.clone()))
+            .expect_err("reflection v1alpha on the cluster port");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
-    let status = c
-        .rt
-        .block_on(
+    let status =
+        c.rt.block_on(
             cpb::forward_client::ForwardClient::new(cluster.clone())
                 .cluster_status(pb::ClusterStatusRequest { local: true }),
         )
@@ -303,9 +301,8 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
         address: "127.0.0.1:9".into(),
     }));
     refused.push(("Raft/AddMember".into(), r.map(|_| ())));
-    let r = c
-        .rt
-        .block_on(raft_client.remove_member(cpb::RemoveMemberRequest { id: 1 }));
+    let r =
+        c.rt.block_on(raft_client.remove_member(cpb::RemoveMemberRequest { id: 1 }));
     refused.push(("Raft/RemoveMember".into(), r.map(|_| ())));
     let mut coordination = cpb::coordination_client::CoordinationClient::new(public.clone());
     let r = c.rt.block_on(coordination.register(cpb::RegisterRequest {
@@ -318,12 +315,10 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
         name: "forged".into(),
     }));
     refused.push(("Coordination/Register".into(), r.map(|_| ())));
-    let r = c
-        .rt
-        .block_on(coordination.heartbeat(cpb::HeartbeatRequest {
-            worker_id: "w1".into(),
-            ..Default::default()
-        }));
+    let r = c.rt.block_on(coordination.heartbeat(cpb::HeartbeatRequest {
+        worker_id: "w1".into(),
+        ..Default::default()
+    }));
     refused.push(("Coordination/Heartbeat".into(), r.map(|_| ())));
     let r = c.rt.block_on(
         cpb::forward_client::ForwardClient::new(public.clone())
@@ -342,9 +337,8 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
     assert_eq!(c.leader_and_term(), (leader, term));
 
     // The Raft service is on the cluster port: it decodes what it gets.
-    let err = c
-        .rt
-        .block_on(
+    let err =
+        c.rt.block_on(
             cpb::raft_client::RaftClient::new(c.channel(&c.cluster)).send(cpb::RaftMessage {
                 message: vec![0xff, 0xff, 0xff],
                 from_address: String::new(),
@@ -353,9 +347,8 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
         .expect_err("garbage");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // No worker got in through the public port.
-    let status = c
-        .rt
-        .block_on(
+    let status =
+        c.rt.block_on(
             pb::inference_client::InferenceClient::new(public)
                 .cluster_status(pb::ClusterStatusRequest::default()),
         )

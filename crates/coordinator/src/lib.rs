@@ -258,10 +258,7 @@ pub async fn serve_on(
         .add_service(cpb::forward_server::ForwardServer::new(
             forward::ForwardService::new(api),
         ))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(cluster_listener),
-            shutdown_rx(&stop),
-        );
+        .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), shutdown_rx(&stop));
     // `shutdown` stops both servers, and either one failing stops the other.
     let (public, cluster_server, ()) = tokio::join!(
         async {

@@ -463,9 +463,7 @@ async fn serve(
         return Ok(());
     }
     println!("{endpoint}");
-    eprintln!(
-        "cluster port (more workers: tessera worker --coordinator {cluster_endpoints})"
-    );
+    eprintln!("cluster port (more workers: tessera worker --coordinator {cluster_endpoints})");
     eprintln!("try: tessera generate --endpoint {endpoint} \"Hello\"   (Ctrl-C stops the cluster)");
     let exited = async {
         loop {

@@ -37,10 +37,15 @@ pub struct Addresses {
 ///
 /// # Panics
 /// As [`spawn`], or when the coordinator printed no cluster address.
-#[allow(dead_code, reason = "not every test binary starts coordinators this way")]
+#[allow(
+    dead_code,
+    reason = "not every test binary starts coordinators this way"
+)]
 pub fn spawn_coordinator<S: AsRef<str>>(args: &[S]) -> (Child, String, String) {
     let (child, addrs) = spawn_with_addresses(args);
-    let cluster = addrs.cluster.expect("a coordinator prints its cluster address");
+    let cluster = addrs
+        .cluster
+        .expect("a coordinator prints its cluster address");
     (child, addrs.public, cluster)
 }
 
