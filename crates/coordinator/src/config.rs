@@ -52,7 +52,7 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            model: tessera_model::testing::SMOLLM2_NAME.to_owned(),
+            model: tessera_hub::DEFAULT_MODEL.to_owned(),
             model_home: None,
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(2),
