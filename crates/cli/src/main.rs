@@ -4,6 +4,8 @@
 //! Subcommands live in `commands/`, one file each; this file only parses arguments, sets up
 //! logging and dispatches.
 
+#![forbid(unsafe_code)]
+
 mod commands;
 mod progress;
 mod telemetry;

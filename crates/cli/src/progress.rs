@@ -2,7 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Mutex;
-use tessera_model::source::Progress;
+use tessera_hub::Progress;
 
 /// An indicatif bar behind the model crate's [`Progress`] callbacks.
 pub struct Bar {

@@ -29,7 +29,7 @@ fn succeeded(out: Output) -> (String, String) {
 /// and reports its statistics (what the text says is the goldens' business).
 #[test]
 fn greedy_generation_is_deterministic() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+    let Some(model) = tessera_testkit::smollm2_gguf() else {
         return;
     };
     let args = [
@@ -55,7 +55,7 @@ fn greedy_generation_is_deterministic() {
 /// Ensures that the same seed gives the same sampled text.
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+    let Some(model) = tessera_testkit::smollm2_gguf() else {
         return;
     };
     let run = |seed: &str| {
@@ -77,7 +77,7 @@ fn seeded_sampling_is_reproducible() {
 /// Ensures that invalid sampling options fail with a message naming the option, not a panic.
 #[test]
 fn invalid_options_name_the_field() {
-    let Some(model) = tessera_model::testing::smollm2_gguf() else {
+    let Some(model) = tessera_testkit::smollm2_gguf() else {
         return;
     };
     for (flag, value, field) in [

@@ -5,12 +5,12 @@
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
-use tessera_model::sampling::{SamplingParams, StopConditions};
-use tessera_model::source::ModelLocation;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_text::sampling::{SamplingParams, StopConditions};
 use tonic::transport::Channel;
 
 mod support;

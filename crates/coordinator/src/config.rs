@@ -58,7 +58,7 @@ impl Default for CoordinatorConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            model: tessera_model::testing::SMOLLM2_NAME.to_owned(),
+            model: tessera_hub::DEFAULT_MODEL.to_owned(),
             model_home: None,
             heartbeat_interval: Duration::from_millis(500),
             heartbeat_timeout: Duration::from_secs(2),

@@ -1,7 +1,7 @@
 //! The coordinator's error type and its one mapping to `tonic::Status`.
 
-use tessera_model::ModelError;
-use tessera_model::sampling::SamplingError;
+use tessera_text::TextError;
+use tessera_text::sampling::SamplingError;
 
 use crate::planner::PlanError;
 use crate::raft::RaftError;
@@ -18,9 +18,9 @@ pub enum CoordinatorError {
         /// Why it is rejected.
         reason: String,
     },
-    /// The model could not be opened, or misbehaved.
+    /// The model could not be found or opened (its files, tokenizer or chat template).
     #[error("model: {0}")]
-    Model(#[source] ModelError),
+    Model(String),
     /// No plan serves the model (too few workers, or reloading), or a worker was lost
     /// mid-request; retrying later may succeed.
     #[error("unavailable: {0}")]
@@ -58,7 +58,7 @@ pub enum CoordinatorError {
     Internal(String),
 }
 
-/// The proto path of a `tessera_model` request field.
+/// The proto path of a `tessera_text` request field.
 fn proto_field(field: &str) -> String {
     match field {
         "temperature" | "top_k" | "top_p" | "min_p" | "repetition_penalty"
@@ -69,26 +69,38 @@ fn proto_field(field: &str) -> String {
     }
 }
 
-impl From<ModelError> for CoordinatorError {
-    fn from(e: ModelError) -> Self {
+impl From<TextError> for CoordinatorError {
+    fn from(e: TextError) -> Self {
         match e {
-            ModelError::InvalidArgument { field, reason } => Self::InvalidArgument {
+            TextError::InvalidArgument { field, reason } => Self::InvalidArgument {
                 field: proto_field(field),
                 reason,
             },
-            ModelError::Sampling(SamplingError::InvalidField { field, reason }) => {
+            TextError::Sampling(SamplingError::InvalidField { field, reason }) => {
                 Self::InvalidArgument {
                     field: proto_field(field),
                     reason,
                 }
             }
             // A chat template that cannot render these messages is the messages' fault.
-            ModelError::Tokenizer(t) => Self::InvalidArgument {
+            TextError::Tokenizer(t) => Self::InvalidArgument {
                 field: "prompt".into(),
                 reason: t.to_string(),
             },
-            other => Self::Model(other),
+            TextError::Format(f) => Self::Model(f.to_string()),
         }
+    }
+}
+
+impl From<tessera_format::FormatError> for CoordinatorError {
+    fn from(e: tessera_format::FormatError) -> Self {
+        Self::Model(e.to_string())
+    }
+}
+
+impl From<tessera_hub::SourceError> for CoordinatorError {
+    fn from(e: tessera_hub::SourceError) -> Self {
+        Self::Model(e.to_string())
     }
 }
 
@@ -147,14 +159,14 @@ mod tests {
                 "stop.max_tokens: r",
             ),
             (
-                ModelError::InvalidArgument {
+                TextError::InvalidArgument {
                     field: "prompt",
                     reason: "r".into(),
                 },
                 "prompt: r",
             ),
             (
-                ModelError::InvalidArgument {
+                TextError::InvalidArgument {
                     field: "messages",
                     reason: "r".into(),
                 },

@@ -2,9 +2,9 @@
 //! and the KV cache per token and layer. The planner sizes shards with it.
 
 use serde::{Deserialize, Serialize};
-use tessera_model::config::ModelConfig;
-use tessera_model::weights::{TensorKey, WeightStore};
-use tessera_model::{ModelError, Result};
+use tessera_format::ModelConfig;
+use tessera_format::{FormatError, Result};
+use tessera_format::{TensorKey, WeightStore};
 
 /// The resident cost of each part of a model.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,11 +37,11 @@ impl ModelFootprint {
     /// Reads the footprint of a model from its weight store (tensor sizes as loaded).
     ///
     /// # Errors
-    /// [`ModelError::Tensor`] when a tensor the architecture needs is absent or the store cannot
+    /// [`FormatError::Tensor`] when a tensor the architecture needs is absent or the store cannot
     /// tell its size.
     pub fn from_store(store: &dyn WeightStore, cfg: &ModelConfig) -> Result<Self> {
         let need = |key: TensorKey| {
-            store.stored_bytes(key).ok_or_else(|| ModelError::Tensor {
+            store.stored_bytes(key).ok_or_else(|| FormatError::Tensor {
                 name: format!("{key:?}"),
                 reason: "missing, or its size is unknown to the planner".into(),
             })
@@ -92,9 +92,9 @@ impl ModelFootprint {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_model::config::{Arch, RopeLayout};
-    use tessera_model::quant::QType;
-    use tessera_model::testing::MemoryWeights;
+    use tessera_format::QType;
+    use tessera_format::{Arch, RopeLayout};
+    use tessera_testkit::MemoryWeights;
 
     fn tiny() -> ModelConfig {
         ModelConfig {

@@ -14,18 +14,19 @@
 //! Each port is its own `tonic` server, so a call to a service of the other port is answered
 //! `UNIMPLEMENTED`, and each can get its own transport security.
 
+#![forbid(unsafe_code)]
+
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tessera_model::ModelError;
-use tessera_model::frontend::{Frontend, open_weights};
-use tessera_model::source::{ModelCache, resolve};
+use tessera_hub::{ModelCache, resolve};
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Channel, Endpoint};
+use {tessera_format::open_weights, tessera_text::Frontend};
 
 pub mod api;
 mod cluster;
@@ -134,13 +135,12 @@ pub async fn serve_on(
 ) -> Result<(), CoordinatorError> {
     let cache = match &cfg.model_home {
         Some(home) => ModelCache::at(home.clone()),
-        None => ModelCache::from_env().map_err(ModelError::from)?,
+        None => ModelCache::from_env()?,
     };
-    let location = resolve(&cfg.model, &cache).map_err(ModelError::from)?;
-    let frontend = Frontend::open(&location).map_err(CoordinatorError::Model)?;
-    let (store, model_cfg) = open_weights(&location).map_err(CoordinatorError::Model)?;
-    let footprint = footprint::ModelFootprint::from_store(store.as_ref(), &model_cfg)
-        .map_err(CoordinatorError::Model)?;
+    let location = resolve(&cfg.model, &cache)?;
+    let frontend = Frontend::open(&location)?;
+    let (store, model_cfg) = open_weights(&location)?;
+    let footprint = footprint::ModelFootprint::from_store(store.as_ref(), &model_cfg)?;
     drop(store);
     let kv_tokens = cfg.kv_tokens_for(model_cfg.context_len);
     let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize);

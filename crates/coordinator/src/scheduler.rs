@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use tessera_model::frontend::{Frontend, OutputStream};
-use tessera_model::sampling::{FinishReason, SampledToken};
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
+use tessera_text::frontend::{Frontend, OutputStream};
+use tessera_text::sampling::{FinishReason, SampledToken};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -509,10 +509,7 @@ impl Scheduler {
             time_to_first_token_ms: ms(s.first_token.unwrap_or(now) - received),
             total_ms: ms(now - received),
         };
-        let (reason, outcome) = match reason {
-            FinishReason::Stop => (pb::FinishReason::Stop, "stop"),
-            FinishReason::Length => (pb::FinishReason::Length, "length"),
-        };
+        let (reason, outcome) = (tessera_proto::wire::finish_reason(reason), reason.as_str());
         self.cluster.metrics.request_ended(outcome);
         self.cluster.metrics.usage(
             u64::from(usage.prompt_tokens),

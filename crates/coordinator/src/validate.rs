@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use tessera_model::frontend::{Frontend, GenerateRequest, Prompt, ValidGenerateRequest};
-use tessera_model::sampling::{Rng, SamplingParams, StopConditions};
-use tessera_model::tokenizer::ChatMessage;
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
+use tessera_proto::wire;
+use tessera_text::frontend::{Frontend, GenerateRequest, Prompt, ValidGenerateRequest};
+use tessera_text::sampling::{Rng, StopConditions};
 
 use crate::error::CoordinatorError;
 
@@ -40,14 +40,8 @@ impl ValidRequest {
         let p = self.inner.sampling.params();
         cpb::SeqStart {
             sampling: Some(pb::SamplingParams {
-                temperature: Some(p.temperature),
-                top_k: p.top_k,
-                top_p: Some(p.top_p),
-                min_p: p.min_p,
-                repetition_penalty: Some(p.repetition_penalty),
-                frequency_penalty: p.frequency_penalty,
-                presence_penalty: p.presence_penalty,
                 seed: Some(self.seed),
+                ..wire::sampling_to_proto(p)
             }),
             logprobs: p.logprobs,
             top_logprobs: p.top_logprobs,
@@ -113,22 +107,8 @@ impl Validator {
         text: Option<String>,
         chat: Option<pb::ChatMessages>,
     ) -> Result<Prompt, CoordinatorError> {
-        match (text, chat) {
-            (Some(t), _) => Ok(Prompt::Text(t)),
-            (None, Some(c)) => Ok(Prompt::Chat(
-                c.messages
-                    .into_iter()
-                    .map(|m| ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            )),
-            (None, None) => Err(CoordinatorError::invalid(
-                "prompt",
-                "required: give text or chat",
-            )),
-        }
+        wire::prompt(text, chat)
+            .ok_or_else(|| CoordinatorError::invalid("prompt", "required: give text or chat"))
     }
 
     /// Validates a generate request received at `received`.
@@ -150,18 +130,7 @@ impl Validator {
         let s = req.sampling.unwrap_or_default();
         let stop = req.stop.unwrap_or_default();
         let seed = s.seed.unwrap_or_else(Rng::entropy_seed);
-        let sampling = SamplingParams {
-            temperature: s.temperature.unwrap_or(1.0),
-            top_k: s.top_k,
-            top_p: s.top_p.unwrap_or(1.0),
-            min_p: s.min_p,
-            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
-            frequency_penalty: s.frequency_penalty,
-            presence_penalty: s.presence_penalty,
-            seed: Some(seed),
-            logprobs: req.logprobs,
-            top_logprobs: req.top_logprobs,
-        };
+        let sampling = wire::sampling_params(Some(s), seed, req.logprobs, req.top_logprobs);
         let max_tokens = match stop.max_tokens {
             Some(m) => m,
             None => {

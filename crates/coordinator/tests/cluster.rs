@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use tessera_coordinator::CoordinatorConfig;
 use tessera_coordinator::footprint::ModelFootprint;
+use tessera_format::open_weights;
+use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
-use tessera_model::frontend::open_weights;
-use tessera_model::sampling::{FinishReason, SamplingParams, StopConditions};
-use tessera_model::source::ModelLocation;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_text::sampling::{FinishReason, SamplingParams, StopConditions};
 use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
 use tonic::transport::Channel;
 
@@ -173,7 +173,7 @@ async fn wait_ready(
 /// the same outputs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_equals_engine_and_survives_a_lost_worker() {
-    let Some(path) = tessera_model::testing::smollm2_gguf() else {
+    let Some(path) = tessera_testkit::smollm2_gguf() else {
         return;
     };
     let location = ModelLocation::Gguf(path.clone());

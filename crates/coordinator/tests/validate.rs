@@ -5,14 +5,14 @@
 use std::time::Instant;
 
 use tessera_coordinator::validate::{DEFAULT_MAX_TOKENS, Validator};
-use tessera_model::frontend::Frontend;
-use tessera_model::source::ModelLocation;
+use tessera_hub::ModelLocation;
 use tessera_proto::v1 as pb;
+use tessera_text::frontend::Frontend;
 
 const MODEL: &str = "smollm2-135m-instruct";
 
 fn validator(context: usize) -> Option<Validator> {
-    let path = tessera_model::testing::smollm2_gguf()?;
+    let path = tessera_testkit::smollm2_gguf()?;
     let frontend = Frontend::open(&ModelLocation::Gguf(path)).expect("frontend");
     Some(Validator::new(frontend, MODEL, context))
 }

@@ -8,7 +8,7 @@
 //! [`runtime::nccl`]. Nothing needs a CUDA toolkit at build time; a machine without a driver,
 //! a device or NVRTC gets a typed [`CudaError`], never a panic.
 //!
-//! Conventions follow `tessera_model::attention`: `q`/`out` `(seq_q, n_heads, head_dim)`,
+//! Conventions follow `tessera_kernels::attention`: `q`/`out` `(seq_q, n_heads, head_dim)`,
 //! `lse` `(seq_q, n_heads)` in f32 natural log, bottom-right causal alignment, GQA head
 //! `h → h / (n_heads / n_kv_heads)`, a row with no visible key gives `(0, -inf)`.
 

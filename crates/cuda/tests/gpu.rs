@@ -15,8 +15,8 @@ use tessera_cuda::runtime::attention::{
     prefill_attention_with,
 };
 use tessera_cuda::runtime::elementwise::{RopeLayout, add, embed, rmsnorm, rope, swiglu};
-use tessera_model::attention::reference::attention_f64;
-use tessera_model::attention::{AttnShape, KvView};
+use tessera_kernels::attention::reference::attention_f64;
+use tessera_kernels::attention::{AttnShape, KvView};
 
 const HEAD_DIMS: [usize; 6] = [64, 80, 128, 59, 200, 256];
 const RATIOS: [usize; 3] = [1, 3, 6];

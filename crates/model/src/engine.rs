@@ -9,18 +9,20 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ThreadPool;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::frontend::{Frontend, OutputStream, open_weights};
-pub use crate::frontend::{GenerateRequest, Prompt, TokenEvent, ValidGenerateRequest};
 use crate::kv_cache::{KvCacheConfig, PagedKvCache};
 use crate::layers::SeqStep;
-use crate::llama::{ForwardScratch, Llama, LoadSpec};
-use crate::profile::{self, Op};
-use crate::sampling::{FinishReason, SampledToken, Sampler};
-use crate::source::ModelLocation;
-use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::llama::{Llama, LoadSpec};
+use crate::stage::StageScratch;
+use tessera_format::ModelConfig;
+use tessera_format::{ModelLocation, open_weights};
+use tessera_kernels::ThreadPool;
+use tessera_kernels::profile::{self, Op};
+use tessera_text::frontend::{Frontend, OutputStream};
+pub use tessera_text::frontend::{GenerateRequest, Prompt, TokenEvent, ValidGenerateRequest};
+use tessera_text::sampling::{FinishReason, SampledToken, Sampler};
+
+use tessera_text::tokenizer::{ChatMessage, Tokenizer};
 
 /// How to run the engine.
 #[derive(Clone, Debug)]
@@ -69,7 +71,7 @@ pub struct Engine {
     frontend: Frontend,
     cache: PagedKvCache,
     pool: ThreadPool,
-    scratch: ForwardScratch,
+    scratch: StageScratch,
     opts: EngineOptions,
 }
 
@@ -112,7 +114,7 @@ impl Engine {
             frontend,
             cache,
             pool,
-            scratch: ForwardScratch::default(),
+            scratch: StageScratch::default(),
             opts,
         })
     }
@@ -147,7 +149,7 @@ impl Engine {
     /// # Errors
     /// When the model has no chat template, or rendering fails.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        self.frontend.render_chat(messages)
+        Ok(self.frontend.render_chat(messages)?)
     }
 
     /// Tokenizes a prompt the way generation will.
@@ -155,7 +157,7 @@ impl Engine {
     /// # Errors
     /// As [`Engine::render_chat`] and the tokenizer.
     pub fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<u32>> {
-        self.frontend.tokenize_prompt(prompt)
+        Ok(self.frontend.tokenize_prompt(prompt)?)
     }
 
     /// The longest sequence this engine can hold: the model's context, or less when the KV
@@ -169,10 +171,10 @@ impl Engine {
     /// Validates a request once: everything generation needs to trust.
     ///
     /// # Errors
-    /// [`crate::ModelError::InvalidArgument`] / [`crate::ModelError::Sampling`] naming the
+    /// [`crate::ModelError::InvalidArgument`] / [`crate::ModelError::Text`] naming the
     /// field at fault.
     pub fn validate(&self, req: &GenerateRequest) -> Result<ValidGenerateRequest> {
-        self.frontend.validate(req, self.context())
+        Ok(self.frontend.validate(req, self.context())?)
     }
 
     /// Generates, calling `on_token` for every sampled token; returning `Break` from it cancels.

@@ -1,58 +1,28 @@
 //! The model crate's error type.
 //!
-//! Each concern keeps its own precise error (tokenizer, sampling, KV cache, model source) and
-//! converts into [`ModelError`], which the RPC crates map to `tonic::Status` in one place.
-
-use std::path::PathBuf;
+//! Each layer below keeps its own precise error (model files, kernels, the text side, the KV
+//! cache, model sources) and converts into [`ModelError`]; [`ModelError::kind`] says which
+//! class of failure it is, and the wire boundary maps that class to one gRPC code for every
+//! service.
 
 /// Everything that can go wrong inside the engine.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// Reading a model file failed.
-    #[error("reading {path}: {source}")]
-    Io {
-        /// The file being read.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The model file is readable but not a model we can run.
-    #[error("invalid model {path}: {reason}")]
-    InvalidModel {
-        /// The file or directory.
-        path: PathBuf,
-        /// What is wrong with it, and how to fix it where we know.
-        reason: String,
-    },
-    /// A tensor the architecture needs is missing or has the wrong shape.
-    #[error("tensor {name}: {reason}")]
-    Tensor {
-        /// The tensor's name in the file.
-        name: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A weight format we do not implement.
-    #[error("unsupported weight type {0}")]
-    UnsupportedDType(String),
-    /// An error from candle while reading weights.
+    /// The model's files cannot be read or are not a model we run.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
-    /// The compute thread pool could not start.
-    #[error("thread pool: {0}")]
-    ThreadPool(String),
-    /// The tokenizer failed.
+    Format(#[from] tessera_format::FormatError),
+    /// A kernel rejected its arguments, or the compute threads could not start.
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
-    /// A sampling parameter or stop condition is invalid.
+    Kernel(#[from] tessera_kernels::KernelError),
+    /// The tokenizer, a sampling parameter or a stop condition failed.
     #[error(transparent)]
-    Sampling(#[from] crate::sampling::SamplingError),
+    Text(#[from] tessera_text::TextError),
     /// The KV cache is out of blocks or was used inconsistently.
     #[error(transparent)]
     KvCache(#[from] crate::kv_cache::KvCacheError),
     /// The model could not be found, fetched or verified.
     #[error(transparent)]
-    Source(#[from] crate::source::SourceError),
+    Source(#[from] tessera_hub::SourceError),
     /// A request is invalid for this model (too long for its context, empty, …).
     #[error("invalid argument `{field}`: {reason}")]
     InvalidArgument {
@@ -61,6 +31,46 @@ pub enum ModelError {
         /// Why it is rejected.
         reason: String,
     },
+}
+
+impl From<tessera_text::tokenizer::TokenizerError> for ModelError {
+    fn from(e: tessera_text::tokenizer::TokenizerError) -> Self {
+        Self::Text(e.into())
+    }
+}
+
+impl From<tessera_text::sampling::SamplingError> for ModelError {
+    fn from(e: tessera_text::sampling::SamplingError) -> Self {
+        Self::Text(e.into())
+    }
+}
+
+impl ModelError {
+    /// This error's class (see `tessera_format::ErrorKind`).
+    pub fn kind(&self) -> tessera_format::ErrorKind {
+        use crate::kv_cache::KvCacheError as Kv;
+        use tessera_format::ErrorKind as K;
+        match self {
+            Self::Format(e) => e.kind(),
+            Self::Kernel(e) => e.kind(),
+            Self::Text(e) => e.kind(),
+            Self::KvCache(Kv::OutOfBlocks { .. }) => K::ResourceExhausted,
+            Self::KvCache(Kv::InvalidConfig { .. }) => K::InvalidArgument,
+            Self::KvCache(Kv::ForeignSequence) => K::Internal,
+            Self::Source(e) => e.kind(),
+            Self::InvalidArgument { .. } => K::InvalidArgument,
+        }
+    }
+
+    /// The request field at fault, as the engine names it, when there is one.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::Text(e) => e.field(),
+            Self::Kernel(tessera_kernels::KernelError::InvalidArgument { field, .. })
+            | Self::InvalidArgument { field, .. } => Some(field),
+            _ => None,
+        }
+    }
 }
 
 /// The crate's result type.

@@ -1,29 +1,19 @@
-//! tessera's single-process transformer engine.
+//! tessera's transformer model: layers, the paged KV cache, the stage-step forward pass, and
+//! the single-process engine.
 //!
-//! Everything a worker needs to run a Llama-family model on the CPU lives here, with no async
-//! runtime or RPC: model configuration and weights (GGUF, safetensors), the quantized matrix
-//! kernels, attention (llama.cpp's order for the engine, FlashAttention-style with its log-sum-exp
-//! merge for partial key sets), llama.cpp's elementwise arithmetic, the paged KV cache, the
-//! tokenizer and chat templates, and sampling. Sharded execution in the worker crate is judged
-//! against the `engine::Engine` defined here.
+//! The numeric kernels come from `tessera_kernels`, model files from `tessera_format`, the
+//! tokenizer and sampling from `tessera_text`, model sources from `tessera_hub`. Sharded
+//! execution in the worker crate runs the same forward pass as [`engine::Engine`] and is judged
+//! against it.
 
-pub mod attention;
-pub mod config;
+#![forbid(unsafe_code)]
+
 pub mod engine;
 pub mod error;
-pub mod frontend;
-pub mod ggml_math;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
-pub mod profile;
-pub mod quant;
-pub mod sampling;
-pub mod source;
-pub mod testing;
-pub mod threadpool;
-pub mod tokenizer;
+pub mod stage;
 pub mod weights;
 
 pub use error::{ModelError, Result};
-pub use threadpool::ThreadPool;

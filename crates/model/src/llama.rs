@@ -1,23 +1,27 @@
 //! The Llama-family model: embedding, a range of blocks, final norm and output head.
 //!
 //! A model may be loaded whole or as one pipeline stage ([`LoadSpec`]): a stage holds only its
-//! layers, the first stage the embedding, the last the final norm and head. The forward pass is
-//! split the same way — [`Llama::embed`], [`Llama::forward_hidden`], [`Llama::logits`] — and
-//! [`Llama::forward`] composes them for the single-process engine, so a pipeline of stages does
-//! exactly the same arithmetic as one process.
+//! layers, the first stage the embedding, the last the final norm and head. [`Llama::step`] is
+//! the one forward pass (see [`crate::stage`]): the engine runs it over the whole model, each
+//! worker over its stage, so a pipeline of stages does exactly the arithmetic of one process.
+//! Its parts — [`Llama::embed`], [`Llama::forward_hidden`], [`Llama::logits`] — stay public
+//! for tests that need logits at every row (teacher forcing).
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::ThreadPool;
-use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
-use crate::layers::{Block, RmsNorm, Rope, SeqStep};
-use crate::profile::{self, Op};
-use crate::quant::{QMatrix, QScratch};
-use crate::weights::{TensorKey, WeightStore};
+use crate::layers::{Block, LayerCtx, RmsNorm, Rope, SeqStep};
+use crate::stage::{
+    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch, TensorSlice,
+};
+use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
+use tessera_format::ModelConfig;
+use tessera_kernels::ThreadPool;
+use tessera_kernels::profile::{self, Op};
+use tessera_kernels::quant::{QMatrix, QScratch};
 
 /// Which parts of the model to load.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,32 +32,25 @@ pub struct LoadSpec {
     pub embed: bool,
     /// Whether to load the final norm and output head (the last stage).
     pub head: bool,
+    /// The heads and columns of each layer this rank holds (tensor parallelism).
+    pub tensor: TensorSlice,
 }
 
 impl LoadSpec {
     /// The whole model.
     pub fn full(cfg: &ModelConfig) -> Self {
+        Self::stage(cfg, 0..cfg.n_layers, true, true)
+    }
+
+    /// A pipeline stage: whole layers `layers`, with the embedding and/or the head.
+    pub fn stage(cfg: &ModelConfig, layers: Range<usize>, embed: bool, head: bool) -> Self {
         Self {
-            layers: 0..cfg.n_layers,
-            embed: true,
-            head: true,
+            layers,
+            embed,
+            head,
+            tensor: TensorSlice::whole(cfg),
         }
     }
-}
-
-/// Buffers for [`Llama::forward`], reused across steps.
-#[derive(Default)]
-pub struct ForwardScratch {
-    /// The residual stream, (n, hidden).
-    pub x: Vec<f32>,
-    /// Last rows of the sequences that want logits, (m, hidden).
-    last: Vec<f32>,
-    /// Their normalised form.
-    last_norm: Vec<f32>,
-    /// Logits, (m, vocab).
-    pub logits: Vec<f32>,
-    /// Per-layer buffers.
-    pub step: StepScratch,
 }
 
 /// A loaded Llama-family model (or one pipeline stage of it).
@@ -90,6 +87,7 @@ impl Llama {
                 ),
             });
         }
+        spec.tensor.check(cfg)?;
         let total = spec.layers.len() + 2;
         let embed = if spec.embed {
             Some(Arc::new(store.matrix(
@@ -235,6 +233,25 @@ impl Llama {
         s: &mut StepScratch,
         pool: &ThreadPool,
     ) -> Result<()> {
+        let mut ctx = StageCtx {
+            cache,
+            pool,
+            seq_slice: SeqSlice::WHOLE,
+            reduce: &mut LocalReduce,
+        };
+        self.run_layers(batch, x, &mut ctx, s)
+    }
+
+    /// The stage's blocks over `x`, as [`Llama::forward_hidden`] with `ctx`'s slice and
+    /// reduction.
+    fn run_layers(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        x: &mut [f32],
+        ctx: &mut StageCtx<'_>,
+        s: &mut StepScratch,
+    ) -> Result<()> {
+        ctx.seq_slice.check()?;
         let n = self.validate(batch)?;
         if x.len() != n * self.cfg.hidden {
             return Err(ModelError::InvalidArgument {
@@ -247,7 +264,7 @@ impl Llama {
             });
         }
         for step in batch.iter_mut() {
-            cache.reserve(step.seq, step.tokens.len())?;
+            ctx.cache.reserve(step.seq, step.tokens.len())?;
         }
         s.prepare(&self.cfg, n);
         s.positions.clear();
@@ -257,8 +274,16 @@ impl Llama {
         }
         let first = self.spec.layers.start;
         for (i, block) in self.blocks.iter().enumerate() {
-            // The cache is indexed by global layer so a stage's cache lines up with the plan.
-            block.forward(x, batch, cache, first + i, &self.rope, s, pool)?;
+            let mut layer = LayerCtx {
+                batch,
+                cache: &mut *ctx.cache,
+                // The cache is indexed by global layer so a stage's cache lines up with the plan.
+                layer: first + i,
+                rope: &self.rope,
+                pool: ctx.pool,
+                reduce: &mut *ctx.reduce,
+            };
+            block.forward(x, &mut layer, s)?;
         }
         for step in batch.iter_mut() {
             step.seq.commit(step.tokens.len());
@@ -291,33 +316,53 @@ impl Llama {
         drop(timer);
         logits.resize(m * self.cfg.vocab_size, 0.0);
         let _timer = profile::scope(Op::Head);
-        output.matmul(normed, m, logits, q8, pool)
+        Ok(output.matmul(normed, m, logits, q8, pool)?)
     }
 
-    /// The whole model over a batch: embeds, runs every block, and returns the logits (m, vocab)
-    /// of the last token of each sequence that asked for them, in batch order.
+    /// One batched step of this stage (see [`crate::stage`]): from token ids or the previous
+    /// stage's hidden states, through every layer, to hidden states for the next stage or, on
+    /// the last stage, the logits of the sampling sequences' last rows.
     ///
     /// # Errors
-    /// As [`Llama::forward_hidden`]; also when this instance is not the whole model.
-    pub fn forward<'s>(
+    /// As [`Llama::forward_hidden`]; also when the input does not match the stage (token ids
+    /// without the embedding, hidden states of the wrong size), or the slice cannot run.
+    pub fn step<'s>(
         &self,
         batch: &mut [SeqStep<'_>],
-        cache: &mut PagedKvCache,
-        scratch: &'s mut ForwardScratch,
-        pool: &ThreadPool,
-    ) -> Result<&'s [f32]> {
+        input: StageInput<'_>,
+        ctx: &mut StageCtx<'_>,
+        scratch: &'s mut StageScratch,
+    ) -> Result<StageOutput<'s>> {
         self.validate(batch)?;
-        let ForwardScratch {
+        let StageScratch {
             x,
             last,
             last_norm,
             logits,
             step,
         } = scratch;
-        let timer = profile::scope(Op::Embed);
-        self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
-        drop(timer);
-        self.forward_hidden(batch, x, cache, step, pool)?;
+        match input {
+            StageInput::Tokens => {
+                let timer = profile::scope(Op::Embed);
+                self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
+                drop(timer);
+            }
+            StageInput::Hidden(h) => {
+                if self.embed.is_some() {
+                    return Err(ModelError::InvalidArgument {
+                        field: "hidden",
+                        reason: "the first stage embeds token ids itself; send no hidden states"
+                            .into(),
+                    });
+                }
+                x.clear();
+                x.extend_from_slice(h);
+            }
+        }
+        self.run_layers(batch, x, ctx, step)?;
+        if self.output.is_none() {
+            return Ok(StageOutput::Hidden(x.as_slice()));
+        }
         let h = self.cfg.hidden;
         last.clear();
         let mut end = 0;
@@ -327,11 +372,37 @@ impl Llama {
                 last.extend_from_slice(&x[(end - 1) * h..end * h]);
             }
         }
-        if last.is_empty() {
-            logits.clear();
-            return Ok(logits);
+        logits.clear();
+        if !last.is_empty() {
+            self.logits(last, last_norm, logits, &mut step.q8, ctx.pool)?;
         }
-        self.logits(last, last_norm, logits, &mut step.q8, pool)?;
-        Ok(logits)
+        Ok(StageOutput::Logits(logits.as_mut_slice()))
+    }
+
+    /// The whole model over a batch on one rank: [`Llama::step`] from token ids, returning the
+    /// logits (m, vocab) of the last token of each sequence that asked for them, in batch order.
+    ///
+    /// # Errors
+    /// As [`Llama::step`]; also when this instance is not the whole model.
+    pub fn forward<'s>(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        cache: &mut PagedKvCache,
+        scratch: &'s mut StageScratch,
+        pool: &ThreadPool,
+    ) -> Result<&'s [f32]> {
+        let mut ctx = StageCtx {
+            cache,
+            pool,
+            seq_slice: SeqSlice::WHOLE,
+            reduce: &mut LocalReduce,
+        };
+        match self.step(batch, StageInput::Tokens, &mut ctx, scratch)? {
+            StageOutput::Logits(l) => Ok(&*l),
+            StageOutput::Hidden(_) => Err(ModelError::InvalidArgument {
+                field: "logits",
+                reason: "this stage does not hold the output head".into(),
+            }),
+        }
     }
 }

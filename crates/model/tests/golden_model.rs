@@ -12,11 +12,12 @@
 //! batch, which only changes summation orders, moves logits by up to 0.7).
 
 use serde::Deserialize;
-use tessera_model::ThreadPool;
+use tessera_format::GgufWeights;
+use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::{ForwardScratch, Llama, LoadSpec};
-use tessera_model::weights::GgufWeights;
+use tessera_model::llama::{Llama, LoadSpec};
+use tessera_model::stage::StageScratch;
 
 /// Largest |our logit − llama.cpp's logit| allowed over llama.cpp's top-20 tokens at any
 /// position. Measured maximum over the 8 golden prompts (190 positions): 5.7e-6, the goldens'
@@ -79,13 +80,13 @@ fn golden<T: for<'de> Deserialize<'de>>(name: &str) -> T {
 struct Runner {
     model: Llama,
     cache: PagedKvCache,
-    scratch: ForwardScratch,
+    scratch: StageScratch,
     pool: ThreadPool,
 }
 
 impl Runner {
     fn load() -> Option<Self> {
-        let path = tessera_model::testing::smollm2_gguf()?;
+        let path = tessera_testkit::smollm2_gguf()?;
         let w = GgufWeights::open(&path).expect("open");
         let cfg = w.config().expect("config");
         let model = Llama::load(&w, &cfg, LoadSpec::full(&cfg), &mut |_, _| {}).expect("load");
@@ -101,7 +102,7 @@ impl Runner {
         Some(Self {
             model,
             cache,
-            scratch: ForwardScratch::default(),
+            scratch: StageScratch::default(),
             pool,
         })
     }

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::gguf_file::Content;
 use proptest::prelude::*;
 use serde::Deserialize;
-use tessera_model::tokenizer::{IncrementalDecoder, Tokenizer};
+use tessera_text::tokenizer::{IncrementalDecoder, Tokenizer};
 
 #[derive(Deserialize)]
 struct Golden {
@@ -33,7 +33,7 @@ fn golden() -> Golden {
 }
 
 fn smollm2() -> Option<Tokenizer> {
-    let path = tessera_model::testing::smollm2_gguf()?;
+    let path = tessera_testkit::smollm2_gguf()?;
     let mut file =
         std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
     let content =

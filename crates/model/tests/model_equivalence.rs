@@ -1,15 +1,18 @@
 //! The model's forward pass against a naive f64 Llama, and its batched and pipelined forms
 //! against the plain one, on small deterministic random models.
 
-use tessera_model::ThreadPool;
-use tessera_model::config::{Arch, ModelConfig, RopeLayout};
-use tessera_model::ggml_math::round_f16;
+use tessera_format::QType;
+use tessera_format::{Arch, ModelConfig, RopeLayout};
+use tessera_kernels::ThreadPool;
+use tessera_kernels::ggml_math::round_f16;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::{ForwardScratch, Llama, LoadSpec};
-use tessera_model::quant::QType;
-use tessera_model::testing::MemoryWeights;
-use tessera_model::weights::{TensorKey as K, WeightStore};
+use tessera_model::llama::{Llama, LoadSpec};
+use tessera_model::stage::{
+    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
+};
+use tessera_model::weights::{TensorKey as K, WeightStore, WeightStoreExt};
+use tessera_testkit::MemoryWeights;
 
 fn cfg(
     arch: Arch,
@@ -197,7 +200,7 @@ fn run_engine(
     pool: &ThreadPool,
 ) -> Vec<Vec<f32>> {
     let mut seq = cache.new_seq();
-    let mut scratch = ForwardScratch::default();
+    let mut scratch = StageScratch::default();
     let mut out = Vec::new();
     let mut step = |toks: &[u32], seq: &mut _, cache: &mut PagedKvCache| {
         let mut batch = [SeqStep {
@@ -321,7 +324,7 @@ fn batched_steps_equal_solo_runs() {
         .collect();
     let mut cache = cache_for(&c, 4);
     let mut seqs: Vec<_> = prompts.iter().map(|_| cache.new_seq()).collect();
-    let mut scratch = ForwardScratch::default();
+    let mut scratch = StageScratch::default();
     let vocab = c.vocab_size;
     for step in 0..=decode.len() {
         let toks: Vec<Vec<u32>> = prompts
@@ -367,22 +370,14 @@ fn pipeline_stages_equal_whole_model() {
     let first = Llama::load(
         &w,
         &c,
-        LoadSpec {
-            layers: 0..1,
-            embed: true,
-            head: false,
-        },
+        LoadSpec::stage(&c, 0..1, true, false),
         &mut |_, _| {},
     )
     .expect("stage 0");
     let last = Llama::load(
         &w,
         &c,
-        LoadSpec {
-            layers: 1..3,
-            embed: false,
-            head: true,
-        },
+        LoadSpec::stage(&c, 1..3, false, true),
         &mut |_, _| {},
     )
     .expect("stage 1");
@@ -396,48 +391,47 @@ fn pipeline_stages_equal_whole_model() {
 
     let (mut c0, mut c1) = (cache_for(&c, 4), cache_for(&c, 4));
     let (mut s0, mut s1) = (c0.new_seq(), c1.new_seq());
-    let mut scratch = ForwardScratch::default();
-    let (mut normed, mut logits) = (Vec::new(), Vec::new());
-    let mut x = Vec::new();
+    let (mut sc0, mut sc1) = (StageScratch::default(), StageScratch::default());
+    let mut reduce = LocalReduce;
     let steps: Vec<&[u32]> = std::iter::once(&tokens[..5])
         .chain(tokens[5..].chunks(1))
         .collect();
     for (i, toks) in steps.into_iter().enumerate() {
-        first.embed(toks.iter().copied(), &mut x).expect("embed");
-        first
-            .forward_hidden(
-                &mut [SeqStep {
-                    tokens: toks,
-                    seq: &mut s0,
-                    logits: false,
-                }],
-                &mut x,
-                &mut c0,
-                &mut scratch.step,
-                &pool,
-            )
-            .expect("stage 0");
-        last.forward_hidden(
-            &mut [SeqStep {
-                tokens: toks,
-                seq: &mut s1,
-                logits: true,
-            }],
-            &mut x,
-            &mut c1,
-            &mut scratch.step,
-            &pool,
-        )
-        .expect("stage 1");
-        let h = c.hidden;
-        last.logits(
-            &x[x.len() - h..],
-            &mut normed,
-            &mut logits,
-            &mut scratch.step.q8,
-            &pool,
-        )
-        .expect("head");
+        // Stage 0 embeds the tokens; stage 1 takes its hidden states, as a pipeline does.
+        let mut ctx0 = StageCtx {
+            cache: &mut c0,
+            pool: &pool,
+            seq_slice: SeqSlice::WHOLE,
+            reduce: &mut reduce,
+        };
+        let mut b0 = [SeqStep {
+            tokens: toks,
+            seq: &mut s0,
+            logits: false,
+        }];
+        let StageOutput::Hidden(x) = first
+            .step(&mut b0, StageInput::Tokens, &mut ctx0, &mut sc0)
+            .expect("stage 0")
+        else {
+            panic!("stage 0 has no head")
+        };
+        let mut ctx1 = StageCtx {
+            cache: &mut c1,
+            pool: &pool,
+            seq_slice: SeqSlice::WHOLE,
+            reduce: &mut reduce,
+        };
+        let mut b1 = [SeqStep {
+            tokens: toks,
+            seq: &mut s1,
+            logits: true,
+        }];
+        let StageOutput::Logits(logits) = last
+            .step(&mut b1, StageInput::Hidden(x), &mut ctx1, &mut sc1)
+            .expect("stage 1")
+        else {
+            panic!("stage 1 holds the head")
+        };
         assert_eq!(logits, want[i], "step {i}");
     }
 }
@@ -451,7 +445,7 @@ fn rejects_bad_batches_without_side_effects() {
     let model = Llama::load(&w, &c, LoadSpec::full(&c), &mut |_, _| {}).expect("load");
     let mut cache = cache_for(&c, 4);
     let mut seq = cache.new_seq();
-    let mut scratch = ForwardScratch::default();
+    let mut scratch = StageScratch::default();
     for (tokens, field) in [
         (vec![], "tokens"),
         (vec![5, 101], "tokens"),

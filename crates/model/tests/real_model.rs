@@ -3,14 +3,14 @@
 
 use std::ops::ControlFlow;
 
-use tessera_model::config::{Arch, RopeLayout};
+use tessera_format::{Arch, RopeLayout};
+use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
-use tessera_model::sampling::{FinishReason, SamplingParams, StopConditions};
-use tessera_model::source::ModelLocation;
-use tessera_model::tokenizer::ChatMessage;
+use tessera_text::sampling::{FinishReason, SamplingParams, StopConditions};
+use tessera_text::tokenizer::ChatMessage;
 
 fn engine() -> Option<Engine> {
-    let path = tessera_model::testing::smollm2_gguf()?;
+    let path = tessera_testkit::smollm2_gguf()?;
     let opts = EngineOptions {
         threads: 2,
         kv_tokens: Some(2048),

@@ -4,14 +4,15 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use tessera_model::ThreadPool;
-use tessera_model::config::{Arch, ModelConfig, RopeLayout};
+use tessera_format::QType;
+use tessera_format::SafetensorsWeights;
+use tessera_format::{Arch, ModelConfig, RopeLayout};
+use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::{ForwardScratch, Llama, LoadSpec};
-use tessera_model::quant::QType;
-use tessera_model::testing::MemoryWeights;
-use tessera_model::weights::SafetensorsWeights;
+use tessera_model::llama::{Llama, LoadSpec};
+use tessera_model::stage::StageScratch;
+use tessera_testkit::MemoryWeights;
 
 fn logits(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
     let pool = ThreadPool::new(2).expect("pool");
@@ -24,7 +25,7 @@ fn logits(model: &Llama, cfg: &ModelConfig, tokens: &[u32]) -> Vec<f32> {
     })
     .expect("cache");
     let mut seq = cache.new_seq();
-    let mut scratch = ForwardScratch::default();
+    let mut scratch = StageScratch::default();
     let mut batch = [SeqStep {
         tokens,
         seq: &mut seq,
@@ -87,7 +88,7 @@ fn safetensors_checkpoint_matches_memory_weights() {
             let q = if m.rows() == 1 { QType::F32 } else { qtype };
             rounded.insert(
                 key,
-                tessera_model::quant::QMatrix::quantize(q, m.rows(), m.cols(), &back).expect("q"),
+                tessera_kernels::quant::QMatrix::quantize(q, m.rows(), m.cols(), &back).expect("q"),
             );
             tensors.insert(key.hf_name(), t);
         }

@@ -3,6 +3,8 @@
 //! (`Coordination`, `Worker`, `Raft`, `Forward`); and how clients read a stream torn by a dead
 //! server ([`status`]).
 
+#![forbid(unsafe_code)]
+
 /// `tessera.v1`: the public API, what clients call on a coordinator's public port.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
@@ -21,6 +23,7 @@ pub mod cluster {
 }
 
 pub mod status;
+pub mod wire;
 
 /// The encoded file descriptor set of the public API (`inference.proto` alone): what server
 /// reflection on the public port serves.

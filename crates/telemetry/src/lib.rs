@@ -10,5 +10,7 @@
 //! crate only needs the OpenTelemetry API, and everything here does nothing until the binary
 //! installs an exporter and a propagator.
 
+#![forbid(unsafe_code)]
+
 pub mod http;
 pub mod trace_context;

@@ -1,8 +1,6 @@
 //! The worker's error type and its one mapping to gRPC status codes.
 
 use tessera_model::ModelError;
-use tessera_model::kv_cache::KvCacheError;
-use tessera_model::source::SourceError;
 use tonic::{Code, Status};
 
 /// Everything a worker can fail with, from a bad step to a port that cannot be bound.
@@ -65,33 +63,8 @@ impl WorkerError {
             Self::ModelNotFound(_) => Code::NotFound,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
-            Self::Model(e) => model_code(e),
+            Self::Model(e) => tessera_proto::wire::code(e.kind()),
             Self::Bind { .. } | Self::Transport(_) | Self::Executor(_) => Code::Internal,
-        }
-    }
-}
-
-/// How each engine error reaches a gRPC caller.
-fn model_code(e: &ModelError) -> Code {
-    match e {
-        ModelError::InvalidArgument { .. } | ModelError::Sampling(_) => Code::InvalidArgument,
-        ModelError::KvCache(KvCacheError::OutOfBlocks { .. }) => Code::ResourceExhausted,
-        ModelError::KvCache(KvCacheError::InvalidConfig { .. }) => Code::InvalidArgument,
-        ModelError::KvCache(KvCacheError::ForeignSequence) => Code::Internal,
-        ModelError::Source(SourceError::Unknown { .. } | SourceError::NotPulled { .. }) => {
-            Code::NotFound
-        }
-        ModelError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            Code::NotFound
-        }
-        // A model file we cannot run is a bad LoadShard request for this worker.
-        ModelError::InvalidModel { .. }
-        | ModelError::Tensor { .. }
-        | ModelError::UnsupportedDType(_)
-        | ModelError::Candle(_)
-        | ModelError::Source(_) => Code::InvalidArgument,
-        ModelError::Io { .. } | ModelError::ThreadPool(_) | ModelError::Tokenizer(_) => {
-            Code::Internal
         }
     }
 }
@@ -103,8 +76,11 @@ impl From<WorkerError> for Status {
             WorkerError::Model(ModelError::InvalidArgument { field, reason }) => {
                 format!("{field}: {reason}")
             }
-            WorkerError::Model(ModelError::Sampling(s)) => format!("{}: {s}", s.field_name()),
             WorkerError::Model(ModelError::Source(s)) => format!("model: {s}"),
+            WorkerError::Model(m) => match m.field() {
+                Some(field) => format!("{field}: {m}"),
+                None => m.to_string(),
+            },
             other => other.to_string(),
         };
         Status::new(e.code(), message)
@@ -126,6 +102,8 @@ pub(crate) fn relay_status(next: &str, s: Status) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_hub::SourceError;
+    use tessera_model::kv_cache::KvCacheError;
 
     /// Ensures that each kind of failure reaches callers with the code the protocol promises.
     #[test]
@@ -151,8 +129,18 @@ mod tests {
                 "tokens: bad",
             ),
             (
+                // The worker's own environment, not the request.
                 ModelError::Source(SourceError::NoCacheDir).into(),
-                Code::InvalidArgument,
+                Code::Internal,
+                "model: ",
+            ),
+            (
+                ModelError::Source(SourceError::Unknown {
+                    spec: "x".into(),
+                    known: String::new(),
+                })
+                .into(),
+                Code::NotFound,
                 "model: ",
             ),
             (

@@ -3,23 +3,26 @@
 //! does with them, loading a shard and running a step.
 //!
 //! Only the executor thread touches this; the async side talks to it through
-//! [`crate::shard::ShardHandle`]. The arithmetic is the engine's own: `Llama::embed`, then
-//! `Llama::forward_hidden` over this stage's layers, then (last stage) `Llama::logits` over
-//! the last row of each sequence that samples, then `Sampler::sample` — exactly as
-//! `Llama::forward` and `Engine::generate` compose them, so a pipeline equals one process.
+//! [`crate::shard::ShardHandle`]. The arithmetic is the engine's own: `Llama::step`, the one
+//! stage-step function the engine also calls, over this stage's layers (from token ids on the
+//! first stage, hidden states elsewhere; logits of the sampling rows on the last), then
+//! `Sampler::sample` as `Engine::generate` does — so a pipeline equals one process.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use tessera_model::ThreadPool;
-use tessera_model::frontend::open_weights;
+use tessera_format::open_weights;
+use tessera_hub::{self, ModelCache};
+use tessera_kernels::ThreadPool;
+use tessera_model::ModelError;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
-use tessera_model::layers::block::StepScratch;
 use tessera_model::llama::{Llama, LoadSpec};
-use tessera_model::sampling::{Sampler, SamplingParams};
-use tessera_model::source::{self, ModelCache};
+use tessera_model::stage::{
+    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
+};
 use tessera_proto::cluster::v1 as pb;
+use tessera_text::sampling::{Sampler, SamplingParams};
 
 use crate::error::WorkerError;
 use crate::hidden;
@@ -43,11 +46,10 @@ struct Loaded {
 /// Reused buffers, grown to the largest step seen.
 #[derive(Default)]
 struct Scratch {
-    x: Vec<f32>,
-    last: Vec<f32>,
-    last_norm: Vec<f32>,
-    logits: Vec<f32>,
-    step: StepScratch,
+    /// Hidden states received from the previous stage, (n, hidden).
+    hidden: Vec<f32>,
+    /// The stage step's buffers.
+    stage: StageScratch,
 }
 
 /// The executor's state.
@@ -137,9 +139,9 @@ impl Executor {
                 ModelCache::from_env().map_err(|e| WorkerError::ModelNotFound(e.to_string()))?
             }
         };
-        let location = source::resolve(&req.model, &cache_home)
+        let location = tessera_hub::resolve(&req.model, &cache_home)
             .map_err(|e| WorkerError::ModelNotFound(e.to_string()))?;
-        let (store, cfg) = open_weights(&location)?;
+        let (store, cfg) = open_weights(&location).map_err(ModelError::from)?;
         if end_l > cfg.n_layers {
             return Err(WorkerError::invalid(
                 "shard.layer_end",
@@ -169,11 +171,7 @@ impl Executor {
         // new one, so the two never sit in memory together.
         self.loaded = None;
         self.publish();
-        let spec = LoadSpec {
-            layers: start_l..end_l,
-            embed: shard.embed,
-            head: shard.head,
-        };
+        let spec = LoadSpec::stage(&cfg, start_l..end_l, shard.embed, shard.head);
         let model = Llama::load(store.as_ref(), &cfg, spec, &mut |done, total| {
             tracing::debug!(done, total, "loading shard");
         })?;
@@ -185,7 +183,7 @@ impl Executor {
                 self.memory_bytes
             )));
         }
-        // The cache is indexed by global layer (as `Llama::forward_hidden` writes it); the
+        // The cache is indexed by global layer (as `Llama::step` writes it); the
         // pools of layers below `layer_start` are never touched, so the OS never backs them.
         let cache = PagedKvCache::new(KvCacheConfig {
             n_layers: end_l,
@@ -289,12 +287,8 @@ impl Executor {
                     "the first stage embeds token ids itself; send no hidden states",
                 ));
             }
-            l.model.embed(
-                req.seqs.iter().flat_map(|s| s.tokens.iter().copied()),
-                &mut sc.x,
-            )?;
         } else {
-            hidden::decode_into(&req.hidden, n_tokens, h, &mut sc.x)?;
+            hidden::decode_into(&req.hidden, n_tokens, h, &mut sc.hidden)?;
         }
         for (i, params) in starts {
             let s = &req.seqs[i];
@@ -319,7 +313,7 @@ impl Executor {
                 None => return Err(WorkerError::Executor("sequence table out of sync".into())),
             }
         }
-        let result = run_batch(l, &req.seqs, &mut taken, sc, &self.pool, head);
+        let result = run_batch(l, &req.seqs, &mut taken, sc, &self.pool, embed);
         for (id, e) in taken {
             l.seqs.restore(id, e);
         }
@@ -327,7 +321,7 @@ impl Executor {
         if let Some(next) = &l.next {
             let mut bytes = std::mem::take(&mut req.hidden);
             bytes.clear();
-            hidden::encode_into(&sc.x, &mut bytes);
+            hidden::encode_into(&sc.stage.x, &mut bytes);
             req.hidden = bytes;
             Ok(StepOutput::Forward {
                 next: next.clone(),
@@ -342,18 +336,19 @@ impl Executor {
     }
 }
 
-/// The model over one batch (sequences already taken out of the table, in batch order); on
-/// the last stage, logits and sampling for the sequences that sample.
+/// The stage step over one batch (sequences already taken out of the table, in batch order);
+/// on the last stage, sampling for the sequences that sample. The next stage's hidden states
+/// are left in `sc.stage.x`.
 fn run_batch(
     l: &mut Loaded,
     seqs: &[pb::SeqStep],
     taken: &mut [(u64, SeqEntry)],
     sc: &mut Scratch,
     pool: &ThreadPool,
-    head: bool,
+    embed: bool,
 ) -> Result<Vec<pb::SampledToken>, WorkerError> {
     if seqs.is_empty() {
-        sc.x.clear();
+        sc.stage.x.clear();
         return Ok(Vec::new());
     }
     let mut batch: Vec<SeqStep<'_>> = seqs
@@ -365,55 +360,36 @@ fn run_batch(
             logits: s.sample,
         })
         .collect();
-    l.model
-        .forward_hidden(&mut batch, &mut sc.x, &mut l.cache, &mut sc.step, pool)?;
-    drop(batch);
-    if !head {
-        return Ok(Vec::new());
-    }
-    let cfg = l.model.config();
-    let (h, vocab) = (cfg.hidden, cfg.vocab_size);
-    sc.last.clear();
-    let mut end = 0;
-    for s in seqs {
-        end += s.tokens.len();
-        if s.sample {
-            sc.last.extend_from_slice(&sc.x[(end - 1) * h..end * h]);
-        }
-    }
-    if sc.last.is_empty() {
-        return Ok(Vec::new());
-    }
-    l.model.logits(
-        &sc.last,
-        &mut sc.last_norm,
-        &mut sc.logits,
-        &mut sc.step.q8,
+    let input = if embed {
+        StageInput::Tokens
+    } else {
+        StageInput::Hidden(&sc.hidden)
+    };
+    let mut ctx = StageCtx {
+        cache: &mut l.cache,
         pool,
-    )?;
+        seq_slice: SeqSlice::WHOLE,
+        reduce: &mut LocalReduce,
+    };
+    let out = l.model.step(&mut batch, input, &mut ctx, &mut sc.stage)?;
+    drop(batch);
+    let StageOutput::Logits(logits) = out else {
+        return Ok(Vec::new());
+    };
+    let vocab = l.model.config().vocab_size;
     let mut out = Vec::new();
-    let mut row = 0;
+    let mut rows = logits.chunks_exact_mut(vocab);
     for (s, (id, e)) in seqs.iter().zip(taken.iter_mut()) {
         if !s.sample {
             continue;
         }
-        let Some(sampler) = e.sampler.as_mut() else {
+        let (Some(sampler), Some(row)) = (e.sampler.as_mut(), rows.next()) else {
             return Err(WorkerError::Executor(format!(
-                "sequence {id} has no sampler"
+                "sequence {id} has no sampler or no logits row"
             )));
         };
-        let t = sampler.sample(&mut sc.logits[row * vocab..(row + 1) * vocab]);
-        row += 1;
-        out.push(pb::SampledToken {
-            seq_id: *id,
-            id: t.id,
-            logprob: t.logprob,
-            top_logprobs: t
-                .top_logprobs
-                .into_iter()
-                .map(|(id, logprob)| tessera_proto::v1::TokenLogprob { id, logprob })
-                .collect(),
-        });
+        let t = sampler.sample(row);
+        out.push(tessera_proto::wire::sampled_token(*id, t));
     }
     Ok(out)
 }
@@ -476,29 +452,21 @@ fn check_step(
 /// The engine's sampling parameters for a sequence, as the proto states them (unset fields
 /// take the documented defaults; the seed is always the coordinator's).
 pub(crate) fn sampling_params(start: &pb::SeqStart) -> SamplingParams {
-    let d = SamplingParams::default();
-    let p = start.sampling.unwrap_or_default();
-    SamplingParams {
-        temperature: p.temperature.unwrap_or(d.temperature),
-        top_k: p.top_k,
-        top_p: p.top_p.unwrap_or(d.top_p),
-        min_p: p.min_p,
-        repetition_penalty: p.repetition_penalty.unwrap_or(d.repetition_penalty),
-        frequency_penalty: p.frequency_penalty,
-        presence_penalty: p.presence_penalty,
-        seed: Some(start.seed),
-        logprobs: start.logprobs,
-        top_logprobs: start.top_logprobs,
-    }
+    tessera_proto::wire::sampling_params(
+        start.sampling,
+        start.seed,
+        start.logprobs,
+        start.top_logprobs,
+    )
 }
 
 /// An invalid sampling field of `seqs[i]`, named by its proto path.
-fn sampling_error(i: usize, e: &tessera_model::sampling::SamplingError) -> WorkerError {
+fn sampling_error(i: usize, e: &tessera_text::sampling::SamplingError) -> WorkerError {
     let field = e.field_name();
     let path = match field {
         "logprobs" | "top_logprobs" => format!("seqs[{i}].start.{field}"),
         _ => format!("seqs[{i}].start.sampling.{field}"),
     };
-    let tessera_model::sampling::SamplingError::InvalidField { reason, .. } = e;
+    let tessera_text::sampling::SamplingError::InvalidField { reason, .. } = e;
     WorkerError::invalid(path, reason.clone())
 }

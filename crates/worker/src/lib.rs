@@ -9,6 +9,8 @@
 //! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
 //! - [`hidden`]: hidden states on the wire.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod error;
 mod executor;

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use tessera_model::kv_cache::SeqKv;
-use tessera_model::sampling::Sampler;
+use tessera_text::sampling::Sampler;
 
 /// Identifies one inbound Pipeline stream for the life of the worker process.
 pub type StreamId = u64;

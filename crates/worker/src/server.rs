@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tessera_model::source::ModelCache;
+use tessera_hub::ModelCache;
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::worker_server::WorkerServer;
 use tokio::sync::watch;

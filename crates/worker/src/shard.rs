@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use tessera_model::ThreadPool;
-use tessera_model::source::ModelCache;
+use tessera_hub::ModelCache;
+use tessera_kernels::ThreadPool;
 use tessera_proto::cluster::v1 as pb;
 use tokio::sync::oneshot;
 

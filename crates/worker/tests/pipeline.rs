@@ -6,11 +6,11 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
-use tessera_model::sampling::{SampledToken, SamplingParams, StopConditions};
-use tessera_model::source::ModelLocation;
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::worker_client::WorkerClient;
+use tessera_text::sampling::{SampledToken, SamplingParams, StopConditions};
 use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,7 +35,7 @@ const PROMPTS: [&str; 4] = [
 ];
 
 fn model() -> Option<PathBuf> {
-    tessera_model::testing::smollm2_gguf()
+    tessera_testkit::smollm2_gguf()
 }
 
 /// Three workers with the model loaded at `epoch`, none registered (the coordinator URL

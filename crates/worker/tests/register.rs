@@ -161,7 +161,7 @@ async fn registers_heartbeats_and_reregisters() {
         .expect("release with no shard");
 
     // With the real model, heartbeats carry the loaded shard's epoch and weight bytes.
-    if let Some(model) = tessera_model::testing::smollm2_gguf() {
+    if let Some(model) = tessera_testkit::smollm2_gguf() {
         let r = client
             .load_shard(pb::LoadShardRequest {
                 plan_epoch: 3,

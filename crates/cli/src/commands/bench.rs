@@ -3,7 +3,7 @@
 //! Both engines get the same GGUF, thread count and token ids. llama.cpp runs through
 //! `llama-cpp-python` (`scripts/bench_llama_cpp.py`) in a virtual environment that
 //! `scripts/bench.sh` prepares; with `--no-llama` only tessera's figures are printed. With
-//! `--profile`, tessera's time is broken down by operation ([`tessera_model::profile`]).
+//! `--profile`, tessera's time is broken down by operation ([`tessera_kernels::profile`]).
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -11,17 +11,17 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use tessera_hub::DEFAULT_MODEL;
+use tessera_hub::ModelLocation;
+use tessera_kernels::profile;
 use tessera_model::engine::{Engine, GenerateRequest, Prompt, ValidGenerateRequest};
-use tessera_model::profile;
-use tessera_model::sampling::{SamplingParams, StopConditions};
-use tessera_model::source::ModelLocation;
-use tessera_model::testing::SMOLLM2_NAME;
+use tessera_text::sampling::{SamplingParams, StopConditions};
 
 /// Arguments of `tessera bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// A model name from the cache or a .gguf file (llama.cpp needs GGUF).
-    #[arg(long, default_value = SMOLLM2_NAME)]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Compute threads for both engines.
     #[arg(long, default_value_t = 2)]

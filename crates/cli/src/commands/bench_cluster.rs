@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_hub::DEFAULT_MODEL;
 use tessera_model::engine::{GenerateRequest, Prompt};
-use tessera_model::sampling::{SamplingParams, StopConditions};
-use tessera_model::testing::SMOLLM2_NAME;
 use tessera_proto::v1 as pb;
+use tessera_text::sampling::{SamplingParams, StopConditions};
 
 use super::client::{connect, stream_generate, wait_ready};
 use super::up::{LocalCluster, LocalClusterSpec};
@@ -21,7 +21,7 @@ use super::up::{LocalCluster, LocalClusterSpec};
 #[derive(Args, Debug)]
 pub struct BenchClusterArgs {
     /// A model name from the cache or a path.
-    #[arg(long, default_value = SMOLLM2_NAME)]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Compute threads in total, shared evenly by the workers (at least one each).
     #[arg(long, default_value_t = 2)]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tessera_model::testing::SMOLLM2_NAME;
+use tessera_hub::DEFAULT_MODEL;
 use tessera_proto::v1 as pb;
 use tokio::process::Child;
 
@@ -20,7 +20,7 @@ use super::up::{free_port, listening_address, spawn};
 #[derive(Args, Debug)]
 pub struct BenchFailoverArgs {
     /// A model name from the cache or a path.
-    #[arg(long, default_value = SMOLLM2_NAME)]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Leader kills to measure.
     #[arg(long, default_value_t = 20)]

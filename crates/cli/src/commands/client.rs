@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
-use tessera_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, FinishReason, GenerateRequest,
-};
+use tessera_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, GenerateRequest};
 use tonic::transport::{Channel, Endpoint};
 
 /// The public endpoint `tessera up` serves on and the client commands use by default.
@@ -120,12 +118,9 @@ pub async fn stream_generate(
                 out.write_all(f.text.as_bytes())?;
                 out.flush()?;
                 done.finish = Some(
-                    match FinishReason::try_from(f.reason) {
-                        Ok(FinishReason::Stop) => "stop",
-                        Ok(FinishReason::Length) => "length",
-                        _ => "unspecified",
-                    }
-                    .to_owned(),
+                    tessera_proto::wire::finish_reason_from_proto(f.reason)
+                        .map_or("unspecified", |r| r.as_str())
+                        .to_owned(),
                 );
                 if let Some(u) = f.usage {
                     done.prompt_tokens = u.prompt_tokens;

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_hub::DEFAULT_MODEL;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
-use tessera_model::sampling::{SamplingParams, StopConditions};
-use tessera_model::testing::SMOLLM2_NAME;
-use tessera_model::tokenizer::ChatMessage;
 use tessera_proto::v1 as pb;
+use tessera_text::sampling::{SamplingParams, StopConditions};
+use tessera_text::tokenizer::ChatMessage;
 
 use super::client::{DEFAULT_ENDPOINT, connect, stream_generate};
 
@@ -178,7 +178,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if !args.embedded {
         return super::runtime()?.block_on(run_remote(args));
     }
-    let location = super::model::resolve_or_pull(args.model.as_deref().unwrap_or(SMOLLM2_NAME))?;
+    let location = super::model::resolve_or_pull(args.model.as_deref().unwrap_or(DEFAULT_MODEL))?;
     let mut engine = load_engine(&location, args.threads)?;
     let prompt = if args.chat {
         Prompt::Chat(args.messages())
@@ -262,10 +262,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 }
 
 /// Loads the engine with a progress bar over its layers.
-pub fn load_engine(
-    location: &tessera_model::source::ModelLocation,
-    threads: usize,
-) -> Result<Engine> {
+pub fn load_engine(location: &tessera_hub::ModelLocation, threads: usize) -> Result<Engine> {
     let mut bar = None;
     let engine = Engine::load(
         location,

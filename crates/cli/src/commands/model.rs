@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use tessera_model::source::{self, KNOWN_MODELS, ModelCache};
+use tessera_hub::{KNOWN_MODELS, ModelCache};
 
 use crate::progress::Bar;
 
@@ -23,11 +23,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
     let cache = ModelCache::from_env()?;
     match cmd {
         ModelCommand::Pull { name } => {
-            let path = source::pull(&name, &cache, &Bar::new())?;
+            let path = tessera_hub::pull(&name, &cache, &Bar::new())?;
             println!("{name}: {}", path.display());
         }
         ModelCommand::List => {
-            let pulled = source::list(&cache)?;
+            let pulled = tessera_hub::list(&cache)?;
             println!("cache: {}", cache.root().display());
             for m in &pulled {
                 println!(
@@ -53,14 +53,14 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
 
 /// Resolves `--model`, pulling a known model first when it is missing, so one command takes a
 /// fresh machine to an answer.
-pub fn resolve_or_pull(spec: &str) -> Result<source::ModelLocation> {
+pub fn resolve_or_pull(spec: &str) -> Result<tessera_hub::ModelLocation> {
     let cache = ModelCache::from_env()?;
-    match source::resolve(spec, &cache) {
+    match tessera_hub::resolve(spec, &cache) {
         Ok(loc) => Ok(loc),
         Err(e) if KNOWN_MODELS.iter().any(|k| k.name == spec) => {
             eprintln!("{spec} is not in the cache ({e}); pulling it");
-            source::pull(spec, &cache, &Bar::new())?;
-            Ok(source::resolve(spec, &cache)?)
+            tessera_hub::pull(spec, &cache, &Bar::new())?;
+            Ok(tessera_hub::resolve(spec, &cache)?)
         }
         Err(e) => Err(e.into()),
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_model::testing::SMOLLM2_NAME;
+use tessera_hub::DEFAULT_MODEL;
 
 use super::client::DEFAULT_CLUSTER_ENDPOINT;
 use crate::telemetry::{self, Export};
@@ -28,7 +28,7 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub cluster_listen: SocketAddr,
     /// The model to serve: a name from the model cache or a path valid on every worker.
-    #[arg(long, default_value = SMOLLM2_NAME)]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Plan once this many workers have registered.
     #[arg(long, default_value_t = 1)]
@@ -251,7 +251,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         data_dir: match (&args.data_dir, args.peers.is_some() || args.join) {
             (Some(d), _) => Some(d.clone()),
             (None, true) => Some(
-                tessera_model::source::ModelCache::from_env()?
+                tessera_hub::ModelCache::from_env()?
                     .root()
                     .join(format!("coordinator-{}", args.id)),
             ),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use tessera_model::testing::SMOLLM2_NAME;
+use tessera_hub::DEFAULT_MODEL;
 use tessera_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -38,7 +38,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub cluster_listen: Option<SocketAddr>,
     /// The model to serve.
-    #[arg(long, default_value = SMOLLM2_NAME)]
+    #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
     /// Compute threads per worker (0: the machine's cores shared out evenly).
     #[arg(long, default_value_t = 0)]

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// The SmolLM2 GGUF as a string argument, or `None` (the caller skips) when it is absent.
 pub fn model() -> Option<String> {
-    let path = tessera_model::testing::smollm2_gguf()?;
+    let path = tessera_testkit::smollm2_gguf()?;
     Some(path.to_string_lossy().into_owned())
 }
 

@@ -15,49 +15,5 @@ pub const ENTRIES: &[&str] = &[
     "cast_f32_to_bf16",
 ];
 
-/// The module body; needs the prelude before it.
-pub const SOURCE: &str = r#"
-template <typename T>
-__device__ __forceinline__ void merge(float* __restrict__ acc_o, float* __restrict__ acc_lse,
-    const u16* __restrict__ part_o, const float* __restrict__ part_lse, int rows, int hd) {
-    const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= rows) return;
-    const float la = acc_lse[row];
-    const float lb = part_lse[row];
-    if (lb == NEG_INF) return;  // empty part: nothing to add (also empty + empty)
-    float* a = acc_o + (long long)row * hd;
-    const u16* p = part_o + (long long)row * hd;
-    if (la == NEG_INF) {
-        for (int d = lane; d < hd; d += 32) a[d] = T::ld(p[d]);
-    } else {
-        const float hi = fmaxf(la, lb), lo = fminf(la, lb);
-        const float l = hi + log1pf(expf(lo - hi));
-        const float wa = expf(la - l), wb = expf(lb - l);
-        for (int d = lane; d < hd; d += 32) a[d] = wa * a[d] + wb * T::ld(p[d]);
-        __syncwarp();
-        if (lane == 0) acc_lse[row] = l;
-        return;
-    }
-    __syncwarp();
-    if (lane == 0) acc_lse[row] = lb;
-}
-
-extern "C" __global__ void attn_merge_f16(float* acc_o, float* acc_lse, const u16* part_o,
-    const float* part_lse, int rows, int hd) {
-    merge<F16>(acc_o, acc_lse, part_o, part_lse, rows, hd);
-}
-extern "C" __global__ void attn_merge_bf16(float* acc_o, float* acc_lse, const u16* part_o,
-    const float* part_lse, int rows, int hd) {
-    merge<BF16>(acc_o, acc_lse, part_o, part_lse, rows, hd);
-}
-
-extern "C" __global__ void cast_f32_to_f16(const float* x, u16* y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) y[i] = F16::st(x[i]);
-}
-extern "C" __global__ void cast_f32_to_bf16(const float* x, u16* y, long long n) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) y[i] = BF16::st(x[i]);
-}
-"#;
+/// The module body (`cu/merge.cu`); needs the prelude before it.
+pub const SOURCE: &str = include_str!("cu/merge.cu");

@@ -2,7 +2,7 @@
 //!
 //! Each launcher validates lengths and dtypes against its parameters (typed errors naming the
 //! field), plans the launch with [`crate::plan`], and enqueues on the device's compute stream
-//! without waiting. Conventions are those of `tessera_model::attention` (see the crate docs).
+//! without waiting. Conventions are those of `tessera_kernels::attention` (see the crate docs).
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 

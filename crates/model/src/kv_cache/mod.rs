@@ -17,7 +17,7 @@ mod tests;
 pub use allocator::SeqKv;
 use allocator::{BlockAllocator, SharedAllocator, lock};
 
-use crate::attention::KvView;
+use tessera_kernels::attention::KvView;
 
 /// KV cache errors.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -204,7 +204,7 @@ impl PagedKvCache {
     }
 
     /// A view of `layer` over the first `len` tokens of `seq` (`len` may include tokens just
-    /// written and not yet committed), for [`flash_attention`](crate::attention::flash_attention).
+    /// written and not yet committed), for [`flash_attention`](tessera_kernels::attention::flash_attention).
     ///
     /// The view borrows both the cache and the sequence's block table.
     ///

@@ -2,10 +2,12 @@
 //! write/view round trips through the block table, and attention over a paged view.
 
 use super::*;
-use crate::ThreadPool;
-use crate::attention::{AttnShape, flash_attention, reference::attention_f64};
 use proptest::prelude::*;
 use std::collections::HashSet;
+use tessera_kernels::ThreadPool;
+use tessera_kernels::attention::{
+    AttnOut, AttnShape, AttnSpec, flash_attention, reference::attention_f64,
+};
 
 fn cfg(block_size: usize, num_blocks: usize) -> KvCacheConfig {
     KvCacheConfig {
@@ -240,10 +242,19 @@ fn attention_over_paged_view() {
     let pool = ThreadPool::new(2).expect("pool");
     let run = |view| {
         let (mut out, mut lse) = (vec![0.0; q.len()], vec![0.0; 18]);
-        flash_attention(&q, view, shape, true, 0.125, &mut out, &mut lse, &pool);
+        let spec = AttnSpec {
+            shape,
+            causal: true,
+            scale: 0.125,
+        };
+        let o = AttnOut {
+            out: &mut out,
+            lse: &mut lse,
+        };
+        flash_attention(&q, view, spec, o, &pool);
         (out, lse)
     };
-    let contiguous = crate::attention::KvView::contiguous(&k_all, &v_all, len);
+    let contiguous = tessera_kernels::attention::KvView::contiguous(&k_all, &v_all, len);
     let (paged, flat) = (run(cache.view(0, &seq, len)), run(contiguous));
     let want = attention_f64(&q, contiguous, shape, true, 0.125);
     for (a, (b, w)) in paged.0.iter().zip(flat.0.iter().zip(&want.out)) {

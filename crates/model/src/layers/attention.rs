@@ -6,16 +6,15 @@
 //! near-ties turn any other rounding into different tokens. The cache pools stay f32 (holding
 //! f16 values) so the flash kernel and the ring paths read them unchanged.
 
-use crate::ThreadPool;
-use crate::attention::{AttnShape, ggml_attention};
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::ggml_math::round_f16_in_place;
-use crate::kv_cache::{PagedKvCache, SeqKv};
-use crate::layers::Rope;
-use crate::profile::{self, Op};
-use crate::quant::{QMatrix, QScratch};
-use crate::weights::{TensorKey, WeightStore};
+use crate::kv_cache::SeqKv;
+use crate::layers::LayerCtx;
+use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
+use tessera_format::ModelConfig;
+use tessera_kernels::attention::{AttnOut, AttnShape, AttnSpec, ggml_attention};
+use tessera_kernels::ggml_math::round_f16_in_place;
+use tessera_kernels::profile::{self, Op};
+use tessera_kernels::quant::{QMatrix, QScratch};
 
 /// One sequence's part of a batched step: its new tokens (a prefill chunk or one decode
 /// token), continuing after the `seq.len()` tokens already in the KV cache. A batch's rows are
@@ -93,27 +92,31 @@ impl Attention {
     }
 
     /// Attention of a batch: `x` is (n, hidden) normalised input, `out` (n, hidden) receives the
-    /// projected output. Each sequence's new K/V are written to `cache` at layer `layer` after
-    /// its cached tokens; `positions[t]` is row t's global position.
+    /// projected output. Each sequence's new K/V are written to `ctx.cache` at `ctx.layer`
+    /// after its cached tokens; `positions[t]` is row t's global position.
     ///
     /// # Errors
     /// When buffer sizes disagree with the batch (a caller bug).
     ///
     /// # Panics
     /// When the KV cache was not reserved for the batch (a caller bug).
-    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &[f32],
         out: &mut [f32],
         positions: &[usize],
-        batch: &[SeqStep<'_>],
-        cache: &mut PagedKvCache,
-        layer: usize,
-        rope: &Rope,
+        ctx: &mut LayerCtx<'_, '_>,
         s: AttnScratch<'_>,
-        pool: &ThreadPool,
     ) -> Result<()> {
+        let LayerCtx {
+            batch,
+            cache,
+            layer,
+            rope,
+            pool,
+            ..
+        } = ctx;
+        let (layer, pool) = (*layer, *pool);
         let n = positions.len();
         let (qd, kvd) = (
             self.n_heads * self.head_dim,
@@ -138,7 +141,7 @@ impl Attention {
         drop(timer);
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut start = 0;
-        for step in batch {
+        for step in batch.iter() {
             let (seq, len) = (&*step.seq, step.tokens.len());
             let rows = start..start + len;
             start += len;
@@ -152,25 +155,24 @@ impl Attention {
             drop(timer);
             let _timer = profile::scope(Op::Attention);
             let view = cache.view(layer, seq, seq.len() + len);
-            let shape = AttnShape {
-                seq_q: len,
-                n_heads: self.n_heads,
-                n_kv_heads: self.n_kv_heads,
-                head_dim: self.head_dim,
-            };
-            ggml_attention(
-                &s.q[rows.start * qd..rows.end * qd],
-                view,
-                shape,
-                true,
+            let spec = AttnSpec {
+                shape: AttnShape {
+                    seq_q: len,
+                    n_heads: self.n_heads,
+                    n_kv_heads: self.n_kv_heads,
+                    head_dim: self.head_dim,
+                },
+                causal: true,
                 scale,
-                &mut s.ctx[rows.start * qd..rows.end * qd],
-                &mut s.lse[rows.start * self.n_heads..rows.end * self.n_heads],
-                pool,
-            );
+            };
+            let o = AttnOut {
+                out: &mut s.ctx[rows.start * qd..rows.end * qd],
+                lse: &mut s.lse[rows.start * self.n_heads..rows.end * self.n_heads],
+            };
+            ggml_attention(&s.q[rows.start * qd..rows.end * qd], view, spec, o, pool);
         }
         let _timer = profile::scope(Op::OutProj);
-        self.wo.matmul(s.ctx, n, out, s.q8, pool)
+        Ok(self.wo.matmul(s.ctx, n, out, s.q8, pool)?)
     }
 }
 

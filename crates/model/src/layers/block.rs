@@ -1,14 +1,14 @@
 //! One transformer block: pre-norm attention and pre-norm MLP, each added to the residual.
 
-use crate::ThreadPool;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::kv_cache::PagedKvCache;
-use crate::layers::attention::{AttnScratch, SeqStep};
-use crate::layers::{Attention, Mlp, RmsNorm, Rope};
-use crate::profile::{self, Op};
-use crate::quant::QScratch;
+use crate::layers::attention::AttnScratch;
+use crate::layers::mlp::MlpScratch;
+use crate::layers::{Attention, LayerCtx, Mlp, RmsNorm};
+use crate::stage::ReducePoint;
 use crate::weights::{TensorKey, WeightStore};
+use tessera_format::ModelConfig;
+use tessera_kernels::profile::{self, Op};
+use tessera_kernels::quant::QScratch;
 
 /// Buffers one step of a batch needs; they grow to the largest batch seen and are reused, so
 /// a warm decode step allocates nothing.
@@ -83,20 +83,16 @@ impl Block {
     }
 
     /// Runs the block on the residual stream `x` (n, hidden) in place; `s` must be prepared for
-    /// n rows and hold the rows' positions.
+    /// n rows and hold the rows' positions. Each sub-layer's output is completed by
+    /// `ctx.reduce` before it is added to the residual.
     ///
     /// # Errors
-    /// When buffer sizes disagree with the batch (a caller bug).
-    #[allow(clippy::too_many_arguments)]
+    /// When buffer sizes disagree with the batch (a caller bug), or the reduction fails.
     pub fn forward(
         &self,
         x: &mut [f32],
-        batch: &[SeqStep<'_>],
-        cache: &mut PagedKvCache,
-        layer: usize,
-        rope: &Rope,
+        ctx: &mut LayerCtx<'_, '_>,
         s: &mut StepScratch,
-        pool: &ThreadPool,
     ) -> Result<()> {
         let n = s.positions.len();
         let timer = profile::scope(Op::Norm);
@@ -110,25 +106,24 @@ impl Block {
             lse: &mut s.lse,
             q8: &mut s.q8,
         };
-        self.attn.forward(
-            &s.xn,
-            &mut s.y,
-            &s.positions,
-            batch,
-            cache,
-            layer,
-            rope,
-            scratch,
-            pool,
-        )?;
+        self.attn
+            .forward(&s.xn, &mut s.y, &s.positions, ctx, scratch)?;
+        ctx.reduce
+            .reduce(ReducePoint::AttnOut, ctx.layer, &mut s.y)?;
         let timer = profile::scope(Op::Residual);
         add_in_place(x, &s.y);
         drop(timer);
         let timer = profile::scope(Op::Norm);
         self.ffn_norm.forward(x, &mut s.xn);
         drop(timer);
-        self.mlp
-            .forward(&s.xn, n, &mut s.y, &mut s.gate, &mut s.up, &mut s.q8, pool)?;
+        let scratch = MlpScratch {
+            gate: &mut s.gate,
+            up: &mut s.up,
+            q8: &mut s.q8,
+        };
+        self.mlp.forward(&s.xn, n, &mut s.y, scratch, ctx.pool)?;
+        ctx.reduce
+            .reduce(ReducePoint::MlpDown, ctx.layer, &mut s.y)?;
         let _timer = profile::scope(Op::Residual);
         add_in_place(x, &s.y);
         Ok(())

@@ -1,11 +1,21 @@
 //! The SwiGLU feed-forward block.
 
-use crate::ThreadPool;
-use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::profile::{self, Op};
-use crate::quant::{QMatrix, QScratch};
-use crate::weights::{TensorKey, WeightStore};
+use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
+use tessera_format::ModelConfig;
+use tessera_kernels::ThreadPool;
+use tessera_kernels::profile::{self, Op};
+use tessera_kernels::quant::{QMatrix, QScratch};
+
+/// Scratch rows the MLP writes; sized by the caller for the batch.
+pub struct MlpScratch<'a> {
+    /// Gate projection, then SwiGLU's output, (n, intermediate).
+    pub gate: &'a mut [f32],
+    /// Up projection, (n, intermediate).
+    pub up: &'a mut [f32],
+    /// Activation quantization buffers.
+    pub q8: &'a mut QScratch,
+}
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Debug)]
@@ -34,7 +44,7 @@ impl Mlp {
         self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
     }
 
-    /// `out` (n, hidden) = MLP of `x` (n, hidden); `gate` and `up` are (n, intermediate) scratch.
+    /// `out` (n, hidden) = MLP of `x` (n, hidden).
     ///
     /// # Errors
     /// When buffer sizes disagree with `n` (a caller bug).
@@ -43,11 +53,10 @@ impl Mlp {
         x: &[f32],
         n: usize,
         out: &mut [f32],
-        gate: &mut [f32],
-        up: &mut [f32],
-        q8: &mut QScratch,
+        s: MlpScratch<'_>,
         pool: &ThreadPool,
     ) -> Result<()> {
+        let MlpScratch { gate, up, q8 } = s;
         let timer = profile::scope(Op::GateUp);
         self.gate.matmul(x, n, gate, q8, pool)?;
         self.up.matmul(x, n, up, q8, pool)?;
@@ -56,17 +65,17 @@ impl Mlp {
         swiglu_in_place(gate, up);
         drop(timer);
         let _timer = profile::scope(Op::Down);
-        self.down.matmul(gate, n, out, q8, pool)
+        Ok(self.down.matmul(gate, n, out, q8, pool)?)
     }
 }
 
 /// `g = silu(g) * u`, elementwise, with llama.cpp's rounding: the exponential is ggml's
-/// vectorised approximation (see [`crate::ggml_math`]), so greedy output can match llama.cpp's.
+/// vectorised approximation (see [`tessera_kernels::ggml_math`]), so greedy output can match llama.cpp's.
 ///
 /// # Panics
 /// When the lengths differ.
 pub fn swiglu_in_place(g: &mut [f32], u: &[f32]) {
-    crate::ggml_math::swiglu_in_place(g, u);
+    tessera_kernels::ggml_math::swiglu_in_place(g, u);
 }
 
 #[cfg(test)]

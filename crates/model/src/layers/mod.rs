@@ -8,8 +8,29 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 
+use tessera_kernels::ThreadPool;
+
+use crate::kv_cache::PagedKvCache;
+use crate::stage::Reduce;
+
 pub use attention::{Attention, SeqStep};
 pub use block::Block;
 pub use mlp::Mlp;
 pub use norm::RmsNorm;
 pub use rope::Rope;
+
+/// What one layer of a step needs besides its weights, input and scratch buffers.
+pub struct LayerCtx<'a, 'b> {
+    /// The batch, one sequence after another.
+    pub batch: &'a [SeqStep<'b>],
+    /// The KV cache, written at [`LayerCtx::layer`].
+    pub cache: &'a mut PagedKvCache,
+    /// The global layer index.
+    pub layer: usize,
+    /// Rotary embedding tables.
+    pub rope: &'a Rope,
+    /// The compute pool.
+    pub pool: &'a ThreadPool,
+    /// Where tensor-parallel partial sums are completed.
+    pub reduce: &'a mut dyn Reduce,
+}

@@ -1,7 +1,7 @@
 //! RMSNorm over rows of the residual stream.
 
 use crate::error::Result;
-use crate::weights::{TensorKey, WeightStore};
+use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 
 /// Root-mean-square normalisation with a learned per-channel scale.
 #[derive(Clone, Debug)]

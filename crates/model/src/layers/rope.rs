@@ -1,6 +1,6 @@
 //! Rotary position embeddings, in both dimension layouts.
 
-use crate::config::RopeLayout;
+use tessera_format::RopeLayout;
 
 /// Precomputed rotation tables for every position up to the context length.
 ///
