@@ -3,9 +3,9 @@
 use tessera_text::TextError;
 use tessera_text::sampling::SamplingError;
 
-use crate::planner::PlanError;
 use crate::raft::RaftError;
 use crate::state::StateError;
+use crate::state::planner::PlanError;
 
 /// Everything that can go wrong in the coordinator.
 #[derive(Debug, thiserror::Error)]

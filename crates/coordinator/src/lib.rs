@@ -19,46 +19,28 @@
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tessera_hub::{ModelCache, resolve};
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Channel, Endpoint};
+
 use {tessera_format::open_weights, tessera_text::Frontend};
 
-pub mod api;
-mod cluster;
 pub mod config;
-mod controller;
+pub mod control;
 pub mod error;
-pub mod footprint;
-mod forward;
-mod leadership;
 pub mod metrics;
-pub mod planner;
 pub mod raft;
-mod registry;
-pub mod replica;
-pub mod scheduler;
+pub mod services;
 pub mod state;
-pub mod validate;
+
+pub use control::scheduler;
+pub use services::{api, validate};
+pub use state::{footprint, planner, replica};
 
 pub use config::CoordinatorConfig;
 pub use error::CoordinatorError;
-
-/// Connects to a worker at host:port.
-pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(format!("worker address {addr}: {e}")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true);
-    endpoint
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("connecting to {addr}: {e}")))
-}
 
 /// Aborts the background tasks when `serve` returns, however it returns.
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
@@ -200,7 +182,7 @@ pub async fn serve_on(
         // A joining node learns its peers from the leader's snapshot.
         (!cfg.join).then_some(peers),
     )?;
-    let cluster = Arc::new(cluster::Cluster::new(
+    let cluster = Arc::new(state::cluster::Cluster::new(
         cfg,
         footprint,
         kv_tokens,
@@ -222,9 +204,9 @@ pub async fn serve_on(
     let (_cluster_health, cluster_health_service) = tonic_health::server::health_reporter();
     let mut tasks = Tasks(vec![
         sched_task,
-        tokio::spawn(leadership::run(Arc::clone(&cluster))),
-        tokio::spawn(controller::run(Arc::clone(&cluster))),
-        tokio::spawn(registry::monitor(Arc::clone(&cluster))),
+        tokio::spawn(control::leadership::run(Arc::clone(&cluster))),
+        tokio::spawn(control::plan::run(Arc::clone(&cluster))),
+        tokio::spawn(control::liveness::monitor(Arc::clone(&cluster))),
     ]);
     tasks
         .0
@@ -253,10 +235,10 @@ pub async fn serve_on(
         .add_service(cluster_health_service)
         .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
         .add_service(cpb::coordination_server::CoordinationServer::new(
-            registry::Registry::new(Arc::clone(&cluster)),
+            services::registry::Registry::new(Arc::clone(&cluster)),
         ))
         .add_service(cpb::forward_server::ForwardServer::new(
-            forward::ForwardService::new(api),
+            services::forward::ForwardService::new(api),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), shutdown_rx(&stop));
     // `shutdown` stops both servers, and either one failing stops the other.
@@ -360,7 +342,7 @@ impl Drop for DataDir {
 /// Keeps `grpc.health.v1` in line with readiness: the server is SERVING once up;
 /// `tessera.v1.Inference` is SERVING only while a plan serves the model.
 async fn report_health(
-    cluster: Arc<cluster::Cluster>,
+    cluster: Arc<state::cluster::Cluster>,
     health: tonic_health::server::HealthReporter,
 ) {
     let mut serving = cluster.subscribe();

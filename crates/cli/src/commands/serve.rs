@@ -64,8 +64,16 @@ pub struct CoordinatorArgs {
     /// otherwise a temporary directory, so a lone coordinator keeps no state across restarts).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Metrics, span export and lifetime.
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// The flags every server process (`tessera coordinator`, `tessera worker`) takes.
+#[derive(Args, Debug, Clone)]
+pub struct ProcessArgs {
     /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
-    /// printed as "tessera coordinator metrics on ADDR").
+    /// printed as "tessera <coordinator|worker> metrics on ADDR").
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
     /// Export spans over OTLP/gRPC to this OpenTelemetry collector, e.g. http://collector:4317
@@ -75,6 +83,28 @@ pub struct CoordinatorArgs {
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
+}
+
+impl ProcessArgs {
+    /// Runs `server` with logging and, when an endpoint is set, span export as `service` /
+    /// `instance`, until it returns or the process is told to stop.
+    fn serve<F>(
+        &self,
+        service: &'static str,
+        instance: String,
+        server: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+    ) -> Result<()>
+    where
+        F: std::future::Future<Output = Result<()>>,
+    {
+        let export = otlp_endpoint(&self.otlp_endpoint).map(|endpoint| Export {
+            endpoint,
+            service,
+            instance,
+        });
+        let shutdown = Box::pin(shutdown_signal(self.exit_on_stdin_eof));
+        with_telemetry(export, server(shutdown))
+    }
 }
 
 /// Parses `--id`: a positive number, or `auto` (from `$HOSTNAME`).
@@ -160,17 +190,9 @@ pub struct WorkerArgs {
     /// Model cache root (default: $TESSERA_HOME or ~/.cache/tessera).
     #[arg(long)]
     pub model_home: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (`GET /metrics`; port 0: any free port,
-    /// printed as "tessera worker metrics on ADDR").
-    #[arg(long)]
-    pub metrics_listen: Option<SocketAddr>,
-    /// Export spans over OTLP/gRPC to this OpenTelemetry collector, e.g. http://collector:4317
-    /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT; unset: no export).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
-    pub otlp_endpoint: Option<String>,
-    /// Exit when standard input closes (used by `tessera up`).
-    #[arg(long, hide = true)]
-    pub exit_on_stdin_eof: bool,
+    /// Metrics, span export and lifetime.
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 /// Parses a byte size such as `512MiB`, `2GiB`, `1.5G` or `1048576`.
@@ -257,19 +279,16 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             ),
             (None, false) => None,
         },
-        metrics_listen: args.metrics_listen,
+        metrics_listen: args.process.metrics_listen,
         ..tessera_coordinator::CoordinatorConfig::default()
     };
-    let export = otlp_endpoint(&args.otlp_endpoint).map(|endpoint| Export {
-        endpoint,
-        service: "tessera-coordinator",
-        instance: format!("coordinator-{}", args.id),
-    });
-    with_telemetry(export, async move {
-        tessera_coordinator::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
-            .await
-            .context("coordinator")
-    })
+    let instance = format!("coordinator-{}", args.id);
+    args.process
+        .serve("tessera-coordinator", instance, |shutdown| async move {
+            tessera_coordinator::serve(cfg, shutdown)
+                .await
+                .context("coordinator")
+        })
 }
 
 /// The OTLP endpoint to export to: none when unset or empty (compose files set the variable to
@@ -314,18 +333,12 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         },
         name: name.clone(),
         model_home: args.model_home.clone(),
-        metrics_listen: args.metrics_listen,
+        metrics_listen: args.process.metrics_listen,
     };
-    let export = otlp_endpoint(&args.otlp_endpoint).map(|endpoint| Export {
-        endpoint,
-        service: "tessera-worker",
-        instance: name,
-    });
-    with_telemetry(export, async move {
-        tessera_worker::serve(cfg, shutdown_signal(args.exit_on_stdin_eof))
-            .await
-            .context("worker")
-    })
+    args.process
+        .serve("tessera-worker", name, |shutdown| async move {
+            tessera_worker::serve(cfg, shutdown).await.context("worker")
+        })
 }
 
 #[cfg(test)]

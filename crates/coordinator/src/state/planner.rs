@@ -14,7 +14,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::footprint::ModelFootprint;
+use crate::state::footprint::ModelFootprint;
 
 /// What the planner knows of a worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

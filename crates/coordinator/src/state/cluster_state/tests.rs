@@ -3,7 +3,7 @@
 use proptest::prelude::*;
 
 use super::*;
-use crate::planner::PlanStage;
+use crate::state::planner::PlanStage;
 
 fn register(state: &ClusterState, address: &str) -> Command {
     Command::RegisterWorker {

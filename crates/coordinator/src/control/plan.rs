@@ -13,10 +13,10 @@ use std::time::Duration;
 use tessera_proto::cluster::v1 as pb;
 use tokio::task::JoinSet;
 
-use crate::cluster::Cluster;
 use crate::error::CoordinatorError;
-use crate::planner::{self, Plan, PlanPolicy, PlanStage};
 use crate::state::Command;
+use crate::state::cluster::Cluster;
+use crate::state::planner::{self, Plan, PlanPolicy, PlanStage};
 
 /// How long a shard may take to load before the worker is given up on.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -167,7 +167,7 @@ async fn load_one(
         worker: addr.to_owned(),
         status,
     };
-    let channel = crate::connect(addr, connect_timeout)
+    let channel = super::connect(addr, connect_timeout)
         .await
         .map_err(worker_err)?;
     let mut client = pb::worker_client::WorkerClient::new(channel);

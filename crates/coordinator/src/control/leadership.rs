@@ -10,9 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cluster::Cluster;
 use crate::raft::RaftRole;
 use crate::state::Command;
+use crate::state::cluster::Cluster;
 
 /// Pause between barrier attempts while the node stays leader.
 const RETRY: Duration = Duration::from_millis(50);

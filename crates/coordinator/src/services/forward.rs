@@ -19,9 +19,9 @@ use tessera_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::api::Api;
-use crate::cluster::Cluster;
 use crate::error::CoordinatorError;
+use crate::services::api::Api;
+use crate::state::cluster::Cluster;
 
 /// How long a call waits for a leader to be elected before failing with UNAVAILABLE.
 const LEADER_WAIT: Duration = Duration::from_secs(5);

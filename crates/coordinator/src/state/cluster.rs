@@ -15,10 +15,10 @@ use tokio::sync::{Notify, watch};
 
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
-use crate::footprint::ModelFootprint;
-use crate::planner::Plan;
 use crate::raft::{RaftHandle, RaftRole};
-use crate::replica::Replica;
+use crate::state::footprint::ModelFootprint;
+use crate::state::planner::Plan;
+use crate::state::replica::Replica;
 use crate::state::{ClusterState, Command};
 
 /// A loaded plan the scheduler can send steps to.

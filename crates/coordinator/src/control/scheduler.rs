@@ -26,9 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
-use crate::cluster::{Cluster, Serving};
 use crate::error::CoordinatorError;
-use crate::validate::ValidRequest;
+use crate::services::validate::ValidRequest;
+use crate::state::cluster::{Cluster, Serving};
 
 /// What a generate stream carries.
 pub type EventResult = Result<pb::GenerateEvent, Status>;
@@ -266,7 +266,7 @@ impl Scheduler {
 
     async fn open(&self, serving: &Serving) -> Result<Link, Status> {
         let timeout = self.cluster.cfg.heartbeat_timeout * 2;
-        let channel = crate::connect(&serving.stage0, timeout).await?;
+        let channel = super::connect(&serving.stage0, timeout).await?;
         let mut client = cpb::worker_client::WorkerClient::new(channel);
         let (tx, rx) = mpsc::channel(4);
         let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))

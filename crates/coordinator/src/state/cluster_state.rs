@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::planner::{Plan, WorkerCapacity};
+use crate::state::planner::{Plan, WorkerCapacity};
 
 /// A registered worker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,12 +12,12 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::cluster::Cluster;
-use crate::controller::assignment;
+use crate::control::plan::assignment;
+use crate::control::scheduler::{EventResult, SchedulerHandle};
 use crate::error::CoordinatorError;
-use crate::forward::{ACCEPT_TIMEOUT, Forwarder, Route};
-use crate::scheduler::{EventResult, SchedulerHandle};
-use crate::validate::Validator;
+use crate::services::forward::{ACCEPT_TIMEOUT, Forwarder, Route};
+use crate::services::validate::Validator;
+use crate::state::cluster::Cluster;
 
 /// How long a follower waits for the leader's status before answering from its own replica.
 const STATUS_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

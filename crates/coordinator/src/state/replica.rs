@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::watch;
 
-use crate::cluster::Serving;
 use crate::raft::{ApplyError, StateMachine};
+use crate::state::cluster::Serving;
 use crate::state::{ClusterState, Command};
 
 /// The replicated state and what is published from it.

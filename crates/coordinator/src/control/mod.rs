@@ -1,0 +1,27 @@
+//! The coordinator's control tasks: long-running loops that act on the replicated state.
+//!
+//! - [`scheduler`]: continuous batching of admitted requests into steps through the pipeline;
+//! - [`plan`]: on the leader, computes and loads a shard plan when workers come and go;
+//! - [`leadership`]: follows this node's Raft role (step up, step down);
+//! - [`liveness`]: drops workers that stop heartbeating.
+
+pub(crate) mod leadership;
+pub(crate) mod liveness;
+pub(crate) mod plan;
+pub mod scheduler;
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+/// Connects to a worker at host:port.
+pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| tonic::Status::invalid_argument(format!("worker address {addr}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting to {addr}: {e}")))
+}

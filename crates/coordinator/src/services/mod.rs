@@ -1,0 +1,15 @@
+//! The coordinator's gRPC services: what arrives on its two ports.
+//!
+//! - [`api`]: `tessera.v1.Inference` (public port), validating each request once
+//!   ([`validate`]) and handing it to the scheduler;
+//! - [`forward`]: `tessera.cluster.v1.Forward`, and the client a follower uses to hand calls to
+//!   the leader;
+//! - [`registry`]: `tessera.cluster.v1.Coordination`, where workers register and heartbeat.
+//!
+//! Services only translate and delegate: scheduling, planning and liveness are control tasks
+//! ([`crate::control`]); what they read and change is the replicated state ([`crate::state`]).
+
+pub mod api;
+pub(crate) mod forward;
+pub(crate) mod registry;
+pub mod validate;
