@@ -1,6 +1,6 @@
-//! tessera's test kit, for tests only (every crate takes it as a dev-dependency): the real
-//! model's location, deterministic random data and random-weight models, temporary
-//! directories, and fixtures that start real `tessera` processes and clusters on 127.0.0.1.
+//! tessera's test kit, for tests only (crates take it as a dev-dependency): the real model's
+//! location, deterministic random data and random-weight models. (The process and cluster
+//! fixtures still live in `crates/cli/tests/support`; moving them here is the next step.)
 
 #![forbid(unsafe_code)]
 
