@@ -11,7 +11,7 @@ use tessera_cuda::DType;
 use tessera_cuda::plan::{DecodeParams, PrefillParams, PrefillPath};
 use tessera_cuda::runtime::Device;
 use tessera_cuda::runtime::attention::{
-    DecodeScratch, cast_to, decode_attention, merge_attention, prefill_attention,
+    DecodeScratch, DevOut, PagedKv, cast_to, decode_attention, merge_attention, prefill_attention,
     prefill_attention_with,
 };
 use tessera_cuda::runtime::elementwise::{RopeLayout, add, embed, rmsnorm, rope, swiglu};
@@ -53,7 +53,19 @@ fn check_prefill(
     let mut lse = dev
         .zeros_raw::<f32>(p.batch * p.seq_q * p.n_heads)
         .expect("lse");
-    prefill_attention_with(dev, path, &p, &qd, &kd, &vd, &mut out, &mut lse).expect("prefill");
+    prefill_attention_with(
+        dev,
+        path,
+        &p,
+        &qd,
+        &kd,
+        &vd,
+        DevOut {
+            out: &mut out,
+            lse: &mut lse,
+        },
+    )
+    .expect("prefill");
     let got = dev.download(&out).expect("download");
     let got_lse = dev.download_raw(&lse).expect("download");
     let shape = AttnShape {
@@ -174,7 +186,22 @@ fn check_decode(
     );
     let mut out = dev.zeros(dt, q.len()).expect("out");
     let mut lse = dev.zeros_raw::<f32>(p.seq_q * p.n_heads).expect("lse");
-    decode_attention(dev, &p, &qd, &kd, &vd, &table, scratch, &mut out, &mut lse).expect("decode");
+    decode_attention(
+        dev,
+        &p,
+        &qd,
+        PagedKv {
+            k_pool: &kd,
+            v_pool: &vd,
+            block_table: &table,
+        },
+        scratch,
+        DevOut {
+            out: &mut out,
+            lse: &mut lse,
+        },
+    )
+    .expect("decode");
     let got = dev.download(&out).expect("download");
     let got_lse = dev.download_raw(&lse).expect("download");
     let view = KvView {
@@ -308,7 +335,18 @@ fn merge_matches_reference() {
                 let vd = dev.upload(dt, &v[range]).expect("v");
                 let mut out = dev.zeros(dt, q.len()).expect("out");
                 let mut lse = dev.zeros_raw::<f32>(sq * nh).expect("lse");
-                prefill_attention(&dev, &p, &qd, &kd, &vd, &mut out, &mut lse).expect("part");
+                prefill_attention(
+                    &dev,
+                    &p,
+                    &qd,
+                    &kd,
+                    &vd,
+                    DevOut {
+                        out: &mut out,
+                        lse: &mut lse,
+                    },
+                )
+                .expect("part");
                 merge_attention(&dev, &mut acc_o, &mut acc_lse, &out, &lse, hd).expect("merge");
             }
             let mut final_o = dev.zeros(dt, q.len()).expect("final");
@@ -481,9 +519,31 @@ fn launchers_reject_mismatched_buffers() {
     let v_bad = dev.zeros(DType::Bf16, 4 * 64).expect("v");
     let mut out = dev.zeros(DType::F16, 4 * 2 * 64).expect("out");
     let mut lse = dev.zeros_raw::<f32>(8).expect("lse");
-    let err = prefill_attention(&dev, &p, &q, &k, &v_bad, &mut out, &mut lse).expect_err("dtype");
+    let err = prefill_attention(
+        &dev,
+        &p,
+        &q,
+        &k,
+        &v_bad,
+        DevOut {
+            out: &mut out,
+            lse: &mut lse,
+        },
+    )
+    .expect_err("dtype");
     assert!(err.to_string().contains("`v`"), "{err}");
     let short = dev.zeros(DType::F16, 3).expect("short");
-    let err = prefill_attention(&dev, &p, &short, &k, &k, &mut out, &mut lse).expect_err("len");
+    let err = prefill_attention(
+        &dev,
+        &p,
+        &short,
+        &k,
+        &k,
+        DevOut {
+            out: &mut out,
+            lse: &mut lse,
+        },
+    )
+    .expect_err("len");
     assert!(err.to_string().contains("`q`"), "{err}");
 }

@@ -13,7 +13,9 @@ use common::{Rng, device_or_skip};
 use tessera_cuda::DType;
 use tessera_cuda::plan::{DecodeParams, PrefillParams, PrefillPath};
 use tessera_cuda::runtime::Device;
-use tessera_cuda::runtime::attention::{DecodeScratch, decode_attention, prefill_attention_with};
+use tessera_cuda::runtime::attention::{
+    DecodeScratch, DevOut, PagedKv, decode_attention, prefill_attention_with,
+};
 
 /// Mean seconds per call of `f` after `warmup` calls, synchronising around the timed loop.
 fn time(dev: &Device, warmup: usize, iters: usize, mut f: impl FnMut()) -> f64 {
@@ -60,8 +62,19 @@ fn bench_prefill() {
                 scale: 1.0 / (d as f32).sqrt(),
             };
             let secs = time(&dev, 2, 5, || {
-                prefill_attention_with(&dev, path, &p, &q, &k, &v, &mut out, &mut lse)
-                    .expect("prefill")
+                prefill_attention_with(
+                    &dev,
+                    path,
+                    &p,
+                    &q,
+                    &k,
+                    &v,
+                    DevOut {
+                        out: &mut out,
+                        lse: &mut lse,
+                    },
+                )
+                .expect("prefill")
             });
             let kernel = match path {
                 PrefillPath::Auto => "prefill",
@@ -113,12 +126,16 @@ fn bench_decode() {
                 &dev,
                 &p,
                 &q,
-                &k,
-                &v,
-                &table,
+                PagedKv {
+                    k_pool: &k,
+                    v_pool: &v,
+                    block_table: &table,
+                },
                 &mut scratch,
-                &mut out,
-                &mut lse,
+                DevOut {
+                    out: &mut out,
+                    lse: &mut lse,
+                },
             )
             .expect("decode")
         });

@@ -37,6 +37,27 @@ fn check_len(field: &'static str, got: usize, want: usize) -> Result<()> {
     }
 }
 
+/// Where an attention launch writes: `out` (the input dtype) and the f32 log-sum-exp per row.
+#[derive(Debug)]
+pub struct DevOut<'a> {
+    /// The attention output, `(.., n_heads, head_dim)`.
+    pub out: &'a mut Tensor16,
+    /// The log-sum-exp per query row and head.
+    pub lse: &'a mut CudaSlice<f32>,
+}
+
+/// A paged KV cache on the device: pools `(num_blocks, block_size, n_kv_heads, head_dim)` and
+/// the sequence's block table (a host copy; [`decode_attention`] validates and uploads it).
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv<'a> {
+    /// The key pool.
+    pub k_pool: &'a Tensor16,
+    /// The value pool.
+    pub v_pool: &'a Tensor16,
+    /// Token `t` lives in block `block_table[t / block_size]`.
+    pub block_table: &'a [u32],
+}
+
 fn check_dtype(field: &'static str, got: DType, want: DType) -> Result<()> {
     if got == want {
         Ok(())
@@ -67,10 +88,9 @@ pub fn prefill_attention(
     q: &Tensor16,
     k: &Tensor16,
     v: &Tensor16,
-    out: &mut Tensor16,
-    lse: &mut CudaSlice<f32>,
+    o: DevOut<'_>,
 ) -> Result<()> {
-    prefill_attention_with(dev, PrefillPath::Auto, p, q, k, v, out, lse)
+    prefill_attention_with(dev, PrefillPath::Auto, p, q, k, v, o)
 }
 
 /// [`prefill_attention`] with the kernel path chosen by the caller.
@@ -84,9 +104,9 @@ pub fn prefill_attention_with(
     q: &Tensor16,
     k: &Tensor16,
     v: &Tensor16,
-    out: &mut Tensor16,
-    lse: &mut CudaSlice<f32>,
+    o: DevOut<'_>,
 ) -> Result<()> {
+    let DevOut { out, lse } = o;
     let (class, simt_geometry) = p.geometry()?;
     let q_len = p.batch * p.seq_q * p.n_heads * p.head_dim;
     let kv_len = p.batch * p.seq_k * p.n_kv_heads * p.head_dim;
@@ -157,7 +177,7 @@ fn ensure<'s, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 }
 
 /// Decode attention of `q` `(seq_q, n_heads, head_dim)` over `len` keys held in paged pools
-/// `(num_blocks, block_size, n_kv_heads, head_dim)` through `block_table` (host copy; it is
+/// `(num_blocks, block_size, n_kv_heads, head_dim)` through `kv.block_table` (host copy; it is
 /// validated and uploaded into `scratch`), split across the device (flash-decoding) and combined
 /// by log-sum-exp into `out` (input dtype) and `lse` (f32).
 ///
@@ -168,13 +188,16 @@ pub fn decode_attention(
     dev: &Device,
     p: &DecodeParams,
     q: &Tensor16,
-    k_pool: &Tensor16,
-    v_pool: &Tensor16,
-    block_table: &[u32],
+    kv: PagedKv<'_>,
     scratch: &mut DecodeScratch,
-    out: &mut Tensor16,
-    lse: &mut CudaSlice<f32>,
+    o: DevOut<'_>,
 ) -> Result<()> {
+    let PagedKv {
+        k_pool,
+        v_pool,
+        block_table,
+    } = kv;
+    let DevOut { out, lse } = o;
     let plan = p.plan(dev.n_sms())?;
     let rows = p.seq_q * p.n_heads;
     let pool_len = p.num_blocks * p.block_size * p.n_kv_heads * p.head_dim;
