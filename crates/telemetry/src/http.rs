@@ -1,5 +1,6 @@
 //! The `/metrics` endpoint: a minimal HTTP/1.1 responder on its own port that answers
-//! `GET /metrics` with whatever the process renders at scrape time.
+//! `GET /metrics` with whatever the process renders at scrape time, in the exposition format
+//! the scraper asks for ([`crate::exposition`]).
 //!
 //! A scrape is one GET, so a web framework would add dependencies and nothing else. Both the
 //! coordinator and the worker serve their metrics through this one implementation.
@@ -10,6 +11,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::exposition::negotiate;
 
 /// Largest request head read; a scrape's is a few hundred bytes.
 const MAX_HEAD: usize = 4096;
@@ -71,21 +74,33 @@ async fn answer(
     if !matches!(head, Ok(true)) {
         return Ok(());
     }
-    let ok = buf[..len].starts_with(b"GET /metrics ");
-    let (status, body) = if ok {
-        ("200 OK", render())
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let ok = head.starts_with("GET /metrics ");
+    let (status, (body, content_type)) = if ok {
+        ("200 OK", negotiate(render(), header(&head, "accept")))
     } else {
         (
             "404 Not Found",
-            "only GET /metrics is served here\n".to_owned(),
+            (
+                "only GET /metrics is served here\n".to_owned(),
+                "text/plain; charset=utf-8",
+            ),
         )
     };
     let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(response.as_bytes()).await
+}
+
+/// The value of header `name` (case-insensitive) in a request head, when present.
+fn header<'h>(head: &'h str, name: &str) -> Option<&'h str> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
 }
 
 #[cfg(test)]
@@ -95,10 +110,14 @@ mod tests {
 
     /// Sends `GET path` to `addr` and returns the whole response.
     async fn get(addr: SocketAddr, path: &str) -> String {
+        get_accepting(addr, path, "*/*").await
+    }
+
+    /// Sends `GET path` with `Accept: accept` to `addr` and returns the whole response.
+    async fn get_accepting(addr: SocketAddr, path: &str, accept: &str) -> String {
         let mut c = TcpStream::connect(addr).await.expect("connect");
-        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .expect("write");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\naccept: {accept}\r\n\r\n");
+        c.write_all(req.as_bytes()).await.expect("write");
         let mut out = String::new();
         c.read_to_string(&mut out).await.expect("read");
         out
@@ -114,14 +133,26 @@ mod tests {
         let counter = Arc::clone(&scrapes);
         let task = tokio::spawn(serve(listener, move || {
             let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            format!("scrapes_total {n}\n")
+            format!("# TYPE scrapes counter\nscrapes_total {n}\n# EOF\n")
         }));
         let first = get(addr, "/metrics").await;
         assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
-        assert!(first.contains("Content-Length: 16\r\n"), "{first}");
-        assert!(first.ends_with("\r\n\r\nscrapes_total 1\n"), "{first}");
-        let second = get(addr, "/metrics").await;
-        assert!(second.ends_with("scrapes_total 2\n"), "{second}");
+        assert!(
+            first.contains("Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+            "{first}"
+        );
+        let body = "# TYPE scrapes_total counter\nscrapes_total 1\n";
+        assert!(
+            first.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{first}"
+        );
+        assert!(first.ends_with(&format!("\r\n\r\n{body}")), "{first}");
+        let second = get_accepting(addr, "/metrics", "application/openmetrics-text").await;
+        assert!(
+            second.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+            "{second}"
+        );
+        assert!(second.ends_with("scrapes_total 2\n# EOF\n"), "{second}");
         let other = get(addr, "/").await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         assert_eq!(scrapes.load(Ordering::SeqCst), 2, "a 404 renders nothing");
@@ -133,7 +164,7 @@ mod tests {
     async fn a_stalled_client_does_not_block_scrapes() {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let task = tokio::spawn(serve(listener, || "up 1\n".to_owned()));
+        let task = tokio::spawn(serve(listener, || "# TYPE up gauge\nup 1\n".to_owned()));
         let mut stalled = TcpStream::connect(addr).await.expect("connect");
         stalled.write_all(b"GET /metr").await.expect("write");
         let ok = tokio::time::timeout(Duration::from_secs(2), get(addr, "/metrics"))

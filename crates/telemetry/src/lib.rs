@@ -1,7 +1,8 @@
 //! Observability plumbing that the coordinator and the worker share.
 //!
 //! - [`http`]: the plain-HTTP `GET /metrics` endpoint each process serves its Prometheus text
-//!   exposition on (`--metrics-listen`).
+//!   exposition on (`--metrics-listen`), in the format the scraper asks for
+//!   ([`exposition`]: OpenMetrics, or the classic text format).
 //! - [`trace_context`]: W3C trace context (`traceparent`, `tracestate`) carried across process
 //!   boundaries — in pipeline step messages and in gRPC metadata — so the spans of one request
 //!   on the coordinator and on every stage form one trace.
@@ -12,5 +13,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod exposition;
 pub mod http;
 pub mod trace_context;
