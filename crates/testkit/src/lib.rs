@@ -1,13 +1,45 @@
-//! tessera's test kit, for tests only (crates take it as a dev-dependency): the real model's
-//! location, deterministic random data and random-weight models. (The process and cluster
-//! fixtures still live in `crates/cli/tests/support`; moving them here is the next step.)
+//! tessera's test kit, for tests only (crates take it as a dev-dependency), one concept a
+//! module:
+//!
+//! - the real model's location ([`smollm2_gguf`]), deterministic random data ([`TestRng`]) and
+//!   random-weight models ([`MemoryWeights`]);
+//! - `tessera` processes ([`Tessera`]: start the binary, read the addresses it prints, run it
+//!   to completion) and loopback networking ([`free_port`], [`scrape`], the cuttable
+//!   [`Proxy`]);
+//! - clusters of processes: one coordinator and its workers ([`ProcessCluster`]), three
+//!   replicated coordinators that a test can partition ([`RaftCluster`]);
+//! - the public API from a client's side ([`greedy`] requests, [`collect`] a stream);
+//! - the coordinator's side of a worker's `Pipeline` stream ([`Driver`], [`Seq`]).
+//!
+//! Only the cli crate's tests know where the `tessera` binary is
+//! (`env!("CARGO_BIN_EXE_tessera")`): they pass it to [`Tessera::new`].
 
 #![forbid(unsafe_code)]
 
+mod cluster;
+mod net;
+mod pipeline;
+mod process;
+mod raft_cluster;
 mod real_model;
+mod requests;
 mod rng;
 mod weights;
 
-pub use real_model::{SMOLLM2_FILE, SMOLLM2_NAME, smollm2_gguf};
+pub use cluster::{HEARTBEAT_TIMEOUT_MS, KV_TOKENS, ProcessCluster};
+pub use net::{Proxy, free_addr, free_port, sample, scrape, url_list};
+pub use pipeline::{CHUNK, Driver, Seq, drive, seq_start, seqs_for, to_sampled};
+pub use process::{
+    Addresses, START_TIMEOUT, Tessera, kill, lone_coordinator_args, member_args, python, signal,
+    strings, temp_dir,
+};
+pub use raft_cluster::RaftCluster;
+pub use real_model::{SMOLLM2_FILE, SMOLLM2_NAME, smollm2_arg, smollm2_gguf};
+pub use requests::{
+    Collected, PROMPTS, collect, collect_finished, count_tokens, greedy, greedy_exact,
+    greedy_with_logprobs, ids_and_logprobs, inference_client, lazy_channel, runtime, story,
+    stream_error, worker_ids,
+};
 pub use rng::TestRng;
+pub use tempfile::TempDir;
 pub use weights::MemoryWeights;

@@ -45,3 +45,11 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         }
     }
 }
+
+/// [`smollm2_gguf`] as a process argument (lossily converted to UTF-8).
+///
+/// # Panics
+/// As [`smollm2_gguf`].
+pub fn smollm2_arg() -> Option<String> {
+    Some(smollm2_gguf()?.to_string_lossy().into_owned())
+}

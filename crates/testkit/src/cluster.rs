@@ -1,0 +1,187 @@
+//! A cluster of `tessera` processes on loopback: one coordinator (not replicated) and its
+//! workers, with a client runtime, for the multi-process tests. Everything it starts is killed
+//! when it is dropped. (Three replicated coordinators: [`crate::RaftCluster`].)
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
+
+use crate::net::free_addr;
+use crate::process::{Tessera, kill};
+use crate::requests::{collect, runtime, stream_error};
+
+/// Heartbeat timeout a [`ProcessCluster`] runs with: a dead worker must end streams within
+/// twice this.
+pub const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+/// KV capacity per worker of a [`ProcessCluster`]: enough for the tests, small enough that
+/// memory plans stay modest.
+pub const KV_TOKENS: u32 = 2048;
+
+/// A coordinator and workers, killed when dropped.
+pub struct ProcessCluster {
+    coordinator: Child,
+    /// The worker processes in start order (`w0`, `w1`, …); `None` once killed.
+    pub workers: Vec<Option<Child>>,
+    /// The coordinator's public API, `http://host:port`.
+    pub endpoint: String,
+    /// host:port of the coordinator's Prometheus endpoint.
+    pub metrics: String,
+    /// The runtime the test's clients run on.
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl ProcessCluster {
+    /// Starts a coordinator (heartbeats every 250 ms, [`HEARTBEAT_TIMEOUT_MS`], [`KV_TOKENS`],
+    /// metrics on a free port) and one worker per `(threads, memory)` named `w0`, `w1`, …;
+    /// waits up to 60 s for a plan.
+    ///
+    /// # Panics
+    /// When a process does not start or the cluster is not ready in time.
+    pub fn start(tessera: &Tessera, model: &str, workers: &[(u32, &str)]) -> Self {
+        let n = workers.len().to_string();
+        let hb = HEARTBEAT_TIMEOUT_MS.to_string();
+        let kv = KV_TOKENS.to_string();
+        let metrics = free_addr();
+        let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(
+            model,
+            &[
+                "--metrics-listen",
+                &metrics,
+                "--min-workers",
+                &n,
+                "--heartbeat-ms",
+                "250",
+                "--heartbeat-timeout-ms",
+                &hb,
+                "--kv-tokens",
+                &kv,
+            ],
+        );
+        let endpoint = format!("http://{addr}");
+        let cluster_endpoint = format!("http://{cluster_addr}");
+        let workers = workers
+            .iter()
+            .enumerate()
+            .map(|(i, (threads, memory))| {
+                let name = format!("w{i}");
+                let child =
+                    tessera.spawn_worker(&cluster_endpoint, *threads, memory, Some(&name), &[]);
+                Some(child)
+            })
+            .collect();
+        let cluster = Self {
+            coordinator,
+            workers,
+            endpoint,
+            metrics,
+            rt: runtime(),
+        };
+        cluster.wait_ready(Duration::from_secs(60));
+        cluster
+    }
+
+    /// A client of the coordinator, connected.
+    ///
+    /// # Panics
+    /// When the coordinator cannot be reached.
+    pub fn client(&self) -> InferenceClient<Channel> {
+        self.rt.block_on(async {
+            InferenceClient::connect(self.endpoint.clone())
+                .await
+                .expect("connect to the coordinator")
+        })
+    }
+
+    /// The coordinator's cluster status.
+    ///
+    /// # Panics
+    /// When the call fails.
+    pub fn status(&self) -> pb::ClusterStatusResponse {
+        let mut c = self.client();
+        self.rt
+            .block_on(c.cluster_status(pb::ClusterStatusRequest::default()))
+            .expect("cluster status")
+            .into_inner()
+    }
+
+    /// Waits until the cluster reports itself ready; returns that status.
+    ///
+    /// # Panics
+    /// When it is not ready within `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> pb::ClusterStatusResponse {
+        let start = Instant::now();
+        loop {
+            let s = self.status();
+            if s.ready {
+                return s;
+            }
+            assert!(start.elapsed() < timeout, "cluster not ready: {s:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs one request to the end: its tokens (with logprobs, when asked) or its error
+    /// status.
+    ///
+    /// # Errors
+    /// As [`collect`].
+    pub fn generate(&self, req: pb::GenerateRequest) -> Result<Vec<pb::TokenEvent>, tonic::Status> {
+        let mut c = self.client();
+        self.rt.block_on(collect(&mut c, req))
+    }
+
+    /// Starts `req` and reads its first `tokens` events: a stream known to be generating.
+    ///
+    /// # Panics
+    /// When the request fails or the stream ends before `tokens` events.
+    pub fn stream_started(
+        &self,
+        req: pb::GenerateRequest,
+        tokens: usize,
+    ) -> tonic::Streaming<pb::GenerateEvent> {
+        let mut c = self.client();
+        let mut stream = self
+            .rt
+            .block_on(c.generate(req))
+            .expect("start")
+            .into_inner();
+        for _ in 0..tokens {
+            self.rt
+                .block_on(stream.message())
+                .expect("tokens before the failure")
+                .expect("stream open");
+        }
+        stream
+    }
+
+    /// Reads a generate stream to its error, which must come within 30 s.
+    ///
+    /// # Panics
+    /// As [`stream_error`].
+    pub fn stream_error(&self, stream: &mut tonic::Streaming<pb::GenerateEvent>) -> tonic::Status {
+        self.rt
+            .block_on(stream_error(stream, Duration::from_secs(30)))
+    }
+
+    /// `kill -9` of worker `i`; returns when the process is gone.
+    ///
+    /// # Panics
+    /// When worker `i` was killed already.
+    pub fn kill_worker(&mut self, i: usize) {
+        let mut w = self.workers[i].take().expect("worker still running");
+        w.kill().expect("kill -9");
+        let _ = w.wait();
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for w in self.workers.iter_mut().flatten() {
+            kill(w);
+        }
+        kill(&mut self.coordinator);
+    }
+}
