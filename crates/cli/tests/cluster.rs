@@ -2,205 +2,32 @@
 //! the single-process engine: identical outputs through a 3-stage pipeline, batching of
 //! concurrent requests, `kill -9` of a worker, bad input, and the Python client.
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_testkit::{
+    HEARTBEAT_TIMEOUT_MS, KV_TOKENS, ProcessCluster, Tessera, collect, ids_and_logprobs, python,
+    scrape, signal, smollm2_arg as model,
+};
 use tessera_text::sampling::{SamplingParams, StopConditions};
-use tonic::transport::Channel;
 
-mod support;
-use support::{free_port, model, scrape, spawn, spawn_coordinator};
-
-/// Heartbeat timeout the test clusters run with: a dead worker must end streams within twice this.
-const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
-/// KV capacity per worker: enough for the tests, small enough that memory plans stay modest.
-const KV_TOKENS: u32 = 2048;
-
-/// A coordinator and workers, killed when dropped.
-struct Cluster {
-    coordinator: Child,
-    workers: Vec<Option<Child>>,
-    endpoint: String,
-    /// host:port of the coordinator's Prometheus endpoint.
-    metrics: String,
-    rt: tokio::runtime::Runtime,
+/// The `tessera` binary under test.
+fn tessera() -> Tessera {
+    Tessera::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
-impl Cluster {
-    /// Starts a coordinator and one worker per `(threads, memory)`, and waits for a plan.
-    fn start(model: &str, workers: &[(u32, &str)]) -> Self {
-        let n = workers.len().to_string();
-        let hb = HEARTBEAT_TIMEOUT_MS.to_string();
-        let kv = KV_TOKENS.to_string();
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let (coordinator, addr, cluster_addr) = spawn_coordinator(&[
-            "coordinator",
-            "--metrics-listen",
-            &metrics,
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-            "--model",
-            model,
-            "--min-workers",
-            &n,
-            "--heartbeat-ms",
-            "250",
-            "--heartbeat-timeout-ms",
-            &hb,
-            "--kv-tokens",
-            &kv,
-            "--exit-on-stdin-eof",
-        ]);
-        let endpoint = format!("http://{addr}");
-        let cluster_endpoint = format!("http://{cluster_addr}");
-        let workers = workers
-            .iter()
-            .enumerate()
-            .map(|(i, (threads, memory))| {
-                let threads = threads.to_string();
-                let name = format!("w{i}");
-                let (child, _) = spawn(&[
-                    "worker",
-                    "--coordinator",
-                    &cluster_endpoint,
-                    "--threads",
-                    &threads,
-                    "--memory",
-                    memory,
-                    "--name",
-                    &name,
-                    "--exit-on-stdin-eof",
-                ]);
-                Some(child)
-            })
-            .collect();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let cluster = Self {
-            coordinator,
-            workers,
-            endpoint,
-            metrics,
-            rt,
-        };
-        cluster.wait_ready(Duration::from_secs(60));
-        cluster
-    }
-
-    fn client(&self) -> InferenceClient<Channel> {
-        self.rt.block_on(async {
-            InferenceClient::connect(self.endpoint.clone())
-                .await
-                .expect("connect to the coordinator")
-        })
-    }
-
-    fn status(&self) -> pb::ClusterStatusResponse {
-        let mut c = self.client();
-        self.rt
-            .block_on(c.cluster_status(pb::ClusterStatusRequest::default()))
-            .expect("cluster status")
-            .into_inner()
-    }
-
-    fn wait_ready(&self, timeout: Duration) -> pb::ClusterStatusResponse {
-        let start = Instant::now();
-        loop {
-            let s = self.status();
-            if s.ready {
-                return s;
-            }
-            assert!(start.elapsed() < timeout, "cluster not ready: {s:#?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Runs one request to the end: its tokens (with logprobs) or its error status.
-    fn generate(&self, req: pb::GenerateRequest) -> Result<Vec<pb::TokenEvent>, tonic::Status> {
-        let mut c = self.client();
-        self.rt.block_on(collect(&mut c, req))
-    }
-
-    /// Reads a generate stream to its error, which must come within 30 s.
-    fn stream_error(&self, stream: &mut tonic::Streaming<pb::GenerateEvent>) -> tonic::Status {
-        self.rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(30), async {
-                loop {
-                    match stream.message().await {
-                        Ok(Some(_)) => {}
-                        Ok(None) => panic!("stream ended without an error"),
-                        Err(e) => return e,
-                    }
-                }
-            })
-            .await
-            .expect("the stream hangs instead of failing")
-        })
-    }
-
-    /// `kill -9` of worker `i`; returns when the process is gone.
-    fn kill_worker(&mut self, i: usize) {
-        let mut w = self.workers[i].take().expect("worker still running");
-        w.kill().expect("kill -9");
-        let _ = w.wait();
-    }
+/// Starts a cluster of `tessera` processes: a coordinator and a worker per `(threads, memory)`.
+fn start_cluster(model: &str, workers: &[(u32, &str)]) -> ProcessCluster {
+    ProcessCluster::start(&tessera(), model, workers)
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for w in self.workers.iter_mut().flatten() {
-            let _ = w.kill();
-            let _ = w.wait();
-        }
-        let _ = self.coordinator.kill();
-        let _ = self.coordinator.wait();
-    }
-}
-
-async fn collect(
-    c: &mut InferenceClient<Channel>,
-    req: pb::GenerateRequest,
-) -> Result<Vec<pb::TokenEvent>, tonic::Status> {
-    let mut stream = c.generate(req).await?.into_inner();
-    let mut out = Vec::new();
-    while let Some(ev) = stream.message().await? {
-        match ev.event {
-            Some(Event::Token(t)) => out.push(t),
-            Some(Event::Finished(_)) => return Ok(out),
-            None => {}
-        }
-    }
-    Err(tonic::Status::internal(
-        "stream ended without a Finished event",
-    ))
-}
-
-/// A greedy request with logprobs.
+/// A greedy request with logprobs and two alternatives per token.
 fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::Text(prompt.into())),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        stop: Some(pb::StopConditions {
-            max_tokens: Some(max_tokens),
-            ..Default::default()
-        }),
-        logprobs: true,
-        top_logprobs: 2,
-        ..Default::default()
-    }
+    tessera_testkit::greedy_with_logprobs(prompt, max_tokens, 2)
 }
 
 /// The single-process engine's tokens and logprobs for the same greedy request.
@@ -226,13 +53,6 @@ fn engine_reference(engine: &mut Engine, prompt: &str, max_tokens: u32) -> Vec<(
         .generate(&req, &mut |_| std::ops::ControlFlow::Continue(()))
         .expect("generate");
     out.tokens
-        .iter()
-        .map(|t| (t.id, t.logprob.expect("logprob asked for")))
-        .collect()
-}
-
-fn ids_and_logprobs(events: &[pb::TokenEvent]) -> Vec<(u32, f32)> {
-    events
         .iter()
         .map(|t| (t.id, t.logprob.expect("logprob asked for")))
         .collect()
@@ -268,11 +88,8 @@ const UNEVEN: [(u32, &str); 3] = [(1, "60MiB"), (1, "80MiB"), (1, "100MiB")];
 /// shows each worker holding a different share of the layers and of the memory.
 #[test]
 fn pipeline_matches_the_single_process_engine() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let cluster = Cluster::start(&model, &UNEVEN);
+    let Some(model) = model() else { return };
+    let cluster = start_cluster(&model, &UNEVEN);
     let status = cluster.status();
     let mut shards: Vec<_> = status
         .workers
@@ -309,7 +126,8 @@ fn pipeline_matches_the_single_process_engine() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+    let out = tessera()
+        .command()
         .args(["status", "--endpoint", &cluster.endpoint])
         .output()
         .expect("tessera status");
@@ -328,11 +146,8 @@ fn pipeline_matches_the_single_process_engine() {
 /// several running at once) and each produces exactly what it produces alone.
 #[test]
 fn concurrent_requests_are_batched_and_unchanged() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let cluster = Cluster::start(&model, &[(1, "1GiB"), (1, "1GiB")]);
+    let Some(model) = model() else { return };
+    let cluster = start_cluster(&model, &[(1, "1GiB"), (1, "1GiB")]);
     let prompts: Vec<String> = (0..8)
         .map(|i| format!("{} Item number {i}:", PROMPTS[i % PROMPTS.len()]))
         .collect();
@@ -374,46 +189,42 @@ fn concurrent_requests_are_batched_and_unchanged() {
     assert!(peak >= 2, "requests never ran together (peak {peak})");
 }
 
+/// Asserts that `stream`, cut by a worker lost just now (`what` says how), ends UNAVAILABLE
+/// within two heartbeat timeouts, and that the survivors then answer `prompt` with `before`.
+fn fails_fast_then_serves(
+    cluster: &ProcessCluster,
+    stream: &mut tonic::Streaming<pb::GenerateEvent>,
+    what: &str,
+    (prompt, before): (&str, &[(u32, f32)]),
+) {
+    let lost = Instant::now();
+    let err = cluster.stream_error(stream);
+    let waited = lost.elapsed();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        waited <= Duration::from_millis(2 * HEARTBEAT_TIMEOUT_MS),
+        "stream ended {waited:?} after {what}"
+    );
+    let after = cluster
+        .generate(greedy(prompt, 12))
+        .expect("after the loss");
+    assert_eq!(ids_and_logprobs(&after), before);
+}
+
 /// Ensures that `kill -9` of a worker mid-generation ends the stream with UNAVAILABLE within
 /// two heartbeat timeouts, and that the next request succeeds on the remaining workers with
 /// the same output as before.
 #[test]
 fn killed_worker_fails_fast_and_the_cluster_replans() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let mut cluster = Cluster::start(&model, &[(1, "1GiB"), (1, "1GiB"), (1, "1GiB")]);
+    let Some(model) = model() else { return };
+    let mut cluster = start_cluster(&model, &[(1, "1GiB"), (1, "1GiB"), (1, "1GiB")]);
     let prompt = PROMPTS[2];
     let before = ids_and_logprobs(&cluster.generate(greedy(prompt, 12)).expect("before"));
     let epoch = cluster.status().plan_epoch;
 
-    let mut c = cluster.client();
-    let mut stream = cluster
-        .rt
-        .block_on(c.generate(greedy(prompt, 1000)))
-        .expect("start")
-        .into_inner();
-    for _ in 0..3 {
-        cluster
-            .rt
-            .block_on(stream.message())
-            .expect("tokens before the kill")
-            .expect("stream open");
-    }
+    let mut stream = cluster.stream_started(greedy(prompt, 1000), 3);
     cluster.kill_worker(1);
-    let killed = Instant::now();
-    let err = cluster.stream_error(&mut stream);
-    let waited = killed.elapsed();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(
-        waited <= Duration::from_millis(2 * HEARTBEAT_TIMEOUT_MS),
-        "stream ended {waited:?} after the kill"
-    );
-    let after = cluster
-        .generate(greedy(prompt, 12))
-        .expect("after the kill");
-    assert_eq!(ids_and_logprobs(&after), before);
+    fails_fast_then_serves(&cluster, &mut stream, "the kill", (prompt, &before));
     let status = cluster.status();
     assert_eq!(status.workers.len(), 2, "{status:#?}");
     assert!(status.plan_epoch > epoch);
@@ -423,11 +234,8 @@ fn killed_worker_fails_fast_and_the_cluster_replans() {
 /// cluster keeps serving afterwards.
 #[test]
 fn bad_input_names_the_field() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let cluster = Cluster::start(&model, &[(2, "1GiB")]);
+    let Some(model) = model() else { return };
+    let cluster = start_cluster(&model, &[(2, "1GiB")]);
     let with = |f: &dyn Fn(&mut pb::GenerateRequest)| {
         let mut r = greedy("Hello", 4);
         f(&mut r);
@@ -494,19 +302,8 @@ fn bad_input_names_the_field() {
 /// Needs TESSERA_PYTHON: a Python with the packages of examples/python/requirements.txt.
 #[test]
 fn python_client_streams_an_answer() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let Ok(python) = std::env::var("TESSERA_PYTHON") else {
-        let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
-        assert!(
-            !in_ci,
-            "TESSERA_PYTHON is unset in CI: run the tests with scripts/test.sh"
-        );
-        eprintln!("skipped: set TESSERA_PYTHON to a Python with examples/python/requirements.txt");
-        return;
-    };
+    let Some(model) = model() else { return };
+    let Some(python) = python() else { return };
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python");
     let gen_stubs = Command::new(&python)
         .arg("generate_stubs.py")
@@ -518,7 +315,7 @@ fn python_client_streams_an_answer() {
         "{}",
         String::from_utf8_lossy(&gen_stubs.stderr)
     );
-    let cluster = Cluster::start(&model, &[(2, "1GiB")]);
+    let cluster = start_cluster(&model, &[(2, "1GiB")]);
     let addr = cluster.endpoint.trim_start_matches("http://").to_owned();
     let expected: String = cluster
         .generate(greedy(PROMPTS[0], 12))
@@ -551,11 +348,9 @@ fn python_client_streams_an_answer() {
 /// cluster, answers, and shuts the cluster down.
 #[test]
 fn up_answers_a_prompt_and_stops() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+    let Some(model) = model() else { return };
+    let out = tessera()
+        .command()
         .args([
             "up",
             "--workers",
@@ -582,57 +377,26 @@ fn up_answers_a_prompt_and_stops() {
     assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
 
-/// Sends a signal to a worker process with kill(1).
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} failed");
-}
-
 /// Ensures that a worker that goes silent without closing its connections (SIGSTOP: a hung
 /// host or a cut network) ends in-flight streams with UNAVAILABLE within two heartbeat
 /// timeouts, that the remaining workers then serve the same output, and that the worker, once
 /// it speaks again, registers anew and is used by the next plan.
 #[test]
 fn silent_worker_is_dropped_then_rejoins() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let cluster = Cluster::start(&model, &[(1, "1GiB"), (1, "1GiB"), (1, "1GiB")]);
+    let Some(model) = model() else { return };
+    let cluster = start_cluster(&model, &[(1, "1GiB"), (1, "1GiB"), (1, "1GiB")]);
     let prompt = PROMPTS[0];
     let before = ids_and_logprobs(&cluster.generate(greedy(prompt, 12)).expect("before"));
 
-    let mut c = cluster.client();
-    let mut stream = cluster
-        .rt
-        .block_on(c.generate(greedy(prompt, 1000)))
-        .expect("start")
-        .into_inner();
-    for _ in 0..3 {
-        cluster
-            .rt
-            .block_on(stream.message())
-            .expect("tokens before the stop")
-            .expect("stream open");
-    }
+    let mut stream = cluster.stream_started(greedy(prompt, 1000), 3);
     let victim = cluster.workers[1].as_ref().expect("running");
     signal(victim, "-STOP");
-    let stopped = Instant::now();
-    let err = cluster.stream_error(&mut stream);
-    let waited = stopped.elapsed();
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(
-        waited <= Duration::from_millis(2 * HEARTBEAT_TIMEOUT_MS),
-        "stream ended {waited:?} after the worker went silent"
+    fails_fast_then_serves(
+        &cluster,
+        &mut stream,
+        "the worker went silent",
+        (prompt, &before),
     );
-    let after = cluster
-        .generate(greedy(prompt, 12))
-        .expect("after the stop");
-    assert_eq!(ids_and_logprobs(&after), before);
     assert_eq!(cluster.status().workers.len(), 2);
 
     signal(victim, "-CONT");

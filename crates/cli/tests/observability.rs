@@ -17,11 +17,16 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_testkit::{
+    Tessera, count_tokens, free_addr, free_port, greedy, runtime, sample, scrape,
+    smollm2_arg as model,
+};
 
-mod support;
-use support::{free_port, model, scrape, spawn, spawn_coordinator};
+/// The `tessera` binary under test.
+fn tessera() -> Tessera {
+    Tessera::new(env!("CARGO_BIN_EXE_tessera"))
+}
 
 /// A span as received, with the resource attributes that say which process sent it.
 #[derive(Clone, Debug)]
@@ -106,51 +111,31 @@ fn start_receiver(rt: &tokio::runtime::Runtime, receiver: Receiver) -> String {
 /// to `otlp`, each serving metrics; returns the processes (coordinator first), the endpoint
 /// and the metrics addresses (coordinator first).
 fn start_cluster(model: &str, workers: usize, otlp: &str) -> (Vec<Child>, String, Vec<String>) {
-    let metrics: Vec<String> = (0..=workers)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
+    let tessera = tessera();
+    let metrics: Vec<String> = (0..=workers).map(|_| free_addr()).collect();
     let n = workers.to_string();
-    let (coordinator, addr, cluster_addr) = spawn_coordinator(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--cluster-listen",
-        "127.0.0.1:0",
-        "--model",
+    let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(
         model,
-        "--min-workers",
-        &n,
-        "--heartbeat-ms",
-        "250",
-        "--kv-tokens",
-        "2048",
-        "--metrics-listen",
-        &metrics[0],
-        "--otlp-endpoint",
-        otlp,
-        "--exit-on-stdin-eof",
-    ]);
+        &[
+            "--min-workers",
+            &n,
+            "--heartbeat-ms",
+            "250",
+            "--kv-tokens",
+            "2048",
+            "--metrics-listen",
+            &metrics[0],
+            "--otlp-endpoint",
+            otlp,
+        ],
+    );
     let endpoint = format!("http://{addr}");
+    let cluster_endpoint = format!("http://{cluster_addr}");
     let mut children = vec![coordinator];
     for (i, m) in metrics.iter().enumerate().skip(1) {
         let name = format!("w{i}");
-        let (child, _) = spawn(&[
-            "worker",
-            "--coordinator",
-            &format!("http://{cluster_addr}"),
-            "--threads",
-            "1",
-            "--memory",
-            "1GiB",
-            "--name",
-            &name,
-            "--metrics-listen",
-            m,
-            "--otlp-endpoint",
-            otlp,
-            "--exit-on-stdin-eof",
-        ]);
-        children.push(child);
+        let extra = ["--metrics-listen", m, "--otlp-endpoint", otlp];
+        children.push(tessera.spawn_worker(&cluster_endpoint, 1, "1GiB", Some(&name), &extra));
     }
     (children, endpoint, metrics)
 }
@@ -193,29 +178,9 @@ fn generate(
             .expect("connect to the coordinator");
         let req = pb::GenerateRequest {
             request_id: request_id.into(),
-            prompt: Some(pb::generate_request::Prompt::Text(
-                "The capital of France".into(),
-            )),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-            stop: Some(pb::StopConditions {
-                max_tokens: Some(max_tokens),
-                ..Default::default()
-            }),
-            ..Default::default()
+            ..greedy("The capital of France", max_tokens)
         };
-        let mut stream = c.generate(req).await.expect("generate").into_inner();
-        let mut tokens = 0;
-        while let Some(ev) = stream.message().await.expect("generate stream") {
-            match ev.event {
-                Some(Event::Token(_)) => tokens += 1,
-                Some(Event::Finished(_)) => return tokens,
-                None => {}
-            }
-        }
-        panic!("the stream ended without a Finished event");
+        count_tokens(&mut c, req).await.expect("generate")
     })
 }
 
@@ -239,31 +204,13 @@ fn stop_cleanly(children: Vec<Child>) {
     }
 }
 
-/// The value of an unlabelled sample `name` in a Prometheus exposition.
-fn sample(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Ensures that a request through a two-stage pipeline is one trace at the collector — its
 /// `generate` span (with the request id), the coordinator's step spans under it, and each
 /// stage's step and compute spans chained under those — flushed when the processes stop,
 /// and that each worker's metrics count exactly the steps and tokens the coordinator sent.
 #[test]
 fn a_request_is_one_trace_across_coordinator_and_workers() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
+    let Some(model) = model() else { return };
     let rt = runtime();
     let receiver = Receiver::default();
     let otlp = format!("http://{}", start_receiver(&rt, receiver.clone()));
@@ -380,10 +327,7 @@ fn a_request_is_one_trace_across_coordinator_and_workers() {
 /// and the processes still exit cleanly (export failures are only logged).
 #[test]
 fn an_unreachable_collector_does_not_break_serving() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
+    let Some(model) = model() else { return };
     let rt = runtime();
     // A port nobody listens on.
     let otlp = format!("http://127.0.0.1:{}", free_port());

@@ -15,8 +15,12 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_reflection::pb::{v1 as refl, v1alpha as refl_alpha};
 
-mod support;
-use support::{model, spawn_coordinator};
+use tessera_testkit::{Tessera, kill, lazy_channel, python, runtime, smollm2_arg as model};
+
+/// The `tessera` binary under test.
+fn tessera() -> Tessera {
+    Tessera::new(env!("CARGO_BIN_EXE_tessera"))
+}
 
 /// What reflection must list on the public port, sorted.
 const PUBLIC_SERVICES: [&str; 4] = [
@@ -36,37 +40,19 @@ struct Coordinator {
 
 impl Coordinator {
     fn start(model: &str) -> Self {
-        let (child, public, cluster) = spawn_coordinator(&[
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--cluster-listen",
-            "127.0.0.1:0",
-            "--model",
-            model,
-            "--exit-on-stdin-eof",
-        ]);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let (child, public, cluster) = tessera().spawn_lone_coordinator(model, &[]);
         Self {
             child,
             public,
             cluster,
-            rt,
+            rt: runtime(),
         }
     }
 
     /// A lazily connected channel to `addr` (host:port), 10 s per call.
     fn channel(&self, addr: &str) -> Channel {
         let _in_runtime = self.rt.enter();
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("url")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy()
+        lazy_channel(format!("http://{addr}"), Some(Duration::from_secs(10)))
     }
 
     /// This node's own view: (leader, term), once it has elected itself.
@@ -100,8 +86,7 @@ impl Coordinator {
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill(&mut self.child);
     }
 }
 
@@ -166,10 +151,7 @@ async fn list_v1alpha(ch: Channel) -> Result<Vec<String>, tonic::Status> {
 /// forwarding; and that both ports answer health.
 #[test]
 fn public_port_serves_only_the_public_api() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
+    let Some(model) = model() else { return };
     let c = Coordinator::start(&model);
     // Elected (alone), so that its status names itself as member.
     c.leader_and_term();
@@ -265,10 +247,7 @@ fn public_port_serves_only_the_public_api() {
 /// port.
 #[test]
 fn cluster_calls_to_the_public_port_are_unimplemented() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
+    let Some(model) = model() else { return };
     let c = Coordinator::start(&model);
     let (leader, term) = c.leader_and_term();
     assert!(leader.starts_with("1="), "{leader}");
@@ -363,18 +342,8 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
 /// Needs TESSERA_PYTHON: a Python with the packages of examples/python/requirements.txt.
 #[test]
 fn stock_python_reflection_client_lists_the_public_services() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let Ok(python) = std::env::var("TESSERA_PYTHON") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "TESSERA_PYTHON is unset in CI: run the tests with scripts/test.sh"
-        );
-        eprintln!("skipped: set TESSERA_PYTHON to a Python with examples/python/requirements.txt");
-        return;
-    };
+    let Some(model) = model() else { return };
+    let Some(python) = python() else { return };
     let c = Coordinator::start(&model);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python");
     let out = Command::new(&python)

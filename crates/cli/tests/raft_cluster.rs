@@ -6,20 +6,23 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-mod support;
-use support::raft::{RaftCluster, collect, request, strings, tessera, worker_ids};
-use support::{free_port, model, spawn_coordinator};
+use tessera_testkit::{
+    RaftCluster, Tessera, count_tokens, free_addr, kill, lone_coordinator_args,
+    smollm2_arg as model, story as request, strings, worker_ids,
+};
+
+/// The `tessera` binary under test.
+fn tessera() -> Tessera {
+    Tessera::new(env!("CARGO_BIN_EXE_tessera"))
+}
 
 /// Ensures that `kill -9` of the leader under generate load ends its in-flight streams with
 /// UNAVAILABLE, and that a new leader serves new requests with the same workers and the same
 /// plan epoch (no weights reloaded).
 #[test]
 fn leader_kill_under_load_fails_over_without_reload() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let mut c = RaftCluster::start(&model, "failover", 2);
+    let Some(model) = model() else { return };
+    let mut c = RaftCluster::start(&tessera(), &model, "failover", 2);
     let (before, leader) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(before.workers.len(), 2, "{before:#?}");
     assert_eq!(before.members.len(), 3, "{before:#?}");
@@ -48,7 +51,7 @@ fn leader_kill_under_load_fails_over_without_reload() {
     });
     let mut via_follower = c.client(survivor);
     let forwarded =
-        c.rt.spawn(async move { collect(&mut via_follower, request(1000)).await });
+        c.rt.spawn(async move { count_tokens(&mut via_follower, request(1000)).await });
     first_rx
         .recv_timeout(Duration::from_secs(30))
         .expect("the leader streams a first token");
@@ -76,16 +79,12 @@ fn leader_kill_under_load_fails_over_without_reload() {
     assert_eq!(e.code(), tonic::Code::Unavailable, "forwarded: {e:?}");
 
     // A new leader serves new requests, through either survivor.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let served_at = loop {
-        match c.generate(survivor, request(4)) {
-            Ok(4) => break Instant::now(),
-            other => {
-                assert!(Instant::now() < deadline, "no new leader serves: {other:?}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
+    let served_at = c.wait_serving(
+        survivor,
+        Duration::from_secs(30),
+        Duration::from_millis(50),
+        "no new leader serves",
+    );
     eprintln!(
         "failover: kill -> first successful generate in {:?}",
         served_at - killed_at
@@ -128,11 +127,8 @@ fn leader_kill_under_load_fails_over_without_reload() {
 /// elects a new leader that commits (a worker joins) and serves; healed, it catches up.
 #[test]
 fn minority_partition_cannot_commit() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let mut c = RaftCluster::start_partitionable(&model, "partition", 1);
+    let Some(model) = model() else { return };
+    let mut c = RaftCluster::start_partitionable(&tessera(), &model, "partition", 1);
     let (before, old) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(c.generate(old, request(4)).expect("serves"), 4);
     let majority: Vec<usize> = (0..3).filter(|i| *i != old).collect();
@@ -152,19 +148,12 @@ fn minority_partition_cannot_commit() {
         std::thread::sleep(Duration::from_millis(100));
     };
     // The majority elects a new leader and serves through it (the worker follows it).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match c.generate(majority[0], request(4)) {
-            Ok(4) => break,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the majority does not serve: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    c.wait_serving(
+        majority[0],
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "the majority does not serve",
+    );
     let (_, new) = c.wait_ready(majority[1], Duration::from_secs(10));
     assert_ne!(new, old);
 
@@ -181,14 +170,7 @@ fn minority_partition_cannot_commit() {
     );
     // Membership changes go to the cluster port.
     let endpoint = format!("http://{}", c.cluster_addrs[old]);
-    let out = tessera(&[
-        "cluster",
-        "remove-coordinator",
-        "--endpoint",
-        &endpoint,
-        "--id",
-        &(majority[0] + 1).to_string(),
-    ]);
+    let out = tessera().remove_coordinator(&endpoint, majority[0] as u64 + 1);
     assert!(
         !out.status.success(),
         "a membership change commits in a minority: {out:?}"
@@ -243,11 +225,8 @@ fn minority_partition_cannot_commit() {
 /// serves again without re-planning.
 #[test]
 fn full_restart_from_disk_keeps_the_state() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let mut c = RaftCluster::start(&model, "restart", 1);
+    let Some(model) = model() else { return };
+    let mut c = RaftCluster::start(&tessera(), &model, "restart", 1);
     let (before, _) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(c.generate(0, request(4)).expect("serves"), 4);
     for i in 0..3 {
@@ -260,19 +239,12 @@ fn full_restart_from_disk_keeps_the_state() {
     assert_eq!(after.plan_epoch, before.plan_epoch, "{after:#?}");
     assert_eq!(worker_ids(&after), worker_ids(&before), "{after:#?}");
     assert!(after.commit_index >= before.commit_index, "{after:#?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match c.generate(2, request(4)) {
-            Ok(4) => break,
-            other => {
-                assert!(
-                    Instant::now() < deadline,
-                    "restarted cluster does not serve: {other:?}"
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    }
+    c.wait_serving(
+        2,
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "restarted cluster does not serve",
+    );
     let s = c.status(0).expect("status");
     assert_eq!(s.plan_epoch, before.plan_epoch, "{s:#?}");
 }
@@ -281,71 +253,35 @@ fn full_restart_from_disk_keeps_the_state() {
 /// errors and leave the membership as it was.
 #[test]
 fn bad_membership_changes_are_clear_errors() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let (mut coord, addr, cluster_addr) = spawn_coordinator(&strings(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--cluster-listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-        "--exit-on-stdin-eof",
-    ]));
+    let Some(model) = model() else { return };
+    let tessera = tessera();
+    let (mut coord, addr, cluster_addr) = tessera.spawn_lone_coordinator(&model, &[]);
     let endpoint = format!("http://{addr}");
     let cluster_endpoint = format!("http://{cluster_addr}");
     // Wait for the single node to elect itself.
-    let status = || tessera(&["status", "--endpoint", &endpoint]);
+    let status = || tessera.run(&["status", "--endpoint", &endpoint]);
     let start = Instant::now();
     while !String::from_utf8_lossy(&status().stdout).contains("leader 1=") {
         assert!(start.elapsed() < Duration::from_secs(20), "no leader");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let nowhere = format!("127.0.0.1:{}", free_port());
+    let nowhere = free_addr();
     // Membership is a cluster operation: the public port does not serve it, and says so.
-    let out = tessera(&[
-        "cluster",
-        "add-coordinator",
-        "--endpoint",
-        &endpoint,
-        "--id",
-        "2",
-        "--address",
-        &nowhere,
-    ]);
+    let out = tessera.add_coordinator(&endpoint, 2, &nowhere);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         err.contains("does not serve the cluster protocol") && err.contains("Unimplemented"),
         "{err}"
     );
-    let out = tessera(&[
-        "cluster",
-        "add-coordinator",
-        "--endpoint",
-        &cluster_endpoint,
-        "--id",
-        "2",
-        "--address",
-        &nowhere,
-    ]);
+    let out = tessera.add_coordinator(&cluster_endpoint, 2, &nowhere);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
         err.contains("did not catch up") && err.contains("not added"),
         "{err}"
     );
-    let out = tessera(&[
-        "cluster",
-        "remove-coordinator",
-        "--endpoint",
-        &cluster_endpoint,
-        "--id",
-        "1",
-    ]);
+    let out = tessera.remove_coordinator(&cluster_endpoint, 1);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -355,33 +291,21 @@ fn bad_membership_changes_are_clear_errors() {
     let s = String::from_utf8_lossy(&status().stdout).into_owned();
     // Members are named by their cluster addresses.
     assert!(s.contains(&format!("members 1={cluster_addr}\n")), "{s}");
-    let health = tessera(&["health", "--endpoint", &endpoint]);
+    let health = tessera.run(&["health", "--endpoint", &endpoint]);
     assert!(health.status.success(), "{health:?}");
-    let _ = coord.kill();
-    let _ = coord.wait();
+    kill(&mut coord);
 }
 
 /// Ensures that a coordinator refuses to start on a corrupt data directory, saying which file.
 #[test]
 fn corrupt_data_dir_is_a_clear_startup_error() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
+    let Some(model) = model() else { return };
     let dir = std::env::temp_dir().join(format!("tessera-raft-corrupt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("raft.redb"), b"this is not a redb database at all").expect("write");
-    let out = tessera(&[
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--cluster-listen",
-        "127.0.0.1:0",
-        "--model",
-        &model,
-        "--data-dir",
-        &dir.to_string_lossy(),
-    ]);
+    let mut args = lone_coordinator_args(&model);
+    args.extend(strings(&["--data-dir", &dir.to_string_lossy()]));
+    let out = tessera().run(&args);
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());

@@ -10,13 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as pb;
+use tessera_testkit::{
+    Tessera, count_tokens, free_addr, inference_client, kill, lazy_channel, member_args, runtime,
+    smollm2_arg as model, story as request, strings, url_list,
+};
 
-mod support;
-use support::raft::{collect, request, strings, tessera};
-use support::{free_port, model, spawn};
+/// The `tessera` binary under test.
+fn tessera() -> Tessera {
+    Tessera::new(env!("CARGO_BIN_EXE_tessera"))
+}
 
 /// Coordinators by node id, killed (and their data removed) when dropped.
 struct Members {
+    tessera: Tessera,
     model: String,
     data: std::path::PathBuf,
     /// Public addresses, what clients call.
@@ -32,13 +38,10 @@ impl Members {
         let data =
             std::env::temp_dir().join(format!("tessera-raft-members-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
-        let addrs = (1..=5)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-            .collect();
-        let cluster_addrs = (1..=5)
-            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
-            .collect();
+        let addrs = (1..=5).map(|id| (id, free_addr())).collect();
+        let cluster_addrs = (1..=5).map(|id| (id, free_addr())).collect();
         Self {
+            tessera: tessera(),
             model: model.to_owned(),
             data,
             addrs,
@@ -53,32 +56,13 @@ impl Members {
         let addr = self.addrs[&id].clone();
         let cluster = self.cluster_addrs[&id].clone();
         let dir = self.data.join(format!("c{id}"));
-        let mut args = strings(&[
-            "coordinator",
-            "--listen",
-            &addr,
-            "--cluster-listen",
-            &cluster,
-            "--id",
-            &id.to_string(),
-            "--data-dir",
-            &dir.to_string_lossy(),
-            "--model",
-            &self.model,
-            "--heartbeat-ms",
-            "250",
-            "--heartbeat-timeout-ms",
-            "3000",
-            "--kv-tokens",
-            "2048",
-            "--exit-on-stdin-eof",
-        ]);
+        let mut args = member_args(&addr, &cluster, id, &dir, &self.model);
         if found {
             args.extend(strings(&["--peers", &format!("{id}={cluster}")]));
         } else {
             args.push("--join".to_owned());
         }
-        let (child, _) = spawn(&args);
+        let (child, _) = self.tessera.spawn(&args);
         self.procs.insert(id, child);
     }
 
@@ -93,30 +77,18 @@ impl Members {
 
     /// `tessera cluster add-coordinator` through node `via`; returns what it printed.
     fn add(&self, via: u64, id: u64) -> String {
-        let out = tessera(&[
-            "cluster",
-            "add-coordinator",
-            "--endpoint",
-            &self.cluster_endpoint(via),
-            "--id",
-            &id.to_string(),
-            "--address",
-            &self.cluster_addrs[&id],
-        ]);
+        let out =
+            self.tessera
+                .add_coordinator(&self.cluster_endpoint(via), id, &self.cluster_addrs[&id]);
         assert!(out.status.success(), "adding {id}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `tessera cluster remove-coordinator` through node `via`; returns what it printed.
     fn remove(&self, via: u64, id: u64) -> String {
-        let out = tessera(&[
-            "cluster",
-            "remove-coordinator",
-            "--endpoint",
-            &self.cluster_endpoint(via),
-            "--id",
-            &id.to_string(),
-        ]);
+        let out = self
+            .tessera
+            .remove_coordinator(&self.cluster_endpoint(via), id);
         assert!(out.status.success(), "removing {id}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
@@ -127,14 +99,8 @@ impl Members {
         rt: &tokio::runtime::Runtime,
         id: u64,
     ) -> Result<pb::ClusterStatusResponse, tonic::Status> {
-        let url = self.endpoint(id);
         rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .expect("url")
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10))
-                .connect_lazy();
-            pb::inference_client::InferenceClient::new(ch)
+            inference_client(&self.addrs[&id], Duration::from_secs(10))
                 .cluster_status(pb::ClusterStatusRequest { local: true })
                 .await
                 .map(tonic::Response::into_inner)
@@ -145,8 +111,7 @@ impl Members {
 impl Drop for Members {
     fn drop(&mut self) {
         for c in self.worker.iter_mut().chain(self.procs.values_mut()) {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill(c);
         }
         let _ = std::fs::remove_dir_all(&self.data);
     }
@@ -165,34 +130,12 @@ fn voters(s: &pb::ClusterStatusResponse) -> Vec<u64> {
 /// on the voters and the committed state at each size, while generate requests keep succeeding.
 #[test]
 fn membership_grows_and_shrinks_while_serving() {
-    let Some(model) = model() else {
-        eprintln!("skipped: set TESSERA_MODEL_GGUF to the SmolLM2 GGUF");
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let Some(model) = model() else { return };
+    let rt = runtime();
     let mut m = Members::new(&model);
     m.start(1, true);
-    let list = m
-        .cluster_addrs
-        .values()
-        .map(|a| format!("http://{a}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let (w, _) = spawn(&strings(&[
-        "worker",
-        "--coordinator",
-        &list,
-        "--threads",
-        "1",
-        "--memory",
-        "1GiB",
-        "--exit-on-stdin-eof",
-    ]));
-    m.worker = Some(w);
+    let list = url_list(m.cluster_addrs.values());
+    m.worker = Some(m.tessera.spawn_worker(&list, 1, "1GiB", None, &[]));
     let deadline = Instant::now() + Duration::from_secs(90);
     while !m.local_status(&rt, 1).is_ok_and(|s| s.ready) {
         assert!(Instant::now() < deadline, "the founder never serves");
@@ -206,14 +149,11 @@ fn membership_grows_and_shrinks_while_serving() {
         let stop = Arc::clone(&stop);
         let url = m.endpoint(1);
         rt.spawn(async move {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .expect("url")
-                .timeout(Duration::from_secs(30))
-                .connect_lazy();
+            let ch = lazy_channel(url, Some(Duration::from_secs(30)));
             let mut client = pb::inference_client::InferenceClient::new(ch);
             let (mut ok, mut failed) = (0_usize, Vec::new());
             while !stop.load(Ordering::SeqCst) {
-                match collect(&mut client, request(2)).await {
+                match count_tokens(&mut client, request(2)).await {
                     Ok(2) => ok += 1,
                     other => failed.push(format!("{other:?}")),
                 }
@@ -279,8 +219,7 @@ fn membership_grows_and_shrinks_while_serving() {
     assert!(at3_again > at5);
     for id in &gone {
         if let Some(mut c) = m.procs.remove(id) {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill(&mut c);
         }
     }
 
@@ -295,10 +234,8 @@ fn membership_grows_and_shrinks_while_serving() {
     for id in &stay {
         let url = m.endpoint(*id);
         let n = rt.block_on(async {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .expect("url")
-                .connect_lazy();
-            collect(
+            let ch = lazy_channel(url, None);
+            count_tokens(
                 &mut pb::inference_client::InferenceClient::new(ch),
                 request(2),
             )
