@@ -12,6 +12,7 @@ use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_testkit::{PROMPTS, collect_finished, greedy_with_logprobs};
 use tessera_text::sampling::{FinishReason, SamplingParams, StopConditions};
 use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
 use tonic::transport::Channel;
@@ -23,13 +24,6 @@ const HEARTBEAT: Duration = Duration::from_millis(200);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Bound on anything in this test that waits.
 const WAIT: Duration = Duration::from_secs(120);
-
-const PROMPTS: [&str; 4] = [
-    "The capital of France is",
-    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village at the edge of the forest,",
-];
 
 /// What one generate stream produced.
 #[derive(Debug, PartialEq)]
@@ -66,58 +60,34 @@ fn reference(engine: &mut Engine, prompt: &str) -> Output {
     }
 }
 
+/// A greedy request for [`MAX_TOKENS`] with logprobs.
 fn request(prompt: &str) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::Text(prompt.into())),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        stop: Some(pb::StopConditions {
-            max_tokens: Some(MAX_TOKENS),
-            ..Default::default()
-        }),
-        logprobs: true,
-        ..Default::default()
-    }
+    greedy_with_logprobs(prompt, MAX_TOKENS, 0)
 }
 
-/// Runs one generate request to its end; the error status if it failed.
+/// Runs one generate request to its end, each event within [`WAIT`]; the error status if it
+/// failed.
 async fn generate(
     client: &mut InferenceClient<Channel>,
     prompt: &str,
 ) -> Result<Output, tonic::Status> {
-    let mut stream = client.generate(request(prompt)).await?.into_inner();
-    let mut out = Output {
-        ids: vec![],
-        logprobs: vec![],
-        text: String::new(),
-        finish: None,
-    };
-    while let Some(ev) = tokio::time::timeout(WAIT, stream.message())
-        .await
-        .expect("event in time")?
-    {
-        match ev.event.expect("event") {
-            pb::generate_event::Event::Token(t) => {
-                out.ids.push(t.id);
-                out.logprobs.push(t.logprob);
-                out.text.push_str(&t.text);
-            }
-            pb::generate_event::Event::Finished(f) => {
-                out.text.push_str(&f.text);
-                out.finish = match f.reason() {
-                    pb::FinishReason::Stop => Some(FinishReason::Stop),
-                    pb::FinishReason::Length => Some(FinishReason::Length),
-                    pb::FinishReason::Unspecified => None,
-                };
-                let usage = f.usage.expect("usage");
-                assert_eq!(usage.completion_tokens as usize, out.ids.len());
-                assert!(usage.time_to_first_token_ms > 0.0);
-            }
-        }
-    }
-    Ok(out)
+    let got = collect_finished(client, request(prompt), Some(WAIT)).await?;
+    let f = got.finished;
+    let usage = f.usage.expect("usage");
+    assert_eq!(usage.completion_tokens as usize, got.tokens.len());
+    assert!(usage.time_to_first_token_ms > 0.0);
+    let mut text: String = got.tokens.iter().map(|t| t.text.as_str()).collect();
+    text.push_str(&f.text);
+    Ok(Output {
+        ids: got.tokens.iter().map(|t| t.id).collect(),
+        logprobs: got.tokens.iter().map(|t| t.logprob).collect(),
+        text,
+        finish: match f.reason() {
+            pb::FinishReason::Stop => Some(FinishReason::Stop),
+            pb::FinishReason::Length => Some(FinishReason::Length),
+            pb::FinishReason::Unspecified => None,
+        },
+    })
 }
 
 /// Starts a worker registering with the coordinator's cluster address.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft_support::{Kv, KvView, TempDir, test_config};
+use raft_support::{Kv, KvView, TempDir, temp_dir, test_config};
 use tessera_coordinator::raft::{
     GrpcTransport, RaftHandle, RaftNode, RaftRole, RaftService, RedbStorage,
 };
@@ -34,7 +34,7 @@ async fn start(
     dir: &TempDir,
     peers: &BTreeMap<u64, String>,
 ) -> Node {
-    let storage = RedbStorage::open(dir.0.join(format!("node{id}"))).expect("open storage");
+    let storage = RedbStorage::open(dir.path().join(format!("node{id}"))).expect("open storage");
     let view = Arc::new(Mutex::new(KvView::default()));
     let transport = GrpcTransport::new(
         &peers[&id],
@@ -112,7 +112,7 @@ async fn wait_map(nodes: &BTreeMap<u64, Node>, len: usize) {
 /// new leader, and that the dead node rejoins from its redb file and catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_cluster_fails_over_and_rejoins() {
-    let dir = TempDir::new("grpc");
+    let dir = temp_dir("grpc");
     let mut listeners = BTreeMap::new();
     let mut peers = BTreeMap::new();
     for id in [1u64, 2, 3] {

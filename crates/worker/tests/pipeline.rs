@@ -10,29 +10,20 @@ use tessera_hub::ModelLocation;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::worker_client::WorkerClient;
+use tessera_testkit::{CHUNK, Driver, PROMPTS, drive, seq_start, seqs_for, to_sampled};
 use tessera_text::sampling::{SampledToken, SamplingParams, StopConditions};
 use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
 
 /// The layer ranges of the three stages.
 const STAGES: [(u32, u32); 3] = [(0, 7), (7, 20), (20, 30)];
 const KV_TOKENS: u32 = 4096;
 const BLOCK_SIZE: u32 = 16;
-const CHUNK: usize = 512;
 /// Compute threads of the reference engine and of every stage.
 const ENGINE_THREADS: u32 = 2;
 /// Bound on any single RPC or step in these tests.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
-
-const PROMPTS: [&str; 4] = [
-    "The capital of France is",
-    "<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n",
-    "def fibonacci(n):\n    ",
-    "Once upon a time, in a small village at the edge of the forest,",
-];
 
 fn model() -> Option<PathBuf> {
     tessera_testkit::smollm2_gguf()
@@ -124,20 +115,9 @@ impl Cluster {
         }
     }
 
+    /// A Pipeline stream to stage `i` for plan `epoch`.
     async fn open(&self, i: usize, epoch: u64) -> Driver {
-        let (tx, rx) = mpsc::channel(4);
-        let mut c = self.client(i).await;
-        let stream = tokio::time::timeout(STEP_TIMEOUT, c.pipeline(ReceiverStream::new(rx)))
-            .await
-            .expect("open in time")
-            .expect("open pipeline")
-            .into_inner();
-        Driver {
-            tx,
-            rx: stream,
-            next_step: 1,
-            epoch,
-        }
+        Driver::open(&mut self.client(i).await, epoch, STEP_TIMEOUT).await
     }
 
     /// Blocks and sequences of every stage, once all have settled to `live` sequences.
@@ -150,143 +130,6 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-/// The test's side of a Pipeline stream: what a coordinator's scheduler does.
-struct Driver {
-    tx: mpsc::Sender<pb::StepRequest>,
-    rx: Streaming<pb::StepResponse>,
-    next_step: u64,
-    epoch: u64,
-}
-
-impl Driver {
-    async fn step(
-        &mut self,
-        seqs: Vec<pb::SeqStep>,
-        release: Vec<u64>,
-    ) -> Result<pb::StepResponse, Status> {
-        self.step_raw(pb::StepRequest {
-            plan_epoch: self.epoch,
-            step_id: self.next_step,
-            seqs,
-            hidden: Vec::new(),
-            release,
-            trace_context: Default::default(),
-        })
-        .await
-    }
-
-    async fn step_raw(&mut self, req: pb::StepRequest) -> Result<pb::StepResponse, Status> {
-        let id = req.step_id;
-        self.next_step += 1;
-        self.tx
-            .send(req)
-            .await
-            .map_err(|_| Status::unavailable("stream closed"))?;
-        let r = tokio::time::timeout(STEP_TIMEOUT, self.rx.message())
-            .await
-            .expect("step answered in time")?
-            .ok_or_else(|| Status::unavailable("stream ended"))?;
-        assert_eq!(r.step_id, id);
-        Ok(r)
-    }
-}
-
-fn start(prompt: &[u32], sampling: &SamplingParams) -> pb::SeqStart {
-    pb::SeqStart {
-        sampling: Some(tessera_proto::v1::SamplingParams {
-            temperature: Some(sampling.temperature),
-            top_k: sampling.top_k,
-            top_p: Some(sampling.top_p),
-            min_p: sampling.min_p,
-            repetition_penalty: Some(sampling.repetition_penalty),
-            frequency_penalty: sampling.frequency_penalty,
-            presence_penalty: sampling.presence_penalty,
-            seed: None,
-        }),
-        logprobs: sampling.logprobs,
-        top_logprobs: sampling.top_logprobs,
-        seed: sampling.seed.unwrap_or(0),
-        prompt: prompt.to_vec(),
-    }
-}
-
-fn to_sampled(t: &pb::SampledToken) -> SampledToken {
-    SampledToken {
-        id: t.id,
-        logprob: t.logprob,
-        top_logprobs: t.top_logprobs.iter().map(|l| (l.id, l.logprob)).collect(),
-    }
-}
-
-/// One sequence as the driver schedules it.
-struct Seq {
-    id: u64,
-    prompt: Vec<u32>,
-    sampling: SamplingParams,
-    /// Tokens to generate (the engine's count).
-    want: usize,
-    /// The driver step at which it joins.
-    join: usize,
-    prefilled: usize,
-    out: Vec<SampledToken>,
-}
-
-impl Seq {
-    /// Its part of the next step, or `None` while it waits or once it is done.
-    fn next(&mut self, step: usize) -> Option<pb::SeqStep> {
-        if step < self.join || self.out.len() >= self.want {
-            return None;
-        }
-        if self.prefilled < self.prompt.len() {
-            let end = (self.prefilled + CHUNK).min(self.prompt.len());
-            let s = pb::SeqStep {
-                seq_id: self.id,
-                tokens: self.prompt[self.prefilled..end].to_vec(),
-                sample: end == self.prompt.len(),
-                start: (self.prefilled == 0).then(|| start(&self.prompt, &self.sampling)),
-            };
-            self.prefilled = end;
-            return Some(s);
-        }
-        let last = self.out.last().map(|t| t.id)?;
-        Some(pb::SeqStep {
-            seq_id: self.id,
-            tokens: vec![last],
-            sample: true,
-            start: None,
-        })
-    }
-}
-
-/// Runs `seqs` to completion in shared steps, releasing each in-band on the step after it
-/// finishes.
-async fn drive(d: &mut Driver, seqs: &mut [Seq]) {
-    let mut release = Vec::new();
-    for step in 0.. {
-        let batch: Vec<pb::SeqStep> = seqs.iter_mut().filter_map(|s| s.next(step)).collect();
-        if batch.is_empty() && seqs.iter().all(|s| s.out.len() >= s.want) {
-            break;
-        }
-        let r = d
-            .step(batch, std::mem::take(&mut release))
-            .await
-            .expect("step");
-        for t in &r.tokens {
-            let s = seqs
-                .iter_mut()
-                .find(|s| s.id == t.seq_id)
-                .expect("known seq");
-            s.out.push(to_sampled(t));
-            if s.out.len() == s.want {
-                release.push(s.id);
-            }
-        }
-    }
-    if !release.is_empty() {
-        d.step(Vec::new(), release).await.expect("release step");
     }
 }
 
@@ -342,27 +185,6 @@ fn prompts() -> Vec<String> {
     // Longer than one prefill chunk, so chunked prefill crosses the pipeline too.
     p.push("The quick brown fox jumps over the lazy dog. ".repeat(60));
     p
-}
-
-fn seqs_for(
-    refs: &[(Vec<u32>, Vec<SampledToken>)],
-    sampling: &[SamplingParams],
-    joins: &[usize],
-) -> Vec<Seq> {
-    refs.iter()
-        .zip(sampling)
-        .zip(joins)
-        .enumerate()
-        .map(|(i, (((prompt, out), sampling), &join))| Seq {
-            id: 100 + i as u64,
-            prompt: prompt.clone(),
-            sampling: sampling.clone(),
-            want: out.len(),
-            join,
-            prefilled: 0,
-            out: Vec::new(),
-        })
-        .collect()
 }
 
 /// Ensures that greedy token ids, logprobs and top logprobs from a 3-stage pipeline with
@@ -549,7 +371,7 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
         seq_id: id,
         tokens: refs[0].0.clone(),
         sample: true,
-        start: Some(start(&refs[0].0, &greedy())),
+        start: Some(seq_start(&refs[0].0, &greedy())),
     };
     let mut bad_top_p = ok_start(1);
     if let Some(s) = bad_top_p.start.as_mut().and_then(|s| s.sampling.as_mut()) {

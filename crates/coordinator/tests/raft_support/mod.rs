@@ -8,9 +8,10 @@
 pub mod history;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use tessera_testkit::TempDir;
 
 use tessera_coordinator::raft::{
     ApplyError, Failpoints, MemNetwork, RaftConfig, RaftError, RaftHandle, RaftNode, RaftRole,
@@ -84,27 +85,9 @@ impl StateMachine for Kv {
     }
 }
 
-/// A directory under the system temp dir, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let p = std::env::temp_dir().join(format!(
-            "tessera-raft-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory for node data under the system temp dir, removed on drop.
+pub fn temp_dir(name: &str) -> TempDir {
+    tessera_testkit::temp_dir(&format!("raft-{name}"))
 }
 
 /// Fast timing for tests: 20 ms ticks, so an election takes 200-400 ms.
@@ -138,7 +121,7 @@ impl Cluster {
             .try_init();
         Cluster {
             net: MemNetwork::new(seed),
-            dir: TempDir::new(name),
+            dir: temp_dir(name),
             handles: BTreeMap::new(),
             views: BTreeMap::new(),
             failpoints: BTreeMap::new(),
@@ -159,7 +142,7 @@ impl Cluster {
     /// Starts (or restarts) node `id` on its data directory.
     pub fn start(&mut self, id: u64, bootstrap: Option<BTreeMap<u64, String>>) {
         let storage =
-            RedbStorage::open(self.dir.0.join(format!("node{id}"))).expect("open storage");
+            RedbStorage::open(self.dir.path().join(format!("node{id}"))).expect("open storage");
         // The state machine restarts empty (the node restores it from disk); what it applied
         // before is kept, to compare re-applications.
         let view = match self.views.get(&id) {
