@@ -38,7 +38,7 @@ pub async fn run(cluster: Arc<Cluster>) {
                         plan_epoch = st.plan_epoch(),
                         "leading: adopted the workers and plan"
                     );
-                    cluster.replan.notify_one();
+                    cluster.replan.request();
                 }
                 Err(e) => {
                     tracing::debug!(term, error = %e, "leader barrier failed; retrying");
@@ -49,7 +49,7 @@ pub async fn run(cluster: Arc<Cluster>) {
         } else if !leader && cluster.replica().is_leading() {
             tracing::info!(term, "no longer leading");
             cluster.replica().set_leader(false);
-            cluster.forget_all();
+            cluster.liveness.forget_all();
         }
         if status.changed().await.is_err() {
             return;

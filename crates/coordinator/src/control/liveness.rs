@@ -23,7 +23,7 @@ pub async fn monitor(cluster: Arc<Cluster>) {
         // recorded yet (the Register call records it after the commit returns): its clock
         // starts now, rather than it being dropped as silent the moment it joined.
         cluster.adopt_workers(now);
-        let seen = cluster.seen();
+        let seen = cluster.liveness.snapshot();
         let silent: Vec<String> = cluster
             .state()
             .workers()
@@ -41,8 +41,8 @@ pub async fn monitor(cluster: Arc<Cluster>) {
             {
                 tracing::debug!(worker = %id, error = %e, "already gone");
             }
-            cluster.forget(&id);
-            cluster.replan.notify_one();
+            cluster.liveness.forget(&id);
+            cluster.replan.request();
         }
     }
 }

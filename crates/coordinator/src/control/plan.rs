@@ -27,7 +27,7 @@ pub async fn run(cluster: Arc<Cluster>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = cluster.replan.notified() => {}
+            () = cluster.replan.requested() => {}
             _ = tick.tick() => {}
         }
         // Only the leader plans and drives the workers; a new leader finds the plan its
@@ -63,9 +63,9 @@ fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
 /// One look at the cluster: plans and loads when needed.
 async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     let st = cluster.state();
-    let failed = cluster.failed_epoch() >= st.plan_epoch() && st.plan_epoch() > 0;
+    let failed = cluster.replan.failed_epoch() >= st.plan_epoch() && st.plan_epoch() > 0;
     let ready = st.ready() && !failed;
-    if ready && cluster.busy() {
+    if ready && cluster.load.busy() {
         return Ok(());
     }
     let Some(plan) = candidate(cluster)? else {
@@ -104,10 +104,10 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
             .await
             .is_ok()
         {
-            cluster.forget(&worker);
+            cluster.liveness.forget(&worker);
         }
     }
-    cluster.replan.notify_one();
+    cluster.replan.request();
     Ok(())
 }
 
@@ -149,7 +149,9 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
         match joined {
             Ok((id, Ok(resp))) => {
                 // Known now, not a heartbeat later: status is right as soon as the plan serves.
-                cluster.record_load(&id, resp.weight_bytes, resp.resident_bytes, epoch);
+                cluster
+                    .liveness
+                    .record_load(&id, resp.weight_bytes, resp.resident_bytes, epoch);
             }
             Ok((id, Err(e))) => failures.push((id, e)),
             Err(e) => tracing::error!(error = %e, "shard load task failed"),

@@ -184,7 +184,7 @@ impl Scheduler {
                     Err(e) => {
                         tracing::warn!(epoch = serving.epoch, error = %e, "pipeline stream failed to open");
                         self.dead_epoch = serving.epoch;
-                        self.cluster.report_failure(serving.epoch);
+                        self.cluster.replan.report_failure(serving.epoch);
                         let pause = self.cluster.cfg.heartbeat_interval;
                         tokio::select! {
                             _ = self.serving.changed() => {}
@@ -240,7 +240,8 @@ impl Scheduler {
     }
 
     fn publish_load(&self) {
-        self.cluster.set_load(self.running.len(), self.queue.len());
+        self.cluster.load.set(self.running.len(), self.queue.len());
+        self.cluster.metrics.set_running(self.running.len());
     }
 
     /// Ends queued requests whose client left, and (when no plan serves) those that waited
@@ -452,7 +453,7 @@ impl Scheduler {
                 self.link = None;
                 self.dead_epoch = epoch;
                 self.fail_running(status.message());
-                self.cluster.report_failure(epoch);
+                self.cluster.replan.report_failure(epoch);
             }
         }
     }

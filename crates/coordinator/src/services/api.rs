@@ -156,7 +156,7 @@ impl pb::inference_server::Inference for Api {
         }
         let raft = self.cluster.raft().status();
         let st = self.cluster.state();
-        let seen = self.cluster.seen();
+        let seen = self.cluster.liveness.snapshot();
         let now = Instant::now();
         let workers = st
             .workers()
@@ -183,7 +183,7 @@ impl pb::inference_server::Inference for Api {
             plan_epoch: st.plan_epoch(),
             ready: self.cluster.serving().is_some(),
             workers,
-            running_requests: self.cluster.running() as u32,
+            running_requests: self.cluster.load.running() as u32,
             leader: raft
                 .leader
                 .and_then(|l| raft.addresses.get(&l).map(|a| format!("{l}={a}")))

@@ -67,18 +67,10 @@ impl pb::coordination_server::Coordination for Registry {
                 )
             })
             .await?;
-        self.cluster.heartbeat(
-            &id,
-            Seen {
-                at: Instant::now(),
-                resident_bytes: 0,
-                weight_bytes: 0,
-                plan_epoch: 0,
-            },
-        );
+        self.cluster.heartbeat(&id, Seen::at(Instant::now()));
         tracing::info!(worker = %id, address = %req.address, memory = cap.memory_bytes,
             threads = cap.threads, "worker registered");
-        self.cluster.replan.notify_one();
+        self.cluster.replan.request();
         let interval = self.cluster.cfg.heartbeat_interval.as_millis();
         Ok(Response::new(pb::RegisterResponse {
             worker_id: id,

@@ -1,24 +1,27 @@
-//! The coordinator's shared core: the [`ClusterState`] behind its one commit path, the
-//! liveness table (not replicated), and the serving plan the scheduler follows.
+//! The coordinator's shared core: the [`ClusterState`] behind its one commit path and the
+//! serving plan the scheduler follows, beside the node-local parts the services and control
+//! tasks share — the liveness table ([`Liveness`]), the scheduler's load ([`Load`]) and the
+//! plan controller's wake-up ([`Replan`]), each its own type with its own contract.
 //!
 //! Every state change goes through [`Cluster::commit`]: the command is proposed to Raft and
 //! applied on every coordinator once committed (see `replica.rs`). After each apply the
 //! published [`Serving`] value is brought in line with the state, so the scheduler learns of a
-//! lost plan at once. Liveness stays local to the leader.
+//! lost plan at once. The only methods here that touch two parts are the ones whose meaning
+//! needs both ([`Cluster::heartbeat`]: a worker must be known; [`Cluster::adopt_workers`]).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::config::CoordinatorConfig;
 use crate::error::CoordinatorError;
 use crate::raft::{RaftHandle, RaftRole};
 use crate::state::footprint::ModelFootprint;
+pub use crate::state::liveness::{Liveness, Seen};
 use crate::state::planner::Plan;
 use crate::state::replica::Replica;
+pub use crate::state::signals::{Load, Replan};
 use crate::state::{ClusterState, Command};
 
 /// A loaded plan the scheduler can send steps to.
@@ -32,20 +35,7 @@ pub struct Serving {
     pub plan: Plan,
 }
 
-/// What the coordinator last heard from a worker (kept outside the replicated state).
-#[derive(Clone, Copy, Debug)]
-pub struct Seen {
-    /// When its last heartbeat (or registration) arrived.
-    pub at: Instant,
-    /// Its resident set size.
-    pub resident_bytes: u64,
-    /// Bytes of weights it holds.
-    pub weight_bytes: u64,
-    /// The plan epoch of its loaded shard.
-    pub plan_epoch: u64,
-}
-
-/// State, liveness and the serving plan, shared by the services and tasks.
+/// The replicated state and its commit path, with the node-local parts beside it.
 #[derive(Debug)]
 pub struct Cluster {
     /// The configuration.
@@ -58,20 +48,14 @@ pub struct Cluster {
     raft: RaftHandle,
     /// Serialises [`Cluster::commit_with`], whose command depends on the state it saw.
     propose: tokio::sync::Mutex<()>,
-    seen: Mutex<HashMap<String, Seen>>,
-    /// Wakes the controller to (re)consider the plan.
-    pub replan: Notify,
-    failed_epoch: AtomicU64,
-    running: AtomicUsize,
-    queued: AtomicUsize,
+    /// What the leader last heard from each worker.
+    pub liveness: Liveness,
+    /// The scheduler's published load.
+    pub load: Load,
+    /// Wakes the plan controller; remembers failed plans.
+    pub replan: Replan,
     /// Prometheus metrics, updated by the API and the scheduler.
     pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave these maps half-updated in a way later
-    // readers would misread (every update is a single insert/remove).
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Cluster {
@@ -90,11 +74,9 @@ impl Cluster {
             replica,
             raft,
             propose: tokio::sync::Mutex::new(()),
-            seen: Mutex::new(HashMap::new()),
-            replan: Notify::new(),
-            failed_epoch: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
+            liveness: Liveness::default(),
+            load: Load::default(),
+            replan: Replan::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
@@ -174,18 +156,13 @@ impl Cluster {
         self.replica.serving().borrow().clone()
     }
 
-    /// Records a heartbeat; false when the worker is unknown.
+    /// Records a heartbeat; false (and nothing recorded) when the worker is unknown.
     pub fn heartbeat(&self, worker: &str, seen: Seen) -> bool {
         if self.replica.with(|st| st.worker(worker).is_none()) {
             return false;
         }
-        lock(&self.seen).insert(worker.to_owned(), seen);
+        self.liveness.record(worker, seen);
         true
-    }
-
-    /// What was last heard from every worker.
-    pub fn seen(&self) -> HashMap<String, Seen> {
-        lock(&self.seen).clone()
     }
 
     /// Starts the liveness clock at `now` for every registered worker not heard from yet: a
@@ -195,62 +172,6 @@ impl Cluster {
         let ids: Vec<String> = self
             .replica
             .with(|st| st.workers().map(|w| w.id.clone()).collect());
-        let mut seen = lock(&self.seen);
-        for id in ids {
-            seen.entry(id).or_insert(Seen {
-                at: now,
-                resident_bytes: 0,
-                weight_bytes: 0,
-                plan_epoch: 0,
-            });
-        }
-    }
-
-    /// Records what a worker reported when it loaded its shard for the plan at `epoch`.
-    pub fn record_load(&self, worker: &str, weight_bytes: u64, resident_bytes: u64, epoch: u64) {
-        if let Some(s) = lock(&self.seen).get_mut(worker) {
-            s.weight_bytes = weight_bytes;
-            s.resident_bytes = resident_bytes;
-            s.plan_epoch = epoch;
-        }
-    }
-
-    /// Forgets all liveness (this node no longer leads).
-    pub fn forget_all(&self) {
-        lock(&self.seen).clear();
-    }
-
-    /// Forgets a worker's liveness entry.
-    pub fn forget(&self, worker: &str) {
-        lock(&self.seen).remove(worker);
-    }
-
-    /// The scheduler reports that the plan at `epoch` failed (stream broken): the controller
-    /// replaces it.
-    pub fn report_failure(&self, epoch: u64) {
-        self.failed_epoch.fetch_max(epoch, Ordering::SeqCst);
-        self.replan.notify_one();
-    }
-
-    /// The highest plan epoch reported failed.
-    pub fn failed_epoch(&self) -> u64 {
-        self.failed_epoch.load(Ordering::SeqCst)
-    }
-
-    /// The scheduler's counts: requests generating, and waiting.
-    pub fn set_load(&self, running: usize, queued: usize) {
-        self.running.store(running, Ordering::SeqCst);
-        self.queued.store(queued, Ordering::SeqCst);
-        self.metrics.set_running(running);
-    }
-
-    /// Requests generating now.
-    pub fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
-    }
-
-    /// Requests generating or waiting.
-    pub fn busy(&self) -> bool {
-        self.running() + self.queued.load(Ordering::SeqCst) > 0
+        self.liveness.adopt(ids, now);
     }
 }
