@@ -5,6 +5,9 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{Coordinator, WAIT, wait_ready};
 use tessera_coordinator::CoordinatorConfig;
 use tessera_coordinator::footprint::ModelFootprint;
 use tessera_format::open_weights;
@@ -14,7 +17,6 @@ use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{PROMPTS, collect_finished, greedy_with_logprobs};
 use tessera_text::sampling::{FinishReason, SamplingParams, StopConditions};
-use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
 use tonic::transport::Channel;
 
 const THREADS: u32 = 2;
@@ -22,8 +24,6 @@ const KV_TOKENS: u32 = 1024;
 const MAX_TOKENS: u32 = 16;
 const HEARTBEAT: Duration = Duration::from_millis(200);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_millis(1000);
-/// Bound on anything in this test that waits.
-const WAIT: Duration = Duration::from_secs(120);
 
 /// What one generate stream produced.
 #[derive(Debug, PartialEq)]
@@ -90,53 +90,6 @@ async fn generate(
     })
 }
 
-/// Starts a worker registering with the coordinator's cluster address.
-async fn start_worker(coordinator: &str, memory_bytes: u64, name: &str) -> RunningWorker {
-    tessera_worker::start(WorkerConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        advertise: None,
-        coordinator: format!("http://{coordinator}"),
-        capacity: Capacity {
-            memory_bytes,
-            threads: THREADS,
-            devices: vec![],
-        },
-        name: name.into(),
-        model_home: None,
-        metrics_listen: None,
-    })
-    .await
-    .expect("start worker")
-}
-
-async fn status(client: &mut InferenceClient<Channel>) -> pb::ClusterStatusResponse {
-    client
-        .cluster_status(pb::ClusterStatusRequest::default())
-        .await
-        .expect("status")
-        .into_inner()
-}
-
-/// Waits until the cluster serves with `stages` stages.
-async fn wait_ready(
-    client: &mut InferenceClient<Channel>,
-    stages: usize,
-) -> pb::ClusterStatusResponse {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(client).await;
-        let planned = s.workers.iter().filter(|w| w.shard.is_some()).count();
-        if s.ready && planned == stages {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cluster not ready in time: {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Ensures that a coordinator with three uneven workers streams greedy outputs and logprobs
 /// identical to the engine, alone and 8 at once, and that losing a worker mid-generation ends
 /// the stream with UNAVAILABLE within two heartbeat timeouts, after which the survivors serve
@@ -168,36 +121,22 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
     let want: Vec<Output> = PROMPTS.iter().map(|p| reference(&mut engine, p)).collect();
     drop(engine);
 
-    let any = "127.0.0.1:0".parse().expect("addr");
-    let listeners = tessera_coordinator::Listeners::bind(any, any)
-        .await
-        .expect("bind");
-    let addr = listeners.public.local_addr().expect("addr").to_string();
-    let cluster_addr = listeners.cluster.local_addr().expect("addr").to_string();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let coord = tokio::spawn(tessera_coordinator::serve_on(
-        listeners,
-        CoordinatorConfig {
-            model: PathBuf::from(&path).display().to_string(),
-            heartbeat_interval: HEARTBEAT,
-            heartbeat_timeout: HEARTBEAT_TIMEOUT,
-            min_workers: 3,
-            kv_tokens: KV_TOKENS,
-            ready_wait: WAIT,
-            ..CoordinatorConfig::default()
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
+    let coord = Coordinator::start(CoordinatorConfig {
+        model: PathBuf::from(&path).display().to_string(),
+        heartbeat_interval: HEARTBEAT,
+        heartbeat_timeout: HEARTBEAT_TIMEOUT,
+        min_workers: 3,
+        kv_tokens: KV_TOKENS,
+        ready_wait: WAIT,
+        ..CoordinatorConfig::default()
+    })
+    .await;
     let mut workers = vec![
-        start_worker(&cluster_addr, small, "small").await,
-        start_worker(&cluster_addr, 0, "b").await,
-        start_worker(&cluster_addr, 0, "c").await,
+        coord.start_worker(small, THREADS, "small").await,
+        coord.start_worker(0, THREADS, "b").await,
+        coord.start_worker(0, THREADS, "c").await,
     ];
-    let mut client = InferenceClient::connect(format!("http://{addr}"))
-        .await
-        .expect("connect");
+    let mut client = coord.client().await;
     let s = wait_ready(&mut client, 3).await;
     let mut ranges: Vec<_> = s
         .workers
@@ -300,13 +239,5 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
         .expect("generate after the loss");
     assert_eq!(got, want[0]);
 
-    for w in workers {
-        w.shutdown().await.expect("shutdown");
-    }
-    let _ = stop_tx.send(());
-    tokio::time::timeout(WAIT, coord)
-        .await
-        .expect("coordinator stops")
-        .expect("task")
-        .expect("serve");
+    coord.stop(workers).await;
 }

@@ -152,7 +152,9 @@ impl ShardHandle {
                             let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
                             let started = Instant::now();
                             let out = exec.step(stream, *req);
-                            if out.is_ok() {
+                            // A step of releases alone is bookkeeping, not model work: the
+                            // coordinator does not count it either.
+                            if out.is_ok() && tokens > 0 {
                                 step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
                             }
                             let _ = reply.send(out);

@@ -6,7 +6,8 @@
 //! running sequence and prefill chunks of at most `prefill_chunk` tokens, `max_batch_tokens`
 //! in all, on ONE long-lived Pipeline stream to stage 0, opened per plan epoch. Sampled tokens
 //! go through each request's [`OutputStream`] (the engine's own detokenizer and stop checker)
-//! to the client. Finished and abandoned sequences are released in-band on the next step.
+//! to the client. Finished and abandoned sequences are released in-band on the next step (a
+//! step of releases alone when no sequence runs, so an idle cluster holds no KV).
 //!
 //! Failure: when the stream breaks or the serving plan goes away (a plan worker dropped by
 //! the liveness monitor, or replaced), every running request ends with UNAVAILABLE and the
@@ -197,13 +198,12 @@ impl Scheduler {
             self.admit();
             self.drop_abandoned();
             self.publish_load();
-            let step = self.build_step();
-            if step.seqs.is_empty() {
+            let Some(step) = self.build_step() else {
                 if !self.wait_for_work(false).await {
                     return;
                 }
                 continue;
-            }
+            };
             self.run_step(step).await;
         }
     }
@@ -334,8 +334,11 @@ impl Scheduler {
     }
 
     /// The next step: one decode token per decoding sequence, then prefill chunks, within
-    /// `max_batch_tokens`.
-    fn build_step(&mut self) -> cpb::StepRequest {
+    /// `max_batch_tokens`, carrying the pending releases. A step with no sequences still goes
+    /// out when releases are pending (the workers free them and answer with no tokens): the
+    /// last requests to finish must not hold their KV until the next request comes. `None`
+    /// when there is nothing to send.
+    fn build_step(&mut self) -> Option<cpb::StepRequest> {
         let cfg = &self.cluster.cfg;
         let mut budget = cfg.max_batch_tokens.max(1) as usize;
         let chunk = cfg.prefill_chunk.max(1) as usize;
@@ -371,9 +374,12 @@ impl Scheduler {
                 start,
             });
         }
+        if seqs.is_empty() && self.release.is_empty() {
+            return None;
+        }
         let step_id = self.next_step;
         self.next_step += 1;
-        cpb::StepRequest {
+        Some(cpb::StepRequest {
             plan_epoch: self.link.as_ref().map_or(0, |l| l.epoch),
             step_id,
             seqs,
@@ -381,7 +387,7 @@ impl Scheduler {
             release: std::mem::take(&mut self.release),
             // Set in run_step, from the step's span.
             trace_context: Default::default(),
-        }
+        })
     }
 
     /// The span of a step: a child of the `generate` span of the batch's first sequence,
@@ -443,9 +449,12 @@ impl Scheduler {
         .await;
         match answer {
             Ok(resp) => {
-                self.cluster
-                    .metrics
-                    .step(tokens as u64, sent_at.elapsed().as_secs_f64());
+                if tokens > 0 {
+                    // A release-only step is bookkeeping, not model work.
+                    self.cluster
+                        .metrics
+                        .step(tokens as u64, sent_at.elapsed().as_secs_f64());
+                }
                 span.in_scope(|| self.absorb(resp));
             }
             Err(status) => {

@@ -1,0 +1,128 @@
+//! An in-process cluster for the coordinator's end-to-end tests: one coordinator
+//! (`serve_on`, not replicated) and real workers (`tessera_worker::start`) on loopback, in the
+//! test's own Tokio runtime, serving the real model. (The multi-process fixtures live in
+//! `tessera-testkit`; this one needs the coordinator and worker crates themselves, which the
+//! kit cannot depend on without a second copy of their types.)
+
+use std::time::{Duration, Instant};
+
+use tessera_coordinator::{CoordinatorConfig, CoordinatorError};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_client::InferenceClient;
+use tessera_worker::{Capacity, RunningWorker, WorkerConfig};
+use tonic::transport::Channel;
+
+/// Bound on anything these fixtures wait for.
+pub const WAIT: Duration = Duration::from_secs(120);
+
+/// A coordinator running in this process, stopped by [`Coordinator::stop`].
+pub struct Coordinator {
+    /// Its public API, `host:port`.
+    pub addr: String,
+    /// Its cluster port, `host:port`, which workers register with.
+    pub cluster_addr: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
+}
+
+impl Coordinator {
+    /// Starts a coordinator with `cfg` on two free loopback ports (`cfg`'s addresses are
+    /// ignored).
+    ///
+    /// # Panics
+    /// When the ports cannot be bound.
+    pub async fn start(cfg: CoordinatorConfig) -> Self {
+        let any = "127.0.0.1:0".parse().expect("addr");
+        let listeners = tessera_coordinator::Listeners::bind(any, any)
+            .await
+            .expect("bind");
+        let addr = listeners.public.local_addr().expect("addr").to_string();
+        let cluster_addr = listeners.cluster.local_addr().expect("addr").to_string();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tessera_coordinator::serve_on(listeners, cfg, async move {
+            let _ = stop_rx.await;
+        }));
+        Self {
+            addr,
+            cluster_addr,
+            stop,
+            task,
+        }
+    }
+
+    /// A client of the public API.
+    ///
+    /// # Panics
+    /// When the coordinator does not accept the connection.
+    pub async fn client(&self) -> InferenceClient<Channel> {
+        InferenceClient::connect(format!("http://{}", self.addr))
+            .await
+            .expect("connect")
+    }
+
+    /// Starts a worker registering here, with `threads` threads and at most `memory_bytes`
+    /// (0: no limit).
+    ///
+    /// # Panics
+    /// When the worker cannot start.
+    pub async fn start_worker(&self, memory_bytes: u64, threads: u32, name: &str) -> RunningWorker {
+        tessera_worker::start(WorkerConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            advertise: None,
+            coordinator: format!("http://{}", self.cluster_addr),
+            capacity: Capacity {
+                memory_bytes,
+                threads,
+                devices: vec![],
+            },
+            name: name.into(),
+            model_home: None,
+            metrics_listen: None,
+        })
+        .await
+        .expect("start worker")
+    }
+
+    /// Shuts `workers` down, then stops the coordinator and waits for it to end cleanly.
+    ///
+    /// # Panics
+    /// When a worker or the coordinator fails to stop, or the coordinator's serve failed.
+    pub async fn stop(self, workers: Vec<RunningWorker>) {
+        for w in workers {
+            w.shutdown().await.expect("worker shutdown");
+        }
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("coordinator stops")
+            .expect("task")
+            .expect("serve");
+    }
+}
+
+/// Waits until the cluster serves with `stages` stages; its status then.
+///
+/// # Panics
+/// When that does not happen within [`WAIT`].
+pub async fn wait_ready(
+    client: &mut InferenceClient<Channel>,
+    stages: usize,
+) -> pb::ClusterStatusResponse {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = client
+            .cluster_status(pb::ClusterStatusRequest::default())
+            .await
+            .expect("status")
+            .into_inner();
+        let planned = s.workers.iter().filter(|w| w.shard.is_some()).count();
+        if s.ready && planned == stages {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cluster not ready in time: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
