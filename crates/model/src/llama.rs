@@ -239,20 +239,21 @@ impl Llama {
             seq_slice: SeqSlice::WHOLE,
             reduce: &mut LocalReduce,
         };
-        self.run_layers(batch, x, &mut ctx, s)
+        let n = self.validate(batch)?;
+        self.run_layers(batch, n, x, &mut ctx, s)
     }
 
     /// The stage's blocks over `x`, as [`Llama::forward_hidden`] with `ctx`'s slice and
-    /// reduction.
+    /// reduction, for a batch of `n` tokens that [`Llama::validate`] already passed.
     fn run_layers(
         &self,
         batch: &mut [SeqStep<'_>],
+        n: usize,
         x: &mut [f32],
         ctx: &mut StageCtx<'_>,
         s: &mut StepScratch,
     ) -> Result<()> {
         ctx.seq_slice.check()?;
-        let n = self.validate(batch)?;
         if x.len() != n * self.cfg.hidden {
             return Err(ModelError::InvalidArgument {
                 field: "hidden",
@@ -333,7 +334,7 @@ impl Llama {
         ctx: &mut StageCtx<'_>,
         scratch: &'s mut StageScratch,
     ) -> Result<StageOutput<'s>> {
-        self.validate(batch)?;
+        let n = self.validate(batch)?;
         let StageScratch {
             x,
             last,
@@ -359,7 +360,7 @@ impl Llama {
                 x.extend_from_slice(h);
             }
         }
-        self.run_layers(batch, x, ctx, step)?;
+        self.run_layers(batch, n, x, ctx, step)?;
         if self.output.is_none() {
             return Ok(StageOutput::Hidden(x.as_slice()));
         }

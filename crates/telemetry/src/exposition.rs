@@ -150,9 +150,7 @@ mod tests {
     fn rendered() -> String {
         let mut r = Registry::with_prefix("tessera");
         let requests = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
-        requests
-            .get_or_create(&vec![("outcome", "stop")])
-            .inc_by(3);
+        requests.get_or_create(&vec![("outcome", "stop")]).inc_by(3);
         r.register("requests", "Requests by outcome", requests);
         let bytes = Counter::<u64>::default();
         bytes.inc_by(7);
@@ -160,7 +158,7 @@ mod tests {
         let g = Gauge::<i64>::default();
         g.set(2);
         r.register("running_requests", "Requests generating now", g);
-        let h = Histogram::new([0.1, 1.0].into_iter());
+        let h = Histogram::new([0.1, 1.0]);
         h.observe(0.5);
         r.register("step_seconds", "Step latency", h);
         r.register("build", "Build", Info::new(vec![("version", "0.1.0")]));
@@ -190,7 +188,10 @@ mod tests {
             "# TYPE tessera_build_info gauge",
             "tessera_build_info{version=\"0.1.0\"} 1",
         ] {
-            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
         }
         assert!(!text.contains("# EOF"), "{text}");
         assert!(!text.contains("# UNIT"), "{text}");
