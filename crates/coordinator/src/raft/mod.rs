@@ -21,6 +21,7 @@
 //! Every error of this module is a [`RaftError`]; [`RaftError::to_status`] is the single
 //! mapping to gRPC.
 
+mod config;
 mod failpoint;
 mod grpc;
 mod handle;
@@ -31,10 +32,11 @@ mod state_machine;
 mod storage;
 mod transport;
 
+pub use config::RaftConfig;
 pub use failpoint::{FailPoint, Failpoints};
 pub use grpc::{GrpcTransport, RaftService};
 pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
-pub use node::{RaftConfig, RaftNode};
+pub use node::RaftNode;
 pub use state_machine::{ApplyError, StateMachine};
 pub use storage::RedbStorage;
 pub use transport::{MemNetwork, MemTransport, Transport};
