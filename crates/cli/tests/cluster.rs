@@ -85,7 +85,8 @@ const UNEVEN: [(u32, &str); 3] = [(1, "60MiB"), (1, "80MiB"), (1, "100MiB")];
 
 /// Ensures that a 3-stage pipeline over workers of uneven capacity produces greedy tokens and
 /// per-token logprobs bit-identical to the single-process engine, and that `tessera status`
-/// shows each worker holding a different share of the layers and of the memory.
+/// shows each worker holding a different share of the layers and of the memory (and exits 0
+/// when its reader has gone).
 #[test]
 fn pipeline_matches_the_single_process_engine() {
     let Some(model) = model() else { return };
@@ -133,6 +134,19 @@ fn pipeline_matches_the_single_process_engine() {
         .expect("tessera status");
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && table.contains("stage 2"), "{table}");
+    // A reader that has gone (`tessera status | head -1`) is not a crash: stdout's read end
+    // is closed before the table is written, and the command still exits 0 without a panic.
+    let mut child = tessera()
+        .command()
+        .args(["status", "--endpoint", &cluster.endpoint])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tessera status");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("tessera status ends");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !err.contains("panicked"), "{err}");
 
     let mut engine = engine(&model);
     for prompt in PROMPTS {

@@ -109,7 +109,7 @@ fn leader_kill_under_load_fails_over_without_reload() {
         let s = c.status(new_leader).expect("status from the new leader");
         if s.workers
             .iter()
-            .all(|w| w.weight_bytes > 0 && w.last_seen_ms < 1000)
+            .all(|w| w.weight_bytes > 0 && w.last_seen_ms.is_some_and(|ms| ms < 1000))
         {
             assert_eq!(s.plan_epoch, before.plan_epoch, "{s:#?}");
             break;

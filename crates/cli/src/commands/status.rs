@@ -1,6 +1,8 @@
 //! `tessera status`: what a running cluster looks like — workers, their shards and memory, the
 //! plan, and coordinator replication.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -32,11 +34,14 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         .await
         .map_err(status_error)?
         .into_inner();
+    // Rendered whole, then written once: see `print`.
+    let mut out = String::new();
     if args.raw {
-        println!("{s:#?}");
-        return Ok(());
+        let _ = writeln!(out, "{s:#?}");
+        return print(&out);
     }
-    println!(
+    let _ = writeln!(
+        out,
         "model {}  plan epoch {}  {}  running requests {}",
         s.model,
         s.plan_epoch,
@@ -44,7 +49,8 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         s.running_requests
     );
     if !s.leader.is_empty() || s.term > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "leader {}  term {}  commit index {}  members {}",
             s.leader,
             s.term,
@@ -52,7 +58,8 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             s.members.join(", ")
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>9}  shard",
         "worker", "address", "threads", "memory", "resident", "weights", "seen"
     );
@@ -69,17 +76,29 @@ pub async fn run(args: StatusArgs) -> Result<()> {
                 if sh.head { " +head" } else { "" }
             )
         });
-        println!(
-            "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>7}ms  {}",
+        let _ = writeln!(
+            out,
+            "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>9}  {}",
             w.worker_id,
             w.address,
             cap.threads,
             mib(cap.memory_bytes),
             mib(w.resident_bytes),
             mib(w.weight_bytes),
-            w.last_seen_ms,
+            // A follower's local view has not heard from workers: "-", not a huge number.
+            w.last_seen_ms
+                .map_or("-".to_owned(), |ms| format!("{ms}ms")),
             shard
         );
     }
-    Ok(())
+    print(&out)
+}
+
+/// Writes `text` to stdout. A reader that closed the pipe early (`tessera status | head -1`)
+/// got what it wanted: that is success, not a panic (which `println!` would give).
+fn print(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }

@@ -172,8 +172,7 @@ impl pb::inference_server::Inference for Api {
                     }),
                     resident_bytes: s.map_or(0, |s| s.resident_bytes),
                     weight_bytes: s.map_or(0, |s| s.weight_bytes),
-                    last_seen_ms: s
-                        .map_or(u64::MAX, |s| now.duration_since(s.at).as_millis() as u64),
+                    last_seen_ms: s.map(|s| now.duration_since(s.at).as_millis() as u64),
                     shard: st.plan().and_then(|p| p.stage_of(&w.id)).map(assignment),
                 }
             })
