@@ -301,15 +301,14 @@ fn bad_input_names_the_field() {
 
     // The Prometheus endpoint counted all of it.
     let text = scrape(&cluster.metrics);
-    assert!(
-        text.contains("tessera_requests_total{outcome=\"invalid\"} 9"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tessera_requests_total{outcome=\"length\"} 1"),
-        "{text}"
-    );
-    assert!(text.contains("tessera_generated_tokens_total 4"), "{text}");
+    let labels = format!("model_name=\"{model}\"");
+    for want in [
+        format!("tessera_requests_total{{{labels},outcome=\"invalid\"}} 9"),
+        format!("tessera_requests_total{{{labels},outcome=\"length\"}} 1"),
+        format!("tessera_generated_tokens_total{{{labels}}} 4"),
+    ] {
+        assert!(text.contains(&want), "{want} missing from\n{text}");
+    }
 }
 
 /// Ensures that the Python client generated from the protos with grpcio-tools streams an answer.

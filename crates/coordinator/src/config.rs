@@ -51,6 +51,17 @@ pub struct CoordinatorConfig {
     pub data_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None` = not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where to serve the OpenAI-compatible HTTP API (`/v1/…`, `/health`, `/ready`); `None`
+    /// = not served. Port 0 picks a free one (printed).
+    pub http_listen: Option<SocketAddr>,
+    /// API keys the public API (gRPC and HTTP) requires as `authorization: Bearer <key>`;
+    /// empty = open. Health and reflection stay open.
+    pub api_keys: Vec<String>,
+    /// The most requests that may wait for admission; more are refused with
+    /// RESOURCE_EXHAUSTED (HTTP 429).
+    pub max_queued: usize,
+    /// Size limits checked before tokenization.
+    pub limits: crate::validate::Limits,
 }
 
 impl Default for CoordinatorConfig {
@@ -74,6 +85,10 @@ impl Default for CoordinatorConfig {
             advertise: None,
             data_dir: None,
             metrics_listen: None,
+            http_listen: None,
+            api_keys: Vec::new(),
+            max_queued: 256,
+            limits: crate::validate::Limits::default(),
         }
     }
 }

@@ -129,8 +129,17 @@ impl From<CoordinatorError> for tonic::Status {
             CoordinatorError::Internal(_) => Code::Internal,
             CoordinatorError::Raft(r) => return r.to_status(),
         };
+        let retry = matches!(e, CoordinatorError::ResourceExhausted(_));
         // Invalid arguments start with the field's proto path, as the proto promises.
-        tonic::Status::new(code, e.to_string())
+        let mut status = tonic::Status::new(code, e.to_string());
+        if retry {
+            // The retry hint, in seconds, as HTTP's Retry-After (gRPC has no standard header
+            // short of google.rpc.RetryInfo details).
+            status
+                .metadata_mut()
+                .insert("retry-after", tonic::metadata::MetadataValue::from(1u32));
+        }
+        status
     }
 }
 

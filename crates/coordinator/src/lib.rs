@@ -11,7 +11,11 @@
 //!   client calls to the leader), and `grpc.health.v1`. This is the address Raft peers and
 //!   workers know a coordinator by.
 //!
-//! Each port is its own `tonic` server, so a call to a service of the other port is answered
+//! - the **HTTP port** (`http_listen`, optional): the OpenAI-compatible API ([`openai`]),
+//!   a translation layer over the public gRPC service.
+//!
+//! API keys (`api_keys`) guard the public gRPC service and the HTTP API alike
+//! ([`services::auth`]). Each port is its own `tonic` server, so a call to a service of the other port is answered
 //! `UNIMPLEMENTED`, and each can get its own transport security.
 
 #![forbid(unsafe_code)]
@@ -31,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod metrics;
+pub mod openai;
 pub mod raft;
 pub mod services;
 pub mod state;
@@ -53,13 +58,15 @@ impl Drop for Tasks {
     }
 }
 
-/// The two sockets a coordinator serves on.
+/// The sockets a coordinator serves on.
 #[derive(Debug)]
 pub struct Listeners {
     /// The public API (`tessera.v1`), what clients dial.
     pub public: tokio::net::TcpListener,
     /// The cluster protocol (`tessera.cluster.v1`), what peers and workers dial.
     pub cluster: tokio::net::TcpListener,
+    /// The OpenAI-compatible HTTP API ([`openai`]), when served.
+    pub http: Option<tokio::net::TcpListener>,
 }
 
 impl Listeners {
@@ -82,7 +89,22 @@ impl Listeners {
         Ok(Self {
             public: bind(public).await?,
             cluster: bind(cluster).await?,
+            http: None,
         })
+    }
+
+    /// Also serves the OpenAI-compatible HTTP API on `addr`.
+    ///
+    /// # Errors
+    /// [`CoordinatorError::Serve`] when it cannot be bound.
+    pub async fn with_http(mut self, addr: std::net::SocketAddr) -> Result<Self, CoordinatorError> {
+        self.http = Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CoordinatorError::Serve {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            }
+        })?);
+        Ok(self)
     }
 }
 
@@ -100,12 +122,15 @@ pub async fn serve(
     cfg: CoordinatorConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), CoordinatorError> {
-    let listeners = Listeners::bind(cfg.listen, cfg.cluster_listen).await?;
+    let mut listeners = Listeners::bind(cfg.listen, cfg.cluster_listen).await?;
+    if let Some(http) = cfg.http_listen {
+        listeners = listeners.with_http(http).await?;
+    }
     serve_on(listeners, cfg, shutdown).await
 }
 
-/// As [`serve`], on listeners the caller bound (`cfg.listen` and `cfg.cluster_listen` are
-/// ignored): tests and embedders bind port 0 and know the addresses before the coordinator
+/// As [`serve`], on listeners the caller bound (`cfg.listen`, `cfg.cluster_listen` and
+/// `cfg.http_listen` are ignored): tests and embedders bind port 0 and know the addresses before the coordinator
 /// starts.
 ///
 /// # Errors
@@ -125,7 +150,9 @@ pub async fn serve_on(
     let footprint = footprint::ModelFootprint::from_store(store.as_ref(), &model_cfg)?;
     drop(store);
     let kv_tokens = cfg.kv_tokens_for(model_cfg.context_len);
-    let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize);
+    let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize)
+        .with_limits(cfg.limits);
+    let keys = services::auth::ApiKeys::new(&cfg.api_keys)?;
 
     let listen = cfg.listen;
     let serve_err = |reason: String| CoordinatorError::Serve {
@@ -135,7 +162,13 @@ pub async fn serve_on(
     let Listeners {
         public: listener,
         cluster: cluster_listener,
+        http: http_listener,
     } = listeners;
+    let http_addr = http_listener
+        .as_ref()
+        .map(tokio::net::TcpListener::local_addr)
+        .transpose()
+        .map_err(|e| serve_err(e.to_string()))?;
     let addr = listener
         .local_addr()
         .map_err(|e| serve_err(e.to_string()))?;
@@ -193,6 +226,10 @@ pub async fn serve_on(
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tessera coordinator cluster on {cluster_addr}")
+            .and_then(|()| match http_addr {
+                Some(http) => writeln!(out, "tessera coordinator http on {http}"),
+                None => Ok(()),
+            })
             .and_then(|()| writeln!(out, "tessera coordinator listening on {addr}"))
             .and_then(|()| out.flush())
             .map_err(|e| serve_err(format!("writing stdout: {e}")))?;
@@ -224,12 +261,27 @@ pub async fn serve_on(
     let (reflection_v1, reflection_v1alpha) = public_reflection().map_err(serve_err)?;
     let (stop, _) = tokio::sync::watch::channel(false);
     let api = api::Api::new(Arc::clone(&cluster), validator, scheduler);
+    if let Some(listener) = http_listener {
+        let max_prompt = cluster.cfg.limits.max_prompt_bytes;
+        let app = openai::OpenAi::new(api.clone(), Arc::clone(&cluster), keys.clone(), max_prompt)
+            .router();
+        // Aborted with the other tasks on shutdown: an open event stream must not hold the
+        // process up.
+        tasks.0.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the HTTP API stopped");
+            }
+        }));
+    }
 
     let public = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::inference_server::InferenceServer::new(api.clone()))
+        .add_service(pb::inference_server::InferenceServer::with_interceptor(
+            api.clone(),
+            keys.interceptor(),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_rx(&stop));
     let cluster_server = tonic::transport::Server::builder()
         .add_service(cluster_health_service)

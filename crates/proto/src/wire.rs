@@ -34,7 +34,11 @@ pub fn sampled_token(seq_id: u64, t: SampledToken) -> cpb::SampledToken {
         top_logprobs: t
             .top_logprobs
             .into_iter()
-            .map(|(id, logprob)| pb::TokenLogprob { id, logprob })
+            .map(|(id, logprob)| pb::TokenLogprob {
+                id,
+                logprob,
+                ..Default::default()
+            })
             .collect(),
     }
 }

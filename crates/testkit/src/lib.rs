@@ -8,6 +8,7 @@
 //!   [`Proxy`]);
 //! - clusters of processes: one coordinator and its workers ([`ProcessCluster`]), three
 //!   replicated coordinators that a test can partition ([`RaftCluster`]);
+//! - the HTTP API from a client's side ([`http`]: requests, event streams);
 //! - the public API from a client's side ([`greedy`] requests, [`collect`] a stream);
 //! - the coordinator's side of a worker's `Pipeline` stream ([`Driver`], [`Seq`]).
 //!
@@ -17,6 +18,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+pub mod http;
 mod net;
 mod pipeline;
 mod process;

@@ -59,13 +59,21 @@ pub fn scrape(addr: &str) -> String {
     out
 }
 
-/// The value of an unlabelled sample `name` in a Prometheus exposition.
+/// The value of the first sample `name` in a Prometheus exposition, whatever its labels
+/// (`name 3` or `name{model_name="m"} 3`).
 ///
 /// # Panics
 /// When `text` has no such sample.
 pub fn sample(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .find_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let value = match rest.strip_prefix('{') {
+                Some(labelled) => labelled.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            value.trim().parse().ok()
+        })
         .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 

@@ -28,6 +28,8 @@ pub struct Tessera {
 pub struct Addresses {
     /// The "listening on" address: a coordinator's public API, a worker's Worker service.
     pub public: String,
+    /// A coordinator's OpenAI-compatible HTTP API (the "http on" line), when it serves one.
+    pub http: Option<String>,
     /// A coordinator's cluster port (Raft, worker registration); `None` for a worker.
     pub cluster: Option<String>,
 }
@@ -122,15 +124,19 @@ impl Tessera {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let (mut sent, mut cluster) = (false, None);
+            let (mut sent, mut cluster, mut http) = (false, None, None);
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if !sent && let Some(addr) = line.split("cluster on ").nth(1) {
                     cluster = Some(addr.trim().to_owned());
+                }
+                if !sent && let Some(addr) = line.split("http on ").nth(1) {
+                    http = Some(addr.trim().to_owned());
                 }
                 if !sent && let Some(addr) = line.split("listening on ").nth(1) {
                     let _ = tx.send(Addresses {
                         public: addr.trim().to_owned(),
                         cluster: cluster.take(),
+                        http: http.take(),
                     });
                     sent = true;
                 }

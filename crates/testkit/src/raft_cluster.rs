@@ -31,6 +31,8 @@ pub struct RaftCluster {
     pub addrs: Vec<String>,
     /// Where each coordinator serves the cluster protocol (Raft, workers).
     pub cluster_addrs: Vec<String>,
+    /// Where each coordinator serves the OpenAI-compatible HTTP API.
+    pub http_addrs: Vec<String>,
     data: PathBuf,
     coordinators: Vec<Option<Child>>,
     workers: Vec<Child>,
@@ -72,6 +74,7 @@ impl RaftCluster {
         let turn = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
         let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
         let cluster_addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+        let http_addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
         let data = std::env::temp_dir().join(format!("tessera-raft-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&data);
         let rt = runtime();
@@ -90,6 +93,7 @@ impl RaftCluster {
             model: model.to_owned(),
             addrs,
             cluster_addrs,
+            http_addrs,
             data,
             coordinators: vec![None, None, None],
             workers: Vec::new(),
@@ -149,6 +153,8 @@ impl RaftCluster {
             &self.peers_for(i),
             "--min-workers",
             &min_workers.max(1).to_string(),
+            "--http-listen",
+            &self.http_addrs[i],
         ]));
         let (child, _) = self.tessera.spawn(&args);
         self.coordinators[i] = Some(child);

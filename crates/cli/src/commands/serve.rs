@@ -64,9 +64,72 @@ pub struct CoordinatorArgs {
     /// otherwise a temporary directory, so a lone coordinator keeps no state across restarts).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions,
+    /// /v1/models, /health, /ready) on this address (port 0: any free port, printed as
+    /// "tessera coordinator http on ADDR").
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Admission, limits and API keys.
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
     /// Metrics, span export and lifetime.
     #[command(flatten)]
     pub process: ProcessArgs,
+}
+
+/// Who may call a coordinator's public API, and how much it takes on.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AdmissionArgs {
+    /// An API key clients must send as `authorization: Bearer KEY` (gRPC metadata or HTTP
+    /// header); repeat for several, or give them comma-separated in $TESSERA_API_KEYS.
+    /// Without keys the API is open. Health and reflection stay open.
+    #[arg(
+        long = "api-key",
+        env = "TESSERA_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one per line (blank lines and lines starting with # ignored).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// The most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED
+    /// (HTTP 429) and a retry hint.
+    #[arg(long, default_value_t = 256)]
+    pub max_queued: usize,
+    /// The longest prompt accepted, in bytes (text, or chat messages together); checked before
+    /// tokenization.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
+    /// The most chat messages in one request.
+    #[arg(long, default_value_t = 1024)]
+    pub max_messages: usize,
+}
+
+impl AdmissionArgs {
+    /// Every API key: the flags' and the file's.
+    ///
+    /// # Errors
+    /// When the key file cannot be read.
+    pub fn keys(&self) -> Result<Vec<String>> {
+        let mut keys: Vec<String> = self
+            .api_keys
+            .iter()
+            .map(|k| k.trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key file {}", path.display()))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        Ok(keys)
+    }
 }
 
 /// The flags every server process (`tessera coordinator`, `tessera worker`) takes.
@@ -280,6 +343,13 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             (None, false) => None,
         },
         metrics_listen: args.process.metrics_listen,
+        http_listen: args.http_listen,
+        api_keys: args.admission.keys()?,
+        max_queued: args.admission.max_queued,
+        limits: tessera_coordinator::validate::Limits {
+            max_prompt_bytes: args.admission.max_prompt_bytes,
+            max_messages: args.admission.max_messages,
+        },
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     let instance = format!("coordinator-{}", args.id);

@@ -23,6 +23,8 @@ pub async fn run(cluster: Arc<Cluster>) {
     loop {
         let (role, term) = {
             let s = status.borrow_and_update();
+            // Every status change passes here: the Raft metrics follow it.
+            cluster.metrics.raft(&s);
             (s.role, s.term)
         };
         let leader = role == RaftRole::Leader;

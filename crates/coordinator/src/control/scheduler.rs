@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tessera_proto::cluster::v1 as cpb;
@@ -31,6 +31,9 @@ use crate::error::CoordinatorError;
 use crate::services::validate::ValidRequest;
 use crate::state::cluster::{Cluster, Serving};
 
+/// How often waiting requests are looked at for clients that left.
+const QUEUE_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a generate stream carries.
 pub type EventResult = Result<pb::GenerateEvent, Status>;
 
@@ -39,12 +42,28 @@ struct Submit {
     req: ValidRequest,
     events: mpsc::UnboundedSender<EventResult>,
     span: tracing::Span,
+    /// Its place in the bounded queue, given back when it is admitted or dropped.
+    _slot: QueueSlot,
+}
+
+/// A place in the queue of requests not yet admitted; counts itself out on drop, wherever the
+/// request leaves the queue (admitted, expired, abandoned, or the task gone).
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Submits requests to the scheduler task.
 #[derive(Clone, Debug)]
 pub struct SchedulerHandle {
     tx: mpsc::UnboundedSender<Submit>,
+    /// Requests submitted and not yet admitted (in the channel or the task's queue).
+    queued: Arc<AtomicUsize>,
+    /// The most that may wait; more are refused with RESOURCE_EXHAUSTED.
+    max_queued: usize,
 }
 
 impl SchedulerHandle {
@@ -53,6 +72,7 @@ impl SchedulerHandle {
     /// the client's trace when `metadata` carries a W3C `traceparent`.
     ///
     /// # Errors
+    /// [`CoordinatorError::ResourceExhausted`] when `max_queued` requests already wait;
     /// [`CoordinatorError::Internal`] when the scheduler task is gone.
     pub fn submit(
         &self,
@@ -60,11 +80,25 @@ impl SchedulerHandle {
         events: mpsc::UnboundedSender<EventResult>,
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(), CoordinatorError> {
+        // Taken before the check, so concurrent submits cannot overshoot the bound together.
+        let slot = QueueSlot(Arc::clone(&self.queued));
+        let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queued {
+            return Err(CoordinatorError::ResourceExhausted(format!(
+                "{waiting} requests are already waiting (--max-queued {}); retry later",
+                self.max_queued
+            )));
+        }
         let span = tracing::info_span!(parent: None, "generate", request_id = %req.request_id,
             prompt_tokens = req.inner.prompt_ids.len());
         tessera_telemetry::trace_context::set_parent_from_metadata(&span, metadata);
         self.tx
-            .send(Submit { req, events, span })
+            .send(Submit {
+                req,
+                events,
+                span,
+                _slot: slot,
+            })
             .map_err(|_| CoordinatorError::Internal("the scheduler has stopped".into()))
     }
 }
@@ -94,6 +128,8 @@ struct Seq {
     /// Whether its SeqStart went out.
     started: bool,
     first_token: Option<Instant>,
+    /// When its latest token came (inter-token latency counts from here).
+    last_token: Option<Instant>,
     span: tracing::Span,
     _kv: KvReservation,
 }
@@ -129,6 +165,11 @@ pub fn spawn(
     frontend: Frontend,
 ) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let handle = SchedulerHandle {
+        tx,
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_queued: cluster.cfg.max_queued,
+    };
     let serving = cluster.subscribe_leading();
     let s = Scheduler {
         cluster,
@@ -144,7 +185,7 @@ pub fn spawn(
         next_step: 1,
         dead_epoch: 0,
     };
-    (SchedulerHandle { tx }, tokio::spawn(s.run()))
+    (handle, tokio::spawn(s.run()))
 }
 
 fn unavailable(msg: impl Into<String>) -> Status {
@@ -212,12 +253,19 @@ impl Scheduler {
     /// first queued request's wait expires. False when the handle side is gone.
     async fn wait_for_work(&mut self, deadlines: bool) -> bool {
         let wait = self.cluster.cfg.ready_wait;
-        let deadline = self
+        let expiry = self
             .queue
             .iter()
             .map(|s| s.req.received + wait)
             .min()
             .filter(|_| deadlines);
+        // While requests wait, look at the queue every QUEUE_SWEEP too: one whose client
+        // left gives its place back then, not only when something else wakes the task.
+        let sweep = (!self.queue.is_empty()).then(|| Instant::now() + QUEUE_SWEEP);
+        let deadline = match (expiry, sweep) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -241,7 +289,12 @@ impl Scheduler {
 
     fn publish_load(&self) {
         self.cluster.load.set(self.running.len(), self.queue.len());
-        self.cluster.metrics.set_running(self.running.len());
+        self.cluster.metrics.set_load(
+            self.running.len(),
+            self.queue.len(),
+            self.kv_used.load(Ordering::SeqCst),
+            u64::from(self.cluster.kv_tokens),
+        );
     }
 
     /// Ends queued requests whose client left, and (when no plan serves) those that waited
@@ -298,6 +351,9 @@ impl Scheduler {
             self.next_seq += 1;
             s.span
                 .in_scope(|| tracing::debug!(seq = id, kv_tokens = need, "admitted"));
+            self.cluster
+                .metrics
+                .queued_for(s.req.received.elapsed().as_secs_f64());
             self.running.push(Seq {
                 id,
                 output: self.frontend.output(&s.req.inner),
@@ -307,6 +363,7 @@ impl Scheduler {
                 next: None,
                 started: false,
                 first_token: None,
+                last_token: None,
                 span: s.span,
                 _kv: KvReservation {
                     pool: Arc::clone(&self.kv_used),
@@ -476,21 +533,29 @@ impl Scheduler {
             let s = &mut self.running[i];
             let now = Instant::now();
             s.first_token.get_or_insert(now);
+            if let Some(last) = s.last_token.replace(now) {
+                self.cluster.metrics.inter_token((now - last).as_secs_f64());
+            }
             let token = SampledToken {
                 id: t.id,
                 logprob: t.logprob,
                 top_logprobs: t.top_logprobs.iter().map(|l| (l.id, l.logprob)).collect(),
             };
             let (event, finished) = s.output.push(token);
+            let mut token = pb::TokenEvent {
+                id: event.token.id,
+                text: event.text,
+                logprob: event.token.logprob,
+                top_logprobs: t.top_logprobs,
+                ..Default::default()
+            };
+            if token.logprob.is_some() {
+                name_tokens(&self.frontend, &mut token);
+            }
             let sent = s
                 .events
                 .send(Ok(pb::GenerateEvent {
-                    event: Some(pb::generate_event::Event::Token(pb::TokenEvent {
-                        id: event.token.id,
-                        text: event.text,
-                        logprob: event.token.logprob,
-                        top_logprobs: t.top_logprobs,
-                    })),
+                    event: Some(pb::generate_event::Event::Token(token)),
                 }))
                 .is_ok();
             if let Some(reason) = finished {
@@ -521,10 +586,11 @@ impl Scheduler {
         };
         let (reason, outcome) = (tessera_proto::wire::finish_reason(reason), reason.as_str());
         self.cluster.metrics.request_ended(outcome);
-        self.cluster.metrics.usage(
+        self.cluster.metrics.finished(
             u64::from(usage.prompt_tokens),
             u64::from(usage.completion_tokens),
             usage.time_to_first_token_ms / 1e3,
+            usage.total_ms / 1e3,
         );
         s.span.in_scope(|| {
             tracing::info!(
@@ -556,6 +622,19 @@ impl Scheduler {
         // The stream that held them is gone, and with it their state on every worker.
         self.release.clear();
         self.publish_load();
+    }
+}
+
+/// Fills in the text and bytes of a token event's sampled token and alternatives (what
+/// logprobs show a client; the workers send ids only).
+fn name_tokens(frontend: &Frontend, token: &mut pb::TokenEvent) {
+    let tokenizer = frontend.tokenizer();
+    let bytes = |id: u32| tokenizer.token_bytes(id).unwrap_or_default().to_vec();
+    token.token_bytes = bytes(token.id);
+    token.token_text = String::from_utf8_lossy(&token.token_bytes).into_owned();
+    for alt in &mut token.top_logprobs {
+        alt.bytes = bytes(alt.id);
+        alt.text = String::from_utf8_lossy(&alt.bytes).into_owned();
     }
 }
 

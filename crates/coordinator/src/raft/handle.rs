@@ -79,7 +79,7 @@ pub struct RaftStatus {
 }
 
 impl RaftStatus {
-    pub(super) fn initial(id: u64) -> Self {
+    pub(crate) fn initial(id: u64) -> Self {
         RaftStatus {
             id,
             role: RaftRole::Follower,

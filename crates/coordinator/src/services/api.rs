@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_proto::v1 as pb;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
@@ -29,6 +29,9 @@ pub struct Api {
     validator: Validator,
     scheduler: SchedulerHandle,
     forward: Arc<Forwarder>,
+    /// Tokenization runs on blocking threads, this many at a time: however many requests
+    /// arrive, the async runtime (and the Raft node on it) keeps its threads.
+    tokenizers: Arc<Semaphore>,
 }
 
 impl Api {
@@ -39,7 +42,42 @@ impl Api {
             validator,
             scheduler,
             forward: Arc::new(Forwarder::default()),
+            tokenizers: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
         }
+    }
+
+    /// Validates on a blocking thread (tokenization can take a while on a long prompt),
+    /// waiting for a free tokenizer slot first.
+    async fn validate(
+        &self,
+        req: pb::GenerateRequest,
+        received: Instant,
+    ) -> Result<crate::validate::ValidRequest, CoordinatorError> {
+        let permit = Arc::clone(&self.tokenizers)
+            .acquire_owned()
+            .await
+            .map_err(|_| CoordinatorError::Internal("the tokenizer pool is closed".into()))?;
+        let validator = self.validator.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            validator.validate(req, received)
+        })
+        .await
+        .map_err(|e| CoordinatorError::Internal(format!("tokenization task: {e}")))?
+    }
+
+    /// Counts and logs a refused request.
+    fn refused(&self, e: CoordinatorError) -> Status {
+        tracing::info!(error = %e, "generate request refused");
+        let outcome = match e {
+            CoordinatorError::InvalidArgument { .. } => "invalid",
+            CoordinatorError::ResourceExhausted(_) => "rejected",
+            _ => "error",
+        };
+        self.cluster.metrics.request_ended(outcome);
+        Status::from(e)
     }
 }
 
@@ -53,9 +91,17 @@ impl pb::inference_server::Inference for Api {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let received = Instant::now();
         let (metadata, _, req) = request.into_parts();
+        // Refused before it is forwarded or tokenized: a huge request costs a length check.
+        self.validator
+            .check_size(&req)
+            .map_err(|e| self.refused(e))?;
+        let deadline = grpc_timeout(&metadata).map(|t| received + t);
         if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
             // The client's trace context travels on, so the leader's spans join its trace.
             let mut forwarded = Request::new(req);
+            if let Some(d) = deadline {
+                forwarded.set_timeout(d.saturating_duration_since(Instant::now()));
+            }
             for key in ["traceparent", "tracestate"] {
                 if let Some(v) = metadata.get(key) {
                     forwarded.metadata_mut().insert(key, v.clone());
@@ -72,6 +118,7 @@ impl pb::inference_server::Inference for Api {
                 .map_err(|s| tessera_proto::status::lost_peer(s, "the coordinator leader"))?
                 .into_inner();
             let (tx, rx) = mpsc::unbounded_channel();
+            let rx = with_deadline(rx, deadline);
             tokio::spawn(async move {
                 // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or
                 // when the client went away.
@@ -85,14 +132,17 @@ impl pb::inference_server::Inference for Api {
             });
             return Ok(Response::new(UnboundedReceiverStream::new(rx)));
         }
-        let valid = self.validator.validate(req, received).map_err(|e| {
-            tracing::info!(error = %e, "generate request rejected");
-            self.cluster.metrics.request_ended("invalid");
-            Status::from(e)
-        })?;
+        let valid = self
+            .validate(req, received)
+            .await
+            .map_err(|e| self.refused(e))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler.submit(valid, tx, &metadata)?;
-        Ok(Response::new(UnboundedReceiverStream::new(rx)))
+        self.scheduler
+            .submit(valid, tx, &metadata)
+            .map_err(|e| self.refused(e))?;
+        Ok(Response::new(UnboundedReceiverStream::new(with_deadline(
+            rx, deadline,
+        ))))
     }
 
     async fn tokenize(
@@ -203,5 +253,88 @@ impl pb::inference_server::Inference for Api {
                 }))
                 .collect(),
         }))
+    }
+}
+
+/// The time a gRPC client gives its call (`grpc-timeout`: up to 8 digits and a unit, H M S
+/// m u n), if it set one.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `events`, ended with DEADLINE_EXCEEDED at `deadline` (when set). Dropping the scheduler's
+/// receiver then cancels the request there, so its queue place and KV are freed; a client
+/// that goes away ends the relay at once.
+fn with_deadline(
+    mut events: mpsc::UnboundedReceiver<EventResult>,
+    deadline: Option<Instant>,
+) -> mpsc::UnboundedReceiver<EventResult> {
+    let Some(deadline) = deadline else {
+        return events;
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let expired = tokio::time::sleep_until(deadline.into());
+        tokio::pin!(expired);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => if tx.send(ev).is_err() { return },
+                    None => return,
+                },
+                () = &mut expired => {
+                    let _ = tx.send(Err(Status::deadline_exceeded(
+                        "the request did not finish within the client's deadline (grpc-timeout)",
+                    )));
+                    return;
+                }
+                () = tx.closed() => return,
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Ensures that every `grpc-timeout` unit parses, and malformed values are ignored.
+    #[test]
+    fn parses_grpc_timeouts() {
+        let table = [
+            ("5S", Some(Duration::from_secs(5))),
+            ("2H", Some(Duration::from_secs(7200))),
+            ("3M", Some(Duration::from_secs(180))),
+            ("250m", Some(Duration::from_millis(250))),
+            ("7u", Some(Duration::from_micros(7))),
+            ("9n", Some(Duration::from_nanos(9))),
+            ("S", None),
+            ("123456789S", None),
+            ("5s", None),
+            ("x5S", None),
+        ];
+        for (v, want) in table {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().expect("ascii"));
+            assert_eq!(grpc_timeout(&m), want, "{v}");
+        }
+        assert_eq!(grpc_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

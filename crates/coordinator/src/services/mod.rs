@@ -4,12 +4,14 @@
 //!   ([`validate`]) and handing it to the scheduler;
 //! - [`forward`]: `tessera.cluster.v1.Forward`, and the client a follower uses to hand calls to
 //!   the leader;
+//! - [`auth`]: API keys, checked on the public gRPC service and the HTTP API;
 //! - [`registry`]: `tessera.cluster.v1.Coordination`, where workers register and heartbeat.
 //!
 //! Services only translate and delegate: scheduling, planning and liveness are control tasks
 //! ([`crate::control`]); what they read and change is the replicated state ([`crate::state`]).
 
 pub mod api;
+pub mod auth;
 pub(crate) mod forward;
 pub(crate) mod registry;
 pub mod validate;

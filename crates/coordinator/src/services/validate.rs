@@ -15,6 +15,30 @@ use crate::error::CoordinatorError;
 
 /// `max_tokens` when the request gives none (capped so the prompt plus it fits the context).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// The longest stop string, in bytes (a stop string longer than any prompt is a mistake, and
+/// the stop checker holds back that many bytes of output).
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Too many stop token ids is as much a mistake as too many stop strings.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+
+/// Size limits checked on the raw request, before any tokenization: what a request may cost
+/// the coordinator before it is known to be valid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest prompt: text bytes, or the chat messages' content and roles together.
+    pub max_prompt_bytes: usize,
+    /// The most chat messages.
+    pub max_messages: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompt_bytes: 1 << 20,
+            max_messages: 1024,
+        }
+    }
+}
 
 /// A generate request that passed validation.
 #[derive(Clone, Debug)]
@@ -57,6 +81,7 @@ pub struct Validator {
     frontend: Frontend,
     model: String,
     context: usize,
+    limits: Limits,
 }
 
 impl Validator {
@@ -68,7 +93,85 @@ impl Validator {
             frontend,
             model: model.to_owned(),
             context,
+            limits: Limits::default(),
         }
+    }
+
+    /// The validator with these size limits.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The size limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Checks what a request costs before anything expensive is done with it: prompt bytes,
+    /// message count, stop strings. Cheap (no tokenization), so a follower runs it before
+    /// forwarding and the leader before it tokenizes.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT naming the field and the limit.
+    pub fn check_size(&self, req: &pb::GenerateRequest) -> Result<(), CoordinatorError> {
+        let max = self.limits.max_prompt_bytes;
+        let (field, bytes) = match &req.prompt {
+            Some(pb::generate_request::Prompt::Text(t)) => ("prompt", t.len()),
+            Some(pb::generate_request::Prompt::Chat(c)) => {
+                if c.messages.len() > self.limits.max_messages {
+                    return Err(CoordinatorError::invalid(
+                        "chat.messages",
+                        format!(
+                            "{} messages; at most {} are accepted",
+                            c.messages.len(),
+                            self.limits.max_messages
+                        ),
+                    ));
+                }
+                let bytes = c
+                    .messages
+                    .iter()
+                    .map(|m| m.content.len() + m.role.len())
+                    .sum();
+                ("chat.messages", bytes)
+            }
+            None => ("prompt", 0),
+        };
+        if bytes > max {
+            return Err(CoordinatorError::invalid(
+                field,
+                format!("{bytes} bytes; prompts of at most {max} bytes are accepted"),
+            ));
+        }
+        if let Some(stop) = &req.stop {
+            if let Some((i, s)) = stop
+                .stop
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+            {
+                return Err(CoordinatorError::invalid(
+                    "stop.stop",
+                    format!(
+                        "string #{} is {} bytes; at most {MAX_STOP_BYTES}",
+                        i + 1,
+                        s.len()
+                    ),
+                ));
+            }
+            if stop.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+                return Err(CoordinatorError::invalid(
+                    "stop.stop_token_ids",
+                    format!(
+                        "{} ids; at most {MAX_STOP_TOKEN_IDS}",
+                        stop.stop_token_ids.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The model's frontend.
@@ -121,6 +224,7 @@ impl Validator {
         received: Instant,
     ) -> Result<ValidRequest, CoordinatorError> {
         self.check_model(&req.model)?;
+        self.check_size(&req)?;
         let (text, chat) = match req.prompt {
             Some(pb::generate_request::Prompt::Text(t)) => (Some(t), None),
             Some(pb::generate_request::Prompt::Chat(c)) => (None, Some(c)),

@@ -67,6 +67,7 @@ impl Cluster {
         replica: Arc<Replica>,
         raft: RaftHandle,
     ) -> Self {
+        let metrics = Arc::new(crate::metrics::Metrics::new(&cfg.model));
         Self {
             cfg,
             footprint,
@@ -77,7 +78,7 @@ impl Cluster {
             liveness: Liveness::default(),
             load: Load::default(),
             replan: Replan::default(),
-            metrics: Arc::new(crate::metrics::Metrics::new()),
+            metrics,
         }
     }
 

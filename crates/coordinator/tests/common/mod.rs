@@ -21,13 +21,15 @@ pub struct Coordinator {
     pub addr: String,
     /// Its cluster port, `host:port`, which workers register with.
     pub cluster_addr: String,
+    /// Its OpenAI-compatible HTTP API, `host:port`.
+    pub http_addr: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), CoordinatorError>>,
 }
 
 impl Coordinator {
-    /// Starts a coordinator with `cfg` on two free loopback ports (`cfg`'s addresses are
-    /// ignored).
+    /// Starts a coordinator with `cfg` on three free loopback ports — public, cluster, HTTP
+    /// (`cfg`'s addresses are ignored).
     ///
     /// # Panics
     /// When the ports cannot be bound.
@@ -35,9 +37,18 @@ impl Coordinator {
         let any = "127.0.0.1:0".parse().expect("addr");
         let listeners = tessera_coordinator::Listeners::bind(any, any)
             .await
-            .expect("bind");
+            .expect("bind")
+            .with_http(any)
+            .await
+            .expect("bind http");
         let addr = listeners.public.local_addr().expect("addr").to_string();
         let cluster_addr = listeners.cluster.local_addr().expect("addr").to_string();
+        let http_addr = listeners
+            .http
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .expect("http addr")
+            .to_string();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(tessera_coordinator::serve_on(listeners, cfg, async move {
             let _ = stop_rx.await;
@@ -45,6 +56,7 @@ impl Coordinator {
         Self {
             addr,
             cluster_addr,
+            http_addr,
             stop,
             task,
         }
@@ -83,11 +95,21 @@ impl Coordinator {
         .expect("start worker")
     }
 
-    /// Shuts `workers` down, then stops the coordinator and waits for it to end cleanly.
+    /// Checks that the HTTP API still answers `/health`, shuts `workers` down, then stops the
+    /// coordinator and waits for it to end cleanly.
     ///
     /// # Panics
-    /// When a worker or the coordinator fails to stop, or the coordinator's serve failed.
+    /// When `/health` does not answer 200, a worker or the coordinator fails to stop, or the
+    /// coordinator's serve failed.
     pub async fn stop(self, workers: Vec<RunningWorker>) {
+        // Whatever a test did, the HTTP API still answers its health check.
+        let health = tokio::task::spawn_blocking({
+            let addr = self.http_addr.clone();
+            move || tessera_testkit::http::get(&addr, "/health", &[])
+        })
+        .await
+        .expect("health check");
+        assert_eq!(health.status, 200, "{}", health.body);
         for w in workers {
             w.shutdown().await.expect("worker shutdown");
         }

@@ -1,0 +1,256 @@
+//! The OpenAI-compatible HTTP API, on the coordinator's `--http-listen` port:
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/chat/completions` | chat, streamed as server-sent events or whole |
+//! | `POST /v1/completions` | text completion, likewise |
+//! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
+//! | `GET /health` | 200 while the process serves |
+//! | `GET /ready` | 200 when this coordinator knows its Raft leader and a plan serves the model; 503 with the reason otherwise |
+//!
+//! It is a translation layer over the public gRPC API and nothing else: each choice is one
+//! `tessera.v1.Inference/Generate` call on this process's own [`Api`] — validated by the same
+//! code, queued by the same scheduler, and forwarded to the leader by the same forwarder when
+//! this coordinator follows. So a follower serves HTTP exactly as it serves gRPC, and the two
+//! APIs give the same text for the same request.
+//!
+//! API keys ([`ApiKeys`]) guard `/v1/*`; the health routes stay open. Errors have OpenAI's
+//! shape ([`error::ApiError`]); 429 and 503 carry `Retry-After`.
+
+mod error;
+mod request;
+mod respond;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body as HttpBody;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tessera_proto::v1 as pb;
+use tessera_proto::v1::inference_server::Inference as _;
+use tessera_text::sampling::Rng;
+use tracing::Instrument as _;
+
+pub use error::{ApiError, Endpoint};
+pub use request::{COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_CHOICES};
+
+use crate::services::api::Api;
+use crate::services::auth::ApiKeys;
+use crate::state::cluster::Cluster;
+
+/// Body bytes accepted beyond the longest prompt: the JSON around it (messages, fields).
+const BODY_SLACK: usize = 64 * 1024;
+
+/// The HTTP API's shared state.
+#[derive(Clone, Debug)]
+pub struct OpenAi {
+    api: Api,
+    cluster: Arc<Cluster>,
+    keys: ApiKeys,
+    /// The longest body read; a longer one is refused with 413 before it is parsed.
+    body_limit: usize,
+    /// When the process started (the model's `created`).
+    started: u64,
+}
+
+impl OpenAi {
+    /// The API over `api` (this process's Inference service), guarded by `keys`; bodies over
+    /// `max_prompt_bytes` plus room for the JSON around the prompt are refused unread.
+    pub fn new(api: Api, cluster: Arc<Cluster>, keys: ApiKeys, max_prompt_bytes: usize) -> Self {
+        Self {
+            api,
+            cluster,
+            keys,
+            body_limit: max_prompt_bytes.saturating_add(BODY_SLACK),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// The routes.
+    pub fn router(self) -> Router {
+        Router::new()
+            .route("/v1/chat/completions", post(chat))
+            .route("/v1/completions", post(completions))
+            .route("/v1/models", get(models))
+            .route("/v1/models/{id}", get(model))
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .fallback(not_found)
+            .with_state(Arc::new(self))
+    }
+
+    fn model_name(&self) -> &str {
+        &self.cluster.cfg.model
+    }
+
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let value = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
+        self.keys.check(value).map_err(ApiError::unauthorized)
+    }
+
+    /// A completion of either endpoint: parse, validate, one generate call per choice, then
+    /// the whole response or its stream.
+    async fn complete(
+        &self,
+        headers: HeaderMap,
+        body: HttpBody,
+        parse: fn(&request::Body, &str) -> Result<request::ValidCompletion, ApiError>,
+    ) -> Result<Response, ApiError> {
+        self.authorize(&headers)?;
+        let bytes = axum::body::to_bytes(body, self.body_limit)
+            .await
+            .map_err(|_| ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("request_too_large"),
+                message: format!(
+                    "body: larger than {} bytes (the longest prompt this cluster accepts, \
+                     plus the JSON around it), or not fully received",
+                    self.body_limit
+                ),
+            })?;
+        let valid = parse(&request::Body::parse(&bytes)?, self.model_name())?;
+        let env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
+        let span = tracing::info_span!("openai", id = %env.id, endpoint = ?env.endpoint,
+            choices = valid.choices.len(), stream = valid.stream);
+        let mut streams = respond::Choices::new();
+        async {
+            for (i, mut req) in valid.choices.into_iter().enumerate() {
+                req.request_id = format!("{}-{i}", env.id);
+                let mut call = tonic::Request::new(req);
+                // A client's W3C trace context joins its spans, as on gRPC.
+                for key in ["traceparent", "tracestate"] {
+                    if let Some(v) = headers.get(key).and_then(|v| v.to_str().ok())
+                        && let Ok(v) = v.parse()
+                    {
+                        call.metadata_mut().insert(key, v);
+                    }
+                }
+                let stream = self
+                    .api
+                    .generate(call)
+                    .await
+                    .map_err(|s| ApiError::from_status(&s, env.endpoint))?;
+                streams.insert(i, stream.into_inner());
+            }
+            Ok::<_, ApiError>(())
+        }
+        .instrument(span.clone())
+        .await?;
+        if valid.stream {
+            Ok(respond::stream(env, streams))
+        } else {
+            let body = respond::collect(&env, streams).instrument(span).await?;
+            Ok(json_body(&body))
+        }
+    }
+
+    fn model_object(&self, info: &pb::ModelInfo) -> Value {
+        json!({
+            "id": info.name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "tessera",
+            "architecture": info.architecture,
+            "context_length": info.context_length,
+            "ready": info.ready,
+        })
+    }
+
+    async fn model_info(&self) -> Result<pb::ModelInfo, ApiError> {
+        let list = self
+            .api
+            .list_models(tonic::Request::new(pb::ListModelsRequest {}))
+            .await
+            .map_err(|s| ApiError::from_status(&s, Endpoint::Chat))?;
+        list.into_inner().models.into_iter().next().ok_or_else(|| {
+            ApiError::from_status(&tonic::Status::internal("no model listed"), Endpoint::Chat)
+        })
+    }
+}
+
+/// A JSON response body.
+pub(crate) fn json_body(v: &Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+fn either(r: Result<Response, ApiError>) -> Response {
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn chat(State(s): State<Arc<OpenAi>>, headers: HeaderMap, body: HttpBody) -> Response {
+    either(s.complete(headers, body, request::chat).await)
+}
+
+async fn completions(State(s): State<Arc<OpenAi>>, headers: HeaderMap, body: HttpBody) -> Response {
+    either(s.complete(headers, body, request::completions).await)
+}
+
+async fn models(State(s): State<Arc<OpenAi>>, headers: HeaderMap) -> Response {
+    either(
+        async {
+            s.authorize(&headers)?;
+            let info = s.model_info().await?;
+            Ok(json_body(
+                &json!({"object": "list", "data": [s.model_object(&info)]}),
+            ))
+        }
+        .await,
+    )
+}
+
+async fn model(
+    State(s): State<Arc<OpenAi>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    either(
+        async {
+            s.authorize(&headers)?;
+            let info = s.model_info().await?;
+            if id != info.name {
+                return Err(ApiError::model_not_found(&id, &info.name));
+            }
+            Ok(json_body(&s.model_object(&info)))
+        }
+        .await,
+    )
+}
+
+async fn health() -> Response {
+    json_body(&json!({"status": "ok"}))
+}
+
+/// Ready: a Raft member that knows its leader (or is it) and a plan that serves the model.
+async fn ready(State(s): State<Arc<OpenAi>>) -> Response {
+    let leader = s.cluster.replica().is_leading() || s.cluster.leader_address().is_some();
+    let plan = s.cluster.serving().is_some();
+    let reason = match (leader, plan) {
+        (true, true) => return json_body(&json!({"status": "ready"})),
+        (false, _) => "no Raft leader is known to this coordinator",
+        (true, false) => "no plan serves the model (too few workers, or loading)",
+    };
+    let mut r = json_body(&json!({"status": "not ready", "reason": reason}));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r
+}
+
+async fn not_found() -> Response {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("unknown_url"),
+        message: "unknown route; this server serves /v1/chat/completions, /v1/completions, \
+                  /v1/models, /health and /ready"
+            .into(),
+    }
+    .into_response()
+}
