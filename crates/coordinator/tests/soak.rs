@@ -5,8 +5,8 @@
 //! after the first fifty, and the same after the last concurrent round as after the second
 //! (the first two grow the buffers that batches of many sequences need).
 //!
-//! CI runs a bounded version (`TESSERA_SOAK_SEQUENTIAL`, default 150 sequential requests and 3 concurrent rounds); the
-//! issue's figure is `TESSERA_SOAK_SEQUENTIAL=2000`.
+//! CI runs a bounded version (150 sequential requests, 3 concurrent rounds); the issue's
+//! figure is `TESSERA_SOAK_SEQUENTIAL=2000 TESSERA_SOAK_ROUNDS=6`.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
