@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README "Tests"): pulls the real model, prepares the Python client's
-# environment (grpcio-tools and grpcio-reflection for examples/python, and the official openai
-# client for the HTTP API test), then runs every test in
+# environment (grpcio-tools and grpcio-reflection for examples/python; the official openai and
+# prometheus clients for the HTTP API and metrics tests), then runs every test in
 # the workspace.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
@@ -11,7 +11,7 @@ cargo run -q --locked -p tessera-cli -- model pull smollm2-135m-instruct
 
 home=${TESSERA_HOME:-$HOME/.cache/tessera}
 venv=${TESSERA_GRPC_VENV:-$home/venv-grpc}
-if ! "$venv/bin/python" -c "import grpc_tools, grpc, grpc_reflection, openai" >/dev/null 2>&1; then
+if ! "$venv/bin/python" -c "import grpc_tools, grpc, grpc_reflection, openai, prometheus_client" >/dev/null 2>&1; then
   echo "preparing $venv (examples/python/requirements.txt)" >&2
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r examples/python/requirements.txt

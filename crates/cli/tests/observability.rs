@@ -19,9 +19,59 @@ use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{
-    Tessera, count_tokens, free_addr, free_port, greedy, runtime, sample, scrape,
+    Tessera, count_tokens, free_addr, free_port, greedy, python, runtime, sample, scrape,
     smollm2_arg as model,
 };
+
+/// Feeds a scrape's body (the classic 0.0.4 text a plain GET gets) to the official Python
+/// client's classic parser and checks that it types every family: none comes out "unknown",
+/// and the coordinator's and workers' families are there as the kinds they are.
+fn classic_parser_types_every_family(response: &str) {
+    assert!(
+        response.contains("Content-Type: text/plain; version=0.0.4"),
+        "{response}"
+    );
+    let Some(python) = python() else { return };
+    let (_, body) = response.split_once("\r\n\r\n").expect("HTTP body");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/parse_metrics.py");
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the parser");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), body.as_bytes())
+        .expect("feed the parser");
+    let out = child.wait_with_output().expect("parser output");
+    assert!(out.status.success(), "the classic parser refused:\n{body}");
+    let families: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let families = families.as_object().expect("families");
+    assert!(!families.is_empty(), "{body}");
+    for (name, f) in families {
+        assert_ne!(f["type"], "unknown", "{name} untyped in\n{body}");
+    }
+    let want: &[(&str, &str)] = if families.contains_key("tessera_worker_steps") {
+        &[
+            ("tessera_worker_steps", "counter"),
+            ("tessera_worker_step_seconds", "histogram"),
+        ]
+    } else {
+        &[
+            ("tessera_requests", "counter"),
+            ("tessera_time_to_first_token_seconds", "histogram"),
+            ("tessera_num_requests_waiting", "gauge"),
+            ("tessera_raft_term", "gauge"),
+        ]
+    };
+    for (name, kind) in want {
+        assert_eq!(
+            families.get(*name).map(|f| f["type"].clone()),
+            Some((*kind).into()),
+            "{name}: {families:?}"
+        );
+    }
+}
 
 /// The `tessera` binary under test.
 fn tessera() -> Tessera {
@@ -225,7 +275,11 @@ fn a_request_is_one_trace_across_coordinator_and_workers() {
     const MAX_TOKENS: u32 = 5;
     assert_eq!(generate(&rt, &endpoint, "otel-req-1", MAX_TOKENS), 5);
 
-    // Metrics: every stage computed every step the coordinator sent, nothing more.
+    // Metrics: the classic Prometheus parser types every family, on every process.
+    for m in &metrics {
+        classic_parser_types_every_family(&scrape(m));
+    }
+    // Every stage computed every step the coordinator sent, nothing more.
     let coordinator = scrape(&metrics[0]);
     let steps = sample(&coordinator, "tessera_step_seconds_count");
     let tokens = sample(&coordinator, "tessera_step_tokens_total");

@@ -44,7 +44,11 @@ fn invalid_floods_leave_raft_and_normal_requests_alone() {
     let mut flooders = Vec::new();
     for i in 0..FLOODERS {
         // Half at the leader, the rest at the followers (which refuse before forwarding).
-        let target = if i % 2 == 0 { leader } else { (leader + 1 + i / 2) % 3 };
+        let target = if i % 2 == 0 {
+            leader
+        } else {
+            (leader + 1 + i / 2) % 3
+        };
         let mut client = c.client(target);
         let (stop, refused, slowest, flood) = (
             Arc::clone(&stop),
@@ -60,7 +64,11 @@ fn invalid_floods_leave_raft_and_normal_requests_alone() {
                     .await
                     .expect_err("a 4 MB prompt is refused");
                 assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-                assert!(e.message().starts_with("prompt: 4000000 bytes"), "{}", e.message());
+                assert!(
+                    e.message().starts_with("prompt: 4000000 bytes"),
+                    "{}",
+                    e.message()
+                );
                 let ms = sent.elapsed().as_millis() as u64;
                 slowest.fetch_max(ms, Ordering::SeqCst);
                 refused.fetch_add(1, Ordering::SeqCst);
@@ -71,7 +79,10 @@ fn invalid_floods_leave_raft_and_normal_requests_alone() {
     let (mut ok, mut failed) = (0u32, Vec::new());
     let mut client = c.client(leader);
     while Instant::now() < until {
-        match c.rt.block_on(count_tokens(&mut client, greedy("The capital of France is", 8))) {
+        match c.rt.block_on(count_tokens(
+            &mut client,
+            greedy("The capital of France is", 8),
+        )) {
             Ok(_) => ok += 1,
             Err(e) => failed.push(e),
         }
@@ -90,9 +101,15 @@ fn invalid_floods_leave_raft_and_normal_requests_alone() {
     );
     assert!(failed.is_empty(), "normal requests failed: {failed:?}");
     assert!(ok > 0, "no normal request completed");
-    assert!(refused.load(Ordering::SeqCst) >= FLOODERS as u64, "the flood never ran");
+    assert!(
+        refused.load(Ordering::SeqCst) >= FLOODERS as u64,
+        "the flood never ran"
+    );
     assert!(slowest < REFUSED_WITHIN, "a refusal took {slowest:?}");
-    assert_eq!(after.term, term, "the Raft term moved under load: {after:?}");
+    assert_eq!(
+        after.term, term,
+        "the Raft term moved under load: {after:?}"
+    );
     let leader_now: Option<usize> = c.leader_index(&after);
     assert_eq!(leader_now, Some(leader), "the leader changed under load");
 }

@@ -139,7 +139,9 @@ async fn soak_leaves_no_kv_and_flat_memory() {
             };
             let req = greedy(PROMPTS[i % PROMPTS.len()], 4 + (rng.next_u64() % 20) as u32);
             let mut c = client.clone();
-            tasks.push(tokio::spawn(async move { (i, plan, run(&mut c, req, plan).await) }));
+            tasks.push(tokio::spawn(async move {
+                (i, plan, run(&mut c, req, plan).await)
+            }));
         }
         for t in tasks {
             let (i, plan, r) = t.await.expect("stream task");
@@ -158,7 +160,10 @@ async fn soak_leaves_no_kv_and_flat_memory() {
         if status.iter().all(idle) {
             break;
         }
-        assert!(Instant::now() < deadline, "KV still held after the soak: {status:?}");
+        assert!(
+            Instant::now() < deadline,
+            "KV still held after the soak: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mib = |b: u64| b >> 20;
