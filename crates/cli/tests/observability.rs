@@ -386,6 +386,14 @@ fn a_request_is_one_trace_across_coordinator_and_workers() {
         2.0 * steps,
         "a compute span per step per stage"
     );
+    // The step of releases that freed the finished request is bookkeeping: it is no trace of
+    // its own anywhere (every step and compute span belongs to the request's trace).
+    let strays: Vec<&Received> = spans
+        .iter()
+        .filter(|s| matches!(s.name.as_str(), "step" | "compute"))
+        .filter(|s| s.trace_id != generate.trace_id)
+        .collect();
+    assert!(strays.is_empty(), "step spans outside any request: {strays:#?}");
 }
 
 /// Ensures that a collector that is down changes nothing for clients: requests are served

@@ -121,13 +121,19 @@ async fn handle(
     let step_id = req.step_id;
     let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
     let stage = shard.status();
-    let span = tracing::info_span!(
-        "step",
-        step_id,
-        seqs = req.seqs.len(),
-        tokens,
-        epoch = stage.plan_epoch
-    );
+    // A step of releases alone is bookkeeping, not part of any request: no span (it would be
+    // a trace of its own, with nothing in it).
+    let span = if req.seqs.is_empty() {
+        tracing::Span::none()
+    } else {
+        tracing::info_span!(
+            "step",
+            step_id,
+            seqs = req.seqs.len(),
+            tokens,
+            epoch = stage.plan_epoch
+        )
+    };
     // The sender's step span is this one's parent in the request's trace.
     trace_context::set_parent(&span, &req.trace_context);
     async move {

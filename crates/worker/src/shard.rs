@@ -221,7 +221,7 @@ impl ShardHandle {
     }
 
     /// Runs one step of `stream`; the executor computes it inside a `compute` span, a child
-    /// of the current one.
+    /// of the current one (none for a step of releases alone, which computes nothing).
     ///
     /// # Errors
     /// As the executor's step.
@@ -230,7 +230,11 @@ impl ShardHandle {
         stream: StreamId,
         req: pb::StepRequest,
     ) -> Result<StepOutput, WorkerError> {
-        let span = tracing::info_span!("compute");
+        let span = if req.seqs.is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("compute")
+        };
         self.ask(|tx| Command::Step(stream, Box::new(req), span, tx))
             .await?
     }

@@ -451,6 +451,11 @@ impl Scheduler {
     /// following from those of the others — so a request served alone
     /// gets one trace holding every step, and a batched step links every request it serves.
     fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
+        // A step of releases alone serves no request: no span, and no trace context for the
+        // workers (which then make none either).
+        if step.seqs.is_empty() {
+            return tracing::Span::none();
+        }
         let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
         let mut spans = step
             .seqs
