@@ -220,7 +220,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// Resolves when the process is asked to stop: Ctrl-C, SIGTERM, or (optionally) EOF on stdin.
-async fn shutdown_signal(stdin_eof: bool) {
+pub(crate) async fn shutdown_signal(stdin_eof: bool) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

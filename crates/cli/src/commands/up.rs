@@ -4,7 +4,8 @@
 //! cluster port (what its peers and the workers dial).
 //!
 //! Children get a pipe as standard input and exit when it closes, so the cluster goes away with
-//! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`).
+//! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`); Ctrl-C and SIGTERM are a
+//! normal stop, after which `up` exits 0.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -442,7 +443,9 @@ async fn serve(
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
+        // SIGTERM (docker stop, systemd, kill) is as normal a stop as Ctrl-C: the children
+        // are stopped and the Raft data removed, not left behind by a killed parent.
+        () = super::serve::shutdown_signal(false) => {
             eprintln!("stopping the cluster");
             Ok(())
         }
