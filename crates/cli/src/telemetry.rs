@@ -2,7 +2,8 @@
 //! coordinator and the worker, when an OTLP endpoint is configured — spans exported over
 //! OTLP/gRPC to an OpenTelemetry collector.
 //!
-//! Logs are filtered by `TESSERA_LOG` (default `warn`). Span export is off unless
+//! Logs are filtered by `TESSERA_LOG` (default `warn`) and coloured only when stderr is a
+//! terminal and `NO_COLOR` is not set. Span export is off unless
 //! `--otlp-endpoint` or the standard `OTEL_EXPORTER_OTLP_ENDPOINT` names a collector; when off,
 //! no OpenTelemetry layer, propagator or exporter exists, so spans cost what they did before.
 //! When on, spans at `info` and above (`TESSERA_OTEL_FILTER` overrides) go to a batch exporter
@@ -47,11 +48,21 @@ fn log_filter() -> EnvFilter {
     EnvFilter::try_from_env("TESSERA_LOG").unwrap_or_else(|_| EnvFilter::new("warn"))
 }
 
+/// Whether log lines get ANSI colours: only on a terminal, and never when `NO_COLOR` is set
+/// to anything but "" (<https://no-color.org>). Log files, `docker logs` and a parent's pipe
+/// (`tessera up`'s children inherit its stderr, a terminal or not) get plain text.
+fn ansi() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
 /// Installs logging only (every command but the servers).
 pub fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
+        .with_ansi(ansi())
         .init();
 }
 
@@ -66,6 +77,7 @@ pub fn init_logging() {
 pub fn init(export: Option<Export>) -> Result<Telemetry> {
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi())
         .with_filter(log_filter());
     let Some(export) = export else {
         tracing_subscriber::registry().with(fmt).init();

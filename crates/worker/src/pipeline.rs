@@ -89,7 +89,13 @@ pub(crate) async fn run(
             }
         };
         if let Err(s) = end {
-            tracing::warn!(code = ?s.code(), message = s.message(), "pipeline stream ends");
+            // This worker stopping (Ctrl-C, SIGTERM, its parent gone) ends every stream it
+            // serves: a normal shutdown, not a warning. Anything else is.
+            if *shutdown.borrow() {
+                tracing::info!(code = ?s.code(), message = s.message(), "pipeline stream ends");
+            } else {
+                tracing::warn!(code = ?s.code(), message = s.message(), "pipeline stream ends");
+            }
             // The caller may already be gone; nothing else to tell.
             let _ = responses.send(Err(s)).await;
         }

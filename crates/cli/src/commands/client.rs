@@ -1,5 +1,6 @@
-//! A gRPC client of a running cluster: connecting with a bounded wait, streaming a generate
-//! request to the terminal, and reading the cluster's status.
+//! A gRPC client of a running cluster: connecting with bounded waits (for the connection, for
+//! the process's first answer, for each call's response headers), streaming a generate request
+//! to the terminal, and reading the cluster's status.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, GenerateRequest};
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 /// The public endpoint `tessera up` serves on and the client commands use by default.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
@@ -17,27 +20,98 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:50051";
 /// default.
 pub const DEFAULT_CLUSTER_ENDPOINT: &str = "http://127.0.0.1:50052";
 
-/// Connects to a coordinator, failing within `timeout` with a message that says how to start one.
-///
-/// # Errors
-/// When the endpoint is malformed or nothing answers there.
-pub async fn connect(endpoint: &str, timeout: Duration) -> Result<InferenceClient<Channel>> {
-    let url = if endpoint.contains("://") {
+/// How long a call may wait for its response headers once the process has answered the
+/// probe: a backstop, well above a follower's own bounds on forwarding to the leader (about
+/// 10 s), so a coordinator's clearer error always comes first.
+const HEADERS_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `endpoint` as a URL (`http://` when it names no scheme).
+pub fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
         format!("http://{endpoint}")
-    };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("--endpoint {endpoint:?} is not a valid address"))?
+    }
+}
+
+/// Why [`channel`] has no channel to give.
+#[derive(Debug)]
+pub enum Unreachable {
+    /// The address is not a URL.
+    Invalid(anyhow::Error),
+    /// Nothing accepted a connection there (refused, unroutable, or no TCP answer in time).
+    NoConnection(anyhow::Error),
+    /// Something accepted the connection but did not answer a gRPC call in time, or answered
+    /// with something else than gRPC: not a tessera process's port.
+    NoAnswer(anyhow::Error),
+}
+
+impl Unreachable {
+    /// The error to report, with `hint` (what to do about it) after a connection failure.
+    pub fn into_error(self, hint: &str) -> anyhow::Error {
+        match self {
+            Self::Invalid(e) | Self::NoAnswer(e) => e,
+            Self::NoConnection(e) => e.context(hint.to_owned()),
+        }
+    }
+}
+
+/// A channel to the tessera process at `endpoint` that has answered: connected within
+/// `timeout`, then probed with a `grpc.health.v1` check (every tessera port serves it) that
+/// must answer within `timeout` too. Later calls on it wait at most [`HEADERS_TIMEOUT`] for
+/// their response headers.
+///
+/// Connecting alone proves little: HTTP/2 needs no answer from the server to set up, so a
+/// port that accepts TCP and never speaks (a stopped process, a proxy with nothing behind it,
+/// the wrong service) would otherwise hang the first call.
+///
+/// # Errors
+/// [`Unreachable`], each naming the address.
+pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, Unreachable> {
+    let url = endpoint_url(endpoint);
+    let target = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("--endpoint {endpoint:?} is not a valid address"))
+        .map_err(Unreachable::Invalid)?
         .connect_timeout(timeout)
-        .connect()
+        .timeout(HEADERS_TIMEOUT);
+    let channel = tokio::time::timeout(timeout, target.connect())
         .await
-        .with_context(|| {
-            format!(
-                "no tessera cluster answers at {url}: start one with `tessera up`, pass \
-                 --endpoint, or use --embedded to run the model in this process"
-            )
-        })?;
+        .map_err(|_| anyhow::anyhow!("connecting to {url} timed out after {timeout:?}"))
+        .and_then(|r| r.map_err(|e| anyhow::Error::new(e).context(format!("connecting to {url}"))))
+        .map_err(Unreachable::NoConnection)?;
+    let mut health = HealthClient::new(channel.clone());
+    let probe = health.check(HealthCheckRequest {
+        service: String::new(),
+    });
+    match tokio::time::timeout(timeout, probe).await {
+        Err(_) => Err(Unreachable::NoAnswer(anyhow::anyhow!(
+            "{url} accepted the connection but did not answer within {timeout:?}: is it a \
+             tessera port (and is the process there running, not stopped)?"
+        ))),
+        // Any gRPC answer, even "no health service here", proves a gRPC server listens.
+        Ok(Ok(_)) => Ok(channel),
+        Ok(Err(s)) if s.code() == tonic::Code::Unimplemented => Ok(channel),
+        Ok(Err(s)) => Err(Unreachable::NoAnswer(anyhow::anyhow!(
+            "{url} does not answer as a tessera port: {:?}: {}",
+            s.code(),
+            s.message()
+        ))),
+    }
+}
+
+/// Connects to a coordinator, failing within about `timeout` (twice at most: connecting, then
+/// its first answer) with a message that names the address and says how to start one.
+///
+/// # Errors
+/// When the endpoint is malformed, nothing answers there, or what answers is not a tessera
+/// process.
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<InferenceClient<Channel>> {
+    let channel = channel(endpoint, timeout).await.map_err(|e| {
+        e.into_error(
+            "no tessera cluster answers there: start one with `tessera up`, pass --endpoint, \
+             or use --embedded to run the model in this process",
+        )
+    })?;
     Ok(InferenceClient::new(channel))
 }
 
@@ -136,5 +210,12 @@ pub async fn stream_generate(
 
 /// A gRPC status as an error that keeps its code visible.
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    // The channel's own bound on waiting for response headers (tonic reports it as a bare
+    // "Cancelled: Timeout expired").
+    if s.code() == tonic::Code::Cancelled && s.message() == tonic::TimeoutExpired(()).to_string() {
+        return anyhow::anyhow!(
+            "the server took the call but sent no response within {HEADERS_TIMEOUT:?}"
+        );
+    }
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }

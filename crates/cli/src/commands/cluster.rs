@@ -5,13 +5,12 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use tessera_proto::cluster::v1::raft_client::RaftClient;
 use tessera_proto::cluster::v1::{AddMemberRequest, MembersResponse, RemoveMemberRequest};
-use tonic::transport::Endpoint;
 
-use super::client::{DEFAULT_CLUSTER_ENDPOINT, status_error};
+use super::client::{DEFAULT_CLUSTER_ENDPOINT, channel, status_error};
 
 /// `tessera cluster …`.
 #[derive(Subcommand, Debug)]
@@ -56,7 +55,8 @@ pub struct RemoveArgs {
 /// When the coordinator cannot be reached or refuses the change (with its reason).
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     let members = match cmd {
-        ClusterCommand::AddCoordinator(a) => client(&a.endpoint)?
+        ClusterCommand::AddCoordinator(a) => client(&a.endpoint)
+            .await?
             .add_member(AddMemberRequest {
                 id: a.id,
                 address: a.address,
@@ -64,7 +64,8 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
             .await
             .map_err(|s| membership_error(s, &a.endpoint))?
             .into_inner(),
-        ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint)?
+        ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint)
+            .await?
             .remove_member(RemoveMemberRequest { id: r.id })
             .await
             .map_err(|s| membership_error(s, &r.endpoint))?
@@ -90,17 +91,12 @@ fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
     }
 }
 
-fn client(endpoint: &str) -> Result<RaftClient<tonic::transport::Channel>> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let e = Endpoint::from_shared(url)
-        .with_context(|| format!("--endpoint {endpoint:?} is not a valid address"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
-    Ok(RaftClient::new(e.connect_lazy()))
+/// A Raft client of the coordinator at `endpoint`, which must answer within 3 s.
+async fn client(endpoint: &str) -> Result<RaftClient<tonic::transport::Channel>> {
+    let channel = channel(endpoint, Duration::from_secs(3))
+        .await
+        .map_err(|e| e.into_error("no coordinator's cluster port answers there"))?;
+    Ok(RaftClient::new(channel))
 }
 
 fn print_members(m: &MembersResponse) {

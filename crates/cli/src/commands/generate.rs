@@ -10,10 +10,11 @@ use clap::Args;
 use tessera_hub::DEFAULT_MODEL;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
-use tessera_text::sampling::{SamplingParams, StopConditions};
-use tessera_text::tokenizer::ChatMessage;
+use tessera_proto::v1::inference_client::InferenceClient;
+use tonic::transport::Channel;
 
 use super::client::{DEFAULT_ENDPOINT, connect, stream_generate};
+use super::request::RequestArgs;
 
 use crate::progress::Bar;
 
@@ -27,45 +28,9 @@ pub struct GenerateArgs {
     /// default is smollm2-135m-instruct), or a model the cluster serves (default: its own).
     #[arg(long)]
     pub model: Option<String>,
-    /// Apply the model's chat template to the prompt (as a user message).
-    #[arg(long)]
-    pub chat: bool,
-    /// A system message, with --chat.
-    #[arg(long, requires = "chat")]
-    pub system: Option<String>,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.7)]
-    pub temperature: f32,
-    /// Keep only the k most likely tokens (0: off).
-    #[arg(long, default_value_t = 40)]
-    pub top_k: u32,
-    /// Nucleus sampling mass (1: off).
-    #[arg(long, default_value_t = 0.95)]
-    pub top_p: f32,
-    /// Drop tokens below this fraction of the top token's probability (0: off).
-    #[arg(long, default_value_t = 0.05)]
-    pub min_p: f32,
-    /// Repetition penalty over prompt and output (1: off).
-    #[arg(long, default_value_t = 1.0)]
-    pub repetition_penalty: f32,
-    /// Frequency penalty over the output.
-    #[arg(long, default_value_t = 0.0)]
-    pub frequency_penalty: f32,
-    /// Presence penalty over the output.
-    #[arg(long, default_value_t = 0.0)]
-    pub presence_penalty: f32,
-    /// Random seed; the same seed gives the same output.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 256)]
-    pub max_tokens: u32,
-    /// Stop when this text is produced (repeatable).
-    #[arg(long)]
-    pub stop: Vec<String>,
-    /// Print the top-N log-probabilities of each token to standard error.
-    #[arg(long, default_value_t = 0)]
-    pub logprobs: u32,
+    /// Chat formatting, sampling, stop conditions and logprobs (shared with `tessera up`).
+    #[command(flatten)]
+    pub request: RequestArgs,
     /// Compute threads (0: one per core), with --embedded.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -77,70 +42,26 @@ pub struct GenerateArgs {
     pub embedded: bool,
 }
 
-impl GenerateArgs {
-    fn messages(&self) -> Vec<ChatMessage> {
-        let mut messages = Vec::new();
-        if let Some(system) = &self.system {
-            messages.push(ChatMessage {
-                role: "system".into(),
-                content: system.clone(),
-            });
-        }
-        messages.push(ChatMessage {
-            role: "user".into(),
-            content: self.prompt.clone(),
-        });
-        messages
-    }
-
-    /// The request as the public gRPC API spells it.
-    pub fn to_proto(&self) -> pb::GenerateRequest {
-        let prompt = if self.chat {
-            pb::generate_request::Prompt::Chat(pb::ChatMessages {
-                messages: self
-                    .messages()
-                    .into_iter()
-                    .map(|m| pb::ChatMessage {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            })
-        } else {
-            pb::generate_request::Prompt::Text(self.prompt.clone())
-        };
-        pb::GenerateRequest {
-            request_id: String::new(),
-            model: self.model.clone().unwrap_or_default(),
-            prompt: Some(prompt),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(self.temperature),
-                top_k: self.top_k,
-                top_p: Some(self.top_p),
-                min_p: self.min_p,
-                repetition_penalty: Some(self.repetition_penalty),
-                frequency_penalty: self.frequency_penalty,
-                presence_penalty: self.presence_penalty,
-                seed: self.seed,
-            }),
-            stop: Some(pb::StopConditions {
-                max_tokens: Some(self.max_tokens),
-                stop: self.stop.clone(),
-                stop_token_ids: Vec::new(),
-                ignore_eos: false,
-            }),
-            logprobs: self.logprobs > 0,
-            top_logprobs: self.logprobs,
-        }
-    }
-}
-
 /// Runs `tessera generate` against a cluster.
 async fn run_remote(args: GenerateArgs) -> Result<()> {
     let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
+    let model = args.model.as_deref().unwrap_or_default();
+    let request = args.request.to_proto(&args.prompt, model);
+    print_streamed(&mut client, request).await
+}
+
+/// Sends `request`, streams its text to stdout, the per-token logprobs (when asked) and the
+/// closing statistics to stderr: what `tessera generate` and `tessera up --prompt` print.
+///
+/// # Errors
+/// As [`stream_generate`].
+pub async fn print_streamed(
+    client: &mut InferenceClient<Channel>,
+    request: pb::GenerateRequest,
+) -> Result<()> {
     let mut stdout = std::io::stdout();
-    let show_logprobs = args.logprobs > 0;
-    let done = stream_generate(&mut client, args.to_proto(), &mut stdout, &mut |t| {
+    let show_logprobs = request.logprobs;
+    let done = stream_generate(client, request, &mut stdout, &mut |t| {
         if show_logprobs {
             let alts: Vec<String> = t
                 .top_logprobs
@@ -180,35 +101,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let location = super::model::resolve_or_pull(args.model.as_deref().unwrap_or(DEFAULT_MODEL))?;
     let mut engine = load_engine(&location, args.threads)?;
-    let prompt = if args.chat {
-        Prompt::Chat(args.messages())
+    let prompt = if args.request.chat {
+        Prompt::Chat(args.request.messages(&args.prompt))
     } else {
         Prompt::Text(args.prompt.clone())
     };
     let request = GenerateRequest {
         prompt,
-        sampling: SamplingParams {
-            temperature: args.temperature,
-            top_k: args.top_k,
-            top_p: args.top_p,
-            min_p: args.min_p,
-            repetition_penalty: args.repetition_penalty,
-            frequency_penalty: args.frequency_penalty,
-            presence_penalty: args.presence_penalty,
-            seed: args.seed,
-            logprobs: args.logprobs > 0,
-            top_logprobs: args.logprobs,
-        },
-        stop: StopConditions {
-            max_tokens: args.max_tokens,
-            stop: args.stop.clone(),
-            stop_token_ids: Vec::new(),
-            ignore_eos: false,
-        },
+        sampling: args.request.sampling(),
+        stop: args.request.stop_conditions(),
     };
     let valid = engine.validate(&request)?;
     let mut stdout = std::io::stdout().lock();
-    let show_logprobs = args.logprobs > 0;
+    let show_logprobs = args.request.logprobs > 0;
     let mut write_error = None;
     let out = {
         let tok = std::sync::Arc::clone(engine.tokenizer());

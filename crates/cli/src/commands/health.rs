@@ -8,7 +8,7 @@ use clap::Args;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::client::{DEFAULT_ENDPOINT, status_error};
+use super::client::{DEFAULT_ENDPOINT, channel, status_error};
 
 /// Arguments of `tessera health`.
 #[derive(Args, Debug)]
@@ -24,19 +24,12 @@ pub struct HealthArgs {
 /// Runs `tessera health`.
 ///
 /// # Errors
-/// When the endpoint does not answer within 3 s or the service is not SERVING.
+/// When the endpoint does not answer within 3 s (connecting, then answering: 6 s at most) or
+/// the service is not SERVING.
 pub async fn run(args: HealthArgs) -> Result<()> {
-    let url = if args.endpoint.contains("://") {
-        args.endpoint.clone()
-    } else {
-        format!("http://{}", args.endpoint)
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url.clone())?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(3))
-        .connect()
+    let channel = channel(&args.endpoint, Duration::from_secs(3))
         .await
-        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        .map_err(|e| e.into_error("nothing serves there"))?;
     let resp = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: args.service.clone(),

@@ -39,6 +39,10 @@ pub struct CoordinatorArgs {
     /// Milliseconds of silence after which a worker is dropped.
     #[arg(long, default_value_t = 2000)]
     pub heartbeat_timeout_ms: u64,
+    /// Milliseconds a request waits for a serving plan (enough workers, with enough memory)
+    /// before it fails with UNAVAILABLE and the planner's reason.
+    #[arg(long, default_value_t = 30_000)]
+    pub ready_wait_ms: u64,
     /// KV cache capacity per worker, in tokens (default: the model's context).
     #[arg(long)]
     pub kv_tokens: Option<u32>,
@@ -283,7 +287,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 /// Resolves when the process is asked to stop: Ctrl-C, SIGTERM, or (optionally) EOF on stdin.
-async fn shutdown_signal(stdin_eof: bool) {
+pub(crate) async fn shutdown_signal(stdin_eof: bool) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -328,6 +332,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         heartbeat_interval: Duration::from_millis(args.heartbeat_ms),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         min_workers: args.min_workers,
+        ready_wait: Duration::from_millis(args.ready_wait_ms),
         kv_tokens: args.kv_tokens.unwrap_or(0),
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),

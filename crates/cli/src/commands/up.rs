@@ -4,7 +4,8 @@
 //! cluster port (what its peers and the workers dial).
 //!
 //! Children get a pipe as standard input and exit when it closes, so the cluster goes away with
-//! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`).
+//! this process however it ends (Ctrl-C, SIGTERM, or `kill -9`); Ctrl-C and SIGTERM are a
+//! normal stop, after which `up` exits 0.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -13,14 +14,16 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_hub::DEFAULT_MODEL;
-use tessera_proto::v1 as pb;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use super::client::{connect, stream_generate, wait_ready};
+use super::client::{connect, wait_ready};
+use super::generate::print_streamed;
+use super::request::RequestArgs;
 
 /// Arguments of `tessera up`.
 #[derive(Args, Debug)]
+#[command(allow_negative_numbers = true)]
 pub struct UpArgs {
     /// Worker processes to start.
     #[arg(long, default_value_t = 3)]
@@ -49,15 +52,10 @@ pub struct UpArgs {
     /// Send this prompt once the cluster is ready, print the answer, and shut down.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// With --prompt: apply the model's chat template.
-    #[arg(long)]
-    pub chat: bool,
-    /// With --prompt: most tokens to generate.
-    #[arg(long, default_value_t = 128)]
-    pub max_tokens: u32,
-    /// With --prompt: sampling temperature (0: greedy).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f32,
+    /// With --prompt: chat formatting, sampling, stop conditions and logprobs, the same flags
+    /// with the same defaults as `tessera generate`.
+    #[command(flatten)]
+    pub request: RequestArgs,
     /// Seconds to wait for the cluster to load the model and become ready.
     #[arg(long, default_value_t = 300)]
     pub ready_timeout: u64,
@@ -428,39 +426,8 @@ async fn serve(
         status.plan_epoch
     );
     if let Some(prompt) = &args.prompt {
-        let prompt = if args.chat {
-            pb::generate_request::Prompt::Chat(pb::ChatMessages {
-                messages: vec![pb::ChatMessage {
-                    role: "user".into(),
-                    content: prompt.clone(),
-                }],
-            })
-        } else {
-            pb::generate_request::Prompt::Text(prompt.clone())
-        };
-        let req = pb::GenerateRequest {
-            prompt: Some(prompt),
-            sampling: Some(pb::SamplingParams {
-                temperature: Some(args.temperature),
-                ..Default::default()
-            }),
-            stop: Some(pb::StopConditions {
-                max_tokens: Some(args.max_tokens),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let mut stdout = std::io::stdout();
-        let done = stream_generate(&mut client, req, &mut stdout, &mut |_| {}).await?;
-        println!();
-        eprintln!(
-            "[{} prompt tokens, {} generated, finish: {}, first token {:.0} ms]",
-            done.prompt_tokens,
-            done.tokens.len(),
-            done.finish.as_deref().unwrap_or("none"),
-            done.ttft_ms
-        );
-        return Ok(());
+        // The coordinator serves one model: "" asks for it, whatever --model spelled.
+        return print_streamed(&mut client, args.request.to_proto(prompt, "")).await;
     }
     println!("{endpoint}");
     eprintln!("cluster port (more workers: tessera worker --coordinator {cluster_endpoints})");
@@ -476,7 +443,9 @@ async fn serve(
         }
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {
+        // SIGTERM (docker stop, systemd, kill) is as normal a stop as Ctrl-C: the children
+        // are stopped and the Raft data removed, not left behind by a killed parent.
+        () = super::serve::shutdown_signal(false) => {
             eprintln!("stopping the cluster");
             Ok(())
         }

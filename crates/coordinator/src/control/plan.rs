@@ -35,8 +35,19 @@ pub async fn run(cluster: Arc<Cluster>) {
         if !cluster.replica().is_leading() {
             continue;
         }
-        if let Err(e) = reconcile(&cluster).await {
-            tracing::warn!(error = %e, "planning failed");
+        // Logged once per change, not every tick: workers short of memory stay so until one
+        // joins or leaves. The reason is kept for the requests no plan serves.
+        match reconcile(&cluster).await {
+            Ok(()) => {
+                if cluster.replan.record_outcome(None) {
+                    tracing::info!("planning succeeds again");
+                }
+            }
+            Err(e) => {
+                if cluster.replan.record_outcome(Some(e.to_string())) {
+                    tracing::warn!(error = %e, "planning failed");
+                }
+            }
         }
     }
 }

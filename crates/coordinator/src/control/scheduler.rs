@@ -302,6 +302,7 @@ impl Scheduler {
     fn expire_queue(&mut self, serving: bool) {
         let wait = self.cluster.cfg.ready_wait;
         let now = Instant::now();
+        let reason = self.cluster.replan.failure();
         self.queue.retain(|s| {
             if s.events.is_closed() {
                 return false;
@@ -309,9 +310,13 @@ impl Scheduler {
             if !serving && now.duration_since(s.req.received) >= wait {
                 let _e = s.span.enter();
                 tracing::warn!("no plan served the model in time");
-                let _ = s.events.send(Err(unavailable(format!(
-                    "no plan serves the model (waited {wait:?} for enough workers)"
-                ))));
+                // The planner's reason ("the model does not fit: …") when it has one.
+                let why = reason
+                    .clone()
+                    .unwrap_or_else(|| format!("waited {wait:?} for enough workers"));
+                let _ = s
+                    .events
+                    .send(Err(unavailable(format!("no plan serves the model: {why}"))));
                 return false;
             }
             true

@@ -1,12 +1,14 @@
 //! What the control tasks tell each other without going through the replicated state: the
 //! scheduler's load (read by the plan controller, which re-plans only when idle, and by
-//! status), and requests to reconsider the plan (from registration, the liveness monitor,
-//! leadership changes and a failed pipeline).
+//! status), requests to reconsider the plan (from registration, the liveness monitor,
+//! leadership changes and a failed pipeline), and why planning last failed (read by the
+//! scheduler, so a request that no plan served learns why).
 //!
-//! Both are local to one coordinator and lose nothing on a restart that matters: a new
+//! All are local to one coordinator and lose nothing on a restart that matters: a new
 //! leader's scheduler starts empty, and its plan controller looks at the plan on start.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use tokio::sync::Notify;
 
@@ -40,11 +42,14 @@ impl Load {
     }
 }
 
-/// Wakes the plan controller, and remembers which plan epoch failed.
+/// Wakes the plan controller, and remembers which plan epoch failed and why planning last
+/// failed.
 #[derive(Debug, Default)]
 pub struct Replan {
     wake: Notify,
     failed_epoch: AtomicU64,
+    /// The last planning attempt's error; `None` once an attempt succeeds.
+    reason: Mutex<Option<String>>,
 }
 
 impl Replan {
@@ -70,6 +75,27 @@ impl Replan {
     pub fn failed_epoch(&self) -> u64 {
         self.failed_epoch.load(Ordering::SeqCst)
     }
+
+    /// Records the outcome of a planning attempt: its error, or `None` when it succeeded.
+    /// True when that differs from the last outcome recorded, i.e. when it is worth a log
+    /// line (the controller retries every heartbeat interval, and the same "does not fit"
+    /// twice a second is noise).
+    pub fn record_outcome(&self, reason: Option<String>) -> bool {
+        let mut last = self.reason.lock().unwrap_or_else(PoisonError::into_inner);
+        if *last == reason {
+            return false;
+        }
+        *last = reason;
+        true
+    }
+
+    /// Why the last planning attempt failed; `None` when it succeeded (or none failed yet).
+    pub fn failure(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
 }
 
 #[cfg(test)]
@@ -86,6 +112,21 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), r.requested())
             .await
             .expect("the failure report woke the controller");
+    }
+
+    /// Ensures that a planning failure is reported as a change once, kept until an attempt
+    /// succeeds, and reported again when its reason changes.
+    #[test]
+    fn planning_failure_changes_once() {
+        let r = Replan::default();
+        assert_eq!(r.failure(), None);
+        assert!(!r.record_outcome(None), "no failure yet: nothing changed");
+        assert!(r.record_outcome(Some("does not fit".into())));
+        assert!(!r.record_outcome(Some("does not fit".into())));
+        assert_eq!(r.failure().as_deref(), Some("does not fit"));
+        assert!(r.record_outcome(Some("still does not fit".into())));
+        assert!(r.record_outcome(None));
+        assert_eq!(r.failure(), None);
     }
 
     /// Ensures that the load is busy while anything runs or waits.
