@@ -393,7 +393,10 @@ fn a_request_is_one_trace_across_coordinator_and_workers() {
         .filter(|s| matches!(s.name.as_str(), "step" | "compute"))
         .filter(|s| s.trace_id != generate.trace_id)
         .collect();
-    assert!(strays.is_empty(), "step spans outside any request: {strays:#?}");
+    assert!(
+        strays.is_empty(),
+        "step spans outside any request: {strays:#?}"
+    );
 }
 
 /// Ensures that a collector that is down changes nothing for clients: requests are served

@@ -1,7 +1,8 @@
 //! A normal stop of a local cluster is quiet: `tessera up` (three coordinators, two workers)
 //! stopped by Ctrl-C (SIGINT to its whole process group, as a terminal sends it) or by
 //! SIGTERM to `up` alone (docker stop, systemd, kill) exits 0 and logs no warning or error,
-//! and its log lines, written to a pipe, carry no ANSI colour codes.
+//! and its log lines, written to a pipe, carry no ANSI colour codes. (Before it stops, it
+//! answers on gRPC and on the OpenAI HTTP API it prints the base URL of.)
 
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
@@ -21,6 +22,8 @@ fn tessera() -> Tessera {
 struct Up {
     child: Child,
     endpoint: String,
+    /// The OpenAI API's base URL, `up`'s second stdout line.
+    openai: String,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -58,16 +61,17 @@ impl Up {
         let out = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
             // Read to the end: `up` forwards its children's stdout, which must not block.
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if !sent && line.starts_with("http://") {
+                if line.starts_with("http://") {
                     let _ = tx.send(line.trim().to_owned());
-                    sent = true;
                 }
             }
         });
-        let Ok(endpoint) = rx.recv_timeout(START_TIMEOUT * 2) else {
+        let (Ok(endpoint), Ok(openai)) = (
+            rx.recv_timeout(START_TIMEOUT * 2),
+            rx.recv_timeout(START_TIMEOUT),
+        ) else {
             kill(&mut child);
             panic!(
                 "tessera up did not become ready: {}",
@@ -77,6 +81,7 @@ impl Up {
         Self {
             child,
             endpoint,
+            openai,
             stderr,
         }
     }
@@ -140,6 +145,15 @@ fn a_normal_stop_is_quiet() {
             "generate: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // `up` serves the OpenAI API too, at the base URL it printed.
+        let host = up
+            .openai
+            .strip_prefix("http://")
+            .and_then(|u| u.strip_suffix("/v1"))
+            .expect("http://HOST:PORT/v1");
+        let body = serde_json::json!({"prompt": "Hello", "max_tokens": 2});
+        let r = tessera_testkit::http::post_json(host, "/v1/completions", &[], &body);
+        assert_eq!(r.status, 200, "{}", r.body);
         up.signal(sig, group);
         let (ok, stderr) = up.finish();
         let what = format!("kill {sig} (to the group: {group})");

@@ -154,6 +154,7 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
     let cluster = LocalCluster::start(&LocalClusterSpec {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        http_listen: None,
         model: args.model.clone(),
         workers,
         threads,

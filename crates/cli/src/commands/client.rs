@@ -9,6 +9,7 @@ use anyhow::{Context, Result, bail};
 use tessera_proto::v1::generate_event::Event;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, GenerateRequest};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
@@ -99,30 +100,80 @@ pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, Unrea
     }
 }
 
+/// The environment variable holding the API key client commands send (`--api-key`).
+pub const API_KEY_ENV: &str = "TESSERA_API_KEY";
+
+/// Sends `authorization: Bearer KEY` with every call when a key is set (a cluster started
+/// with `--api-key` requires it).
+#[derive(Clone, Debug, Default)]
+pub struct ApiKey(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl ApiKey {
+    /// The key `key`, or none.
+    ///
+    /// # Errors
+    /// When the key cannot be sent as a header (spaces, control or non-ASCII characters).
+    pub fn new(key: Option<&str>) -> Result<Self> {
+        let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else {
+            return Ok(Self(None));
+        };
+        let value = format!("Bearer {key}")
+            .parse()
+            .ok()
+            .filter(|_| key.bytes().all(|b| b.is_ascii_graphic()))
+            .context("the API key must be printable ASCII without spaces")?;
+        Ok(Self(Some(value)))
+    }
+}
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of a coordinator's public API, sending the API key if one was given.
+pub type Client = InferenceClient<InterceptedService<Channel, ApiKey>>;
+
 /// Connects to a coordinator, failing within about `timeout` (twice at most: connecting, then
-/// its first answer) with a message that names the address and says how to start one.
+/// its first answer) with a message that names the address and says how to start one. Calls
+/// carry the key in `$TESSERA_API_KEY`, if set.
 ///
 /// # Errors
 /// When the endpoint is malformed, nothing answers there, or what answers is not a tessera
 /// process.
-pub async fn connect(endpoint: &str, timeout: Duration) -> Result<InferenceClient<Channel>> {
+pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Client> {
+    let key = std::env::var(API_KEY_ENV).ok();
+    connect_with_key(endpoint, timeout, key.as_deref()).await
+}
+
+/// As [`connect`], with calls carrying `key` (if any) rather than the environment's.
+///
+/// # Errors
+/// As [`connect`]; also when `key` cannot be sent as a header.
+pub async fn connect_with_key(
+    endpoint: &str,
+    timeout: Duration,
+    key: Option<&str>,
+) -> Result<Client> {
+    let key = ApiKey::new(key)?;
     let channel = channel(endpoint, timeout).await.map_err(|e| {
         e.into_error(
             "no tessera cluster answers there: start one with `tessera up`, pass --endpoint, \
              or use --embedded to run the model in this process",
         )
     })?;
-    Ok(InferenceClient::new(channel))
+    Ok(InferenceClient::with_interceptor(channel, key))
 }
 
 /// Waits until the cluster has a serving plan, polling its status.
 ///
 /// # Errors
 /// When the cluster is not ready within `timeout`, with its last status.
-pub async fn wait_ready(
-    client: &mut InferenceClient<Channel>,
-    timeout: Duration,
-) -> Result<ClusterStatusResponse> {
+pub async fn wait_ready(client: &mut Client, timeout: Duration) -> Result<ClusterStatusResponse> {
     let start = Instant::now();
     loop {
         let status = client
@@ -165,7 +216,7 @@ pub struct Streamed {
 /// # Errors
 /// The request's gRPC status (with its code) or a failed write.
 pub async fn stream_generate(
-    client: &mut InferenceClient<Channel>,
+    client: &mut Client,
     request: GenerateRequest,
     out: &mut dyn Write,
     on_token: &mut dyn FnMut(&tessera_proto::v1::TokenEvent),

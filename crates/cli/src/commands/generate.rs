@@ -10,10 +10,8 @@ use clap::Args;
 use tessera_hub::DEFAULT_MODEL;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
-use tessera_proto::v1::inference_client::InferenceClient;
-use tonic::transport::Channel;
 
-use super::client::{DEFAULT_ENDPOINT, connect, stream_generate};
+use super::client::{API_KEY_ENV, Client, DEFAULT_ENDPOINT, connect_with_key, stream_generate};
 use super::request::RequestArgs;
 
 use crate::progress::Bar;
@@ -37,6 +35,9 @@ pub struct GenerateArgs {
     /// The cluster to ask.
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// The API key, when the cluster requires one (sent as `authorization: Bearer KEY`).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Run the model in this process instead of asking a cluster.
     #[arg(long)]
     pub embedded: bool,
@@ -44,7 +45,12 @@ pub struct GenerateArgs {
 
 /// Runs `tessera generate` against a cluster.
 async fn run_remote(args: GenerateArgs) -> Result<()> {
-    let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
+    let mut client = connect_with_key(
+        &args.endpoint,
+        Duration::from_secs(3),
+        args.api_key.as_deref(),
+    )
+    .await?;
     let model = args.model.as_deref().unwrap_or_default();
     let request = args.request.to_proto(&args.prompt, model);
     print_streamed(&mut client, request).await
@@ -55,10 +61,7 @@ async fn run_remote(args: GenerateArgs) -> Result<()> {
 ///
 /// # Errors
 /// As [`stream_generate`].
-pub async fn print_streamed(
-    client: &mut InferenceClient<Channel>,
-    request: pb::GenerateRequest,
-) -> Result<()> {
+pub async fn print_streamed(client: &mut Client, request: pb::GenerateRequest) -> Result<()> {
     let mut stdout = std::io::stdout();
     let show_logprobs = request.logprobs;
     let done = stream_generate(client, request, &mut stdout, &mut |t| {

@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::Args;
 use tessera_proto::v1::ClusterStatusRequest;
 
-use super::client::{DEFAULT_ENDPOINT, connect, status_error};
+use super::client::{API_KEY_ENV, DEFAULT_ENDPOINT, connect_with_key, status_error};
 
 /// Arguments of `tessera status`.
 #[derive(Args, Debug)]
@@ -17,6 +17,9 @@ pub struct StatusArgs {
     /// The coordinator to ask.
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
+    /// The API key, when the cluster requires one (sent as `authorization: Bearer KEY`).
+    #[arg(long, env = API_KEY_ENV, hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Show the asked coordinator's own replica (its term, commit index, workers and plan)
     /// instead of the leader's view.
     #[arg(long)]
@@ -28,7 +31,12 @@ pub struct StatusArgs {
 
 /// Runs `tessera status`.
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let mut client = connect(&args.endpoint, Duration::from_secs(3)).await?;
+    let mut client = connect_with_key(
+        &args.endpoint,
+        Duration::from_secs(3),
+        args.api_key.as_deref(),
+    )
+    .await?;
     let s = client
         .cluster_status(ClusterStatusRequest { local: args.local })
         .await

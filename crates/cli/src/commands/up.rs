@@ -40,6 +40,11 @@ pub struct UpArgs {
     /// when --listen's is 0); the others take free ports.
     #[arg(long)]
     pub cluster_listen: Option<SocketAddr>,
+    /// Where the first coordinator serves the OpenAI-compatible HTTP API (default: port 8000
+    /// on --listen's host, or any free port when --listen's is 0); the others serve it on free
+    /// ports. `off`: no HTTP API.
+    #[arg(long, value_parser = parse_http_listen)]
+    pub http_listen: Option<HttpListen>,
     /// The model to serve.
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
@@ -63,6 +68,22 @@ pub struct UpArgs {
     /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT, which the children also inherit).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+}
+
+/// The HTTP API's port by default (vLLM's).
+const DEFAULT_HTTP_PORT: u16 = 8000;
+
+/// `--http-listen`: an address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s == "off" {
+        return Ok(HttpListen(None));
+    }
+    s.parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|e| format!("{s:?} is not HOST:PORT or `off`: {e}"))
 }
 
 /// Runs `tessera up`.
@@ -92,35 +113,65 @@ pub(crate) fn spawn(args: &[String]) -> Result<Child> {
 
 /// Reads a child's stdout until its "listening on ADDR" line, then keeps draining it.
 pub(crate) async fn listening_address(child: &mut Child, what: &str) -> Result<String> {
-    Ok(start_lines(child, what).await?.0)
+    Ok(start_lines(child, what).await?.public)
 }
 
-/// A coordinator's addresses from its start lines: (public, cluster).
+/// What a coordinator printed as it started.
+pub(crate) struct CoordinatorAddrs {
+    /// Its public API.
+    pub public: String,
+    /// Its cluster port.
+    pub cluster: String,
+    /// Its HTTP API, when it serves one.
+    pub http: Option<String>,
+}
+
+/// A coordinator's addresses from its start lines.
 pub(crate) async fn coordinator_addresses(
     child: &mut Child,
     what: &str,
-) -> Result<(String, String)> {
-    let (public, cluster) = start_lines(child, what).await?;
-    let cluster = cluster.with_context(|| format!("{what} printed no cluster address"))?;
-    Ok((public, cluster))
+) -> Result<CoordinatorAddrs> {
+    let lines = start_lines(child, what).await?;
+    let cluster = lines
+        .cluster
+        .with_context(|| format!("{what} printed no cluster address"))?;
+    Ok(CoordinatorAddrs {
+        public: lines.public,
+        cluster,
+        http: lines.http,
+    })
 }
 
-/// Reads a child's stdout until its "listening on ADDR" line, noting a "cluster on ADDR" line
-/// before it (coordinators print both, cluster first), then keeps draining it.
-async fn start_lines(child: &mut Child, what: &str) -> Result<(String, Option<String>)> {
+/// The addresses a child printed before it was up.
+struct StartLines {
+    public: String,
+    cluster: Option<String>,
+    http: Option<String>,
+}
+
+/// Reads a child's stdout until its "listening on ADDR" line, noting the "cluster on ADDR" and
+/// "http on ADDR" lines before it (coordinators print them first), then keeps draining it.
+async fn start_lines(child: &mut Child, what: &str) -> Result<StartLines> {
     let stdout = child
         .stdout
         .take()
         .with_context(|| format!("{what} has no stdout"))?;
     let mut lines = BufReader::new(stdout).lines();
     let read = async {
-        let mut cluster = None;
+        let (mut cluster, mut http) = (None, None);
         while let Some(line) = lines.next_line().await? {
             if let Some(addr) = line.split("cluster on ").nth(1) {
                 cluster = Some(addr.trim().to_owned());
             }
+            if let Some(addr) = line.split("http on ").nth(1) {
+                http = Some(addr.trim().to_owned());
+            }
             if let Some(addr) = line.split("listening on ").nth(1) {
-                return Ok::<_, std::io::Error>(Some((addr.trim().to_owned(), cluster)));
+                return Ok::<_, std::io::Error>(Some(StartLines {
+                    public: addr.trim().to_owned(),
+                    cluster,
+                    http,
+                }));
             }
         }
         Ok(None)
@@ -145,6 +196,8 @@ pub struct LocalCluster {
     pub endpoints: Vec<String>,
     /// Every coordinator's cluster endpoint (what workers and peers dial), in the same order.
     pub cluster_endpoints: Vec<String>,
+    /// Every coordinator's HTTP API (`host:port`), when served, in the same order.
+    pub http: Vec<String>,
     /// The coordinators first, then the workers.
     children: Vec<Child>,
     /// How many of `children` are coordinators.
@@ -167,6 +220,8 @@ pub struct LocalClusterSpec {
     pub listen: SocketAddr,
     /// The first coordinator's cluster address (port 0: any).
     pub cluster_listen: SocketAddr,
+    /// The first coordinator's HTTP API address (port 0: any); `None`: no HTTP API.
+    pub http_listen: Option<SocketAddr>,
     /// Model name or path.
     pub model: String,
     /// Workers to start.
@@ -183,9 +238,11 @@ pub struct LocalClusterSpec {
     pub worker_args: Vec<String>,
 }
 
-/// The public and cluster ports of coordinator `i`: the spec's for the first, when not 0,
-/// else free ones.
-fn coordinator_ports(spec: &LocalClusterSpec, i: u32) -> Result<(SocketAddr, SocketAddr)> {
+/// The ports of coordinator `i`: public, cluster, HTTP (when served); the spec's for the first,
+/// when not 0, else free ones.
+type Ports = (SocketAddr, SocketAddr, Option<SocketAddr>);
+
+fn coordinator_ports(spec: &LocalClusterSpec, i: u32) -> Result<Ports> {
     let pick = |want: SocketAddr| -> Result<SocketAddr> {
         let port = if i == 0 && want.port() != 0 {
             want.port()
@@ -194,11 +251,12 @@ fn coordinator_ports(spec: &LocalClusterSpec, i: u32) -> Result<(SocketAddr, Soc
         };
         Ok(SocketAddr::new(want.ip(), port))
     };
-    Ok((pick(spec.listen)?, pick(spec.cluster_listen)?))
+    let http = spec.http_listen.map(pick).transpose()?;
+    Ok((pick(spec.listen)?, pick(spec.cluster_listen)?, http))
 }
 
-/// Coordinators started: (public endpoints, cluster endpoints, processes).
-type Started = (Vec<String>, Vec<String>, Vec<Child>);
+/// Coordinators started: their addresses and processes.
+type Started = (Vec<CoordinatorAddrs>, Vec<Child>);
 
 /// Starts `n` coordinators as one Raft group on fresh loopback ports; on failure the ones
 /// started are killed. They know each other (`--peers`) by their cluster addresses.
@@ -206,7 +264,7 @@ async fn start_group(
     spec: &LocalClusterSpec,
     n: u32,
     data: &std::path::Path,
-    base: &dyn Fn(String, String) -> Vec<String>,
+    base: &dyn Fn(String, String, Option<SocketAddr>) -> Vec<String>,
 ) -> Result<Started> {
     let addrs = (0..n)
         .map(|i| coordinator_ports(spec, i))
@@ -214,13 +272,13 @@ async fn start_group(
     let peers = addrs
         .iter()
         .enumerate()
-        .map(|(i, (_, cluster))| format!("{}={cluster}", i + 1))
+        .map(|(i, (_, cluster, _))| format!("{}={cluster}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
-    let (mut endpoints, mut cluster_endpoints) = (Vec::new(), Vec::new());
+    let mut started_addrs = Vec::new();
     let mut children: Vec<Child> = Vec::new();
-    for (i, (public, cluster)) in addrs.iter().enumerate() {
-        let mut args = base(public.to_string(), cluster.to_string());
+    for (i, (public, cluster, http)) in addrs.iter().enumerate() {
+        let mut args = base(public.to_string(), cluster.to_string(), *http);
         args.extend([
             "--id".into(),
             (i + 1).to_string(),
@@ -238,9 +296,8 @@ async fn start_group(
         }
         .await;
         match started {
-            Ok((c, (public, cluster))) => {
-                endpoints.push(format!("http://{public}"));
-                cluster_endpoints.push(format!("http://{cluster}"));
+            Ok((c, addrs)) => {
+                started_addrs.push(addrs);
                 children.push(c);
             }
             Err(e) => {
@@ -251,36 +308,50 @@ async fn start_group(
             }
         }
     }
-    Ok((endpoints, cluster_endpoints, children))
+    Ok((started_addrs, children))
 }
 
 impl LocalCluster {
+    /// Notes the coordinators' addresses, in start order.
+    fn record(&mut self, addrs: Vec<CoordinatorAddrs>) {
+        for a in addrs {
+            self.endpoints.push(format!("http://{}", a.public));
+            self.cluster_endpoints.push(format!("http://{}", a.cluster));
+            self.http.extend(a.http);
+        }
+    }
+
     /// Starts the coordinator, then the workers, each once its predecessor listens.
     ///
     /// # Errors
     /// When a process cannot start or does not listen within two minutes.
     pub async fn start(spec: &LocalClusterSpec) -> Result<Self> {
         let n = spec.coordinators.max(1);
-        let base = |listen: String, cluster_listen: String| -> Vec<String> {
-            let mut args = vec![
-                "coordinator".into(),
-                "--listen".into(),
-                listen,
-                "--cluster-listen".into(),
-                cluster_listen,
-                "--model".into(),
-                spec.model.clone(),
-                "--min-workers".into(),
-                spec.workers.to_string(),
-                "--exit-on-stdin-eof".into(),
-            ];
-            args.extend(spec.coordinator_args.iter().cloned());
-            args
-        };
+        let base =
+            |listen: String, cluster_listen: String, http: Option<SocketAddr>| -> Vec<String> {
+                let mut args = vec![
+                    "coordinator".into(),
+                    "--listen".into(),
+                    listen,
+                    "--cluster-listen".into(),
+                    cluster_listen,
+                    "--model".into(),
+                    spec.model.clone(),
+                    "--min-workers".into(),
+                    spec.workers.to_string(),
+                    "--exit-on-stdin-eof".into(),
+                ];
+                if let Some(http) = http {
+                    args.extend(["--http-listen".into(), http.to_string()]);
+                }
+                args.extend(spec.coordinator_args.iter().cloned());
+                args
+            };
         let mut cluster = Self {
             endpoint: String::new(),
             endpoints: Vec::new(),
             cluster_endpoints: Vec::new(),
+            http: Vec::new(),
             children: Vec::new(),
             coordinators: n as usize,
             data: None,
@@ -289,13 +360,11 @@ impl LocalCluster {
             let mut c = spawn(&base(
                 spec.listen.to_string(),
                 spec.cluster_listen.to_string(),
+                spec.http_listen,
             ))?;
-            let (public, cluster_addr) = coordinator_addresses(&mut c, "the coordinator").await?;
-            cluster.endpoints.push(format!("http://{public}"));
-            cluster
-                .cluster_endpoints
-                .push(format!("http://{cluster_addr}"));
+            let addrs = coordinator_addresses(&mut c, "the coordinator").await?;
             cluster.children.push(c);
+            cluster.record(vec![addrs]);
         } else {
             // Peers must know each other's addresses before any of them starts, so ports are
             // picked up front; another process can take one in between, so a failed start is
@@ -306,10 +375,9 @@ impl LocalCluster {
             loop {
                 attempt += 1;
                 match start_group(spec, n, &data, &base).await {
-                    Ok((endpoints, cluster_endpoints, children)) => {
-                        cluster.endpoints = endpoints;
-                        cluster.cluster_endpoints = cluster_endpoints;
+                    Ok((addrs, children)) => {
                         cluster.children = children;
+                        cluster.record(addrs);
                         break;
                     }
                     Err(e) if attempt < 3 => {
@@ -387,6 +455,11 @@ async fn up(args: UpArgs) -> Result<()> {
     let mut cluster = LocalCluster::start(&LocalClusterSpec {
         listen: args.listen,
         cluster_listen,
+        http_listen: match args.http_listen {
+            Some(HttpListen(addr)) => addr,
+            None if args.listen.port() == 0 => Some(SocketAddr::new(args.listen.ip(), 0)),
+            None => Some(SocketAddr::new(args.listen.ip(), DEFAULT_HTTP_PORT)),
+        },
         model: args.model.clone(),
         workers: args.workers,
         threads,
@@ -397,11 +470,13 @@ async fn up(args: UpArgs) -> Result<()> {
     })
     .await?;
     let endpoint = cluster.endpoint.clone();
+    let http = cluster.http.first().cloned();
     let coordinators = cluster.coordinators;
     let cluster_endpoints = cluster.cluster_endpoints.join(",");
     let result = serve(
         &args,
         &endpoint,
+        http.as_deref(),
         &cluster_endpoints,
         &mut cluster.children,
         coordinators,
@@ -414,6 +489,7 @@ async fn up(args: UpArgs) -> Result<()> {
 async fn serve(
     args: &UpArgs,
     endpoint: &str,
+    http: Option<&str>,
     cluster_endpoints: &str,
     children: &mut [Child],
     coordinators: usize,
@@ -431,6 +507,13 @@ async fn serve(
     }
     println!("{endpoint}");
     eprintln!("cluster port (more workers: tessera worker --coordinator {cluster_endpoints})");
+    if let Some(http) = http {
+        // The second stdout line: the OpenAI base URL, for scripts as the endpoint above is.
+        println!("http://{http}/v1");
+        eprintln!(
+            "OpenAI-compatible API: http://{http}/v1 (POST …/chat/completions, …/completions)"
+        );
+    }
     eprintln!("try: tessera generate --endpoint {endpoint} \"Hello\"   (Ctrl-C stops the cluster)");
     let exited = async {
         loop {
