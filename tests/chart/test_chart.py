@@ -6,8 +6,9 @@ bundles Helm v4 as a shared library: no helm binary, no cluster), validates ever
 object against the Kubernetes OpenAPI schemas of a pinned Kubernetes version with
 kubernetes-validate in strict mode (unknown fields are errors), and asserts on the rendered
 objects: replicas, Raft peers, the coordinator ports (public gRPC and HTTP APIs on the client
-Service, cluster protocol on the headless one), gRPC probes, the PodDisruptionBudget, GPU
-resources, anti-affinity, the headless Service, security settings and the model source. It also checks that values.schema.json rejects an even coordinator count and
+Service, cluster protocol on the headless one), API keys from a Secret, gRPC probes, the
+PodDisruptionBudget, GPU resources, anti-affinity, the headless Service, security settings and
+the model source. It also checks that values.schema.json rejects an even coordinator count and
 bad ports.
 
 Prints one line per failed check and closes with "chart: N checks passed" (exit 0) or
@@ -142,7 +143,8 @@ def coordinator_host(i: int) -> str:
 def test_lint() -> None:
     """Ensures that `helm lint --strict` finds no warning or error with default and other values."""
     for values in [{}, with_values(**{"coordinator.replicas": 5, "worker.gpus": 1}),
-                   with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"})]:
+                   with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"}),
+                   with_values(**{"apiKeys.existingSecret": "tessera-api-keys"})]:
         report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
         bad = [m for m in report["messages"] if m["severity"] >= 2]
         check(not bad and not report["errors"], f"lint {values}: {bad or report['errors']}")
@@ -160,6 +162,7 @@ def test_defaults_validate_and_shape() -> None:
     check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
     check(f"port-forward service/{CLIENT} 50051:50051 8000:8000" in notes, "NOTES: port-forward of gRPC and HTTP")
     check("curl -s http://127.0.0.1:8000/v1/chat/completions" in notes, "NOTES: a first HTTP request")
+    check("Authorization" not in notes, "NOTES: no API key without a Secret")
     check("tessera generate --endpoint http://127.0.0.1:50051" in notes, "NOTES: first generate request")
     check("grpcurl" in notes, "NOTES: grpcurl alternative")
 
@@ -506,11 +509,44 @@ def test_http_port() -> None:
             check("httpPort must differ" in str(e), f"httpPort == {key}: the error names the rule: {e}")
 
 
+def test_api_keys() -> None:
+    """Ensures that apiKeys.existingSecret gives coordinators (only) TESSERA_API_KEYS from that
+    Secret's key, that nothing is set by default, and that the schema refuses bad names."""
+    def keys_env(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for kind, name, c in (("StatefulSet", COORD, "coordinator"), ("Deployment", WORKER, "worker")):
+            env = {e["name"]: e for e in container(find(objects, kind, name), c)["env"]}
+            out[kind] = env.get("TESSERA_API_KEYS")
+        return out
+
+    objects, _ = render({})
+    check.eq(keys_env(objects), {"StatefulSet": None, "Deployment": None}, "no API keys by default")
+    objects, notes = render(with_values(**{"apiKeys.existingSecret": "tessera-api-keys"}))
+    validate_all(objects)
+    ref = {"secretKeyRef": {"name": "tessera-api-keys", "key": "api-keys"}}
+    check.eq(keys_env(objects), {"StatefulSet": {"name": "TESSERA_API_KEYS", "valueFrom": ref}, "Deployment": None},
+             "coordinators read the keys from the Secret, workers get none")
+    check('-H "Authorization: Bearer $TESSERA_API_KEY"' in notes, "NOTES: the curl sends the key")
+    check("get secret tessera-api-keys" in notes and "{.data.api-keys}" in notes, "NOTES: where the key is")
+    check("send no key" in notes, "NOTES: the tessera CLI cannot send a key")
+    objects, _ = render(with_values(**{"apiKeys.existingSecret": "keys", "apiKeys.secretKey": "tokens.csv"}))
+    check.eq(keys_env(objects)["StatefulSet"]["valueFrom"], {"secretKeyRef": {"name": "keys", "key": "tokens.csv"}},
+             "apiKeys.secretKey names the Secret's key")
+    with helm.Chart.load(CHART) as chart:
+        for bad in [with_values(**{"apiKeys.existingSecret": "Bad_Name"}), with_values(**{"apiKeys.secretKey": ""}),
+                    with_values(**{"apiKeys.secretKey": "a/b"}), with_values(**{"apiKeys.keys": "k1"})]:
+            try:
+                chart.validate_schema(bad)
+                check(False, f"schema accepted {bad}")
+            except helm.HelmValuesError as e:
+                check("/apiKeys" in str(e) or "apiKeys" in str(e), f"{bad} rejected naming apiKeys: {e}")
+
+
 TESTS: list[Callable[[], None]] = [
     test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
     test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
-    test_otlp_endpoint, test_cluster_port, test_http_port,
+    test_otlp_endpoint, test_cluster_port, test_http_port, test_api_keys,
 ]
 
 
