@@ -231,7 +231,8 @@ for i in 1 2 3; do
   hp=$((7999 + i))
   deadline=$((SECONDS + 30))
   until [ "$(http $hp /v1/chat/completions "$chat}")" = 200 ] && [ "$(content 2>/dev/null)" = "$http_answer" ]; do
-    [ $SECONDS -lt $deadline ] || fail "coordinator-$i: no HTTP chat completion (the same answer) within 30 s of the leader's kill: $(cat "$body")"
+    [ $SECONDS -lt $deadline ] \
+      || fail "coordinator-$i: no HTTP chat completion (the same answer) within 30 s of the leader's kill: $(cat "$body")"
     sleep 0.5
   done
   [ "$(http $hp /ready)" = 200 ] || fail "coordinator-$i: GET /ready after failover: $(cat "$body")"
