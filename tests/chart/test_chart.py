@@ -528,7 +528,7 @@ def test_api_keys() -> None:
              "coordinators read the keys from the Secret, workers get none")
     check('-H "Authorization: Bearer $TESSERA_API_KEY"' in notes, "NOTES: the curl sends the key")
     check("get secret tessera-api-keys" in notes and "{.data.api-keys}" in notes, "NOTES: where the key is")
-    check("send no key" in notes, "NOTES: the tessera CLI cannot send a key")
+    check("send $TESSERA_API_KEY" in notes, "NOTES: the tessera CLI sends the exported key")
     objects, _ = render(with_values(**{"apiKeys.existingSecret": "keys", "apiKeys.secretKey": "tokens.csv"}))
     check.eq(keys_env(objects)["StatefulSet"]["valueFrom"], {"secretKeyRef": {"name": "keys", "key": "tokens.csv"}},
              "apiKeys.secretKey names the Secret's key")
