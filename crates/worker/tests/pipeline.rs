@@ -410,6 +410,7 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
             hidden: vec![0; 12],
             release: Vec::new(),
             trace_context: Default::default(),
+            prefix_ops: Vec::new(),
         })
         .await
         .expect_err("short hidden");
