@@ -1,5 +1,5 @@
 //! Prometheus metrics of a coordinator — requests by outcome, tokens, time to first token,
-//! step latency, running requests. `tessera_telemetry::http` serves them on
+//! step latency, running requests, prefix cache hits. `tessera_telemetry::http` serves them on
 //! `--metrics-listen`.
 
 use prometheus_client::encoding::text::encode;
@@ -23,6 +23,9 @@ pub struct Metrics {
     step_seconds: Histogram,
     step_tokens: Counter,
     running: Gauge,
+    prefix_queried: Counter,
+    prefix_hits: Counter,
+    prefix_evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -78,6 +81,24 @@ impl Metrics {
             "Requests generating now",
             running.clone(),
         );
+        let prefix_queried = Counter::default();
+        registry.register(
+            "prefix_cache_queried_tokens",
+            "Prompt tokens of admitted requests looked up in the prefix cache",
+            prefix_queried.clone(),
+        );
+        let prefix_hits = Counter::default();
+        registry.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (their KV reused, not computed)",
+            prefix_hits.clone(),
+        );
+        let prefix_evicted = Counter::default();
+        registry.register(
+            "prefix_cache_evicted_blocks",
+            "Cached prefix blocks evicted to admit requests",
+            prefix_evicted.clone(),
+        );
         Self {
             registry,
             requests,
@@ -87,6 +108,9 @@ impl Metrics {
             step_seconds,
             step_tokens,
             running,
+            prefix_queried,
+            prefix_hits,
+            prefix_evicted,
         }
     }
 
@@ -108,6 +132,14 @@ impl Metrics {
     pub fn step(&self, tokens: u64, seconds: f64) {
         self.step_tokens.inc_by(tokens);
         self.step_seconds.observe(seconds);
+    }
+
+    /// Records one admission's prefix cache lookup: `queried` prompt tokens, `hit` of them
+    /// cached, and `evicted` cached blocks evicted to make room.
+    pub fn prefix_lookup(&self, queried: u64, hit: u64, evicted: u64) {
+        self.prefix_queried.inc_by(queried);
+        self.prefix_hits.inc_by(hit);
+        self.prefix_evicted.inc_by(evicted);
     }
 
     /// Sets the number of running requests.
@@ -138,6 +170,7 @@ mod tests {
         m.usage(5, 16, 0.25);
         m.step(4, 0.01);
         m.set_running(3);
+        m.prefix_lookup(40, 32, 3);
         let text = m.render();
         assert!(
             text.contains("tessera_requests_total{outcome=\"stop\"} 2"),
@@ -154,5 +187,17 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tessera_running_requests 3"), "{text}");
+        assert!(
+            text.contains("tessera_prefix_cache_queried_tokens_total 40"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_prefix_cache_hit_tokens_total 32"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tessera_prefix_cache_evicted_blocks_total 3"),
+            "{text}"
+        );
     }
 }

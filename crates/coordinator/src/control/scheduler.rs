@@ -2,12 +2,18 @@
 //! the queue, the running batch and the pipeline stream.
 //!
 //! Requests are admitted while the KV cache allows (prompt + max_tokens reserved, in whole
-//! blocks; the reservation frees itself on drop). Each step carries one decode token per
+//! blocks, less the cached prefix blocks a prompt starts with; the reservation frees itself on
+//! drop; see [`super::kv_budget`]). Each step carries one decode token per
 //! running sequence and prefill chunks of at most `prefill_chunk` tokens, `max_batch_tokens`
 //! in all, on ONE long-lived Pipeline stream to stage 0, opened per plan epoch. Sampled tokens
 //! go through each request's [`OutputStream`] (the engine's own detokenizer and stop checker)
 //! to the client. Finished and abandoned sequences are released in-band on the next step (a
-//! step of releases alone when no sequence runs, so an idle cluster holds no KV).
+//! step of releases alone when no sequence runs, so an idle cluster holds no KV but its
+//! prefix cache).
+//!
+//! Prefix caching (unless off): a sequence starts from the cached blocks its prompt begins
+//! with ([`super::prefix`]), named in its SeqStart; when it ends, its prompt blocks are
+//! cached. The workers' stores follow this stream's index through each step's prefix ops.
 //!
 //! Failure: when the stream breaks or the serving plan goes away (a plan worker dropped by
 //! the liveness monitor, or replaced), every running request ends with UNAVAILABLE and the
@@ -15,7 +21,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use tessera_proto::cluster::v1 as cpb;
@@ -27,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
+use super::kv_budget::{KvBudget, KvReservation};
 use crate::error::CoordinatorError;
 use crate::services::validate::ValidRequest;
 use crate::state::cluster::{Cluster, Serving};
@@ -69,26 +75,17 @@ impl SchedulerHandle {
     }
 }
 
-/// KV tokens reserved for one sequence; given back on drop.
-struct KvReservation {
-    pool: Arc<AtomicU64>,
-    tokens: u64,
-}
-
-impl Drop for KvReservation {
-    fn drop(&mut self) {
-        self.pool.fetch_sub(self.tokens, Ordering::SeqCst);
-    }
-}
-
 /// A running sequence.
 struct Seq {
     id: u64,
     req: ValidRequest,
     events: mpsc::UnboundedSender<EventResult>,
     output: OutputStream,
-    /// Prompt tokens already sent.
+    /// Prompt tokens whose K/V is on the workers or on its way: the cached ones, then those
+    /// already sent.
     prefilled: usize,
+    /// The cached blocks it starts from (held in the prefix index until it ends).
+    chain: Vec<u64>,
     /// The token to feed on the next decode step.
     next: Option<u32>,
     /// Whether its SeqStart went out.
@@ -115,7 +112,7 @@ struct Scheduler {
     running: Vec<Seq>,
     release: Vec<u64>,
     link: Option<Link>,
-    kv_used: Arc<AtomicU64>,
+    kv: KvBudget,
     next_seq: u64,
     next_step: u64,
     /// The newest plan epoch whose pipeline failed: not used again, even while it is still
@@ -130,6 +127,11 @@ pub fn spawn(
 ) -> (SchedulerHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let serving = cluster.subscribe_leading();
+    let kv = KvBudget::new(
+        cluster.kv_tokens,
+        cluster.cfg.block_size,
+        cluster.cfg.prefix_cache,
+    );
     let s = Scheduler {
         cluster,
         frontend,
@@ -139,7 +141,7 @@ pub fn spawn(
         running: Vec::new(),
         release: Vec::new(),
         link: None,
-        kv_used: Arc::new(AtomicU64::new(0)),
+        kv,
         next_seq: 1,
         next_step: 1,
         dead_epoch: 0,
@@ -181,7 +183,11 @@ impl Scheduler {
             };
             if self.link.is_none() {
                 match self.open(&serving).await {
-                    Ok(link) => self.link = Some(link),
+                    Ok(link) => {
+                        // A new stream: every worker's prefix store for it starts empty.
+                        self.kv.reset_prefix();
+                        self.link = Some(link);
+                    }
                     Err(e) => {
                         tracing::warn!(epoch = serving.epoch, error = %e, "pipeline stream failed to open");
                         self.dead_epoch = serving.epoch;
@@ -195,8 +201,10 @@ impl Scheduler {
                     }
                 }
             }
-            self.admit();
+            // Abandoned sequences first: their retain ops must precede any eviction that
+            // admission decides, and the room they free may admit a request now.
             self.drop_abandoned();
+            self.admit();
             self.publish_load();
             let Some(step) = self.build_step() else {
                 if !self.wait_for_work(false).await {
@@ -281,38 +289,53 @@ impl Scheduler {
         })
     }
 
-    /// Admits queued requests, oldest first, while their KV reservation fits.
+    /// Admits queued requests, oldest first, while their KV reservation fits (evicting
+    /// unreferenced cached prefix blocks when that makes it fit).
     fn admit(&mut self) {
-        let block = u64::from(self.cluster.cfg.block_size.max(1));
-        let capacity = u64::from(self.cluster.kv_tokens);
         while let Some(front) = self.queue.front() {
-            let need = (front.req.max_len() as u64).div_ceil(block) * block;
-            if self.kv_used.load(Ordering::SeqCst) + need > capacity {
+            let prompt = &front.req.inner.prompt_ids;
+            let Some(adm) = self.kv.admit(prompt, front.req.max_len()) else {
                 break;
+            };
+            if self.kv.prefix_cache() {
+                self.cluster.metrics.prefix_lookup(
+                    prompt.len() as u64,
+                    adm.cached_tokens as u64,
+                    adm.evicted as u64,
+                );
             }
             let Some(s) = self.queue.pop_front() else {
                 break;
             };
-            self.kv_used.fetch_add(need, Ordering::SeqCst);
             let id = self.next_seq;
             self.next_seq += 1;
+            let cached = adm.cached_tokens;
             s.span
-                .in_scope(|| tracing::debug!(seq = id, kv_tokens = need, "admitted"));
+                .in_scope(|| tracing::debug!(seq = id, cached, "admitted"));
             self.running.push(Seq {
                 id,
                 output: self.frontend.output(&s.req.inner),
                 req: s.req,
                 events: s.events,
-                prefilled: 0,
+                prefilled: adm.cached_tokens,
+                chain: adm.chain,
                 next: None,
                 started: false,
                 first_token: None,
                 span: s.span,
-                _kv: KvReservation {
-                    pool: Arc::clone(&self.kv_used),
-                    tokens: need,
-                },
+                _kv: adm.reservation,
             });
+        }
+    }
+
+    /// Ends a sequence's hold on the KV: prefix references dropped, computed prompt blocks
+    /// cached, a release on the next step if it started; its reservation goes with `s`.
+    fn retire(&mut self, s: Seq) {
+        let prompt = &s.req.inner.prompt_ids;
+        self.kv
+            .retire(s.id, prompt, &s.chain, s.prefilled, s.started);
+        if s.started {
+            self.release.push(s.id);
         }
     }
 
@@ -324,9 +347,7 @@ impl Scheduler {
                 let s = self.running.swap_remove(i);
                 s.span
                     .in_scope(|| tracing::info!("client went away; cancelling"));
-                if s.started {
-                    self.release.push(s.id);
-                }
+                self.retire(s);
             } else {
                 i += 1;
             }
@@ -365,7 +386,11 @@ impl Scheduler {
             budget -= n;
             let tokens = prompt[s.prefilled..s.prefilled + n].to_vec();
             s.prefilled += n;
-            let start = (!s.started).then(|| s.req.seq_start());
+            let start = (!s.started).then(|| cpb::SeqStart {
+                cached_tokens: (s.chain.len() * cfg.block_size.max(1) as usize) as u32,
+                cached_blocks: s.chain.clone(),
+                ..s.req.seq_start()
+            });
             s.started = true;
             seqs.push(cpb::SeqStep {
                 seq_id: s.id,
@@ -374,7 +399,7 @@ impl Scheduler {
                 start,
             });
         }
-        if seqs.is_empty() && self.release.is_empty() {
+        if seqs.is_empty() && self.release.is_empty() && !self.kv.has_ops() {
             return None;
         }
         let step_id = self.next_step;
@@ -387,6 +412,7 @@ impl Scheduler {
             release: std::mem::take(&mut self.release),
             // Set in run_step, from the step's span.
             trace_context: Default::default(),
+            prefix_ops: self.kv.take_ops(),
         })
     }
 
@@ -501,14 +527,14 @@ impl Scheduler {
                 s.span
                     .in_scope(|| tracing::info!("client went away; cancelling"));
                 self.cluster.metrics.request_ended("cancelled");
-                self.release.push(s.id);
+                self.retire(s);
             } else {
                 s.next = Some(t.id);
             }
         }
     }
 
-    /// Sends a sequence's Finished event and releases it.
+    /// Sends a sequence's Finished event and retires it.
     fn finish(&mut self, mut s: Seq, reason: FinishReason) {
         let now = Instant::now();
         let received = s.req.received;
@@ -542,7 +568,7 @@ impl Scheduler {
                 text: s.output.flush(),
             })),
         }));
-        self.release.push(s.id);
+        self.retire(s);
     }
 
     /// Ends every running request with UNAVAILABLE; their sequences die with the stream.
@@ -553,8 +579,10 @@ impl Scheduler {
             self.cluster.metrics.request_ended("unavailable");
             let _ = s.events.send(Err(unavailable(msg.to_owned())));
         }
-        // The stream that held them is gone, and with it their state on every worker.
+        // The stream that held them is gone, and with it their state on every worker: their
+        // KV, and the stream's prefix stores.
         self.release.clear();
+        self.kv.reset_prefix();
         self.publish_load();
     }
 }
