@@ -19,8 +19,8 @@ use tessera_testkit::{collect_finished, free_addr, greedy_with_logprobs, sample,
 use tessera_worker::{RunningWorker, ShardStatus};
 use tonic::transport::Channel;
 
-/// Small enough that three ~300-token prefixes and the requests using them do not all fit:
-/// admission has to evict.
+/// Small enough that the five ~300-token prefixes used below do not all fit: admission has to
+/// evict.
 const KV_TOKENS: u32 = 1024;
 const BLOCK: u64 = 16;
 const MAX_TOKENS: u32 = 6;
@@ -168,10 +168,15 @@ async fn run(path: &std::path::Path, on: bool) -> Run {
         outputs.push(out);
         prompt_tokens += n;
     }
-    // Sequential again, cycling three prefixes through a cache too small for all of them.
+    // Sequential again, cycling five prefixes through a cache too small for all of them:
+    // their distinct full blocks alone exceed the KV capacity, so however the concurrent
+    // requests above were batched, caching them all takes evictions.
+    let (d, e) = (prefix("Dee"), prefix("Eve"));
     for req in [
         turn(&r, "Name a mountain."),
+        turn(&d, "Name a tree."),
         turn(&q, "Name a city."),
+        turn(&e, "Name a bird."),
         turn(&p, "Name a fruit."),
         turn(&r, "Name a river."),
     ] {
@@ -228,9 +233,11 @@ async fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
     let queried = sample(&on.metrics, "tessera_prefix_cache_queried_tokens_total");
     assert_eq!(queried, on.prompt_tokens as f64);
     let want_repeat = (on.repeat_prompt - 1) / BLOCK * BLOCK;
+    // Each of the five prefixes' prompts is as long (within a few tokens): their distinct
+    // full blocks are more than the cache holds.
     assert!(
-        want_repeat >= 160,
-        "the prefix spans many blocks: {want_repeat}"
+        5 * (want_repeat / BLOCK - 1) > u64::from(KV_TOKENS) / BLOCK,
+        "the prefixes must outgrow the cache: {want_repeat} tokens each"
     );
     assert_eq!(on.repeat_hit, want_repeat as f64);
     let hits = sample(&on.metrics, "tessera_prefix_cache_hit_tokens_total");
@@ -240,7 +247,7 @@ async fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
     );
     assert!(
         sample(&on.metrics, "tessera_prefix_cache_evicted_blocks_total") > 0.0,
-        "three prefixes do not fit {KV_TOKENS} tokens: something was evicted"
+        "five prefixes do not fit {KV_TOKENS} tokens: something was evicted"
     );
     let cached: Vec<u64> = on.idle.iter().map(|s| s.cached_kv_blocks).collect();
     assert!(
