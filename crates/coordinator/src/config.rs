@@ -33,6 +33,10 @@ pub struct CoordinatorConfig {
     pub prefill_chunk: u32,
     /// Most tokens (prefill and decode together) in one step.
     pub max_batch_tokens: u32,
+    /// Share the KV blocks of identical prompt prefixes across requests (cached after a
+    /// request ends, evicted least recently used when admission needs room). Outputs are the
+    /// same either way; only the work (and time to first token) differs.
+    pub prefix_cache: bool,
     /// How long a request waits for a serving plan before failing with UNAVAILABLE.
     pub ready_wait: Duration,
     /// This coordinator's Raft node id (>= 1).
@@ -78,6 +82,7 @@ impl Default for CoordinatorConfig {
             block_size: 16,
             prefill_chunk: 512,
             max_batch_tokens: 2048,
+            prefix_cache: true,
             ready_wait: Duration::from_secs(30),
             id: 1,
             peers: BTreeMap::new(),

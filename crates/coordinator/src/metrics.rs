@@ -16,6 +16,8 @@
 //! | `tessera_raft_term`, `_commit_index`, `_applied_index` | gauge | this node's Raft log |
 //! | `tessera_raft_is_leader`, `_has_leader` | gauge | 1 / 0 |
 //! | `tessera_raft_leader_changes_seen_total` | counter | leaders this node has seen come (etcd's name) |
+//! | `tessera_prefix_cache_queried_tokens_total` / `_hit_tokens_total` | counter | prompt tokens looked up in the prefix cache / found there |
+//! | `tessera_prefix_cache_evicted_blocks_total` | counter | cached blocks evicted to admit requests |
 //!
 //! `tessera_telemetry::http` serves them on `--metrics-listen`.
 
@@ -60,6 +62,9 @@ pub struct Metrics {
     leader_changes: Counter,
     /// The leader last seen, to count changes.
     last_leader: Mutex<Option<u64>>,
+    prefix_queried: Counter,
+    prefix_hits: Counter,
+    prefix_evicted: Counter,
 }
 
 impl Default for Metrics {
@@ -214,6 +219,24 @@ impl Metrics {
             "Raft leaders this coordinator has seen take over (elections that changed the leader)",
             Counter::default(),
         );
+        let prefix_queried = reg(
+            r,
+            "prefix_cache_queried_tokens",
+            "Prompt tokens of admitted requests looked up in the prefix cache",
+            Counter::default(),
+        );
+        let prefix_hits = reg(
+            r,
+            "prefix_cache_hit_tokens",
+            "Prompt tokens found in the prefix cache (their KV reused, not computed)",
+            Counter::default(),
+        );
+        let prefix_evicted = reg(
+            r,
+            "prefix_cache_evicted_blocks",
+            "Cached prefix blocks evicted to admit requests",
+            Counter::default(),
+        );
         Self {
             registry: std::mem::take(r),
             requests,
@@ -237,6 +260,9 @@ impl Metrics {
             raft_has_leader,
             leader_changes,
             last_leader: Mutex::new(None),
+            prefix_queried,
+            prefix_hits,
+            prefix_evicted,
         }
     }
 
@@ -271,6 +297,14 @@ impl Metrics {
     /// Records how long a request waited for admission.
     pub fn queued_for(&self, seconds: f64) {
         self.queue_time.observe(seconds);
+    }
+
+    /// Records one admission's prefix cache lookup: `queried` prompt tokens, `hit` of them
+    /// cached, and `evicted` cached blocks evicted to make room.
+    pub fn prefix_lookup(&self, queried: u64, hit: u64, evicted: u64) {
+        self.prefix_queried.inc_by(queried);
+        self.prefix_hits.inc_by(hit);
+        self.prefix_evicted.inc_by(evicted);
     }
 
     /// Records one pipeline step.
@@ -339,6 +373,7 @@ mod tests {
         m.queued_for(0.1);
         m.step(4, 0.01);
         m.set_load(3, 2, 512, 2048);
+        m.prefix_lookup(40, 32, 3);
         let text = m.render();
         for want in [
             "tessera_requests_total{model_name=\"m1\",outcome=\"stop\"} 2",
@@ -354,6 +389,9 @@ mod tests {
             "tessera_num_requests_running{model_name=\"m1\"} 3",
             "tessera_num_requests_waiting{model_name=\"m1\"} 2",
             "tessera_kv_cache_usage_ratio{model_name=\"m1\"} 0.25",
+            "tessera_prefix_cache_queried_tokens_total{model_name=\"m1\"} 40",
+            "tessera_prefix_cache_hit_tokens_total{model_name=\"m1\"} 32",
+            "tessera_prefix_cache_evicted_blocks_total{model_name=\"m1\"} 3",
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }

@@ -104,9 +104,12 @@ async fn run(client: &mut InferenceClient<Channel>, ending: Ending) {
     }
 }
 
-/// Whether a worker holds no sequence and no KV block.
+/// Whether a worker holds no sequence and no KV block but those of the prefix cache (on by
+/// default; these prompts are shorter than one block, so it caches none).
 fn idle(s: &ShardStatus) -> bool {
-    s.live_sequences == 0 && s.free_kv_blocks == s.total_kv_blocks
+    s.live_sequences == 0
+        && s.free_kv_blocks + s.cached_kv_blocks == s.total_kv_blocks
+        && s.cached_kv_blocks == 0
 }
 
 /// Ensures that after requests of every ending, sequential and concurrent, every worker's

@@ -56,7 +56,13 @@ impl ModelError {
             Self::Text(e) => e.kind(),
             Self::KvCache(Kv::OutOfBlocks { .. }) => K::ResourceExhausted,
             Self::KvCache(Kv::InvalidConfig { .. }) => K::InvalidArgument,
-            Self::KvCache(Kv::ForeignSequence) => K::Internal,
+            // A broken ownership or prefix-store invariant: a bug, never the client's fault.
+            Self::KvCache(
+                Kv::ForeignSequence
+                | Kv::NotShareable { .. }
+                | Kv::PrefixMissing { .. }
+                | Kv::PrefixDuplicate { .. },
+            ) => K::Internal,
             Self::Source(e) => e.kind(),
             Self::InvalidArgument { .. } => K::InvalidArgument,
         }

@@ -71,6 +71,7 @@ impl Driver {
             hidden: Vec::new(),
             release,
             trace_context: Default::default(),
+            prefix_ops: Vec::new(),
         })
         .await
     }
@@ -115,6 +116,8 @@ pub fn seq_start(prompt: &[u32], sampling: &SamplingParams) -> pb::SeqStart {
         top_logprobs: sampling.top_logprobs,
         seed: sampling.seed.unwrap_or(0),
         prompt: prompt.to_vec(),
+        cached_tokens: 0,
+        cached_blocks: Vec::new(),
     }
 }
 

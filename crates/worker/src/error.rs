@@ -44,6 +44,11 @@ pub enum WorkerError {
     /// The shard executor thread could not start or has stopped.
     #[error("shard executor: {0}")]
     Executor(String),
+    /// This stage's prefix store no longer mirrors the coordinator's prefix index (a block
+    /// asked for is missing, or a hash to store is already held): a broken invariant, so the
+    /// step fails rather than compute with the wrong K/V.
+    #[error("prefix cache out of sync with the coordinator: {0}")]
+    PrefixOutOfSync(String),
 }
 
 impl WorkerError {
@@ -64,7 +69,10 @@ impl WorkerError {
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Unavailable(_) => Code::Unavailable,
             Self::Model(e) => tessera_proto::wire::code(e.kind()),
-            Self::Bind { .. } | Self::Transport(_) | Self::Executor(_) => Code::Internal,
+            Self::Bind { .. }
+            | Self::Transport(_)
+            | Self::Executor(_)
+            | Self::PrefixOutOfSync(_) => Code::Internal,
         }
     }
 }
@@ -152,6 +160,11 @@ mod tests {
                 WorkerError::Unavailable("next stage gone".into()),
                 Code::Unavailable,
                 "next stage",
+            ),
+            (
+                WorkerError::PrefixOutOfSync("block 00000000000000ff missing".into()),
+                Code::Internal,
+                "prefix cache out of sync",
             ),
         ];
         for (err, code, prefix) in cases {

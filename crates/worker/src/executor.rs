@@ -7,6 +7,10 @@
 //! stage-step function the engine also calls, over this stage's layers (from token ids on the
 //! first stage, hidden states elsewhere; logits of the sampling rows on the last), then
 //! `Sampler::sample` as `Engine::generate` does — so a pipeline equals one process.
+//!
+//! A step's prefix-cache ops ([`crate::prefix`]) run first, then its releases, then its
+//! sequences; a new sequence whose start names cached blocks shares them and computes only
+//! the tokens after them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
@@ -27,8 +31,9 @@ use tessera_text::sampling::{Sampler, SamplingParams};
 use crate::error::WorkerError;
 use crate::hidden;
 use crate::memory::resident_bytes;
+use crate::prefix::PrefixStores;
 use crate::seqs::{SeqEntry, SeqTable, StreamId};
-use crate::shard::{ShardStats, StepOutput};
+use crate::shard::{ShardStats, ShardStatus, StepOutput};
 
 /// Default tokens per KV block when `LoadShardRequest.block_size` is 0.
 const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -41,6 +46,8 @@ struct Loaded {
     /// The next stage's `host:port`; `None` on the last stage.
     next: Option<String>,
     seqs: SeqTable,
+    /// Cached prompt-prefix blocks, one store per inbound stream.
+    prefixes: PrefixStores,
 }
 
 /// Reused buffers, grown to the largest step seen.
@@ -85,15 +92,15 @@ impl Executor {
 
     /// Publishes the numbers heartbeats and tests read without asking this thread.
     fn publish(&self) {
-        self.stats.publish(self.loaded.as_ref().map(|l| {
-            (
-                l.epoch,
-                l.model.weight_bytes() as u64,
-                l.cache.free_blocks() as u64,
-                l.cache.config().num_blocks as u64,
-                l.seqs.len() as u64,
-            )
-        }));
+        self.stats
+            .publish(self.loaded.as_ref().map(|l| ShardStatus {
+                plan_epoch: l.epoch,
+                weight_bytes: l.model.weight_bytes() as u64,
+                free_kv_blocks: l.cache.free_blocks() as u64,
+                total_kv_blocks: l.cache.config().num_blocks as u64,
+                cached_kv_blocks: l.prefixes.cached_blocks() as u64,
+                live_sequences: l.seqs.len() as u64,
+            }));
     }
 
     /// Loads (or replaces) the shard. A request that fails validation leaves the previous
@@ -199,6 +206,7 @@ impl Executor {
             cache,
             next: (!shard.head).then_some(req.next_address),
             seqs: SeqTable::default(),
+            prefixes: PrefixStores::default(),
         });
         self.publish();
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -218,10 +226,12 @@ impl Executor {
         self.publish();
     }
 
-    /// Forgets a closed inbound stream and frees every sequence it created.
+    /// Forgets a closed inbound stream and frees every sequence it created and its prefix
+    /// store.
     pub fn close_stream(&mut self, stream: StreamId) {
         self.streams.remove(&stream);
         if let Some(l) = &mut self.loaded {
+            l.prefixes.close_stream(stream);
             let n = l.seqs.close_stream(stream);
             if n > 0 {
                 tracing::debug!(stream, freed = n, "stream closed");
@@ -263,11 +273,14 @@ impl Executor {
                 req.plan_epoch, l.epoch
             )));
         }
+        let block_size = l.cache.config().block_size;
+        l.prefixes
+            .apply(stream, &req.prefix_ops, &mut l.seqs, &l.cache)?;
         l.seqs.release(&req.release);
         let cfg = l.model.config();
         let head = l.model.spec().head;
         let embed = l.model.spec().embed;
-        let n_tokens = check_step(&req, &l.seqs, cfg.vocab_size, cfg.context_len)?;
+        let n_tokens = check_step(&req, &l.seqs, cfg.vocab_size, cfg.context_len, block_size)?;
         let (h, vocab) = (cfg.hidden, cfg.vocab_size);
         // Validate every new sequence's sampler before any state changes.
         let mut starts = Vec::new();
@@ -292,12 +305,13 @@ impl Executor {
         }
         for (i, params) in starts {
             let s = &req.seqs[i];
-            let sampler = head.then(|| {
-                let prompt = s.start.as_ref().map_or(&[][..], |st| &st.prompt[..]);
-                Sampler::new(params, prompt)
-            });
+            let Some(start) = &s.start else {
+                continue;
+            };
+            let sampler = head.then(|| Sampler::new(params, &start.prompt));
+            let field = format!("seqs[{i}].start");
             let entry = SeqEntry {
-                kv: l.cache.new_seq(),
+                kv: l.prefixes.new_seq(stream, start, &l.cache, &field)?,
                 sampler,
                 stream,
             };
@@ -394,12 +408,14 @@ fn run_batch(
     Ok(out)
 }
 
-/// Checks a step against the live sequences before anything changes; returns its token count.
+/// Checks a step against the live sequences before anything changes (but after its prefix
+/// ops and releases); returns its token count.
 fn check_step(
     req: &pb::StepRequest,
     seqs: &SeqTable,
     vocab: usize,
     context: usize,
+    block_size: usize,
 ) -> Result<usize, WorkerError> {
     let mut seen = HashSet::with_capacity(req.seqs.len());
     let mut n = 0;
@@ -438,10 +454,25 @@ fn check_step(
                 format!("token id {t} is outside the vocabulary of {vocab}"),
             ));
         }
-        if s.tokens.len() > context {
+        let cached = s.start.as_ref().map_or(0, |st| st.cached_tokens as usize);
+        if let Some(st) = &s.start
+            && cached != st.cached_blocks.len() * block_size
+        {
+            return Err(WorkerError::invalid(
+                format!("seqs[{i}].start.cached_tokens"),
+                format!(
+                    "{cached} is not the {} cached blocks of {block_size} tokens",
+                    st.cached_blocks.len()
+                ),
+            ));
+        }
+        if s.tokens.len() + cached > context {
             return Err(WorkerError::invalid(
                 format!("seqs[{i}].tokens"),
-                format!("{} tokens exceed the context of {context}", s.tokens.len()),
+                format!(
+                    "{} tokens after {cached} cached exceed the context of {context}",
+                    s.tokens.len()
+                ),
             ));
         }
         n += s.tokens.len();

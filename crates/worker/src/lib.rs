@@ -18,6 +18,7 @@ pub mod hidden;
 mod memory;
 mod metrics;
 mod pipeline;
+mod prefix;
 mod register;
 mod seqs;
 pub mod server;

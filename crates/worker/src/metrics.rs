@@ -23,6 +23,7 @@ pub(crate) struct WorkerMetrics {
     weight_bytes: Gauge,
     kv_blocks_used: Gauge,
     kv_blocks_total: Gauge,
+    kv_blocks_cached: Gauge,
     active_sequences: Gauge,
     plan_epoch: Gauge,
 }
@@ -62,8 +63,15 @@ impl WorkerMetrics {
         };
         let resident_bytes = gauge("resident_bytes", "Resident set size of the worker process");
         let weight_bytes = gauge("weight_bytes", "Bytes of model weights held");
-        let kv_blocks_used = gauge("kv_blocks_used", "KV cache blocks held by sequences");
+        let kv_blocks_used = gauge(
+            "kv_blocks_used",
+            "KV cache blocks held by sequences or the prefix cache",
+        );
         let kv_blocks_total = gauge("kv_blocks_total", "KV cache blocks in all");
+        let kv_blocks_cached = gauge(
+            "kv_blocks_cached",
+            "KV cache blocks held by the prefix cache (some may be shared by live sequences)",
+        );
         let active_sequences = gauge("active_sequences", "Sequences live on this stage");
         let plan_epoch = gauge("plan_epoch", "Plan epoch of the loaded shard (0: none)");
         Self {
@@ -75,6 +83,7 @@ impl WorkerMetrics {
             weight_bytes,
             kv_blocks_used,
             kv_blocks_total,
+            kv_blocks_cached,
             active_sequences,
             plan_epoch,
         }
@@ -95,6 +104,8 @@ impl WorkerMetrics {
         self.kv_blocks_used.set(gauge_value(used));
         self.kv_blocks_total
             .set(gauge_value(status.total_kv_blocks));
+        self.kv_blocks_cached
+            .set(gauge_value(status.cached_kv_blocks));
         self.active_sequences
             .set(gauge_value(status.live_sequences));
         self.plan_epoch.set(gauge_value(status.plan_epoch));
@@ -120,6 +131,7 @@ mod tests {
             weight_bytes: 1000,
             free_kv_blocks: 10,
             total_kv_blocks: 16,
+            cached_kv_blocks: 4,
             live_sequences: 2,
         };
         let text = m.render(status, 5 << 20);
@@ -131,6 +143,7 @@ mod tests {
             "tessera_worker_weight_bytes 1000",
             "tessera_worker_kv_blocks_used 6",
             "tessera_worker_kv_blocks_total 16",
+            "tessera_worker_kv_blocks_cached 4",
             "tessera_worker_active_sequences 2",
             "tessera_worker_plan_epoch 3",
         ] {

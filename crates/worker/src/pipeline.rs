@@ -23,6 +23,9 @@ use crate::error::relay_status;
 use crate::seqs::StreamId;
 use crate::shard::{ShardHandle, StepOutput};
 
+/// What a stream ends with when its worker stops normally.
+const SHUTTING_DOWN: &str = "worker shutting down";
+
 /// How long dialling the next stage may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// HTTP/2 pings on the outbound connection, so a peer that vanished without a reset (power
@@ -56,7 +59,7 @@ pub(crate) async fn run(
         let end = loop {
             let msg = tokio::select! {
                 _ = shutdown.wait_for(|&s| s) => {
-                    break Err(Status::unavailable("worker shutting down"));
+                    break Err(Status::unavailable(SHUTTING_DOWN));
                 }
                 // Between steps nothing may arrive from the next stage: anything that does
                 // (an error, or the end of its stream) means it is gone.
@@ -90,8 +93,10 @@ pub(crate) async fn run(
         };
         if let Err(s) = end {
             // This worker stopping (Ctrl-C, SIGTERM, its parent gone) ends every stream it
-            // serves: a normal shutdown, not a warning. Anything else is.
-            if *shutdown.borrow() {
+            // serves: a normal shutdown, not a warning — and so does the next stage's own
+            // normal shutdown, relayed (a whole cluster stopping races that way). Anything
+            // else is a warning.
+            if *shutdown.borrow() || s.message().ends_with(SHUTTING_DOWN) {
                 tracing::info!(code = ?s.code(), message = s.message(), "pipeline stream ends");
             } else {
                 tracing::warn!(code = ?s.code(), message = s.message(), "pipeline stream ends");
@@ -162,7 +167,7 @@ async fn handle(
                 }
                 let resp = tokio::select! {
                     _ = shutdown.wait_for(|&s| s) => {
-                        return Err(Status::unavailable("worker shutting down"));
+                        return Err(Status::unavailable(SHUTTING_DOWN));
                     }
                     r = o.rx.message() => r.map_err(|s| relay_status(&o.next, s))?,
                 };

@@ -52,6 +52,11 @@ impl SeqTable {
         }
     }
 
+    /// A live sequence, to change in place (sharing its blocks into a prefix store).
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut SeqEntry> {
+        self.map.get_mut(&id)
+    }
+
     /// Takes a sequence out for a step (put it back with [`SeqTable::restore`]).
     pub fn take(&mut self, id: u64) -> Option<SeqEntry> {
         self.map.remove(&id)

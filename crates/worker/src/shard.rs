@@ -62,6 +62,9 @@ pub struct ShardStatus {
     pub free_kv_blocks: u64,
     /// KV cache blocks in all.
     pub total_kv_blocks: u64,
+    /// KV cache blocks held by the prefix cache (cached prompt prefixes; a block a live
+    /// sequence shares counts here too). With no live sequence, exactly the blocks in use.
+    pub cached_kv_blocks: u64,
     /// Sequences live on this stage.
     pub live_sequences: u64,
 }
@@ -73,19 +76,25 @@ pub(crate) struct ShardStats {
     weight_bytes: AtomicU64,
     free_kv_blocks: AtomicU64,
     total_kv_blocks: AtomicU64,
+    cached_kv_blocks: AtomicU64,
     live_sequences: AtomicU64,
 }
 
 impl ShardStats {
-    /// Records (epoch, weight bytes, free blocks, total blocks, live sequences), or nothing
-    /// loaded.
-    pub fn publish(&self, v: Option<(u64, u64, u64, u64, u64)>) {
-        let (e, w, f, t, s) = v.unwrap_or_default();
-        self.plan_epoch.store(e, Ordering::Relaxed);
-        self.weight_bytes.store(w, Ordering::Relaxed);
-        self.free_kv_blocks.store(f, Ordering::Relaxed);
-        self.total_kv_blocks.store(t, Ordering::Relaxed);
-        self.live_sequences.store(s, Ordering::Release);
+    /// Records the loaded shard's state, or nothing loaded (all zero).
+    pub fn publish(&self, v: Option<ShardStatus>) {
+        let v = v.unwrap_or_default();
+        self.plan_epoch.store(v.plan_epoch, Ordering::Relaxed);
+        self.weight_bytes.store(v.weight_bytes, Ordering::Relaxed);
+        self.free_kv_blocks
+            .store(v.free_kv_blocks, Ordering::Relaxed);
+        self.total_kv_blocks
+            .store(v.total_kv_blocks, Ordering::Relaxed);
+        self.cached_kv_blocks
+            .store(v.cached_kv_blocks, Ordering::Relaxed);
+        // Last, with Release: a reader that sees it sees the rest of this publication.
+        self.live_sequences
+            .store(v.live_sequences, Ordering::Release);
     }
 
     fn read(&self) -> ShardStatus {
@@ -95,6 +104,7 @@ impl ShardStats {
             weight_bytes: self.weight_bytes.load(Ordering::Relaxed),
             free_kv_blocks: self.free_kv_blocks.load(Ordering::Relaxed),
             total_kv_blocks: self.total_kv_blocks.load(Ordering::Relaxed),
+            cached_kv_blocks: self.cached_kv_blocks.load(Ordering::Relaxed),
             live_sequences,
         }
     }

@@ -359,8 +359,9 @@ async fn losing_the_last_stage_ends_the_stream_unavailable() {
 }
 
 /// Ensures that bad steps and bad loads are rejected with INVALID_ARGUMENT (or
-/// FAILED_PRECONDITION / NOT_FOUND where the contract says so) naming the field, and that the
-/// workers keep serving correct answers afterwards, including after a reload.
+/// FAILED_PRECONDITION / NOT_FOUND / INTERNAL for a cached block the stage lacks, where the
+/// contract says so) naming the field, and that the workers keep serving correct answers
+/// afterwards, including after a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_rejected_and_workers_keep_serving() {
     let Some(model) = model() else { return };
@@ -410,6 +411,7 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
             hidden: vec![0; 12],
             release: Vec::new(),
             trace_context: Default::default(),
+            prefix_ops: Vec::new(),
         })
         .await
         .expect_err("short hidden");
@@ -422,6 +424,37 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
         .await
         .expect_err("epoch");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // Cached blocks: a count that is not whole blocks is invalid; a block this stage's prefix
+    // store does not hold means it no longer mirrors the coordinator's index, which fails
+    // the step as INTERNAL rather than computing without that K/V.
+    let cached = |id, tokens: u32, blocks: Vec<u64>| {
+        let mut s = ok_start(id);
+        if let Some(st) = s.start.as_mut() {
+            st.cached_tokens = tokens;
+            st.cached_blocks = blocks;
+        }
+        s
+    };
+    let mut d = cluster.open(0, 1).await;
+    let err = d
+        .step(vec![cached(10, 15, vec![42])], Vec::new())
+        .await
+        .expect_err("15 tokens are not one block");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("seqs[0].start.cached_tokens"),
+        "{err:?}"
+    );
+    let mut d = cluster.open(0, 1).await;
+    let err = d
+        .step(vec![cached(11, BLOCK_SIZE, vec![42])], Vec::new())
+        .await
+        .expect_err("block 42 is not cached");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    assert!(
+        err.message().contains("prefix cache out of sync"),
+        "{err:?}"
+    );
     // Bad loads: a layer past the model, an unknown model.
     let mut c = cluster.client(2).await;
     let mut req = cluster.load_request(2, 5);

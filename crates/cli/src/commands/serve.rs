@@ -46,6 +46,17 @@ pub struct CoordinatorArgs {
     /// KV cache capacity per worker, in tokens (default: the model's context).
     #[arg(long)]
     pub kv_tokens: Option<u32>,
+    /// Prefix caching, `on` or `off`: requests whose prompts start alike share the KV blocks
+    /// of the common prefix (kept after a request ends, evicted least recently used when
+    /// room is needed), so they skip recomputing it. Outputs are the same either way.
+    #[arg(
+        long,
+        default_value = "on",
+        value_name = "on|off",
+        action = clap::ArgAction::Set,
+        value_parser = parse_switch
+    )]
+    pub prefix_cache: bool,
     /// The cluster address (HOST:PORT of --cluster-listen) that peers and workers dial
     /// (default: the bound cluster address).
     #[arg(long)]
@@ -171,6 +182,18 @@ impl ProcessArgs {
         });
         let shutdown = Box::pin(shutdown_signal(self.exit_on_stdin_eof));
         with_telemetry(export, server(shutdown))
+    }
+}
+
+/// Parses an `on|off` switch (`true|false` also accepted).
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_switch(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("expected `on` or `off`, got `{s}`")),
     }
 }
 
@@ -334,6 +357,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         min_workers: args.min_workers,
         ready_wait: Duration::from_millis(args.ready_wait_ms),
         kv_tokens: args.kv_tokens.unwrap_or(0),
+        prefix_cache: args.prefix_cache,
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),
         advertise: args.advertise.clone(),
@@ -443,6 +467,17 @@ mod tests {
             otlp_endpoint(&Some(" http://c:4317 ".into())).as_deref(),
             Some("http://c:4317")
         );
+    }
+
+    /// Ensures that `on|off` switches (and `true|false`) parse, and anything else is refused.
+    #[test]
+    fn switches_parse() {
+        use super::parse_switch;
+        assert_eq!(parse_switch("on"), Ok(true));
+        assert_eq!(parse_switch("off"), Ok(false));
+        assert_eq!(parse_switch("true"), Ok(true));
+        assert_eq!(parse_switch("false"), Ok(false));
+        assert!(parse_switch("maybe").is_err());
     }
 
     /// Ensures that node ids, `auto` host names and peer lists parse, and bad ones are refused.

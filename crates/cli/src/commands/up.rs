@@ -51,6 +51,16 @@ pub struct UpArgs {
     /// Compute threads per worker (0: the machine's cores shared out evenly).
     #[arg(long, default_value_t = 0)]
     pub threads_per_worker: u32,
+    /// Prefix caching on every coordinator, `on` or `off` (see `tessera coordinator
+    /// --prefix-cache`).
+    #[arg(
+        long,
+        default_value = "on",
+        value_name = "on|off",
+        action = clap::ArgAction::Set,
+        value_parser = super::serve::parse_switch
+    )]
+    pub prefix_cache: bool,
     /// Memory per worker, e.g. 1GiB.
     #[arg(long, default_value = "2GiB", value_parser = super::serve::parse_bytes)]
     pub memory: u64,
@@ -445,6 +455,12 @@ async fn up(args: UpArgs) -> Result<()> {
         .into_iter()
         .flat_map(|e| ["--otlp-endpoint".to_owned(), e.clone()])
         .collect();
+    let switch = if args.prefix_cache { "on" } else { "off" };
+    let coordinator_args = [
+        otlp.clone(),
+        vec!["--prefix-cache".to_owned(), switch.to_owned()],
+    ]
+    .concat();
     let cluster_listen = args.cluster_listen.unwrap_or_else(|| {
         let port = match args.listen.port() {
             0 | u16::MAX => 0,
@@ -465,7 +481,7 @@ async fn up(args: UpArgs) -> Result<()> {
         threads,
         memory: args.memory,
         coordinators: args.coordinators,
-        coordinator_args: otlp.clone(),
+        coordinator_args,
         worker_args: otlp,
     })
     .await?;

@@ -1,13 +1,16 @@
 //! The coordinator's control tasks: long-running loops that act on the replicated state.
 //!
 //! - [`scheduler`]: continuous batching of admitted requests into steps through the pipeline;
+//!   its KV account ([`kv_budget`]) and prefix index ([`prefix`]);
 //! - [`plan`]: on the leader, computes and loads a shard plan when workers come and go;
 //! - [`leadership`]: follows this node's Raft role (step up, step down);
 //! - [`liveness`]: drops workers that stop heartbeating.
 
+pub(crate) mod kv_budget;
 pub(crate) mod leadership;
 pub(crate) mod liveness;
 pub(crate) mod plan;
+pub mod prefix;
 pub mod scheduler;
 
 use std::time::Duration;

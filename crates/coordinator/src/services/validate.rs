@@ -71,6 +71,9 @@ impl ValidRequest {
             top_logprobs: p.top_logprobs,
             seed: self.seed,
             prompt: self.inner.prompt_ids.clone(),
+            // Set by the scheduler when the prompt starts with cached blocks.
+            cached_tokens: 0,
+            cached_blocks: Vec::new(),
         }
     }
 }

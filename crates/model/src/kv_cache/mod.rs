@@ -9,13 +9,22 @@
 //!
 //! Once a sequence holds its blocks, writing and viewing allocate nothing; [`PagedKvCache::reserve`]
 //! takes a block from the shared free list only when a token crosses a block boundary.
+//!
+//! Prefix caching: a full, committed block can be shared ([`PagedKvCache::share_block`]) into
+//! a [`PrefixStore`], and a later sequence can start from a chain of stored blocks
+//! ([`PagedKvCache::new_seq_with_prefix`]) instead of recomputing them. Blocks are reference
+//! counted; shared blocks are read-only, and a sequence writes only into blocks after them.
 
 mod allocator;
+mod prefix;
+#[cfg(test)]
+mod prefix_tests;
 #[cfg(test)]
 mod tests;
 
-pub use allocator::SeqKv;
 use allocator::{BlockAllocator, SharedAllocator, lock};
+pub use allocator::{BlockRef, SeqKv};
+pub use prefix::PrefixStore;
 
 use tessera_kernels::attention::KvView;
 
@@ -38,9 +47,29 @@ pub enum KvCacheError {
         /// Why it is rejected.
         reason: String,
     },
-    /// A [`SeqKv`] was used with a cache other than the one that created it.
-    #[error("the sequence belongs to another KV cache")]
+    /// A [`SeqKv`] or [`BlockRef`] was used with a cache other than the one that created it.
+    #[error("the sequence or block belongs to another KV cache")]
     ForeignSequence,
+    /// Only a full, committed block can be shared.
+    #[error("block {index} of a sequence of {len} tokens is not full and committed")]
+    NotShareable {
+        /// The block's index in the sequence's table.
+        index: usize,
+        /// The sequence's committed tokens.
+        len: usize,
+    },
+    /// A prefix store has no block under this hash.
+    #[error("the prefix store has no block {hash:016x}")]
+    PrefixMissing {
+        /// The block hash asked for.
+        hash: u64,
+    },
+    /// A prefix store already has a block under this hash.
+    #[error("the prefix store already has a block {hash:016x}")]
+    PrefixDuplicate {
+        /// The block hash offered.
+        hash: u64,
+    },
 }
 
 /// Shape and capacity of a [`PagedKvCache`].
@@ -148,6 +177,36 @@ impl PagedKvCache {
         SeqKv::new(self.alloc.clone(), self.cfg.block_size)
     }
 
+    /// A sequence starting from the full blocks `prefix` (a chain from a [`PrefixStore`]):
+    /// its first `prefix.len() * block_size` tokens are theirs, read-only and shared; its own
+    /// tokens go into fresh blocks after them.
+    ///
+    /// # Errors
+    /// [`KvCacheError::ForeignSequence`] when a block comes from another cache.
+    pub fn new_seq_with_prefix(&self, prefix: &[&BlockRef]) -> Result<SeqKv, KvCacheError> {
+        if prefix.iter().any(|b| !b.belongs_to(&self.alloc)) {
+            return Err(KvCacheError::ForeignSequence);
+        }
+        Ok(SeqKv::with_prefix(
+            self.alloc.clone(),
+            self.cfg.block_size,
+            prefix,
+        ))
+    }
+
+    /// A new reference to block `index` of `seq`, for a [`PrefixStore`]. The block must be
+    /// full and committed; from now on it (and every block before it) is read-only for `seq`.
+    ///
+    /// # Errors
+    /// [`KvCacheError::NotShareable`] when the block is not full and committed;
+    /// [`KvCacheError::ForeignSequence`] when `seq` comes from another cache.
+    pub fn share_block(&self, seq: &mut SeqKv, index: usize) -> Result<BlockRef, KvCacheError> {
+        if !seq.belongs_to(&self.alloc) {
+            return Err(KvCacheError::ForeignSequence);
+        }
+        seq.share(index)
+    }
+
     /// Makes room for `n` more tokens after `seq.len()`, taking blocks from the free list only
     /// when the sequence's current blocks are not enough.
     ///
@@ -167,7 +226,8 @@ impl PagedKvCache {
     ///
     /// # Panics
     /// Caller bugs: `layer >= n_layers`, `k`/`v` not whole tokens or of different lengths,
-    /// the positions not reserved, or `seq` from another cache.
+    /// the positions not reserved or inside the sequence's shared (read-only) blocks, or `seq`
+    /// from another cache.
     pub fn write(&mut self, layer: usize, seq: &SeqKv, k: &[f32], v: &[f32]) {
         assert!(
             seq.belongs_to(&self.alloc),
@@ -188,6 +248,11 @@ impl PagedKvCache {
         assert!(
             end <= seq.capacity(),
             "PagedKvCache::write: positions {start}..{end} not reserved"
+        );
+        // Shared blocks hold K/V other sequences and the prefix store read.
+        assert!(
+            start >= seq.shared_blocks() * self.cfg.block_size,
+            "PagedKvCache::write: position {start} is in a shared block"
         );
         let bs = self.cfg.block_size;
         let (kp, vp) = (&mut self.k[layer], &mut self.v[layer]);
@@ -234,7 +299,7 @@ impl PagedKvCache {
         }
     }
 
-    /// Blocks not owned by any sequence.
+    /// Blocks not owned by any sequence or [`BlockRef`].
     pub fn free_blocks(&self) -> usize {
         lock(&self.alloc).free()
     }
@@ -243,6 +308,12 @@ impl PagedKvCache {
     #[cfg(test)]
     fn free_ids(&self) -> Vec<u32> {
         lock(&self.alloc).free_ids()
+    }
+
+    /// How many owners block `b` has, for invariant checks.
+    #[cfg(test)]
+    fn refs(&self, b: u32) -> u32 {
+        lock(&self.alloc).refs(b)
     }
 
     /// Blocks needed to hold `tokens` tokens (what a scheduler checks before admitting).

@@ -2,12 +2,18 @@
 //! the queue, the running batch and the pipeline stream.
 //!
 //! Requests are admitted while the KV cache allows (prompt + max_tokens reserved, in whole
-//! blocks; the reservation frees itself on drop). Each step carries one decode token per
+//! blocks, less the cached prefix blocks a prompt starts with; the reservation frees itself on
+//! drop; see [`super::kv_budget`]). Each step carries one decode token per
 //! running sequence and prefill chunks of at most `prefill_chunk` tokens, `max_batch_tokens`
 //! in all, on ONE long-lived Pipeline stream to stage 0, opened per plan epoch. Sampled tokens
 //! go through each request's [`OutputStream`] (the engine's own detokenizer and stop checker)
 //! to the client. Finished and abandoned sequences are released in-band on the next step (a
-//! step of releases alone when no sequence runs, so an idle cluster holds no KV).
+//! step of releases alone when no sequence runs, so an idle cluster holds no KV but its
+//! prefix cache).
+//!
+//! Prefix caching (unless off): a sequence starts from the cached blocks its prompt begins
+//! with ([`super::prefix`]), named in its SeqStart; when it ends, its prompt blocks are
+//! cached. The workers' stores follow this stream's index through each step's prefix ops.
 //!
 //! Failure: when the stream breaks or the serving plan goes away (a plan worker dropped by
 //! the liveness monitor, or replaced), every running request ends with UNAVAILABLE and the
@@ -15,21 +21,22 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tessera_text::frontend::{Frontend, OutputStream};
-use tessera_text::sampling::{FinishReason, SampledToken};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
-use tracing::Instrument;
 
+use super::kv_budget::{KvBudget, KvReservation};
 use crate::error::CoordinatorError;
 use crate::services::validate::ValidRequest;
 use crate::state::cluster::{Cluster, Serving};
+
+mod step;
 
 /// How often waiting requests are looked at for clients that left.
 const QUEUE_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
@@ -103,26 +110,17 @@ impl SchedulerHandle {
     }
 }
 
-/// KV tokens reserved for one sequence; given back on drop.
-struct KvReservation {
-    pool: Arc<AtomicU64>,
-    tokens: u64,
-}
-
-impl Drop for KvReservation {
-    fn drop(&mut self) {
-        self.pool.fetch_sub(self.tokens, Ordering::SeqCst);
-    }
-}
-
 /// A running sequence.
 struct Seq {
     id: u64,
     req: ValidRequest,
     events: mpsc::UnboundedSender<EventResult>,
     output: OutputStream,
-    /// Prompt tokens already sent.
+    /// Prompt tokens whose K/V is on the workers or on its way: the cached ones, then those
+    /// already sent.
     prefilled: usize,
+    /// The cached blocks it starts from (held in the prefix index until it ends).
+    chain: Vec<u64>,
     /// The token to feed on the next decode step.
     next: Option<u32>,
     /// Whether its SeqStart went out.
@@ -151,7 +149,7 @@ struct Scheduler {
     running: Vec<Seq>,
     release: Vec<u64>,
     link: Option<Link>,
-    kv_used: Arc<AtomicU64>,
+    kv: KvBudget,
     next_seq: u64,
     next_step: u64,
     /// The newest plan epoch whose pipeline failed: not used again, even while it is still
@@ -171,6 +169,11 @@ pub fn spawn(
         max_queued: cluster.cfg.max_queued,
     };
     let serving = cluster.subscribe_leading();
+    let kv = KvBudget::new(
+        cluster.kv_tokens,
+        cluster.cfg.block_size,
+        cluster.cfg.prefix_cache,
+    );
     let s = Scheduler {
         cluster,
         frontend,
@@ -180,7 +183,7 @@ pub fn spawn(
         running: Vec::new(),
         release: Vec::new(),
         link: None,
-        kv_used: Arc::new(AtomicU64::new(0)),
+        kv,
         next_seq: 1,
         next_step: 1,
         dead_epoch: 0,
@@ -222,7 +225,11 @@ impl Scheduler {
             };
             if self.link.is_none() {
                 match self.open(&serving).await {
-                    Ok(link) => self.link = Some(link),
+                    Ok(link) => {
+                        // A new stream: every worker's prefix store for it starts empty.
+                        self.kv.reset_prefix();
+                        self.link = Some(link);
+                    }
                     Err(e) => {
                         tracing::warn!(epoch = serving.epoch, error = %e, "pipeline stream failed to open");
                         self.dead_epoch = serving.epoch;
@@ -236,8 +243,10 @@ impl Scheduler {
                     }
                 }
             }
-            self.admit();
+            // Abandoned sequences first: their retain ops must precede any eviction that
+            // admission decides, and the room they free may admit a request now.
             self.drop_abandoned();
+            self.admit();
             self.publish_load();
             let Some(step) = self.build_step() else {
                 if !self.wait_for_work(false).await {
@@ -292,7 +301,10 @@ impl Scheduler {
         self.cluster.metrics.set_load(
             self.running.len(),
             self.queue.len(),
-            self.kv_used.load(Ordering::SeqCst),
+            // Running requests' reservations; cached prefix blocks are evictable, not in use.
+            self.kv.used_tokens().saturating_sub(
+                self.kv.cached_blocks() as u64 * u64::from(self.cluster.cfg.block_size.max(1)),
+            ),
             u64::from(self.cluster.kv_tokens),
         );
     }
@@ -339,23 +351,29 @@ impl Scheduler {
         })
     }
 
-    /// Admits queued requests, oldest first, while their KV reservation fits.
+    /// Admits queued requests, oldest first, while their KV reservation fits (evicting
+    /// unreferenced cached prefix blocks when that makes it fit).
     fn admit(&mut self) {
-        let block = u64::from(self.cluster.cfg.block_size.max(1));
-        let capacity = u64::from(self.cluster.kv_tokens);
         while let Some(front) = self.queue.front() {
-            let need = (front.req.max_len() as u64).div_ceil(block) * block;
-            if self.kv_used.load(Ordering::SeqCst) + need > capacity {
+            let prompt = &front.req.inner.prompt_ids;
+            let Some(adm) = self.kv.admit(prompt, front.req.max_len()) else {
                 break;
+            };
+            if self.kv.prefix_cache() {
+                self.cluster.metrics.prefix_lookup(
+                    prompt.len() as u64,
+                    adm.cached_tokens as u64,
+                    adm.evicted as u64,
+                );
             }
             let Some(s) = self.queue.pop_front() else {
                 break;
             };
-            self.kv_used.fetch_add(need, Ordering::SeqCst);
             let id = self.next_seq;
             self.next_seq += 1;
+            let cached = adm.cached_tokens;
             s.span
-                .in_scope(|| tracing::debug!(seq = id, kv_tokens = need, "admitted"));
+                .in_scope(|| tracing::debug!(seq = id, cached, "admitted"));
             self.cluster
                 .metrics
                 .queued_for(s.req.received.elapsed().as_secs_f64());
@@ -364,17 +382,26 @@ impl Scheduler {
                 output: self.frontend.output(&s.req.inner),
                 req: s.req,
                 events: s.events,
-                prefilled: 0,
+                prefilled: adm.cached_tokens,
+                chain: adm.chain,
                 next: None,
                 started: false,
                 first_token: None,
                 last_token: None,
                 span: s.span,
-                _kv: KvReservation {
-                    pool: Arc::clone(&self.kv_used),
-                    tokens: need,
-                },
+                _kv: adm.reservation,
             });
+        }
+    }
+
+    /// Ends a sequence's hold on the KV: prefix references dropped, computed prompt blocks
+    /// cached, a release on the next step if it started; its reservation goes with `s`.
+    fn retire(&mut self, s: Seq) {
+        let prompt = &s.req.inner.prompt_ids;
+        self.kv
+            .retire(s.id, prompt, &s.chain, s.prefilled, s.started);
+        if s.started {
+            self.release.push(s.id);
         }
     }
 
@@ -386,276 +413,10 @@ impl Scheduler {
                 let s = self.running.swap_remove(i);
                 s.span
                     .in_scope(|| tracing::info!("client went away; cancelling"));
-                if s.started {
-                    self.release.push(s.id);
-                }
+                self.retire(s);
             } else {
                 i += 1;
             }
-        }
-    }
-
-    /// The next step: one decode token per decoding sequence, then prefill chunks, within
-    /// `max_batch_tokens`, carrying the pending releases. A step with no sequences still goes
-    /// out when releases are pending (the workers free them and answer with no tokens): the
-    /// last requests to finish must not hold their KV until the next request comes. `None`
-    /// when there is nothing to send.
-    fn build_step(&mut self) -> Option<cpb::StepRequest> {
-        let cfg = &self.cluster.cfg;
-        let mut budget = cfg.max_batch_tokens.max(1) as usize;
-        let chunk = cfg.prefill_chunk.max(1) as usize;
-        let mut seqs = Vec::new();
-        for s in self.running.iter_mut().filter(|s| s.next.is_some()) {
-            if budget == 0 {
-                break;
-            }
-            budget -= 1;
-            seqs.push(cpb::SeqStep {
-                seq_id: s.id,
-                tokens: s.next.into_iter().collect(),
-                sample: true,
-                start: None,
-            });
-        }
-        for s in self.running.iter_mut().filter(|s| s.next.is_none()) {
-            let prompt = &s.req.inner.prompt_ids;
-            let left = prompt.len() - s.prefilled;
-            if budget == 0 || left == 0 {
-                continue;
-            }
-            let n = left.min(chunk).min(budget);
-            budget -= n;
-            let tokens = prompt[s.prefilled..s.prefilled + n].to_vec();
-            s.prefilled += n;
-            let start = (!s.started).then(|| s.req.seq_start());
-            s.started = true;
-            seqs.push(cpb::SeqStep {
-                seq_id: s.id,
-                tokens,
-                sample: s.prefilled == prompt.len(),
-                start,
-            });
-        }
-        if seqs.is_empty() && self.release.is_empty() {
-            return None;
-        }
-        let step_id = self.next_step;
-        self.next_step += 1;
-        Some(cpb::StepRequest {
-            plan_epoch: self.link.as_ref().map_or(0, |l| l.epoch),
-            step_id,
-            seqs,
-            hidden: Vec::new(),
-            release: std::mem::take(&mut self.release),
-            // Set in run_step, from the step's span.
-            trace_context: Default::default(),
-        })
-    }
-
-    /// The span of a step: a child of the `generate` span of the batch's first sequence,
-    /// following from those of the others — so a request served alone
-    /// gets one trace holding every step, and a batched step links every request it serves.
-    fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
-        // A step of releases alone serves no request: no span, and no trace context for the
-        // workers (which then make none either).
-        if step.seqs.is_empty() {
-            return tracing::Span::none();
-        }
-        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
-        let mut spans = step
-            .seqs
-            .iter()
-            .filter_map(|q| self.running.iter().find(|s| s.id == q.seq_id))
-            .map(|s| &s.span);
-        let first = spans.next();
-        let span = tracing::info_span!(
-            parent: first.and_then(tracing::Span::id),
-            "step",
-            step_id = step.step_id,
-            seqs = step.seqs.len(),
-            tokens,
-            epoch = step.plan_epoch
-        );
-        for other in spans {
-            span.follows_from(other);
-        }
-        span
-    }
-
-    /// Sends a step and feeds its answer to the sequences; on failure ends every running
-    /// request with UNAVAILABLE.
-    async fn run_step(&mut self, mut step: cpb::StepRequest) {
-        let span = self.step_span(&step);
-        step.trace_context = tessera_telemetry::trace_context::inject(&span);
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
-        let step_id = step.step_id;
-        let epoch = link.epoch;
-        let sent_at = Instant::now();
-        let answer = async {
-            if link.tx.send(step).await.is_err() {
-                return Err(unavailable("the pipeline stream closed"));
-            }
-            tokio::select! {
-                r = link.rx.message() => match r {
-                    Ok(Some(resp)) if resp.step_id == step_id => Ok(resp),
-                    Ok(Some(resp)) => Err(unavailable(format!(
-                        "pipeline answered step {} for step {step_id}", resp.step_id))),
-                    Ok(None) => Err(unavailable("the pipeline stream ended")),
-                    Err(status) => Err(unavailable(format!(
-                        "a worker was lost mid-request: {}", status.message()))),
-                },
-                _ = wait_plan_change(&mut self.serving, epoch) => {
-                    Err(unavailable("a worker of the plan was lost mid-request"))
-                }
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        match answer {
-            Ok(resp) => {
-                if tokens > 0 {
-                    // A release-only step is bookkeeping, not model work.
-                    self.cluster
-                        .metrics
-                        .step(tokens as u64, sent_at.elapsed().as_secs_f64());
-                }
-                span.in_scope(|| self.absorb(resp));
-            }
-            Err(status) => {
-                tracing::warn!(epoch, error = %status.message(), "pipeline failed");
-                self.link = None;
-                self.dead_epoch = epoch;
-                self.fail_running(status.message());
-                self.cluster.replan.report_failure(epoch);
-            }
-        }
-    }
-
-    /// Feeds sampled tokens to their sequences and streams the events.
-    fn absorb(&mut self, resp: cpb::StepResponse) {
-        for t in resp.tokens {
-            let Some(i) = self.running.iter().position(|s| s.id == t.seq_id) else {
-                continue;
-            };
-            let s = &mut self.running[i];
-            let now = Instant::now();
-            s.first_token.get_or_insert(now);
-            if let Some(last) = s.last_token.replace(now) {
-                self.cluster.metrics.inter_token((now - last).as_secs_f64());
-            }
-            let token = SampledToken {
-                id: t.id,
-                logprob: t.logprob,
-                top_logprobs: t.top_logprobs.iter().map(|l| (l.id, l.logprob)).collect(),
-            };
-            let (event, finished) = s.output.push(token);
-            let mut token = pb::TokenEvent {
-                id: event.token.id,
-                text: event.text,
-                logprob: event.token.logprob,
-                top_logprobs: t.top_logprobs,
-                ..Default::default()
-            };
-            if token.logprob.is_some() {
-                name_tokens(&self.frontend, &mut token);
-            }
-            let sent = s
-                .events
-                .send(Ok(pb::GenerateEvent {
-                    event: Some(pb::generate_event::Event::Token(token)),
-                }))
-                .is_ok();
-            if let Some(reason) = finished {
-                let s = self.running.swap_remove(i);
-                self.finish(s, reason);
-            } else if !sent {
-                let s = self.running.swap_remove(i);
-                s.span
-                    .in_scope(|| tracing::info!("client went away; cancelling"));
-                self.cluster.metrics.request_ended("cancelled");
-                self.release.push(s.id);
-            } else {
-                s.next = Some(t.id);
-            }
-        }
-    }
-
-    /// Sends a sequence's Finished event and releases it.
-    fn finish(&mut self, mut s: Seq, reason: FinishReason) {
-        let now = Instant::now();
-        let received = s.req.received;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        let usage = pb::Usage {
-            prompt_tokens: s.req.inner.prompt_ids.len() as u32,
-            completion_tokens: s.output.generated(),
-            time_to_first_token_ms: ms(s.first_token.unwrap_or(now) - received),
-            total_ms: ms(now - received),
-        };
-        let (reason, outcome) = (tessera_proto::wire::finish_reason(reason), reason.as_str());
-        self.cluster.metrics.request_ended(outcome);
-        self.cluster.metrics.finished(
-            u64::from(usage.prompt_tokens),
-            u64::from(usage.completion_tokens),
-            usage.time_to_first_token_ms / 1e3,
-            usage.total_ms / 1e3,
-        );
-        s.span.in_scope(|| {
-            tracing::info!(
-                completion_tokens = usage.completion_tokens,
-                ttft_ms = usage.time_to_first_token_ms,
-                total_ms = usage.total_ms,
-                "finished"
-            );
-        });
-        let _ = s.events.send(Ok(pb::GenerateEvent {
-            event: Some(pb::generate_event::Event::Finished(pb::Finished {
-                request_id: s.req.request_id.clone(),
-                reason: reason as i32,
-                usage: Some(usage),
-                text: s.output.flush(),
-            })),
-        }));
-        self.release.push(s.id);
-    }
-
-    /// Ends every running request with UNAVAILABLE; their sequences die with the stream.
-    fn fail_running(&mut self, msg: &str) {
-        for s in self.running.drain(..) {
-            s.span
-                .in_scope(|| tracing::warn!(error = msg, "request failed"));
-            self.cluster.metrics.request_ended("unavailable");
-            let _ = s.events.send(Err(unavailable(msg.to_owned())));
-        }
-        // The stream that held them is gone, and with it their state on every worker.
-        self.release.clear();
-        self.publish_load();
-    }
-}
-
-/// Fills in the text and bytes of a token event's sampled token and alternatives (what
-/// logprobs show a client; the workers send ids only).
-fn name_tokens(frontend: &Frontend, token: &mut pb::TokenEvent) {
-    let tokenizer = frontend.tokenizer();
-    let bytes = |id: u32| tokenizer.token_bytes(id).unwrap_or_default().to_vec();
-    token.token_bytes = bytes(token.id);
-    token.token_text = String::from_utf8_lossy(&token.token_bytes).into_owned();
-    for alt in &mut token.top_logprobs {
-        alt.bytes = bytes(alt.id);
-        alt.text = String::from_utf8_lossy(&alt.bytes).into_owned();
-    }
-}
-
-/// Resolves once the serving plan is no longer the one of `epoch`.
-async fn wait_plan_change(serving: &mut watch::Receiver<Option<Serving>>, epoch: u64) {
-    loop {
-        if serving.borrow_and_update().as_ref().map(|s| s.epoch) != Some(epoch) {
-            return;
-        }
-        if serving.changed().await.is_err() {
-            return std::future::pending().await;
         }
     }
 }

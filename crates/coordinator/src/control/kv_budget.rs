@@ -1,0 +1,276 @@
+//! The scheduler's account of each worker's KV cache: the blocks reserved for running
+//! sequences, the blocks the prefix cache holds, and the prefix-cache operations the workers
+//! must apply on the next step.
+//!
+//! Every worker of a plan gets the same `kv_tokens`, so one account stands for them all. A
+//! sequence reserves its prompt plus `max_tokens`, in whole blocks, less the cached blocks it
+//! starts from; the prefix index's blocks count too, referenced or not. When a request does
+//! not fit, unreferenced cached blocks are evicted (least recently used, leaves first) —
+//! the evict ops go out before (in the same step as, or earlier than) the first step of the
+//! sequence that needed the room, and workers apply a step's prefix ops before its sequences.
+//!
+//! Ordering contract with the workers (see worker.proto): [`KvBudget::take_ops`] hands over
+//! the ops in the order they were decided; the scheduler puts them on the next step, whose
+//! `release` list must include the sequences this account retired since the last step (a
+//! retain op reads a sequence's blocks, so it must reach a stage before its release).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tessera_proto::cluster::v1 as cpb;
+use tessera_proto::cluster::v1::prefix_op::Op;
+
+use super::prefix::PrefixIndex;
+
+/// KV tokens reserved for one sequence; given back on drop.
+#[derive(Debug)]
+pub(crate) struct KvReservation {
+    pool: Arc<AtomicU64>,
+    tokens: u64,
+}
+
+impl Drop for KvReservation {
+    fn drop(&mut self) {
+        self.pool.fetch_sub(self.tokens, Ordering::SeqCst);
+    }
+}
+
+/// What an admitted sequence holds.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    /// Its own KV reservation (the blocks after the cached ones).
+    pub reservation: KvReservation,
+    /// The cached blocks it starts from (referenced in the index until it retires).
+    pub chain: Vec<u64>,
+    /// The prompt tokens those blocks hold.
+    pub cached_tokens: usize,
+    /// Cached blocks evicted to make room for it.
+    pub evicted: usize,
+}
+
+/// One stream's KV account.
+#[derive(Debug)]
+pub(crate) struct KvBudget {
+    /// Tokens per worker.
+    capacity: u64,
+    block: u64,
+    /// Tokens reserved by running sequences (shared with their reservations).
+    reserved: Arc<AtomicU64>,
+    /// `None` when prefix caching is off.
+    prefix: Option<PrefixIndex>,
+    /// Prefix ops decided since the last step, in order.
+    ops: Vec<cpb::PrefixOp>,
+}
+
+impl KvBudget {
+    /// An empty account of `capacity` tokens per worker in blocks of `block_size`, with or
+    /// without a prefix cache.
+    pub fn new(capacity: u32, block_size: u32, prefix_cache: bool) -> Self {
+        let block = u64::from(block_size.max(1));
+        Self {
+            capacity: u64::from(capacity),
+            block,
+            reserved: Arc::new(AtomicU64::new(0)),
+            prefix: prefix_cache.then(|| PrefixIndex::new(block as usize)),
+            ops: Vec::new(),
+        }
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// Blocks the prefix cache holds on each worker.
+    pub fn cached_blocks(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixIndex::len)
+    }
+
+    /// Tokens in use on each worker: reservations plus cached blocks.
+    pub fn used_tokens(&self) -> u64 {
+        self.reserved.load(Ordering::SeqCst) + self.cached_blocks() as u64 * self.block
+    }
+
+    /// Admits a sequence of `prompt` that may grow to `max_len` tokens when its blocks fit,
+    /// after evicting unreferenced cached blocks if that makes them fit; `None` (and nothing
+    /// changed) otherwise.
+    pub fn admit(&mut self, prompt: &[u32], max_len: usize) -> Option<Admission> {
+        let chain = self
+            .prefix
+            .as_mut()
+            .map(|p| p.acquire(prompt))
+            .unwrap_or_default();
+        let blocks = (max_len as u64).div_ceil(self.block);
+        let need = blocks.saturating_sub(chain.len() as u64) * self.block;
+        let used = self.used_tokens();
+        let mut evicted = 0;
+        if used + need > self.capacity {
+            let short = (used + need - self.capacity).div_ceil(self.block);
+            let room = self
+                .prefix
+                .as_ref()
+                .is_some_and(|p| p.evictable() as u64 >= short);
+            let Some(index) = self.prefix.as_mut().filter(|_| room) else {
+                if let Some(p) = self.prefix.as_mut() {
+                    p.release(&chain);
+                }
+                return None;
+            };
+            let hashes = index.evict(short as usize);
+            evicted = hashes.len();
+            self.ops.extend(hashes.into_iter().map(|h| cpb::PrefixOp {
+                op: Some(Op::Evict(h)),
+            }));
+        }
+        self.reserved.fetch_add(need, Ordering::SeqCst);
+        let cached_tokens = chain.len() * self.block as usize;
+        Some(Admission {
+            reservation: KvReservation {
+                pool: Arc::clone(&self.reserved),
+                tokens: need,
+            },
+            chain,
+            cached_tokens,
+            evicted,
+        })
+    }
+
+    /// Ends sequence `seq_id` of `prompt`, which started from `chain` and whose K/V covers
+    /// its first `computed` tokens: gives up its references, and caches its full prompt
+    /// blocks that are computed and not cached yet (a retain op for the workers). Call it
+    /// before the sequence's reservation drops and its release goes out, so the retained
+    /// blocks move from the reservation to the index within one step. `started`: whether its
+    /// first step went out (a sequence never started has no blocks to retain).
+    pub fn retire(
+        &mut self,
+        seq_id: u64,
+        prompt: &[u32],
+        chain: &[u64],
+        computed: usize,
+        started: bool,
+    ) {
+        let Some(index) = self.prefix.as_mut() else {
+            return;
+        };
+        index.release(chain);
+        if !started {
+            return;
+        }
+        let blocks = computed.min(prompt.len()) / index.block_size();
+        if let Some((first, hashes)) = index.insert(prompt, blocks) {
+            self.ops.push(cpb::PrefixOp {
+                op: Some(Op::Retain(cpb::RetainBlocks {
+                    seq_id,
+                    first_block: first as u32,
+                    hashes,
+                })),
+            });
+        }
+    }
+
+    /// The prefix ops decided since the last call, in order, for the next step.
+    pub fn take_ops(&mut self) -> Vec<cpb::PrefixOp> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Whether prefix ops wait for a step.
+    pub fn has_ops(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// Forgets the prefix cache and pending ops: the stream they belonged to is gone, and its
+    /// stores with it on every worker. Reservations stay with their sequences.
+    pub fn reset_prefix(&mut self) {
+        if let Some(p) = self.prefix.as_mut() {
+            p.clear();
+        }
+        self.ops.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn evicts(ops: &[cpb::PrefixOp]) -> Vec<u64> {
+        ops.iter()
+            .filter_map(|o| match o.op {
+                Some(Op::Evict(h)) => Some(h),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Ensures that a finished sequence's prompt blocks move from its reservation to the
+    /// prefix cache (a retain op), that the next sequence with that prompt reserves only the
+    /// blocks after them, and that with the cache off nothing is cached or sent.
+    #[test]
+    fn retire_caches_and_admit_reuses() {
+        let prompt: Vec<u32> = (0..10).collect();
+        let mut kv = KvBudget::new(64, 4, true);
+        let a = kv.admit(&prompt, 14).expect("fits");
+        assert_eq!((a.cached_tokens, kv.used_tokens()), (0, 16));
+        kv.retire(1, &prompt, &a.chain, 10, true);
+        drop(a);
+        assert_eq!((kv.cached_blocks(), kv.used_tokens()), (2, 8));
+        let ops = kv.take_ops();
+        assert!(matches!(
+            &ops[..],
+            [cpb::PrefixOp { op: Some(Op::Retain(r)) }]
+                if r.seq_id == 1 && r.first_block == 0 && r.hashes.len() == 2
+        ));
+        let b = kv.admit(&prompt, 14).expect("fits");
+        assert_eq!(
+            (b.cached_tokens, b.chain.len(), kv.used_tokens()),
+            (8, 2, 16)
+        );
+        kv.retire(2, &prompt, &b.chain, 10, true);
+        assert!(!kv.has_ops(), "nothing new to retain");
+
+        let mut off = KvBudget::new(64, 4, false);
+        let a = off.admit(&prompt, 14).expect("fits");
+        off.retire(1, &prompt, &a.chain, 10, true);
+        drop(a);
+        assert_eq!(
+            (off.cached_blocks(), off.used_tokens(), off.has_ops()),
+            (0, 0, false)
+        );
+        assert_eq!(off.admit(&prompt, 14).map(|a| a.cached_tokens), Some(0));
+    }
+
+    /// Ensures that admission evicts just enough unreferenced cached blocks (least recently
+    /// used first, leaf first) when that makes a request fit, and evicts nothing (changing
+    /// nothing) when even that would not make it fit.
+    #[test]
+    fn admission_evicts_only_what_it_needs() {
+        let mut kv = KvBudget::new(32, 4, true);
+        let p1: Vec<u32> = (0..8).collect();
+        let p2: Vec<u32> = (100..108).collect();
+        let mut retained = Vec::new();
+        for (id, p) in [(1, &p1), (2, &p2)] {
+            let a = kv.admit(p, 8).expect("fits");
+            kv.retire(id, p, &a.chain, 8, true);
+            match &kv.take_ops()[..] {
+                [
+                    cpb::PrefixOp {
+                        op: Some(Op::Retain(r)),
+                    },
+                ] => retained.push(r.hashes.clone()),
+                other => panic!("one retain op expected: {other:?}"),
+            }
+        }
+        assert_eq!((kv.cached_blocks(), kv.used_tokens()), (4, 16));
+        // 24 tokens more: 16 are free, so two blocks must go: p1's, the oldest, leaf first.
+        let big: Vec<u32> = (200..224).collect();
+        let a = kv.admit(&big, 24).expect("fits after evicting two blocks");
+        assert_eq!(evicts(&kv.take_ops()), [retained[0][1], retained[0][0]]);
+        assert_eq!(kv.used_tokens(), 32);
+        // Too little is evictable for another 16: refused, nothing changes.
+        assert!(kv.admit(&(300..316).collect::<Vec<_>>(), 16).is_none());
+        assert_eq!((kv.cached_blocks(), kv.has_ops()), (2, false));
+        drop(a);
+        assert_eq!(kv.used_tokens(), 8);
+        kv.reset_prefix();
+        assert_eq!((kv.cached_blocks(), kv.used_tokens()), (0, 0));
+    }
+}

@@ -1,0 +1,294 @@
+//! One step of the scheduler: building it from the running sequences (decode tokens first,
+//! then prefill chunks, with the pending releases and prefix ops), sending it down the
+//! pipeline stream inside its span, and feeding the sampled tokens back to each request's
+//! output stream — finishing, cancelling, or failing sequences as the answer says.
+
+use std::time::Instant;
+
+use tessera_proto::cluster::v1 as cpb;
+use tessera_proto::v1 as pb;
+use tessera_text::frontend::Frontend;
+use tessera_text::sampling::{FinishReason, SampledToken};
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::{Scheduler, Seq, unavailable};
+use crate::state::cluster::Serving;
+
+impl Scheduler {
+    /// The next step: one decode token per decoding sequence, then prefill chunks, within
+    /// `max_batch_tokens`, carrying the pending releases. A step with no sequences still goes
+    /// out when releases are pending (the workers free them and answer with no tokens): the
+    /// last requests to finish must not hold their KV until the next request comes. `None`
+    /// when there is nothing to send.
+    pub(super) fn build_step(&mut self) -> Option<cpb::StepRequest> {
+        let cfg = &self.cluster.cfg;
+        let mut budget = cfg.max_batch_tokens.max(1) as usize;
+        let chunk = cfg.prefill_chunk.max(1) as usize;
+        let mut seqs = Vec::new();
+        for s in self.running.iter_mut().filter(|s| s.next.is_some()) {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
+            seqs.push(cpb::SeqStep {
+                seq_id: s.id,
+                tokens: s.next.into_iter().collect(),
+                sample: true,
+                start: None,
+            });
+        }
+        for s in self.running.iter_mut().filter(|s| s.next.is_none()) {
+            let prompt = &s.req.inner.prompt_ids;
+            let left = prompt.len() - s.prefilled;
+            if budget == 0 || left == 0 {
+                continue;
+            }
+            let n = left.min(chunk).min(budget);
+            budget -= n;
+            let tokens = prompt[s.prefilled..s.prefilled + n].to_vec();
+            s.prefilled += n;
+            let start = (!s.started).then(|| cpb::SeqStart {
+                cached_tokens: (s.chain.len() * cfg.block_size.max(1) as usize) as u32,
+                cached_blocks: s.chain.clone(),
+                ..s.req.seq_start()
+            });
+            s.started = true;
+            seqs.push(cpb::SeqStep {
+                seq_id: s.id,
+                tokens,
+                sample: s.prefilled == prompt.len(),
+                start,
+            });
+        }
+        if seqs.is_empty() && self.release.is_empty() && !self.kv.has_ops() {
+            return None;
+        }
+        let step_id = self.next_step;
+        self.next_step += 1;
+        Some(cpb::StepRequest {
+            plan_epoch: self.link.as_ref().map_or(0, |l| l.epoch),
+            step_id,
+            seqs,
+            hidden: Vec::new(),
+            release: std::mem::take(&mut self.release),
+            // Set in run_step, from the step's span.
+            trace_context: Default::default(),
+            prefix_ops: self.kv.take_ops(),
+        })
+    }
+
+    /// The span of a step: a child of the `generate` span of the batch's first sequence,
+    /// following from those of the others — so a request served alone
+    /// gets one trace holding every step, and a batched step links every request it serves.
+    fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
+        // A step of releases alone serves no request: no span, and no trace context for the
+        // workers (which then make none either).
+        if step.seqs.is_empty() {
+            return tracing::Span::none();
+        }
+        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
+        let mut spans = step
+            .seqs
+            .iter()
+            .filter_map(|q| self.running.iter().find(|s| s.id == q.seq_id))
+            .map(|s| &s.span);
+        let first = spans.next();
+        let span = tracing::info_span!(
+            parent: first.and_then(tracing::Span::id),
+            "step",
+            step_id = step.step_id,
+            seqs = step.seqs.len(),
+            tokens,
+            epoch = step.plan_epoch
+        );
+        for other in spans {
+            span.follows_from(other);
+        }
+        span
+    }
+
+    /// Sends a step and feeds its answer to the sequences; on failure ends every running
+    /// request with UNAVAILABLE.
+    pub(super) async fn run_step(&mut self, mut step: cpb::StepRequest) {
+        let span = self.step_span(&step);
+        step.trace_context = tessera_telemetry::trace_context::inject(&span);
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
+        let step_id = step.step_id;
+        let epoch = link.epoch;
+        let sent_at = Instant::now();
+        let answer = async {
+            if link.tx.send(step).await.is_err() {
+                return Err(unavailable("the pipeline stream closed"));
+            }
+            tokio::select! {
+                r = link.rx.message() => match r {
+                    Ok(Some(resp)) if resp.step_id == step_id => Ok(resp),
+                    Ok(Some(resp)) => Err(unavailable(format!(
+                        "pipeline answered step {} for step {step_id}", resp.step_id))),
+                    Ok(None) => Err(unavailable("the pipeline stream ended")),
+                    Err(status) => Err(unavailable(format!(
+                        "a worker was lost mid-request: {}", status.message()))),
+                },
+                _ = wait_plan_change(&mut self.serving, epoch) => {
+                    Err(unavailable("a worker of the plan was lost mid-request"))
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        match answer {
+            Ok(resp) => {
+                if tokens > 0 {
+                    // A release-only step is bookkeeping, not model work.
+                    self.cluster
+                        .metrics
+                        .step(tokens as u64, sent_at.elapsed().as_secs_f64());
+                }
+                span.in_scope(|| self.absorb(resp));
+            }
+            Err(status) => {
+                if self.running.is_empty() {
+                    // A step of releases alone: no request lost (a cluster stopping, typically).
+                    tracing::info!(epoch, error = %status.message(), "pipeline closed while idle");
+                } else {
+                    tracing::warn!(epoch, error = %status.message(), "pipeline failed");
+                }
+                self.link = None;
+                self.dead_epoch = epoch;
+                self.fail_running(status.message());
+                self.cluster.replan.report_failure(epoch);
+            }
+        }
+    }
+
+    /// Feeds sampled tokens to their sequences and streams the events.
+    fn absorb(&mut self, resp: cpb::StepResponse) {
+        for t in resp.tokens {
+            let Some(i) = self.running.iter().position(|s| s.id == t.seq_id) else {
+                continue;
+            };
+            let s = &mut self.running[i];
+            let now = Instant::now();
+            s.first_token.get_or_insert(now);
+            if let Some(last) = s.last_token.replace(now) {
+                self.cluster.metrics.inter_token((now - last).as_secs_f64());
+            }
+            let token = SampledToken {
+                id: t.id,
+                logprob: t.logprob,
+                top_logprobs: t.top_logprobs.iter().map(|l| (l.id, l.logprob)).collect(),
+            };
+            let (event, finished) = s.output.push(token);
+            let mut token = pb::TokenEvent {
+                id: event.token.id,
+                text: event.text,
+                logprob: event.token.logprob,
+                top_logprobs: t.top_logprobs,
+                ..Default::default()
+            };
+            if token.logprob.is_some() {
+                name_tokens(&self.frontend, &mut token);
+            }
+            let sent = s
+                .events
+                .send(Ok(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Token(token)),
+                }))
+                .is_ok();
+            if let Some(reason) = finished {
+                let s = self.running.swap_remove(i);
+                self.finish(s, reason);
+            } else if !sent {
+                let s = self.running.swap_remove(i);
+                s.span
+                    .in_scope(|| tracing::info!("client went away; cancelling"));
+                self.cluster.metrics.request_ended("cancelled");
+                self.retire(s);
+            } else {
+                s.next = Some(t.id);
+            }
+        }
+    }
+
+    /// Sends a sequence's Finished event and retires it.
+    fn finish(&mut self, mut s: Seq, reason: FinishReason) {
+        let now = Instant::now();
+        let received = s.req.received;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        let usage = pb::Usage {
+            prompt_tokens: s.req.inner.prompt_ids.len() as u32,
+            completion_tokens: s.output.generated(),
+            time_to_first_token_ms: ms(s.first_token.unwrap_or(now) - received),
+            total_ms: ms(now - received),
+        };
+        let (reason, outcome) = (tessera_proto::wire::finish_reason(reason), reason.as_str());
+        self.cluster.metrics.request_ended(outcome);
+        self.cluster.metrics.finished(
+            u64::from(usage.prompt_tokens),
+            u64::from(usage.completion_tokens),
+            usage.time_to_first_token_ms / 1e3,
+            usage.total_ms / 1e3,
+        );
+        s.span.in_scope(|| {
+            tracing::info!(
+                completion_tokens = usage.completion_tokens,
+                ttft_ms = usage.time_to_first_token_ms,
+                total_ms = usage.total_ms,
+                "finished"
+            );
+        });
+        let _ = s.events.send(Ok(pb::GenerateEvent {
+            event: Some(pb::generate_event::Event::Finished(pb::Finished {
+                request_id: s.req.request_id.clone(),
+                reason: reason as i32,
+                usage: Some(usage),
+                text: s.output.flush(),
+            })),
+        }));
+        self.retire(s);
+    }
+
+    /// Ends every running request with UNAVAILABLE; their sequences die with the stream.
+    pub(super) fn fail_running(&mut self, msg: &str) {
+        for s in self.running.drain(..) {
+            s.span
+                .in_scope(|| tracing::warn!(error = msg, "request failed"));
+            self.cluster.metrics.request_ended("unavailable");
+            let _ = s.events.send(Err(unavailable(msg.to_owned())));
+        }
+        // The stream that held them is gone, and with it their state on every worker: their
+        // KV, and the stream's prefix stores.
+        self.release.clear();
+        self.kv.reset_prefix();
+        self.publish_load();
+    }
+}
+
+/// Fills in the text and bytes of a token event's sampled token and alternatives (what
+/// logprobs show a client; the workers send ids only).
+fn name_tokens(frontend: &Frontend, token: &mut pb::TokenEvent) {
+    let tokenizer = frontend.tokenizer();
+    let bytes = |id: u32| tokenizer.token_bytes(id).unwrap_or_default().to_vec();
+    token.token_bytes = bytes(token.id);
+    token.token_text = String::from_utf8_lossy(&token.token_bytes).into_owned();
+    for alt in &mut token.top_logprobs {
+        alt.bytes = bytes(alt.id);
+        alt.text = String::from_utf8_lossy(&alt.bytes).into_owned();
+    }
+}
+
+/// Resolves once the serving plan is no longer the one of `epoch`.
+async fn wait_plan_change(serving: &mut watch::Receiver<Option<Serving>>, epoch: u64) {
+    loop {
+        if serving.borrow_and_update().as_ref().map(|s| s.epoch) != Some(epoch) {
+            return;
+        }
+        if serving.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
