@@ -9,16 +9,17 @@
 //! worker.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
+mod settle;
 
 use common::{Coordinator, WAIT, wait_ready};
+use settle::settle;
 use tessera_coordinator::CoordinatorConfig;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::greedy_exact;
-use tessera_worker::ShardStatus;
 use tonic::transport::Channel;
 
 const KV_TOKENS: u32 = 1024;
@@ -104,14 +105,6 @@ async fn run(client: &mut InferenceClient<Channel>, ending: Ending) {
     }
 }
 
-/// Whether a worker holds no sequence and no KV block but those of the prefix cache (on by
-/// default; these prompts are shorter than one block, so it caches none).
-fn idle(s: &ShardStatus) -> bool {
-    s.live_sequences == 0
-        && s.free_kv_blocks + s.cached_kv_blocks == s.total_kv_blocks
-        && s.cached_kv_blocks == 0
-}
-
 /// Ensures that after requests of every ending, sequential and concurrent, every worker's
 /// live sequences and KV blocks in use return to 0 within a few seconds of the last one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -157,18 +150,10 @@ async fn every_ending_frees_its_kv_on_every_worker() {
         t.await.expect("request task");
     }
 
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let status: Vec<ShardStatus> = workers.iter().map(|w| w.shard().status()).collect();
-        if status.iter().all(idle) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "KV still held {SETTLE:?} after the last request: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Every block is free again: the prefix cache (on by default) caches none of these
+    // prompts, which are shorter than one block.
+    let status = settle(&workers, SETTLE).await;
+    assert!(status.iter().all(|s| s.cached_kv_blocks == 0), "{status:?}");
     // Nothing was lost on the way: one more request is served normally.
     run(&mut client, Ending::Length).await;
 

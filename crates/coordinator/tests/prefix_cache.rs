@@ -7,16 +7,18 @@
 //! no sequence, its blocks in use are exactly its cached blocks, and both stages cache the
 //! same number of blocks (their stores mirror one index).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
+mod settle;
 
 use common::{Coordinator, WAIT, wait_ready};
+use settle::settle;
 use tessera_coordinator::CoordinatorConfig;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{collect_finished, free_addr, greedy_with_logprobs, sample, scrape};
-use tessera_worker::{RunningWorker, ShardStatus};
+use tessera_worker::ShardStatus;
 use tonic::transport::Channel;
 
 /// Small enough that the five ~300-token prefixes used below do not all fit: admission has to
@@ -82,25 +84,6 @@ async fn metrics(addr: &str) -> String {
     tokio::task::spawn_blocking(move || scrape(&addr))
         .await
         .expect("scrape")
-}
-
-/// Waits until no worker holds a sequence and every block in use is a cached one.
-async fn settle(workers: &[RunningWorker]) -> Vec<ShardStatus> {
-    let deadline = Instant::now() + SETTLE;
-    loop {
-        let status: Vec<ShardStatus> = workers.iter().map(|w| w.shard().status()).collect();
-        let idle = |s: &ShardStatus| {
-            s.live_sequences == 0 && s.free_kv_blocks + s.cached_kv_blocks == s.total_kv_blocks
-        };
-        if status.iter().all(idle) {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "KV still held {SETTLE:?} after the last request: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Runs every request on a fresh cluster with the prefix cache `on` or off.
@@ -184,7 +167,7 @@ async fn run(path: &std::path::Path, on: bool) -> Run {
         outputs.push(out);
         prompt_tokens += n;
     }
-    let idle = settle(&workers).await;
+    let idle = settle(&workers, SETTLE).await;
     let metrics = metrics(&metrics_addr).await;
     // Nothing was lost on the way: one more request is served normally.
     outputs.push(one(&mut client, turn(&q, "Say hello.")).await.0);
