@@ -12,15 +12,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod common;
-mod settle;
+mod two_stages;
 
-use common::{Coordinator, WAIT, wait_ready};
-use settle::settle;
+use common::WAIT;
 use tessera_coordinator::CoordinatorConfig;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::greedy_exact;
 use tonic::transport::Channel;
+use two_stages::{TwoStages, settle};
 
 const KV_TOKENS: u32 = 1024;
 /// How long the workers get to free what the last requests held.
@@ -112,24 +112,19 @@ async fn every_ending_frees_its_kv_on_every_worker() {
     let Some(path) = tessera_testkit::smollm2_gguf() else {
         return;
     };
-    let coord = Coordinator::start(CoordinatorConfig {
+    let TwoStages {
+        coord,
+        workers,
+        mut client,
+    } = two_stages::start(CoordinatorConfig {
         model: PathBuf::from(&path).display().to_string(),
         heartbeat_interval: Duration::from_millis(200),
         heartbeat_timeout: Duration::from_secs(2),
-        min_workers: 2,
         kv_tokens: KV_TOKENS,
         ready_wait: WAIT,
         ..CoordinatorConfig::default()
     })
     .await;
-    // Two equal workers: the planner splits the layers between them (two stages beat one on
-    // the slowest stage's time), so releases must reach a stage behind the first.
-    let workers = vec![
-        coord.start_worker(0, 1, "a").await,
-        coord.start_worker(0, 1, "b").await,
-    ];
-    let mut client = coord.client().await;
-    wait_ready(&mut client, 2).await;
 
     // Sequential: each ending alone, twice over, so the last request of each round finishes
     // with nothing behind it.

@@ -10,16 +10,16 @@
 use std::time::Duration;
 
 mod common;
-mod settle;
+mod two_stages;
 
-use common::{Coordinator, WAIT, wait_ready};
-use settle::settle;
+use common::WAIT;
 use tessera_coordinator::CoordinatorConfig;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{collect_finished, free_addr, greedy_with_logprobs, sample, scrape};
 use tessera_worker::ShardStatus;
 use tonic::transport::Channel;
+use two_stages::{TwoStages, settle};
 
 /// Small enough that the five ~300-token prefixes used below do not all fit: admission has to
 /// evict.
@@ -89,11 +89,14 @@ async fn metrics(addr: &str) -> String {
 /// Runs every request on a fresh cluster with the prefix cache `on` or off.
 async fn run(path: &std::path::Path, on: bool) -> Run {
     let metrics_addr = free_addr();
-    let coord = Coordinator::start(CoordinatorConfig {
+    let TwoStages {
+        coord,
+        workers,
+        mut client,
+    } = two_stages::start(CoordinatorConfig {
         model: path.display().to_string(),
         heartbeat_interval: Duration::from_millis(200),
         heartbeat_timeout: Duration::from_secs(2),
-        min_workers: 2,
         kv_tokens: KV_TOKENS,
         block_size: BLOCK as u32,
         ready_wait: WAIT,
@@ -102,12 +105,6 @@ async fn run(path: &std::path::Path, on: bool) -> Run {
         ..CoordinatorConfig::default()
     })
     .await;
-    let workers = vec![
-        coord.start_worker(0, 1, "a").await,
-        coord.start_worker(0, 1, "b").await,
-    ];
-    let mut client = coord.client().await;
-    wait_ready(&mut client, 2).await;
     let (p, q, r) = (prefix("Ada"), prefix("Brook"), prefix("Cyd"));
     let mut outputs = Vec::new();
     let mut prompt_tokens = 0;

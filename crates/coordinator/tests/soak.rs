@@ -12,15 +12,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 mod common;
-mod settle;
+mod two_stages;
 
-use common::{Coordinator, WAIT, wait_ready};
-use settle::settle;
+use common::WAIT;
 use tessera_coordinator::CoordinatorConfig;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{PROMPTS, TestRng, greedy};
 use tonic::transport::Channel;
+use two_stages::{TwoStages, settle};
 
 /// Concurrent streams of the second phase.
 const CONCURRENT: usize = 64;
@@ -87,20 +87,17 @@ async fn soak_leaves_no_kv_and_flat_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(150);
-    let coord = Coordinator::start(CoordinatorConfig {
+    let TwoStages {
+        coord,
+        workers,
+        mut client,
+    } = two_stages::start(CoordinatorConfig {
         model: PathBuf::from(&path).display().to_string(),
-        min_workers: 2,
         kv_tokens: 2048,
         ready_wait: WAIT,
         ..CoordinatorConfig::default()
     })
     .await;
-    let workers = vec![
-        coord.start_worker(0, 1, "a").await,
-        coord.start_worker(0, 1, "b").await,
-    ];
-    let mut client = coord.client().await;
-    wait_ready(&mut client, 2).await;
     let started = Instant::now();
 
     let mut failures = Vec::new();
