@@ -26,9 +26,14 @@ use two_stages::{TwoStages, settle};
 const CONCURRENT: usize = 64;
 /// Requests before the resident-memory baseline is taken (caches, pools and buffers grown).
 const WARM_UP: usize = 50;
-/// Resident-memory growth tolerated between a warm baseline and the end: allocator slack, not
-/// a leak (a leak of one KV sequence per request would be megabytes per hundred requests).
+/// Resident-memory growth tolerated over the sequential requests (one shape of batch: measured
+/// 0 MiB from the 50th to the 2,000th): allocator slack, not a leak.
 const RSS_SLACK: u64 = 16 << 20;
+/// Resident-memory growth tolerated from the second concurrent round to the last. Batch
+/// buffers grow to the largest batch seen, and how requests batch depends on timing: measured
+/// +5, +5, +20 MiB over a third round (the last with another soak running beside it), 0–10 MiB
+/// over rounds three to six. A leak of 1 MiB per request would add 64 MiB a round.
+const ROUNDS_SLACK: u64 = 48 << 20;
 const SETTLE: Duration = Duration::from_secs(10);
 
 /// This process's resident set, in bytes (Linux).
@@ -174,7 +179,7 @@ async fn soak_leaves_no_kv_and_flat_memory() {
     );
     let last = after_round[rounds - 1];
     assert!(
-        last <= after_round[1] + RSS_SLACK,
+        last <= after_round[1] + ROUNDS_SLACK,
         "resident memory grew over the concurrent rounds after the second: {} -> {} MiB",
         mib(after_round[1]),
         mib(last)
