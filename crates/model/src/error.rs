@@ -23,6 +23,9 @@ pub enum ModelError {
     /// The model could not be found, fetched or verified.
     #[error(transparent)]
     Source(#[from] tessera_hub::SourceError),
+    /// A tensor-parallel collective failed: a peer rank is gone, silent, or failed the step.
+    #[error("tensor-parallel group: {0}")]
+    Collective(String),
     /// A request is invalid for this model (too long for its context, empty, …).
     #[error("invalid argument `{field}`: {reason}")]
     InvalidArgument {
@@ -65,6 +68,9 @@ impl ModelError {
             ) => K::Internal,
             Self::Source(e) => e.kind(),
             Self::InvalidArgument { .. } => K::InvalidArgument,
+            // The worker reports the peer's failure itself (UNAVAILABLE); reaching a client
+            // through this class means a fault of the cluster, not of the request.
+            Self::Collective(_) => K::Internal,
         }
     }
 

@@ -400,7 +400,7 @@ impl Llama {
         };
         match self.step(batch, StageInput::Tokens, &mut ctx, scratch)? {
             StageOutput::Logits(l) => Ok(&*l),
-            StageOutput::Hidden(_) => Err(ModelError::InvalidArgument {
+            StageOutput::Hidden(_) | StageOutput::Delivered => Err(ModelError::InvalidArgument {
                 field: "logits",
                 reason: "this stage does not hold the output head".into(),
             }),

@@ -44,6 +44,8 @@ pub struct TensorSlice {
     pub kv_heads: Range<usize>,
     /// The MLP intermediate columns this rank holds.
     pub ffn: Range<usize>,
+    /// The vocabulary rows of the embedding and output head this rank holds.
+    pub vocab: Range<usize>,
 }
 
 impl TensorSlice {
@@ -54,6 +56,7 @@ impl TensorSlice {
             ranks: 1,
             kv_heads: 0..cfg.n_kv_heads,
             ffn: 0..cfg.intermediate,
+            vocab: 0..cfg.vocab_size,
         }
     }
 
@@ -108,6 +111,8 @@ impl SeqSlice {
 /// Where a layer's partial sums are complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReducePoint {
+    /// After the embedding lookup of a vocabulary slice, `(n, hidden)`.
+    Embed,
     /// After the attention output projection, `(n, hidden)`.
     AttnOut,
     /// After the MLP down projection, `(n, hidden)`.
@@ -123,6 +128,14 @@ pub trait Reduce {
     /// # Errors
     /// When a peer cannot be reached or answers inconsistently.
     fn reduce(&mut self, point: ReducePoint, layer: usize, x: &mut [f32]) -> Result<()>;
+
+    /// Gathers each rank's vocabulary slice of the logits, `local` = (m, vocab_r), into full
+    /// rows `out` = (m, vocab) (slices in rank order) on rank 0, which samples; returns true
+    /// there. Other ranks send theirs and return false (`out` untouched).
+    ///
+    /// # Errors
+    /// When a peer cannot be reached or answers inconsistently.
+    fn gather_logits(&mut self, local: &[f32], m: usize, out: &mut Vec<f32>) -> Result<bool>;
 }
 
 /// The reduction of a group of one: its partial sums are the sums.
@@ -132,6 +145,12 @@ pub struct LocalReduce;
 impl Reduce for LocalReduce {
     fn reduce(&mut self, _point: ReducePoint, _layer: usize, _x: &mut [f32]) -> Result<()> {
         Ok(())
+    }
+
+    fn gather_logits(&mut self, local: &[f32], _m: usize, out: &mut Vec<f32>) -> Result<bool> {
+        out.clear();
+        out.extend_from_slice(local);
+        Ok(true)
     }
 }
 
@@ -152,6 +171,9 @@ pub enum StageOutput<'s> {
     /// Logits of the sampling sequences' last rows, `(m, vocab)`, in batch order; empty when
     /// none samples. Mutable: samplers apply penalties in place, and the next step rewrites it.
     Logits(&'s mut [f32]),
+    /// A tensor-parallel rank other than 0 on the last stage: its slice of the logits went to
+    /// rank 0 through [`Reduce::gather_logits`].
+    Delivered,
 }
 
 /// Everything a step uses besides the model and the batch.

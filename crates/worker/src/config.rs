@@ -48,4 +48,7 @@ pub struct WorkerConfig {
     pub model_home: Option<PathBuf>,
     /// Where to serve Prometheus metrics over HTTP (`GET /metrics`); `None` = not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where the peer port listens (the other ranks of its tensor-parallel groups dial it);
+    /// `None` = the gRPC address's interface, a free port.
+    pub peer_listen: Option<SocketAddr>,
 }

@@ -5,6 +5,7 @@
 //! - `shard` / `executor`: the dedicated compute thread that owns the model, KV cache and
 //!   sequences; [`ShardHandle`] is its cloneable front.
 //! - `pipeline`: one inbound Pipeline stream and its outbound stream to the next stage.
+//! - `group`: tensor-parallel groups — the peer port, the links between ranks, the reduction.
 //! - `register`: registration and heartbeats.
 //! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
 //! - [`hidden`]: hidden states on the wire.
@@ -14,6 +15,7 @@
 mod config;
 mod error;
 mod executor;
+mod group;
 pub mod hidden;
 mod memory;
 mod metrics;

@@ -133,6 +133,7 @@ mod tests {
             total_kv_blocks: 16,
             cached_kv_blocks: 4,
             live_sequences: 2,
+            ..ShardStatus::default()
         };
         let text = m.render(status, 5 << 20);
         for want in [

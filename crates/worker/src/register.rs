@@ -175,6 +175,8 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             resident_bytes: resident_bytes(),
             weight_bytes: status.weight_bytes,
             plan_epoch: status.plan_epoch,
+            link_rtt_us: status.link_rtt_us,
+            kv_bytes: status.kv_bytes,
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tessera_hub::ModelCache;
@@ -17,6 +18,7 @@ use tonic::transport::{Endpoint, Server};
 
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
+use crate::group::PeerListener;
 use crate::pipeline::MAX_MESSAGE_BYTES;
 use crate::register::{self, Registration};
 use crate::service::WorkerService;
@@ -109,10 +111,18 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         .advertise
         .clone()
         .unwrap_or_else(|| local_addr.to_string());
+    // The peer port: the same interface as the gRPC port unless told otherwise; advertised
+    // under the same host as the gRPC address.
+    let peer_bind = cfg
+        .peer_listen
+        .unwrap_or_else(|| SocketAddr::new(local_addr.ip(), 0));
+    let peers = Arc::new(PeerListener::bind(peer_bind)?);
+    let peer_address = peer_advertise(&advertise, peers.local_addr().port());
     let shard = ShardHandle::spawn(
         cfg.capacity.threads as usize,
         cfg.model_home.clone().map(ModelCache::at),
         cfg.capacity.memory_bytes,
+        Some(Arc::clone(&peers)),
     )?;
     let metrics = match cfg.metrics_listen {
         Some(addr) => {
@@ -139,6 +149,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
             address: advertise.clone(),
             capacity: Some(cfg.capacity.to_proto()),
             name: cfg.name.clone(),
+            peer_address: peer_address.clone(),
         },
     };
     let register = tokio::spawn(register::run(
@@ -179,7 +190,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         },
         span,
     ));
-    tracing::info!(addr = %local_addr, "worker started");
+    tracing::info!(addr = %local_addr, peer = %peer_address, "worker started");
     Ok(RunningWorker {
         local_addr,
         advertise,
@@ -187,6 +198,15 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+/// The peer port's advertised address: the host of the advertised gRPC address with the peer
+/// port's number.
+fn peer_advertise(advertise: &str, port: u16) -> String {
+    match advertise.rsplit_once(':') {
+        Some((host, _)) => format!("{host}:{port}"),
+        None => format!("{advertise}:{port}"),
+    }
 }
 
 /// Runs a worker until `shutdown` resolves: binds, prints `tessera worker listening on <addr>`

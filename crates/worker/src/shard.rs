@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::error::WorkerError;
 use crate::executor::Executor;
+use crate::group::{Control, ControlSink, PeerListener};
 use crate::metrics::WorkerMetrics;
 use crate::seqs::StreamId;
 
@@ -49,6 +50,22 @@ enum Command {
     ),
     Release(Vec<u64>, oneshot::Sender<()>),
     CloseStream(StreamId),
+    /// From rank 0 of the tensor-parallel group of plan epoch `.0`.
+    Peer(u64, Control),
+    /// The last handle is gone: stop the thread.
+    Stop,
+}
+
+/// Stops the executor thread when the last [`ShardHandle`] drops. The thread cannot rely on
+/// its channel closing: the shard's own group reader threads hold senders too.
+#[derive(Debug)]
+struct StopOnDrop(mpsc::Sender<Command>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        // An executor that already stopped needs no telling.
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 /// The shard's state as last published by the executor.
@@ -67,6 +84,12 @@ pub struct ShardStatus {
     pub cached_kv_blocks: u64,
     /// Sequences live on this stage.
     pub live_sequences: u64,
+    /// Bytes of KV cache the shard holds.
+    pub kv_bytes: u64,
+    /// Median round-trip time to the tensor-parallel group's peers, in µs (0 = none).
+    pub link_rtt_us: u32,
+    /// This worker's rank in its stage's tensor-parallel group.
+    pub tp_rank: u32,
 }
 
 /// Atomics the executor writes after every command.
@@ -78,6 +101,9 @@ pub(crate) struct ShardStats {
     total_kv_blocks: AtomicU64,
     cached_kv_blocks: AtomicU64,
     live_sequences: AtomicU64,
+    kv_bytes: AtomicU64,
+    link_rtt_us: AtomicU64,
+    tp_rank: AtomicU64,
 }
 
 impl ShardStats {
@@ -92,6 +118,10 @@ impl ShardStats {
             .store(v.total_kv_blocks, Ordering::Relaxed);
         self.cached_kv_blocks
             .store(v.cached_kv_blocks, Ordering::Relaxed);
+        self.kv_bytes.store(v.kv_bytes, Ordering::Relaxed);
+        self.link_rtt_us
+            .store(u64::from(v.link_rtt_us), Ordering::Relaxed);
+        self.tp_rank.store(u64::from(v.tp_rank), Ordering::Relaxed);
         // Last, with Release: a reader that sees it sees the rest of this publication.
         self.live_sequences
             .store(v.live_sequences, Ordering::Release);
@@ -106,6 +136,9 @@ impl ShardStats {
             total_kv_blocks: self.total_kv_blocks.load(Ordering::Relaxed),
             cached_kv_blocks: self.cached_kv_blocks.load(Ordering::Relaxed),
             live_sequences,
+            kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
+            link_rtt_us: self.link_rtt_us.load(Ordering::Relaxed) as u32,
+            tp_rank: self.tp_rank.load(Ordering::Relaxed) as u32,
         }
     }
 }
@@ -115,6 +148,7 @@ impl ShardStats {
 #[derive(Clone, Debug)]
 pub struct ShardHandle {
     tx: mpsc::Sender<Command>,
+    _stop: Arc<StopOnDrop>,
     stats: Arc<ShardStats>,
     metrics: Arc<WorkerMetrics>,
     next_stream: Arc<AtomicU64>,
@@ -127,6 +161,8 @@ impl std::fmt::Debug for Command {
             Self::Step(..) => "Step",
             Self::Release(..) => "Release",
             Self::CloseStream(..) => "CloseStream",
+            Self::Peer(..) => "Peer",
+            Self::Stop => "Stop",
         })
     }
 }
@@ -140,13 +176,38 @@ impl ShardHandle {
         threads: usize,
         cache_home: Option<ModelCache>,
         memory_bytes: u64,
+        peers: Option<Arc<PeerListener>>,
     ) -> Result<Self, WorkerError> {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
         let metrics = Arc::new(WorkerMetrics::new());
         let step_metrics = Arc::clone(&metrics);
         let (tx, rx) = mpsc::channel();
-        let mut exec = Executor::new(pool, cache_home, memory_bytes, Arc::clone(&stats));
+        // A group's reader threads queue rank 0's steps behind every other command, so the
+        // executor stays the one place that touches the shard.
+        let peer_tx = std::sync::Mutex::new(tx.clone());
+        let control = Box::new(move |epoch: u64| -> ControlSink {
+            let tx = peer_tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let tx = std::sync::Mutex::new(tx);
+            Arc::new(move |c| {
+                // The executor stopped: the worker is going away, nothing to deliver to.
+                let _ = tx
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(Command::Peer(epoch, c));
+            })
+        });
+        let mut exec = Executor::new(
+            pool,
+            cache_home,
+            memory_bytes,
+            Arc::clone(&stats),
+            peers,
+            control,
+        );
         std::thread::Builder::new()
             .name("tessera-shard".into())
             .spawn(move || {
@@ -174,12 +235,27 @@ impl ShardHandle {
                             let _ = reply.send(());
                         }
                         Command::CloseStream(stream) => exec.close_stream(stream),
+                        Command::Stop => break,
+                        Command::Peer(epoch, control) => {
+                            let tokens = match &control {
+                                Control::Step { request, .. } => {
+                                    request.seqs.iter().map(|s| s.tokens.len()).sum()
+                                }
+                                _ => 0,
+                            };
+                            let started = Instant::now();
+                            exec.peer_control(epoch, control);
+                            if tokens > 0 {
+                                step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
+                            }
+                        }
                     }
                 }
                 tracing::debug!("shard executor stopped");
             })
             .map_err(|e| WorkerError::Executor(e.to_string()))?;
         Ok(Self {
+            _stop: Arc::new(StopOnDrop(tx.clone())),
             tx,
             stats,
             metrics,

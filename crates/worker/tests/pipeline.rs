@@ -54,6 +54,7 @@ impl Cluster {
                 name: format!("w{i}"),
                 model_home: None,
                 metrics_listen: None,
+                peer_listen: None,
             };
             workers.push(tessera_worker::start(cfg).await.expect("start worker"));
         }

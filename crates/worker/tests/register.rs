@@ -97,6 +97,7 @@ async fn registers_heartbeats_and_reregisters() {
         name: "reg-test".into(),
         model_home: None,
         metrics_listen: None,
+        peer_listen: None,
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;

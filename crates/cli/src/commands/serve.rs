@@ -268,6 +268,11 @@ pub struct WorkerArgs {
     /// Address the coordinator and other workers dial (default: the bound address).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Address of the peer port, where the other ranks of this worker's tensor-parallel
+    /// groups dial it (default: the --listen interface, any free port; advertised under the
+    /// --advertise host).
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: u32,
@@ -433,6 +438,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         name: name.clone(),
         model_home: args.model_home.clone(),
         metrics_listen: args.process.metrics_listen,
+        peer_listen: args.peer_listen,
     };
     args.process
         .serve("tessera-worker", name, |shutdown| async move {

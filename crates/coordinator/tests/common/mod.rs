@@ -90,6 +90,7 @@ impl Coordinator {
             name: name.into(),
             model_home: None,
             metrics_listen: None,
+            peer_listen: None,
         })
         .await
         .expect("start worker")

@@ -11,29 +11,58 @@
 //! A step's prefix-cache ops ([`crate::prefix`]) run first, then its releases, then its
 //! sequences; a new sequence whose start names cached blocks shares them and computes only
 //! the tokens after them.
+//!
+//! Tensor parallelism ([`crate::group`]): on a stage served by several ranks, rank 0 hands
+//! each step it receives to the other ranks before running it, and every rank runs the same
+//! code on the same step — so the sequence tables, KV caches and prefix stores of all ranks
+//! change in step — with the group as the stage's [`Reduce`]. A rank that fails a step tells
+//! the others (abort) so none waits; rank 0's stream closing frees the step's sequences on
+//! every rank. Streams created by rank 0's steps are kept under [`peer_stream`] ids, apart
+//! from this worker's own inbound streams.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Instant;
+mod check;
+mod load;
 
-use tessera_format::open_weights;
-use tessera_hub::{self, ModelCache};
+use std::collections::HashMap;
+
+use std::sync::Arc;
+
+use tessera_hub::ModelCache;
 use tessera_kernels::ThreadPool;
-use tessera_model::ModelError;
-use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
+use tessera_model::kv_cache::PagedKvCache;
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::{Llama, LoadSpec};
+use tessera_model::llama::Llama;
 use tessera_model::stage::{
-    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
+    LocalReduce, Reduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
 };
 use tessera_proto::cluster::v1 as pb;
-use tessera_text::sampling::{Sampler, SamplingParams};
+use tessera_text::sampling::Sampler;
 
 use crate::error::WorkerError;
+use crate::group::{Control, ControlSink, Group, PeerListener};
 use crate::hidden;
-use crate::memory::resident_bytes;
 use crate::prefix::PrefixStores;
 use crate::seqs::{SeqEntry, SeqTable, StreamId};
 use crate::shard::{ShardStats, ShardStatus, StepOutput};
+pub(crate) use check::sampling_params;
+use check::{check_step, sampling_error};
+
+/// The bit that marks a stream created by rank 0 of this worker's group (its stream id in the
+/// low bits); this worker's own inbound streams count up from 1 and never reach it.
+const PEER_STREAM: StreamId = 1 << 63;
+
+/// The local id of rank 0's stream `stream`.
+fn peer_stream(stream: u64) -> StreamId {
+    PEER_STREAM | stream
+}
+
+/// Whether `stream` is one of rank 0's.
+fn is_peer_stream(stream: StreamId) -> bool {
+    stream & PEER_STREAM != 0
+}
+
+/// Makes the sink a group's control events go to, for a group of plan epoch `epoch`.
+pub(crate) type ControlFactory = Box<dyn Fn(u64) -> ControlSink + Send>;
 
 /// Default tokens per KV block when `LoadShardRequest.block_size` is 0.
 const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -48,6 +77,14 @@ struct Loaded {
     seqs: SeqTable,
     /// Cached prompt-prefix blocks, one store per inbound stream.
     prefixes: PrefixStores,
+    /// Whether this rank samples (rank 0 of the last stage).
+    samples: bool,
+    /// The stage's tensor-parallel group; `None` for a stage of one worker.
+    group: Option<Group>,
+    /// Bytes of KV cache held.
+    kv_bytes: u64,
+    /// Median round-trip time to the group's peers, measured at load.
+    link_rtt_us: Option<u32>,
 }
 
 /// Reused buffers, grown to the largest step seen.
@@ -68,16 +105,22 @@ pub(crate) struct Executor {
     scratch: Scratch,
     cache_home: Option<ModelCache>,
     memory_bytes: u64,
-    stats: std::sync::Arc<ShardStats>,
+    stats: Arc<ShardStats>,
+    /// The peer port, where the ranks of this worker's groups dial it.
+    peers: Option<Arc<PeerListener>>,
+    /// Where a formed group's control events go.
+    control: ControlFactory,
 }
 
 impl Executor {
-    /// An executor with no shard loaded.
+    /// An executor with no shard loaded; `peers` and `control` serve tensor-parallel groups.
     pub fn new(
         pool: ThreadPool,
         cache_home: Option<ModelCache>,
         memory_bytes: u64,
-        stats: std::sync::Arc<ShardStats>,
+        stats: Arc<ShardStats>,
+        peers: Option<Arc<PeerListener>>,
+        control: ControlFactory,
     ) -> Self {
         Self {
             loaded: None,
@@ -87,6 +130,8 @@ impl Executor {
             cache_home,
             memory_bytes,
             stats,
+            peers,
+            control,
         }
     }
 
@@ -100,122 +145,10 @@ impl Executor {
                 total_kv_blocks: l.cache.config().num_blocks as u64,
                 cached_kv_blocks: l.prefixes.cached_blocks() as u64,
                 live_sequences: l.seqs.len() as u64,
+                kv_bytes: l.kv_bytes,
+                link_rtt_us: l.link_rtt_us.unwrap_or(0),
+                tp_rank: l.group.as_ref().map_or(0, |g| g.rank() as u32),
             }));
-    }
-
-    /// Loads (or replaces) the shard. A request that fails validation leaves the previous
-    /// shard in place; otherwise the previous shard and all its sequences are dropped before
-    /// the new one loads.
-    ///
-    /// # Errors
-    /// INVALID_ARGUMENT for a malformed request or a shard the model does not have; NOT_FOUND
-    /// for an unknown model; RESOURCE_EXHAUSTED when weights and KV exceed declared memory.
-    pub fn load(
-        &mut self,
-        req: pb::LoadShardRequest,
-    ) -> Result<pb::LoadShardResponse, WorkerError> {
-        let start = Instant::now();
-        let shard = req
-            .shard
-            .ok_or_else(|| WorkerError::invalid("shard", "missing"))?;
-        if req.model.is_empty() {
-            return Err(WorkerError::invalid("model", "empty"));
-        }
-        if req.plan_epoch == 0 {
-            return Err(WorkerError::invalid(
-                "plan_epoch",
-                "must be >= 1 (0 means none)",
-            ));
-        }
-        if !shard.head && req.next_address.is_empty() {
-            return Err(WorkerError::invalid(
-                "next_address",
-                "required on every stage but the last (shard.head = false)",
-            ));
-        }
-        let (start_l, end_l) = (shard.layer_start as usize, shard.layer_end as usize);
-        if start_l >= end_l {
-            return Err(WorkerError::invalid(
-                "shard.layer_start",
-                format!("layer range {start_l}..{end_l} is empty"),
-            ));
-        }
-        let cache_home = match &self.cache_home {
-            Some(c) => c.clone(),
-            None => {
-                ModelCache::from_env().map_err(|e| WorkerError::ModelNotFound(e.to_string()))?
-            }
-        };
-        let location = tessera_hub::resolve(&req.model, &cache_home)
-            .map_err(|e| WorkerError::ModelNotFound(e.to_string()))?;
-        let (store, cfg) = open_weights(&location).map_err(ModelError::from)?;
-        if end_l > cfg.n_layers {
-            return Err(WorkerError::invalid(
-                "shard.layer_end",
-                format!("{end_l} is past the model's {} layers", cfg.n_layers),
-            ));
-        }
-        let block_size = match req.block_size {
-            0 => DEFAULT_BLOCK_SIZE,
-            b => b as usize,
-        };
-        let kv_tokens = match req.kv_tokens {
-            0 => cfg.context_len,
-            t => t as usize,
-        };
-        let num_blocks = kv_tokens.div_ceil(block_size);
-        let kv_bytes = 2 * (end_l - start_l) * num_blocks * block_size * cfg.kv_dim() * 4;
-        let span = tracing::info_span!(
-            "load_shard",
-            epoch = req.plan_epoch,
-            model = %req.model,
-            layers = ?(start_l..end_l),
-            embed = shard.embed,
-            head = shard.head
-        );
-        let _g = span.enter();
-        // The request is sound: drop the old shard (and its sequences) before loading the
-        // new one, so the two never sit in memory together.
-        self.loaded = None;
-        self.publish();
-        let spec = LoadSpec::stage(&cfg, start_l..end_l, shard.embed, shard.head);
-        let model = Llama::load(store.as_ref(), &cfg, spec, &mut |done, total| {
-            tracing::debug!(done, total, "loading shard");
-        })?;
-        let weight_bytes = model.weight_bytes();
-        if self.memory_bytes > 0 && (weight_bytes + kv_bytes) as u64 > self.memory_bytes {
-            return Err(WorkerError::ResourceExhausted(format!(
-                "shard needs {weight_bytes} bytes of weights and {kv_bytes} of KV cache; this \
-                 worker declared {} bytes",
-                self.memory_bytes
-            )));
-        }
-        // The cache is indexed by global layer (as `Llama::step` writes it); the
-        // pools of layers below `layer_start` are never touched, so the OS never backs them.
-        let cache = PagedKvCache::new(KvCacheConfig {
-            n_layers: end_l,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim,
-            block_size,
-            num_blocks,
-        })
-        .map_err(|e| WorkerError::invalid("kv_tokens", e.to_string()))?;
-        self.loaded = Some(Loaded {
-            epoch: req.plan_epoch,
-            model,
-            cache,
-            next: (!shard.head).then_some(req.next_address),
-            seqs: SeqTable::default(),
-            prefixes: PrefixStores::default(),
-        });
-        self.publish();
-        let load_ms = start.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(weight_bytes, kv_bytes, load_ms, "shard loaded");
-        Ok(pb::LoadShardResponse {
-            weight_bytes: weight_bytes as u64,
-            resident_bytes: resident_bytes(),
-            load_ms,
-        })
     }
 
     /// Frees sequences (out of band); unknown ids are ignored.
@@ -231,6 +164,10 @@ impl Executor {
     pub fn close_stream(&mut self, stream: StreamId) {
         self.streams.remove(&stream);
         if let Some(l) = &mut self.loaded {
+            // Rank 0's stream ended: the other ranks free what it created too.
+            if let Some(g) = l.group.as_mut().filter(|g| g.rank() == 0) {
+                g.close_stream(stream);
+            }
             l.prefixes.close_stream(stream);
             let n = l.seqs.close_stream(stream);
             if n > 0 {
@@ -250,9 +187,85 @@ impl Executor {
         stream: StreamId,
         req: pb::StepRequest,
     ) -> Result<StepOutput, WorkerError> {
+        if let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) {
+            if g.rank() != 0 {
+                return Err(WorkerError::FailedPrecondition(format!(
+                    "this worker is rank {} of a tensor-parallel group; steps go to its rank 0",
+                    g.rank()
+                )));
+            }
+            // The other ranks run the step too; a step refused here is refused there alike.
+            if let Err(e) = g.broadcast_step(stream, &req) {
+                g.abort(&e.to_string());
+                return Err(e);
+            }
+        }
         let out = self.step_inner(stream, req);
+        let out = self.after_group_step(out);
         self.publish();
         out
+    }
+
+    /// What rank 0 of this worker's group asks (see [`crate::group::Link`]); events of a
+    /// group other than the loaded one are stale and ignored.
+    pub fn peer_control(&mut self, epoch: u64, control: Control) {
+        let ours = self
+            .loaded
+            .as_ref()
+            .and_then(|l| l.group.as_ref())
+            .is_some_and(|g| g.epoch() == epoch && g.rank() != 0);
+        if !ours {
+            return;
+        }
+        match control {
+            Control::Step {
+                tag,
+                stream,
+                request,
+            } => {
+                if let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) {
+                    g.begin_step(tag);
+                }
+                let step_id = request.step_id;
+                let out = self.step_inner(peer_stream(stream), *request);
+                if let Err(e) = self.after_group_step(out) {
+                    tracing::warn!(step_id, error = %e, "tensor-parallel step failed");
+                }
+                self.publish();
+            }
+            Control::Close { stream } => self.close_stream(peer_stream(stream)),
+            Control::Down { reason } => {
+                tracing::info!(%reason, "tensor-parallel group ended; freeing its sequences");
+                let streams: Vec<StreamId> = self
+                    .streams
+                    .keys()
+                    .copied()
+                    .filter(|s| is_peer_stream(*s))
+                    .collect();
+                for s in streams {
+                    self.close_stream(s);
+                }
+            }
+        }
+    }
+
+    /// Completes a step of a tensor-parallel rank: a failure is told to the other ranks, and
+    /// a failed collective reports the peer's reason (UNAVAILABLE) rather than the model's.
+    fn after_group_step(
+        &mut self,
+        out: Result<StepOutput, WorkerError>,
+    ) -> Result<StepOutput, WorkerError> {
+        let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) else {
+            return out;
+        };
+        match out {
+            Ok(o) => Ok(o),
+            Err(e) => {
+                let e = g.take_failure().unwrap_or(e);
+                g.abort(&e.to_string());
+                Err(e)
+            }
+        }
     }
 
     fn step_inner(
@@ -278,7 +291,7 @@ impl Executor {
             .apply(stream, &req.prefix_ops, &mut l.seqs, &l.cache)?;
         l.seqs.release(&req.release);
         let cfg = l.model.config();
-        let head = l.model.spec().head;
+        let samples = l.samples;
         let embed = l.model.spec().embed;
         let n_tokens = check_step(&req, &l.seqs, cfg.vocab_size, cfg.context_len, block_size)?;
         let (h, vocab) = (cfg.hidden, cfg.vocab_size);
@@ -308,7 +321,7 @@ impl Executor {
             let Some(start) = &s.start else {
                 continue;
             };
-            let sampler = head.then(|| Sampler::new(params, &start.prompt));
+            let sampler = samples.then(|| Sampler::new(params, &start.prompt));
             let field = format!("seqs[{i}].start");
             let entry = SeqEntry {
                 kv: l.prefixes.new_seq(stream, start, &l.cache, &field)?,
@@ -327,7 +340,23 @@ impl Executor {
                 None => return Err(WorkerError::Executor("sequence table out of sync".into())),
             }
         }
-        let result = run_batch(l, &req.seqs, &mut taken, sc, &self.pool, embed);
+        let mut local = LocalReduce;
+        let Loaded {
+            model,
+            cache,
+            group,
+            ..
+        } = &mut *l;
+        let reduce: &mut dyn Reduce = match group {
+            Some(g) => g,
+            None => &mut local,
+        };
+        let stage = Stage {
+            model,
+            cache,
+            reduce,
+        };
+        let result = run_batch(stage, &req.seqs, &mut taken, sc, &self.pool, embed);
         for (id, e) in taken {
             l.seqs.restore(id, e);
         }
@@ -350,11 +379,19 @@ impl Executor {
     }
 }
 
+/// What a step runs on: the loaded model, its cache and the group's reduction (or the
+/// local one), borrowed apart from the sequence table.
+struct Stage<'a> {
+    model: &'a Llama,
+    cache: &'a mut PagedKvCache,
+    reduce: &'a mut dyn Reduce,
+}
+
 /// The stage step over one batch (sequences already taken out of the table, in batch order);
 /// on the last stage, sampling for the sequences that sample. The next stage's hidden states
 /// are left in `sc.stage.x`.
 fn run_batch(
-    l: &mut Loaded,
+    l: Stage<'_>,
     seqs: &[pb::SeqStep],
     taken: &mut [(u64, SeqEntry)],
     sc: &mut Scratch,
@@ -380,10 +417,10 @@ fn run_batch(
         StageInput::Hidden(&sc.hidden)
     };
     let mut ctx = StageCtx {
-        cache: &mut l.cache,
+        cache: l.cache,
         pool,
         seq_slice: SeqSlice::WHOLE,
-        reduce: &mut LocalReduce,
+        reduce: l.reduce,
     };
     let out = l.model.step(&mut batch, input, &mut ctx, &mut sc.stage)?;
     drop(batch);
@@ -406,98 +443,4 @@ fn run_batch(
         out.push(tessera_proto::wire::sampled_token(*id, t));
     }
     Ok(out)
-}
-
-/// Checks a step against the live sequences before anything changes (but after its prefix
-/// ops and releases); returns its token count.
-fn check_step(
-    req: &pb::StepRequest,
-    seqs: &SeqTable,
-    vocab: usize,
-    context: usize,
-    block_size: usize,
-) -> Result<usize, WorkerError> {
-    let mut seen = HashSet::with_capacity(req.seqs.len());
-    let mut n = 0;
-    for (i, s) in req.seqs.iter().enumerate() {
-        if !seen.insert(s.seq_id) {
-            return Err(WorkerError::invalid(
-                format!("seqs[{i}].seq_id"),
-                format!("sequence {} appears twice in the step", s.seq_id),
-            ));
-        }
-        let live = seqs.contains(s.seq_id);
-        match (&s.start, live) {
-            (Some(_), true) => {
-                return Err(WorkerError::invalid(
-                    format!("seqs[{i}].start"),
-                    format!("sequence {} is already live", s.seq_id),
-                ));
-            }
-            (None, false) => {
-                return Err(WorkerError::invalid(
-                    format!("seqs[{i}].seq_id"),
-                    format!(
-                        "unknown sequence {} (a sequence's first step must carry start)",
-                        s.seq_id
-                    ),
-                ));
-            }
-            _ => {}
-        }
-        if s.tokens.is_empty() {
-            return Err(WorkerError::invalid(format!("seqs[{i}].tokens"), "empty"));
-        }
-        if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(WorkerError::invalid(
-                format!("seqs[{i}].tokens"),
-                format!("token id {t} is outside the vocabulary of {vocab}"),
-            ));
-        }
-        let cached = s.start.as_ref().map_or(0, |st| st.cached_tokens as usize);
-        if let Some(st) = &s.start
-            && cached != st.cached_blocks.len() * block_size
-        {
-            return Err(WorkerError::invalid(
-                format!("seqs[{i}].start.cached_tokens"),
-                format!(
-                    "{cached} is not the {} cached blocks of {block_size} tokens",
-                    st.cached_blocks.len()
-                ),
-            ));
-        }
-        if s.tokens.len() + cached > context {
-            return Err(WorkerError::invalid(
-                format!("seqs[{i}].tokens"),
-                format!(
-                    "{} tokens after {cached} cached exceed the context of {context}",
-                    s.tokens.len()
-                ),
-            ));
-        }
-        n += s.tokens.len();
-    }
-    Ok(n)
-}
-
-/// The engine's sampling parameters for a sequence, as the proto states them (unset fields
-/// take the documented defaults; the seed is always the coordinator's).
-pub(crate) fn sampling_params(start: &pb::SeqStart) -> SamplingParams {
-    tessera_proto::wire::sampling_params(
-        start.sampling,
-        start.seed,
-        start.logprobs,
-        start.top_logprobs,
-    )
-}
-
-/// An invalid sampling field of `seqs[i]`, named by its proto path.
-fn sampling_error(i: usize, e: &tessera_text::sampling::SamplingError) -> WorkerError {
-    let field = e.field_name();
-    let path = match field {
-        "logprobs" | "top_logprobs" => format!("seqs[{i}].start.{field}"),
-        _ => format!("seqs[{i}].start.sampling.{field}"),
-    };
-    let tessera_text::sampling::SamplingError::InvalidField { reason, .. } = e;
-    WorkerError::invalid(path, reason.clone())
 }

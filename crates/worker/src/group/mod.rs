@@ -1,0 +1,372 @@
+//! Tensor-parallel groups: the ranks that serve one pipeline stage together, talking directly
+//! to each other (never through the coordinator).
+//!
+//! Protocol. Every worker listens on a peer port ([`PeerListener`]) besides its gRPC port.
+//! When a plan makes it rank `r` of a group of `R` ranks, its `LoadShard` names every rank's
+//! peer address; it dials each rank below it (a [`frame::Frame::Hello`] first) and waits for
+//! each rank above it to dial in, so every pair of ranks shares one connection ([`Link`]).
+//! Rank 0 alone is in the pipeline: it receives each step on its inbound Pipeline stream,
+//! hands it to the other ranks ([`Group::broadcast_step`]), and all ranks run the stage's
+//! layers in lockstep. At each reduction point every rank sends its partial sums to every
+//! other rank and adds the `R` partials in rank order 0, 1, …, R−1 — the same additions in the
+//! same order on every rank, so every rank holds the same bits and a rerun gives them again.
+//! On the last stage each rank sends its vocabulary slice of the logits to rank 0, which
+//! samples. Rank 0 forwards hidden states to the next stage; the others answer nobody.
+//!
+//! Failure semantics: a step fails on every rank, never hangs.
+//! - A peer's process dies: its connection ends, and the waiting rank fails the step at once
+//!   with UNAVAILABLE naming the peer.
+//! - A peer stops answering (stopped, partitioned): the wait for its frame fails after
+//!   [`PEER_TIMEOUT`], well inside two heartbeat timeouts of the coordinator.
+//! - A rank fails a step itself (a full KV cache, a bad request): it sends an abort to every
+//!   peer, so they fail the step at once instead of waiting out the timeout; frames left over
+//!   from a failed step are skipped by step number.
+//! - Rank 0's connection ends: the other ranks free every sequence of the group (the
+//!   coordinator re-plans; the group never serves again).
+//!
+//! Security: the peer port speaks this protocol in the clear, like the cluster port today;
+//! mutual TLS for both is the security issue's work.
+
+mod frame;
+mod link;
+mod listener;
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tessera_model::ModelError;
+use tessera_model::stage::{Reduce, ReducePoint};
+use tessera_proto::cluster::v1 as pb;
+
+use crate::error::WorkerError;
+use frame::{Frame, encode_logits, encode_partial};
+pub(crate) use link::{Control, ControlSink, Link};
+pub(crate) use listener::{PeerListener, probe_rtt};
+
+/// How long a rank waits for a peer's frame inside a step. Ranks run the same layers in
+/// lockstep, so a wait this long means a stopped or cut-off peer; it is kept under the
+/// coordinator's default heartbeat timeout (2 s) doubled, so requests fail in the bound the
+/// coordinator promises.
+pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long forming a group may take (the other ranks receive their `LoadShard` at about the
+/// same time, and dial before loading any weights).
+pub(crate) const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The wire code of a reduction point.
+pub(crate) fn point_code(p: ReducePoint) -> u8 {
+    match p {
+        ReducePoint::Embed => 0,
+        ReducePoint::AttnOut => 1,
+        ReducePoint::MlpDown => 2,
+    }
+}
+
+/// This rank's side of a formed group.
+#[derive(Debug)]
+pub(crate) struct Group {
+    epoch: u64,
+    rank: usize,
+    ranks: usize,
+    /// One link per other rank, in rank order.
+    links: Vec<Link>,
+    /// The current step's number (rank 0 counts; the others take it from the step frame).
+    tag: u64,
+    timeout: Duration,
+    /// Encoding buffer.
+    out: Vec<u8>,
+    /// Received partial sums, by rank (this rank's slot unused).
+    parts: Vec<Vec<f32>>,
+    /// Their sum.
+    sum: Vec<f32>,
+    /// Why the last collective failed, for the step's error.
+    failure: Option<String>,
+}
+
+impl Group {
+    /// Forms rank `rank` of the group whose ranks' peer addresses are `addrs` (rank order):
+    /// dials the ranks below, waits for the ranks above. `control` receives rank 0's steps
+    /// (ranks other than 0).
+    ///
+    /// # Errors
+    /// [`WorkerError::InvalidArgument`] for a bad address list; [`WorkerError::Unavailable`]
+    /// naming the rank that could not be reached or did not dial in within [`FORM_TIMEOUT`].
+    pub(crate) fn form(
+        epoch: u64,
+        rank: usize,
+        addrs: &[String],
+        listener: &PeerListener,
+        control: Option<ControlSink>,
+    ) -> Result<Self, WorkerError> {
+        let ranks = addrs.len();
+        if rank >= ranks {
+            return Err(WorkerError::invalid(
+                "shard.tp_rank",
+                format!("rank {rank} of a group of {ranks} peer addresses"),
+            ));
+        }
+        listener.forget_before(epoch);
+        let deadline = Instant::now() + FORM_TIMEOUT;
+        let mut links = Vec::with_capacity(ranks - 1);
+        let io = |r: usize, e: std::io::Error| {
+            WorkerError::Unavailable(format!("tensor-parallel rank {r} ({}): {e}", addrs[r]))
+        };
+        for (j, addr) in addrs.iter().enumerate().take(rank) {
+            let mut s = dial(addr, deadline).map_err(|e| io(j, e))?;
+            Frame::Hello {
+                epoch,
+                from: rank as u32,
+                to: j as u32,
+            }
+            .write_to(&mut s)
+            .map_err(|e| io(j, e))?;
+            let sink = (j == 0).then(|| control.clone()).flatten();
+            links.push(Link::start(j, addr.clone(), s, sink).map_err(|e| io(j, e))?);
+        }
+        for (k, addr) in addrs.iter().enumerate().skip(rank + 1) {
+            let s = listener
+                .take(epoch, k as u32, rank as u32, deadline)
+                .ok_or_else(|| {
+                    WorkerError::Unavailable(format!(
+                        "tensor-parallel rank {k} ({addr}) of epoch {epoch} did not connect \
+                         within {} s",
+                        FORM_TIMEOUT.as_secs()
+                    ))
+                })?;
+            links.push(Link::start(k, addr.clone(), s, None).map_err(|e| io(k, e))?);
+        }
+        Ok(Self {
+            epoch,
+            rank,
+            ranks,
+            links,
+            tag: 0,
+            timeout: PEER_TIMEOUT,
+            out: Vec::new(),
+            parts: vec![Vec::new(); ranks],
+            sum: Vec::new(),
+            failure: None,
+        })
+    }
+
+    /// This rank's index.
+    pub(crate) fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// The plan epoch the group was formed for.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The other ranks' peer addresses.
+    pub(crate) fn peer_addrs(&self) -> impl Iterator<Item = &str> {
+        self.links.iter().map(|l| l.addr.as_str())
+    }
+
+    /// Rank 0: starts a new step and hands it to every other rank.
+    ///
+    /// # Errors
+    /// UNAVAILABLE naming the rank that cannot be written to.
+    pub(crate) fn broadcast_step(
+        &mut self,
+        stream: u64,
+        req: &pb::StepRequest,
+    ) -> Result<(), WorkerError> {
+        self.tag += 1;
+        self.failure = None;
+        let frame = Frame::Step {
+            tag: self.tag,
+            stream,
+            request: prost::Message::encode_to_vec(req),
+        };
+        frame.encode_into(&mut self.out);
+        for l in &mut self.links {
+            l.send(&self.out).map_err(WorkerError::Unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// Another rank: starts step `tag`, as rank 0 numbered it.
+    pub(crate) fn begin_step(&mut self, tag: u64) {
+        self.tag = tag;
+        self.failure = None;
+    }
+
+    /// Tells every peer this rank failed the current step (best effort: a peer that is gone
+    /// fails on its own).
+    pub(crate) fn abort(&mut self, message: &str) {
+        Frame::Abort {
+            tag: self.tag,
+            message: message.to_owned(),
+        }
+        .encode_into(&mut self.out);
+        for l in &mut self.links {
+            let _ = l.send(&self.out);
+        }
+    }
+
+    /// Rank 0: its inbound stream `stream` ended (best effort, as [`Group::abort`]).
+    pub(crate) fn close_stream(&mut self, stream: u64) {
+        Frame::Close { stream }.encode_into(&mut self.out);
+        for l in &mut self.links {
+            let _ = l.send(&self.out);
+        }
+    }
+
+    /// The reason the last collective failed, if one did in this step.
+    pub(crate) fn take_failure(&mut self) -> Option<WorkerError> {
+        self.failure.take().map(WorkerError::Unavailable)
+    }
+
+    fn fail(&mut self, msg: String) -> ModelError {
+        self.failure = Some(msg.clone());
+        ModelError::Collective(msg)
+    }
+}
+
+impl Reduce for Group {
+    fn reduce(
+        &mut self,
+        point: ReducePoint,
+        layer: usize,
+        x: &mut [f32],
+    ) -> tessera_model::Result<()> {
+        let code = point_code(point);
+        encode_partial(&mut self.out, self.tag, layer as u32, code, x);
+        for i in 0..self.links.len() {
+            if let Err(e) = self.links[i].send(&self.out) {
+                return Err(self.fail(e));
+            }
+        }
+        for i in 0..self.links.len() {
+            let (tag, timeout) = (self.tag, self.timeout);
+            let got = self.links[i].recv(tag, timeout);
+            let r = self.links[i].rank;
+            match got {
+                Ok(Frame::Partial {
+                    tag: t,
+                    layer: l,
+                    point: p,
+                    data,
+                }) if t == tag && l as usize == layer && p == code && data.len() == x.len() => {
+                    self.parts[r] = data;
+                }
+                Ok(other) => {
+                    let msg = format!(
+                        "tensor-parallel rank {r} ({}): expected partial sums of step {tag}, \
+                         layer {layer}, {point:?} ({} values); got {}",
+                        self.links[i].addr,
+                        x.len(),
+                        describe(&other)
+                    );
+                    return Err(self.fail(msg));
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        // The group's sum, in rank order, identical on every rank.
+        self.sum.clear();
+        if self.rank == 0 {
+            self.sum.extend_from_slice(x);
+        } else {
+            self.sum.extend_from_slice(&self.parts[0]);
+        }
+        for r in 1..self.ranks {
+            let part: &[f32] = if r == self.rank { x } else { &self.parts[r] };
+            for (s, p) in self.sum.iter_mut().zip(part) {
+                *s += p;
+            }
+        }
+        x.copy_from_slice(&self.sum);
+        Ok(())
+    }
+
+    fn gather_logits(
+        &mut self,
+        local: &[f32],
+        m: usize,
+        out: &mut Vec<f32>,
+    ) -> tessera_model::Result<bool> {
+        if self.rank != 0 {
+            encode_logits(&mut self.out, self.tag, m as u32, local);
+            // Rank 0 is the first link of every other rank (links are in rank order).
+            if let Err(e) = self.links[0].send(&self.out) {
+                return Err(self.fail(e));
+            }
+            return Ok(false);
+        }
+        let tag = self.tag;
+        for i in 0..self.links.len() {
+            let got = self.links[i].recv(tag, self.timeout);
+            let r = self.links[i].rank;
+            match got {
+                Ok(Frame::Logits { tag: t, rows, data })
+                    if t == tag && rows as usize == m && (m == 0 || data.len() % m == 0) =>
+                {
+                    self.parts[r] = data;
+                }
+                Ok(other) => {
+                    let msg = format!(
+                        "tensor-parallel rank {r} ({}): expected logits of step {tag} for {m} \
+                         rows; got {}",
+                        self.links[i].addr,
+                        describe(&other)
+                    );
+                    return Err(self.fail(msg));
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        out.clear();
+        if m == 0 {
+            return Ok(true);
+        }
+        let width = |v: &[f32]| v.len() / m;
+        for row in 0..m {
+            for r in 0..self.ranks {
+                let part: &[f32] = if r == 0 { local } else { &self.parts[r] };
+                let w = width(part);
+                out.extend_from_slice(&part[row * w..(row + 1) * w]);
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn describe(f: &Frame) -> String {
+    match f {
+        Frame::Partial {
+            tag,
+            layer,
+            point,
+            data,
+        } => format!(
+            "partial sums of step {tag}, layer {layer}, point {point} ({} values)",
+            data.len()
+        ),
+        Frame::Logits { tag, rows, data } => {
+            format!(
+                "logits of step {tag} for {rows} rows ({} values)",
+                data.len()
+            )
+        }
+        other => format!("{:?}", std::mem::discriminant(other)),
+    }
+}
+
+/// Connects to a peer port, retrying until `deadline` (the peer may still be starting).
+fn dial(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let target: SocketAddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no address"))
+    })?;
+    loop {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

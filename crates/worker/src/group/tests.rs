@@ -1,0 +1,266 @@
+//! Groups of real ranks on loopback, one thread per rank.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Binds `n` peer listeners on loopback.
+fn listeners(n: usize) -> (Vec<PeerListener>, Vec<String>) {
+    let ls: Vec<PeerListener> = (0..n)
+        .map(|_| PeerListener::bind("127.0.0.1:0".parse().unwrap()).expect("bind"))
+        .collect();
+    let addrs = ls.iter().map(|l| l.local_addr().to_string()).collect();
+    (ls, addrs)
+}
+
+/// Forms a group of `n` ranks concurrently; rank r > 0's control events go to `controls[r]`.
+fn form_all(epoch: u64, n: usize) -> (Vec<Group>, Vec<mpsc::Receiver<Control>>, Vec<PeerListener>) {
+    let (ls, addrs) = listeners(n);
+    let mut rxs = Vec::new();
+    let mut handles = Vec::new();
+    let ls = Arc::new(ls);
+    for r in 0..n {
+        let (tx, rx) = mpsc::channel::<Control>();
+        rxs.push(rx);
+        let tx = std::sync::Mutex::new(tx);
+        let sink: ControlSink = Arc::new(move |c| {
+            let _ = tx.lock().unwrap().send(c);
+        });
+        let (ls, addrs) = (Arc::clone(&ls), addrs.clone());
+        handles.push(std::thread::spawn(move || {
+            Group::form(epoch, r, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
+        }));
+    }
+    let groups = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ls = Arc::try_unwrap(ls).map_err(|_| ()).expect("listeners back");
+    (groups, rxs, ls)
+}
+
+/// Runs `f` on every rank's group in its own thread and returns the results in rank order.
+fn on_all<T: Send + 'static>(
+    groups: Vec<Group>,
+    f: impl Fn(&mut Group) -> T + Send + Sync + 'static,
+) -> Vec<(Group, T)> {
+    let f = Arc::new(f);
+    let handles: Vec<_> = groups
+        .into_iter()
+        .map(|mut g| {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let t = f(&mut g);
+                (g, t)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Ensures that every rank of a 3-rank group ends a reduction with the same bits: the
+/// partials added in rank order, whatever rank computes it.
+#[test]
+fn reduce_sums_in_rank_order_on_every_rank() {
+    let (groups, _rx, _ls) = form_all(1, 3);
+    // Values whose sum depends on the order of addition in f32.
+    let parts = [
+        vec![1e8f32, 1.0, -3.5],
+        vec![1.0, 1e-8, 2.25],
+        vec![-1e8, 3.0, 1.0],
+    ];
+    let want: Vec<f32> = (0..3)
+        .map(|i| (parts[0][i] + parts[1][i]) + parts[2][i])
+        .collect();
+    let parts = Arc::new(parts);
+    let out = on_all(groups, move |g| {
+        g.begin_step(1);
+        let mut x = parts[g.rank()].clone();
+        g.reduce(ReducePoint::AttnOut, 4, &mut x).expect("reduces");
+        x
+    });
+    for (g, x) in &out {
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(x), bits(&want), "rank {}", g.rank());
+    }
+}
+
+/// Ensures that rank 0 receives every rank's vocabulary slice assembled row by row in rank
+/// order, and the other ranks report that they did not sample.
+#[test]
+fn logits_gather_on_rank_zero() {
+    let (groups, _rx, _ls) = form_all(2, 3);
+    // Two rows; widths 2, 1, 3.
+    let out = on_all(groups, |g| {
+        g.begin_step(7);
+        let local: Vec<f32> = match g.rank() {
+            0 => vec![0.0, 1.0, 10.0, 11.0],
+            1 => vec![2.0, 12.0],
+            _ => vec![3.0, 4.0, 5.0, 13.0, 14.0, 15.0],
+        };
+        let mut full = Vec::new();
+        let sampled = g.gather_logits(&local, 2, &mut full).expect("gathers");
+        (sampled, full)
+    });
+    assert_eq!(
+        out[0].1,
+        (
+            true,
+            vec![
+                0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0
+            ]
+        )
+    );
+    assert_eq!(out[1].1, (false, Vec::new()));
+    assert_eq!(out[2].1, (false, Vec::new()));
+}
+
+/// Ensures that rank 0's step reaches the other ranks' executors with its step number and
+/// stream, decoded, and that closing the stream is delivered too.
+#[test]
+fn steps_reach_the_other_ranks() {
+    let (mut groups, rx, _ls) = form_all(3, 2);
+    let req = pb::StepRequest {
+        plan_epoch: 3,
+        step_id: 42,
+        ..Default::default()
+    };
+    groups[0].broadcast_step(9, &req).expect("sent");
+    groups[0].close_stream(9);
+    match rx[1].recv_timeout(Duration::from_secs(5)).expect("step") {
+        Control::Step {
+            tag,
+            stream,
+            request,
+        } => {
+            assert_eq!((tag, stream, request.step_id), (1, 9, 42));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        rx[1].recv_timeout(Duration::from_secs(5)).expect("close"),
+        Control::Close { stream: 9 }
+    ));
+}
+
+/// Ensures that a rank whose peer's process is gone fails its reduction at once with
+/// UNAVAILABLE naming the peer, and the other ranks learn that rank 0 is gone.
+#[test]
+fn dead_peer_fails_the_step_at_once() {
+    let (mut groups, rx, _ls) = form_all(4, 2);
+    let rank1 = groups.pop().expect("rank 1");
+    drop(groups.pop()); // rank 0 dies
+    assert!(matches!(
+        rx[1].recv_timeout(Duration::from_secs(5)).expect("down"),
+        Control::Down { .. }
+    ));
+    let mut g = rank1;
+    g.begin_step(1);
+    let started = Instant::now();
+    let mut x = vec![1.0f32; 4];
+    let err = g
+        .reduce(ReducePoint::MlpDown, 0, &mut x)
+        .expect_err("fails");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let e = g.take_failure().expect("recorded");
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(
+        e.to_string().contains("tensor-parallel rank 0"),
+        "{e} / {err}"
+    );
+}
+
+/// Ensures that a peer that stays silent fails the wait after the timeout, not never.
+#[test]
+fn silent_peer_times_out() {
+    let (mut groups, _rx, _ls) = form_all(5, 2);
+    let mut g = groups.remove(0);
+    g.timeout = Duration::from_millis(300);
+    g.begin_step(1);
+    let started = Instant::now();
+    let mut x = vec![0.0f32; 2];
+    g.reduce(ReducePoint::AttnOut, 1, &mut x)
+        .expect_err("times out");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert!(
+        g.take_failure()
+            .unwrap()
+            .to_string()
+            .contains("sent nothing")
+    );
+    drop(groups);
+}
+
+/// Ensures that an abort from a rank that failed the step ends the others' wait at once with
+/// its reason, and that frames of a failed step do not leak into the next one.
+#[test]
+fn abort_propagates_and_stale_frames_are_skipped() {
+    let (groups, _rx, _ls) = form_all(6, 2);
+    let barrier = Arc::new(Barrier::new(2));
+    let b = Arc::clone(&barrier);
+    let out = on_all(groups, move |g| {
+        g.begin_step(1);
+        let first = if g.rank() == 1 {
+            // Rank 1 fails step 1 before its first reduction.
+            g.abort("KV cache is full");
+            None
+        } else {
+            // Rank 0 has sent its step-1 partial (which rank 1 never reads) and waits.
+            let mut x = vec![1.0f32];
+            Some(
+                g.reduce(ReducePoint::MlpDown, 0, &mut x)
+                    .map_err(|e| e.to_string()),
+            )
+        };
+        b.wait();
+        g.begin_step(2);
+        let mut x = vec![if g.rank() == 0 { 1.0f32 } else { 2.0 }];
+        g.reduce(ReducePoint::AttnOut, 3, &mut x)
+            .expect("step 2 reduces");
+        (first, x[0])
+    });
+    let (first, sum0) = &out[0].1;
+    let first = first.clone().expect("rank 0 result");
+    let err = first.expect_err("rank 0 fails step 1");
+    assert!(err.contains("KV cache is full"), "{err}");
+    assert_eq!(*sum0, 3.0);
+    assert_eq!(out[1].1.1, 3.0);
+}
+
+/// Ensures that a rank that never dials in makes group formation fail with UNAVAILABLE
+/// naming it, and that a connection of another epoch is not taken for it.
+#[test]
+fn missing_rank_fails_formation_naming_it() {
+    let (ls, addrs) = listeners(2);
+    // Rank 1 of epoch 1 dials, but rank 0 forms epoch 2.
+    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    Frame::Hello {
+        epoch: 1,
+        from: 1,
+        to: 0,
+    }
+    .write_to(&mut s)
+    .unwrap();
+    let got = ls[0].take(2, 1, 0, Instant::now() + Duration::from_millis(300));
+    assert!(got.is_none());
+    assert!(
+        ls[0]
+            .take(1, 1, 0, Instant::now() + Duration::from_secs(2))
+            .is_some()
+    );
+}
+
+/// Ensures that the peer port answers latency probes.
+#[test]
+fn rtt_probe_measures_the_peer_port() {
+    let (_ls, addrs) = listeners(1);
+    let rtt = probe_rtt(&addrs[0], 5, Duration::from_secs(2)).expect("answers");
+    assert!(rtt < Duration::from_millis(500), "{rtt:?}");
+}
