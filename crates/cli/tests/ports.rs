@@ -292,6 +292,7 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
             devices: vec![],
         }),
         name: "forged".into(),
+        peer_address: "127.0.0.1:9".into(),
     }));
     refused.push(("Coordination/Register".into(), r.map(|_| ())));
     let r = c.rt.block_on(coordination.heartbeat(cpb::HeartbeatRequest {

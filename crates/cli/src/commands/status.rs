@@ -68,31 +68,50 @@ pub async fn run(args: StatusArgs) -> Result<()> {
     }
     let _ = writeln!(
         out,
-        "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>9}  shard",
-        "worker", "address", "threads", "memory", "resident", "weights", "seen"
+        "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}  shard",
+        "worker", "address", "threads", "memory", "resident", "weights", "kv", "seen"
     );
     let mib = |b: u64| format!("{:.1}M", b as f64 / f64::from(1 << 20));
     for w in &s.workers {
         let cap = w.capacity.clone().unwrap_or_default();
         let shard = w.shard.as_ref().map_or("-".to_owned(), |sh| {
-            format!(
+            let mut t = format!(
                 "stage {} layers {}..{}{}{}",
                 sh.stage,
                 sh.layer_start,
                 sh.layer_end,
                 if sh.embed { " +embed" } else { "" },
                 if sh.head { " +head" } else { "" }
-            )
+            );
+            if sh.tp_ranks > 1 {
+                let _ = write!(
+                    t,
+                    " | rank {}/{} kv-heads {}..{} ffn {}..{} vocab {}..{}",
+                    sh.tp_rank,
+                    sh.tp_ranks,
+                    sh.kv_head_start,
+                    sh.kv_head_end,
+                    sh.ffn_start,
+                    sh.ffn_end,
+                    sh.vocab_start,
+                    sh.vocab_end
+                );
+                if let Some(rtt) = w.link_rtt_us {
+                    let _ = write!(t, " rtt {rtt}us");
+                }
+            }
+            t
         });
         let _ = writeln!(
             out,
-            "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>9}  {}",
+            "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}  {}",
             w.worker_id,
             w.address,
             cap.threads,
             mib(cap.memory_bytes),
             mib(w.resident_bytes),
             mib(w.weight_bytes),
+            mib(w.kv_bytes),
             // A follower's local view has not heard from workers: "-", not a huge number.
             w.last_seen_ms
                 .map_or("-".to_owned(), |ms| format!("{ms}ms")),

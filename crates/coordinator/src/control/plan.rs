@@ -55,7 +55,17 @@ pub async fn run(cluster: Arc<Cluster>) {
 /// The plan the planner makes over the registered workers now.
 fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
     let st = cluster.state();
-    let workers: Vec<_> = st.workers().map(|w| w.capacity()).collect();
+    // The link latency each worker measured to its last group's peers (leader-local, like
+    // every heartbeat figure): an input of the cost model, not of the replicated state.
+    let seen = cluster.liveness.snapshot();
+    let workers: Vec<_> = st
+        .workers()
+        .map(|w| {
+            let mut c = w.capacity();
+            c.link_rtt_us = seen.get(&w.id).map_or(0, |s| s.link_rtt_us);
+            c
+        })
+        .collect();
     // The quorum gates the first plan only: after a loss, the survivors serve.
     let quorum = if st.plan_epoch() == 0 {
         cluster.cfg.min_workers.max(1)
@@ -126,9 +136,10 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
 async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, CoordinatorError)> {
     let st = cluster.state();
     let address = |id: &str| st.worker(id).map(|w| w.address.clone());
+    let peer_address = |id: &str| st.worker(id).map(|w| w.peer_address.clone());
     let mut set = JoinSet::new();
     let mut failures = Vec::new();
-    for (i, stage) in plan.stages.iter().enumerate() {
+    for stage in &plan.stages {
         let Some(addr) = address(&stage.worker_id) else {
             failures.push((
                 stage.worker_id.clone(),
@@ -136,11 +147,30 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             ));
             continue;
         };
-        let next = plan
-            .stages
-            .get(i + 1)
-            .and_then(|s| address(&s.worker_id))
-            .unwrap_or_default();
+        // Rank 0 alone is in the pipeline: it forwards to the next stage's rank 0.
+        let next = if stage.tp_rank == 0 {
+            plan.stages
+                .iter()
+                .find(|s| s.stage == stage.stage + 1 && s.tp_rank == 0)
+                .and_then(|s| address(&s.worker_id))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let group: Vec<String> = if stage.tp_ranks > 1 {
+            let mut ranks: Vec<&PlanStage> = plan
+                .stages
+                .iter()
+                .filter(|s| s.stage == stage.stage)
+                .collect();
+            ranks.sort_by_key(|s| s.tp_rank);
+            ranks
+                .iter()
+                .map(|s| peer_address(&s.worker_id).unwrap_or_default())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let req = pb::LoadShardRequest {
             plan_epoch: epoch,
             model: cluster.cfg.model.clone(),
@@ -148,6 +178,7 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             next_address: next,
             kv_tokens: cluster.kv_tokens,
             block_size: cluster.cfg.block_size,
+            group,
         };
         let id = stage.worker_id.clone();
         let connect = cluster.cfg.heartbeat_timeout;
@@ -211,5 +242,12 @@ pub fn assignment(s: &PlanStage) -> tessera_proto::v1::ShardAssignment {
         layer_end: s.layers.end,
         embed: s.embed,
         head: s.head,
+        tp_ranks: s.tp_ranks.max(1),
+        kv_head_start: s.kv_heads.start,
+        kv_head_end: s.kv_heads.end,
+        ffn_start: s.ffn.start,
+        ffn_end: s.ffn.end,
+        vocab_start: s.vocab.start,
+        vocab_end: s.vocab.end,
     }
 }

@@ -224,6 +224,8 @@ impl pb::inference_server::Inference for Api {
                     weight_bytes: s.map_or(0, |s| s.weight_bytes),
                     last_seen_ms: s.map(|s| now.duration_since(s.at).as_millis() as u64),
                     shard: st.plan().and_then(|p| p.stage_of(&w.id)).map(assignment),
+                    kv_bytes: s.map_or(0, |s| s.kv_bytes),
+                    link_rtt_us: s.and_then(|s| (s.link_rtt_us > 0).then_some(s.link_rtt_us)),
                 }
             })
             .collect();

@@ -62,6 +62,7 @@ impl pb::coordination_server::Coordination for Registry {
                         memory_bytes: cap.memory_bytes,
                         threads: cap.threads,
                         devices: cap.devices.clone(),
+                        peer_address: req.peer_address.clone(),
                     },
                     id,
                 )
@@ -113,6 +114,8 @@ impl pb::coordination_server::Coordination for Registry {
                 resident_bytes: req.resident_bytes,
                 weight_bytes: req.weight_bytes,
                 plan_epoch: req.plan_epoch,
+                kv_bytes: req.kv_bytes,
+                link_rtt_us: req.link_rtt_us,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {

@@ -25,6 +25,10 @@ pub struct WorkerRecord {
     pub threads: u32,
     /// Accelerators it declared.
     pub devices: Vec<String>,
+    /// Where its peer port listens (tensor-parallel groups dial it); empty for a worker that
+    /// did not say (one registered by an older version).
+    #[serde(default)]
+    pub peer_address: String,
     /// Liveness epoch: the state's registration counter when it (re-)registered, so a process
     /// that comes back at the same address is a newer incarnation.
     pub epoch: u64,
@@ -42,6 +46,7 @@ impl WorkerRecord {
                 self.memory_bytes
             },
             threads: self.threads,
+            link_rtt_us: 0,
         }
     }
 }
@@ -68,6 +73,9 @@ pub enum Command {
         threads: u32,
         /// Accelerators.
         devices: Vec<String>,
+        /// Its peer port.
+        #[serde(default)]
+        peer_address: String,
     },
     /// Drops a worker; a plan that used it no longer serves.
     RemoveWorker {
@@ -186,6 +194,7 @@ impl ClusterState {
                 memory_bytes,
                 threads,
                 devices,
+                peer_address,
             } => {
                 if self.workers.contains_key(&id) {
                     return Err(StateError::DuplicateId(id));
@@ -210,6 +219,7 @@ impl ClusterState {
                         memory_bytes,
                         threads,
                         devices,
+                        peer_address,
                         epoch,
                     },
                 );

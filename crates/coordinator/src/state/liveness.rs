@@ -21,6 +21,10 @@ pub struct Seen {
     pub weight_bytes: u64,
     /// The plan epoch of its loaded shard.
     pub plan_epoch: u64,
+    /// Bytes of KV cache its shard holds.
+    pub kv_bytes: u64,
+    /// Median round-trip time to its tensor-parallel group's peers (0 = none measured).
+    pub link_rtt_us: u32,
 }
 
 impl Seen {
@@ -31,6 +35,8 @@ impl Seen {
             resident_bytes: 0,
             weight_bytes: 0,
             plan_epoch: 0,
+            kv_bytes: 0,
+            link_rtt_us: 0,
         }
     }
 }

@@ -25,6 +25,9 @@ pub struct WorkerCapacity {
     pub memory_bytes: u64,
     /// Compute threads (0 is read as 1).
     pub threads: u32,
+    /// Median round-trip time to its peers as it measured it, in µs; 0 = unknown.
+    #[serde(default)]
+    pub link_rtt_us: u32,
 }
 
 /// What the plan must provide for.
@@ -55,6 +58,18 @@ pub struct PlanStage {
     pub weight_bytes: u64,
     /// Bytes of KV cache it holds.
     pub kv_bytes: u64,
+    /// Ranks in its stage's tensor-parallel group (0 in plans written before groups = 1).
+    #[serde(default)]
+    pub tp_ranks: u32,
+    /// KV heads it holds (empty = all).
+    #[serde(default)]
+    pub kv_heads: Range<u32>,
+    /// MLP intermediate columns it holds (empty = all).
+    #[serde(default)]
+    pub ffn: Range<u32>,
+    /// Vocabulary rows of the embedding / output head it holds (empty = all).
+    #[serde(default)]
+    pub vocab: Range<u32>,
 }
 
 /// A shard plan: stages in pipeline order, covering every layer exactly once.
@@ -240,6 +255,10 @@ pub fn plan(
             head: b == n,
             weight_bytes: stage_memory(model, &prefix, 0, a, b),
             kv_bytes: kv_layer * (b - a) as u64,
+            tp_ranks: 1,
+            kv_heads: 0..0,
+            ffn: 0..0,
+            vocab: 0..0,
         })
         .collect();
     Ok(Plan { stages })

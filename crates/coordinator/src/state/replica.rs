@@ -145,6 +145,7 @@ mod tests {
             memory_bytes: 0,
             threads: 1,
             devices: vec![],
+            peer_address: String::new(),
         };
         let bytes = serde_json::to_vec(&reg).expect("serialise");
         sm.apply(1, &bytes).expect("register applies");

@@ -13,6 +13,7 @@ fn register(state: &ClusterState, address: &str) -> Command {
         memory_bytes: 1 << 30,
         threads: 2,
         devices: vec![],
+        peer_address: String::new(),
     }
 }
 
@@ -28,6 +29,10 @@ fn one_stage_plan(worker: &str) -> Plan {
             head: true,
             weight_bytes: 1,
             kv_bytes: 1,
+            tp_ranks: 1,
+            kv_heads: 0..0,
+            ffn: 0..0,
+            vocab: 0..0,
         }],
     }
 }
@@ -53,6 +58,7 @@ fn register_assigns_ids_and_replaces_same_address() {
         memory_bytes: 0,
         threads: 1,
         devices: vec![],
+        peer_address: String::new(),
     };
     assert_eq!(s.apply(dup), Err(StateError::DuplicateId("w2".into())));
 }

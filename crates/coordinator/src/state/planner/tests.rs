@@ -19,6 +19,7 @@ fn worker(id: &str, memory_bytes: u64, threads: u32) -> WorkerCapacity {
         id: id.into(),
         memory_bytes,
         threads,
+        link_rtt_us: 0,
     }
 }
 
