@@ -92,6 +92,7 @@ impl Cluster {
                 layer_end: end,
                 embed: i == 0,
                 head: i + 1 == STAGES.len(),
+                ..Default::default()
             }),
             next_address: if i + 1 < STAGES.len() {
                 self.addr(i + 1)
@@ -100,6 +101,7 @@ impl Cluster {
             },
             kv_tokens: KV_TOKENS,
             block_size: BLOCK_SIZE,
+            group: Vec::new(),
         }
     }
 

@@ -177,6 +177,7 @@ async fn registers_heartbeats_and_reregisters() {
                 next_address: String::new(),
                 kv_tokens: 256,
                 block_size: 16,
+                group: Vec::new(),
             })
             .await
             .expect("load")
