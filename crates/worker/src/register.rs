@@ -177,6 +177,8 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             plan_epoch: status.plan_epoch,
             link_rtt_us: status.link_rtt_us,
             kv_bytes: status.kv_bytes,
+            tp_steps: status.tp_steps,
+            tp_reduce_us: status.tp_reduce_us,
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {

@@ -32,6 +32,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RunningWorker {
     local_addr: SocketAddr,
     advertise: String,
+    peer_address: String,
     shard: ShardHandle,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), WorkerError>>,
@@ -46,6 +47,11 @@ impl RunningWorker {
     /// The `host:port` registered with the coordinator.
     pub fn advertise(&self) -> &str {
         &self.advertise
+    }
+
+    /// The `host:port` of its peer port, registered with the coordinator.
+    pub fn peer_address(&self) -> &str {
+        &self.peer_address
     }
 
     /// The shard this worker runs (its status: epoch, weight bytes, free KV blocks).
@@ -194,6 +200,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     Ok(RunningWorker {
         local_addr,
         advertise,
+        peer_address,
         shard,
         shutdown: shutdown_tx,
         task,

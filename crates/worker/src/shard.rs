@@ -90,6 +90,10 @@ pub struct ShardStatus {
     pub link_rtt_us: u32,
     /// This worker's rank in its stage's tensor-parallel group.
     pub tp_rank: u32,
+    /// Steps computed as a rank of a tensor-parallel group, since the process started.
+    pub tp_steps: u64,
+    /// Microseconds those steps spent in the group's reductions and logits gathers.
+    pub tp_reduce_us: u64,
 }
 
 /// Atomics the executor writes after every command.
@@ -104,6 +108,9 @@ pub(crate) struct ShardStats {
     kv_bytes: AtomicU64,
     link_rtt_us: AtomicU64,
     tp_rank: AtomicU64,
+    /// Cumulative, added to by [`ShardStats::add_group_step`]; `publish` leaves them alone.
+    tp_steps: AtomicU64,
+    tp_reduce_us: AtomicU64,
 }
 
 impl ShardStats {
@@ -139,7 +146,18 @@ impl ShardStats {
             kv_bytes: self.kv_bytes.load(Ordering::Relaxed),
             link_rtt_us: self.link_rtt_us.load(Ordering::Relaxed) as u32,
             tp_rank: self.tp_rank.load(Ordering::Relaxed) as u32,
+            tp_steps: self.tp_steps.load(Ordering::Relaxed),
+            tp_reduce_us: self.tp_reduce_us.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts one step computed in a tensor-parallel group that spent `spent` in collectives.
+    pub fn add_group_step(&self, spent: std::time::Duration) {
+        self.tp_steps.fetch_add(1, Ordering::Relaxed);
+        self.tp_reduce_us.fetch_add(
+            u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
 

@@ -99,6 +99,13 @@ pub async fn run(args: StatusArgs) -> Result<()> {
                 if let Some(rtt) = w.link_rtt_us {
                     let _ = write!(t, " rtt {rtt}us");
                 }
+                if w.tp_steps > 0 {
+                    let _ = write!(
+                        t,
+                        " reduce {:.2}ms/step",
+                        w.tp_reduce_us as f64 / 1e3 / w.tp_steps as f64
+                    );
+                }
             }
             t
         });

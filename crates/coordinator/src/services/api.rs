@@ -226,6 +226,8 @@ impl pb::inference_server::Inference for Api {
                     shard: st.plan().and_then(|p| p.stage_of(&w.id)).map(assignment),
                     kv_bytes: s.map_or(0, |s| s.kv_bytes),
                     link_rtt_us: s.and_then(|s| (s.link_rtt_us > 0).then_some(s.link_rtt_us)),
+                    tp_steps: s.map_or(0, |s| s.tp_steps),
+                    tp_reduce_us: s.map_or(0, |s| s.tp_reduce_us),
                 }
             })
             .collect();

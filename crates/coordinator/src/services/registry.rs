@@ -116,6 +116,8 @@ impl pb::coordination_server::Coordination for Registry {
                 plan_epoch: req.plan_epoch,
                 kv_bytes: req.kv_bytes,
                 link_rtt_us: req.link_rtt_us,
+                tp_steps: req.tp_steps,
+                tp_reduce_us: req.tp_reduce_us,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {

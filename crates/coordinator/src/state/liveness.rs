@@ -25,6 +25,10 @@ pub struct Seen {
     pub kv_bytes: u64,
     /// Median round-trip time to its tensor-parallel group's peers (0 = none measured).
     pub link_rtt_us: u32,
+    /// Tensor-parallel steps it computed.
+    pub tp_steps: u64,
+    /// Microseconds those steps spent in reductions.
+    pub tp_reduce_us: u64,
 }
 
 impl Seen {
@@ -37,6 +41,8 @@ impl Seen {
             plan_epoch: 0,
             kv_bytes: 0,
             link_rtt_us: 0,
+            tp_steps: 0,
+            tp_reduce_us: 0,
         }
     }
 }

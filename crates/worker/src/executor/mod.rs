@@ -200,8 +200,9 @@ impl Executor {
                 return Err(e);
             }
         }
+        let computes = !req.seqs.is_empty();
         let out = self.step_inner(stream, req);
-        let out = self.after_group_step(out);
+        let out = self.after_group_step(out, computes);
         self.publish();
         out
     }
@@ -227,8 +228,9 @@ impl Executor {
                     g.begin_step(tag);
                 }
                 let step_id = request.step_id;
+                let computes = !request.seqs.is_empty();
                 let out = self.step_inner(peer_stream(stream), *request);
-                if let Err(e) = self.after_group_step(out) {
+                if let Err(e) = self.after_group_step(out, computes) {
                     tracing::warn!(step_id, error = %e, "tensor-parallel step failed");
                 }
                 self.publish();
@@ -250,14 +252,20 @@ impl Executor {
     }
 
     /// Completes a step of a tensor-parallel rank: a failure is told to the other ranks, and
-    /// a failed collective reports the peer's reason (UNAVAILABLE) rather than the model's.
+    /// a failed collective reports the peer's reason (UNAVAILABLE) rather than the model's;
+    /// a step that `computes` counts its time in collectives.
     fn after_group_step(
         &mut self,
         out: Result<StepOutput, WorkerError>,
+        computes: bool,
     ) -> Result<StepOutput, WorkerError> {
         let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) else {
             return out;
         };
+        let spent = g.take_spent();
+        if computes && out.is_ok() {
+            self.stats.add_group_step(spent);
+        }
         match out {
             Ok(o) => Ok(o),
             Err(e) => {

@@ -80,6 +80,8 @@ pub(crate) struct Group {
     sum: Vec<f32>,
     /// Why the last collective failed, for the step's error.
     failure: Option<String>,
+    /// Time spent in collectives (sending, waiting, adding) since last taken.
+    spent: Duration,
 }
 
 impl Group {
@@ -145,6 +147,7 @@ impl Group {
             parts: vec![Vec::new(); ranks],
             sum: Vec::new(),
             failure: None,
+            spent: Duration::ZERO,
         })
     }
 
@@ -213,6 +216,12 @@ impl Group {
         }
     }
 
+    /// Time spent in collectives since the last call (what tensor parallelism costs a step
+    /// beyond its share of the arithmetic, waiting for slower ranks included).
+    pub(crate) fn take_spent(&mut self) -> Duration {
+        std::mem::take(&mut self.spent)
+    }
+
     /// The reason the last collective failed, if one did in this step.
     pub(crate) fn take_failure(&mut self) -> Option<WorkerError> {
         self.failure.take().map(WorkerError::Unavailable)
@@ -225,7 +234,30 @@ impl Group {
 }
 
 impl Reduce for Group {
-    fn reduce(
+    fn reduce(&mut self, point: ReducePoint, layer: usize, x: &mut [f32]) -> tessera_model::Result<()> {
+        let started = Instant::now();
+        let r = self.all_reduce(point, layer, x);
+        self.spent += started.elapsed();
+        r
+    }
+
+    fn gather_logits(
+        &mut self,
+        local: &[f32],
+        m: usize,
+        out: &mut Vec<f32>,
+    ) -> tessera_model::Result<bool> {
+        let started = Instant::now();
+        let r = self.gather(local, m, out);
+        self.spent += started.elapsed();
+        r
+    }
+}
+
+impl Group {
+    /// [`Reduce::reduce`]: every rank sends its partial sums to every other rank, then adds
+    /// all of them in rank order.
+    fn all_reduce(
         &mut self,
         point: ReducePoint,
         layer: usize,
@@ -281,7 +313,8 @@ impl Reduce for Group {
         Ok(())
     }
 
-    fn gather_logits(
+    /// [`Reduce::gather_logits`]: the other ranks send, rank 0 assembles.
+    fn gather(
         &mut self,
         local: &[f32],
         m: usize,
