@@ -339,6 +339,32 @@ mod tests {
         assert!(TensorSlice::whole(&c).is_whole());
     }
 
+    /// Ensures that a whole range hands the matrix (and vector) through without a copy, that
+    /// a partial one copies the named rows or columns, and that a column cut through a block
+    /// names the slice field and the block size.
+    #[test]
+    fn cuts_copy_only_slices() {
+        use tessera_format::QType;
+        let data: Vec<f32> = (0..4 * 64).map(|i| i as f32 / 7.0).collect();
+        let m = QMatrix::quantize(QType::Q4_1, 4, 64, &data).expect("matrix");
+        let at = m.as_bytes().as_ptr();
+        let m = cut_rows(m, &(0..4)).expect("rows");
+        let m = cut_cols(m, &(0..64), "tensor.ffn", String::new).expect("cols");
+        assert_eq!(m.as_bytes().as_ptr(), at, "a whole cut is no copy");
+        let rows = cut_rows(m.clone(), &(1..3)).expect("rows");
+        assert_eq!(rows.dequantize(), m.dequantize()[64..192]);
+        let cols = cut_cols(m.clone(), &(32..64), "tensor.ffn", String::new).expect("cols");
+        assert_eq!((cols.rows(), cols.cols()), (4, 32));
+        let e = cut_cols(m, &(16..64), "tensor.ffn", || "down".into()).expect_err("split block");
+        assert_eq!(e.field(), Some("tensor.ffn"));
+        assert!(e.to_string().contains("32"), "{e}");
+        let v = vec![1.0, 2.0, 3.0];
+        let at = v.as_ptr();
+        let kept = cut_vec(v, &(0..3));
+        assert_eq!(kept.as_ptr(), at);
+        assert_eq!(cut_vec(vec![1.0, 2.0, 3.0], &(1..2)), [2.0]);
+    }
+
     proptest! {
         /// Ensures that balanced slices partition every range in rank order, pass their
         /// checks, put every inner boundary on the alignment, and differ in size by at most

@@ -40,7 +40,7 @@ use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{StageScratch, TensorSlice};
 use tessera_testkit::MemoryWeights;
-use tp_group::{Piece, rows_by_seq, run_group, teacher_forced};
+use tp_group::{Out, Piece, rows_by_seq, run_group, run_stage, teacher_forced};
 
 /// Largest |TP logit − whole logit| on the random models' first sampling step, before a
 /// reordered sum can have crossed a rounding boundary. Measured: 0 (Q4_1), 4.8e-6 (f32).
@@ -260,6 +260,67 @@ fn random_groups_match_whole_model() {
         );
     }
     eprintln!("max |Δlogit| TP vs whole: f32 {worst_f32:.3e}, Q4_1 {worst_q:.3e}");
+}
+
+/// Ensures that a pipeline of tensor-parallel groups (layer 0 with the embedding, then layers
+/// 1–2 with the head) gives the single-stage group's logits bit for bit when both stages use
+/// its slices, every rank of the first stage the same hidden states, and the whole model's
+/// logits within the bounds when the second stage is a group of another size.
+#[test]
+fn pipeline_of_groups_equals_one_group() {
+    let c = cfg(Arch::Qwen2, 9, 3, 32);
+    let two = slices(&[0, 2, 3], &[0, 96, 160], &[0, 40, 101]);
+    let three = slices(&[0, 1, 2, 3], &[0, 32, 64, 160], &[0, 30, 60, 101]);
+    let logits = |outs: Vec<Out>| -> Vec<Vec<f32>> {
+        outs.into_iter()
+            .map(|o| match o {
+                Out::Logits(l) => l,
+                Out::Hidden(_) => panic!("the last stage holds the head"),
+            })
+            .collect()
+    };
+    for qtype in [QType::Q4_1, QType::F32] {
+        let w = MemoryWeights::random(&c, qtype, false, 9).expect("weights");
+        let stage = |layers: std::ops::Range<usize>, embed, head, group: &[TensorSlice]| {
+            let spec = |s: &TensorSlice| LoadSpec {
+                tensor: s.clone(),
+                ..LoadSpec::stage(&c, layers.clone(), embed, head)
+            };
+            let load = |s| Llama::load(&w, &c, spec(s), &mut |_, _| {}).expect("stage");
+            group.iter().map(load).collect::<Vec<Llama>>()
+        };
+        let script = mixed_script(c.vocab_size);
+        let first = run_stage(&stage(0..1, true, false, &two), &script, None);
+        let same = logits(run_stage(
+            &stage(1..3, false, true, &two),
+            &script,
+            Some(&first),
+        ));
+        assert_eq!(
+            same,
+            run_group(&load_group(&w, &c, &two), &script),
+            "{qtype}"
+        );
+        let mixed = logits(run_stage(
+            &stage(1..3, false, true, &three),
+            &script,
+            Some(&first),
+        ));
+        let whole = load(&w, &c, TensorSlice::whole(&c)).expect("whole");
+        let want = run_group(std::slice::from_ref(&whole), &script);
+        let diff = max_diff(&mixed, &want);
+        let bound = if qtype == QType::F32 {
+            F32_BOUND
+        } else {
+            Q4_1_BOUND
+        };
+        eprintln!("pipeline TP=2 → TP=3, {qtype}: max |Δlogit| {diff:.3e}");
+        assert!(
+            max_diff(&mixed[1..2], &want[1..2]) <= FIRST_STEP_BOUND,
+            "{qtype}"
+        );
+        assert!(diff <= bound, "{qtype}: max |Δlogit| {diff}");
+    }
 }
 
 /// Ensures that a slice a load cannot run is refused with the field at fault named: empty and

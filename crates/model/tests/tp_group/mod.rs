@@ -2,7 +2,8 @@
 //! slice, [`PagedKvCache`] and compute pool, running the same script of batched steps and
 //! completing partial sums through shared memory, in rank order, as a worker group does over
 //! its peer links. A group of one runs the model with [`LocalReduce`], exactly as the engine
-//! does, so it is the reference the sliced groups are judged against.
+//! does, so it is the reference the sliced groups are judged against. A pipeline of groups
+//! runs one stage's group over the whole script, then the next one's over its hidden states.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -73,15 +74,40 @@ pub fn rows_by_seq(script: &[Vec<Piece>], out: &[Vec<f32>], vocab: usize) -> Vec
     rows
 }
 
-/// Runs `script` on the group of `models` (rank r = `models[r]`); returns rank 0's logits at
-/// each step (`(m, vocab)`, empty when none samples).
+/// Runs `script` on the group of `models` (rank r = `models[r]`), which hold the whole model's
+/// layers; returns rank 0's logits at each step (`(m, vocab)`, empty when none samples).
 ///
 /// # Panics
-/// When a rank fails or panics, when rank 0 does not return logits, or another rank does.
+/// As [`run_stage`]; also when the models lack the embedding or the head.
 pub fn run_group(models: &[Llama], script: &[Vec<Piece>]) -> Vec<Vec<f32>> {
+    run_stage(models, script, None)
+        .into_iter()
+        .map(|o| match o {
+            Out::Logits(l) => l,
+            Out::Hidden(_) => panic!("the group's models must hold the head"),
+        })
+        .collect()
+}
+
+/// What a stage's group produced at one step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Out {
+    /// Rank 0's logits, `(m, vocab)`.
+    Logits(Vec<f32>),
+    /// The hidden states for the next stage, `(n, hidden)`, the same on every rank.
+    Hidden(Vec<f32>),
+}
+
+/// Runs `script` on the group of `models`, one pipeline stage: from token ids when `hidden`
+/// is `None`, else from `hidden[step]` (the previous stage's [`Out::Hidden`]).
+///
+/// # Panics
+/// When a rank fails or panics; when rank 0 does not return logits on the last stage or
+/// another rank does; when the ranks of another stage disagree on the hidden states.
+pub fn run_stage(models: &[Llama], script: &[Vec<Piece>], hidden: Option<&[Out]>) -> Vec<Out> {
     let ranks = models.len();
     let group = Arc::new(Group::new(ranks));
-    let results: Vec<Result<Vec<Option<Vec<f32>>>>> = std::thread::scope(|s| {
+    let results: Vec<Result<Vec<Option<Out>>>> = std::thread::scope(|s| {
         let handles: Vec<_> = models
             .iter()
             .enumerate()
@@ -90,11 +116,12 @@ pub fn run_group(models: &[Llama], script: &[Vec<Piece>]) -> Vec<Vec<f32>> {
                 s.spawn(move || {
                     let mut guard = AbandonOnExit(Some(&group.rendezvous));
                     let r = if ranks == 1 {
-                        run_rank(model, script, &mut LocalReduce)
+                        run_rank(model, script, hidden, &mut LocalReduce)
                     } else {
                         run_rank(
                             model,
                             script,
+                            hidden,
                             &mut GroupReduce {
                                 rank,
                                 group: &group,
@@ -117,18 +144,29 @@ pub fn run_group(models: &[Llama], script: &[Vec<Piece>]) -> Vec<Vec<f32>> {
         .into_iter()
         .enumerate()
         .map(|(rank, r)| r.unwrap_or_else(|e| panic!("rank {rank}: {e}")));
-    let rank0: Vec<Vec<f32>> = results
+    let rank0: Vec<Out> = results
         .next()
         .expect("rank 0")
         .into_iter()
         .map(|l| l.expect("rank 0 gets the logits"))
         .collect();
     for (rank, steps) in results.enumerate() {
-        assert!(
-            steps.iter().all(Option::is_none),
-            "rank {} delivers its logits to rank 0",
-            rank + 1
-        );
+        for (step, (mine, first)) in steps.iter().zip(&rank0).enumerate() {
+            match (mine, first) {
+                (None, Out::Logits(_)) => {}
+                (Some(Out::Hidden(h)), Out::Hidden(h0)) => {
+                    assert!(
+                        h == h0,
+                        "rank {} step {step}: other hidden states",
+                        rank + 1
+                    );
+                }
+                _ => panic!(
+                    "rank {} step {step}: {mine:?} where rank 0 has {first:?}",
+                    rank + 1
+                ),
+            }
+        }
     }
     rank0
 }
@@ -137,8 +175,9 @@ pub fn run_group(models: &[Llama], script: &[Vec<Piece>]) -> Vec<Vec<f32>> {
 fn run_rank(
     model: &Llama,
     script: &[Vec<Piece>],
+    hidden: Option<&[Out]>,
     reduce: &mut dyn Reduce,
-) -> Result<Vec<Option<Vec<f32>>>> {
+) -> Result<Vec<Option<Out>>> {
     let cfg = model.config();
     let block_size = 8;
     let n_seqs = script
@@ -159,7 +198,17 @@ fn run_rank(
     let pool = ThreadPool::new(1)?;
     let mut scratch = StageScratch::default();
     let mut out = Vec::with_capacity(script.len());
-    for step in script {
+    for (i, step) in script.iter().enumerate() {
+        let input = match hidden.map(|h| &h[i]) {
+            None => StageInput::Tokens,
+            Some(Out::Hidden(h)) => StageInput::Hidden(h),
+            Some(Out::Logits(_)) => {
+                return Err(ModelError::InvalidArgument {
+                    field: "script",
+                    reason: "a stage after the last one".into(),
+                });
+            }
+        };
         let mut taken: Vec<SeqKv> = step
             .iter()
             .map(|p| {
@@ -183,15 +232,10 @@ fn run_rank(
             seq_slice: SeqSlice::WHOLE,
             reduce: &mut *reduce,
         };
-        let got = match model.step(&mut batch, StageInput::Tokens, &mut ctx, &mut scratch)? {
-            StageOutput::Logits(l) => Some(l.to_vec()),
+        let got = match model.step(&mut batch, input, &mut ctx, &mut scratch)? {
+            StageOutput::Logits(l) => Some(Out::Logits(l.to_vec())),
+            StageOutput::Hidden(h) => Some(Out::Hidden(h.to_vec())),
             StageOutput::Delivered => None,
-            StageOutput::Hidden(_) => {
-                return Err(ModelError::InvalidArgument {
-                    field: "script",
-                    reason: "the group's models must hold the head".into(),
-                });
-            }
         };
         drop(batch);
         for (p, seq) in step.iter().zip(taken) {
