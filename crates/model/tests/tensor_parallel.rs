@@ -1,7 +1,7 @@
 //! Tensor parallelism against the whole model: in-process groups (one thread per rank, see
-//! `tp_group`) of random-weight models with uneven GQA, MLP and vocabulary splits, and of the
-//! real SmolLM2 against both the whole model and llama.cpp's goldens; and the slices a load
-//! must refuse.
+//! `tp_group`) of random-weight models with uneven GQA, MLP and vocabulary splits, alone and
+//! as pipeline stages, and the slices a load must refuse. The real SmolLM2's groups are judged
+//! in `tensor_parallel_smollm2.rs`; the bound below covers both.
 //!
 //! # The error bound
 //! A rank's Q/K/V rows, attention heads and logits rows are computed exactly as the whole
@@ -29,18 +29,16 @@
 //! sum, i.e. the ranks one after another. The bounds below are the measured maxima with
 //! headroom; the greedy test shows what they mean for generated text.
 
-mod golden_support;
 mod tp_group;
 
-use golden_support::{GreedyFile, LogitsFile, argmax, golden};
-use tessera_format::{Arch, GgufWeights, ModelConfig, QType, RopeLayout, WeightStore};
+use tessera_format::{Arch, ModelConfig, QType, RopeLayout};
 use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{StageScratch, TensorSlice};
 use tessera_testkit::MemoryWeights;
-use tp_group::{Out, Piece, rows_by_seq, run_group, run_stage, teacher_forced};
+use tp_group::{Out, Piece, load, load_group, max_diff, run_group, run_stage, slices};
 
 /// Largest |TP logit − whole logit| on the random models' first sampling step, before a
 /// reordered sum can have crossed a rounding boundary. Measured: 0 (Q4_1), 4.8e-6 (f32).
@@ -52,13 +50,6 @@ const F32_BOUND: f32 = 5e-3;
 
 /// The same with Q4_1 weights. Measured: 0.33 (one flipped 8-bit rounding; 0 without).
 const Q4_1_BOUND: f32 = 1.0;
-
-/// Largest |TP logit − whole logit| on SmolLM2 with its weights widened to f32, teacher-forced
-/// on the golden prompts, TP=2. Measured: 3.1e-2.
-const SMOLLM2_F32_BOUND: f32 = 0.1;
-
-/// The same for SmolLM2 as published (Q4_1), TP=2 and TP=3. Measured: 1.75 and 1.91.
-const SMOLLM2_BOUND: f32 = 3.0;
 
 fn cfg(arch: Arch, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelConfig {
     ModelConfig {
@@ -76,50 +67,6 @@ fn cfg(arch: Arch, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> ModelC
         rms_eps: 1e-5,
         qkv_bias: arch == Arch::Qwen2,
     }
-}
-
-/// The group whose rank r holds KV heads `kv[r]..kv[r+1]`, MLP columns `ffn[r]..ffn[r+1]`
-/// and vocabulary rows `vocab[r]..vocab[r+1]`.
-fn slices(kv: &[usize], ffn: &[usize], vocab: &[usize]) -> Vec<TensorSlice> {
-    let ranks = kv.len() - 1;
-    (0..ranks)
-        .map(|rank| TensorSlice {
-            rank,
-            ranks,
-            kv_heads: kv[rank]..kv[rank + 1],
-            ffn: ffn[rank]..ffn[rank + 1],
-            vocab: vocab[rank]..vocab[rank + 1],
-        })
-        .collect()
-}
-
-fn load(w: &dyn WeightStore, c: &ModelConfig, tensor: TensorSlice) -> tessera_model::Result<Llama> {
-    let spec = LoadSpec {
-        tensor,
-        ..LoadSpec::full(c)
-    };
-    Llama::load(w, c, spec, &mut |_, _| {})
-}
-
-fn load_group(w: &dyn WeightStore, c: &ModelConfig, group: &[TensorSlice]) -> Vec<Llama> {
-    group
-        .iter()
-        .map(|s| load(w, c, s.clone()).unwrap_or_else(|e| panic!("{s:?}: {e}")))
-        .collect()
-}
-
-fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            assert_eq!(x.len(), y.len());
-            x.iter()
-                .zip(y)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0, f32::max)
-        })
-        .fold(0.0, f32::max)
 }
 
 /// Three sequences sharing steps: a step where none samples (two prefill chunks), chunks
@@ -479,164 +426,4 @@ fn sliced_model_refuses_single_rank_use() {
         .expect_err("cache of 2 heads for 3");
     assert_eq!(e.field(), Some("cache"), "{e}");
     assert_eq!(seq.len(), 0, "nothing was written");
-}
-
-/// The real model, whole and as the TP=2 (KV heads 2+1, MLP columns 640+896, vocabulary
-/// 20000+29152) and TP=3 (1+1+1; 480+608+448; 16384×3 uneven) groups of the tests below.
-struct Smollm2 {
-    whole: Llama,
-    groups: Vec<(&'static str, Vec<Llama>)>,
-}
-
-impl Smollm2 {
-    fn load() -> Option<Self> {
-        let path = tessera_testkit::smollm2_gguf()?;
-        let w = GgufWeights::open(&path).expect("open");
-        let c = w.config().expect("config");
-        let whole = load(&w, &c, TensorSlice::whole(&c)).expect("whole");
-        let v = c.vocab_size;
-        let tp2 = slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, v]);
-        let tp3 = slices(&[0, 1, 2, 3], &[0, 480, 1088, 1536], &[0, 16000, 33000, v]);
-        let groups = vec![
-            ("TP=2", load_group(&w, &c, &tp2)),
-            ("TP=3", load_group(&w, &c, &tp3)),
-        ];
-        Some(Self { whole, groups })
-    }
-}
-
-/// Ensures that SmolLM2's TP=2 and TP=3 groups give the whole model's teacher-forced logits
-/// on the golden prompts (all 8 as one batch: a 4-token prefill chunk each, then one token per
-/// step) within [`SMOLLM2_BOUND`].
-#[test]
-fn smollm2_groups_match_whole_model() {
-    let Some(m) = Smollm2::load() else { return };
-    let file: LogitsFile = golden("logits.json");
-    let seqs: Vec<Vec<u32>> = file.cases.iter().map(|c| c.ids.clone()).collect();
-    let script = teacher_forced(&seqs, 4);
-    let want = run_group(std::slice::from_ref(&m.whole), &script);
-    for (name, group) in &m.groups {
-        let got = run_group(group, &script);
-        let diff = max_diff(&got, &want);
-        let rows: usize = got.iter().map(|l| l.len()).sum::<usize>() / m.whole.config().vocab_size;
-        eprintln!("SmolLM2 {name}: max |Δlogit| {diff:.3e} over {rows} positions");
-        assert!(diff <= SMOLLM2_BOUND, "{name}: max |Δlogit| {diff}");
-    }
-}
-
-/// Ensures that SmolLM2 with its weights widened to f32 (so no product quantizes its input to
-/// 8 bits) gives the whole model's teacher-forced logits on the golden prompts as a TP=2 group
-/// within [`SMOLLM2_F32_BOUND`]: the slicing of the real model's shapes is right to f32 and
-/// f16 rounding, whatever the Q4_1 groups' amplified flips.
-#[test]
-fn smollm2_f32_group_matches_whole_model() {
-    use tessera_format::TensorKey as K;
-    use tessera_kernels::quant::QMatrix;
-    use tessera_model::weights::WeightStoreExt;
-    let Some(path) = tessera_testkit::smollm2_gguf() else {
-        return;
-    };
-    let gguf = GgufWeights::open(&path).expect("open");
-    let c = gguf.config().expect("config");
-    let (h, i, qd, kvd, v) = (
-        c.hidden,
-        c.intermediate,
-        c.q_dim(),
-        c.kv_dim(),
-        c.vocab_size,
-    );
-    let mut w = MemoryWeights::default();
-    let mut widen = |key, rows, cols| {
-        let m = gguf.matrix(key, rows, cols).expect("tensor");
-        let f = QMatrix::quantize(QType::F32, rows, cols, &m.dequantize()).expect("f32");
-        w.insert(key, f);
-    };
-    widen(K::TokenEmbd, v, h);
-    widen(K::OutputNorm, 1, h);
-    for l in 0..c.n_layers {
-        for (key, rows, cols) in [
-            (K::AttnNorm(l), 1, h),
-            (K::FfnNorm(l), 1, h),
-            (K::AttnQ(l), qd, h),
-            (K::AttnK(l), kvd, h),
-            (K::AttnV(l), kvd, h),
-            (K::AttnOutput(l), h, qd),
-            (K::FfnGate(l), i, h),
-            (K::FfnUp(l), i, h),
-            (K::FfnDown(l), h, i),
-        ] {
-            widen(key, rows, cols);
-        }
-    }
-    drop(gguf);
-    let file: LogitsFile = golden("logits.json");
-    let seqs: Vec<Vec<u32>> = file.cases.iter().map(|c| c.ids.clone()).collect();
-    let script = teacher_forced(&seqs, 4);
-    let whole = load(&w, &c, TensorSlice::whole(&c)).expect("whole");
-    let want = run_group(std::slice::from_ref(&whole), &script);
-    drop(whole);
-    let group = load_group(&w, &c, &slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, v]));
-    let diff = max_diff(&run_group(&group, &script), &want);
-    eprintln!("SmolLM2 in f32, TP=2: max |Δlogit| {diff:.3e}");
-    assert!(diff <= SMOLLM2_F32_BOUND, "max |Δlogit| {diff}");
-}
-
-/// Ensures that SmolLM2's TP groups pick llama.cpp's greedy token at every step of the golden
-/// continuations whose llama.cpp margin exceeds twice [`SMOLLM2_BOUND`] (where no error within
-/// the bound can swap the top two). The continuations are teacher-forced, so every step is
-/// judged on llama.cpp's own prefix; a group whose picks all agree continues the prompt
-/// exactly as llama.cpp did.
-#[test]
-fn smollm2_groups_greedy_match_llama_cpp() {
-    let Some(m) = Smollm2::load() else { return };
-    let file: GreedyFile = golden("greedy.json");
-    let vocab = m.whole.config().vocab_size;
-    let mut script: Vec<Vec<Piece>> = Vec::new();
-    for (seq, case) in file.cases.iter().enumerate() {
-        let feed = std::iter::once(case.prompt_ids.clone()).chain(
-            case.tokens[..case.tokens.len() - 1]
-                .iter()
-                .map(|&t| vec![t]),
-        );
-        for (step, tokens) in feed.enumerate() {
-            if script.len() == step {
-                script.push(Vec::new());
-            }
-            script[step].push(Piece {
-                seq,
-                tokens,
-                logits: true,
-            });
-        }
-    }
-    for (name, group) in &m.groups {
-        let rows = rows_by_seq(&script, &run_group(group, &script), vocab);
-        let (mut checked, mut identical) = (0, 0);
-        let mut swaps: Vec<f32> = Vec::new();
-        for (case, rows) in file.cases.iter().zip(&rows) {
-            for (step, row) in rows.iter().enumerate() {
-                let (ours, want, margin) =
-                    (argmax(row), case.tokens[step], case.steps[step].margin);
-                if margin > 2.0 * SMOLLM2_BOUND {
-                    assert_eq!(ours, want, "{name} {:?} step {step}", case.prompt);
-                    checked += 1;
-                } else if ours != want {
-                    swaps.push(margin);
-                }
-            }
-            identical += usize::from(rows.iter().zip(&case.tokens).all(|(r, &t)| argmax(r) == t));
-        }
-        let widest = swaps.iter().copied().fold(0.0, f32::max);
-        eprintln!(
-            "SmolLM2 {name}: top-1 checked at {checked} steps; {} other steps differ from \
-             llama.cpp (largest llama.cpp margin among them {widest:.2}); {identical} of {} \
-             continuations identical in full",
-            swaps.len(),
-            file.cases.len()
-        );
-        assert!(
-            checked >= 50,
-            "the check must cover many steps, not {checked}"
-        );
-    }
 }

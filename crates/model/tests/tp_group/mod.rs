@@ -5,15 +5,20 @@
 //! does, so it is the reference the sliced groups are judged against. A pipeline of groups
 //! runs one stage's group over the whole script, then the next one's over its hidden states.
 
+// Each test crate that includes this module uses a different part of it.
+#![allow(dead_code)]
+
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tessera_format::{ModelConfig, WeightStore};
 use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache, SeqKv};
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::Llama;
+use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{
     LocalReduce, Reduce, ReducePoint, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
+    TensorSlice,
 };
 use tessera_model::{ModelError, Result};
 
@@ -72,6 +77,66 @@ pub fn rows_by_seq(script: &[Vec<Piece>], out: &[Vec<f32>], vocab: usize) -> Vec
         assert!(it.next().is_none(), "more rows than sampling sequences");
     }
     rows
+}
+
+/// The group whose rank r holds KV heads `kv[r]..kv[r+1]`, MLP columns `ffn[r]..ffn[r+1]`
+/// and vocabulary rows `vocab[r]..vocab[r+1]`.
+pub fn slices(kv: &[usize], ffn: &[usize], vocab: &[usize]) -> Vec<TensorSlice> {
+    let ranks = kv.len() - 1;
+    (0..ranks)
+        .map(|rank| TensorSlice {
+            rank,
+            ranks,
+            kv_heads: kv[rank]..kv[rank + 1],
+            ffn: ffn[rank]..ffn[rank + 1],
+            vocab: vocab[rank]..vocab[rank + 1],
+        })
+        .collect()
+}
+
+/// Loads the whole model's layers, embedding and head cut to `tensor`.
+///
+/// # Errors
+/// As [`Llama::load`].
+pub fn load(
+    w: &dyn WeightStore,
+    c: &ModelConfig,
+    tensor: TensorSlice,
+) -> tessera_model::Result<Llama> {
+    let spec = LoadSpec {
+        tensor,
+        ..LoadSpec::full(c)
+    };
+    Llama::load(w, c, spec, &mut |_, _| {})
+}
+
+/// Loads every slice of `group`.
+///
+/// # Panics
+/// When one fails to load.
+pub fn load_group(w: &dyn WeightStore, c: &ModelConfig, group: &[TensorSlice]) -> Vec<Llama> {
+    group
+        .iter()
+        .map(|s| load(w, c, s.clone()).unwrap_or_else(|e| panic!("{s:?}: {e}")))
+        .collect()
+}
+
+/// Largest |a − b| over two runs' per-step outputs.
+///
+/// # Panics
+/// When their shapes differ.
+pub fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            assert_eq!(x.len(), y.len());
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
 }
 
 /// Runs `script` on the group of `models` (rank r = `models[r]`), which hold the whole model's
