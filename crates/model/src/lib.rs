@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod stage;
+pub mod tensor_slice;
 pub mod weights;
 
 pub use error::{ModelError, Result};

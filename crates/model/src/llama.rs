@@ -15,8 +15,10 @@ use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
 use crate::layers::{Block, LayerCtx, RmsNorm, Rope, SeqStep};
 use crate::stage::{
-    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch, TensorSlice,
+    LocalReduce, ReducePoint, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
+    TensorSlice,
 };
+use crate::tensor_slice::cut_rows;
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 use tessera_format::ModelConfig;
 use tessera_kernels::ThreadPool;
@@ -32,7 +34,7 @@ pub struct LoadSpec {
     pub embed: bool,
     /// Whether to load the final norm and output head (the last stage).
     pub head: bool,
-    /// The heads and columns of each layer this rank holds (tensor parallelism).
+    /// The heads, columns and vocabulary rows this rank holds (tensor parallelism).
     pub tensor: TensorSlice,
 }
 
@@ -66,12 +68,15 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads the parts of the model `spec` names, calling `progress(done, total)` after each
-    /// tensor group so callers can show a bar.
+    /// Loads the parts of the model `spec` names, cut to its tensor slice, calling
+    /// `progress(done, total)` after each tensor group so callers can show a bar. Each matrix
+    /// is read whole from `store`, cut, and the whole dropped (a whole slice is not copied).
     ///
     /// # Errors
-    /// When a tensor is missing, misshapen or of an unsupported type, or `spec` names layers
-    /// the model does not have.
+    /// When a tensor is missing, misshapen or of an unsupported type, `spec` names layers the
+    /// model does not have, or its slice is invalid ([`TensorSlice::check`]) or cuts a
+    /// quantized block of `wo` (`tensor.kv_heads`) or of the MLP down projection
+    /// (`tensor.ffn`).
     pub fn load(
         store: &dyn WeightStore,
         cfg: &ModelConfig,
@@ -89,30 +94,31 @@ impl Llama {
         }
         spec.tensor.check(cfg)?;
         let total = spec.layers.len() + 2;
+        let vocab_rows = |key| -> Result<Arc<QMatrix>> {
+            let m = store.matrix(key, cfg.vocab_size, cfg.hidden)?;
+            Ok(Arc::new(cut_rows(m, &spec.tensor.vocab)?))
+        };
         let embed = if spec.embed {
-            Some(Arc::new(store.matrix(
-                TensorKey::TokenEmbd,
-                cfg.vocab_size,
-                cfg.hidden,
-            )?))
+            Some(vocab_rows(TensorKey::TokenEmbd)?)
         } else {
             None
         };
         progress(1, total);
         let mut blocks = Vec::with_capacity(spec.layers.len());
         for (i, layer) in spec.layers.clone().enumerate() {
-            blocks.push(Block::load(store, cfg, layer)?);
+            blocks.push(Block::load(store, cfg, layer, &spec.tensor)?);
             progress(i + 2, total);
         }
         let (norm, output) = if spec.head {
             let norm = RmsNorm::load(store, TensorKey::OutputNorm, cfg.hidden, cfg.rms_eps)?;
             let output = if store.contains(TensorKey::Output) {
-                Arc::new(store.matrix(TensorKey::Output, cfg.vocab_size, cfg.hidden)?)
+                vocab_rows(TensorKey::Output)?
             } else if let Some(e) = &embed {
-                // Tied embeddings: the head is the embedding matrix itself, shared, not copied.
+                // Tied embeddings: the head is the embedding matrix itself (the same vocabulary
+                // slice), shared, not copied.
                 Arc::clone(e)
             } else {
-                Arc::new(store.matrix(TensorKey::TokenEmbd, cfg.vocab_size, cfg.hidden)?)
+                vocab_rows(TensorKey::TokenEmbd)?
             };
             (Some(norm), Some(output))
         } else {
@@ -146,7 +152,12 @@ impl Llama {
         &self.spec
     }
 
-    /// Bytes of weights held (shared tensors counted once).
+    /// KV heads this instance holds per layer: what its [`PagedKvCache`] must be sized for.
+    pub fn kv_heads_held(&self) -> usize {
+        self.spec.tensor.kv_heads.len()
+    }
+
+    /// Bytes of weights held, this rank's slices only (shared tensors counted once).
     pub fn weight_bytes(&self) -> usize {
         let embed = self.embed.as_ref().map_or(0, |e| e.nbytes());
         let output = match (&self.output, &self.embed) {
@@ -197,10 +208,13 @@ impl Llama {
         Ok(n)
     }
 
-    /// Writes the embeddings of `tokens` into `x` (n, hidden).
+    /// Writes the embeddings of `tokens` into `x` (n, hidden). A tensor-parallel rank writes
+    /// the rows of the tokens inside its vocabulary slice and zeros for the others: its part
+    /// of the group's sum ([`ReducePoint::Embed`]).
     ///
     /// # Errors
-    /// [`ModelError::InvalidArgument`] when this stage has no embedding.
+    /// [`ModelError::InvalidArgument`] when this stage has no embedding, or a token is outside
+    /// the vocabulary.
     pub fn embed(&self, tokens: impl Iterator<Item = u32>, x: &mut Vec<f32>) -> Result<()> {
         let embed = self
             .embed
@@ -209,22 +223,35 @@ impl Llama {
                 field: "tokens",
                 reason: "this stage does not hold the embedding".into(),
             })?;
-        let h = self.cfg.hidden;
+        let (h, held) = (self.cfg.hidden, &self.spec.tensor.vocab);
         x.clear();
-        for t in tokens {
+        for t in tokens.map(|t| t as usize) {
+            if t >= self.cfg.vocab_size {
+                return Err(ModelError::InvalidArgument {
+                    field: "tokens",
+                    reason: format!(
+                        "token id {t} is outside the vocabulary of {}",
+                        self.cfg.vocab_size
+                    ),
+                });
+            }
             let at = x.len();
             x.resize(at + h, 0.0);
-            embed.dequantize_row(t as usize, &mut x[at..])?;
+            if held.contains(&t) {
+                embed.dequantize_row(t - held.start, &mut x[at..])?;
+            }
         }
         Ok(())
     }
 
     /// Runs this instance's blocks over the hidden states `x` (n, hidden) of a batch, writing
-    /// K/V into `cache`, and commits the new tokens to each sequence.
+    /// K/V into `cache`, and commits the new tokens to each sequence. Whole layers only: a
+    /// tensor-parallel rank needs its group's reduction, which [`Llama::step`] takes.
     ///
     /// # Errors
     /// Invalid batches ([`ModelError::InvalidArgument`]) and a full KV cache
-    /// ([`ModelError::KvCache`]), both before anything is written.
+    /// ([`ModelError::KvCache`]), both before anything is written; a sliced instance
+    /// ([`ModelError::InvalidArgument`] naming `tensor`).
     pub fn forward_hidden(
         &self,
         batch: &mut [SeqStep<'_>],
@@ -239,6 +266,7 @@ impl Llama {
             seq_slice: SeqSlice::WHOLE,
             reduce: &mut LocalReduce,
         };
+        self.require_whole()?;
         let n = self.validate(batch)?;
         self.run_layers(batch, n, x, &mut ctx, s)
     }
@@ -264,10 +292,23 @@ impl Llama {
                 ),
             });
         }
+        let kv = ctx.cache.config();
+        if (kv.n_kv_heads, kv.head_dim) != (self.kv_heads_held(), self.cfg.head_dim) {
+            return Err(ModelError::InvalidArgument {
+                field: "cache",
+                reason: format!(
+                    "the KV cache holds {} heads of {} values; this rank holds {} of {}",
+                    kv.n_kv_heads,
+                    kv.head_dim,
+                    self.kv_heads_held(),
+                    self.cfg.head_dim
+                ),
+            });
+        }
         for step in batch.iter_mut() {
             ctx.cache.reserve(step.seq, step.tokens.len())?;
         }
-        s.prepare(&self.cfg, n);
+        s.prepare(&self.cfg, &self.spec.tensor, n);
         s.positions.clear();
         for step in batch.iter() {
             let base = step.seq.len();
@@ -292,7 +333,8 @@ impl Llama {
         Ok(())
     }
 
-    /// Final norm and output head over `x` (m, hidden) into `logits` (m, vocab).
+    /// Final norm and output head over `x` (m, hidden) into `logits` (m, vocab); on a
+    /// tensor-parallel rank, (m, vocab_r): the logits of its vocabulary slice.
     ///
     /// # Errors
     /// [`ModelError::InvalidArgument`] when this stage has no head.
@@ -315,18 +357,24 @@ impl Llama {
         let timer = profile::scope(Op::Norm);
         norm.forward(x, normed);
         drop(timer);
-        logits.resize(m * self.cfg.vocab_size, 0.0);
+        logits.resize(m * output.rows(), 0.0);
         let _timer = profile::scope(Op::Head);
         Ok(output.matmul(normed, m, logits, q8, pool)?)
     }
 
     /// One batched step of this stage (see [`crate::stage`]): from token ids or the previous
     /// stage's hidden states, through every layer, to hidden states for the next stage or, on
-    /// the last stage, the logits of the sampling sequences' last rows.
+    /// the last stage, the logits of the sampling sequences' last rows. A tensor-parallel rank
+    /// completes its partial sums through `ctx.reduce` (the embedding, then each layer's
+    /// attention output and MLP down projection) and sends its logits slice to rank 0 through
+    /// [`crate::stage::Reduce::gather_logits`]; rank 0 returns the full rows, the others
+    /// [`StageOutput::Delivered`].
     ///
     /// # Errors
-    /// As [`Llama::forward_hidden`]; also when the input does not match the stage (token ids
-    /// without the embedding, hidden states of the wrong size), or the slice cannot run.
+    /// As [`Llama::forward_hidden`] (a sliced instance included); also when the input does
+    /// not match the stage (token ids without the embedding, hidden states of the wrong size),
+    /// the KV cache is not sized for the heads held, the slice cannot run, or the reduction
+    /// fails.
     pub fn step<'s>(
         &self,
         batch: &mut [SeqStep<'_>],
@@ -340,6 +388,7 @@ impl Llama {
             last,
             last_norm,
             logits,
+            local_logits,
             step,
         } = scratch;
         match input {
@@ -347,6 +396,8 @@ impl Llama {
                 let timer = profile::scope(Op::Embed);
                 self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
                 drop(timer);
+                ctx.reduce
+                    .reduce(ReducePoint::Embed, self.spec.layers.start, x)?;
             }
             StageInput::Hidden(h) => {
                 if self.embed.is_some() {
@@ -374,8 +425,32 @@ impl Llama {
             }
         }
         logits.clear();
-        if !last.is_empty() {
-            self.logits(last, last_norm, logits, &mut step.q8, ctx.pool)?;
+        let tensor = &self.spec.tensor;
+        if last.is_empty() || tensor.is_whole() {
+            if !last.is_empty() {
+                // A whole head writes the full rows in place: no gather, no copy.
+                self.logits(last, last_norm, logits, &mut step.q8, ctx.pool)?;
+            }
+            return Ok(if tensor.rank == 0 {
+                StageOutput::Logits(logits.as_mut_slice())
+            } else {
+                StageOutput::Delivered
+            });
+        }
+        self.logits(last, last_norm, local_logits, &mut step.q8, ctx.pool)?;
+        let m = last.len() / h;
+        if !ctx.reduce.gather_logits(local_logits, m, logits)? {
+            return Ok(StageOutput::Delivered);
+        }
+        if logits.len() != m * self.cfg.vocab_size {
+            return Err(ModelError::InvalidArgument {
+                field: "logits",
+                reason: format!(
+                    "the tensor-parallel gather returned {} logits for {m} rows of {}",
+                    logits.len(),
+                    self.cfg.vocab_size
+                ),
+            });
         }
         Ok(StageOutput::Logits(logits.as_mut_slice()))
     }
@@ -384,7 +459,8 @@ impl Llama {
     /// logits (m, vocab) of the last token of each sequence that asked for them, in batch order.
     ///
     /// # Errors
-    /// As [`Llama::step`]; also when this instance is not the whole model.
+    /// As [`Llama::step`]; also when this instance is not the whole model (a pipeline stage,
+    /// or a tensor-parallel slice).
     pub fn forward<'s>(
         &self,
         batch: &mut [SeqStep<'_>],
@@ -398,6 +474,7 @@ impl Llama {
             seq_slice: SeqSlice::WHOLE,
             reduce: &mut LocalReduce,
         };
+        self.require_whole()?;
         match self.step(batch, StageInput::Tokens, &mut ctx, scratch)? {
             StageOutput::Logits(l) => Ok(&*l),
             StageOutput::Hidden(_) | StageOutput::Delivered => Err(ModelError::InvalidArgument {
@@ -405,5 +482,20 @@ impl Llama {
                 reason: "this stage does not hold the output head".into(),
             }),
         }
+    }
+
+    /// Rejects a tensor-parallel slice where a caller runs without a group to reduce with.
+    fn require_whole(&self) -> Result<()> {
+        if self.spec.tensor.is_whole() {
+            return Ok(());
+        }
+        Err(ModelError::InvalidArgument {
+            field: "tensor",
+            reason: format!(
+                "rank {} of {} holds a slice of each layer; run it with Llama::step and its \
+                 group's reduction",
+                self.spec.tensor.rank, self.spec.tensor.ranks
+            ),
+        })
     }
 }

@@ -13,70 +13,45 @@
 //!    next stage ([`StageOutput::Hidden`]).
 //!
 //! The engine calls it with the whole model, the worker with its shard, so a pipeline does the
-//! engine's arithmetic by construction. What tensor and ring parallelism need is already part
-//! of the contract, though only whole slices run today:
-//! - [`TensorSlice`]: which KV heads (with their query heads) and MLP columns a tensor-parallel
-//!   rank holds, fixed when the stage loads ([`crate::llama::LoadSpec::tensor`]);
-//! - [`SeqSlice`]: which part of each sequence a context-parallel rank holds, given per step;
-//! - [`Reduce`]: called after the attention output projection and after the MLP down
-//!   projection with this rank's partial sums, in place; a group of one rank has nothing to
-//!   add ([`LocalReduce`]).
+//! engine's arithmetic by construction.
+//!
+//! # Tensor parallelism
+//! A stage may be served by a group of R ranks, each loaded with a [`TensorSlice`]
+//! ([`crate::llama::LoadSpec::tensor`]) and holding, of every layer of the stage:
+//! - KV heads `kv_heads` with the query heads of their GQA groups ([`TensorSlice::q_heads`]):
+//!   rows of `wq`, `wk`, `wv` (and their biases), columns of `wo`; its KV cache holds only
+//!   those heads ([`crate::llama::Llama::kv_heads_held`]);
+//! - MLP columns `ffn`: rows of gate and up, columns of down;
+//! - on the first stage, embedding rows `vocab`; on the last, output-head rows `vocab` (the
+//!   same slice of the embedding when tied); norms are replicated.
+//!
+//! Column cuts must fall on block boundaries of the stored format ([`tensor_alignment`]).
+//! Each rank runs the same batches; [`Reduce`] completes its partial results in rank order:
+//! the embedding (rows of other ranks' tokens are zeros, so the sum is exact), then per layer
+//! the attention output and MLP down projections; on the last stage
+//! [`Reduce::gather_logits`] brings the vocabulary slices of the logits to rank 0, which
+//! samples ([`StageOutput::Logits`]) while the others get [`StageOutput::Delivered`]. A group
+//! of one ([`TensorSlice::whole`], [`LocalReduce`]) is the whole model, unchanged and
+//! uncopied.
+//!
+//! Numerics: a rank computes its heads, rows and logits exactly as the whole model does; only
+//! the order of the two f32 sums per layer differs (a few ulps). The model's roundings (f16
+//! K/V/probabilities, 8-bit activation blocks) turn a rare such ulp into a rounding step, which
+//! later layers carry on, so sliced and whole logits agree within measured bounds, not bit
+//! for bit (`tests/tensor_parallel.rs`: ≤ 2e-3 on random f32 models, 3e-2 on SmolLM2 widened
+//! to f32, about 2 on SmolLM2 Q4_1, whose massive activations amplify a flipped 8-bit
+//! rounding; every run gives the same bits).
+//!
+//! [`SeqSlice`] says which part of each sequence a context-parallel rank holds, given per
+//! step; only whole sequences run today.
 
-use std::ops::Range;
-
-use tessera_format::ModelConfig;
 use tessera_kernels::ThreadPool;
 
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
 
-/// The part of every layer a tensor-parallel rank holds: KV heads `kv_heads` with the query
-/// heads of their groups (column slices of Q/K/V, row slice of the output projection), and
-/// MLP columns `ffn` (column slices of gate/up, row slice of down).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorSlice {
-    /// This rank's index in its group.
-    pub rank: usize,
-    /// Ranks in the group.
-    pub ranks: usize,
-    /// The KV heads this rank holds.
-    pub kv_heads: Range<usize>,
-    /// The MLP intermediate columns this rank holds.
-    pub ffn: Range<usize>,
-    /// The vocabulary rows of the embedding and output head this rank holds.
-    pub vocab: Range<usize>,
-}
-
-impl TensorSlice {
-    /// Every head and column: a group of one.
-    pub fn whole(cfg: &ModelConfig) -> Self {
-        Self {
-            rank: 0,
-            ranks: 1,
-            kv_heads: 0..cfg.n_kv_heads,
-            ffn: 0..cfg.intermediate,
-            vocab: 0..cfg.vocab_size,
-        }
-    }
-
-    /// Checks that the slice fits `cfg` and that this build can run it.
-    ///
-    /// # Errors
-    /// [`ModelError::InvalidArgument`] naming `tensor` otherwise.
-    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
-        if *self != Self::whole(cfg) {
-            return Err(ModelError::InvalidArgument {
-                field: "tensor",
-                reason: format!(
-                    "tensor-parallel slice {self:?}: only whole layers (one rank) run in this \
-                     version"
-                ),
-            });
-        }
-        Ok(())
-    }
-}
+pub use crate::tensor_slice::{TensorAlignment, TensorSlice, tensor_alignment};
 
 /// The part of each sequence a context-parallel (ring) rank holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,10 +83,11 @@ impl SeqSlice {
     }
 }
 
-/// Where a layer's partial sums are complete.
+/// Where a tensor-parallel group's partial sums are complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReducePoint {
-    /// After the embedding lookup of a vocabulary slice, `(n, hidden)`.
+    /// After the embedding lookup, `(n, hidden)`: each rank holds the rows of its vocabulary
+    /// slice and zeros elsewhere, so the sum has one non-zero term per row and is exact.
     Embed,
     /// After the attention output projection, `(n, hidden)`.
     AttnOut,
@@ -119,26 +95,30 @@ pub enum ReducePoint {
     MlpDown,
 }
 
-/// Sums a tensor-parallel group's partial outputs in place, in a fixed rank order (so every
-/// rank, and every run, gets the same bits).
+/// How a tensor-parallel group completes its partial results. Every rank of a group makes the
+/// same calls in the same order (they run the same batches), so an implementation can match
+/// calls by order; `point` and `layer` let it check that they agree.
 pub trait Reduce {
-    /// Replaces `x` (this rank's partial sum at `point` of global layer `layer`) by the
-    /// group's sum.
+    /// Replaces `x` (this rank's partial sum at `point` of global layer `layer`; for
+    /// [`ReducePoint::Embed`], `layer` is the stage's first layer) by the group's sum, added in
+    /// rank order 0, 1, …, R−1 (so every rank and every run gets the same bits).
     ///
     /// # Errors
     /// When a peer cannot be reached or answers inconsistently.
     fn reduce(&mut self, point: ReducePoint, layer: usize, x: &mut [f32]) -> Result<()>;
 
-    /// Gathers each rank's vocabulary slice of the logits, `local` = (m, vocab_r), into full
-    /// rows `out` = (m, vocab) (slices in rank order) on rank 0, which samples; returns true
-    /// there. Other ranks send theirs and return false (`out` untouched).
+    /// Gathers each rank's vocabulary slice of the logits, `local` = `(m, vocab_r)` row-major,
+    /// into full rows `out` = `(m, vocab)` (slices concatenated in rank order) on rank 0, which
+    /// samples; returns true there. Other ranks send theirs and return false (`out`
+    /// untouched). Called once per last-stage step that has rows to sample (`m > 0`), and only
+    /// by a sliced model: a whole one writes its logits in place.
     ///
     /// # Errors
     /// When a peer cannot be reached or answers inconsistently.
     fn gather_logits(&mut self, local: &[f32], m: usize, out: &mut Vec<f32>) -> Result<bool>;
 }
 
-/// The reduction of a group of one: its partial sums are the sums.
+/// The reduction of a group of one: its partial sums are the sums, its logits all the logits.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LocalReduce;
 
@@ -170,9 +150,10 @@ pub enum StageOutput<'s> {
     Hidden(&'s [f32]),
     /// Logits of the sampling sequences' last rows, `(m, vocab)`, in batch order; empty when
     /// none samples. Mutable: samplers apply penalties in place, and the next step rewrites it.
+    /// On a tensor-parallel last stage only rank 0 gets them (gathered, full rows).
     Logits(&'s mut [f32]),
-    /// A tensor-parallel rank other than 0 on the last stage: its slice of the logits went to
-    /// rank 0 through [`Reduce::gather_logits`].
+    /// A tensor-parallel rank other than 0 on the last stage: its logits slice went to rank 0
+    /// through [`Reduce::gather_logits`].
     Delivered,
 }
 
@@ -199,6 +180,9 @@ pub struct StageScratch {
     pub last_norm: Vec<f32>,
     /// Logits, (m, vocab).
     pub logits: Vec<f32>,
+    /// This rank's vocabulary slice of the logits, (m, vocab_r), before the gather (unused by
+    /// a whole model).
+    pub local_logits: Vec<f32>,
     /// Per-layer buffers.
     pub step: StepScratch,
 }

@@ -11,7 +11,9 @@
 //! this model amplifies to 10⁻³–1 (evaluating the prompts one token at a time instead of in one
 //! batch, which only changes summation orders, moves logits by up to 0.7).
 
-use serde::Deserialize;
+mod golden_support;
+
+use golden_support::{GreedyFile, LogitsFile, argmax, golden};
 use tessera_format::GgufWeights;
 use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
@@ -34,48 +36,6 @@ const GAP_ERROR_BOUND: f32 = 1e-4;
 /// activation scales and a flash-attention kernel we measured 4; the 4 others diverged at
 /// near-ties whose llama.cpp margin was 0.002–0.04.)
 const MIN_IDENTICAL_CONTINUATIONS: usize = 8;
-
-#[derive(Deserialize)]
-struct LogitsFile {
-    cases: Vec<LogitCase>,
-}
-
-#[derive(Deserialize)]
-struct LogitCase {
-    prompt: String,
-    ids: Vec<u32>,
-    positions: Vec<TopK>,
-}
-
-#[derive(Deserialize)]
-struct TopK {
-    ids: Vec<u32>,
-    logits: Vec<f32>,
-}
-
-#[derive(Deserialize)]
-struct GreedyFile {
-    cases: Vec<GreedyCase>,
-}
-
-#[derive(Deserialize)]
-struct GreedyCase {
-    prompt: String,
-    prompt_ids: Vec<u32>,
-    tokens: Vec<u32>,
-    steps: Vec<GreedyStep>,
-}
-
-#[derive(Deserialize)]
-struct GreedyStep {
-    margin: f32,
-}
-
-fn golden<T: for<'de> Deserialize<'de>>(name: &str) -> T {
-    let path = format!("{}/../../tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
-}
 
 struct Runner {
     model: Llama,
@@ -167,17 +127,6 @@ impl Runner {
         }
         out
     }
-}
-
-/// Index of the largest value, lowest index on ties (as the golden script does).
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// Ensures that teacher-forced logits stay within the stated bound of llama.cpp's at every

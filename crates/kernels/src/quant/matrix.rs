@@ -208,27 +208,75 @@ impl QMatrix {
         out
     }
 
-    /// A copy of rows `range` (a tensor-parallel shard of the output features).
+    /// A copy of rows `rows` (a tensor-parallel shard of the output features: the product
+    /// with it is exactly the matching part of the product with `self`).
     ///
     /// # Errors
     /// [`KernelError::InvalidArgument`] naming `range` when it is empty, reversed or past the
     /// last row.
-    pub fn slice_rows(&self, range: Range<usize>) -> Result<QMatrix> {
-        if range.start >= range.end || range.end > self.rows {
+    pub fn slice_rows(&self, rows: Range<usize>) -> Result<QMatrix> {
+        if rows.start >= rows.end || rows.end > self.rows {
             return Err(KernelError::InvalidArgument {
                 field: "range",
-                reason: format!("rows {range:?} of a {}-row matrix", self.rows),
+                reason: format!("rows {rows:?} of a {}-row matrix", self.rows),
             });
         }
         let rb = self.row_bytes();
-        let n = range.end - range.start;
+        let n = rows.end - rows.start;
         let mut data = AlignedBytes::zeroed(n * rb);
         data.as_mut_slice()
-            .copy_from_slice(&self.data.as_slice()[range.start * rb..range.end * rb]);
+            .copy_from_slice(&self.data.as_slice()[rows.start * rb..rows.end * rb]);
         Ok(QMatrix {
             qtype: self.qtype,
             rows: n,
             cols: self.cols,
+            data,
+        })
+    }
+
+    /// A copy of columns `cols` of every row (a tensor-parallel shard of the input features:
+    /// the product with it over the matching activation columns is a partial sum of the
+    /// product with `self`). Whole blocks are copied byte for byte, so the slice dequantizes to
+    /// exactly the parent's values.
+    ///
+    /// # Errors
+    /// [`KernelError::InvalidArgument`] naming `range` when `cols` is empty, reversed or past
+    /// the last column, or `cols` when either end is not a multiple of the format's block size
+    /// (a block cannot be split).
+    pub fn slice_cols(&self, cols: Range<usize>) -> Result<QMatrix> {
+        if cols.start >= cols.end || cols.end > self.cols {
+            return Err(KernelError::InvalidArgument {
+                field: "range",
+                reason: format!("columns {cols:?} of a {}-column matrix", self.cols),
+            });
+        }
+        let bs = self.qtype.block_size();
+        if !cols.start.is_multiple_of(bs) || !cols.end.is_multiple_of(bs) {
+            return Err(KernelError::InvalidArgument {
+                field: "cols",
+                reason: format!(
+                    "columns {cols:?} do not fall on {}'s block boundaries (block size {bs})",
+                    self.qtype
+                ),
+            });
+        }
+        let n = cols.end - cols.start;
+        let (rb, sub) = (self.row_bytes(), self.qtype.row_bytes(n));
+        // Byte offset of the first kept block inside each row.
+        let skip = self.qtype.row_bytes(cols.start);
+        let mut data = AlignedBytes::zeroed(self.rows * sub);
+        for (src, dst) in self
+            .data
+            .as_slice()
+            .chunks_exact(rb)
+            .zip(data.as_mut_slice().chunks_exact_mut(sub))
+        {
+            dst.copy_from_slice(&src[skip..skip + sub]);
+        }
+        Ok(QMatrix {
+            qtype: self.qtype,
+            rows: self.rows,
+            cols: n,
             data,
         })
     }

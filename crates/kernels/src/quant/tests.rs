@@ -272,6 +272,10 @@ fn rejects_bad_shapes() {
     let w = QMatrix::quantize(q, 3, 64, &normal(192, 1)).expect("w");
     assert_eq!(field(w.slice_rows(2..4)), "range");
     assert_eq!(field(w.slice_rows(1..1)), "range");
+    assert_eq!(field(w.slice_cols(32..32)), "range");
+    assert_eq!(field(w.slice_cols(32..96)), "range");
+    assert_eq!(field(w.slice_cols(16..64)), "cols");
+    assert_eq!(field(w.slice_cols(0..48)), "cols");
     let mut out = vec![0.0; 64];
     assert!(matches!(
         w.dequantize_row(3, &mut out),
@@ -314,6 +318,72 @@ fn slice_rows_matches_parent() {
     part.matmul(&x, 2, &mut sub, &mut s, &pool).expect("mm");
     for t in 0..2 {
         assert_eq!(sub[t * 4..t * 4 + 4], full[t * rows + 3..t * rows + 7]);
+    }
+}
+
+/// Ensures that column slices hold exactly the parent's columns, and that the products over
+/// a split of the columns add up to the whole product up to f32 summation order only: the
+/// activation blocks line up with the weight blocks, so no quantization error enters (a
+/// misaligned split would move each output by the ~1e-2 activation quantization error).
+#[test]
+fn slice_cols_are_partial_sums() {
+    let pool = ThreadPool::new(2).expect("pool");
+    let mut s = QScratch::new();
+    let (rows, m) = (7, 3);
+    for (q, cuts) in [
+        (QType::Q4_1, vec![0, 32, 96, 128]),
+        (QType::Q8_0, vec![0, 64, 128]),
+        (QType::Q4K, vec![0, 256, 768]),
+        (QType::Q6K, vec![0, 512, 768]),
+        (QType::F32, vec![0, 5, 64, 69]),
+        (QType::F16, vec![0, 33, 40]),
+    ] {
+        let cols = *cuts.last().expect("cuts");
+        let w = QMatrix::quantize(q, rows, cols, &normal(rows * cols, 21)).expect("w");
+        let wd = w.dequantize();
+        let x = normal(m * cols, 22);
+        let mut full = vec![0.0; m * rows];
+        w.matmul(&x, m, &mut full, &mut s, &pool).expect("mm");
+        let mut sum = vec![0.0f32; m * rows];
+        for c in cuts.windows(2) {
+            let part = w.slice_cols(c[0]..c[1]).expect("slice");
+            let n = c[1] - c[0];
+            assert_eq!((part.rows(), part.cols()), (rows, n), "{q}");
+            assert_eq!(part.nbytes(), rows * q.row_bytes(n), "{q}");
+            let pd = part.dequantize();
+            for r in 0..rows {
+                assert_eq!(
+                    pd[r * n..(r + 1) * n],
+                    wd[r * cols + c[0]..r * cols + c[1]],
+                    "{q} row {r}"
+                );
+            }
+            let xs: Vec<f32> = x
+                .chunks_exact(cols)
+                .flat_map(|t| t[c[0]..c[1]].to_vec())
+                .collect();
+            let mut y = vec![0.0; m * rows];
+            part.matmul(&xs, m, &mut y, &mut s, &pool).expect("mm");
+            check_product(&part, &xs, m, &y);
+            sum.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        }
+        let ab = act_block(q).max(1);
+        for t in 0..m {
+            for r in 0..rows {
+                let abs: f64 = (0..cols)
+                    .map(|k| (f64::from(wd[r * cols + k]) * f64::from(x[t * cols + k])).abs())
+                    .sum();
+                // Two f32 summations of `cols / ab + parts` terms each, over quantized
+                // activations whose magnitudes are within 1% of the inputs'.
+                let terms = (cols / ab + cuts.len() + 8) as f64;
+                let bound = 2.0 * terms * f64::from(f32::EPSILON) * abs * 1.01;
+                let (a, b) = (sum[t * rows + r], full[t * rows + r]);
+                assert!(
+                    f64::from((a - b).abs()) <= bound,
+                    "{q} token {t} row {r}: parts {a}, whole {b}, bound {bound}"
+                );
+            }
+        }
     }
 }
 

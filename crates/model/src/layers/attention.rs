@@ -9,6 +9,7 @@
 use crate::error::Result;
 use crate::kv_cache::SeqKv;
 use crate::layers::LayerCtx;
+use crate::tensor_slice::{TensorSlice, cut_cols, cut_rows, cut_vec};
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 use tessera_format::ModelConfig;
 use tessera_kernels::attention::{AttnOut, AttnShape, AttnSpec, ggml_attention};
@@ -45,7 +46,8 @@ pub struct AttnScratch<'a> {
     pub q8: &'a mut QScratch,
 }
 
-/// Grouped-query self-attention with optional QKV bias.
+/// Grouped-query self-attention with optional QKV bias, over the heads this rank holds (all of
+/// them unless the model is tensor-parallel).
 #[derive(Debug)]
 pub struct Attention {
     wq: QMatrix,
@@ -59,30 +61,52 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Loads layer `layer`'s projections (and biases when the model has them).
+    /// Loads layer `layer`'s projections (and biases when the model has them), cut to
+    /// `slice`: rows of `wq` for its query heads, rows of `wk`/`wv` (and the biases) for its
+    /// KV heads, columns of `wo` for its query heads. The output is then this rank's partial
+    /// sum of the projection.
     ///
     /// # Errors
-    /// When a tensor is missing or misshapen.
-    pub fn load(store: &dyn WeightStore, cfg: &ModelConfig, layer: usize) -> Result<Self> {
-        let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+    /// When a tensor is missing or misshapen, or `wo`'s cut splits one of its blocks
+    /// ([`crate::ModelError::InvalidArgument`] naming `tensor.kv_heads`).
+    pub fn load(
+        store: &dyn WeightStore,
+        cfg: &ModelConfig,
+        layer: usize,
+        slice: &TensorSlice,
+    ) -> Result<Self> {
+        let (h, hd, qd, kvd) = (cfg.hidden, cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let (q_heads, kv_heads) = (slice.q_heads(cfg), slice.kv_heads.clone());
+        let q_rows = q_heads.start * hd..q_heads.end * hd;
+        let kv_rows = kv_heads.start * hd..kv_heads.end * hd;
         let bias = if cfg.qkv_bias {
             Some([
-                store.vector(TensorKey::AttnQBias(layer), qd)?,
-                store.vector(TensorKey::AttnKBias(layer), kvd)?,
-                store.vector(TensorKey::AttnVBias(layer), kvd)?,
+                cut_vec(store.vector(TensorKey::AttnQBias(layer), qd)?, &q_rows),
+                cut_vec(store.vector(TensorKey::AttnKBias(layer), kvd)?, &kv_rows),
+                cut_vec(store.vector(TensorKey::AttnVBias(layer), kvd)?, &kv_rows),
             ])
         } else {
             None
         };
+        let wo = cut_cols(
+            store.matrix(TensorKey::AttnOutput(layer), h, qd)?,
+            &q_rows,
+            "tensor.kv_heads",
+            || {
+                format!(
+                    "layer {layer}'s attention output projection, cut at KV heads {kv_heads:?}                      (query heads {q_heads:?} of head_dim {hd})"
+                )
+            },
+        )?;
         Ok(Self {
-            wq: store.matrix(TensorKey::AttnQ(layer), qd, h)?,
-            wk: store.matrix(TensorKey::AttnK(layer), kvd, h)?,
-            wv: store.matrix(TensorKey::AttnV(layer), kvd, h)?,
-            wo: store.matrix(TensorKey::AttnOutput(layer), h, qd)?,
+            wq: cut_rows(store.matrix(TensorKey::AttnQ(layer), qd, h)?, &q_rows)?,
+            wk: cut_rows(store.matrix(TensorKey::AttnK(layer), kvd, h)?, &kv_rows)?,
+            wv: cut_rows(store.matrix(TensorKey::AttnV(layer), kvd, h)?, &kv_rows)?,
+            wo,
             bias,
-            n_heads: cfg.n_heads,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim,
+            n_heads: q_heads.len(),
+            n_kv_heads: kv_heads.len(),
+            head_dim: hd,
         })
     }
 
@@ -92,7 +116,8 @@ impl Attention {
     }
 
     /// Attention of a batch: `x` is (n, hidden) normalised input, `out` (n, hidden) receives the
-    /// projected output. Each sequence's new K/V are written to `ctx.cache` at `ctx.layer`
+    /// projected output (this rank's partial sum when the heads are sliced); the scratch rows
+    /// are sized for the heads held, and `ctx.cache` holds only this rank's KV heads. Each sequence's new K/V are written to `ctx.cache` at `ctx.layer`
     /// after its cached tokens; `positions[t]` is row t's global position.
     ///
     /// # Errors

@@ -1,10 +1,12 @@
-//! One transformer block: pre-norm attention and pre-norm MLP, each added to the residual.
+//! One transformer block: pre-norm attention and pre-norm MLP, each added to the residual
+//! once the tensor-parallel group has summed it.
 
 use crate::error::Result;
 use crate::layers::attention::AttnScratch;
 use crate::layers::mlp::MlpScratch;
 use crate::layers::{Attention, LayerCtx, Mlp, RmsNorm};
 use crate::stage::ReducePoint;
+use crate::tensor_slice::TensorSlice;
 use crate::weights::{TensorKey, WeightStore};
 use tessera_format::ModelConfig;
 use tessera_kernels::profile::{self, Op};
@@ -18,19 +20,19 @@ pub struct StepScratch {
     pub xn: Vec<f32>,
     /// Sub-layer output, (n, hidden).
     pub y: Vec<f32>,
-    /// Queries, (n, q_dim).
+    /// Queries, (n, query heads held · head_dim).
     pub q: Vec<f32>,
-    /// New keys, (n, kv_dim).
+    /// New keys, (n, KV heads held · head_dim).
     pub k: Vec<f32>,
-    /// New values, (n, kv_dim).
+    /// New values, (n, KV heads held · head_dim).
     pub v: Vec<f32>,
-    /// Attention context, (n, q_dim).
+    /// Attention context, (n, query heads held · head_dim).
     pub ctx: Vec<f32>,
-    /// Log-sum-exp, (n, n_heads).
+    /// Log-sum-exp, (n, query heads held).
     pub lse: Vec<f32>,
-    /// MLP gate, (n, intermediate).
+    /// MLP gate, (n, ffn columns held).
     pub gate: Vec<f32>,
-    /// MLP up, (n, intermediate).
+    /// MLP up, (n, ffn columns held).
     pub up: Vec<f32>,
     /// Global position of each row.
     pub positions: Vec<usize>,
@@ -39,18 +41,20 @@ pub struct StepScratch {
 }
 
 impl StepScratch {
-    /// Sizes every buffer for `n` rows of `cfg`'s model.
-    pub fn prepare(&mut self, cfg: &ModelConfig, n: usize) {
+    /// Sizes every buffer for `n` rows of `cfg`'s model cut to `slice` (the heads and MLP
+    /// columns a rank holds; all of them for a whole model).
+    pub fn prepare(&mut self, cfg: &ModelConfig, slice: &TensorSlice, n: usize) {
         let fit = |v: &mut Vec<f32>, len: usize| v.resize(len, 0.0);
+        let (q_heads, kv_heads) = (slice.q_heads(cfg).len(), slice.kv_heads.len());
         fit(&mut self.xn, n * cfg.hidden);
         fit(&mut self.y, n * cfg.hidden);
-        fit(&mut self.q, n * cfg.q_dim());
-        fit(&mut self.k, n * cfg.kv_dim());
-        fit(&mut self.v, n * cfg.kv_dim());
-        fit(&mut self.ctx, n * cfg.q_dim());
-        fit(&mut self.lse, n * cfg.n_heads);
-        fit(&mut self.gate, n * cfg.intermediate);
-        fit(&mut self.up, n * cfg.intermediate);
+        fit(&mut self.q, n * q_heads * cfg.head_dim);
+        fit(&mut self.k, n * kv_heads * cfg.head_dim);
+        fit(&mut self.v, n * kv_heads * cfg.head_dim);
+        fit(&mut self.ctx, n * q_heads * cfg.head_dim);
+        fit(&mut self.lse, n * q_heads);
+        fit(&mut self.gate, n * slice.ffn.len());
+        fit(&mut self.up, n * slice.ffn.len());
     }
 }
 
@@ -64,16 +68,21 @@ pub struct Block {
 }
 
 impl Block {
-    /// Loads layer `layer`.
+    /// Loads layer `layer`, cut to `slice` (norms replicated).
     ///
     /// # Errors
-    /// When a tensor is missing or misshapen.
-    pub fn load(store: &dyn WeightStore, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+    /// When a tensor is missing or misshapen, or a cut splits a quantized block.
+    pub fn load(
+        store: &dyn WeightStore,
+        cfg: &ModelConfig,
+        layer: usize,
+        slice: &TensorSlice,
+    ) -> Result<Self> {
         Ok(Self {
             attn_norm: RmsNorm::load(store, TensorKey::AttnNorm(layer), cfg.hidden, cfg.rms_eps)?,
-            attn: Attention::load(store, cfg, layer)?,
+            attn: Attention::load(store, cfg, layer, slice)?,
             ffn_norm: RmsNorm::load(store, TensorKey::FfnNorm(layer), cfg.hidden, cfg.rms_eps)?,
-            mlp: Mlp::load(store, cfg, layer)?,
+            mlp: Mlp::load(store, cfg, layer, &slice.ffn)?,
         })
     }
 

@@ -1,23 +1,26 @@
 //! The SwiGLU feed-forward block.
 
+use std::ops::Range;
+
 use crate::error::Result;
+use crate::tensor_slice::{cut_cols, cut_rows};
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 use tessera_format::ModelConfig;
 use tessera_kernels::ThreadPool;
 use tessera_kernels::profile::{self, Op};
 use tessera_kernels::quant::{QMatrix, QScratch};
 
-/// Scratch rows the MLP writes; sized by the caller for the batch.
+/// Scratch rows the MLP writes; sized by the caller for the batch and the columns held.
 pub struct MlpScratch<'a> {
-    /// Gate projection, then SwiGLU's output, (n, intermediate).
+    /// Gate projection, then SwiGLU's output, (n, ffn columns held).
     pub gate: &'a mut [f32],
-    /// Up projection, (n, intermediate).
+    /// Up projection, (n, ffn columns held).
     pub up: &'a mut [f32],
     /// Activation quantization buffers.
     pub q8: &'a mut QScratch,
 }
 
-/// `down(silu(gate(x)) * up(x))`.
+/// `down(silu(gate(x)) * up(x))`, over the intermediate columns this rank holds.
 #[derive(Debug)]
 pub struct Mlp {
     gate: QMatrix,
@@ -26,16 +29,29 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads layer `layer`'s three projections.
+    /// Loads layer `layer`'s three projections, cut to intermediate columns `ffn`: rows of
+    /// gate and up, columns of down (whose output is then this rank's partial sum).
     ///
     /// # Errors
-    /// When a tensor is missing or misshapen.
-    pub fn load(store: &dyn WeightStore, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+    /// When a tensor is missing or misshapen, or down's cut splits one of its blocks
+    /// ([`crate::ModelError::InvalidArgument`] naming `tensor.ffn`).
+    pub fn load(
+        store: &dyn WeightStore,
+        cfg: &ModelConfig,
+        layer: usize,
+        ffn: &Range<usize>,
+    ) -> Result<Self> {
         let (h, i) = (cfg.hidden, cfg.intermediate);
+        let down = cut_cols(
+            store.matrix(TensorKey::FfnDown(layer), h, i)?,
+            ffn,
+            "tensor.ffn",
+            || format!("layer {layer}'s MLP down projection"),
+        )?;
         Ok(Self {
-            gate: store.matrix(TensorKey::FfnGate(layer), i, h)?,
-            up: store.matrix(TensorKey::FfnUp(layer), i, h)?,
-            down: store.matrix(TensorKey::FfnDown(layer), h, i)?,
+            gate: cut_rows(store.matrix(TensorKey::FfnGate(layer), i, h)?, ffn)?,
+            up: cut_rows(store.matrix(TensorKey::FfnUp(layer), i, h)?, ffn)?,
+            down,
         })
     }
 
