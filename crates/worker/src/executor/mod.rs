@@ -148,6 +148,9 @@ impl Executor {
                 kv_bytes: l.kv_bytes,
                 link_rtt_us: l.link_rtt_us.unwrap_or(0),
                 tp_rank: l.group.as_ref().map_or(0, |g| g.rank() as u32),
+                // Cumulative counters: ShardStats keeps its own.
+                tp_steps: 0,
+                tp_reduce_us: 0,
             }));
     }
 

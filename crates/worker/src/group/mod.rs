@@ -234,7 +234,12 @@ impl Group {
 }
 
 impl Reduce for Group {
-    fn reduce(&mut self, point: ReducePoint, layer: usize, x: &mut [f32]) -> tessera_model::Result<()> {
+    fn reduce(
+        &mut self,
+        point: ReducePoint,
+        layer: usize,
+        x: &mut [f32],
+    ) -> tessera_model::Result<()> {
         let started = Instant::now();
         let r = self.all_reduce(point, layer, x);
         self.spent += started.elapsed();
