@@ -7,6 +7,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use crate::shard::ShardStatus;
 
@@ -26,6 +28,12 @@ pub(crate) struct WorkerMetrics {
     kv_blocks_cached: Gauge,
     active_sequences: Gauge,
     plan_epoch: Gauge,
+    kv_bytes: Gauge,
+    tp_steps: Counter,
+    tp_reduce_seconds: Counter<f64, AtomicU64>,
+    /// The shard's cumulative tensor-parallel figures as of the last render: the counters
+    /// above advance by the difference, so they stay monotonic whoever reads first.
+    tp_seen: Mutex<(u64, u64)>,
 }
 
 /// A gauge value from an unsigned count (saturating: no count here comes near `i64::MAX`).
@@ -74,6 +82,19 @@ impl WorkerMetrics {
         );
         let active_sequences = gauge("active_sequences", "Sequences live on this stage");
         let plan_epoch = gauge("plan_epoch", "Plan epoch of the loaded shard (0: none)");
+        let kv_bytes = gauge("kv_bytes", "Bytes of KV cache the loaded shard holds");
+        let tp_steps = Counter::default();
+        registry.register(
+            "tp_steps",
+            "Steps computed as a rank of a tensor-parallel group",
+            tp_steps.clone(),
+        );
+        let tp_reduce_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "tp_reduce_seconds",
+            "Time tensor-parallel steps spent sending, waiting for and adding partial sums",
+            tp_reduce_seconds.clone(),
+        );
         Self {
             registry,
             steps,
@@ -86,6 +107,10 @@ impl WorkerMetrics {
             kv_blocks_cached,
             active_sequences,
             plan_epoch,
+            kv_bytes,
+            tp_steps,
+            tp_reduce_seconds,
+            tp_seen: Mutex::new((0, 0)),
         }
     }
 
@@ -109,6 +134,18 @@ impl WorkerMetrics {
         self.active_sequences
             .set(gauge_value(status.live_sequences));
         self.plan_epoch.set(gauge_value(status.plan_epoch));
+        self.kv_bytes.set(gauge_value(status.kv_bytes));
+        {
+            let mut seen = self
+                .tp_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (steps, us) = *seen;
+            self.tp_steps.inc_by(status.tp_steps.saturating_sub(steps));
+            self.tp_reduce_seconds
+                .inc_by(status.tp_reduce_us.saturating_sub(us) as f64 / 1e6);
+            *seen = (steps.max(status.tp_steps), us.max(status.tp_reduce_us));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -133,6 +170,9 @@ mod tests {
             total_kv_blocks: 16,
             cached_kv_blocks: 4,
             live_sequences: 2,
+            kv_bytes: 4096,
+            tp_steps: 10,
+            tp_reduce_us: 2_500_000,
             ..ShardStatus::default()
         };
         let text = m.render(status, 5 << 20);
@@ -147,6 +187,9 @@ mod tests {
             "tessera_worker_kv_blocks_cached 4",
             "tessera_worker_active_sequences 2",
             "tessera_worker_plan_epoch 3",
+            "tessera_worker_kv_bytes 4096",
+            "tessera_worker_tp_steps_total 10",
+            "tessera_worker_tp_reduce_seconds_total 2.5",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
@@ -154,5 +197,19 @@ mod tests {
         let text = m.render(ShardStatus::default(), 0);
         assert!(text.contains("tessera_worker_active_sequences 0"), "{text}");
         assert!(text.contains("tessera_worker_steps_total 2"), "{text}");
+        // The tensor-parallel counters advance by differences and never go back.
+        let text = m.render(
+            ShardStatus {
+                tp_steps: 12,
+                tp_reduce_us: 3_000_000,
+                ..ShardStatus::default()
+            },
+            0,
+        );
+        assert!(text.contains("tessera_worker_tp_steps_total 12"), "{text}");
+        assert!(
+            text.contains("tessera_worker_tp_reduce_seconds_total 3"),
+            "{text}"
+        );
     }
 }

@@ -424,3 +424,42 @@ async fn ranks_hold_their_share_of_the_weights() {
     }
     two.shutdown().await;
 }
+
+/// Ensures that when a rank of a TP = 2 group dies mid-stream, rank 0's stream fails the next
+/// step with UNAVAILABLE naming the rank, well within two heartbeat timeouts (4 s), instead of
+/// hanging or answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_rank_fails_the_stream_unavailable() {
+    let Some(model) = tessera_testkit::smollm2_gguf() else {
+        return;
+    };
+    let golden = goldens();
+    let case = &golden.cases[0];
+    let mut c = Cluster::start(&model, tp2()).await;
+    let mut d = c.open().await;
+    let prefill = pb::SeqStep {
+        seq_id: 1,
+        tokens: case.prompt_ids.clone(),
+        sample: true,
+        start: Some(seq_start(&case.prompt_ids, &sampling())),
+    };
+    let first = d.step(vec![prefill], Vec::new()).await.expect("prefill");
+    let rank1 = c.workers.pop().expect("rank 1");
+    rank1.shutdown().await.expect("rank 1 stops");
+    let started = std::time::Instant::now();
+    let decode = pb::SeqStep {
+        seq_id: 1,
+        tokens: vec![first.tokens[0].id],
+        sample: true,
+        start: None,
+    };
+    let err = tokio::time::timeout(Duration::from_secs(4), d.step(vec![decode], Vec::new()))
+        .await
+        .expect("the step ends within two heartbeat timeouts")
+        .expect_err("a group missing a rank cannot compute");
+    eprintln!("failed in {:?}: {}", started.elapsed(), err.message());
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("tensor-parallel rank 1"), "{err:?}");
+    drop(d);
+    c.shutdown().await;
+}
