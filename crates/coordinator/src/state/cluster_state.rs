@@ -42,6 +42,8 @@ impl WorkerRecord {
                 self.memory_bytes
             },
             threads: self.threads,
+            // Registration does not carry a measured RTT yet: the cost model's default.
+            link_rtt_us: 0,
         }
     }
 }

@@ -1,18 +1,30 @@
-//! The shard planner: a pure function from (model footprint, workers, policy) to a plan of
-//! contiguous layer ranges, one pipeline stage per chosen worker.
+//! The shard planner: a pure function from (model footprint, workers, policy) to a plan — a
+//! mesh of pipeline stages, each served by a tensor-parallel group of one or more workers.
 //!
-//! Stages are sized by speed under a memory constraint: the plan minimises the slowest stage's
-//! time per token (bytes of weights it streams divided by its threads; the output head counts
-//! on the last stage, the embedding lookup is free), then the number of stages (fewer hops),
-//! subject to every stage holding its weights and the KV cache of its layers for
-//! `kv_tokens` tokens. Workers keep the order they are given (the cluster state's id order);
-//! one that would not make the slowest stage faster is left out. A dynamic program over
-//! (worker, layer) finds the optimum exactly; the plan is deterministic.
+//! - `pipeline`: contiguous layer ranges over groups in order, by a dynamic program that
+//!   minimises the slowest stage's time per token, then the stage count, within every rank's
+//!   memory (weights plus the KV cache of its layers and heads for `kv_tokens` tokens).
+//! - `split`: what each rank of a group holds — KV heads with their query heads, MLP columns,
+//!   vocabulary rows, in proportion to threads and on quant-block boundaries — and its bytes.
+//! - `mesh`: forming groups from the workers in id order, [`TpPolicy::Fixed`] and
+//!   [`TpPolicy::Auto`], and the reasons a plan is refused.
+//! - `cost`: the cost model ([`CostInputs`], [`predict`]) that times mesh stages and picks
+//!   the group size for `Auto`.
+//!
+//! `Fixed(1)` is the pipeline-only planner as it was before tensor parallelism: the same
+//! stages, workers and byte counts for the same inputs. A group never has more ranks than the
+//! model has KV heads (they are not replicated). Every plan is deterministic.
 
-use std::cmp::Ordering;
+mod cost;
+mod mesh;
+mod pipeline;
+mod split;
+
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+pub use cost::{CostInputs, Prediction, StageCost, predict};
 
 use crate::state::footprint::ModelFootprint;
 
@@ -25,6 +37,26 @@ pub struct WorkerCapacity {
     pub memory_bytes: u64,
     /// Compute threads (0 is read as 1).
     pub threads: u32,
+    /// Median round-trip time to its peers as the worker measured it, in µs; 0 = unknown
+    /// (the cost model then uses [`CostInputs::link_latency_us`]).
+    #[serde(default)]
+    pub link_rtt_us: u32,
+}
+
+/// How many workers serve each stage as a tensor-parallel group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TpPolicy {
+    /// Every stage's group has exactly this many ranks; `Fixed(1)` is a pipeline-only plan.
+    Fixed(u32),
+    /// The group size the cost model predicts fastest.
+    Auto,
+}
+
+impl Default for TpPolicy {
+    /// Pipeline only, as plans were before tensor parallelism.
+    fn default() -> Self {
+        Self::Fixed(1)
+    }
 }
 
 /// What the plan must provide for.
@@ -32,42 +64,71 @@ pub struct WorkerCapacity {
 pub struct PlanPolicy {
     /// KV cache capacity every stage holds, in tokens, for each of its layers.
     pub kv_tokens: u32,
+    /// Tensor-parallel group sizes.
+    #[serde(default)]
+    pub tp: TpPolicy,
 }
 
-/// One worker's part of a plan.
+/// One worker's part of a plan: its coordinate in the mesh and what it holds.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PlanStage {
     /// The worker that runs it.
     pub worker_id: String,
-    /// Pipeline stage (its index in [`Plan::stages`]).
+    /// Pipeline stage.
     pub stage: u32,
-    /// Tensor-parallel rank (0 until tensor parallelism is planned).
+    /// Tensor-parallel rank inside the stage's group (rank 0 gathers the logits and samples
+    /// on the last stage).
     pub tp_rank: u32,
     /// Context-parallel rank (0 until ring attention is planned).
     pub cp_rank: u32,
-    /// Global layer range.
+    /// Global layer range (the same for every rank of a stage).
     pub layers: Range<u32>,
-    /// Holds the token embedding (the first stage).
+    /// Holds its rows of the token embedding (every rank of the first stage).
     pub embed: bool,
-    /// Holds the final norm and output head, and samples (the last stage).
+    /// Holds the final norm and its rows of the output head (every rank of the last stage).
     pub head: bool,
-    /// Bytes of weights it holds.
+    /// Bytes of weights this rank holds.
     pub weight_bytes: u64,
-    /// Bytes of KV cache it holds.
+    /// Bytes of KV cache this rank holds.
     pub kv_bytes: u64,
+    /// Ranks in the stage's group (0 in plans serialized before tensor parallelism: read 1).
+    #[serde(default)]
+    pub tp_ranks: u32,
+    /// KV heads this rank holds, with their query heads (empty in old plans: all).
+    #[serde(default)]
+    pub kv_heads: Range<u32>,
+    /// MLP intermediate columns this rank holds (empty in old plans: all).
+    #[serde(default)]
+    pub ffn: Range<u32>,
+    /// Vocabulary rows of the embedding / output head this rank holds (empty in old plans:
+    /// all).
+    #[serde(default)]
+    pub vocab: Range<u32>,
 }
 
-/// A shard plan: stages in pipeline order, covering every layer exactly once.
+/// A shard plan: one entry per worker, sorted by (stage, tp_rank); the stages cover every
+/// layer exactly once, in order, and the ranks of a stage cover every KV head, MLP column and
+/// vocabulary row exactly once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
-    /// The stages, first to last.
+    /// The workers' parts, by (stage, tp_rank).
     pub stages: Vec<PlanStage>,
 }
 
 impl Plan {
-    /// The stage a worker runs, if any.
+    /// The part a worker runs, if any.
     pub fn stage_of(&self, worker_id: &str) -> Option<&PlanStage> {
         self.stages.iter().find(|s| s.worker_id == worker_id)
+    }
+
+    /// The ranks of `stage`, in rank order.
+    pub fn group(&self, stage: u32) -> impl Iterator<Item = &PlanStage> {
+        self.stages.iter().filter(move |s| s.stage == stage)
+    }
+
+    /// Number of pipeline stages.
+    pub fn n_stages(&self) -> u32 {
+        self.stages.last().map_or(0, |s| s.stage + 1)
     }
 }
 
@@ -83,217 +144,59 @@ pub enum PlanError {
     /// No split of the model over these workers fits their memory.
     #[error("the model does not fit: {0}")]
     DoesNotFit(String),
+    /// The tensor-parallel group size asked for cannot split this model over these workers.
+    #[error("tensor parallelism refused: {0}")]
+    TensorParallel(String),
 }
 
-/// A stage's time per token as a fraction `bytes / threads`, compared exactly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Time {
-    bytes: u64,
-    threads: u64,
-}
-
-impl Time {
-    const ZERO: Self = Self {
-        bytes: 0,
-        threads: 1,
-    };
-}
-
-impl Ord for Time {
-    fn cmp(&self, other: &Self) -> Ordering {
-        (u128::from(self.bytes) * u128::from(other.threads))
-            .cmp(&(u128::from(other.bytes) * u128::from(self.threads)))
-    }
-}
-
-impl PartialOrd for Time {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-/// The best way found to cover layers `[0, p)`: slowest stage, stage count, and where the last
-/// stage starts with which worker (for the walk back).
-#[derive(Clone, Copy, Debug)]
-struct Best {
-    slowest: Time,
-    stages: usize,
-    from: Option<(usize, usize)>,
-}
-
-fn better(a: (Time, usize), b: Option<&Best>) -> bool {
-    match b {
-        None => true,
-        Some(b) => a < (b.slowest, b.stages),
-    }
-}
-
-/// The memory a stage over `range` needs.
-fn stage_memory(m: &ModelFootprint, prefix: &[u64], kv_layer: u64, a: usize, b: usize) -> u64 {
-    let n = m.n_layers();
-    let mut bytes = prefix[b] - prefix[a] + kv_layer * (b - a) as u64;
-    if a == 0 {
-        bytes += m.embed_bytes;
-    }
-    if b == n {
-        bytes += m.head_bytes;
-        if a == 0 && m.tied {
-            bytes -= m.embed_bytes;
-        }
-    }
-    bytes
-}
-
-/// Plans `model` over `workers` (in the given order) for `policy`.
+/// Plans `model` over `workers` (in the given order) for `policy`, with the default
+/// [`CostInputs`] (see [`plan_with`]).
 ///
 /// # Errors
-/// [`PlanError::NoWorkers`], [`PlanError::NoLayers`], or [`PlanError::DoesNotFit`] saying
-/// which part of the model does not fit which memory.
+/// As [`plan_with`].
 pub fn plan(
     model: &ModelFootprint,
     workers: &[WorkerCapacity],
     policy: &PlanPolicy,
 ) -> Result<Plan, PlanError> {
-    let n = model.n_layers();
-    if n == 0 {
+    plan_with(model, workers, policy, &CostInputs::default())
+}
+
+/// Plans `model` over `workers` (in the given order) for `policy`, timing mesh stages with
+/// `cost` (pipeline-only plans, `Fixed(1)`, do not depend on it).
+///
+/// # Errors
+/// [`PlanError::NoWorkers`], [`PlanError::NoLayers`], [`PlanError::DoesNotFit`] saying which
+/// part of the model does not fit which memory, or [`PlanError::TensorParallel`] saying why
+/// groups of the fixed size cannot be formed (it does not divide the workers, exceeds the KV
+/// heads, or no split falls on whole quant blocks).
+pub fn plan_with(
+    model: &ModelFootprint,
+    workers: &[WorkerCapacity],
+    policy: &PlanPolicy,
+    cost: &CostInputs,
+) -> Result<Plan, PlanError> {
+    if model.n_layers() == 0 {
         return Err(PlanError::NoLayers);
     }
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
     }
-    let kv_layer = model.kv_bytes_per_token_layer * u64::from(policy.kv_tokens);
-    let mut prefix = vec![0u64; n + 1];
-    for (l, b) in model.layer_bytes.iter().enumerate() {
-        prefix[l + 1] = prefix[l] + b;
-    }
-    let compute =
-        |a: usize, b: usize| prefix[b] - prefix[a] + if b == n { model.head_bytes } else { 0 };
-    // best[p]: covering [0, p) with the workers considered so far.
-    let mut best: Vec<Option<Best>> = vec![None; n + 1];
-    best[0] = Some(Best {
-        slowest: Time::ZERO,
-        stages: 0,
-        from: None,
-    });
-    // Per worker, a snapshot of `best` before it, so the walk back can find earlier stages.
-    let mut history: Vec<Vec<Option<Best>>> = Vec::with_capacity(workers.len());
-    for (w, worker) in workers.iter().enumerate() {
-        let threads = u64::from(worker.threads.max(1));
-        let before = best.clone();
-        for a in 0..n {
-            let Some(prev) = before[a] else { continue };
-            for b in a + 1..=n {
-                if stage_memory(model, &prefix, kv_layer, a, b) > worker.memory_bytes {
-                    // Later ends only add layers: nothing past here fits either.
-                    break;
-                }
-                let t = Time {
-                    bytes: compute(a, b),
-                    threads,
-                };
-                let cand = (prev.slowest.max(t), prev.stages + 1);
-                if better(cand, best[b].as_ref()) {
-                    best[b] = Some(Best {
-                        slowest: cand.0,
-                        stages: cand.1,
-                        from: Some((w, a)),
-                    });
-                }
-            }
-        }
-        history.push(before);
-    }
-    if best[n].is_none() {
-        return Err(PlanError::DoesNotFit(explain(
-            model, workers, &prefix, kv_layer, policy,
-        )));
-    }
-    // Walk back: the entry at p was set by worker w starting at a; the entry before it is in
-    // the snapshot taken before worker w.
-    let mut ranges = Vec::new();
-    let mut p = n;
-    let mut table = &best;
-    while p > 0 {
-        let Some(Best {
-            from: Some((w, a)), ..
-        }) = table[p]
-        else {
-            return Err(PlanError::DoesNotFit(
-                "internal planner inconsistency".into(),
-            ));
-        };
-        ranges.push((w, a, p));
-        p = a;
-        table = &history[w];
-    }
-    ranges.reverse();
-    let stages = ranges
-        .into_iter()
-        .enumerate()
-        .map(|(s, (w, a, b))| PlanStage {
-            worker_id: workers[w].id.clone(),
-            stage: s as u32,
-            tp_rank: 0,
-            cp_rank: 0,
-            layers: a as u32..b as u32,
-            embed: a == 0,
-            head: b == n,
-            weight_bytes: stage_memory(model, &prefix, 0, a, b),
-            kv_bytes: kv_layer * (b - a) as u64,
-        })
-        .collect();
-    Ok(Plan { stages })
-}
-
-/// A sentence naming what does not fit.
-fn explain(
-    m: &ModelFootprint,
-    workers: &[WorkerCapacity],
-    prefix: &[u64],
-    kv_layer: u64,
-    policy: &PlanPolicy,
-) -> String {
-    let n = m.n_layers();
-    let largest = workers.iter().map(|w| w.memory_bytes).max().unwrap_or(0);
-    let total: u64 = workers.iter().map(|w| w.memory_bytes).sum();
-    let need_all = m.weight_bytes() + kv_layer * n as u64;
-    let kv = format!("KV cache for {} tokens", policy.kv_tokens);
-    let first = stage_memory(m, prefix, kv_layer, 0, 1);
-    let last = stage_memory(m, prefix, kv_layer, n - 1, n);
-    if total < need_all {
-        format!(
-            "the model needs {need_all} bytes (weights {} + {kv}) but the {} workers offer \
-             {total} bytes in all",
-            m.weight_bytes(),
-            workers.len()
-        )
-    } else if first > largest && n > 1 {
-        format!(
-            "the first stage (embedding {} bytes + layer 0 + its {kv}) needs {first} bytes, \
-             more than the largest worker's {largest}",
-            m.embed_bytes
-        )
-    } else if last > largest && n > 1 {
-        format!(
-            "the last stage (output head {} bytes + layer {} + its {kv}) needs {last} bytes, \
-             more than the largest worker's {largest}",
-            m.head_bytes,
-            n - 1
-        )
-    } else if let Some(l) = (0..n).find(|&l| m.layer_bytes[l] + kv_layer > largest) {
-        format!(
-            "layer {l} with its {kv} needs {} bytes, more than the largest worker's {largest}",
-            m.layer_bytes[l] + kv_layer
-        )
-    } else {
-        format!(
-            "no contiguous split of {n} layers ({need_all} bytes with the {kv}) fits the \
-             workers' memory ({} bytes in all, split {:?})",
-            total,
-            workers.iter().map(|w| w.memory_bytes).collect::<Vec<_>>()
-        )
+    match policy.tp {
+        TpPolicy::Fixed(1) => mesh::pipeline_only(model, workers, policy),
+        TpPolicy::Fixed(k) => mesh::fixed(model, workers, policy, k, cost),
+        TpPolicy::Auto => mesh::auto(model, workers, policy, cost),
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod legacy_oracle;
+
+#[cfg(test)]
+mod mesh_tests;
+
+#[cfg(test)]
+mod cost_tests;
