@@ -296,6 +296,22 @@ mod tests {
         assert!(e.to_string().contains("q4_K"), "{e}");
     }
 
+    /// Ensures that SmolLM2's GGUF reads as its shape says: Q4_1 layers (32-column blocks) and
+    /// a Q8_0 tied embedding — the ~96.6 MB per token the cost model's default rate is
+    /// calibrated on.
+    #[test]
+    fn smollm2_reads_as_its_shape() {
+        let Some(path) = tessera_testkit::smollm2_gguf() else {
+            return;
+        };
+        let w = tessera_format::GgufWeights::open(&path).expect("open the GGUF");
+        let cfg = w.config().expect("config");
+        let f = ModelFootprint::from_store(&w, &cfg).expect("footprint");
+        let shaped = ModelFootprint::from_shape(&cfg, QType::Q4_1, QType::Q8_0, true);
+        assert_eq!(f, shaped.expect("shape"));
+        assert_eq!((f.attn_out_block, f.ffn_down_block), (32, 32));
+    }
+
     /// Ensures that a footprint serialized before tensor parallelism still reads, as one that
     /// cannot be split.
     #[test]
