@@ -237,6 +237,36 @@ fn fixed_one_keeps_todays_plan_for_smollm2() {
     );
 }
 
+/// Ensures that plans, policies and capacities serialized before tensor parallelism (the
+/// Raft log holds them as JSON) still read: a group of one holding everything, `Fixed(1)`,
+/// an unmeasured RTT; and that the cost model reads such a plan as whole.
+#[test]
+fn old_serialized_values_read() {
+    let old = r#"{"stages":[{"worker_id":"w1","stage":0,"tp_rank":0,"cp_rank":0,
+        "layers":{"start":0,"end":30},"embed":true,"head":true,"weight_bytes":5,"kv_bytes":6}]}"#;
+    let p: Plan = serde_json::from_str(old).expect("old plan");
+    let s = &p.stages[0];
+    assert_eq!(
+        (s.tp_ranks, s.kv_heads.clone(), s.vocab.clone()),
+        (0, 0..0, 0..0)
+    );
+    assert_eq!((p.n_stages(), p.group(0).count()), (1, 1));
+    let pol: PlanPolicy = serde_json::from_str(r#"{"kv_tokens":7}"#).expect("old policy");
+    assert_eq!(pol, policy(7, TpPolicy::Fixed(1)));
+    let w: WorkerCapacity =
+        serde_json::from_str(r#"{"id":"w1","memory_bytes":9,"threads":2}"#).expect("old worker");
+    assert_eq!(w.link_rtt_us, 0);
+    let m = smollm2();
+    let ws = [worker("w1", GIB, 2)];
+    let new = plan(&m, &ws, &policy(0, TpPolicy::Fixed(1))).expect("plan");
+    let c = CostInputs::default();
+    assert_eq!(predict(&p, &m, &ws, &c), predict(&new, &m, &ws, &c));
+    assert_eq!(
+        serde_json::from_str::<Plan>(&serde_json::to_string(&new).expect("json")).expect("read"),
+        new
+    );
+}
+
 type OldFields = Result<Vec<(String, u32, u32, Range<u32>, bool, bool, u64, u64)>, PlanError>;
 
 /// A plan's fields as they were before tensor parallelism.
