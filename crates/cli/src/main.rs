@@ -34,6 +34,8 @@ enum Command {
     Worker(commands::serve::WorkerArgs),
     /// Generate text from a cluster (or the embedded engine), streaming it as it is produced.
     Generate(commands::generate::GenerateArgs),
+    /// Plan a described cluster and predict its decode speed (`--simulate CLUSTER.yaml`).
+    Plan(commands::plan::PlanArgs),
     /// Show a cluster's workers, plan and memory.
     Status(commands::status::StatusArgs),
     /// Change the replicated coordinators' membership (dials a coordinator's cluster port).
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Coordinator(args) => commands::serve::run_coordinator(args),
         Command::Worker(args) => commands::serve::run_worker(args),
         Command::Generate(args) => commands::generate::run(args),
+        Command::Plan(args) => commands::plan::run(args),
         Command::Status(args) => {
             commands::runtime().and_then(|rt| rt.block_on(commands::status::run(args)))
         }

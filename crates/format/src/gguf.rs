@@ -110,4 +110,9 @@ impl WeightStore for GgufWeights {
         let elems = info.shape.elem_count();
         Some((elems / dt.block_size() * dt.type_size()) as u64)
     }
+
+    fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
+        let info = self.content.tensor_infos.get(&key.gguf_name())?;
+        QType::from_ggml(info.ggml_dtype).ok()
+    }
 }

@@ -234,4 +234,14 @@ impl WeightStore for SafetensorsWeights {
         };
         Some((elems * width) as u64)
     }
+
+    fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
+        // As `tensor` converts them: F64 narrows to F32.
+        match self.tensors.get(&key.hf_name())?.dtype.as_str() {
+            "F16" => Some(QType::F16),
+            "BF16" => Some(QType::BF16),
+            "F32" | "F64" => Some(QType::F32),
+            _ => None,
+        }
+    }
 }

@@ -157,6 +157,15 @@ pub trait WeightStore: Send + Sync {
         let _ = key;
         None
     }
+
+    /// The block format this tensor is loaded in (what [`WeightStore::tensor`] would return as
+    /// [`RawTensor::qtype`]), without loading it, or `None` when absent or the store cannot
+    /// tell. Planners read block sizes from it: a tensor-parallel split of a matrix's columns
+    /// must fall on whole blocks.
+    fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
+        let _ = key;
+        None
+    }
 }
 
 /// The error for a tensor of the wrong shape.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use tessera_format::QType;
 use tessera_format::SafetensorsWeights;
+use tessera_format::WeightStore;
 use tessera_format::{Arch, ModelConfig, RopeLayout};
 use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
@@ -94,6 +95,12 @@ fn safetensors_checkpoint_matches_memory_weights() {
         }
         candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
         let st = SafetensorsWeights::open_dir(&dir).expect("open");
+        // The planner reads each tensor's format without loading it: the file's dtype, as
+        // `tensor` returns it.
+        for (key, _) in mem.iter() {
+            assert_eq!(st.stored_qtype(key), Some(qtype), "{key:?}");
+        }
+        assert_eq!(st.stored_qtype(tessera_format::TensorKey::Output), None);
         let from_file =
             Llama::load(&st, &cfg, LoadSpec::full(&cfg), &mut |_, _| {}).expect("load file");
         let from_mem =

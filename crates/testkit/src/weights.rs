@@ -114,4 +114,8 @@ impl WeightStore for MemoryWeights {
     fn stored_bytes(&self, key: TensorKey) -> Option<u64> {
         self.tensors.get(&key).map(|m| m.nbytes() as u64)
     }
+
+    fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
+        self.tensors.get(&key).map(QMatrix::qtype)
+    }
 }

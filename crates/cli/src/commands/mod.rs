@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod generate;
 pub mod health;
 pub mod model;
+pub mod plan;
 pub mod request;
 pub mod serve;
 pub mod status;

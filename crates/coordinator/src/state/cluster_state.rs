@@ -46,6 +46,7 @@ impl WorkerRecord {
                 self.memory_bytes
             },
             threads: self.threads,
+            // Heartbeats carry the measured RTT; the plan controller fills it in.
             link_rtt_us: 0,
         }
     }

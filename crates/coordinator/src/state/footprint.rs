@@ -1,13 +1,21 @@
-//! What a model costs to hold, per part: the bytes of every layer, the embedding and the head,
-//! and the KV cache per token and layer. The planner sizes shards with it.
+//! What a model costs to hold, per part: the bytes of every layer (and of its attention and MLP
+//! tensors apart), the embedding and the head, the KV cache per token and layer, and the shape
+//! and block alignment a tensor-parallel split must respect. The planner sizes shards with it.
 
 use serde::{Deserialize, Serialize};
 use tessera_format::ModelConfig;
-use tessera_format::{FormatError, Result};
+use tessera_format::{FormatError, QType, Result};
 use tessera_format::{TensorKey, WeightStore};
 
-/// The resident cost of each part of a model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The largest block any supported format has (the K-quants' 256 elements); every format's
+/// block size divides it, so a split aligned to it is aligned for all.
+const WIDEST_BLOCK: u32 = 256;
+
+/// The resident cost of each part of a model, and the shape a tensor-parallel split needs.
+///
+/// The fields after `kv_bytes_per_token_layer` came with tensor parallelism; they default to
+/// 0 / empty (a footprint that does not know them plans pipeline stages only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelFootprint {
     /// Bytes of each transformer block's tensors, by global layer index.
     pub layer_bytes: Vec<u64>,
@@ -20,6 +28,39 @@ pub struct ModelFootprint {
     pub tied: bool,
     /// KV cache bytes per token per layer.
     pub kv_bytes_per_token_layer: u64,
+    /// Query heads.
+    #[serde(default)]
+    pub n_heads: u32,
+    /// Key/value heads (GQA: each serves `n_heads / n_kv_heads` query heads); 0 = unknown.
+    #[serde(default)]
+    pub n_kv_heads: u32,
+    /// Width of one head.
+    #[serde(default)]
+    pub head_dim: u32,
+    /// Width of the residual stream (what a reduction or a hop carries per token).
+    #[serde(default)]
+    pub hidden: u32,
+    /// Width of the MLP's inner layer (the columns a tensor-parallel rank takes a range of).
+    #[serde(default)]
+    pub intermediate: u32,
+    /// Rows of the embedding and the output head.
+    #[serde(default)]
+    pub vocab: u32,
+    /// Per layer, the bytes of Q, K, V, the attention output and the QKV biases: the part a
+    /// rank holds in proportion to its KV heads (each with its query heads).
+    #[serde(default)]
+    pub attn_bytes: Vec<u64>,
+    /// Per layer, the bytes of the gate, up and down projections: the part a rank holds in
+    /// proportion to its MLP columns. The rest of a layer (its two norms) every rank holds.
+    #[serde(default)]
+    pub ffn_bytes: Vec<u64>,
+    /// The column multiple a split of the attention output projection must fall on (its
+    /// widest block size over the layers; Q4_1: 32, K-quants: 256). 0 = unknown.
+    #[serde(default)]
+    pub attn_out_block: u32,
+    /// The column multiple a split of the MLP down projection must fall on. 0 = unknown.
+    #[serde(default)]
+    pub ffn_down_block: u32,
 }
 
 impl ModelFootprint {
@@ -34,12 +75,34 @@ impl ModelFootprint {
         self.layer_bytes.iter().sum::<u64>() + self.embed_bytes + self.head_bytes - shared
     }
 
-    /// Reads the footprint of a model from its weight store (tensor sizes as loaded).
+    /// Whether the footprint knows what a tensor-parallel split needs: head counts, widths and
+    /// the per-layer attention / MLP bytes.
+    pub fn splittable(&self) -> bool {
+        self.n_kv_heads > 0
+            && self.n_heads.is_multiple_of(self.n_kv_heads)
+            && self.head_dim > 0
+            && self.hidden > 0
+            && self.intermediate > 0
+            && self.vocab > 0
+            && self.attn_bytes.len() == self.n_layers()
+            && self.ffn_bytes.len() == self.n_layers()
+    }
+
+    /// Bytes of the final norm inside [`ModelFootprint::head_bytes`] (every last-stage rank
+    /// holds it whole; the output matrix is split by vocabulary rows).
+    pub fn head_norm_bytes(&self) -> u64 {
+        // Held as f32 whatever its stored type (see `from_store`).
+        4 * u64::from(self.hidden)
+    }
+
+    /// Reads the footprint of a model from its weight store (tensor sizes and block formats as
+    /// loaded).
     ///
     /// # Errors
     /// [`FormatError::Tensor`] when a tensor the architecture needs is absent or the store cannot
     /// tell its size.
     pub fn from_store(store: &dyn WeightStore, cfg: &ModelConfig) -> Result<Self> {
+        use TensorKey as K;
         let need = |key: TensorKey| {
             store.stored_bytes(key).ok_or_else(|| FormatError::Tensor {
                 name: format!("{key:?}"),
@@ -47,27 +110,35 @@ impl ModelFootprint {
             })
         };
         let optional = |key: TensorKey| store.stored_bytes(key).unwrap_or(0);
+        // A store that cannot tell a tensor's format gets the widest block: aligned for any.
+        let block = |key: TensorKey| {
+            store
+                .stored_qtype(key)
+                .map_or(WIDEST_BLOCK, |q| q.block_size() as u32)
+        };
         let mut layer_bytes = Vec::with_capacity(cfg.n_layers);
+        let mut attn_bytes = Vec::with_capacity(cfg.n_layers);
+        let mut ffn_bytes = Vec::with_capacity(cfg.n_layers);
+        let (mut attn_out_block, mut ffn_down_block) = (1, 1);
         for l in 0..cfg.n_layers {
-            use TensorKey as K;
-            let mut b = 0;
-            for key in [
-                K::AttnNorm(l),
-                K::AttnQ(l),
-                K::AttnK(l),
-                K::AttnV(l),
-                K::AttnOutput(l),
-                K::FfnNorm(l),
-                K::FfnGate(l),
-                K::FfnUp(l),
-                K::FfnDown(l),
-            ] {
-                b += need(key)?;
+            let mut attn = 0;
+            for key in [K::AttnQ(l), K::AttnK(l), K::AttnV(l), K::AttnOutput(l)] {
+                attn += need(key)?;
             }
             for key in [K::AttnQBias(l), K::AttnKBias(l), K::AttnVBias(l)] {
-                b += optional(key);
+                attn += optional(key);
             }
-            layer_bytes.push(b);
+            let mut ffn = 0;
+            for key in [K::FfnGate(l), K::FfnUp(l), K::FfnDown(l)] {
+                ffn += need(key)?;
+            }
+            let norms = need(K::AttnNorm(l))? + need(K::FfnNorm(l))?;
+            layer_bytes.push(attn + ffn + norms);
+            attn_bytes.push(attn);
+            ffn_bytes.push(ffn);
+            // Block sizes (1, 32, 256) divide one another, so the widest is their lcm.
+            attn_out_block = attn_out_block.max(block(K::AttnOutput(l)));
+            ffn_down_block = ffn_down_block.max(block(K::FfnDown(l)));
         }
         let embed_bytes = need(TensorKey::TokenEmbd)?;
         let tied = !store.contains(TensorKey::Output);
@@ -85,10 +156,77 @@ impl ModelFootprint {
             tied,
             // K and V, f32, for every KV head.
             kv_bytes_per_token_layer: 2 * cfg.kv_dim() as u64 * 4,
+            n_heads: cfg.n_heads as u32,
+            n_kv_heads: cfg.n_kv_heads as u32,
+            head_dim: cfg.head_dim as u32,
+            hidden: cfg.hidden as u32,
+            intermediate: cfg.intermediate as u32,
+            vocab: cfg.vocab_size as u32,
+            attn_bytes,
+            ffn_bytes,
+            attn_out_block,
+            ffn_down_block,
+        })
+    }
+
+    /// The footprint a model of shape `cfg` would have with its layer matrices stored as
+    /// `matrices` and its embedding (and untied output head) as `embed`, norms and biases as
+    /// f32 — what [`ModelFootprint::from_store`] reads from such a file, without one (the
+    /// simulator plans models no test machine holds).
+    ///
+    /// # Errors
+    /// [`FormatError::Tensor`] when a matrix's row length is not a whole number of its
+    /// format's blocks.
+    pub fn from_shape(
+        cfg: &ModelConfig,
+        matrices: QType,
+        embed: QType,
+        tied: bool,
+    ) -> Result<Self> {
+        let bytes = |name: &str, q: QType, rows: usize, cols: usize| {
+            if cols.is_multiple_of(q.block_size()) {
+                Ok((rows * q.row_bytes(cols)) as u64)
+            } else {
+                Err(FormatError::Tensor {
+                    name: name.to_owned(),
+                    reason: format!("{cols} columns are not a whole number of {q} blocks"),
+                })
+            }
+        };
+        let (h, i, qd, kvd) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
+        let m = matrices;
+        let bias = if cfg.qkv_bias {
+            4 * (qd + 2 * kvd) as u64
+        } else {
+            0
+        };
+        let attn = bytes("attn_q", m, qd, h)?
+            + 2 * bytes("attn_k/v", m, kvd, h)?
+            + bytes("attn_output", m, h, qd)?
+            + bias;
+        let ffn = 2 * bytes("ffn_gate/up", m, i, h)? + bytes("ffn_down", m, h, i)?;
+        let norms = 2 * 4 * h as u64;
+        let embed_bytes = bytes("token_embd", embed, cfg.vocab_size, h)?;
+        let block = m.block_size() as u32;
+        Ok(Self {
+            layer_bytes: vec![attn + ffn + norms; cfg.n_layers],
+            embed_bytes,
+            head_bytes: embed_bytes + 4 * h as u64,
+            tied,
+            kv_bytes_per_token_layer: 2 * kvd as u64 * 4,
+            n_heads: cfg.n_heads as u32,
+            n_kv_heads: cfg.n_kv_heads as u32,
+            head_dim: cfg.head_dim as u32,
+            hidden: h as u32,
+            intermediate: i as u32,
+            vocab: cfg.vocab_size as u32,
+            attn_bytes: vec![attn; cfg.n_layers],
+            ffn_bytes: vec![ffn; cfg.n_layers],
+            attn_out_block: block,
+            ffn_down_block: block,
         })
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +266,62 @@ mod tests {
         assert!(!f.tied);
         assert_eq!(f.kv_bytes_per_token_layer, 2 * kv * 4);
         assert_eq!(f.weight_bytes(), 3 * layer + 2 * 4 * 100 * h + 4 * h);
+        assert_eq!(f.attn_bytes, vec![4 * (q * h + 2 * kv * h + h * q); 3]);
+        assert_eq!(f.ffn_bytes, vec![4 * 3 * i * h; 3]);
+        assert_eq!((f.n_heads, f.n_kv_heads, f.head_dim), (4, 2, 16));
+        assert_eq!((f.hidden, f.intermediate, f.vocab), (64, 128, 100));
+        assert_eq!((f.attn_out_block, f.ffn_down_block), (1, 1));
+        assert!(f.splittable());
+    }
+
+    /// Ensures that the footprint computed from a shape equals the one read from a store of
+    /// that shape and format, blocks included (Q4_1: 32), tied or not.
+    #[test]
+    fn from_shape_matches_the_store() {
+        let cfg = tiny();
+        for (q, tied) in [
+            (QType::F32, false),
+            (QType::Q4_1, true),
+            (QType::Q8_0, false),
+        ] {
+            let w = MemoryWeights::random(&cfg, q, tied, 2).expect("random model");
+            let read = ModelFootprint::from_store(&w, &cfg).expect("footprint");
+            let shaped = ModelFootprint::from_shape(&cfg, q, q, tied).expect("shape");
+            assert_eq!(read, shaped, "{q} tied={tied}");
+        }
+        let f = ModelFootprint::from_shape(&cfg, QType::Q4_1, QType::Q8_0, true).expect("shape");
+        assert_eq!((f.attn_out_block, f.ffn_down_block), (32, 32));
+        let e = ModelFootprint::from_shape(&cfg, QType::Q4K, QType::Q8_0, true)
+            .expect_err("64 columns are not a 256-wide block");
+        assert!(e.to_string().contains("q4_K"), "{e}");
+    }
+
+    /// Ensures that SmolLM2's GGUF reads as its shape says: Q4_1 layers (32-column blocks) and
+    /// a Q8_0 tied embedding — the ~96.6 MB per token the cost model's default rate is
+    /// calibrated on.
+    #[test]
+    fn smollm2_reads_as_its_shape() {
+        let Some(path) = tessera_testkit::smollm2_gguf() else {
+            return;
+        };
+        let w = tessera_format::GgufWeights::open(&path).expect("open the GGUF");
+        let cfg = w.config().expect("config");
+        let f = ModelFootprint::from_store(&w, &cfg).expect("footprint");
+        let shaped = ModelFootprint::from_shape(&cfg, QType::Q4_1, QType::Q8_0, true);
+        assert_eq!(f, shaped.expect("shape"));
+        assert_eq!((f.attn_out_block, f.ffn_down_block), (32, 32));
+    }
+
+    /// Ensures that a footprint serialized before tensor parallelism still reads, as one that
+    /// cannot be split.
+    #[test]
+    fn old_serialized_footprint_reads() {
+        let old = r#"{"layer_bytes":[10,10],"embed_bytes":5,"head_bytes":6,"tied":false,
+            "kv_bytes_per_token_layer":2}"#;
+        let f: ModelFootprint = serde_json::from_str(old).expect("old footprint");
+        assert_eq!(f.layer_bytes, vec![10, 10]);
+        assert_eq!(f.n_kv_heads, 0);
+        assert!(!f.splittable());
     }
 
     /// Ensures that a tied head is counted once when one stage holds everything.

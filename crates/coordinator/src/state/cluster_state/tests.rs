@@ -30,9 +30,9 @@ fn one_stage_plan(worker: &str) -> Plan {
             weight_bytes: 1,
             kv_bytes: 1,
             tp_ranks: 1,
-            kv_heads: 0..0,
-            ffn: 0..0,
-            vocab: 0..0,
+            kv_heads: 0..3,
+            ffn: 0..1536,
+            vocab: 0..49152,
         }],
     }
 }

@@ -11,6 +11,7 @@ fn model(layers: Vec<u64>, embed: u64, head: u64, tied: bool, kv: u64) -> ModelF
         head_bytes: head,
         tied,
         kv_bytes_per_token_layer: kv,
+        ..ModelFootprint::default()
     }
 }
 
@@ -30,7 +31,17 @@ fn ranges(p: &Plan) -> Vec<(String, Range<u32>)> {
         .collect()
 }
 
-const NO_KV: PlanPolicy = PlanPolicy { kv_tokens: 0 };
+const NO_KV: PlanPolicy = PlanPolicy {
+    kv_tokens: 0,
+    tp: TpPolicy::Fixed(1),
+};
+
+fn with_kv(kv_tokens: u32) -> PlanPolicy {
+    PlanPolicy {
+        kv_tokens,
+        tp: TpPolicy::Fixed(1),
+    }
+}
 
 /// Ensures that equal workers split equal layers evenly, embedding first and head last.
 #[test]
@@ -82,7 +93,7 @@ fn speed_and_head_shape_the_split() {
 #[test]
 fn memory_caps_the_share() {
     let m = model(vec![10; 30], 5, 5, false, 1);
-    let policy = PlanPolicy { kv_tokens: 10 };
+    let policy = with_kv(10);
     // Each layer costs 20 with its KV; "big" fits 5 layers (5 + 100 = 105 > 104 → 4).
     let ws = [worker("big", 104, 16), worker("rest", 10_000, 1)];
     let p = plan(&m, &ws, &policy).expect("plan");
@@ -125,7 +136,7 @@ fn tied_single_stage_counts_embedding_once() {
 #[test]
 fn impossible_plans_name_the_part() {
     let m = model(vec![10; 4], 50, 60, false, 1);
-    let kv = PlanPolicy { kv_tokens: 5 };
+    let kv = with_kv(5);
     let e = plan(&m, &[worker("a", 100, 1), worker("b", 50, 1)], &kv).expect_err("too small");
     assert!(e.to_string().contains("offer 150 bytes in all"), "{e}");
     let e = plan(
@@ -175,7 +186,7 @@ fn arb_case() -> impl Strategy<Value = (ModelFootprint, Vec<WorkerCapacity>, Pla
             (
                 model(layers, embed, head, tied, kv),
                 workers,
-                PlanPolicy { kv_tokens },
+                with_kv(kv_tokens),
             )
         })
 }

@@ -1,104 +1,10 @@
-//! The shard planner: a pure function from (model footprint, workers, policy) to a plan of
-//! contiguous layer ranges, one pipeline stage per chosen worker.
-//!
-//! Stages are sized by speed under a memory constraint: the plan minimises the slowest stage's
-//! time per token (bytes of weights it streams divided by its threads; the output head counts
-//! on the last stage, the embedding lookup is free), then the number of stages (fewer hops),
-//! subject to every stage holding its weights and the KV cache of its layers for
-//! `kv_tokens` tokens. Workers keep the order they are given (the cluster state's id order);
-//! one that would not make the slowest stage faster is left out. A dynamic program over
-//! (worker, layer) finds the optimum exactly; the plan is deterministic.
+//! The planner as it was before tensor parallelism, kept verbatim (but for the fields added to
+//! `PlanStage`) as the oracle `Fixed(1)` must equal.
 
 use std::cmp::Ordering;
-use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
-
+use super::{Plan, PlanError, PlanPolicy, PlanStage, WorkerCapacity};
 use crate::state::footprint::ModelFootprint;
-
-/// What the planner knows of a worker.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerCapacity {
-    /// The worker's id in the cluster state.
-    pub id: String,
-    /// Memory it may use for weights and KV cache.
-    pub memory_bytes: u64,
-    /// Compute threads (0 is read as 1).
-    pub threads: u32,
-    /// Median round-trip time to its peers as it measured it, in µs; 0 = unknown.
-    #[serde(default)]
-    pub link_rtt_us: u32,
-}
-
-/// What the plan must provide for.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanPolicy {
-    /// KV cache capacity every stage holds, in tokens, for each of its layers.
-    pub kv_tokens: u32,
-}
-
-/// One worker's part of a plan.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlanStage {
-    /// The worker that runs it.
-    pub worker_id: String,
-    /// Pipeline stage (its index in [`Plan::stages`]).
-    pub stage: u32,
-    /// Tensor-parallel rank (0 until tensor parallelism is planned).
-    pub tp_rank: u32,
-    /// Context-parallel rank (0 until ring attention is planned).
-    pub cp_rank: u32,
-    /// Global layer range.
-    pub layers: Range<u32>,
-    /// Holds the token embedding (the first stage).
-    pub embed: bool,
-    /// Holds the final norm and output head, and samples (the last stage).
-    pub head: bool,
-    /// Bytes of weights it holds.
-    pub weight_bytes: u64,
-    /// Bytes of KV cache it holds.
-    pub kv_bytes: u64,
-    /// Ranks in its stage's tensor-parallel group (0 in plans written before groups = 1).
-    #[serde(default)]
-    pub tp_ranks: u32,
-    /// KV heads it holds (empty = all).
-    #[serde(default)]
-    pub kv_heads: Range<u32>,
-    /// MLP intermediate columns it holds (empty = all).
-    #[serde(default)]
-    pub ffn: Range<u32>,
-    /// Vocabulary rows of the embedding / output head it holds (empty = all).
-    #[serde(default)]
-    pub vocab: Range<u32>,
-}
-
-/// A shard plan: stages in pipeline order, covering every layer exactly once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Plan {
-    /// The stages, first to last.
-    pub stages: Vec<PlanStage>,
-}
-
-impl Plan {
-    /// The stage a worker runs, if any.
-    pub fn stage_of(&self, worker_id: &str) -> Option<&PlanStage> {
-        self.stages.iter().find(|s| s.worker_id == worker_id)
-    }
-}
-
-/// Why no plan exists.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
-    /// There are no workers to plan over.
-    #[error("no workers to plan over")]
-    NoWorkers,
-    /// The model has no layers.
-    #[error("the model has no layers")]
-    NoLayers,
-    /// No split of the model over these workers fits their memory.
-    #[error("the model does not fit: {0}")]
-    DoesNotFit(String),
-}
 
 /// A stage's time per token as a fraction `bytes / threads`, compared exactly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,7 +70,7 @@ fn stage_memory(m: &ModelFootprint, prefix: &[u64], kv_layer: u64, a: usize, b: 
 /// # Errors
 /// [`PlanError::NoWorkers`], [`PlanError::NoLayers`], or [`PlanError::DoesNotFit`] saying
 /// which part of the model does not fit which memory.
-pub fn plan(
+pub(super) fn plan(
     model: &ModelFootprint,
     workers: &[WorkerCapacity],
     policy: &PlanPolicy,
@@ -313,6 +219,3 @@ fn explain(
         )
     }
 }
-
-#[cfg(test)]
-mod tests;
