@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::state::planner::TpPolicy;
+
 /// How to run a coordinator.
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
@@ -37,6 +39,10 @@ pub struct CoordinatorConfig {
     /// request ends, evicted least recently used when admission needs room). Outputs are the
     /// same either way; only the work (and time to first token) differs.
     pub prefix_cache: bool,
+    /// Tensor-parallel group sizes the planner uses: `Fixed(k)` groups of k workers per stage
+    /// (`Fixed(1)`: a pipeline of single workers), or `Auto`, the mesh its cost model predicts
+    /// fastest.
+    pub tp: TpPolicy,
     /// How long a request waits for a serving plan before failing with UNAVAILABLE.
     pub ready_wait: Duration,
     /// This coordinator's Raft node id (>= 1).
@@ -83,6 +89,7 @@ impl Default for CoordinatorConfig {
             prefill_chunk: 512,
             max_batch_tokens: 2048,
             prefix_cache: true,
+            tp: TpPolicy::Fixed(1),
             ready_wait: Duration::from_secs(30),
             id: 1,
             peers: BTreeMap::new(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_coordinator::planner::TpPolicy;
 use tessera_hub::DEFAULT_MODEL;
 
 use super::client::DEFAULT_CLUSTER_ENDPOINT;
@@ -57,6 +58,12 @@ pub struct CoordinatorArgs {
         value_parser = parse_switch
     )]
     pub prefix_cache: bool,
+    /// Tensor parallelism: `K` puts K workers in every pipeline stage's group (their KV
+    /// heads, MLP columns and vocabulary split by threads; 1: a pipeline of single workers),
+    /// `auto` lets the planner's cost model choose the mesh. K cannot exceed the model's KV
+    /// heads and must divide the workers.
+    #[arg(long, default_value = "1", value_name = "K|auto", value_parser = parse_tp)]
+    pub tp: TpPolicy,
     /// The cluster address (HOST:PORT of --cluster-listen) that peers and workers dial
     /// (default: the bound cluster address).
     #[arg(long)]
@@ -290,6 +297,30 @@ pub struct WorkerArgs {
     pub process: ProcessArgs,
 }
 
+/// `--tp`'s spelling of `tp` (what [`parse_tp`] reads back).
+pub fn tp_arg(tp: TpPolicy) -> String {
+    match tp {
+        TpPolicy::Fixed(k) => k.to_string(),
+        TpPolicy::Auto => "auto".to_owned(),
+    }
+}
+
+/// Parses `--tp`: a group size of at least 1, or `auto`.
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_tp(s: &str) -> Result<TpPolicy, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(TpPolicy::Auto);
+    }
+    match s.parse::<u32>() {
+        Ok(k) if k >= 1 => Ok(TpPolicy::Fixed(k)),
+        _ => Err(format!(
+            "{s:?} is not a tensor-parallel group size (1, 2, 3, …) or `auto`"
+        )),
+    }
+}
+
 /// Parses a byte size such as `512MiB`, `2GiB`, `1.5G` or `1048576`.
 ///
 /// # Errors
@@ -363,6 +394,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         ready_wait: Duration::from_millis(args.ready_wait_ms),
         kv_tokens: args.kv_tokens.unwrap_or(0),
         prefix_cache: args.prefix_cache,
+        tp: args.tp,
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),
         advertise: args.advertise.clone(),

@@ -61,6 +61,10 @@ pub struct UpArgs {
         value_parser = super::serve::parse_switch
     )]
     pub prefix_cache: bool,
+    /// Tensor parallelism (see `tessera coordinator --tp`): `K` workers per pipeline stage,
+    /// or `auto`. With `--workers 2 --tp 2` both workers serve every layer, each half of it.
+    #[arg(long, default_value = "1", value_name = "K|auto", value_parser = super::serve::parse_tp)]
+    pub tp: tessera_coordinator::planner::TpPolicy,
     /// Memory per worker, e.g. 1GiB.
     #[arg(long, default_value = "2GiB", value_parser = super::serve::parse_bytes)]
     pub memory: u64,
@@ -459,6 +463,7 @@ async fn up(args: UpArgs) -> Result<()> {
     let coordinator_args = [
         otlp.clone(),
         vec!["--prefix-cache".to_owned(), switch.to_owned()],
+        vec!["--tp".to_owned(), super::serve::tp_arg(args.tp)],
     ]
     .concat();
     let cluster_listen = args.cluster_listen.unwrap_or_else(|| {

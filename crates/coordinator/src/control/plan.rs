@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::error::CoordinatorError;
 use crate::state::Command;
 use crate::state::cluster::Cluster;
-use crate::state::planner::{self, Plan, PlanPolicy, PlanStage, TpPolicy};
+use crate::state::planner::{self, Plan, PlanPolicy, PlanStage};
 
 /// How long a shard may take to load before the worker is given up on.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -77,7 +77,7 @@ fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
     }
     let policy = PlanPolicy {
         kv_tokens: cluster.kv_tokens,
-        tp: TpPolicy::Fixed(1),
+        tp: cluster.cfg.tp,
     };
     Ok(Some(planner::plan(&cluster.footprint, &workers, &policy)?))
 }
