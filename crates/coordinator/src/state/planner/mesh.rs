@@ -5,8 +5,8 @@
 //! first `k` workers, and so on. Each group's split of heads, MLP columns and vocabulary rows
 //! is fixed by its ranks' threads (`split`); the layer DP (`pipeline`) then gives groups
 //! contiguous layer ranges, checking every rank's memory. `Fixed(1)` is today's planner: one
-//! worker per stage, time = exact `bytes / threads`. `Fixed(k > 1)` uses every worker, `k` per
-//! group, and the cost model's stage time (compute + reductions, `cost`). `Auto` tries every
+//! worker per stage, time = exact `bytes / threads`. `Fixed(k > 1)` forms `W / k` groups of
+//! `k` (the last `W mod k` workers left out), timed by the cost model's stage time (compute + reductions, `cost`). `Auto` tries every
 //! group size from 1 to the KV-head count, leaving the `W mod k` last workers out, and keeps
 //! the plan with the highest predicted aggregate tok/s, then single-stream tok/s, then the
 //! smaller group size: deterministic. Group sizes are uniform across stages.
@@ -86,9 +86,11 @@ pub(super) fn fixed(
         return Err(refuse("a group needs at least one rank".into()));
     }
     let w = workers.len();
-    if !w.is_multiple_of(k as usize) {
+    // As for `Auto`: the last `w mod k` workers wait (a worker that joins, or leaves, gives
+    // a new plan), rather than refusing to serve at all.
+    if w < k as usize {
         return Err(refuse(format!(
-            "{k} does not divide the {w} workers (every worker serves in a group of {k})"
+            "only {w} worker(s) are registered; a group needs {k}"
         )));
     }
     let groups = groups_of(m, workers, k as usize).map_err(refuse)?;

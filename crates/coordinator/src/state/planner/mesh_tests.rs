@@ -97,7 +97,7 @@ fn apportion_is_proportional() {
     assert_eq!(apportion(1, &[1, 1]), None);
 }
 
-/// Ensures that every refusal names its reason: a size not dividing the workers, more ranks
+/// Ensures that every refusal names its reason: fewer workers than a group, more ranks
 /// than KV heads, unaligned blocks, a footprint without its shape, a group of 0, and memory.
 #[test]
 fn refusals_name_the_reason() {
@@ -113,7 +113,10 @@ fn refusals_name_the_reason() {
         Err(PlanError::TensorParallel(why)) => why,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    assert!(refused(&m, 3, 2).contains("does not divide the 3 workers"));
+    assert!(refused(&m, 1, 2).contains("only 1 worker(s)"));
+    // Three workers in groups of two: one group, the third worker waits.
+    let p = plan(&m, &ws(3), &policy(0, TpPolicy::Fixed(2))).expect("one group of two");
+    assert!(p.stages.iter().all(|s| s.tp_ranks == 2 && s.worker_id != "w2"), "{p:?}");
     let why = refused(&m, 4, 4);
     assert!(
         why.contains("the model has 3") && why.contains("not replicated"),

@@ -168,8 +168,8 @@ pub fn plan(
 /// # Errors
 /// [`PlanError::NoWorkers`], [`PlanError::NoLayers`], [`PlanError::DoesNotFit`] saying which
 /// part of the model does not fit which memory, or [`PlanError::TensorParallel`] saying why
-/// groups of the fixed size cannot be formed (it does not divide the workers, exceeds the KV
-/// heads, or no split falls on whole quant blocks).
+/// groups of the fixed size cannot be formed (fewer workers than one group, more ranks than
+/// KV heads, or no split falls on whole quant blocks).
 pub fn plan_with(
     model: &ModelFootprint,
     workers: &[WorkerCapacity],

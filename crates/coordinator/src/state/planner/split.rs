@@ -7,7 +7,9 @@
 //!   attention output's columns. The output projection's split falls between query heads, so a
 //!   boundary must sit on a whole block of that matrix's format (Q4_1: 32 columns, K-quants:
 //!   256): the unit is the fewest KV heads whose query columns fill whole blocks.
-//! - **MLP columns** (gate/up rows, down columns), in units of the down projection's block.
+//! - **MLP columns** (gate/up rows, down columns), in units of the down projection's block,
+//!   weighed so that each rank's layer bytes (its heads' attention plus its columns) follow
+//!   its threads: the coarse head split is evened out by the fine column split.
 //! - **Vocabulary rows** of the embedding and the output head, any row boundary.
 //!
 //! KV heads are never replicated: a group has at most `n_kv_heads` ranks (a rank without a KV
@@ -205,6 +207,26 @@ fn split(len: u32, step: u32, threads: &[u32]) -> Option<Vec<Range<u32>>> {
     Some(ranges(len, step.max(1), &apportion(units, &weights)?))
 }
 
+/// How to weigh the MLP split so that each rank's layer bytes — its KV heads' attention plus
+/// its MLP columns — are in proportion to its threads: KV heads come in few, large units
+/// (SmolLM2's 3 over two ranks is 2 + 1), and the MLP columns, in fine units, even the ranks
+/// out. A rank whose heads already exceed its share still gets a sliver (every rank holds at
+/// least one block of columns).
+fn ffn_weights(m: &ModelFootprint, kv: &[Range<u32>], threads: &[u32]) -> Vec<u64> {
+    let attn: u64 = m.attn_bytes.iter().sum();
+    let mlp: u64 = m.ffn_bytes.iter().sum();
+    let total: f64 = threads.iter().map(|&t| f64::from(t.max(1))).sum();
+    let sliver = mlp as f64 / (100.0 * threads.len() as f64);
+    kv.iter()
+        .zip(threads)
+        .map(|(heads, &t)| {
+            let want = (attn + mlp) as f64 * f64::from(t.max(1)) / total;
+            let have = attn as f64 * f64::from(heads.end - heads.start) / f64::from(m.n_kv_heads);
+            (want - have).max(sliver).round() as u64
+        })
+        .collect()
+}
+
 fn gcd(a: u32, b: u32) -> u32 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -245,7 +267,10 @@ pub(super) fn split_group(m: &ModelFootprint, threads: &[u32]) -> Result<Vec<Sha
         )
     })?;
     let fblock = m.ffn_down_block.max(1);
-    let ffn = split(m.intermediate, fblock, threads).ok_or_else(|| {
+    let units = u64::from(m.intermediate).div_ceil(u64::from(fblock));
+    let ffn = apportion(units, &ffn_weights(m, &kv, threads))
+        .map(|u| ranges(m.intermediate, fblock, &u))
+        .ok_or_else(|| {
         format!(
             "the MLP's {} columns make {} blocks of {fblock} for the down projection, fewer \
              than the {k} ranks",
