@@ -31,6 +31,9 @@ pub struct ProcessCluster {
     pub metrics: String,
     /// The runtime the test's clients run on.
     pub rt: tokio::runtime::Runtime,
+    /// The binary and the coordinator's cluster URL, to add workers later.
+    tessera: Tessera,
+    cluster_endpoint: String,
 }
 
 impl ProcessCluster {
@@ -41,25 +44,37 @@ impl ProcessCluster {
     /// # Panics
     /// When a process does not start or the cluster is not ready in time.
     pub fn start(tessera: &Tessera, model: &str, workers: &[(u32, &str)]) -> Self {
+        Self::start_with(tessera, model, workers, &[])
+    }
+
+    /// As [`ProcessCluster::start`], with more coordinator arguments (e.g. `--tp 2`).
+    ///
+    /// # Panics
+    /// As [`ProcessCluster::start`].
+    pub fn start_with(
+        tessera: &Tessera,
+        model: &str,
+        workers: &[(u32, &str)],
+        coordinator_args: &[&str],
+    ) -> Self {
         let n = workers.len().to_string();
         let hb = HEARTBEAT_TIMEOUT_MS.to_string();
         let kv = KV_TOKENS.to_string();
         let metrics = free_addr();
-        let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(
-            model,
-            &[
-                "--metrics-listen",
-                &metrics,
-                "--min-workers",
-                &n,
-                "--heartbeat-ms",
-                "250",
-                "--heartbeat-timeout-ms",
-                &hb,
-                "--kv-tokens",
-                &kv,
-            ],
-        );
+        let mut args = vec![
+            "--metrics-listen",
+            &metrics,
+            "--min-workers",
+            &n,
+            "--heartbeat-ms",
+            "250",
+            "--heartbeat-timeout-ms",
+            &hb,
+            "--kv-tokens",
+            &kv,
+        ];
+        args.extend_from_slice(coordinator_args);
+        let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(model, &args);
         let endpoint = format!("http://{addr}");
         let cluster_endpoint = format!("http://{cluster_addr}");
         let workers = workers
@@ -78,6 +93,8 @@ impl ProcessCluster {
             endpoint,
             metrics,
             rt: runtime(),
+            tessera: tessera.clone(),
+            cluster_endpoint,
         };
         cluster.wait_ready(Duration::from_secs(60));
         cluster
@@ -164,6 +181,24 @@ impl ProcessCluster {
     pub fn stream_error(&self, stream: &mut tonic::Streaming<pb::GenerateEvent>) -> tonic::Status {
         self.rt
             .block_on(stream_error(stream, Duration::from_secs(30)))
+    }
+
+    /// Starts one more worker (`w<n>`) with `threads` and `memory`; returns its index.
+    ///
+    /// # Panics
+    /// When the process does not start.
+    pub fn add_worker(&mut self, threads: u32, memory: &str) -> usize {
+        let i = self.workers.len();
+        let name = format!("w{i}");
+        let child = self.tessera.spawn_worker(
+            &self.cluster_endpoint,
+            threads,
+            memory,
+            Some(&name),
+            &[],
+        );
+        self.workers.push(Some(child));
+        i
     }
 
     /// `kill -9` of worker `i`; returns when the process is gone.
