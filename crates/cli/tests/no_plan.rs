@@ -1,6 +1,6 @@
-//! A cluster whose workers lack the memory for the model: the coordinator says so once, not
-//! at every planning attempt, and a request that no plan serves fails with UNAVAILABLE and
-//! the planner's reason.
+//! Clusters no plan can serve — workers that lack the memory for the model, a tensor-parallel
+//! group larger than the model's KV heads: the coordinator says so once, not at every planning
+//! attempt, and a request that no plan serves fails with UNAVAILABLE and the planner's reason.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -27,6 +27,29 @@ fn does_not_fit_is_logged_once_and_told_to_the_client() {
     let Some(model) = model() else {
         return;
     };
+    refused_once(&model, &[], "20MiB", DOES_NOT_FIT, "bytes");
+}
+
+/// Ensures that `--tp 4` on a model with 3 KV heads is refused with the reason (KV heads are
+/// not replicated), logged once, and told to a client.
+#[test]
+fn a_group_larger_than_the_kv_heads_is_refused_once() {
+    let Some(model) = model() else {
+        return;
+    };
+    refused_once(
+        &model,
+        &["--tp", "4"],
+        "1GiB",
+        "tensor parallelism refused",
+        "not replicated",
+    );
+}
+
+/// Starts a coordinator with `extra` arguments and one worker of `memory`, waits for the
+/// planning failure `refusal` in its log, checks that a request fails with UNAVAILABLE naming
+/// `refusal` and `detail`, and that the failure was logged once.
+fn refused_once(model: &str, extra: &[&str], memory: &str, refusal: &str, detail: &str) {
     let dir = temp_dir("no-plan");
     let log_path = dir.path().join("coordinator.log");
     let log = File::create(&log_path).expect("create the log");
@@ -39,13 +62,14 @@ fn does_not_fit_is_logged_once_and_told_to_the_client() {
             "--cluster-listen",
             "127.0.0.1:0",
             "--model",
-            &model,
+            model,
             "--heartbeat-ms",
             "100",
             "--ready-wait-ms",
             "2000",
             "--exit-on-stdin-eof",
         ])
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -73,10 +97,10 @@ fn does_not_fit_is_logged_once_and_told_to_the_client() {
         );
     };
     let mut worker =
-        tessera().spawn_worker(&format!("http://{cluster}"), 1, "20MiB", Some("small"), &[]);
+        tessera().spawn_worker(&format!("http://{cluster}"), 1, memory, Some("small"), &[]);
     let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     let start = Instant::now();
-    while !read_log().contains(DOES_NOT_FIT) {
+    while !read_log().contains(refusal) {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "no planning failure logged:\n{}",
@@ -92,8 +116,8 @@ fn does_not_fit_is_logged_once_and_told_to_the_client() {
     assert!(!out.status.success(), "generate succeeded: {err}");
     assert!(
         err.contains("Unavailable")
-            && err.contains(&format!("no plan serves the model: {DOES_NOT_FIT}"))
-            && err.contains("bytes"),
+            && err.contains(&format!("no plan serves the model: {refusal}"))
+            && err.contains(detail),
         "{err}"
     );
     assert!(
@@ -107,7 +131,7 @@ fn does_not_fit_is_logged_once_and_told_to_the_client() {
     kill(&mut coordinator);
     let log = read_log();
     assert_eq!(
-        log.matches(DOES_NOT_FIT).count(),
+        log.matches(refusal).count(),
         1,
         "the same planning failure was logged more than once:\n{log}"
     );
