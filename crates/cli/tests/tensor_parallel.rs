@@ -55,7 +55,11 @@ fn two_ranks_split_the_model_and_repeat_their_output() {
     let ranks = shards(&s);
     assert_eq!(ranks.len(), 2, "{s:#?}");
     for (r, (sh, bytes)) in ranks.iter().enumerate() {
-        assert_eq!((sh.stage, sh.tp_rank, sh.tp_ranks), (0, r as u32, 2), "{sh:?}");
+        assert_eq!(
+            (sh.stage, sh.tp_rank, sh.tp_ranks),
+            (0, r as u32, 2),
+            "{sh:?}"
+        );
         assert_eq!((sh.layer_start, sh.layer_end), (0, 30));
         assert!(sh.embed && sh.head);
         let ratio = *bytes as f64 / (whole as f64 / 2.0);
@@ -63,9 +67,15 @@ fn two_ranks_split_the_model_and_repeat_their_output() {
         assert!((0.9..=1.1).contains(&ratio), "rank {r}: {ratio}");
     }
     let (a, b) = (&ranks[0].0, &ranks[1].0);
-    assert_eq!((a.kv_head_start, a.kv_head_end, b.kv_head_end), (0, b.kv_head_start, 3));
+    assert_eq!(
+        (a.kv_head_start, a.kv_head_end, b.kv_head_end),
+        (0, b.kv_head_start, 3)
+    );
     assert_eq!((a.ffn_start, a.ffn_end, b.ffn_end), (0, b.ffn_start, 1536));
-    assert_eq!((a.vocab_start, a.vocab_end, b.vocab_end), (0, b.vocab_start, 49152));
+    assert_eq!(
+        (a.vocab_start, a.vocab_end, b.vocab_end),
+        (0, b.vocab_start, 49152)
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["status", "--endpoint", &c.endpoint])

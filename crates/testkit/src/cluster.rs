@@ -190,13 +190,9 @@ impl ProcessCluster {
     pub fn add_worker(&mut self, threads: u32, memory: &str) -> usize {
         let i = self.workers.len();
         let name = format!("w{i}");
-        let child = self.tessera.spawn_worker(
-            &self.cluster_endpoint,
-            threads,
-            memory,
-            Some(&name),
-            &[],
-        );
+        let child =
+            self.tessera
+                .spawn_worker(&self.cluster_endpoint, threads, memory, Some(&name), &[]);
         self.workers.push(Some(child));
         i
     }

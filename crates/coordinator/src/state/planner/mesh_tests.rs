@@ -116,7 +116,12 @@ fn refusals_name_the_reason() {
     assert!(refused(&m, 1, 2).contains("only 1 worker(s)"));
     // Three workers in groups of two: one group, the third worker waits.
     let p = plan(&m, &ws(3), &policy(0, TpPolicy::Fixed(2))).expect("one group of two");
-    assert!(p.stages.iter().all(|s| s.tp_ranks == 2 && s.worker_id != "w2"), "{p:?}");
+    assert!(
+        p.stages
+            .iter()
+            .all(|s| s.tp_ranks == 2 && s.worker_id != "w2"),
+        "{p:?}"
+    );
     let why = refused(&m, 4, 4);
     assert!(
         why.contains("the model has 3") && why.contains("not replicated"),

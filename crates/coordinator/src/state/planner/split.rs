@@ -271,13 +271,13 @@ pub(super) fn split_group(m: &ModelFootprint, threads: &[u32]) -> Result<Vec<Sha
     let ffn = apportion(units, &ffn_weights(m, &kv, threads))
         .map(|u| ranges(m.intermediate, fblock, &u))
         .ok_or_else(|| {
-        format!(
-            "the MLP's {} columns make {} blocks of {fblock} for the down projection, fewer \
+            format!(
+                "the MLP's {} columns make {} blocks of {fblock} for the down projection, fewer \
              than the {k} ranks",
-            m.intermediate,
-            m.intermediate.div_ceil(fblock)
-        )
-    })?;
+                m.intermediate,
+                m.intermediate.div_ceil(fblock)
+            )
+        })?;
     let vocab = split(m.vocab, 1, threads)
         .ok_or_else(|| format!("{} vocabulary rows are fewer than the {k} ranks", m.vocab))?;
     Ok(kv
