@@ -85,6 +85,14 @@ pub(super) fn fixed(
     if k == 0 {
         return Err(refuse("a group needs at least one rank".into()));
     }
+    // What no number of workers can change comes first.
+    if m.splittable() && k > m.n_kv_heads {
+        return Err(refuse(format!(
+            "a group of {k} ranks needs at least {k} KV heads and the model has {}; KV heads \
+             are not replicated, so a group has at most {} ranks",
+            m.n_kv_heads, m.n_kv_heads
+        )));
+    }
     let w = workers.len();
     // As for `Auto`: the last `w mod k` workers wait (a worker that joins, or leaves, gives
     // a new plan), rather than refusing to serve at all.
