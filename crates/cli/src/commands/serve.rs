@@ -57,6 +57,11 @@ pub struct CoordinatorArgs {
         value_parser = parse_switch
     )]
     pub prefix_cache: bool,
+    /// Most steps in flight on the pipeline at once: the running requests are split into
+    /// this many micro-batches so that pipeline stages compute at the same time (default: the
+    /// plan's number of stages; 1: one step at a time).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_steps: Option<u32>,
     /// The cluster address (HOST:PORT of --cluster-listen) that peers and workers dial
     /// (default: the bound cluster address).
     #[arg(long)]
@@ -358,6 +363,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         ready_wait: Duration::from_millis(args.ready_wait_ms),
         kv_tokens: args.kv_tokens.unwrap_or(0),
         prefix_cache: args.prefix_cache,
+        max_inflight_steps: args.max_inflight_steps.unwrap_or(0),
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),
         advertise: args.advertise.clone(),
