@@ -180,7 +180,9 @@ async fn a_stage_dying_fails_every_micro_batch() {
             let mut c = client.clone();
             let first = first_tokens.clone();
             tokio::spawn(async move {
-                let mut req = greedy_with_logprobs(PROMPTS[i % PROMPTS.len()], 400, 0);
+                // Long enough to be running when the stage dies, short enough that all 8 fit
+                // the KV cache at once (7 blocks each).
+                let mut req = greedy_with_logprobs(PROMPTS[i % PROMPTS.len()], 80, 0);
                 if let Some(stop) = req.stop.as_mut() {
                     stop.ignore_eos = true;
                 }
