@@ -43,8 +43,8 @@ const SHUTTING_DOWN: &str = "worker shutting down";
 
 /// The most steps of one inbound stream in flight on this stage and the stages behind it
 /// (computed, or forwarded and not yet answered): each holds its hidden states in a queue,
-/// so this bounds the stream's memory. A coordinator keeps at most one step per micro-batch
-/// in flight, one or two per stage, well under it.
+/// so this bounds the stream's memory. A coordinator keeps one step per micro-batch in
+/// flight (by default one per stage); a sender with more in flight than this only waits.
 pub const MAX_IN_FLIGHT: usize = 8;
 
 /// How long dialling the next stage may take.

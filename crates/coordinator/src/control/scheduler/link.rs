@@ -59,7 +59,8 @@ impl Link {
 enum Woken {
     Answer(Result<Option<cpb::StepResponse>, Status>),
     PlanChanged,
-    Submitted(Option<super::Submit>),
+    /// Boxed: a request is far larger than an answer.
+    Submitted(Option<Box<super::Submit>>),
 }
 
 impl Scheduler {
@@ -123,11 +124,11 @@ impl Scheduler {
         let woken = tokio::select! {
             r = link.rx.message() => Woken::Answer(r),
             () = wait_plan_change(&mut self.serving, epoch) => Woken::PlanChanged,
-            s = self.rx.recv(), if room => Woken::Submitted(s),
+            s = self.rx.recv(), if room => Woken::Submitted(s.map(Box::new)),
         };
         let resp = match woken {
             Woken::Submitted(Some(s)) => {
-                self.queue.push_back(s);
+                self.queue.push_back(*s);
                 return true;
             }
             Woken::Submitted(None) => return false,
