@@ -35,6 +35,11 @@ pub struct CoordinatorConfig {
     pub prefill_chunk: u32,
     /// Most tokens (prefill and decode together) in one step.
     pub max_batch_tokens: u32,
+    /// Most steps in flight on the pipeline stream at once: the running sequences are split
+    /// into this many micro-batches, so that the stages of a multi-stage plan compute
+    /// different micro-batches at the same time. 0 = the plan's number of stages; 1 = one
+    /// step at a time (no overlap).
+    pub max_inflight_steps: u32,
     /// Share the KV blocks of identical prompt prefixes across requests (cached after a
     /// request ends, evicted least recently used when admission needs room). Outputs are the
     /// same either way; only the work (and time to first token) differs.
@@ -88,6 +93,7 @@ impl Default for CoordinatorConfig {
             block_size: 16,
             prefill_chunk: 512,
             max_batch_tokens: 2048,
+            max_inflight_steps: 0,
             prefix_cache: true,
             tp: TpPolicy::Fixed(1),
             ready_wait: Duration::from_secs(30),
@@ -106,6 +112,15 @@ impl Default for CoordinatorConfig {
 }
 
 impl CoordinatorConfig {
+    /// The most steps in flight for a plan of `stages` stages: the configured value, or the
+    /// number of stages when 0; at least 1.
+    pub fn inflight_steps_for(&self, stages: usize) -> usize {
+        match self.max_inflight_steps {
+            0 => stages.max(1),
+            n => n as usize,
+        }
+    }
+
     /// The KV capacity per worker in tokens for a model of `context_len` positions: the
     /// configured value, or the context when 0; rounded down to whole blocks.
     pub fn kv_tokens_for(&self, context_len: usize) -> u32 {

@@ -76,6 +76,44 @@ impl Driver {
         .await
     }
 
+    /// Sends the next step (as [`Driver::step`]) without waiting for its answer, so that
+    /// several are in flight; returns its id. Read the answers, in order, with
+    /// [`Driver::answer`].
+    ///
+    /// # Errors
+    /// UNAVAILABLE when the stream is closed.
+    pub async fn send(&mut self, seqs: Vec<pb::SeqStep>, release: Vec<u64>) -> Result<u64, Status> {
+        let id = self.next_step;
+        self.next_step += 1;
+        self.tx
+            .send(pb::StepRequest {
+                plan_epoch: self.epoch,
+                step_id: id,
+                seqs,
+                hidden: Vec::new(),
+                release,
+                trace_context: Default::default(),
+                prefix_ops: Vec::new(),
+            })
+            .await
+            .map_err(|_| Status::unavailable("stream closed"))?;
+        Ok(id)
+    }
+
+    /// The next answer on the stream (of the oldest step in flight).
+    ///
+    /// # Errors
+    /// The stage's status, or UNAVAILABLE when the stream ended.
+    ///
+    /// # Panics
+    /// When no answer comes within the driver's timeout.
+    pub async fn answer(&mut self) -> Result<pb::StepResponse, Status> {
+        tokio::time::timeout(self.timeout, self.rx.message())
+            .await
+            .expect("step answered in time")?
+            .ok_or_else(|| Status::unavailable("stream ended"))
+    }
+
     /// Sends `req` as it is and returns its answer; the next step id moves on by one.
     ///
     /// # Errors

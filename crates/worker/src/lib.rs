@@ -4,7 +4,8 @@
 //! - [`serve`] / [`start`] ([`server`]): the process — Worker and health services, registration.
 //! - `shard` / `executor`: the dedicated compute thread that owns the model, KV cache and
 //!   sequences; [`ShardHandle`] is its cloneable front.
-//! - `pipeline`: one inbound Pipeline stream and its outbound stream to the next stage.
+//! - `pipeline`: one inbound Pipeline stream and its outbound stream to the next stage, with
+//!   up to [`MAX_IN_FLIGHT`] steps in flight on it.
 //! - `group`: tensor-parallel groups — the peer port, the links between ranks, the reduction.
 //! - `register`: registration and heartbeats.
 //! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
@@ -30,6 +31,7 @@ mod shard;
 pub use config::{Capacity, WorkerConfig};
 pub use error::WorkerError;
 pub use memory::resident_bytes;
+pub use pipeline::MAX_IN_FLIGHT;
 pub use seqs::StreamId;
 pub use server::{RunningWorker, serve, start};
 pub use shard::{ShardHandle, ShardStatus};

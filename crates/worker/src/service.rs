@@ -10,8 +10,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::pipeline;
 use crate::shard::ShardHandle;
 
-/// Responses buffered per inbound stream; the caller reads one per step it sends.
-const RESPONSE_BUFFER: usize = 4;
+/// Responses buffered per inbound stream: one per step that may be in flight on it, so the
+/// answers of a pipelined caller never wait for it to read the earlier ones.
+const RESPONSE_BUFFER: usize = pipeline::MAX_IN_FLIGHT;
 
 /// The Worker service over one shard.
 #[derive(Clone, Debug)]

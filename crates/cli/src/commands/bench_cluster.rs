@@ -2,6 +2,11 @@
 //! token for the embedded engine and for local clusters of 1, 2, 3… workers at equal total
 //! threads, with the latency each extra pipeline hop adds, printed side by side.
 //!
+//! With `--streams N`, aggregate throughput instead: N concurrent greedy streams through one
+//! worker with all the threads, through two pipeline stages with half each and their
+//! micro-batches overlapped (several steps in flight), and through the same two stages with
+//! `--max-inflight-steps 1` (one step at a time), as tokens/s side by side with their ratios.
+//!
 //! A benchmark, not a test: it prints figures and asserts nothing about speed.
 
 use std::net::SocketAddr;
@@ -14,7 +19,7 @@ use tessera_model::engine::{GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
 use tessera_text::sampling::{SamplingParams, StopConditions};
 
-use super::client::{connect, stream_generate, wait_ready};
+use super::client::{Client, connect, stream_generate, wait_ready};
 use super::up::{LocalCluster, LocalClusterSpec};
 
 /// Arguments of `tessera bench-cluster`.
@@ -38,6 +43,10 @@ pub struct BenchClusterArgs {
     /// Measured runs per configuration (after one warm-up); the best is reported.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Measure aggregate throughput of this many concurrent streams instead (0: off): one
+    /// worker vs two overlapped stages vs two stages one step at a time.
+    #[arg(long, default_value_t = 0)]
+    pub streams: usize,
 }
 
 /// One configuration's best figures.
@@ -63,6 +72,9 @@ fn prompt(args: &BenchClusterArgs) -> String {
 /// Runs `tessera bench-cluster`.
 pub fn run(args: BenchClusterArgs) -> Result<()> {
     let location = super::model::resolve_or_pull(&args.model)?;
+    if args.streams > 0 {
+        return throughput(&args);
+    }
     let embedded = {
         let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;
         let req = engine.validate(&GenerateRequest {
@@ -150,8 +162,14 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     Ok(())
 }
 
-async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) -> Result<Figures> {
-    let cluster = LocalCluster::start(&LocalClusterSpec {
+/// A local cluster of one coordinator (with `coordinator_args`) and `workers` workers.
+async fn start_cluster(
+    args: &BenchClusterArgs,
+    workers: u32,
+    threads: u32,
+    coordinator_args: Vec<String>,
+) -> Result<LocalCluster> {
+    LocalCluster::start(&LocalClusterSpec {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         cluster_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
         http_listen: None,
@@ -160,28 +178,124 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
         threads,
         memory: 4 << 30,
         coordinators: 1,
-        coordinator_args: Vec::new(),
+        coordinator_args,
         worker_args: Vec::new(),
     })
-    .await?;
+    .await
+}
+
+/// A greedy request for exactly `args.decode` tokens of the benchmark's prompt.
+fn request(args: &BenchClusterArgs) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(prompt(args))),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        stop: Some(pb::StopConditions {
+            max_tokens: Some(args.decode),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `tessera bench-cluster --streams N`: the three configurations' aggregate tokens/s.
+fn throughput(args: &BenchClusterArgs) -> Result<()> {
+    let rt = super::runtime()?;
+    let total = args.total_threads.max(2);
+    let one = rt.block_on(measure_streams(args, 1, total, Vec::new()))?;
+    let half = total / 2;
+    let overlapped = rt.block_on(measure_streams(args, 2, half, Vec::new()))?;
+    let serial = rt.block_on(measure_streams(
+        args,
+        2,
+        half,
+        vec!["--max-inflight-steps".into(), "1".into()],
+    ))?;
+    println!(
+        "model {} | {} streams, prompt {} repeats, decode {} tokens each, best of {}",
+        args.model, args.streams, args.prompt_repeats, args.decode, args.runs
+    );
+    println!(
+        "{:<34} {:>10} {:>14} {:>16}",
+        "configuration", "tok/s", "vs 1 worker", "vs 1 in flight"
+    );
+    let rows = [
+        (format!("1 worker x {total} thr"), one),
+        (format!("2 stages x {half} thr, overlapped"), overlapped),
+        (format!("2 stages x {half} thr, 1 in flight"), serial),
+    ];
+    for (name, tok_s) in rows {
+        println!(
+            "{name:<34} {tok_s:>10.1} {:>13.2}x {:>15.2}x",
+            tok_s / one,
+            tok_s / serial
+        );
+    }
+    Ok(())
+}
+
+/// The best aggregate tokens/s of `args.streams` concurrent streams (all tokens of all
+/// streams over the wall time from the first request to the last token), after a warm-up.
+async fn measure_streams(
+    args: &BenchClusterArgs,
+    workers: u32,
+    threads: u32,
+    coordinator_args: Vec<String>,
+) -> Result<f64> {
+    let cluster = start_cluster(args, workers, threads, coordinator_args).await?;
+    let result = async {
+        let client = connect(&cluster.endpoint, Duration::from_secs(10)).await?;
+        let mut c = client.clone();
+        wait_ready(&mut c, Duration::from_secs(120)).await?;
+        let mut best = 0.0f64;
+        for run in 0..=args.runs {
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..args.streams)
+                .map(|_| {
+                    let mut c = client.clone();
+                    let req = request(args);
+                    tokio::spawn(async move { count_tokens(&mut c, req).await })
+                })
+                .collect();
+            let mut tokens = 0;
+            for t in tasks {
+                tokens += t.await.context("stream task")??;
+            }
+            let tok_s = tokens as f64 / start.elapsed().as_secs_f64();
+            if run > 0 {
+                best = best.max(tok_s);
+            }
+        }
+        Ok(best)
+    }
+    .await;
+    cluster.shutdown().await;
+    result
+}
+
+/// Runs one request to its end; the tokens it streamed.
+async fn count_tokens(client: &mut Client, req: pb::GenerateRequest) -> Result<usize> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut tokens = 0;
+    while let Some(ev) = stream.message().await? {
+        if let Some(pb::generate_event::Event::Token(_)) = ev.event {
+            tokens += 1;
+        }
+    }
+    Ok(tokens)
+}
+
+async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) -> Result<Figures> {
+    let cluster = start_cluster(args, workers, threads, Vec::new()).await?;
     let result = async {
         let mut client = connect(&cluster.endpoint, Duration::from_secs(10)).await?;
         wait_ready(&mut client, Duration::from_secs(120)).await?;
         let mut best = None::<Figures>;
         for run in 0..=args.runs {
-            let req = pb::GenerateRequest {
-                prompt: Some(pb::generate_request::Prompt::Text(prompt(args))),
-                sampling: Some(pb::SamplingParams {
-                    temperature: Some(0.0),
-                    ..Default::default()
-                }),
-                stop: Some(pb::StopConditions {
-                    max_tokens: Some(args.decode),
-                    ignore_eos: true,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
+            let req = request(args);
             // Client-side clock: what a user sees, including the RPC to the coordinator.
             let start = Instant::now();
             let mut first = None;

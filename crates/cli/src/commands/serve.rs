@@ -61,9 +61,14 @@ pub struct CoordinatorArgs {
     /// Tensor parallelism: `K` puts K workers in every pipeline stage's group (their KV
     /// heads, MLP columns and vocabulary split by threads; 1: a pipeline of single workers),
     /// `auto` lets the planner's cost model choose the mesh. K cannot exceed the model's KV
-    /// heads and must divide the workers.
+    /// heads; the last (workers mod K) workers wait.
     #[arg(long, default_value = "1", value_name = "K|auto", value_parser = parse_tp)]
     pub tp: TpPolicy,
+    /// Most steps in flight on the pipeline at once: the running requests are split into
+    /// this many micro-batches so that pipeline stages compute at the same time (default: the
+    /// plan's number of stages; 1: one step at a time).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_steps: Option<u32>,
     /// The cluster address (HOST:PORT of --cluster-listen) that peers and workers dial
     /// (default: the bound cluster address).
     #[arg(long)]
@@ -395,6 +400,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         kv_tokens: args.kv_tokens.unwrap_or(0),
         prefix_cache: args.prefix_cache,
         tp: args.tp,
+        max_inflight_steps: args.max_inflight_steps.unwrap_or(0),
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),
         advertise: args.advertise.clone(),

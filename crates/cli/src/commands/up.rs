@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// or `auto`. With `--workers 2 --tp 2` both workers serve every layer, each half of it.
     #[arg(long, default_value = "1", value_name = "K|auto", value_parser = super::serve::parse_tp)]
     pub tp: tessera_coordinator::planner::TpPolicy,
+    /// Most pipeline steps in flight on every coordinator (see `tessera coordinator
+    /// --max-inflight-steps`; default: the plan's number of stages).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_inflight_steps: Option<u32>,
     /// Memory per worker, e.g. 1GiB.
     #[arg(long, default_value = "2GiB", value_parser = super::serve::parse_bytes)]
     pub memory: u64,
@@ -460,10 +464,14 @@ async fn up(args: UpArgs) -> Result<()> {
         .flat_map(|e| ["--otlp-endpoint".to_owned(), e.clone()])
         .collect();
     let switch = if args.prefix_cache { "on" } else { "off" };
+    let inflight = args
+        .max_inflight_steps
+        .map(|n| vec!["--max-inflight-steps".to_owned(), n.to_string()]);
     let coordinator_args = [
         otlp.clone(),
         vec!["--prefix-cache".to_owned(), switch.to_owned()],
         vec!["--tp".to_owned(), super::serve::tp_arg(args.tp)],
+        inflight.unwrap_or_default(),
     ]
     .concat();
     let cluster_listen = args.cluster_listen.unwrap_or_else(|| {

@@ -106,7 +106,13 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
         return Ok(());
     }
     let epoch = st.plan_epoch() + 1;
-    tracing::info!(epoch, stages = plan.stages.len(), ?plan, "new plan");
+    tracing::info!(
+        epoch,
+        stages = plan.n_stages(),
+        workers = plan.stages.len(),
+        ?plan,
+        "new plan"
+    );
     cluster
         .commit(Command::SetPlan {
             epoch,

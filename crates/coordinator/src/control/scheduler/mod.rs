@@ -4,39 +4,50 @@
 //! Requests are admitted while the KV cache allows (prompt + max_tokens reserved, in whole
 //! blocks, less the cached prefix blocks a prompt starts with; the reservation frees itself on
 //! drop; see [`super::kv_budget`]). Each step carries one decode token per
-//! running sequence and prefill chunks of at most `prefill_chunk` tokens, `max_batch_tokens`
-//! in all, on ONE long-lived Pipeline stream to stage 0, opened per plan epoch. Sampled tokens
-//! go through each request's [`OutputStream`] (the engine's own detokenizer and stop checker)
-//! to the client. Finished and abandoned sequences are released in-band on the next step (a
-//! step of releases alone when no sequence runs, so an idle cluster holds no KV but its
-//! prefix cache).
+//! sequence of its micro-batch and prefill chunks of at most `prefill_chunk` tokens,
+//! `max_batch_tokens` in all, on ONE long-lived Pipeline stream to stage 0, opened per plan
+//! epoch. Sampled tokens go through each request's [`OutputStream`] (the engine's own
+//! detokenizer and stop checker) to the client. Finished and abandoned sequences are released
+//! in-band on the next step (a step of releases alone when no sequence runs, so an idle
+//! cluster holds no KV but its prefix cache).
+//!
+//! Micro-batches: with a plan of S > 1 stages, up to `max_inflight_steps` (default S) steps
+//! are in flight at once ([`link`]), so every stage computes while the others do. The running
+//! sequences are split into that many disjoint micro-batches: a step takes at most
+//! `ceil(running / limit)` sequences not already in flight — those that waited longest
+//! first — because a sequence's next decode token is the previous step's answer. Each
+//! micro-batch cycles on its own: sent, answered, absorbed, its next step built and sent at
+//! once while the others are still in flight. With one step in flight (S = 1, or
+//! `max_inflight_steps` 1) a step takes every running sequence, as a single batch.
 //!
 //! Prefix caching (unless off): a sequence starts from the cached blocks its prompt begins
 //! with ([`super::prefix`]), named in its SeqStart; when it ends, its prompt blocks are
 //! cached. The workers' stores follow this stream's index through each step's prefix ops.
 //!
 //! Failure: when the stream breaks or the serving plan goes away (a plan worker dropped by
-//! the liveness monitor, or replaced), every running request ends with UNAVAILABLE and the
-//! controller re-plans; queued requests wait for the new plan up to `ready_wait`.
+//! the liveness monitor, or replaced), every running request — on every step in flight —
+//! ends with UNAVAILABLE and the controller re-plans; queued requests wait for the new plan
+//! up to `ready_wait`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tessera_text::frontend::{Frontend, OutputStream};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::kv_budget::{KvBudget, KvReservation};
 use crate::error::CoordinatorError;
 use crate::services::validate::ValidRequest;
 use crate::state::cluster::{Cluster, Serving};
 
+mod link;
 mod step;
+
+use link::Link;
 
 /// How often waiting requests are looked at for clients that left.
 const QUEUE_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
@@ -125,18 +136,15 @@ struct Seq {
     next: Option<u32>,
     /// Whether its SeqStart went out.
     started: bool,
+    /// The step in flight it is part of: it joins no other until that one is answered.
+    in_step: Option<u64>,
+    /// The latest step it was part of (0: none yet); the longest waiting go first.
+    last_step: u64,
     first_token: Option<Instant>,
     /// When its latest token came (inter-token latency counts from here).
     last_token: Option<Instant>,
     span: tracing::Span,
     _kv: KvReservation,
-}
-
-/// The pipeline stream of one plan epoch.
-struct Link {
-    epoch: u64,
-    tx: mpsc::Sender<cpb::StepRequest>,
-    rx: Streaming<cpb::StepResponse>,
 }
 
 /// The scheduler task's state.
@@ -248,13 +256,22 @@ impl Scheduler {
             self.drop_abandoned();
             self.admit();
             self.publish_load();
-            let Some(step) = self.build_step() else {
-                if !self.wait_for_work(false).await {
+            // Fill the free places on the stream: one step per micro-batch.
+            while self.link.as_ref().is_some_and(Link::has_room) {
+                let Some(step) = self.build_step() else {
+                    break;
+                };
+                if !self.send_step(step).await {
+                    break;
+                }
+            }
+            if self.link.as_ref().is_some_and(Link::busy) {
+                if !self.next_answer().await {
                     return;
                 }
-                continue;
-            };
-            self.run_step(step).await;
+            } else if self.link.is_some() && !self.wait_for_work(false).await {
+                return;
+            }
         }
     }
 
@@ -335,22 +352,6 @@ impl Scheduler {
         });
     }
 
-    async fn open(&self, serving: &Serving) -> Result<Link, Status> {
-        let timeout = self.cluster.cfg.heartbeat_timeout * 2;
-        let channel = super::connect(&serving.stage0, timeout).await?;
-        let mut client = cpb::worker_client::WorkerClient::new(channel);
-        let (tx, rx) = mpsc::channel(4);
-        let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| unavailable("opening the pipeline stream timed out"))??;
-        tracing::info!(epoch = serving.epoch, stage0 = %serving.stage0, "pipeline stream open");
-        Ok(Link {
-            epoch: serving.epoch,
-            tx,
-            rx: resp.into_inner(),
-        })
-    }
-
     /// Admits queued requests, oldest first, while their KV reservation fits (evicting
     /// unreferenced cached prefix blocks when that makes it fit).
     fn admit(&mut self) {
@@ -386,6 +387,8 @@ impl Scheduler {
                 chain: adm.chain,
                 next: None,
                 started: false,
+                in_step: None,
+                last_step: 0,
                 first_token: None,
                 last_token: None,
                 span: s.span,

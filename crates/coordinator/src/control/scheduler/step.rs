@@ -1,7 +1,8 @@
-//! One step of the scheduler: building it from the running sequences (decode tokens first,
-//! then prefill chunks, with the pending releases and prefix ops), sending it down the
-//! pipeline stream inside its span, and feeding the sampled tokens back to each request's
-//! output stream — finishing, cancelling, or failing sequences as the answer says.
+//! One step of the scheduler: building it from the running sequences not in flight (one
+//! micro-batch: decode tokens first, then prefill chunks, with the pending releases and
+//! prefix ops), its span, and feeding the sampled tokens of its answer back to each
+//! request's output stream — finishing, cancelling, or failing sequences as the answer says.
+//! Sending it and waiting for the answer is [`super::link`]'s.
 
 use std::time::Instant;
 
@@ -9,28 +10,47 @@ use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
 use tessera_text::frontend::Frontend;
 use tessera_text::sampling::{FinishReason, SampledToken};
-use tokio::sync::watch;
-use tracing::Instrument;
 
 use super::{Scheduler, Seq, unavailable};
-use crate::state::cluster::Serving;
 
 impl Scheduler {
-    /// The next step: one decode token per decoding sequence, then prefill chunks, within
-    /// `max_batch_tokens`, carrying the pending releases. A step with no sequences still goes
-    /// out when releases are pending (the workers free them and answer with no tokens): the
-    /// last requests to finish must not hold their KV until the next request comes. `None`
-    /// when there is nothing to send.
+    /// The next step: one micro-batch of the running sequences not in flight — one decode
+    /// token per decoding sequence, then prefill chunks, within `max_batch_tokens` — carrying
+    /// the pending releases and prefix ops. With one step in flight at most, the micro-batch
+    /// is every such sequence (as a single batch); with `limit` > 1 it is at most
+    /// `ceil(running / limit)` of them, decoders that waited longest first, so the running
+    /// sequences spread over `limit` micro-batches. A step with no sequences still goes out
+    /// when releases or prefix ops are pending (the workers apply them and answer with no
+    /// tokens): the last requests to finish must not hold their KV until the next request
+    /// comes. `None` when there is nothing to send.
     pub(super) fn build_step(&mut self) -> Option<cpb::StepRequest> {
         let cfg = &self.cluster.cfg;
+        let limit = self.link.as_ref().map_or(1, |l| l.limit);
         let mut budget = cfg.max_batch_tokens.max(1) as usize;
         let chunk = cfg.prefill_chunk.max(1) as usize;
+        let mut room = if limit > 1 {
+            self.running.len().div_ceil(limit)
+        } else {
+            usize::MAX
+        };
+        let step_id = self.next_step;
+        let mut decoders: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].in_step.is_none() && self.running[i].next.is_some())
+            .collect();
+        if limit > 1 {
+            // Stable: equal waits keep their running order.
+            decoders.sort_by_key(|&i| self.running[i].last_step);
+        }
         let mut seqs = Vec::new();
-        for s in self.running.iter_mut().filter(|s| s.next.is_some()) {
-            if budget == 0 {
+        for i in decoders {
+            if budget == 0 || room == 0 {
                 break;
             }
             budget -= 1;
+            room -= 1;
+            let s = &mut self.running[i];
+            s.in_step = Some(step_id);
+            s.last_step = step_id;
             seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens: s.next.into_iter().collect(),
@@ -38,14 +58,19 @@ impl Scheduler {
                 start: None,
             });
         }
-        for s in self.running.iter_mut().filter(|s| s.next.is_none()) {
+        for s in self
+            .running
+            .iter_mut()
+            .filter(|s| s.in_step.is_none() && s.next.is_none())
+        {
             let prompt = &s.req.inner.prompt_ids;
             let left = prompt.len() - s.prefilled;
-            if budget == 0 || left == 0 {
+            if budget == 0 || room == 0 || left == 0 {
                 continue;
             }
             let n = left.min(chunk).min(budget);
             budget -= n;
+            room -= 1;
             let tokens = prompt[s.prefilled..s.prefilled + n].to_vec();
             s.prefilled += n;
             let start = (!s.started).then(|| cpb::SeqStart {
@@ -54,6 +79,8 @@ impl Scheduler {
                 ..s.req.seq_start()
             });
             s.started = true;
+            s.in_step = Some(step_id);
+            s.last_step = step_id;
             seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens,
@@ -64,7 +91,6 @@ impl Scheduler {
         if seqs.is_empty() && self.release.is_empty() && !self.kv.has_ops() {
             return None;
         }
-        let step_id = self.next_step;
         self.next_step += 1;
         Some(cpb::StepRequest {
             plan_epoch: self.link.as_ref().map_or(0, |l| l.epoch),
@@ -72,7 +98,7 @@ impl Scheduler {
             seqs,
             hidden: Vec::new(),
             release: std::mem::take(&mut self.release),
-            // Set in run_step, from the step's span.
+            // Set when it is sent, from the step's span.
             trace_context: Default::default(),
             prefix_ops: self.kv.take_ops(),
         })
@@ -81,7 +107,7 @@ impl Scheduler {
     /// The span of a step: a child of the `generate` span of the batch's first sequence,
     /// following from those of the others — so a request served alone
     /// gets one trace holding every step, and a batched step links every request it serves.
-    fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
+    pub(super) fn step_span(&self, step: &cpb::StepRequest) -> tracing::Span {
         // A step of releases alone serves no request: no span, and no trace context for the
         // workers (which then make none either).
         if step.seqs.is_empty() {
@@ -108,65 +134,8 @@ impl Scheduler {
         span
     }
 
-    /// Sends a step and feeds its answer to the sequences; on failure ends every running
-    /// request with UNAVAILABLE.
-    pub(super) async fn run_step(&mut self, mut step: cpb::StepRequest) {
-        let span = self.step_span(&step);
-        step.trace_context = tessera_telemetry::trace_context::inject(&span);
-        let Some(link) = self.link.as_mut() else {
-            return;
-        };
-        let tokens: usize = step.seqs.iter().map(|s| s.tokens.len()).sum();
-        let step_id = step.step_id;
-        let epoch = link.epoch;
-        let sent_at = Instant::now();
-        let answer = async {
-            if link.tx.send(step).await.is_err() {
-                return Err(unavailable("the pipeline stream closed"));
-            }
-            tokio::select! {
-                r = link.rx.message() => match r {
-                    Ok(Some(resp)) if resp.step_id == step_id => Ok(resp),
-                    Ok(Some(resp)) => Err(unavailable(format!(
-                        "pipeline answered step {} for step {step_id}", resp.step_id))),
-                    Ok(None) => Err(unavailable("the pipeline stream ended")),
-                    Err(status) => Err(unavailable(format!(
-                        "a worker was lost mid-request: {}", status.message()))),
-                },
-                _ = wait_plan_change(&mut self.serving, epoch) => {
-                    Err(unavailable("a worker of the plan was lost mid-request"))
-                }
-            }
-        }
-        .instrument(span.clone())
-        .await;
-        match answer {
-            Ok(resp) => {
-                if tokens > 0 {
-                    // A release-only step is bookkeeping, not model work.
-                    self.cluster
-                        .metrics
-                        .step(tokens as u64, sent_at.elapsed().as_secs_f64());
-                }
-                span.in_scope(|| self.absorb(resp));
-            }
-            Err(status) => {
-                if self.running.is_empty() {
-                    // A step of releases alone: no request lost (a cluster stopping, typically).
-                    tracing::info!(epoch, error = %status.message(), "pipeline closed while idle");
-                } else {
-                    tracing::warn!(epoch, error = %status.message(), "pipeline failed");
-                }
-                self.link = None;
-                self.dead_epoch = epoch;
-                self.fail_running(status.message());
-                self.cluster.replan.report_failure(epoch);
-            }
-        }
-    }
-
     /// Feeds sampled tokens to their sequences and streams the events.
-    fn absorb(&mut self, resp: cpb::StepResponse) {
+    pub(super) fn absorb(&mut self, resp: cpb::StepResponse) {
         for t in resp.tokens {
             let Some(i) = self.running.iter().position(|s| s.id == t.seq_id) else {
                 continue;
@@ -278,17 +247,5 @@ fn name_tokens(frontend: &Frontend, token: &mut pb::TokenEvent) {
     for alt in &mut token.top_logprobs {
         alt.bytes = bytes(alt.id);
         alt.text = String::from_utf8_lossy(&alt.bytes).into_owned();
-    }
-}
-
-/// Resolves once the serving plan is no longer the one of `epoch`.
-async fn wait_plan_change(serving: &mut watch::Receiver<Option<Serving>>, epoch: u64) {
-    loop {
-        if serving.borrow_and_update().as_ref().map(|s| s.epoch) != Some(epoch) {
-            return;
-        }
-        if serving.changed().await.is_err() {
-            return std::future::pending().await;
-        }
     }
 }
