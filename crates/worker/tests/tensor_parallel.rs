@@ -18,7 +18,7 @@
 //! greedy token at every teacher-forced step whose margin no such error can close.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -109,7 +109,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(model: &PathBuf, mesh: Mesh) -> Self {
+    async fn start(model: &Path, mesh: Mesh) -> Self {
         let mut workers = Vec::new();
         for (s, group) in mesh.iter().enumerate() {
             for r in 0..group.len() {
@@ -143,7 +143,7 @@ impl Cluster {
     }
 
     /// Loads every rank at once (a group forms only when all its ranks load).
-    async fn load(&self, model: &PathBuf) {
+    async fn load(&self, model: &Path) {
         let mut tasks = Vec::new();
         let n = self.mesh.len();
         for (s, group) in self.mesh.iter().enumerate() {

@@ -386,7 +386,7 @@ mod tests {
             let data: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
             let mut out = Vec::new();
             encode_partial(&mut out, 3, 4, 1, &data);
-            let Frame::Partial { data: back, .. } = Frame::read_from(&mut out.as_slice()).unwrap()
+            let Frame::Partial { data: back, .. } = Frame::read_from(&mut out.as_slice()).expect("decodes")
             else { panic!("kind") };
             prop_assert_eq!(back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), bits);
         }

@@ -9,7 +9,7 @@ use super::*;
 /// Binds `n` peer listeners on loopback.
 fn listeners(n: usize) -> (Vec<PeerListener>, Vec<String>) {
     let ls: Vec<PeerListener> = (0..n)
-        .map(|_| PeerListener::bind("127.0.0.1:0".parse().unwrap()).expect("bind"))
+        .map(|_| PeerListener::bind("127.0.0.1:0".parse().expect("on loopback")).expect("bind"))
         .collect();
     let addrs = ls.iter().map(|l| l.local_addr().to_string()).collect();
     (ls, addrs)
@@ -26,14 +26,17 @@ fn form_all(epoch: u64, n: usize) -> (Vec<Group>, Vec<mpsc::Receiver<Control>>, 
         rxs.push(rx);
         let tx = std::sync::Mutex::new(tx);
         let sink: ControlSink = Arc::new(move |c| {
-            let _ = tx.lock().unwrap().send(c);
+            let _ = tx.lock().expect("on loopback").send(c);
         });
         let (ls, addrs) = (Arc::clone(&ls), addrs.clone());
         handles.push(std::thread::spawn(move || {
             Group::form(epoch, r, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
         }));
     }
-    let groups = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let groups = handles
+        .into_iter()
+        .map(|h| h.join().expect("on loopback"))
+        .collect();
     let ls = Arc::try_unwrap(ls).map_err(|_| ()).expect("listeners back");
     (groups, rxs, ls)
 }
@@ -54,7 +57,10 @@ fn on_all<T: Send + 'static>(
             })
         })
         .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).collect()
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("on loopback"))
+        .collect()
 }
 
 /// Ensures that every rank of a 3-rank group ends a reduction with the same bits: the
@@ -191,7 +197,7 @@ fn silent_peer_times_out() {
     );
     assert!(
         g.take_failure()
-            .unwrap()
+            .expect("on loopback")
             .to_string()
             .contains("sent nothing")
     );
@@ -240,14 +246,14 @@ fn abort_propagates_and_stale_frames_are_skipped() {
 fn missing_rank_fails_formation_naming_it() {
     let (ls, addrs) = listeners(2);
     // Rank 1 of epoch 1 dials, but rank 0 forms epoch 2.
-    let mut s = TcpStream::connect(&addrs[0]).unwrap();
+    let mut s = TcpStream::connect(&addrs[0]).expect("on loopback");
     Frame::Hello {
         epoch: 1,
         from: 1,
         to: 0,
     }
     .write_to(&mut s)
-    .unwrap();
+    .expect("on loopback");
     let got = ls[0].take(2, 1, 0, Instant::now() + Duration::from_millis(300));
     assert!(got.is_none());
     assert!(
