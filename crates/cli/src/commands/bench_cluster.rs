@@ -7,6 +7,10 @@
 //! micro-batches overlapped (several steps in flight), and through the same two stages with
 //! `--max-inflight-steps 1` (one step at a time), as tokens/s side by side with their ratios.
 //!
+//! With `--tp K`, tensor parallelism instead (`bench_tp`): one stream through one worker with
+//! all the threads and through a group of K workers sharing them, with the group's reduction
+//! time per step and the cost model's predictions.
+//!
 //! A benchmark, not a test: it prints figures and asserts nothing about speed.
 
 use std::net::SocketAddr;
@@ -47,6 +51,10 @@ pub struct BenchClusterArgs {
     /// worker vs two overlapped stages vs two stages one step at a time.
     #[arg(long, default_value_t = 0)]
     pub streams: usize,
+    /// Compare one worker with a tensor-parallel group of this many workers instead (0: off),
+    /// at equal total threads.
+    #[arg(long, default_value_t = 0)]
+    pub tp: u32,
 }
 
 /// One configuration's best figures.
@@ -74,6 +82,9 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     let location = super::model::resolve_or_pull(&args.model)?;
     if args.streams > 0 {
         return throughput(&args);
+    }
+    if args.tp > 1 {
+        return super::bench_tp::run(&args, &location);
     }
     let embedded = {
         let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;
@@ -163,7 +174,7 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
 }
 
 /// A local cluster of one coordinator (with `coordinator_args`) and `workers` workers.
-async fn start_cluster(
+pub(super) async fn start_cluster(
     args: &BenchClusterArgs,
     workers: u32,
     threads: u32,
@@ -185,7 +196,7 @@ async fn start_cluster(
 }
 
 /// A greedy request for exactly `args.decode` tokens of the benchmark's prompt.
-fn request(args: &BenchClusterArgs) -> pb::GenerateRequest {
+pub(super) fn request(args: &BenchClusterArgs) -> pb::GenerateRequest {
     pb::GenerateRequest {
         prompt: Some(pb::generate_request::Prompt::Text(prompt(args))),
         sampling: Some(pb::SamplingParams {

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_cluster;
+mod bench_tp;
 pub mod bench_failover;
 pub mod client;
 pub mod cluster;
