@@ -140,14 +140,25 @@ async fn measure(
         let mut client = connect(&cluster.endpoint, Duration::from_secs(10)).await?;
         wait_ready(&mut client, Duration::from_secs(120)).await?;
         // Warm-up, then the counters' starting point.
-        stream_generate(&mut client, request(args), &mut std::io::sink(), &mut |_| {}).await?;
+        stream_generate(
+            &mut client,
+            request(args),
+            &mut std::io::sink(),
+            &mut |_| {},
+        )
+        .await?;
         let before = tp_totals(&settled_status(&mut client).await?);
         let mut best = 0.0f64;
         for _ in 0..args.runs.max(1) {
             let mut first = None;
-            let done = stream_generate(&mut client, request(args), &mut std::io::sink(), &mut |_| {
-                first.get_or_insert_with(Instant::now);
-            })
+            let done = stream_generate(
+                &mut client,
+                request(args),
+                &mut std::io::sink(),
+                &mut |_| {
+                    first.get_or_insert_with(Instant::now);
+                },
+            )
             .await?;
             let end = Instant::now();
             let first = first.context("no tokens")?;

@@ -2,8 +2,8 @@
 
 pub mod bench;
 pub mod bench_cluster;
-mod bench_tp;
 pub mod bench_failover;
+mod bench_tp;
 pub mod client;
 pub mod cluster;
 pub mod generate;
