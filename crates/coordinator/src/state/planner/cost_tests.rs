@@ -1,28 +1,8 @@
 //! Unit tests of the cost model: its calibration, its formula on a hand-checked case, and
 //! that its predictions move the right way with threads and latency.
 
-use tessera_format::{Arch, ModelConfig, QType, RopeLayout};
-
+use super::mesh_tests::smollm2;
 use super::*;
-
-fn smollm2() -> ModelFootprint {
-    let cfg = ModelConfig {
-        arch: Arch::Llama,
-        n_layers: 30,
-        hidden: 576,
-        intermediate: 1536,
-        n_heads: 9,
-        n_kv_heads: 3,
-        head_dim: 64,
-        vocab_size: 49152,
-        context_len: 8192,
-        rope_theta: 100_000.0,
-        rope_layout: RopeLayout::Interleaved,
-        rms_eps: 1e-5,
-        qkv_bias: false,
-    };
-    ModelFootprint::from_shape(&cfg, QType::Q4_1, QType::Q8_0, true).expect("smollm2 shape")
-}
 
 fn workers(threads: &[u32], rtt_us: u32) -> Vec<WorkerCapacity> {
     threads

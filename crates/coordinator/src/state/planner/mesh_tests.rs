@@ -7,8 +7,9 @@ use tessera_format::{Arch, ModelConfig, QType, RopeLayout};
 use super::split::apportion;
 use super::*;
 
-/// SmolLM2-135M's shape: 30 layers, 9 query / 3 KV heads of 64, MLP 1536, vocab 49152.
-fn smollm2() -> ModelFootprint {
+/// SmolLM2-135M's shape: 30 layers, 9 query / 3 KV heads of 64, MLP 1536, vocab 49152 (the
+/// cost model's tests use it too).
+pub(super) fn smollm2() -> ModelFootprint {
     let cfg = ModelConfig {
         arch: Arch::Llama,
         n_layers: 30,
