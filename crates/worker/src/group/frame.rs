@@ -1,11 +1,13 @@
 //! Frames of the tensor-parallel group protocol, on a plain byte stream.
 //!
 //! A frame is `len: u32 LE` (the bytes after it), `kind: u8`, then the kind's fields, all
-//! little-endian; f32 payloads are bit-exact (the reduction's determinism depends on it). A
-//! length above [`MAX_FRAME_BYTES`] or a frame whose fields do not fill it exactly is refused
+//! little-endian. f32 payloads use the encoding of hidden states between stages
+//! (`crate::hidden`), bit-exact: the reduction's determinism depends on it. A length above [`MAX_FRAME_BYTES`] or a frame whose fields do not fill it exactly is refused
 //! before anything is allocated for it, so a peer cannot make this process allocate at will.
 
 use std::io::{self, Read, Write};
+
+use crate::hidden;
 
 /// Largest frame accepted (the partial sums of a large prefill batch, or its step request).
 pub(crate) const MAX_FRAME_BYTES: usize = 1 << 30;
@@ -92,13 +94,6 @@ fn header(out: &mut Vec<u8>, kind: u8, body: usize) {
     out.push(kind);
 }
 
-fn put_f32s(out: &mut Vec<u8>, values: &[f32]) {
-    out.reserve(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-}
-
 /// Encodes a [`Frame::Partial`] from a borrowed slice into `out` (cleared first).
 pub(crate) fn encode_partial(out: &mut Vec<u8>, tag: u64, layer: u32, point: u8, data: &[f32]) {
     out.clear();
@@ -106,7 +101,7 @@ pub(crate) fn encode_partial(out: &mut Vec<u8>, tag: u64, layer: u32, point: u8,
     out.extend_from_slice(&tag.to_le_bytes());
     out.extend_from_slice(&layer.to_le_bytes());
     out.push(point);
-    put_f32s(out, data);
+    hidden::encode_into(data, out);
 }
 
 /// Encodes a [`Frame::Logits`] from a borrowed slice into `out` (cleared first).
@@ -115,7 +110,7 @@ pub(crate) fn encode_logits(out: &mut Vec<u8>, tag: u64, rows: u32, data: &[f32]
     header(out, LOGITS, 8 + 4 + data.len() * 4);
     out.extend_from_slice(&tag.to_le_bytes());
     out.extend_from_slice(&rows.to_le_bytes());
-    put_f32s(out, data);
+    hidden::encode_into(data, out);
 }
 
 impl Frame {
