@@ -236,6 +236,9 @@ impl Executor {
                 if let Err(e) = self.after_group_step(out, computes) {
                     tracing::warn!(step_id, error = %e, "tensor-parallel step failed");
                 }
+                if let Some(g) = self.loaded.as_ref().and_then(|l| l.group.as_ref()) {
+                    g.end_step();
+                }
                 self.publish();
             }
             Control::Close { stream } => self.close_stream(peer_stream(stream)),

@@ -185,6 +185,26 @@ impl Frame {
         Self::decode(&body)
     }
 
+    /// Parses the whole frame at the start of `buf`, if it has all arrived: the frame and the
+    /// number of bytes it took, or `None` while `buf` holds only part of one.
+    ///
+    /// # Errors
+    /// `InvalidData` as for [`Frame::read_from`] (a bad length is refused as soon as the
+    /// header is in, before the body arrives).
+    pub(crate) fn parse(buf: &[u8]) -> io::Result<Option<(Self, usize)>> {
+        let Some(head) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len == 0 || len > MAX_FRAME_BYTES {
+            return Err(invalid(format!("frame of {len} bytes")));
+        }
+        let Some(body) = buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        Ok(Some((Self::decode(body)?, 4 + len)))
+    }
+
     /// Decodes a frame body (kind byte first).
     fn decode(body: &[u8]) -> io::Result<Self> {
         let mut c = Cursor { b: &body[1..] };
@@ -366,6 +386,26 @@ mod tests {
         out.pop();
         let err = Frame::read_from(&mut out.as_slice()).expect_err("cut");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// Ensures that parsing a buffer finds nothing in a partial frame, the frame and its
+    /// length once whole, and refuses a bad length from the header alone.
+    #[test]
+    fn parse_waits_for_whole_frames() {
+        let mut out = Vec::new();
+        Frame::Close { stream: 5 }.encode_into(&mut out);
+        let n = out.len();
+        out.extend_from_slice(&[9, 9]);
+        for cut in 0..n {
+            assert!(
+                Frame::parse(&out[..cut]).expect("partial").is_none(),
+                "{cut}"
+            );
+        }
+        let (f, used) = Frame::parse(&out).expect("whole").expect("a frame");
+        assert_eq!((f, used), (Frame::Close { stream: 5 }, n));
+        let huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
+        assert!(Frame::parse(&huge).is_err());
     }
 
     proptest! {

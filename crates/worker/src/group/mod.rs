@@ -27,6 +27,7 @@
 //! Security: the peer port speaks this protocol in the clear, like the cluster port today;
 //! mutual TLS for both is the security issue's work.
 
+mod exchange;
 mod frame;
 mod link;
 mod listener;
@@ -39,6 +40,7 @@ use tessera_model::stage::{Reduce, ReducePoint};
 use tessera_proto::cluster::v1 as pb;
 
 use crate::error::WorkerError;
+use exchange::Wire;
 use frame::{Frame, encode_logits, encode_partial};
 pub(crate) use link::{Control, ControlSink, Link};
 pub(crate) use listener::{PeerListener, probe_rtt};
@@ -51,6 +53,9 @@ pub(crate) const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long forming a group may take (the other ranks receive their `LoadShard` at about the
 /// same time, and dial before loading any weights).
 pub(crate) const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long telling a peer of an abort or a closed stream may wait for the peer to take it
+/// (best effort: a peer that does not is failing on its own).
+const NOTICE_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The wire code of a reduction point.
 pub(crate) fn point_code(p: ReducePoint) -> u8 {
@@ -69,6 +74,8 @@ pub(crate) struct Group {
     ranks: usize,
     /// One link per other rank, in rank order.
     links: Vec<Link>,
+    /// The links' poller and exchange state.
+    wire: Wire,
     /// The current step's number (rank 0 counts; the others take it from the step frame).
     tag: u64,
     timeout: Duration,
@@ -136,11 +143,15 @@ impl Group {
                 })?;
             links.push(Link::start(k, addr.clone(), s, None).map_err(|e| io(k, e))?);
         }
+        let wire = Wire::new(&mut links).map_err(|e| {
+            WorkerError::Unavailable(format!("tensor-parallel group: cannot poll its links: {e}"))
+        })?;
         Ok(Self {
             epoch,
             rank,
             ranks,
             links,
+            wire,
             tag: 0,
             timeout: PEER_TIMEOUT,
             out: Vec::new(),
@@ -183,16 +194,38 @@ impl Group {
             request: prost::Message::encode_to_vec(req),
         };
         frame.encode_into(&mut self.out);
-        for l in &mut self.links {
-            l.send(&self.out).map_err(WorkerError::Unavailable)?;
-        }
-        Ok(())
+        let (tag, timeout) = (self.tag, self.timeout);
+        self.wire
+            .exchange(&self.links, &self.out, |_| true, |_| false, tag, timeout)
+            .map_err(WorkerError::Unavailable)
     }
 
     /// Another rank: starts step `tag`, as rank 0 numbered it.
     pub(crate) fn begin_step(&mut self, tag: u64) {
         self.tag = tag;
         self.failure = None;
+    }
+
+    /// Another rank: the step it began is over (done or failed, its abort sent); the link to
+    /// rank 0 goes back to waiting for the next step.
+    pub(crate) fn end_step(&self) {
+        for l in &self.links {
+            l.end_step();
+        }
+    }
+
+    /// Sends the frame in `self.out` to every peer, one at a time, best effort.
+    fn notify_all(&mut self) {
+        for i in 0..self.links.len() {
+            let _ = self.wire.exchange(
+                &self.links,
+                &self.out,
+                |j| j == i,
+                |_| false,
+                self.tag,
+                NOTICE_TIMEOUT,
+            );
+        }
     }
 
     /// Tells every peer this rank failed the current step (best effort: a peer that is gone
@@ -203,17 +236,13 @@ impl Group {
             message: message.to_owned(),
         }
         .encode_into(&mut self.out);
-        for l in &mut self.links {
-            let _ = l.send(&self.out);
-        }
+        self.notify_all();
     }
 
     /// Rank 0: its inbound stream `stream` ended (best effort, as [`Group::abort`]).
     pub(crate) fn close_stream(&mut self, stream: u64) {
         Frame::Close { stream }.encode_into(&mut self.out);
-        for l in &mut self.links {
-            let _ = l.send(&self.out);
-        }
+        self.notify_all();
     }
 
     /// Time spent in collectives since the last call (what tensor parallelism costs a step
@@ -270,17 +299,17 @@ impl Group {
     ) -> tessera_model::Result<()> {
         let code = point_code(point);
         encode_partial(&mut self.out, self.tag, layer as u32, code, x);
-        for i in 0..self.links.len() {
-            if let Err(e) = self.links[i].send(&self.out) {
-                return Err(self.fail(e));
-            }
+        let (tag, timeout) = (self.tag, self.timeout);
+        if let Err(e) = self
+            .wire
+            .exchange(&self.links, &self.out, |_| true, |_| true, tag, timeout)
+        {
+            return Err(self.fail(e));
         }
         for i in 0..self.links.len() {
-            let (tag, timeout) = (self.tag, self.timeout);
-            let got = self.links[i].recv(tag, timeout);
             let r = self.links[i].rank;
-            match got {
-                Ok(Frame::Partial {
+            match self.wire.got[i].take() {
+                Some(Frame::Partial {
                     tag: t,
                     layer: l,
                     point: p,
@@ -288,17 +317,15 @@ impl Group {
                 }) if t == tag && l as usize == layer && p == code && data.len() == x.len() => {
                     self.parts[r] = data;
                 }
-                Ok(other) => {
-                    let msg = format!(
-                        "tensor-parallel rank {r} ({}): expected partial sums of step {tag}, \
-                         layer {layer}, {point:?} ({} values); got {}",
-                        self.links[i].addr,
+                other => {
+                    let msg = self.links[i].named(&format!(
+                        "expected partial sums of step {tag}, layer {layer}, {point:?} ({} \
+                         values); got {}",
                         x.len(),
-                        describe(&other)
-                    );
+                        describe(other.as_ref())
+                    ));
                     return Err(self.fail(msg));
                 }
-                Err(e) => return Err(self.fail(e)),
             }
         }
         // The group's sum, in rank order, identical on every rank.
@@ -325,34 +352,39 @@ impl Group {
         m: usize,
         out: &mut Vec<f32>,
     ) -> tessera_model::Result<bool> {
+        let (tag, timeout) = (self.tag, self.timeout);
         if self.rank != 0 {
-            encode_logits(&mut self.out, self.tag, m as u32, local);
+            encode_logits(&mut self.out, tag, m as u32, local);
             // Rank 0 is the first link of every other rank (links are in rank order).
-            if let Err(e) = self.links[0].send(&self.out) {
+            if let Err(e) =
+                self.wire
+                    .exchange(&self.links, &self.out, |i| i == 0, |_| false, tag, timeout)
+            {
                 return Err(self.fail(e));
             }
             return Ok(false);
         }
-        let tag = self.tag;
+        if let Err(e) = self
+            .wire
+            .exchange(&self.links, &[], |_| false, |_| true, tag, timeout)
+        {
+            return Err(self.fail(e));
+        }
         for i in 0..self.links.len() {
-            let got = self.links[i].recv(tag, self.timeout);
             let r = self.links[i].rank;
-            match got {
-                Ok(Frame::Logits { tag: t, rows, data })
+            match self.wire.got[i].take() {
+                Some(Frame::Logits { tag: t, rows, data })
                     if t == tag && rows as usize == m && (m == 0 || data.len() % m == 0) =>
                 {
                     self.parts[r] = data;
                 }
-                Ok(other) => {
-                    let msg = format!(
-                        "tensor-parallel rank {r} ({}): expected logits of step {tag} for {m} \
-                         rows; got {}",
-                        self.links[i].addr,
-                        describe(&other)
-                    );
+                other => {
+                    let msg = self.links[i].named(&format!(
+                        "expected logits of step {tag} for {m} rows; got {}",
+                        describe(other.as_ref())
+                    ));
                     return Err(self.fail(msg));
                 }
-                Err(e) => return Err(self.fail(e)),
             }
         }
         out.clear();
@@ -371,7 +403,10 @@ impl Group {
     }
 }
 
-fn describe(f: &Frame) -> String {
+fn describe(f: Option<&Frame>) -> String {
+    let Some(f) = f else {
+        return "nothing".into();
+    };
     match f {
         Frame::Partial {
             tag,

@@ -90,6 +90,73 @@ fn reduce_sums_in_rank_order_on_every_rank() {
     }
 }
 
+/// Ensures that ranks exchanging partial sums far larger than socket buffers (a long prefill)
+/// all finish — each keeps reading while its writes wait — with the rank-order sum.
+#[test]
+fn large_partials_do_not_deadlock() {
+    let (groups, _rx, _ls) = form_all(8, 3);
+    let n = 3 << 20; // 12 MiB of f32 per rank
+    let out = on_all(groups, move |g| {
+        g.begin_step(1);
+        let mut x = vec![(g.rank() + 1) as f32; n];
+        g.reduce(ReducePoint::MlpDown, 0, &mut x).expect("reduces");
+        // A second, small exchange right behind it on the same links.
+        let mut y = vec![g.rank() as f32; 3];
+        g.reduce(ReducePoint::AttnOut, 1, &mut y).expect("reduces");
+        (x.iter().all(|&v| v == 6.0), y)
+    });
+    for (g, (all_six, y)) in &out {
+        assert!(*all_six, "rank {}", g.rank());
+        assert_eq!(y, &vec![3.0; 3], "rank {}", g.rank());
+    }
+}
+
+/// Ensures that a step frame rank 0 sends while another rank is still inside its previous
+/// step waits in the link and reaches the executor once that step ends, in order with the
+/// stream's close.
+#[test]
+fn next_step_waits_for_the_current_one() {
+    let (mut groups, rx, _ls) = form_all(9, 2);
+    let req = |id| pb::StepRequest {
+        plan_epoch: 9,
+        step_id: id,
+        ..Default::default()
+    };
+    groups[0].broadcast_step(1, &req(1)).expect("sent");
+    let Control::Step { tag, .. } = rx[1].recv_timeout(Duration::from_secs(5)).expect("step")
+    else {
+        panic!("a step first");
+    };
+    groups[1].begin_step(tag);
+    // Rank 0 finishes step 1 first and sends step 2 and a close behind its last partial.
+    let mut r0 = groups.remove(0);
+    let mut r1 = groups.remove(0);
+    let h = std::thread::spawn(move || {
+        let mut x = vec![1.0f32; 4];
+        r0.reduce(ReducePoint::AttnOut, 0, &mut x).expect("reduces");
+        r0.broadcast_step(1, &req(2)).expect("sent");
+        r0.close_stream(1);
+        r0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut x = vec![2.0f32; 4];
+    r1.reduce(ReducePoint::AttnOut, 0, &mut x).expect("reduces");
+    assert_eq!(x, vec![3.0; 4]);
+    let _r0 = h.join().expect("rank 0");
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(rx[1].try_recv().is_err(), "nothing before the step ends");
+    r1.end_step();
+    match rx[1].recv_timeout(Duration::from_secs(5)).expect("step 2") {
+        Control::Step { tag, request, .. } => assert_eq!((tag, request.step_id), (2, 2)),
+        other => panic!("{other:?}"),
+    }
+    r1.end_step();
+    assert!(matches!(
+        rx[1].recv_timeout(Duration::from_secs(5)).expect("close"),
+        Control::Close { stream: 1 }
+    ));
+}
+
 /// Ensures that rank 0 receives every rank's vocabulary slice assembled row by row in rank
 /// order, and the other ranks report that they did not sample.
 #[test]
@@ -121,7 +188,7 @@ fn logits_gather_on_rank_zero() {
 }
 
 /// Ensures that rank 0's step reaches the other ranks' executors with its step number and
-/// stream, decoded, and that closing the stream is delivered too.
+/// stream, decoded, and that closing the stream is delivered too, once the step has ended.
 #[test]
 fn steps_reach_the_other_ranks() {
     let (mut groups, rx, _ls) = form_all(3, 2);
@@ -142,6 +209,9 @@ fn steps_reach_the_other_ranks() {
         }
         other => panic!("{other:?}"),
     }
+    // The link is rank 1's executor's until its step ends; then the reader delivers the rest.
+    assert!(rx[1].recv_timeout(Duration::from_millis(200)).is_err());
+    groups[1].end_step();
     assert!(matches!(
         rx[1].recv_timeout(Duration::from_secs(5)).expect("close"),
         Control::Close { stream: 9 }

@@ -1,0 +1,140 @@
+//! Driving all of a group's links at once for one collective: sending a frame to some peers
+//! and taking one frame from some peers, on the executor thread, without blocking on any one
+//! of them.
+//!
+//! The loop writes what each socket takes and reads what each holds; while nothing moves it
+//! first spins (a peer running the same layers is usually microseconds behind, and waking a
+//! sleeping thread costs tens of microseconds on a virtual machine), then yields the CPU (a
+//! peer on the same core gets to run), then sleeps in the poller until a socket is ready or
+//! the timeout passes. Every socket is read and written until it would block before the
+//! poller waits, which the poller's edge-triggered readiness requires.
+
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token};
+
+use super::frame::Frame;
+use super::link::Link;
+
+/// How long an idle exchange busy-waits before yielding the CPU.
+const SPIN: Duration = Duration::from_micros(50);
+/// How long an idle exchange keeps polling its sockets (yielding between looks) before it
+/// sleeps in the poller.
+const WATCH: Duration = Duration::from_micros(300);
+
+/// A group's poller and the state of one exchange.
+#[derive(Debug)]
+pub(crate) struct Wire {
+    poll: Poll,
+    events: Events,
+    /// Bytes of the outgoing frame written, per link.
+    sent: Vec<usize>,
+    /// The frame taken from each link in the last exchange.
+    pub got: Vec<Option<Frame>>,
+}
+
+impl Wire {
+    /// A poller watching every link (token = the link's index).
+    ///
+    /// # Errors
+    /// When the poller cannot be made or a socket registered.
+    pub(crate) fn new(links: &mut [Link]) -> std::io::Result<Self> {
+        let poll = Poll::new()?;
+        for (i, l) in links.iter_mut().enumerate() {
+            l.register(poll.registry(), Token(i))?;
+        }
+        Ok(Self {
+            poll,
+            events: Events::with_capacity(8),
+            sent: Vec::new(),
+            got: Vec::new(),
+        })
+    }
+
+    /// Sends `bytes` to every link `to` selects and takes one data frame of step `tag` from
+    /// every link `from` selects (into [`Wire::got`], by link index), within `timeout`.
+    ///
+    /// # Errors
+    /// The first link's failure (see [`Link::take_data`]), or a sentence naming the first
+    /// peer still owed a frame (or still not taking one) when the timeout passes.
+    pub(crate) fn exchange(
+        &mut self,
+        links: &[Link],
+        bytes: &[u8],
+        to: impl Fn(usize) -> bool,
+        from: impl Fn(usize) -> bool,
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let n = links.len();
+        self.sent.clear();
+        self.sent
+            .extend((0..n).map(|i| if to(i) { 0 } else { bytes.len() }));
+        self.got.clear();
+        self.got.resize_with(n, || None);
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut idle_since = started;
+        loop {
+            let mut moved = false;
+            let mut done = true;
+            for (i, l) in links.iter().enumerate() {
+                if self.sent[i] < bytes.len() {
+                    moved |= l.write_some(bytes, &mut self.sent[i])?;
+                    done &= self.sent[i] == bytes.len();
+                }
+            }
+            for (i, l) in links.iter().enumerate() {
+                if from(i) && self.got[i].is_none() {
+                    let (read, frame) = l.take_data(tag)?;
+                    moved |= read || frame.is_some();
+                    done &= frame.is_some();
+                    self.got[i] = frame;
+                }
+            }
+            if done {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if moved {
+                idle_since = now;
+                continue;
+            }
+            if now >= deadline {
+                return Err(self.late(links, &from, bytes.len(), timeout));
+            }
+            let idle = now - idle_since;
+            if idle < SPIN {
+                std::hint::spin_loop();
+            } else if idle < WATCH {
+                std::thread::yield_now();
+            } else {
+                self.poll
+                    .poll(&mut self.events, Some(deadline - now))
+                    .map_err(|e| format!("tensor-parallel group: waiting for peers: {e}"))?;
+            }
+        }
+    }
+
+    /// The timeout's message, naming the first peer that held the exchange up.
+    fn late(
+        &self,
+        links: &[Link],
+        from: &impl Fn(usize) -> bool,
+        total: usize,
+        timeout: Duration,
+    ) -> String {
+        let ms = timeout.as_millis();
+        for (i, l) in links.iter().enumerate() {
+            if from(i) && self.got[i].is_none() {
+                return l.named(&format!("sent nothing for {ms} ms (stopped or overloaded)"));
+            }
+        }
+        for (i, l) in links.iter().enumerate() {
+            if self.sent[i] < total {
+                return l.named(&format!("took nothing for {ms} ms (stopped or overloaded)"));
+            }
+        }
+        format!("tensor-parallel group: peers took no data for {ms} ms (stopped or overloaded)")
+    }
+}
