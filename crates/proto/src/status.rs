@@ -5,8 +5,30 @@
 //! caller it means the same as a server that could not be reached at all — retry elsewhere —
 //! so tessera's clients (the CLI, and followers relaying a leader's stream) turn it into
 //! `UNAVAILABLE`, the code the API promises for a lost node.
+//!
+//! Also: how a worker that could not reach a tensor-parallel peer says which peer
+//! ([`unreachable_peer`]), so the coordinator drops that peer and not the worker that answered.
 
 use tonic::{Code, Status};
+
+/// Status metadata key naming the peer (its peer-port address) a worker could not reach while
+/// forming its tensor-parallel group.
+pub const UNREACHABLE_PEER_KEY: &str = "tessera-unreachable-peer";
+
+/// `UNAVAILABLE` with `message`, naming `peer` as the unreachable one in the metadata.
+pub fn peer_unreachable(peer: &str, message: String) -> Status {
+    let mut s = Status::unavailable(message);
+    // An address that is not valid metadata (never, for host:port) is only left unnamed.
+    if let Ok(v) = peer.parse() {
+        s.metadata_mut().insert(UNREACHABLE_PEER_KEY, v);
+    }
+    s
+}
+
+/// The peer a worker's status says it could not reach, if it says one.
+pub fn unreachable_peer(status: &Status) -> Option<&str> {
+    status.metadata().get(UNREACHABLE_PEER_KEY)?.to_str().ok()
+}
 
 /// `status`, with a connection torn mid-stream reported as `UNAVAILABLE` naming `peer`.
 ///
@@ -23,6 +45,16 @@ pub fn lost_peer(status: Status, peer: &str) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ensures that the unreachable peer survives into the status and is read back, and that
+    /// a status without one names none.
+    #[test]
+    fn unreachable_peer_round_trips() {
+        let s = peer_unreachable("127.0.0.1:4100", "rank 1 did not connect".into());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(unreachable_peer(&s), Some("127.0.0.1:4100"));
+        assert_eq!(unreachable_peer(&Status::unavailable("x")), None);
+    }
 
     /// Ensures that only UNKNOWN (the torn-connection code) becomes UNAVAILABLE, and that a
     /// server's own codes pass through untouched.

@@ -27,6 +27,17 @@ pub enum WorkerError {
     /// The next stage cannot be reached, broke its stream, or this worker is shutting down.
     #[error("{0}")]
     Unavailable(String),
+    /// A rank of this worker's tensor-parallel group could not be reached, or did not dial
+    /// in, while the group formed: UNAVAILABLE naming `peer` in the status metadata
+    /// ([`tessera_proto::status::unreachable_peer`]), so the coordinator drops that peer and
+    /// not this worker.
+    #[error("{message}")]
+    PeerUnreachable {
+        /// The peer's peer-port address.
+        peer: String,
+        /// What happened, naming the rank.
+        message: String,
+    },
     /// The model failed in a way not caused by the request (unreadable file, bad tensor).
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -67,7 +78,7 @@ impl WorkerError {
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::ModelNotFound(_) => Code::NotFound,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Unavailable(_) => Code::Unavailable,
+            Self::Unavailable(_) | Self::PeerUnreachable { .. } => Code::Unavailable,
             Self::Model(e) => tessera_proto::wire::code(e.kind()),
             Self::Bind { .. }
             | Self::Transport(_)
@@ -79,6 +90,9 @@ impl WorkerError {
 
 impl From<WorkerError> for Status {
     fn from(e: WorkerError) -> Self {
+        if let WorkerError::PeerUnreachable { peer, message } = e {
+            return tessera_proto::status::peer_unreachable(&peer, message);
+        }
         let message = match &e {
             // The engine names its own fields (`tokens`, `layers`); keep them first.
             WorkerError::Model(ModelError::InvalidArgument { field, reason }) => {
@@ -160,6 +174,14 @@ mod tests {
                 WorkerError::Unavailable("next stage gone".into()),
                 Code::Unavailable,
                 "next stage",
+            ),
+            (
+                WorkerError::PeerUnreachable {
+                    peer: "127.0.0.1:4100".into(),
+                    message: "tensor-parallel rank 1 (127.0.0.1:4100): refused".into(),
+                },
+                Code::Unavailable,
+                "tensor-parallel rank 1",
             ),
             (
                 WorkerError::PrefixOutOfSync("block 00000000000000ff missing".into()),

@@ -5,7 +5,9 @@
 //! when the cluster is not ready (first plan, a plan worker dropped, a broken pipeline), and
 //! when a worker joined and the planner would now use it, only while no request is running or
 //! waiting, so adopting it interrupts nothing. A worker whose load fails is dropped (it
-//! registers again if it is alive) and planning starts over.
+//! registers again if it is alive) and planning starts over — except a worker that only
+//! reports that a tensor-parallel peer could not be reached: that peer is dropped instead
+//! ([`to_drop`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +16,9 @@ use tessera_proto::cluster::v1 as pb;
 use tokio::task::JoinSet;
 
 use crate::error::CoordinatorError;
-use crate::state::Command;
 use crate::state::cluster::Cluster;
 use crate::state::planner::{self, Plan, PlanPolicy, PlanStage};
+use crate::state::{ClusterState, Command};
 
 /// How long a shard may take to load before the worker is given up on.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
@@ -125,8 +127,11 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
         tracing::info!(epoch, "plan ready");
         return Ok(());
     }
-    for (worker, e) in failures {
-        tracing::warn!(worker = %worker, error = %e, "shard load failed; dropping the worker");
+    for (worker, e) in &failures {
+        tracing::warn!(worker = %worker, error = %e, "shard load failed");
+    }
+    for worker in to_drop(&failures, &st) {
+        tracing::warn!(worker = %worker, "dropping the worker after a failed load");
         if cluster
             .commit(Command::RemoveWorker { id: worker.clone() })
             .await
@@ -137,6 +142,37 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     }
     cluster.replan.request();
     Ok(())
+}
+
+/// The workers to drop after the loads that failed: each that failed on its own account, and
+/// each peer another worker names as unreachable (its group could not form) — a worker that
+/// answered that way is alive and stays. When that blames nobody (the named peers are not
+/// workers of the state), every failed worker is dropped, so planning never loops on the
+/// same failing group.
+fn to_drop(failures: &[(String, CoordinatorError)], st: &ClusterState) -> Vec<String> {
+    let peer_of = |e: &CoordinatorError| match e {
+        CoordinatorError::Worker { status, .. } => {
+            tessera_proto::status::unreachable_peer(status).map(str::to_owned)
+        }
+        _ => None,
+    };
+    let mut drop: Vec<String> = Vec::new();
+    for (worker, e) in failures {
+        let blamed = match peer_of(e) {
+            Some(peer) => st
+                .workers()
+                .find(|w| !w.peer_address.is_empty() && w.peer_address == peer)
+                .map(|w| w.id.clone()),
+            None => Some(worker.clone()),
+        };
+        if let Some(id) = blamed.filter(|id| !drop.contains(id)) {
+            drop.push(id);
+        }
+    }
+    if drop.is_empty() {
+        drop = failures.iter().map(|(w, _)| w.clone()).collect();
+    }
+    drop
 }
 
 /// Loads every stage's shard concurrently; returns the workers that failed.
@@ -256,5 +292,80 @@ pub fn assignment(s: &PlanStage) -> tessera_proto::v1::ShardAssignment {
         ffn_end: s.ffn.end,
         vocab_start: s.vocab.start,
         vocab_end: s.vocab.end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ClusterState {
+        let mut st = ClusterState::new("m");
+        for i in 0..3 {
+            st.apply(Command::RegisterWorker {
+                id: format!("w{i}"),
+                address: format!("127.0.0.1:{}", 5000 + i),
+                name: format!("w{i}"),
+                memory_bytes: 0,
+                threads: 1,
+                devices: Vec::new(),
+                peer_address: format!("127.0.0.1:{}", 6000 + i),
+            })
+            .expect("registers");
+        }
+        st
+    }
+
+    fn failed(worker: &str, status: tonic::Status) -> (String, CoordinatorError) {
+        (
+            worker.to_owned(),
+            CoordinatorError::Worker {
+                worker: worker.to_owned(),
+                status,
+            },
+        )
+    }
+
+    /// Ensures that a failed load drops the peer a worker names as unreachable, not the worker
+    /// that said so; that a worker failing on its own account is dropped; and that when the
+    /// named peer is no known worker, every failed worker is, so planning cannot loop.
+    #[test]
+    fn drops_the_unreachable_peer_not_the_messenger() {
+        let st = state();
+        let peer =
+            |addr: &str| tessera_proto::status::peer_unreachable(addr, "did not connect".into());
+        let cases: Vec<(Vec<(String, CoordinatorError)>, Vec<&str>)> = vec![
+            // w0 could not reach w1's peer port; w1 itself failed to answer.
+            (
+                vec![
+                    failed("w0", peer("127.0.0.1:6001")),
+                    failed("w1", tonic::Status::unavailable("transport error")),
+                ],
+                vec!["w1"],
+            ),
+            // w1 never answered at all, only w0 reported it.
+            (vec![failed("w0", peer("127.0.0.1:6001"))], vec!["w1"]),
+            // Two ranks each name the other: both dropped, once each.
+            (
+                vec![
+                    failed("w0", peer("127.0.0.1:6002")),
+                    failed("w2", peer("127.0.0.1:6000")),
+                ],
+                vec!["w2", "w0"],
+            ),
+            // A peer address no worker has: fall back to the failed workers.
+            (vec![failed("w0", peer("127.0.0.1:7777"))], vec!["w0"]),
+            // An ordinary failure.
+            (
+                vec![(
+                    "w2".to_owned(),
+                    CoordinatorError::Unavailable("worker left before loading".into()),
+                )],
+                vec!["w2"],
+            ),
+        ];
+        for (failures, want) in cases {
+            assert_eq!(to_drop(&failures, &st), want, "{failures:?}");
+        }
     }
 }

@@ -97,7 +97,7 @@ impl Group {
     /// (ranks other than 0).
     ///
     /// # Errors
-    /// [`WorkerError::InvalidArgument`] for a bad address list; [`WorkerError::Unavailable`]
+    /// [`WorkerError::InvalidArgument`] for a bad address list; [`WorkerError::PeerUnreachable`]
     /// naming the rank that could not be reached or did not dial in within [`FORM_TIMEOUT`].
     pub(crate) fn form(
         epoch: u64,
@@ -116,8 +116,9 @@ impl Group {
         listener.forget_before(epoch);
         let deadline = Instant::now() + FORM_TIMEOUT;
         let mut links = Vec::with_capacity(ranks - 1);
-        let io = |r: usize, e: std::io::Error| {
-            WorkerError::Unavailable(format!("tensor-parallel rank {r} ({}): {e}", addrs[r]))
+        let io = |r: usize, e: std::io::Error| WorkerError::PeerUnreachable {
+            peer: addrs[r].clone(),
+            message: format!("tensor-parallel rank {r} ({}): {e}", addrs[r]),
         };
         for (j, addr) in addrs.iter().enumerate().take(rank) {
             let mut s = dial(addr, deadline).map_err(|e| io(j, e))?;
@@ -134,12 +135,13 @@ impl Group {
         for (k, addr) in addrs.iter().enumerate().skip(rank + 1) {
             let s = listener
                 .take(epoch, k as u32, rank as u32, deadline)
-                .ok_or_else(|| {
-                    WorkerError::Unavailable(format!(
+                .ok_or_else(|| WorkerError::PeerUnreachable {
+                    peer: addr.clone(),
+                    message: format!(
                         "tensor-parallel rank {k} ({addr}) of epoch {epoch} did not connect \
                          within {} s",
                         FORM_TIMEOUT.as_secs()
-                    ))
+                    ),
                 })?;
             links.push(Link::start(k, addr.clone(), s, None).map_err(|e| io(k, e))?);
         }
