@@ -316,6 +316,9 @@ mod tests {
         st
     }
 
+    /// Failed loads, as `reconcile` collects them.
+    type Failures = Vec<(String, CoordinatorError)>;
+
     fn failed(worker: &str, status: tonic::Status) -> (String, CoordinatorError) {
         (
             worker.to_owned(),
@@ -334,7 +337,7 @@ mod tests {
         let st = state();
         let peer =
             |addr: &str| tessera_proto::status::peer_unreachable(addr, "did not connect".into());
-        let cases: Vec<(Vec<(String, CoordinatorError)>, Vec<&str>)> = vec![
+        let cases: Vec<(Failures, Vec<&str>)> = vec![
             // w0 could not reach w1's peer port; w1 itself failed to answer.
             (
                 vec![
