@@ -95,6 +95,36 @@ impl ModelFootprint {
         4 * u64::from(self.hidden)
     }
 
+    /// The output head's share of a batched decode step's arithmetic, in the layers' bytes:
+    /// its parameters times the layers' bytes per parameter, plus its norm. Pipeline stages
+    /// are balanced with it ([`crate::planner`]): past one sequence a step's matrix products
+    /// cost what their multiply-adds say, not what their bytes say, and a head stored wider
+    /// than the layers (SmolLM2: a Q8_0 head, Q4_1 layers) weighs less than its bytes — here,
+    /// one thread, 4 and 8 sequences: 8.6 and 9.0 layers' time against 8.0 by parameters and
+    /// 13.8 by bytes (`cargo test --release -p tessera-kernels --lib quant::bench -- --ignored`).
+    /// The head's bytes when the shape is unknown.
+    pub fn head_work_bytes(&self) -> u64 {
+        if !self.splittable() {
+            return self.head_bytes;
+        }
+        let (h, q, kv, f) = (
+            u128::from(self.hidden),
+            u128::from(self.n_heads * self.head_dim),
+            u128::from(self.n_kv_heads * self.head_dim),
+            u128::from(self.intermediate),
+        );
+        // Q and the attention output, K and V, gate, up and down.
+        let layer_params = 2 * h * q + 2 * h * kv + 3 * h * f;
+        let params = layer_params * self.n_layers() as u128;
+        let bytes: u128 = self.layer_bytes.iter().map(|&b| u128::from(b)).sum();
+        if params == 0 || bytes == 0 {
+            return self.head_bytes;
+        }
+        let head_params = u128::from(self.vocab) * h;
+        let work = u64::try_from(head_params * bytes / params).unwrap_or(u64::MAX);
+        work.saturating_add(self.head_norm_bytes())
+    }
+
     /// Reads the footprint of a model from its weight store (tensor sizes and block formats as
     /// loaded).
     ///

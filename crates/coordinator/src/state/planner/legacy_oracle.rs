@@ -1,5 +1,6 @@
 //! The planner as it was before tensor parallelism, kept verbatim (but for the fields added to
-//! `PlanStage`) as the oracle `Fixed(1)` must equal.
+//! `PlanStage`, and the head timed by [`ModelFootprint::head_work_bytes`] since pipeline
+//! stages are balanced by arithmetic) as the oracle `Fixed(1)` must equal.
 
 use std::cmp::Ordering;
 
@@ -87,8 +88,9 @@ pub(super) fn plan(
     for (l, b) in model.layer_bytes.iter().enumerate() {
         prefix[l + 1] = prefix[l] + b;
     }
-    let compute =
-        |a: usize, b: usize| prefix[b] - prefix[a] + if b == n { model.head_bytes } else { 0 };
+    let compute = |a: usize, b: usize| {
+        prefix[b] - prefix[a] + if b == n { model.head_work_bytes() } else { 0 }
+    };
     // best[p]: covering [0, p) with the workers considered so far.
     let mut best: Vec<Option<Best>> = vec![None; n + 1];
     best[0] = Some(Best {

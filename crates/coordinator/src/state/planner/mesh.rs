@@ -5,7 +5,9 @@
 //! first `k` workers, and so on. Each group's split of heads, MLP columns and vocabulary rows
 //! is fixed by its ranks' threads (`split`); the layer DP (`pipeline`) then gives groups
 //! contiguous layer ranges, checking every rank's memory. `Fixed(1)` is today's planner: one
-//! worker per stage, time = exact `bytes / threads`. `Fixed(k > 1)` forms `W / k` groups of
+//! worker per stage, time = exact `bytes / threads` with the head counted by its parameters
+//! (`Sizer::work`: stages are balanced for batched steps, where several micro-batches keep
+//! every stage busy; one stream's time is the sum of the stages whatever the split). `Fixed(k > 1)` forms `W / k` groups of
 //! `k` (the last `W mod k` workers left out), timed by the cost model's stage time (compute + reductions, `cost`). `Auto` tries every
 //! group size from 1 to the KV-head count, leaving the `W mod k` last workers out, and keeps
 //! the plan with the highest predicted aggregate tok/s, then single-stream tok/s, then the
@@ -60,7 +62,7 @@ pub(super) fn pipeline_only(
         Fraction::ZERO,
         |u, a, b| sizer.memory(&whole, a, b) <= workers[u].memory_bytes,
         |u, a, b| Fraction {
-            bytes: sizer.streamed(&whole, a, b),
+            bytes: sizer.work(&whole, a, b),
             threads: u64::from(workers[u].threads.max(1)),
         },
     );

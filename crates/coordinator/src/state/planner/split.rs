@@ -139,6 +139,23 @@ impl<'a> Sizer<'a> {
         self.layer_part(s, a, b) + head
     }
 
+    /// A rank's share of a batched step's arithmetic over layers `[a, b)`, in bytes: as
+    /// [`Sizer::streamed`] with the head counted by its parameters
+    /// ([`ModelFootprint::head_work_bytes`]). Pipeline stages are balanced with it.
+    pub fn work(&self, s: &Share, a: usize, b: usize) -> u64 {
+        let head = if b == self.m.n_layers() {
+            let norm = self.m.head_norm_bytes().min(self.m.head_work_bytes());
+            scale(
+                self.m.head_work_bytes() - norm,
+                s.vocab.clone(),
+                self.m.vocab,
+            ) + norm
+        } else {
+            0
+        };
+        self.layer_part(s, a, b) + head
+    }
+
     /// Bytes of KV cache a rank with `s` holds for layers `[a, b)` (its KV heads only).
     pub fn kv(&self, s: &Share, a: usize, b: usize) -> u64 {
         scale(self.kv_layer, s.kv_heads.clone(), self.m.n_kv_heads) * (b - a) as u64
