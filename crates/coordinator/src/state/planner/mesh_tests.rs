@@ -75,6 +75,28 @@ fn uneven_split_follows_threads() {
     );
 }
 
+/// Ensures that pipeline stages are balanced by arithmetic: SmolLM2's Q8_0 head counts as its
+/// parameters (8 layers' worth of Q4_1 bytes), not its bytes (13.8 layers), so two equal
+/// workers split 19 / 11 layers; an unknown shape falls back to the head's bytes.
+#[test]
+fn stages_balance_the_head_by_its_parameters() {
+    let m = smollm2();
+    let layer = m.layer_bytes[0] as f64;
+    let by_bytes = m.head_bytes as f64 / layer;
+    let by_work = m.head_work_bytes() as f64 / layer;
+    assert!((13.0..14.5).contains(&by_bytes), "{by_bytes}");
+    assert!((7.8..8.2).contains(&by_work), "{by_work}");
+    let ws = [worker("a", GIB, 1), worker("b", GIB, 1)];
+    let p = plan(&m, &ws, &policy(0, TpPolicy::Fixed(1))).expect("plan");
+    let layers: Vec<_> = p.stages.iter().map(|s| s.layers.clone()).collect();
+    assert_eq!(layers, vec![0..19, 19..30]);
+    let unknown = ModelFootprint {
+        n_kv_heads: 0,
+        ..m.clone()
+    };
+    assert_eq!(unknown.head_work_bytes(), unknown.head_bytes);
+}
+
 /// Ensures that the apportionment is proportional, at least one unit each, and complete.
 #[test]
 fn apportion_is_proportional() {
@@ -452,7 +474,7 @@ proptest! {
 
     /// Ensures that the apportionment hands out every unit, at least one each, more to a
     /// rank with more weight (never fewer), within one unit of its quota but for the
-    /// minimum of one.
+    /// minimum of one (and the units that minimum takes from the others).
     #[test]
     fn apportion_is_sound(units in 1u64..2000, weights in prop::collection::vec(0u64..50, 1..9)) {
         let Some(n) = apportion(units, &weights) else {
@@ -463,13 +485,17 @@ proptest! {
         prop_assert!(n.iter().all(|&c| c >= 1));
         let w: Vec<u64> = weights.iter().map(|&w| w.max(1)).collect();
         let total: u64 = w.iter().sum();
+        let quota = |i: usize| units as f64 * w[i] as f64 / total as f64;
+        // Units the minimum of one hands to ranks whose quota is under one, which the others
+        // give up (4 units over weights 1, 1, 6: quotas 0.5, 0.5, 3 → 1, 1, 2).
+        let lift: f64 = (0..n.len()).map(|j| (1.0 - quota(j)).max(0.0)).sum();
         for i in 0..n.len() {
             for j in 0..n.len() {
                 if w[i] > w[j] { prop_assert!(n[i] >= n[j], "{n:?} for {w:?}"); }
             }
-            let quota = units as f64 * w[i] as f64 / total as f64;
+            let quota = quota(i);
             prop_assert!(n[i] as f64 - quota < 1.0 + n.len() as f64 || n[i] == 1);
-            prop_assert!(quota - (n[i] as f64) < 1.0, "{n:?} for {w:?}");
+            prop_assert!(quota - (n[i] as f64) < 1.0 + lift, "{n:?} for {w:?}");
         }
     }
 }
