@@ -1,5 +1,5 @@
 //! Hand-run micro benchmark of the quantized products (an `#[ignore]`d test):
-//! `cargo test --release -p tessera-model --lib quant::bench -- --ignored --nocapture`.
+//! `cargo test --release -p tessera-kernels --lib quant::bench -- --ignored --nocapture`.
 //!
 //! Prints time, GFLOP/s and weight GB/s per product shape, per thread count and ISA, next to a
 //! measured streaming-read bandwidth (the roofline for matrix-vector products whose weights do
@@ -122,6 +122,31 @@ fn bench() {
             })
             .collect();
         let head = QMatrix::quantize(QType::Q8_0, 49152, 576, &normal(49152 * 576, 4)).expect("w");
+        // Layers against the head at decode batch sizes: past one sequence a product costs
+        // its multiply-adds, not its bytes (the planner balances pipeline stages so).
+        for m in [1usize, 4, 8] {
+            let x = normal(1536 * m, 5);
+            let mut y = vec![0.0; 49152 * m];
+            let mut ybig = vec![0.0; 1536 * m];
+            let mut s = QScratch::new();
+            let layers = time(Duration::from_millis(1500), || {
+                for w in &mats {
+                    let (r, c) = (w.rows(), w.cols());
+                    w.matmul(&x[..c * m], m, &mut ybig[..r * m], &mut s, &pool)
+                        .expect("mm");
+                }
+            });
+            let heads = time(Duration::from_millis(1500), || {
+                head.matmul(&x[..576 * m], m, &mut y, &mut s, &pool)
+                    .expect("mm");
+            });
+            println!(
+                "SmolLM2 m={m}: 30 layers {:8.3} ms, Q8_0 head {:8.3} ms = {:.2} layers",
+                layers * 1e3,
+                heads * 1e3,
+                heads / (layers / 30.0)
+            );
+        }
         for m in [1usize, 512] {
             let x = normal(1536 * m, 5);
             let mut y = vec![0.0; 49152];
