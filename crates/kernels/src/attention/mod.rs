@@ -21,6 +21,7 @@ mod ggml_simd;
 mod ggml_tests;
 mod merge;
 pub mod reference;
+mod ring;
 mod simd;
 #[cfg(test)]
 mod tests;
@@ -28,6 +29,7 @@ mod tests;
 pub use flash::{MAX_HEAD_DIM, flash_attention};
 pub use ggml::ggml_attention;
 pub use merge::merge_into;
+pub use ring::{RingLayout, ring_attention, ring_decode};
 
 /// The only block of a contiguous K/V buffer.
 const SINGLE_BLOCK: &[u32] = &[0];

@@ -1,0 +1,236 @@
+//! Context parallelism's arithmetic: how a sequence's positions are laid out over the ranks of
+//! a ring, and ring attention over that layout — each rank's queries attending to every rank's
+//! keys as the key/value blocks come round the ring, the partial results merged by
+//! log-sum-exp ([`merge_into`]).
+//!
+//! The distributed ring (ranks on different workers, blocks on the wire) runs exactly these
+//! per-block calls in exactly this order; here the ranks are simulated in one process over the
+//! whole sequence's arrays, so the kernel, the causal handling of non-contiguous slices and the
+//! merge are checked against the f64 reference for every ring size and layout before any byte
+//! travels.
+//!
+//! Layouts (DESIGN.md, "Numerics"): the sequence is cut into `2P` (zigzag) or `P`
+//! (contiguous) near-equal chunks. Zigzag rank `r` of `P` holds chunks `r` and `2P − 1 − r`,
+//! which balances the causal mask's work: every rank holds one early and one late chunk.
+//! Positions stay global (RoPE and the mask use them), so chunks of one partition never
+//! overlap partially: a key chunk is the query chunk itself (causal), wholly before it (all
+//! visible) or wholly after it (invisible: the empty part `(0, −inf)`, merged as a no-op).
+
+use std::ops::Range;
+
+use super::merge::merge_into;
+use super::{AttnOut, AttnShape, AttnSpec, KvView, flash_attention};
+use crate::ThreadPool;
+
+/// How a sequence's positions are spread over the ranks of a ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingLayout {
+    /// Rank `r` holds the `r`-th of `P` contiguous chunks (unbalanced under the causal mask:
+    /// the last rank does most of the work).
+    Contiguous,
+    /// Rank `r` holds chunks `r` and `2P − 1 − r` of `2P` (balanced under the causal mask).
+    Zigzag,
+}
+
+impl RingLayout {
+    /// The global position ranges rank `rank` of `ranks` holds, in increasing order; empty
+    /// ranges are left out (a sequence shorter than the chunk count leaves some ranks with
+    /// fewer positions, or none).
+    ///
+    /// # Panics
+    /// When `ranks` is 0 or `rank >= ranks` (a caller bug).
+    pub fn chunks(self, len: usize, ranks: usize, rank: usize) -> Vec<Range<usize>> {
+        assert!(
+            rank < ranks,
+            "RingLayout::chunks: rank {rank} of a ring of {ranks}"
+        );
+        let picked = match self {
+            Self::Contiguous => vec![piece(len, ranks, rank)],
+            Self::Zigzag => vec![
+                piece(len, 2 * ranks, rank),
+                piece(len, 2 * ranks, 2 * ranks - 1 - rank),
+            ],
+        };
+        picked.into_iter().filter(|c| !c.is_empty()).collect()
+    }
+
+    /// The rank holding global position `pos` of a sequence of `len` positions.
+    ///
+    /// # Panics
+    /// When `ranks` is 0 or `pos >= len`.
+    pub fn owner(self, len: usize, ranks: usize, pos: usize) -> usize {
+        assert!(pos < len, "RingLayout::owner: position {pos} of {len}");
+        (0..ranks)
+            .find(|&r| self.chunks(len, ranks, r).iter().any(|c| c.contains(&pos)))
+            .unwrap_or(ranks - 1)
+    }
+}
+
+/// The `i`-th of `n` near-equal contiguous pieces of `0..len` (the first `len % n` one longer).
+fn piece(len: usize, n: usize, i: usize) -> Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+/// Ring attention of a whole sequence over itself (a prefill), causal, on `ranks` simulated
+/// ranks in `layout`: for every rank, its query chunks attend to the key chunks of rank
+/// `r, r − 1, …` (mod `ranks`, the order blocks arrive round the ring), each visible block
+/// pair one [`flash_attention`] call, merged into the rank's rows by log-sum-exp in arrival
+/// order. `q` is `(len, n_heads, head_dim)`, `k`/`v` `(len, n_kv_heads, head_dim)`; `out` and
+/// `lse` as [`flash_attention`]'s, at global positions.
+///
+/// # Panics
+/// On inconsistent lengths or shapes (caller bugs, as [`flash_attention`]), or `ranks == 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn ring_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    shape: AttnShape,
+    scale: f32,
+    layout: RingLayout,
+    ranks: usize,
+    out: AttnOut<'_>,
+    pool: &ThreadPool,
+) {
+    assert!(ranks > 0, "ring_attention: a ring of 0 ranks");
+    let len = shape.seq_q;
+    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
+    assert_eq!(
+        k.len(),
+        len * nkv * d,
+        "ring_attention: k is not (len, n_kv_heads, head_dim)"
+    );
+    assert_eq!(v.len(), k.len(), "ring_attention: v and k differ in length");
+    shape.check(
+        "ring_attention",
+        q,
+        out.out,
+        out.lse,
+        &KvView::contiguous(k, v, len),
+    );
+    let AttnOut { out, lse } = out;
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+    let mut part_o = Vec::new();
+    let mut part_lse = Vec::new();
+    for rank in 0..ranks {
+        let mine = layout.chunks(len, ranks, rank);
+        for step in 0..ranks {
+            let from = (rank + ranks - step) % ranks;
+            for kc in layout.chunks(len, ranks, from) {
+                for qc in &mine {
+                    let rows = qc.len() * nh;
+                    part_o.clear();
+                    part_o.resize(rows * d, 0.0);
+                    part_lse.clear();
+                    part_lse.resize(rows, f32::NEG_INFINITY);
+                    let (o_rows, l_rows) = (
+                        qc.start * nh * d..qc.end * nh * d,
+                        qc.start * nh..qc.end * nh,
+                    );
+                    // Chunks of one partition: the same, wholly before, or wholly after. A block
+                    // wholly after the queries is invisible: its part is the empty (0, -inf),
+                    // merged like any other (it leaves the rows as they were, bit for bit).
+                    if kc.start >= qc.end {
+                        merge_into(&mut out[o_rows], &mut lse[l_rows], &part_o, &part_lse, d);
+                        continue;
+                    }
+                    let causal = kc == *qc;
+                    let kv = KvView::contiguous(
+                        &k[kc.start * nkv * d..kc.end * nkv * d],
+                        &v[kc.start * nkv * d..kc.end * nkv * d],
+                        kc.len(),
+                    );
+                    let spec = AttnSpec {
+                        shape: AttnShape {
+                            seq_q: qc.len(),
+                            ..shape
+                        },
+                        causal,
+                        scale,
+                    };
+                    flash_attention(
+                        &q[qc.start * nh * d..qc.end * nh * d],
+                        kv,
+                        spec,
+                        AttnOut {
+                            out: &mut part_o,
+                            lse: &mut part_lse,
+                        },
+                        pool,
+                    );
+                    merge_into(&mut out[o_rows], &mut lse[l_rows], &part_o, &part_lse, d);
+                }
+            }
+        }
+    }
+}
+
+/// Distributed flash-decoding on `ranks` simulated ranks: the query `q` `(1, n_heads,
+/// head_dim)` of the newest position (which sees every key) attends to each rank's key chunks
+/// of the `len` cached positions, and the partials are merged by log-sum-exp in rank order —
+/// what every rank of a ring computes for one decode step. `out`/`lse` as
+/// [`flash_attention`]'s for one row.
+///
+/// # Panics
+/// On inconsistent lengths or shapes, or `ranks == 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn ring_decode(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    shape: AttnShape,
+    scale: f32,
+    layout: RingLayout,
+    ranks: usize,
+    out: AttnOut<'_>,
+    pool: &ThreadPool,
+) {
+    assert!(ranks > 0, "ring_decode: a ring of 0 ranks");
+    assert_eq!(shape.seq_q, 1, "ring_decode: one query row");
+    let (nkv, d) = (shape.n_kv_heads, shape.head_dim);
+    shape.check(
+        "ring_decode",
+        q,
+        out.out,
+        out.lse,
+        &KvView::contiguous(k, v, len),
+    );
+    let AttnOut { out, lse } = out;
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+    let mut part_o = vec![0.0; out.len()];
+    let mut part_lse = vec![0.0; lse.len()];
+    for rank in 0..ranks {
+        for kc in layout.chunks(len, ranks, rank) {
+            let kv = KvView::contiguous(
+                &k[kc.start * nkv * d..kc.end * nkv * d],
+                &v[kc.start * nkv * d..kc.end * nkv * d],
+                kc.len(),
+            );
+            let spec = AttnSpec {
+                shape,
+                causal: false,
+                scale,
+            };
+            flash_attention(
+                q,
+                kv,
+                spec,
+                AttnOut {
+                    out: &mut part_o,
+                    lse: &mut part_lse,
+                },
+                pool,
+            );
+            merge_into(out, lse, &part_o, &part_lse, d);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "ring_tests.rs"]
+mod tests;
