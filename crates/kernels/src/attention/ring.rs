@@ -113,58 +113,79 @@ pub fn ring_attention(
     let AttnOut { out, lse } = out;
     out.fill(0.0);
     lse.fill(f32::NEG_INFINITY);
-    let mut part_o = Vec::new();
-    let mut part_lse = Vec::new();
+    let mut part = Part::default();
     for rank in 0..ranks {
         let mine = layout.chunks(len, ranks, rank);
         for step in 0..ranks {
             let from = (rank + ranks - step) % ranks;
             for kc in layout.chunks(len, ranks, from) {
                 for qc in &mine {
-                    let rows = qc.len() * nh;
-                    part_o.clear();
-                    part_o.resize(rows * d, 0.0);
-                    part_lse.clear();
-                    part_lse.resize(rows, f32::NEG_INFINITY);
                     let (o_rows, l_rows) = (
                         qc.start * nh * d..qc.end * nh * d,
                         qc.start * nh..qc.end * nh,
                     );
-                    // Chunks of one partition: the same, wholly before, or wholly after. A block
-                    // wholly after the queries is invisible: its part is the empty (0, -inf),
-                    // merged like any other (it leaves the rows as they were, bit for bit).
-                    if kc.start >= qc.end {
-                        merge_into(&mut out[o_rows], &mut lse[l_rows], &part_o, &part_lse, d);
-                        continue;
-                    }
-                    let causal = kc == *qc;
-                    let kv = KvView::contiguous(
-                        &k[kc.start * nkv * d..kc.end * nkv * d],
-                        &v[kc.start * nkv * d..kc.end * nkv * d],
-                        kc.len(),
-                    );
+                    // Chunks of one partition: the same (causal), wholly before (all visible),
+                    // or wholly after: invisible, its part the empty (0, -inf), merged like any
+                    // other (it leaves the rows as they were, bit for bit).
                     let spec = AttnSpec {
                         shape: AttnShape {
                             seq_q: qc.len(),
                             ..shape
                         },
-                        causal,
+                        causal: kc == *qc,
                         scale,
                     };
-                    flash_attention(
-                        &q[qc.start * nh * d..qc.end * nh * d],
-                        kv,
-                        spec,
-                        AttnOut {
-                            out: &mut part_o,
-                            lse: &mut part_lse,
-                        },
-                        pool,
-                    );
-                    merge_into(&mut out[o_rows], &mut lse[l_rows], &part_o, &part_lse, d);
+                    let visible = kc.start < qc.end;
+                    part.attend(&q[o_rows.clone()], k, v, &kc, spec, visible, pool);
+                    merge_into(&mut out[o_rows], &mut lse[l_rows], &part.o, &part.lse, d);
                 }
             }
         }
+    }
+}
+
+/// One block's partial result: scratch reused across blocks.
+#[derive(Default)]
+struct Part {
+    o: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+impl Part {
+    /// The part of the query rows `q` over the key positions `kc` of the whole-sequence `k`
+    /// and `v` under `spec`: flash attention when `visible`, else the empty `(0, −inf)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        kc: &Range<usize>,
+        spec: AttnSpec,
+        visible: bool,
+        pool: &ThreadPool,
+    ) {
+        let AttnShape {
+            seq_q,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        } = spec.shape;
+        let rows = seq_q * n_heads;
+        self.o.clear();
+        self.o.resize(rows * head_dim, 0.0);
+        self.lse.clear();
+        self.lse.resize(rows, f32::NEG_INFINITY);
+        if !visible {
+            return;
+        }
+        let span = kc.start * n_kv_heads * head_dim..kc.end * n_kv_heads * head_dim;
+        let kv = KvView::contiguous(&k[span.clone()], &v[span], kc.len());
+        let out = AttnOut {
+            out: &mut self.o,
+            lse: &mut self.lse,
+        };
+        flash_attention(q, kv, spec, out, pool);
     }
 }
 
@@ -191,7 +212,7 @@ pub fn ring_decode(
 ) {
     assert!(ranks > 0, "ring_decode: a ring of 0 ranks");
     assert_eq!(shape.seq_q, 1, "ring_decode: one query row");
-    let (nkv, d) = (shape.n_kv_heads, shape.head_dim);
+    let d = shape.head_dim;
     shape.check(
         "ring_decode",
         q,
@@ -202,31 +223,16 @@ pub fn ring_decode(
     let AttnOut { out, lse } = out;
     out.fill(0.0);
     lse.fill(f32::NEG_INFINITY);
-    let mut part_o = vec![0.0; out.len()];
-    let mut part_lse = vec![0.0; lse.len()];
+    let mut part = Part::default();
+    let spec = AttnSpec {
+        shape,
+        causal: false,
+        scale,
+    };
     for rank in 0..ranks {
         for kc in layout.chunks(len, ranks, rank) {
-            let kv = KvView::contiguous(
-                &k[kc.start * nkv * d..kc.end * nkv * d],
-                &v[kc.start * nkv * d..kc.end * nkv * d],
-                kc.len(),
-            );
-            let spec = AttnSpec {
-                shape,
-                causal: false,
-                scale,
-            };
-            flash_attention(
-                q,
-                kv,
-                spec,
-                AttnOut {
-                    out: &mut part_o,
-                    lse: &mut part_lse,
-                },
-                pool,
-            );
-            merge_into(out, lse, &part_o, &part_lse, d);
+            part.attend(q, k, v, &kc, spec, true, pool);
+            merge_into(out, lse, &part.o, &part.lse, d);
         }
     }
 }

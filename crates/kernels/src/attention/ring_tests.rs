@@ -3,7 +3,7 @@
 //! rank: the `(0, −inf)` part), GQA.
 
 use super::*;
-use crate::attention::reference::attention_f64;
+use crate::attention::reference::{Reference, attention_f64};
 use crate::attention::tests::Normal;
 
 /// DESIGN.md's fp32 tolerance, for output and lse alike (as the flash kernel's tests). The
@@ -48,7 +48,7 @@ fn layouts_partition_the_sequence() {
     assert!(RingLayout::Zigzag.chunks(3, 4, 3).is_empty());
 }
 
-fn max_diff(got_o: &[f32], got_lse: &[f32], want: &crate::attention::reference::Reference) -> f64 {
+fn max_diff(got_o: &[f32], got_lse: &[f32], want: &Reference) -> f64 {
     let mut worst = 0.0f64;
     for (g, w) in got_lse.iter().zip(&want.lse) {
         if w.is_infinite() {
@@ -60,6 +60,35 @@ fn max_diff(got_o: &[f32], got_lse: &[f32], want: &crate::attention::reference::
     for (g, w) in got_o.iter().zip(&want.out) {
         assert!(!g.is_nan(), "NaN output");
         worst = worst.max((f64::from(*g) - w).abs());
+    }
+    worst
+}
+
+/// Runs `ring` for every ring size 1–8 and both layouts into fresh `(rows, head_dim)` buffers
+/// and checks each result against `want` within [`TOL`]; the worst difference.
+fn every_ring(
+    rows: usize,
+    head_dim: usize,
+    want: &Reference,
+    ring: impl Fn(RingLayout, usize, AttnOut<'_>),
+) -> f64 {
+    let mut worst = 0.0f64;
+    for layout in [RingLayout::Contiguous, RingLayout::Zigzag] {
+        for ranks in 1..=8 {
+            let mut out = vec![f32::NAN; rows * head_dim];
+            let mut lse = vec![f32::NAN; rows];
+            ring(
+                layout,
+                ranks,
+                AttnOut {
+                    out: &mut out,
+                    lse: &mut lse,
+                },
+            );
+            let d = max_diff(&out, &lse, want);
+            assert!(d <= TOL, "{layout:?} ring of {ranks}, {rows} rows: {d}");
+            worst = worst.max(d);
+        }
     }
     worst
 }
@@ -79,29 +108,10 @@ fn ring_prefill_matches_reference() {
         let v = rng.vec(len * s.n_kv_heads * s.head_dim);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let want = attention_f64(&q, KvView::contiguous(&k, &v, len), s, true, scale);
-        for layout in [RingLayout::Contiguous, RingLayout::Zigzag] {
-            for ranks in 1..=8 {
-                let mut out = vec![f32::NAN; q.len()];
-                let mut lse = vec![f32::NAN; len * s.n_heads];
-                ring_attention(
-                    &q,
-                    &k,
-                    &v,
-                    s,
-                    scale,
-                    layout,
-                    ranks,
-                    AttnOut {
-                        out: &mut out,
-                        lse: &mut lse,
-                    },
-                    &pool,
-                );
-                let d = max_diff(&out, &lse, &want);
-                assert!(d <= TOL, "{layout:?} ring {ranks} len {len}: {d}");
-                worst = worst.max(d);
-            }
-        }
+        let d = every_ring(len * s.n_heads, s.head_dim, &want, |layout, ranks, o| {
+            ring_attention(&q, &k, &v, s, scale, layout, ranks, o, &pool);
+        });
+        worst = worst.max(d);
     }
     println!("ring prefill: worst |Δ| vs f64 = {worst:.2e}");
 }
@@ -121,28 +131,8 @@ fn ring_decode_matches_reference() {
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         // The newest position sees every cached key: causal bottom-right with one row.
         let want = attention_f64(&q, KvView::contiguous(&k, &v, len), s, true, scale);
-        for layout in [RingLayout::Contiguous, RingLayout::Zigzag] {
-            for ranks in 1..=8 {
-                let mut out = vec![f32::NAN; q.len()];
-                let mut lse = vec![f32::NAN; s.n_heads];
-                ring_decode(
-                    &q,
-                    &k,
-                    &v,
-                    len,
-                    s,
-                    scale,
-                    layout,
-                    ranks,
-                    AttnOut {
-                        out: &mut out,
-                        lse: &mut lse,
-                    },
-                    &pool,
-                );
-                let d = max_diff(&out, &lse, &want);
-                assert!(d <= TOL, "{layout:?} ring {ranks} len {len}: {d}");
-            }
-        }
+        every_ring(s.n_heads, s.head_dim, &want, |layout, ranks, o| {
+            ring_decode(&q, &k, &v, len, s, scale, layout, ranks, o, &pool);
+        });
     }
 }
