@@ -94,25 +94,9 @@ pub fn ring_attention(
     out: AttnOut<'_>,
     pool: &ThreadPool,
 ) {
-    assert!(ranks > 0, "ring_attention: a ring of 0 ranks");
     let len = shape.seq_q;
-    let (nh, nkv, d) = (shape.n_heads, shape.n_kv_heads, shape.head_dim);
-    assert_eq!(
-        k.len(),
-        len * nkv * d,
-        "ring_attention: k is not (len, n_kv_heads, head_dim)"
-    );
-    assert_eq!(v.len(), k.len(), "ring_attention: v and k differ in length");
-    shape.check(
-        "ring_attention",
-        q,
-        out.out,
-        out.lse,
-        &KvView::contiguous(k, v, len),
-    );
-    let AttnOut { out, lse } = out;
-    out.fill(0.0);
-    lse.fill(f32::NEG_INFINITY);
+    let (nh, d) = (shape.n_heads, shape.head_dim);
+    let (out, lse) = begin("ring_attention", q, k, v, len, shape, ranks, out);
     let mut part = Part::default();
     for rank in 0..ranks {
         let mine = layout.chunks(len, ranks, rank);
@@ -142,6 +126,34 @@ pub fn ring_attention(
             }
         }
     }
+}
+
+/// Checks a ring call's arguments (`len` whole-sequence keys and values, `q` and `out` for
+/// `shape`, at least one rank) and empties `out` for the merges: output 0, lse `-inf`.
+#[allow(clippy::too_many_arguments)]
+fn begin<'o>(
+    kernel: &str,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    shape: AttnShape,
+    ranks: usize,
+    out: AttnOut<'o>,
+) -> (&'o mut [f32], &'o mut [f32]) {
+    assert!(ranks > 0, "{kernel}: a ring of 0 ranks");
+    let (nkv, d) = (shape.n_kv_heads, shape.head_dim);
+    assert_eq!(
+        k.len(),
+        len * nkv * d,
+        "{kernel}: k is not (len, n_kv_heads, head_dim)"
+    );
+    assert_eq!(v.len(), k.len(), "{kernel}: v and k differ in length");
+    shape.check(kernel, q, out.out, out.lse, &KvView::contiguous(k, v, len));
+    let AttnOut { out, lse } = out;
+    out.fill(0.0);
+    lse.fill(f32::NEG_INFINITY);
+    (out, lse)
 }
 
 /// One block's partial result: scratch reused across blocks.
@@ -210,19 +222,9 @@ pub fn ring_decode(
     out: AttnOut<'_>,
     pool: &ThreadPool,
 ) {
-    assert!(ranks > 0, "ring_decode: a ring of 0 ranks");
     assert_eq!(shape.seq_q, 1, "ring_decode: one query row");
     let d = shape.head_dim;
-    shape.check(
-        "ring_decode",
-        q,
-        out.out,
-        out.lse,
-        &KvView::contiguous(k, v, len),
-    );
-    let AttnOut { out, lse } = out;
-    out.fill(0.0);
-    lse.fill(f32::NEG_INFINITY);
+    let (out, lse) = begin("ring_decode", q, k, v, len, shape, ranks, out);
     let mut part = Part::default();
     let spec = AttnSpec {
         shape,
