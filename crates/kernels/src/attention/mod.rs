@@ -29,7 +29,7 @@ mod tests;
 pub use flash::{MAX_HEAD_DIM, flash_attention};
 pub use ggml::ggml_attention;
 pub use merge::merge_into;
-pub use ring::{RingLayout, ring_attention, ring_decode};
+pub use ring::{Ring, RingLayout, ring_attention, ring_decode};
 
 /// The only block of a contiguous K/V buffer.
 const SINGLE_BLOCK: &[u32] = &[0];

@@ -66,6 +66,15 @@ impl RingLayout {
     }
 }
 
+/// A ring of ranks and the layout of a sequence over it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    /// How positions are spread.
+    pub layout: RingLayout,
+    /// Ranks in the ring, at least 1.
+    pub ranks: usize,
+}
+
 /// The `i`-th of `n` near-equal contiguous pieces of `0..len` (the first `len % n` one longer).
 fn piece(len: usize, n: usize, i: usize) -> Range<usize> {
     let (base, extra) = (len / n, len % n);
@@ -73,15 +82,16 @@ fn piece(len: usize, n: usize, i: usize) -> Range<usize> {
     start..start + base + usize::from(i < extra)
 }
 
-/// Ring attention of a whole sequence over itself (a prefill), causal, on `ranks` simulated
-/// ranks in `layout`: for every rank, its query chunks attend to the key chunks of rank
+/// Ring attention of a whole sequence over itself (a prefill), causal, on the simulated ranks
+/// of `ring`: for every rank, its query chunks attend to the key chunks of rank
 /// `r, r − 1, …` (mod `ranks`, the order blocks arrive round the ring), each visible block
 /// pair one [`flash_attention`] call, merged into the rank's rows by log-sum-exp in arrival
 /// order. `q` is `(len, n_heads, head_dim)`, `k`/`v` `(len, n_kv_heads, head_dim)`; `out` and
 /// `lse` as [`flash_attention`]'s, at global positions.
 ///
 /// # Panics
-/// On inconsistent lengths or shapes (caller bugs, as [`flash_attention`]), or `ranks == 0`.
+/// On inconsistent lengths or shapes (caller bugs, as [`flash_attention`]), or a ring of 0
+/// ranks.
 #[allow(clippy::too_many_arguments)]
 pub fn ring_attention(
     q: &[f32],
@@ -89,11 +99,11 @@ pub fn ring_attention(
     v: &[f32],
     shape: AttnShape,
     scale: f32,
-    layout: RingLayout,
-    ranks: usize,
+    ring: Ring,
     out: AttnOut<'_>,
     pool: &ThreadPool,
 ) {
+    let Ring { layout, ranks } = ring;
     let len = shape.seq_q;
     let (nh, d) = (shape.n_heads, shape.head_dim);
     let (out, lse) = begin("ring_attention", q, k, v, len, shape, ranks, out);
@@ -201,14 +211,14 @@ impl Part {
     }
 }
 
-/// Distributed flash-decoding on `ranks` simulated ranks: the query `q` `(1, n_heads,
+/// Distributed flash-decoding on the simulated ranks of `ring`: the query `q` `(1, n_heads,
 /// head_dim)` of the newest position (which sees every key) attends to each rank's key chunks
 /// of the `len` cached positions, and the partials are merged by log-sum-exp in rank order —
 /// what every rank of a ring computes for one decode step. `out`/`lse` as
 /// [`flash_attention`]'s for one row.
 ///
 /// # Panics
-/// On inconsistent lengths or shapes, or `ranks == 0`.
+/// On inconsistent lengths or shapes, or a ring of 0 ranks.
 #[allow(clippy::too_many_arguments)]
 pub fn ring_decode(
     q: &[f32],
@@ -217,11 +227,11 @@ pub fn ring_decode(
     len: usize,
     shape: AttnShape,
     scale: f32,
-    layout: RingLayout,
-    ranks: usize,
+    ring: Ring,
     out: AttnOut<'_>,
     pool: &ThreadPool,
 ) {
+    let Ring { layout, ranks } = ring;
     assert_eq!(shape.seq_q, 1, "ring_decode: one query row");
     let d = shape.head_dim;
     let (out, lse) = begin("ring_decode", q, k, v, len, shape, ranks, out);

@@ -109,7 +109,7 @@ fn ring_prefill_matches_reference() {
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let want = attention_f64(&q, KvView::contiguous(&k, &v, len), s, true, scale);
         let d = every_ring(len * s.n_heads, s.head_dim, &want, |layout, ranks, o| {
-            ring_attention(&q, &k, &v, s, scale, layout, ranks, o, &pool);
+            ring_attention(&q, &k, &v, s, scale, Ring { layout, ranks }, o, &pool);
         });
         worst = worst.max(d);
     }
@@ -132,7 +132,7 @@ fn ring_decode_matches_reference() {
         // The newest position sees every cached key: causal bottom-right with one row.
         let want = attention_f64(&q, KvView::contiguous(&k, &v, len), s, true, scale);
         every_ring(s.n_heads, s.head_dim, &want, |layout, ranks, o| {
-            ring_decode(&q, &k, &v, len, s, scale, layout, ranks, o, &pool);
+            ring_decode(&q, &k, &v, len, s, scale, Ring { layout, ranks }, o, &pool);
         });
     }
 }
