@@ -211,8 +211,11 @@ impl Group {
     /// Another rank: the step it began is over (done or failed, its abort sent); the link to
     /// rank 0 goes back to waiting for the next step.
     pub(crate) fn end_step(&self) {
-        for l in &self.links {
-            l.end_step();
+        // Only that link has a reader thread to hand back to; links are in rank order.
+        if self.rank != 0
+            && let Some(to_rank0) = self.links.first()
+        {
+            to_rank0.end_step();
         }
     }
 
