@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod context_parallel;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;

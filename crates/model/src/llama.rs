@@ -10,13 +10,13 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::context_parallel::{RingMode, RingStep};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
-use crate::layers::{Block, LayerCtx, RmsNorm, Rope, SeqStep};
+use crate::layers::{Block, LayerCtx, LayerRing, RmsNorm, Rope, SeqStep};
 use crate::stage::{
-    LocalReduce, ReducePoint, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
-    TensorSlice,
+    LocalReduce, ReducePoint, StageCtx, StageInput, StageOutput, StageScratch, TensorSlice,
 };
 use crate::tensor_slice::cut_rows;
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
@@ -170,10 +170,11 @@ impl Llama {
     }
 
     /// Checks a batch before any state changes: tokens present, in the vocabulary, within the
-    /// context.
-    fn validate(&self, batch: &[SeqStep<'_>]) -> Result<usize> {
+    /// context. `starts` gives each sequence's global start on a ring (its cached length
+    /// otherwise).
+    fn validate(&self, batch: &[SeqStep<'_>], starts: Option<&[usize]>) -> Result<usize> {
         let mut n = 0;
-        for step in batch {
+        for (i, step) in batch.iter().enumerate() {
             if step.tokens.is_empty() {
                 return Err(ModelError::InvalidArgument {
                     field: "tokens",
@@ -193,7 +194,10 @@ impl Llama {
                     ),
                 });
             }
-            let end = step.seq.len() + step.tokens.len();
+            let start = starts
+                .and_then(|s| s.get(i).copied())
+                .unwrap_or(step.seq.len());
+            let end = start + step.tokens.len();
             if end > self.rope.max_positions() {
                 return Err(ModelError::InvalidArgument {
                     field: "tokens",
@@ -263,16 +267,17 @@ impl Llama {
         let mut ctx = StageCtx {
             cache,
             pool,
-            seq_slice: SeqSlice::WHOLE,
             reduce: &mut LocalReduce,
+            ring: None,
         };
         self.require_whole()?;
-        let n = self.validate(batch)?;
-        self.run_layers(batch, n, x, &mut ctx, s)
+        let n = self.validate(batch, None)?;
+        self.run_layers(batch, n, x, &mut ctx, s, None)
     }
 
-    /// The stage's blocks over `x`, as [`Llama::forward_hidden`] with `ctx`'s slice and
-    /// reduction, for a batch of `n` tokens that [`Llama::validate`] already passed.
+    /// The stage's blocks over `x`, as [`Llama::forward_hidden`] with `ctx`'s slice,
+    /// reduction and ring, for a batch [`Llama::validate`] already passed, of which this rank
+    /// carries `n` rows (all the batch's tokens, unless `ring` splits them).
     fn run_layers(
         &self,
         batch: &mut [SeqStep<'_>],
@@ -280,8 +285,8 @@ impl Llama {
         x: &mut [f32],
         ctx: &mut StageCtx<'_>,
         s: &mut StepScratch,
+        ring: Option<&RingStep>,
     ) -> Result<()> {
-        ctx.seq_slice.check()?;
         if x.len() != n * self.cfg.hidden {
             return Err(ModelError::InvalidArgument {
                 field: "hidden",
@@ -305,14 +310,24 @@ impl Llama {
                 ),
             });
         }
-        for step in batch.iter_mut() {
-            ctx.cache.reserve(step.seq, step.tokens.len())?;
+        // The new tokens whose K/V this rank keeps, per sequence.
+        let kept: Vec<usize> = match ring {
+            Some(r) => (0..batch.len()).map(|i| r.kept(i).len()).collect(),
+            None => batch.iter().map(|b| b.tokens.len()).collect(),
+        };
+        for (step, &k) in batch.iter_mut().zip(&kept) {
+            ctx.cache.reserve(step.seq, k)?;
         }
         s.prepare(&self.cfg, &self.spec.tensor, n);
         s.positions.clear();
-        for step in batch.iter() {
-            let base = step.seq.len();
-            s.positions.extend(base..base + step.tokens.len());
+        for (i, step) in batch.iter().enumerate() {
+            match ring {
+                Some(r) => s.positions.extend(r.positions(i)),
+                None => {
+                    let base = step.seq.len();
+                    s.positions.extend(base..base + step.tokens.len());
+                }
+            }
         }
         let first = self.spec.layers.start;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -324,11 +339,15 @@ impl Llama {
                 rope: &self.rope,
                 pool: ctx.pool,
                 reduce: &mut *ctx.reduce,
+                ring: ctx.ring.as_mut().zip(ring).map(|(r, step)| LayerRing {
+                    comm: &mut *r.comm,
+                    step,
+                }),
             };
             block.forward(x, &mut layer, s)?;
         }
-        for step in batch.iter_mut() {
-            step.seq.commit(step.tokens.len());
+        for (step, k) in batch.iter_mut().zip(kept) {
+            step.seq.commit(k);
         }
         Ok(())
     }
@@ -382,7 +401,20 @@ impl Llama {
         ctx: &mut StageCtx<'_>,
         scratch: &'s mut StageScratch,
     ) -> Result<StageOutput<'s>> {
-        let n = self.validate(batch)?;
+        let starts = ctx.ring.as_ref().map(|r| r.starts);
+        let mut n = self.validate(batch, starts)?;
+        let ring = match &ctx.ring {
+            Some(r) => Some(RingStep::new(
+                batch,
+                r.starts,
+                r.comm.rank(),
+                r.comm.ranks(),
+            )?),
+            None => None,
+        };
+        if let Some(r) = &ring {
+            n = r.rows();
+        }
         let StageScratch {
             x,
             last,
@@ -390,11 +422,28 @@ impl Llama {
             logits,
             local_logits,
             step,
+            ring_full,
+            ring_rows,
         } = scratch;
         match input {
             StageInput::Tokens => {
                 let timer = profile::scope(Op::Embed);
-                self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?;
+                match &ring {
+                    // The rows this rank carries: its positions' tokens.
+                    Some(r) => self.embed(
+                        batch
+                            .iter()
+                            .zip(&r.seqs)
+                            .enumerate()
+                            .flat_map(|(i, (b, sp))| {
+                                r.positions(i)
+                                    .into_iter()
+                                    .map(move |p| b.tokens[p - sp.start])
+                            }),
+                        x,
+                    )?,
+                    None => self.embed(batch.iter().flat_map(|s| s.tokens.iter().copied()), x)?,
+                }
                 drop(timer);
                 ctx.reduce
                     .reduce(ReducePoint::Embed, self.spec.layers.start, x)?;
@@ -407,19 +456,47 @@ impl Llama {
                             .into(),
                     });
                 }
-                x.clear();
-                x.extend_from_slice(h);
+                match &ring {
+                    Some(r) => r.pick_rows(h, self.cfg.hidden, x)?,
+                    None => {
+                        x.clear();
+                        x.extend_from_slice(h);
+                    }
+                }
             }
         }
-        self.run_layers(batch, n, x, ctx, step)?;
+        self.run_layers(batch, n, x, ctx, step, ring.as_ref())?;
         if self.output.is_none() {
+            if let (Some(r), Some(rc)) = (&ring, ctx.ring.as_mut())
+                && r.mode == RingMode::Split
+            {
+                let layer = self.spec.layers.end;
+                r.gather_rows(
+                    &mut *rc.comm,
+                    layer,
+                    x,
+                    self.cfg.hidden,
+                    (&mut ring_rows.0, &mut ring_rows.1),
+                    ring_full,
+                )?;
+                // The output stays in `scratch.x`, where callers of a stage without a ring
+                // find it too.
+                std::mem::swap(x, ring_full);
+            }
             return Ok(StageOutput::Hidden(x.as_slice()));
+        }
+        if ring.as_ref().is_some_and(|r| !r.samples()) {
+            // Ring rank 0 holds every sequence's last row and samples.
+            return Ok(StageOutput::Delivered);
         }
         let h = self.cfg.hidden;
         last.clear();
         let mut end = 0;
-        for s in batch.iter() {
-            end += s.tokens.len();
+        for (i, s) in batch.iter().enumerate() {
+            end = match &ring {
+                Some(r) => r.seqs[i].rows.end,
+                None => end + s.tokens.len(),
+            };
             if s.logits {
                 last.extend_from_slice(&x[(end - 1) * h..end * h]);
             }
@@ -471,8 +548,8 @@ impl Llama {
         let mut ctx = StageCtx {
             cache,
             pool,
-            seq_slice: SeqSlice::WHOLE,
             reduce: &mut LocalReduce,
+            ring: None,
         };
         self.require_whole()?;
         match self.step(batch, StageInput::Tokens, &mut ctx, scratch)? {

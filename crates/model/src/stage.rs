@@ -42,46 +42,21 @@
 //! to f32, about 2 on SmolLM2 Q4_1, whose massive activations amplify a flipped 8-bit
 //! rounding; every run gives the same bits).
 //!
-//! [`SeqSlice`] says which part of each sequence a context-parallel rank holds, given per
-//! step; only whole sequences run today.
+//! # Context parallelism
+//! A stage may also be served by a ring of P ranks, each holding the KV cache of its part of
+//! every sequence ([`crate::context_parallel`]): given a [`RingCtx`] (the ring's exchange and
+//! each sequence's global start), a step embeds and projects only the rows the rank carries,
+//! attends across the ring, and keeps the K/V of its positions only. A rank with a head
+//! returns the sampling rows' logits on ring rank 0 and [`StageOutput::Delivered`] elsewhere.
 
 use tessera_kernels::ThreadPool;
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 use crate::kv_cache::PagedKvCache;
 use crate::layers::block::StepScratch;
 
+pub use crate::context_parallel::{RingComm, RingCtx};
 pub use crate::tensor_slice::{TensorAlignment, TensorSlice, tensor_alignment};
-
-/// The part of each sequence a context-parallel (ring) rank holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SeqSlice {
-    /// This rank's index in the ring.
-    pub rank: usize,
-    /// Ranks in the ring.
-    pub ranks: usize,
-}
-
-impl SeqSlice {
-    /// The whole sequence: a ring of one.
-    pub const WHOLE: Self = Self { rank: 0, ranks: 1 };
-
-    /// Checks that this build can run the slice.
-    ///
-    /// # Errors
-    /// [`ModelError::InvalidArgument`] naming `seq_slice` otherwise.
-    pub fn check(self) -> Result<()> {
-        if self != Self::WHOLE {
-            return Err(ModelError::InvalidArgument {
-                field: "seq_slice",
-                reason: format!(
-                    "context-parallel slice {self:?}: only whole sequences run in this version"
-                ),
-            });
-        }
-        Ok(())
-    }
-}
 
 /// Where a tensor-parallel group's partial sums are complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,21 +114,24 @@ impl Reduce for LocalReduce {
 pub enum StageInput<'a> {
     /// The batch's token ids (the stage holds the embedding).
     Tokens,
-    /// The previous stage's hidden states, `(n, hidden)`.
+    /// The previous stage's hidden states, `(n, hidden)` (every row of the step, also on a
+    /// context-parallel rank, which keeps its own).
     Hidden(&'a [f32]),
 }
 
 /// What a step produces.
 #[derive(Debug)]
 pub enum StageOutput<'s> {
-    /// Hidden states for the next stage, `(n, hidden)`.
+    /// Hidden states for the next stage, `(n, hidden)` (every row of the step, also on a
+    /// context-parallel rank).
     Hidden(&'s [f32]),
     /// Logits of the sampling sequences' last rows, `(m, vocab)`, in batch order; empty when
     /// none samples. Mutable: samplers apply penalties in place, and the next step rewrites it.
     /// On a tensor-parallel last stage only rank 0 gets them (gathered, full rows).
     Logits(&'s mut [f32]),
-    /// A tensor-parallel rank other than 0 on the last stage: its logits slice went to rank 0
-    /// through [`Reduce::gather_logits`].
+    /// A tensor-parallel rank other than 0 on the last stage (its logits slice went to rank 0
+    /// through [`Reduce::gather_logits`]), or a ring rank other than 0 there (rank 0 holds
+    /// the sampling rows).
     Delivered,
 }
 
@@ -163,8 +141,9 @@ pub struct StageCtx<'a> {
     pub cache: &'a mut PagedKvCache,
     /// The compute pool.
     pub pool: &'a ThreadPool,
-    /// This rank's part of each sequence.
-    pub seq_slice: SeqSlice,
+    /// The context-parallel ring this rank belongs to, if any (`None`: it holds whole
+    /// sequences).
+    pub ring: Option<RingCtx<'a>>,
     /// The tensor-parallel reduction.
     pub reduce: &'a mut dyn Reduce,
 }
@@ -185,4 +164,8 @@ pub struct StageScratch {
     pub local_logits: Vec<f32>,
     /// Per-layer buffers.
     pub step: StepScratch,
+    /// A context-parallel rank's stage output: the whole step's hidden states, gathered.
+    pub ring_full: Vec<f32>,
+    /// Its padded rows and every rank's, on the way.
+    pub ring_rows: (Vec<f32>, Vec<f32>),
 }

@@ -8,9 +8,7 @@ use tessera_kernels::ggml_math::round_f16;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
-use tessera_model::stage::{
-    LocalReduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
-};
+use tessera_model::stage::{LocalReduce, StageCtx, StageInput, StageOutput, StageScratch};
 use tessera_model::weights::{TensorKey as K, WeightStore, WeightStoreExt};
 use tessera_testkit::MemoryWeights;
 
@@ -401,8 +399,8 @@ fn pipeline_stages_equal_whole_model() {
         let mut ctx0 = StageCtx {
             cache: &mut c0,
             pool: &pool,
-            seq_slice: SeqSlice::WHOLE,
             reduce: &mut reduce,
+            ring: None,
         };
         let mut b0 = [SeqStep {
             tokens: toks,
@@ -418,8 +416,8 @@ fn pipeline_stages_equal_whole_model() {
         let mut ctx1 = StageCtx {
             cache: &mut c1,
             pool: &pool,
-            seq_slice: SeqSlice::WHOLE,
             reduce: &mut reduce,
+            ring: None,
         };
         let mut b1 = [SeqStep {
             tokens: toks,

@@ -9,6 +9,7 @@
 use crate::error::Result;
 use crate::kv_cache::SeqKv;
 use crate::layers::LayerCtx;
+use crate::layers::ring_attention::{RingOut, RingRows, RingScratch, ring_attend};
 use crate::tensor_slice::{TensorSlice, cut_cols, cut_rows, cut_vec};
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 use tessera_format::ModelConfig;
@@ -20,6 +21,10 @@ use tessera_kernels::quant::{QMatrix, QScratch};
 /// One sequence's part of a batched step: its new tokens (a prefill chunk or one decode
 /// token), continuing after the `seq.len()` tokens already in the KV cache. A batch's rows are
 /// the sequences' tokens one sequence after another.
+///
+/// On a context-parallel rank ([`crate::context_parallel`]) `tokens` are the sequence's new
+/// tokens over the whole ring (the rank picks the rows it carries), `seq` holds only this
+/// rank's positions, and the global start comes from [`crate::stage::RingCtx::starts`].
 #[derive(Debug)]
 pub struct SeqStep<'a> {
     /// The new tokens.
@@ -44,6 +49,8 @@ pub struct AttnScratch<'a> {
     pub lse: &'a mut [f32],
     /// Activation quantization buffers.
     pub q8: &'a mut QScratch,
+    /// Buffers of a context-parallel rank's attention.
+    pub ring: &'a mut RingScratch,
 }
 
 /// Grouped-query self-attention with optional QKV bias, over the heads this rank holds (all of
@@ -139,6 +146,7 @@ impl Attention {
             layer,
             rope,
             pool,
+            ring,
             ..
         } = ctx;
         let (layer, pool) = (*layer, *pool);
@@ -164,6 +172,27 @@ impl Attention {
         round_f16_in_place(s.k);
         round_f16_in_place(s.v);
         drop(timer);
+        if let Some(ring) = ring.as_mut() {
+            let _timer = profile::scope(Op::Attention);
+            let shape = AttnShape {
+                seq_q: n,
+                n_heads: self.n_heads,
+                n_kv_heads: self.n_kv_heads,
+                head_dim: self.head_dim,
+            };
+            let rows = RingRows {
+                q: s.q,
+                k: s.k,
+                v: s.v,
+            };
+            let attn = RingOut {
+                ctx: s.ctx,
+                lse: s.lse,
+            };
+            ring_attend(ring, layer, shape, rows, cache, batch, attn, s.ring, pool)?;
+            let _timer = profile::scope(Op::OutProj);
+            return Ok(self.wo.matmul(s.ctx, n, out, s.q8, pool)?);
+        }
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         let mut start = 0;
         for step in batch.iter() {

@@ -4,6 +4,7 @@
 use crate::error::Result;
 use crate::layers::attention::AttnScratch;
 use crate::layers::mlp::MlpScratch;
+use crate::layers::ring_attention::RingScratch;
 use crate::layers::{Attention, LayerCtx, Mlp, RmsNorm};
 use crate::stage::ReducePoint;
 use crate::tensor_slice::TensorSlice;
@@ -38,6 +39,8 @@ pub struct StepScratch {
     pub positions: Vec<usize>,
     /// Activation quantization buffers.
     pub q8: QScratch,
+    /// A context-parallel rank's attention buffers.
+    pub ring: RingScratch,
 }
 
 impl StepScratch {
@@ -114,6 +117,7 @@ impl Block {
             ctx: &mut s.ctx,
             lse: &mut s.lse,
             q8: &mut s.q8,
+            ring: &mut s.ring,
         };
         self.attn
             .forward(&s.xn, &mut s.y, &s.positions, ctx, scratch)?;

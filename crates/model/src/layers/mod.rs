@@ -6,10 +6,12 @@ pub mod attention;
 pub mod block;
 pub mod mlp;
 pub mod norm;
+pub mod ring_attention;
 pub mod rope;
 
 use tessera_kernels::ThreadPool;
 
+use crate::context_parallel::{RingComm, RingStep};
 use crate::kv_cache::PagedKvCache;
 use crate::stage::Reduce;
 
@@ -33,4 +35,14 @@ pub struct LayerCtx<'a, 'b> {
     pub pool: &'a ThreadPool,
     /// Where tensor-parallel partial sums are completed.
     pub reduce: &'a mut dyn Reduce,
+    /// The context-parallel ring and this step's layout over it, if any.
+    pub ring: Option<LayerRing<'a>>,
+}
+
+/// A context-parallel rank's part of a layer: the ring's exchange and the step's layout.
+pub struct LayerRing<'a> {
+    /// The exchange.
+    pub comm: &'a mut dyn RingComm,
+    /// The step's layout over the ring.
+    pub step: &'a RingStep,
 }

@@ -17,8 +17,7 @@ use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache, SeqKv};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{
-    LocalReduce, Reduce, ReducePoint, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
-    TensorSlice,
+    LocalReduce, Reduce, ReducePoint, StageCtx, StageInput, StageOutput, StageScratch, TensorSlice,
 };
 use tessera_model::{ModelError, Result};
 
@@ -294,8 +293,8 @@ fn run_rank(
         let mut ctx = StageCtx {
             cache: &mut cache,
             pool: &pool,
-            seq_slice: SeqSlice::WHOLE,
             reduce: &mut *reduce,
+            ring: None,
         };
         let got = match model.step(&mut batch, input, &mut ctx, &mut scratch)? {
             StageOutput::Logits(l) => Some(Out::Logits(l.to_vec())),

@@ -32,9 +32,7 @@ use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::PagedKvCache;
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::Llama;
-use tessera_model::stage::{
-    LocalReduce, Reduce, SeqSlice, StageCtx, StageInput, StageOutput, StageScratch,
-};
+use tessera_model::stage::{LocalReduce, Reduce, StageCtx, StageInput, StageOutput, StageScratch};
 use tessera_proto::cluster::v1 as pb;
 use tessera_text::sampling::Sampler;
 
@@ -433,8 +431,8 @@ fn run_batch(
     let mut ctx = StageCtx {
         cache: l.cache,
         pool,
-        seq_slice: SeqSlice::WHOLE,
         reduce: l.reduce,
+        ring: None,
     };
     let out = l.model.step(&mut batch, input, &mut ctx, &mut sc.stage)?;
     drop(batch);
