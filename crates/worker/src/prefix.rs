@@ -156,7 +156,8 @@ mod tests {
             SeqEntry {
                 kv,
                 sampler: None,
-                stream
+                stream,
+                pos: tokens,
             }
         ));
     }

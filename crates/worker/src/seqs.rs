@@ -21,6 +21,9 @@ pub(crate) struct SeqEntry {
     pub sampler: Option<Sampler>,
     /// The inbound stream that created it; closing that stream frees it.
     pub stream: StreamId,
+    /// Its length over the whole stage: `kv.len()`, except on a context-parallel rank,
+    /// whose cache holds only its part of the sequence.
+    pub pos: usize,
 }
 
 /// Live sequences by coordinator-chosen id.
@@ -108,6 +111,7 @@ mod tests {
             kv,
             sampler: None,
             stream,
+            pos: tokens,
         }
     }
 

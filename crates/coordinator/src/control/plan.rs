@@ -190,23 +190,26 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             ));
             continue;
         };
-        // Rank 0 alone is in the pipeline: it forwards to the next stage's rank 0.
-        let next = if stage.tp_rank == 0 {
+        // Rank 0 alone (tensor-parallel rank 0 of ring rank 0) is in the pipeline: it
+        // forwards to the next stage's rank 0.
+        let leader = |s: &PlanStage| s.tp_rank == 0 && s.cp_rank == 0;
+        let next = if leader(stage) {
             plan.stages
                 .iter()
-                .find(|s| s.stage == stage.stage + 1 && s.tp_rank == 0)
+                .find(|s| s.stage == stage.stage + 1 && leader(s))
                 .and_then(|s| address(&s.worker_id))
                 .unwrap_or_default()
         } else {
             String::new()
         };
-        let group: Vec<String> = if stage.tp_ranks > 1 {
+        let group: Vec<String> = if stage.tp_ranks.max(1) * stage.cp_ranks.max(1) > 1 {
             let mut ranks: Vec<&PlanStage> = plan
                 .stages
                 .iter()
                 .filter(|s| s.stage == stage.stage)
                 .collect();
-            ranks.sort_by_key(|s| s.tp_rank);
+            // Group order: cp_rank · tp_ranks + tp_rank.
+            ranks.sort_by_key(|s| (s.cp_rank, s.tp_rank));
             ranks
                 .iter()
                 .map(|s| peer_address(&s.worker_id).unwrap_or_default())
@@ -286,6 +289,7 @@ pub fn assignment(s: &PlanStage) -> tessera_proto::v1::ShardAssignment {
         embed: s.embed,
         head: s.head,
         tp_ranks: s.tp_ranks.max(1),
+        cp_ranks: s.cp_ranks.max(1),
         kv_head_start: s.kv_heads.start,
         kv_head_end: s.kv_heads.end,
         ffn_start: s.ffn.start,

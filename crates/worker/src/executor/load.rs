@@ -104,8 +104,18 @@ impl Executor {
                 "must be >= 1 (0 means none)",
             ));
         }
-        let ranks = shard.tp_ranks.max(1) as usize;
-        let in_pipeline = shard.tp_rank == 0;
+        let tp_ranks = shard.tp_ranks.max(1) as usize;
+        let cp_ranks = shard.cp_ranks.max(1) as usize;
+        if shard.cp_rank as usize >= cp_ranks {
+            return Err(WorkerError::invalid(
+                "shard.cp_rank",
+                format!("rank {} of a ring of {cp_ranks}", shard.cp_rank),
+            ));
+        }
+        let ranks = tp_ranks * cp_ranks;
+        // This worker's index in its stage's group.
+        let group_rank = shard.cp_rank as usize * tp_ranks + shard.tp_rank as usize;
+        let in_pipeline = group_rank == 0;
         if in_pipeline && !shard.head && req.next_address.is_empty() {
             return Err(WorkerError::invalid(
                 "next_address",
@@ -116,7 +126,8 @@ impl Executor {
             return Err(WorkerError::invalid(
                 "group",
                 format!(
-                    "{} peer addresses for a tensor-parallel group of {ranks}",
+                    "{} peer addresses for a group of {tp_ranks} tensor-parallel × \
+                     {cp_ranks} context-parallel ranks",
                     req.group.len()
                 ),
             ));
@@ -166,6 +177,8 @@ impl Executor {
             head = shard.head,
             tp_rank = slice.rank,
             tp_ranks = slice.ranks,
+            cp_rank = shard.cp_rank,
+            cp_ranks,
         );
         let _g = span.enter();
         // The request is sound: drop the old shard (its sequences and its group) before
@@ -176,13 +189,14 @@ impl Executor {
         let group = if ranks > 1 {
             let listener = self.peers.as_ref().ok_or_else(|| {
                 WorkerError::FailedPrecondition(
-                    "tensor parallelism: this worker has no peer port".into(),
+                    "tensor or context parallelism: this worker has no peer port".into(),
                 )
             })?;
-            let control = (slice.rank > 0).then(|| (self.control)(req.plan_epoch));
+            let control = (group_rank > 0).then(|| (self.control)(req.plan_epoch));
             Some(Group::form(
                 req.plan_epoch,
-                slice.rank,
+                group_rank,
+                tp_ranks,
                 &req.group,
                 listener,
                 control,

@@ -23,6 +23,7 @@
 mod check;
 mod load;
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 use std::sync::Arc;
@@ -32,12 +33,14 @@ use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::PagedKvCache;
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::Llama;
-use tessera_model::stage::{LocalReduce, Reduce, StageCtx, StageInput, StageOutput, StageScratch};
+use tessera_model::stage::{
+    LocalReduce, Reduce, RingCtx, StageCtx, StageInput, StageOutput, StageScratch,
+};
 use tessera_proto::cluster::v1 as pb;
 use tessera_text::sampling::Sampler;
 
 use crate::error::WorkerError;
-use crate::group::{Control, ControlSink, Group, PeerListener};
+use crate::group::{Control, ControlSink, Group, GroupReduce, GroupRing, PeerListener};
 use crate::hidden;
 use crate::prefix::PrefixStores;
 use crate::seqs::{SeqEntry, SeqTable, StreamId};
@@ -299,6 +302,20 @@ impl Executor {
             )));
         }
         let block_size = l.cache.config().block_size;
+        let ring = l.group.as_ref().is_some_and(Group::is_ring);
+        if ring
+            && (!req.prefix_ops.is_empty()
+                || req
+                    .seqs
+                    .iter()
+                    .any(|s| s.start.as_ref().is_some_and(|st| st.cached_tokens > 0)))
+        {
+            // A ring rank's cache holds part of each sequence; shared prefixes hold all of one.
+            return Err(WorkerError::invalid(
+                "prefix_ops",
+                "prefix caching does not run on a context-parallel stage",
+            ));
+        }
         l.prefixes
             .apply(stream, &req.prefix_ops, &mut l.seqs, &l.cache)?;
         l.seqs.release(&req.release);
@@ -335,8 +352,10 @@ impl Executor {
             };
             let sampler = samples.then(|| Sampler::new(params, &start.prompt));
             let field = format!("seqs[{i}].start");
+            let kv = l.prefixes.new_seq(stream, start, &l.cache, &field)?;
             let entry = SeqEntry {
-                kv: l.prefixes.new_seq(stream, start, &l.cache, &field)?,
+                pos: kv.len(),
+                kv,
                 sampler,
                 stream,
             };
@@ -352,23 +371,23 @@ impl Executor {
                 None => return Err(WorkerError::Executor("sequence table out of sync".into())),
             }
         }
-        let mut local = LocalReduce;
         let Loaded {
             model,
             cache,
             group,
             ..
         } = &mut *l;
-        let reduce: &mut dyn Reduce = match group {
-            Some(g) => g,
-            None => &mut local,
-        };
         let stage = Stage {
             model,
             cache,
-            reduce,
+            group: group.as_mut(),
         };
         let result = run_batch(stage, &req.seqs, &mut taken, sc, &self.pool, embed);
+        if result.is_ok() {
+            for (s, (_, e)) in req.seqs.iter().zip(taken.iter_mut()) {
+                e.pos += s.tokens.len();
+            }
+        }
         for (id, e) in taken {
             l.seqs.restore(id, e);
         }
@@ -391,12 +410,12 @@ impl Executor {
     }
 }
 
-/// What a step runs on: the loaded model, its cache and the group's reduction (or the
-/// local one), borrowed apart from the sequence table.
+/// What a step runs on: the loaded model, its cache and its group (none for a stage of one
+/// worker), borrowed apart from the sequence table.
 struct Stage<'a> {
     model: &'a Llama,
     cache: &'a mut PagedKvCache,
-    reduce: &'a mut dyn Reduce,
+    group: Option<&'a mut Group>,
 }
 
 /// The stage step over one batch (sequences already taken out of the table, in batch order);
@@ -414,6 +433,7 @@ fn run_batch(
         sc.stage.x.clear();
         return Ok(Vec::new());
     }
+    let starts: Vec<usize> = taken.iter().map(|(_, e)| e.pos).collect();
     let mut batch: Vec<SeqStep<'_>> = seqs
         .iter()
         .zip(taken.iter_mut())
@@ -428,11 +448,27 @@ fn run_batch(
     } else {
         StageInput::Hidden(&sc.hidden)
     };
+    // The group is both the tensor-parallel reduction (within its row) and the ring (within
+    // its column); the two views share it.
+    let ringed = l.group.as_ref().is_some_and(|g| g.is_ring());
+    let cell = l.group.map(RefCell::new);
+    let mut local = LocalReduce;
+    let (mut g_reduce, mut g_ring) = (
+        cell.as_ref().map(GroupReduce),
+        cell.as_ref().filter(|_| ringed).map(GroupRing),
+    );
+    let reduce: &mut dyn Reduce = match g_reduce.as_mut() {
+        Some(r) => r,
+        None => &mut local,
+    };
     let mut ctx = StageCtx {
         cache: l.cache,
         pool,
-        reduce: l.reduce,
-        ring: None,
+        reduce,
+        ring: g_ring.as_mut().map(|r| RingCtx {
+            comm: r,
+            starts: &starts,
+        }),
     };
     let out = l.model.step(&mut batch, input, &mut ctx, &mut sc.stage)?;
     drop(batch);

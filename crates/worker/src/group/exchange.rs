@@ -66,10 +66,27 @@ impl Wire {
         tag: u64,
         timeout: Duration,
     ) -> Result<(), String> {
+        let sent = |i| if to(i) { 0 } else { bytes.len() };
+        self.exchange_from(links, bytes, sent, from, tag, timeout)
+    }
+
+    /// [`Wire::exchange`] of a frame already partly sent: `sent(i)` bytes of `bytes` are on
+    /// link `i`'s wire (`bytes.len()` for a link it does not go to).
+    ///
+    /// # Errors
+    /// As [`Wire::exchange`].
+    pub(crate) fn exchange_from(
+        &mut self,
+        links: &[Link],
+        bytes: &[u8],
+        sent: impl Fn(usize) -> usize,
+        from: impl Fn(usize) -> bool,
+        tag: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let n = links.len();
         self.sent.clear();
-        self.sent
-            .extend((0..n).map(|i| if to(i) { 0 } else { bytes.len() }));
+        self.sent.extend((0..n).map(sent));
         self.got.clear();
         self.got.resize_with(n, || None);
         let started = Instant::now();

@@ -276,7 +276,7 @@ impl Link {
 
     /// A message about this link's peer.
     pub(crate) fn named(&self, what: &str) -> String {
-        format!("tensor-parallel rank {} ({}): {what}", self.rank, self.addr)
+        format!("stage group rank {} ({}): {what}", self.rank, self.addr)
     }
 }
 

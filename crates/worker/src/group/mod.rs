@@ -1,5 +1,12 @@
-//! Tensor-parallel groups: the ranks that serve one pipeline stage together, talking directly
-//! to each other (never through the coordinator).
+//! Stage groups: the ranks that serve one pipeline stage together — tensor-parallel ranks
+//! (slices of every layer) times context-parallel ranks (slices of every sequence, a ring) —
+//! talking directly to each other (never through the coordinator).
+//!
+//! A group of `T × P` ranks is numbered `cp_rank · T + tp_rank`. The tensor-parallel
+//! collectives ([`Reduce`]) run among the `T` ranks of one context-parallel row (same
+//! `cp_rank`); the ring's ([`tessera_model::stage::RingComm`], `ring.rs`) among the `P` ranks of
+//! one column (same `tp_rank`), which hold the same heads. Both share the group's full mesh of
+//! links; each collective reads and writes only the links of its row or column.
 //!
 //! Protocol. Every worker listens on a peer port ([`PeerListener`]) besides its gRPC port.
 //! When a plan makes it rank `r` of a group of `R` ranks, its `LoadShard` names every rank's
@@ -31,6 +38,7 @@ mod exchange;
 mod frame;
 mod link;
 mod listener;
+mod ring;
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
@@ -44,6 +52,7 @@ use exchange::Wire;
 use frame::{Frame, encode_logits, encode_partial};
 pub(crate) use link::{Control, ControlSink, Link};
 pub(crate) use listener::{PeerListener, probe_rtt};
+pub(crate) use ring::{GroupReduce, GroupRing};
 
 /// How long a rank waits for a peer's frame inside a step. Ranks run the same layers in
 /// lockstep, so a wait this long means a stopped or cut-off peer; it is kept under the
@@ -72,6 +81,8 @@ pub(crate) struct Group {
     epoch: u64,
     rank: usize,
     ranks: usize,
+    /// Tensor-parallel ranks per context-parallel row.
+    tp: usize,
     /// One link per other rank, in rank order.
     links: Vec<Link>,
     /// The links' poller and exchange state.
@@ -89,12 +100,14 @@ pub(crate) struct Group {
     failure: Option<String>,
     /// Time spent in collectives (sending, waiting, adding) since last taken.
     spent: Duration,
+    /// The ring's buffers (`ring.rs`).
+    ring: ring::RingState,
 }
 
 impl Group {
-    /// Forms rank `rank` of the group whose ranks' peer addresses are `addrs` (rank order):
-    /// dials the ranks below, waits for the ranks above. `control` receives rank 0's steps
-    /// (ranks other than 0).
+    /// Forms rank `rank` of the group whose ranks' peer addresses are `addrs` (rank order),
+    /// `tp` tensor-parallel ranks per context-parallel row: dials the ranks below, waits for
+    /// the ranks above. `control` receives rank 0's steps (ranks other than 0).
     ///
     /// # Errors
     /// [`WorkerError::InvalidArgument`] for a bad address list; [`WorkerError::PeerUnreachable`]
@@ -102,15 +115,19 @@ impl Group {
     pub(crate) fn form(
         epoch: u64,
         rank: usize,
+        tp: usize,
         addrs: &[String],
         listener: &PeerListener,
         control: Option<ControlSink>,
     ) -> Result<Self, WorkerError> {
         let ranks = addrs.len();
-        if rank >= ranks {
+        if rank >= ranks || tp == 0 || !ranks.is_multiple_of(tp) {
             return Err(WorkerError::invalid(
                 "shard.tp_rank",
-                format!("rank {rank} of a group of {ranks} peer addresses"),
+                format!(
+                    "rank {rank} of a group of {ranks} peer addresses, {tp} tensor-parallel \
+                     ranks per ring rank"
+                ),
             ));
         }
         listener.forget_before(epoch);
@@ -152,6 +169,7 @@ impl Group {
             epoch,
             rank,
             ranks,
+            tp,
             links,
             wire,
             tag: 0,
@@ -161,7 +179,19 @@ impl Group {
             sum: Vec::new(),
             failure: None,
             spent: Duration::ZERO,
+            ring: ring::RingState::default(),
         })
+    }
+
+    /// Whether the group has more than one context-parallel rank (its stage runs a ring).
+    pub(crate) fn is_ring(&self) -> bool {
+        self.ranks > self.tp
+    }
+
+    /// Whether rank `r` is in this rank's tensor-parallel row (the same context-parallel
+    /// rank; this rank included).
+    fn same_row(&self, r: usize) -> bool {
+        r / self.tp == self.rank / self.tp
     }
 
     /// This rank's index.
@@ -190,6 +220,7 @@ impl Group {
     ) -> Result<(), WorkerError> {
         self.tag += 1;
         self.failure = None;
+        self.reset_ring();
         let frame = Frame::Step {
             tag: self.tag,
             stream,
@@ -206,6 +237,7 @@ impl Group {
     pub(crate) fn begin_step(&mut self, tag: u64) {
         self.tag = tag;
         self.failure = None;
+        self.reset_ring();
     }
 
     /// Another rank: the step it began is over (done or failed, its abort sent); the link to
@@ -305,13 +337,14 @@ impl Group {
         let code = point_code(point);
         encode_partial(&mut self.out, self.tag, layer as u32, code, x);
         let (tag, timeout) = (self.tag, self.timeout);
-        if let Err(e) = self
-            .wire
-            .exchange(&self.links, &self.out, |_| true, |_| true, tag, timeout)
+        let row: Vec<bool> = self.links.iter().map(|l| self.same_row(l.rank)).collect();
+        if let Err(e) =
+            self.wire
+                .exchange(&self.links, &self.out, |i| row[i], |i| row[i], tag, timeout)
         {
             return Err(self.fail(e));
         }
-        for i in 0..self.links.len() {
+        for i in (0..self.links.len()).filter(|&i| row[i]) {
             let r = self.links[i].rank;
             match self.wire.got[i].take() {
                 Some(Frame::Partial {
@@ -333,14 +366,15 @@ impl Group {
                 }
             }
         }
-        // The group's sum, in rank order, identical on every rank.
+        // The row's sum, in rank order, identical on every rank of the row.
+        let first = self.rank / self.tp * self.tp;
         self.sum.clear();
-        if self.rank == 0 {
+        if self.rank == first {
             self.sum.extend_from_slice(x);
         } else {
-            self.sum.extend_from_slice(&self.parts[0]);
+            self.sum.extend_from_slice(&self.parts[first]);
         }
-        for r in 1..self.ranks {
+        for r in first + 1..first + self.tp {
             let part: &[f32] = if r == self.rank { x } else { &self.parts[r] };
             for (s, p) in self.sum.iter_mut().zip(part) {
                 *s += p;
@@ -350,7 +384,8 @@ impl Group {
         Ok(())
     }
 
-    /// [`Reduce::gather_logits`]: the other ranks send, rank 0 assembles.
+    /// [`Reduce::gather_logits`]: the other ranks of the row send, its first rank assembles
+    /// (only row 0 gathers: the ring's rank 0 holds the sampling rows).
     fn gather(
         &mut self,
         local: &[f32],
@@ -358,24 +393,30 @@ impl Group {
         out: &mut Vec<f32>,
     ) -> tessera_model::Result<bool> {
         let (tag, timeout) = (self.tag, self.timeout);
-        if self.rank != 0 {
+        let first = self.rank / self.tp * self.tp;
+        if self.rank != first {
             encode_logits(&mut self.out, tag, m as u32, local);
-            // Rank 0 is the first link of every other rank (links are in rank order).
-            if let Err(e) =
-                self.wire
-                    .exchange(&self.links, &self.out, |i| i == 0, |_| false, tag, timeout)
-            {
+            let to = self.links.iter().position(|l| l.rank == first);
+            if let Err(e) = self.wire.exchange(
+                &self.links,
+                &self.out,
+                |i| Some(i) == to,
+                |_| false,
+                tag,
+                timeout,
+            ) {
                 return Err(self.fail(e));
             }
             return Ok(false);
         }
+        let row: Vec<bool> = self.links.iter().map(|l| self.same_row(l.rank)).collect();
         if let Err(e) = self
             .wire
-            .exchange(&self.links, &[], |_| false, |_| true, tag, timeout)
+            .exchange(&self.links, &[], |_| false, |i| row[i], tag, timeout)
         {
             return Err(self.fail(e));
         }
-        for i in 0..self.links.len() {
+        for i in (0..self.links.len()).filter(|&i| row[i]) {
             let r = self.links[i].rank;
             match self.wire.got[i].take() {
                 Some(Frame::Logits { tag: t, rows, data })
@@ -398,8 +439,8 @@ impl Group {
         }
         let width = |v: &[f32]| v.len() / m;
         for row in 0..m {
-            for r in 0..self.ranks {
-                let part: &[f32] = if r == 0 { local } else { &self.parts[r] };
+            for r in first..first + self.tp {
+                let part: &[f32] = if r == first { local } else { &self.parts[r] };
                 let w = width(part);
                 out.extend_from_slice(&part[row * w..(row + 1) * w]);
             }

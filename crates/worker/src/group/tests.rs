@@ -30,7 +30,7 @@ fn form_all(epoch: u64, n: usize) -> (Vec<Group>, Vec<mpsc::Receiver<Control>>, 
         });
         let (ls, addrs) = (Arc::clone(&ls), addrs.clone());
         handles.push(std::thread::spawn(move || {
-            Group::form(epoch, r, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
+            Group::form(epoch, r, n, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
         }));
     }
     let groups = handles
@@ -243,10 +243,7 @@ fn dead_peer_fails_the_step_at_once() {
     );
     let e = g.take_failure().expect("recorded");
     assert_eq!(e.code(), tonic::Code::Unavailable);
-    assert!(
-        e.to_string().contains("tensor-parallel rank 0"),
-        "{e} / {err}"
-    );
+    assert!(e.to_string().contains("stage group rank 0"), "{e} / {err}");
 }
 
 /// Ensures that a peer that stays silent fails the wait after the timeout, not never.

@@ -24,6 +24,7 @@ fn one_stage_plan(worker: &str) -> Plan {
             stage: 0,
             tp_rank: 0,
             cp_rank: 0,
+            cp_ranks: 1,
             layers: 0..30,
             embed: true,
             head: true,

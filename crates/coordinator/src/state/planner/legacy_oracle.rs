@@ -158,6 +158,7 @@ pub(super) fn plan(
             stage: s as u32,
             tp_rank: 0,
             cp_rank: 0,
+            cp_ranks: 1,
             layers: a as u32..b as u32,
             embed: a == 0,
             head: b == n,

@@ -198,6 +198,7 @@ fn build(sizer: &Sizer<'_>, workers: &[WorkerCapacity], groups: &[Group], spans:
                 stage: s as u32,
                 tp_rank: r as u32,
                 cp_rank: 0,
+                cp_ranks: 1,
                 layers: a as u32..b as u32,
                 embed: a == 0,
                 head: b == n,

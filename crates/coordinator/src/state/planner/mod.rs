@@ -79,7 +79,9 @@ pub struct PlanStage {
     /// Tensor-parallel rank inside the stage's group (rank 0 gathers the logits and samples
     /// on the last stage).
     pub tp_rank: u32,
-    /// Context-parallel rank (0 until ring attention is planned).
+    /// Context-parallel rank: which part of every sequence this rank holds in the stage's
+    /// ring (rank 0 of the ring, with tensor-parallel rank 0, is the stage's rank in the
+    /// pipeline).
     pub cp_rank: u32,
     /// Global layer range (the same for every rank of a stage).
     pub layers: Range<u32>,
@@ -94,6 +96,9 @@ pub struct PlanStage {
     /// Ranks in the stage's group (0 in plans serialized before tensor parallelism: read 1).
     #[serde(default)]
     pub tp_ranks: u32,
+    /// Ranks in the stage's ring (0 in plans serialized before context parallelism: read 1).
+    #[serde(default)]
+    pub cp_ranks: u32,
     /// KV heads this rank holds, with their query heads (empty in old plans: all).
     #[serde(default)]
     pub kv_heads: Range<u32>,
