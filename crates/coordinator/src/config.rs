@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::state::planner::TpPolicy;
+use crate::state::planner::{CpPolicy, TpPolicy};
 
 /// How to run a coordinator.
 #[derive(Clone, Debug)]
@@ -48,6 +48,10 @@ pub struct CoordinatorConfig {
     /// (`Fixed(1)`: a pipeline of single workers), or `Auto`, the mesh its cost model predicts
     /// fastest.
     pub tp: TpPolicy,
+    /// Context-parallel ring sizes: `Fixed(p)` rings of p workers per rank of the mesh, each
+    /// holding 1/p of every sequence's KV cache (`Fixed(1)`: no ring), or `Auto`, the smallest
+    /// ring whose plan fits the KV cache of `kv_tokens`.
+    pub cp: CpPolicy,
     /// How long a request waits for a serving plan before failing with UNAVAILABLE.
     pub ready_wait: Duration,
     /// This coordinator's Raft node id (>= 1).
@@ -96,6 +100,7 @@ impl Default for CoordinatorConfig {
             max_inflight_steps: 0,
             prefix_cache: true,
             tp: TpPolicy::Fixed(1),
+            cp: CpPolicy::Fixed(1),
             ready_wait: Duration::from_secs(30),
             id: 1,
             peers: BTreeMap::new(),

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tessera_coordinator::footprint::ModelFootprint;
-use tessera_coordinator::planner::{self, CostInputs, PlanPolicy, TpPolicy, WorkerCapacity};
+use tessera_coordinator::planner::{
+    self, CostInputs, CpPolicy, PlanPolicy, TpPolicy, WorkerCapacity,
+};
 use tessera_hub::ModelLocation;
 use tessera_proto::v1 as pb;
 
@@ -52,6 +54,8 @@ pub(super) fn run(args: &BenchClusterArgs, location: &ModelLocation) -> Result<(
         let policy = PlanPolicy {
             kv_tokens: 0,
             tp: TpPolicy::Fixed(tp),
+            cp: CpPolicy::Fixed(1),
+            block_size: 0,
         };
         let plan = planner::plan_with(&model, &ws, &policy, &c)?;
         Ok(planner::predict(&plan, &model, &ws, &c)

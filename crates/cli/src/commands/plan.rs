@@ -14,7 +14,7 @@ use clap::Args;
 use serde::Deserialize;
 use tessera_coordinator::footprint::ModelFootprint;
 use tessera_coordinator::planner::{
-    self, CostInputs, Plan, PlanPolicy, Prediction, TpPolicy, WorkerCapacity,
+    self, CostInputs, CpPolicy, Plan, PlanPolicy, Prediction, TpPolicy, WorkerCapacity,
 };
 use tessera_format::{Arch, ModelConfig, QType, RopeLayout};
 
@@ -164,6 +164,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let policy = PlanPolicy {
         kv_tokens: spec.kv_tokens,
         tp,
+        cp: CpPolicy::Fixed(1),
+        block_size: 0,
     };
     let plan = planner::plan_with(&model, &workers, &policy, &cost)?;
     let prediction = planner::predict(&plan, &model, &workers, &cost)

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tessera_coordinator::planner::TpPolicy;
+use tessera_coordinator::planner::{CpPolicy, TpPolicy};
 use tessera_hub::DEFAULT_MODEL;
 
 use super::client::DEFAULT_CLUSTER_ENDPOINT;
@@ -64,6 +64,12 @@ pub struct CoordinatorArgs {
     /// heads; the last (workers mod K) workers wait.
     #[arg(long, default_value = "1", value_name = "K|auto", value_parser = parse_tp)]
     pub tp: TpPolicy,
+    /// Context parallelism (ring attention): `P` puts P workers in a ring for every rank of
+    /// the mesh, each holding 1/P of every sequence's KV cache, so `--kv-tokens` may exceed
+    /// what one worker holds (1: no ring); `auto` uses the smallest ring whose plan fits.
+    /// Prefix caching is off on a ring.
+    #[arg(long, default_value = "1", value_name = "P|auto", value_parser = parse_cp)]
+    pub cp: CpPolicy,
     /// Most steps in flight on the pipeline at once: the running requests are split into
     /// this many micro-batches so that pipeline stages compute at the same time (default: the
     /// plan's number of stages; 1: one step at a time).
@@ -326,6 +332,30 @@ pub fn parse_tp(s: &str) -> Result<TpPolicy, String> {
     }
 }
 
+/// `--cp`'s spelling of `cp` (what [`parse_cp`] reads back).
+pub fn cp_arg(cp: CpPolicy) -> String {
+    match cp {
+        CpPolicy::Fixed(p) => p.to_string(),
+        CpPolicy::Auto => "auto".to_owned(),
+    }
+}
+
+/// Parses `--cp`: a ring size of at least 1, or `auto`.
+///
+/// # Errors
+/// When it is neither.
+pub fn parse_cp(s: &str) -> Result<CpPolicy, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(CpPolicy::Auto);
+    }
+    match s.parse::<u32>() {
+        Ok(p) if p >= 1 => Ok(CpPolicy::Fixed(p)),
+        _ => Err(format!(
+            "{s:?} is not a context-parallel ring size (1, 2, 3, …) or `auto`"
+        )),
+    }
+}
+
 /// Parses a byte size such as `512MiB`, `2GiB`, `1.5G` or `1048576`.
 ///
 /// # Errors
@@ -400,6 +430,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         kv_tokens: args.kv_tokens.unwrap_or(0),
         prefix_cache: args.prefix_cache,
         tp: args.tp,
+        cp: args.cp,
         max_inflight_steps: args.max_inflight_steps.unwrap_or(0),
         id: args.id,
         peers: args.peers.clone().unwrap_or_default(),

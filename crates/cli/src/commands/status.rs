@@ -83,6 +83,9 @@ pub async fn run(args: StatusArgs) -> Result<()> {
                 if sh.embed { " +embed" } else { "" },
                 if sh.head { " +head" } else { "" }
             );
+            if sh.cp_ranks > 1 {
+                let _ = write!(t, " | ring {}/{}", sh.cp_rank, sh.cp_ranks);
+            }
             if sh.tp_ranks > 1 {
                 let _ = write!(
                     t,

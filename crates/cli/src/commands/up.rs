@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// or `auto`. With `--workers 2 --tp 2` both workers serve every layer, each half of it.
     #[arg(long, default_value = "1", value_name = "K|auto", value_parser = super::serve::parse_tp)]
     pub tp: tessera_coordinator::planner::TpPolicy,
+    /// Context parallelism (see `tessera coordinator --cp`): rings of `P` workers, each
+    /// holding 1/P of every sequence's KV cache, or `auto`.
+    #[arg(long, default_value = "1", value_name = "P|auto", value_parser = super::serve::parse_cp)]
+    pub cp: tessera_coordinator::planner::CpPolicy,
     /// Most pipeline steps in flight on every coordinator (see `tessera coordinator
     /// --max-inflight-steps`; default: the plan's number of stages).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
@@ -471,6 +475,7 @@ async fn up(args: UpArgs) -> Result<()> {
         otlp.clone(),
         vec!["--prefix-cache".to_owned(), switch.to_owned()],
         vec!["--tp".to_owned(), super::serve::tp_arg(args.tp)],
+        vec!["--cp".to_owned(), super::serve::cp_arg(args.cp)],
         inflight.unwrap_or_default(),
     ]
     .concat();

@@ -4,7 +4,9 @@
 //!
 //! Every worker of a plan gets the same `kv_tokens`, so one account stands for them all. A
 //! sequence reserves its prompt plus `max_tokens`, in whole blocks, less the cached blocks it
-//! starts from; the prefix index's blocks count too, referenced or not. When a request does
+//! starts from; on a plan of context-parallel rings ([`KvBudget::set_ring`]) the account is a
+//! ring rank's: each sequence reserves the blocks of its share on one rank (at most
+//! `⌈n / P⌉ + 2` tokens), against a rank's capacity, and prefix caching is off; the prefix index's blocks count too, referenced or not. When a request does
 //! not fit, unreferenced cached blocks are evicted (least recently used, leaves first) —
 //! the evict ops go out before (in the same step as, or earlier than) the first step of the
 //! sequence that needed the room, and workers apply a step's prefix ops before its sequences.
@@ -51,8 +53,12 @@ pub(crate) struct Admission {
 /// One stream's KV account.
 #[derive(Debug)]
 pub(crate) struct KvBudget {
-    /// Tokens per worker.
+    /// Tokens per worker (per ring rank on a ring).
     capacity: u64,
+    /// Ranks in the plan's rings (1: no ring).
+    ranks: u64,
+    /// Whether prefix caching was asked for (it runs only without a ring).
+    prefix_wanted: bool,
     block: u64,
     /// Tokens reserved by running sequences (shared with their reservations).
     reserved: Arc<AtomicU64>,
@@ -69,11 +75,32 @@ impl KvBudget {
         let block = u64::from(block_size.max(1));
         Self {
             capacity: u64::from(capacity),
+            ranks: 1,
+            prefix_wanted: prefix_cache,
             block,
             reserved: Arc::new(AtomicU64::new(0)),
             prefix: prefix_cache.then(|| PrefixIndex::new(block as usize)),
             ops: Vec::new(),
         }
+    }
+
+    /// Accounts for a plan whose stages are rings of `ranks` (1: none), each rank holding
+    /// `capacity` tokens: reservations count one rank's share of each sequence, and the
+    /// prefix cache is off on a ring (a ring rank's cache holds part of each sequence).
+    /// Reservations already made keep their tokens.
+    pub fn set_ring(&mut self, ranks: u32, capacity: u32) {
+        self.ranks = u64::from(ranks.max(1));
+        self.capacity = u64::from(capacity);
+        if self.ranks > 1 {
+            self.prefix = None;
+        } else if self.prefix_wanted && self.prefix.is_none() {
+            self.prefix = Some(PrefixIndex::new(self.block as usize));
+        }
+    }
+
+    /// Tokens each worker (each ring rank) holds.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
     }
 
     /// Whether prefix caching is on.
@@ -100,7 +127,14 @@ impl KvBudget {
             .as_mut()
             .map(|p| p.acquire(prompt))
             .unwrap_or_default();
-        let blocks = (max_len as u64).div_ceil(self.block);
+        // A ring rank keeps at most ⌈n / P⌉ + 2 tokens of a sequence of n (see the planner's
+        // `rank_kv_tokens`).
+        let share = if self.ranks > 1 {
+            (max_len as u64).div_ceil(self.ranks) + 2
+        } else {
+            max_len as u64
+        };
+        let blocks = share.div_ceil(self.block);
         let need = blocks.saturating_sub(chain.len() as u64) * self.block;
         let used = self.used_tokens();
         let mut evicted = 0;

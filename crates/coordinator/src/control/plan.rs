@@ -80,6 +80,8 @@ fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
     let policy = PlanPolicy {
         kv_tokens: cluster.kv_tokens,
         tp: cluster.cfg.tp,
+        cp: cluster.cfg.cp,
+        block_size: cluster.cfg.block_size,
     };
     Ok(Some(planner::plan(&cluster.footprint, &workers, &policy)?))
 }
@@ -222,7 +224,12 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             model: cluster.cfg.model.clone(),
             shard: Some(assignment(stage)),
             next_address: next,
-            kv_tokens: cluster.kv_tokens,
+            // A ring rank holds its share of every sequence.
+            kv_tokens: planner::rank_kv_tokens(
+                cluster.kv_tokens,
+                stage.cp_ranks.max(1),
+                cluster.cfg.block_size,
+            ),
             block_size: cluster.cfg.block_size,
             group,
         };

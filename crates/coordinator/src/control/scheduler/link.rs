@@ -37,6 +37,8 @@ pub(super) struct Link {
     pub(super) epoch: u64,
     /// The most steps in flight at once (at least 1).
     pub(super) limit: usize,
+    /// Ranks in the plan's context-parallel rings (1: none).
+    pub(super) ring: u32,
     tx: mpsc::Sender<cpb::StepRequest>,
     rx: Streaming<cpb::StepResponse>,
     /// The steps in flight, oldest first.
@@ -83,6 +85,7 @@ impl Scheduler {
         Ok(Link {
             epoch: serving.epoch,
             limit,
+            ring: serving.plan.stages.first().map_or(1, |s| s.cp_ranks.max(1)),
             tx,
             rx: resp.into_inner(),
             in_flight: VecDeque::new(),

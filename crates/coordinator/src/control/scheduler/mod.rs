@@ -43,6 +43,7 @@ use super::kv_budget::{KvBudget, KvReservation};
 use crate::error::CoordinatorError;
 use crate::services::validate::ValidRequest;
 use crate::state::cluster::{Cluster, Serving};
+use crate::state::planner;
 
 mod link;
 mod step;
@@ -234,6 +235,15 @@ impl Scheduler {
             if self.link.is_none() {
                 match self.open(&serving).await {
                     Ok(link) => {
+                        let cfg = &self.cluster.cfg;
+                        self.kv.set_ring(
+                            link.ring,
+                            planner::rank_kv_tokens(
+                                self.cluster.kv_tokens,
+                                link.ring,
+                                cfg.block_size,
+                            ),
+                        );
                         // A new stream: every worker's prefix store for it starts empty.
                         self.kv.reset_prefix();
                         self.link = Some(link);
@@ -322,7 +332,7 @@ impl Scheduler {
             self.kv.used_tokens().saturating_sub(
                 self.kv.cached_blocks() as u64 * u64::from(self.cluster.cfg.block_size.max(1)),
             ),
-            u64::from(self.cluster.kv_tokens),
+            self.kv.capacity(),
         );
     }
 

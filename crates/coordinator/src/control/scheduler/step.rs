@@ -24,6 +24,9 @@ impl Scheduler {
     /// tokens): the last requests to finish must not hold their KV until the next request
     /// comes. `None` when there is nothing to send.
     pub(super) fn build_step(&mut self) -> Option<cpb::StepRequest> {
+        if let Some(step) = self.build_ring_prefill() {
+            return Some(step);
+        }
         let cfg = &self.cluster.cfg;
         let limit = self.link.as_ref().map_or(1, |l| l.limit);
         let mut budget = cfg.max_batch_tokens.max(1) as usize;
@@ -99,6 +102,43 @@ impl Scheduler {
             hidden: Vec::new(),
             release: std::mem::take(&mut self.release),
             // Set when it is sent, from the step's span.
+            trace_context: Default::default(),
+            prefix_ops: self.kv.take_ops(),
+        })
+    }
+
+    /// On a plan of context-parallel rings, a sequence that has not started goes alone, its
+    /// whole prompt in one step: only such a step is split over the ring's ranks (every
+    /// other step replicates its rows on every rank), so a long prompt's prefill is shared
+    /// rather than repeated. The decoders wait that one step. `None` when the plan has no
+    /// ring or no sequence waits to start.
+    fn build_ring_prefill(&mut self) -> Option<cpb::StepRequest> {
+        let link = self.link.as_ref().filter(|l| l.ring > 1)?;
+        let epoch = link.epoch;
+        let step_id = self.next_step;
+        let s = self
+            .running
+            .iter_mut()
+            .find(|s| s.in_step.is_none() && !s.started)?;
+        let prompt = &s.req.inner.prompt_ids;
+        let tokens = prompt[s.prefilled..].to_vec();
+        s.prefilled = prompt.len();
+        s.started = true;
+        s.in_step = Some(step_id);
+        s.last_step = step_id;
+        let seq = cpb::SeqStep {
+            seq_id: s.id,
+            tokens,
+            sample: true,
+            start: Some(s.req.seq_start()),
+        };
+        self.next_step += 1;
+        Some(cpb::StepRequest {
+            plan_epoch: epoch,
+            step_id,
+            seqs: vec![seq],
+            hidden: Vec::new(),
+            release: std::mem::take(&mut self.release),
             trace_context: Default::default(),
             prefix_ops: self.kv.take_ops(),
         })

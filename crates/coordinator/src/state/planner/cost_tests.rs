@@ -23,7 +23,18 @@ fn predicted(
     tp: TpPolicy,
     c: &CostInputs,
 ) -> Prediction {
-    let p = plan_with(m, ws, &PlanPolicy { kv_tokens: 0, tp }, c).expect("plan");
+    let p = plan_with(
+        m,
+        ws,
+        &PlanPolicy {
+            kv_tokens: 0,
+            tp,
+            cp: CpPolicy::Fixed(1),
+            block_size: 0,
+        },
+        c,
+    )
+    .expect("plan");
     predict(&p, m, ws, c).expect("known workers")
 }
 
@@ -66,6 +77,8 @@ fn formula_on_a_group_of_two() {
         &PlanPolicy {
             kv_tokens: 0,
             tp: TpPolicy::Fixed(2),
+            cp: CpPolicy::Fixed(1),
+            block_size: 0,
         },
         &c,
     )
@@ -118,7 +131,18 @@ fn predictions_are_monotonic() {
     let c = CostInputs::default();
     for tp in [TpPolicy::Fixed(1), TpPolicy::Fixed(3)] {
         let ws = workers(&[2, 2, 2], 0);
-        let plan = plan_with(&m, &ws, &PlanPolicy { kv_tokens: 0, tp }, &c).expect("plan");
+        let plan = plan_with(
+            &m,
+            &ws,
+            &PlanPolicy {
+                kv_tokens: 0,
+                tp,
+                cp: CpPolicy::Fixed(1),
+                block_size: 0,
+            },
+            &c,
+        )
+        .expect("plan");
         let at = |ws: &[WorkerCapacity], c: &CostInputs| predict(&plan, &m, ws, c).expect("p");
         let base = at(&ws, &c);
         for w in 0..3 {
@@ -163,6 +187,8 @@ fn unknown_workers_predict_nothing() {
         &PlanPolicy {
             kv_tokens: 0,
             tp: TpPolicy::Fixed(1),
+            cp: CpPolicy::Fixed(1),
+            block_size: 0,
         },
         &c,
     )

@@ -39,7 +39,12 @@ fn worker(id: &str, memory_bytes: u64, threads: u32) -> WorkerCapacity {
 }
 
 fn policy(kv_tokens: u32, tp: TpPolicy) -> PlanPolicy {
-    PlanPolicy { kv_tokens, tp }
+    PlanPolicy {
+        kv_tokens,
+        tp,
+        cp: CpPolicy::Fixed(1),
+        block_size: 0,
+    }
 }
 
 const GIB: u64 = 1 << 30;

@@ -10,6 +10,8 @@
 //!   [`TpPolicy::Auto`], and the reasons a plan is refused.
 //! - `cost`: the cost model ([`CostInputs`], [`predict`]) that times mesh stages and picks
 //!   the group size for `Auto`.
+//! - `ring`: context-parallel rings ([`CpPolicy`]): `P` workers per rank of the mesh, each
+//!   holding `1/P` of every sequence's KV cache — for contexts no group can hold alone.
 //!
 //! `Fixed(1)` is the pipeline-only planner as it was before tensor parallelism: the same
 //! stages, workers and byte counts for the same inputs. A group never has more ranks than the
@@ -18,6 +20,7 @@
 mod cost;
 mod mesh;
 mod pipeline;
+mod ring;
 mod split;
 
 use std::ops::Range;
@@ -25,6 +28,7 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 
 pub use cost::{CostInputs, Prediction, StageCost, predict};
+pub use ring::{CpPolicy, rank_kv_tokens};
 
 use crate::state::footprint::ModelFootprint;
 
@@ -67,6 +71,12 @@ pub struct PlanPolicy {
     /// Tensor-parallel group sizes.
     #[serde(default)]
     pub tp: TpPolicy,
+    /// Context-parallel ring sizes.
+    #[serde(default)]
+    pub cp: CpPolicy,
+    /// Tokens per KV block (a ring rank's share is rounded to whole blocks; 0 reads as 1).
+    #[serde(default)]
+    pub block_size: u32,
 }
 
 /// One worker's part of a plan: its coordinate in the mesh and what it holds.
@@ -111,9 +121,9 @@ pub struct PlanStage {
     pub vocab: Range<u32>,
 }
 
-/// A shard plan: one entry per worker, sorted by (stage, tp_rank); the stages cover every
-/// layer exactly once, in order, and the ranks of a stage cover every KV head, MLP column and
-/// vocabulary row exactly once.
+/// A shard plan: one entry per worker, sorted by (stage, cp_rank, tp_rank); the stages cover
+/// every layer exactly once, in order, and the tensor-parallel ranks of each ring rank of a
+/// stage cover every KV head, MLP column and vocabulary row exactly once.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     /// The workers' parts, by (stage, tp_rank).
@@ -152,6 +162,9 @@ pub enum PlanError {
     /// The tensor-parallel group size asked for cannot split this model over these workers.
     #[error("tensor parallelism refused: {0}")]
     TensorParallel(String),
+    /// The ring size asked for cannot be formed from these workers.
+    #[error("context parallelism refused: {0}")]
+    ContextParallel(String),
 }
 
 /// Plans `model` over `workers` (in the given order) for `policy`, with the default
@@ -187,6 +200,20 @@ pub fn plan_with(
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
     }
+    match policy.cp {
+        CpPolicy::Fixed(0 | 1) => plan_tp(model, workers, policy, cost),
+        CpPolicy::Fixed(p) => ring::rings(model, workers, policy, p, policy.block_size, cost),
+        CpPolicy::Auto => ring::auto(model, workers, policy, policy.block_size, cost),
+    }
+}
+
+/// The mesh of stages × tensor-parallel groups for `policy.tp`, without rings.
+fn plan_tp(
+    model: &ModelFootprint,
+    workers: &[WorkerCapacity],
+    policy: &PlanPolicy,
+    cost: &CostInputs,
+) -> Result<Plan, PlanError> {
     match policy.tp {
         TpPolicy::Fixed(1) => mesh::pipeline_only(model, workers, policy),
         TpPolicy::Fixed(k) => mesh::fixed(model, workers, policy, k, cost),
@@ -205,3 +232,6 @@ mod mesh_tests;
 
 #[cfg(test)]
 mod cost_tests;
+
+#[cfg(test)]
+mod ring_tests;

@@ -34,12 +34,16 @@ fn ranges(p: &Plan) -> Vec<(String, Range<u32>)> {
 const NO_KV: PlanPolicy = PlanPolicy {
     kv_tokens: 0,
     tp: TpPolicy::Fixed(1),
+    cp: CpPolicy::Fixed(1),
+    block_size: 0,
 };
 
 fn with_kv(kv_tokens: u32) -> PlanPolicy {
     PlanPolicy {
         kv_tokens,
         tp: TpPolicy::Fixed(1),
+        cp: CpPolicy::Fixed(1),
+        block_size: 0,
     }
 }
 
