@@ -33,7 +33,8 @@ pub(crate) struct WorkerMetrics {
     tp_reduce_seconds: Counter<f64, AtomicU64>,
     /// The shard's cumulative tensor-parallel figures as of the last render: the counters
     /// above advance by the difference, so they stay monotonic whoever reads first.
-    tp_seen: Mutex<(u64, u64)>,
+    tp_seen: Mutex<(u64, u64, u64)>,
+    peer_bytes_sent: Counter,
 }
 
 /// A gauge value from an unsigned count (saturating: no count here comes near `i64::MAX`).
@@ -95,6 +96,13 @@ impl WorkerMetrics {
             "Time tensor-parallel steps spent sending, waiting for and adding partial sums",
             tp_reduce_seconds.clone(),
         );
+        let peer_bytes_sent = Counter::default();
+        registry.register(
+            "peer_bytes_sent",
+            "Bytes written to the stage group's peers: tensor-parallel partial sums, ring K/V \
+             blocks and gathers",
+            peer_bytes_sent.clone(),
+        );
         Self {
             registry,
             steps,
@@ -110,7 +118,8 @@ impl WorkerMetrics {
             kv_bytes,
             tp_steps,
             tp_reduce_seconds,
-            tp_seen: Mutex::new((0, 0)),
+            tp_seen: Mutex::new((0, 0, 0)),
+            peer_bytes_sent,
         }
     }
 
@@ -140,11 +149,17 @@ impl WorkerMetrics {
                 .tp_seen
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let (steps, us) = *seen;
+            let (steps, us, bytes) = *seen;
             self.tp_steps.inc_by(status.tp_steps.saturating_sub(steps));
             self.tp_reduce_seconds
                 .inc_by(status.tp_reduce_us.saturating_sub(us) as f64 / 1e6);
-            *seen = (steps.max(status.tp_steps), us.max(status.tp_reduce_us));
+            self.peer_bytes_sent
+                .inc_by(status.peer_bytes_sent.saturating_sub(bytes));
+            *seen = (
+                steps.max(status.tp_steps),
+                us.max(status.tp_reduce_us),
+                bytes.max(status.peer_bytes_sent),
+            );
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -179,6 +179,7 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             kv_bytes: status.kv_bytes,
             tp_steps: status.tp_steps,
             tp_reduce_us: status.tp_reduce_us,
+            peer_bytes_sent: status.peer_bytes_sent,
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {

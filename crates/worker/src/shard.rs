@@ -94,6 +94,8 @@ pub struct ShardStatus {
     pub tp_steps: u64,
     /// Microseconds those steps spent in the group's reductions and logits gathers.
     pub tp_reduce_us: u64,
+    /// Bytes written to the stage group's peers since the process started.
+    pub peer_bytes_sent: u64,
 }
 
 /// Atomics the executor writes after every command.
@@ -111,6 +113,7 @@ pub(crate) struct ShardStats {
     /// Cumulative, added to by [`ShardStats::add_group_step`]; `publish` leaves them alone.
     tp_steps: AtomicU64,
     tp_reduce_us: AtomicU64,
+    peer_bytes_sent: AtomicU64,
 }
 
 impl ShardStats {
@@ -148,7 +151,13 @@ impl ShardStats {
             tp_rank: self.tp_rank.load(Ordering::Relaxed) as u32,
             tp_steps: self.tp_steps.load(Ordering::Relaxed),
             tp_reduce_us: self.tp_reduce_us.load(Ordering::Relaxed),
+            peer_bytes_sent: self.peer_bytes_sent.load(Ordering::Relaxed),
         }
+    }
+
+    /// Counts `bytes` written to the group's peers.
+    pub fn add_peer_bytes(&self, bytes: u64) {
+        self.peer_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// Counts one step computed in a tensor-parallel group that spent `spent` in collectives.

@@ -11,6 +11,10 @@
 //! all the threads and through a group of K workers sharing them, with the group's reduction
 //! time per step and the cost model's predictions.
 //!
+//! With `--cp P`, context parallelism instead (`bench_ring`): a long prompt's time to first
+//! token through one worker with all the threads and through a ring of P workers sharing
+//! them, with the bytes each rank sends.
+//!
 //! A benchmark, not a test: it prints figures and asserts nothing about speed.
 
 use std::net::SocketAddr;
@@ -55,6 +59,11 @@ pub struct BenchClusterArgs {
     /// at equal total threads.
     #[arg(long, default_value_t = 0)]
     pub tp: u32,
+    /// Compare one worker with a context-parallel ring of this many workers instead (0:
+    /// off), at equal total threads: time to first token of the prompt (make it long with
+    /// `--prompt-repeats`) and bytes each rank sends.
+    #[arg(long, default_value_t = 0)]
+    pub cp: u32,
 }
 
 /// One configuration's best figures.
@@ -85,6 +94,9 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     }
     if args.tp > 1 {
         return super::bench_tp::run(&args, &location);
+    }
+    if args.cp > 1 {
+        return super::bench_ring::run(&args, args.cp);
     }
     let embedded = {
         let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;

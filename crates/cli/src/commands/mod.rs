@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod bench_cluster;
 pub mod bench_failover;
+mod bench_ring;
 mod bench_tp;
 pub mod client;
 pub mod cluster;

@@ -228,6 +228,7 @@ impl pb::inference_server::Inference for Api {
                     link_rtt_us: s.and_then(|s| (s.link_rtt_us > 0).then_some(s.link_rtt_us)),
                     tp_steps: s.map_or(0, |s| s.tp_steps),
                     tp_reduce_us: s.map_or(0, |s| s.tp_reduce_us),
+                    peer_bytes_sent: s.map_or(0, |s| s.peer_bytes_sent),
                 }
             })
             .collect();

@@ -118,6 +118,7 @@ impl pb::coordination_server::Coordination for Registry {
                 link_rtt_us: req.link_rtt_us,
                 tp_steps: req.tp_steps,
                 tp_reduce_us: req.tp_reduce_us,
+                peer_bytes_sent: req.peer_bytes_sent,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {

@@ -29,6 +29,8 @@ pub struct Seen {
     pub tp_steps: u64,
     /// Microseconds those steps spent in reductions.
     pub tp_reduce_us: u64,
+    /// Bytes it wrote to its group's peers.
+    pub peer_bytes_sent: u64,
 }
 
 impl Seen {
@@ -43,6 +45,7 @@ impl Seen {
             link_rtt_us: 0,
             tp_steps: 0,
             tp_reduce_us: 0,
+            peer_bytes_sent: 0,
         }
     }
 }

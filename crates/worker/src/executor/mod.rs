@@ -152,6 +152,7 @@ impl Executor {
                 // Cumulative counters: ShardStats keeps its own.
                 tp_steps: 0,
                 tp_reduce_us: 0,
+                peer_bytes_sent: 0,
             }));
     }
 
@@ -270,6 +271,7 @@ impl Executor {
             return out;
         };
         let spent = g.take_spent();
+        self.stats.add_peer_bytes(g.take_written());
         if computes && out.is_ok() {
             self.stats.add_group_step(spent);
         }

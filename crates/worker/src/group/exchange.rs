@@ -31,6 +31,8 @@ pub(crate) struct Wire {
     sent: Vec<usize>,
     /// The frame taken from each link in the last exchange.
     pub got: Vec<Option<Frame>>,
+    /// Bytes written to the links since last taken.
+    pub written: u64,
 }
 
 impl Wire {
@@ -48,6 +50,7 @@ impl Wire {
             events: Events::with_capacity(8),
             sent: Vec::new(),
             got: Vec::new(),
+            written: 0,
         })
     }
 
@@ -97,7 +100,9 @@ impl Wire {
             let mut done = true;
             for (i, l) in links.iter().enumerate() {
                 if self.sent[i] < bytes.len() {
+                    let before = self.sent[i];
                     moved |= l.write_some(bytes, &mut self.sent[i])?;
+                    self.written += (self.sent[i] - before) as u64;
                     done &= self.sent[i] == bytes.len();
                 }
             }

@@ -288,6 +288,11 @@ impl Group {
         std::mem::take(&mut self.spent)
     }
 
+    /// Bytes written to the peers since the last call.
+    pub(crate) fn take_written(&mut self) -> u64 {
+        std::mem::take(&mut self.wire.written)
+    }
+
     /// The reason the last collective failed, if one did in this step.
     pub(crate) fn take_failure(&mut self) -> Option<WorkerError> {
         self.failure.take().map(WorkerError::Unavailable)

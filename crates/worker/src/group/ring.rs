@@ -87,6 +87,7 @@ impl Group {
         if let Err(e) = self.links[next].write_some(&self.ring.out, &mut self.ring.sent) {
             return Err(self.fail(e));
         }
+        self.wire.written += self.ring.sent as u64;
         self.ring.pending = Some(layer);
         Ok(())
     }
