@@ -13,6 +13,8 @@
 //! Shapes follow the candle convention: `q`/`out` are `(seq_q, n_heads, head_dim)`, `lse` is
 //! `(seq_q, n_heads)`, a K/V block is `(block_size, n_kv_heads, head_dim)`, all row-major f32.
 
+#[cfg(test)]
+mod bench;
 mod flash;
 mod ggml;
 #[cfg(target_arch = "x86_64")]
