@@ -64,6 +64,23 @@ pub fn flash_attention(
     flash_attention_with(Isa::detect(), None, q, kv, spec, o, pool);
 }
 
+/// [`flash_attention`] without key splits: every row is computed over its keys in one pass,
+/// so a row's result does not depend on the other rows of the call — a long prompt gives the
+/// same bits however it is cut into prefill chunks (with or without a cached prefix). For
+/// calls with many rows (prefill), where splits would not be planned anyway.
+///
+/// # Panics
+/// As [`flash_attention`].
+pub fn flash_attention_unsplit(
+    q: &[f32],
+    kv: KvView<'_>,
+    spec: AttnSpec,
+    o: AttnOut<'_>,
+    pool: &ThreadPool,
+) {
+    flash_attention_with(Isa::detect(), Some(1), q, kv, spec, o, pool);
+}
+
 /// [`flash_attention`] with the instruction set and, optionally, the number of key splits
 /// chosen by the caller (tests use this to exercise every path on any machine). A forced split
 /// count is capped by the partial-result storage.

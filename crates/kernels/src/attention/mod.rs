@@ -28,7 +28,7 @@ mod simd;
 #[cfg(test)]
 mod tests;
 
-pub use flash::{MAX_HEAD_DIM, flash_attention};
+pub use flash::{MAX_HEAD_DIM, flash_attention, flash_attention_unsplit};
 pub use ggml::ggml_attention;
 pub use merge::merge_into;
 pub use ring::{Ring, RingLayout, ring_attention, ring_decode};

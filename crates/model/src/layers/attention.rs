@@ -5,6 +5,17 @@
 //! against (its greedy continuations) keeps an f16 KV cache and rounds that way, and the model's
 //! near-ties turn any other rounding into different tokens. The cache pools stay f32 (holding
 //! f16 values) so the flash kernel and the ring paths read them unchanged.
+//!
+//! Long prefills switch to the tiled [`flash_attention_unsplit`] (no key splits, so a row's
+//! bits do not depend on how the prompt was chunked): a prefill chunk (two or more new
+//! rows) whose keys number [`LONG_ATTENTION_KEYS`] or more. llama.cpp's order computes every
+//! query row's scores over all keys before its softmax, so a chunk over a long cache re-reads
+//! the keys once per row, out of cache: on SmolLM2's heads, one 512-row chunk over 7400 keys
+//! takes 7.75 s on one thread there and 1.22 s tiled (6.3×; 2.7–3.2× at 2048 keys, 1.9× at
+//! 512; `attention::bench` in the kernels crate), with outputs within 1.1e-5 at 7400 keys. The
+//! golden prompts are far shorter than the switch, so they keep llama.cpp's bits; decode steps
+//! (one row) always run llama.cpp's order. Every caller — the engine, pipeline stages,
+//! tensor-parallel ranks — takes the same switch, so they still agree bit for bit.
 
 use crate::error::Result;
 use crate::kv_cache::SeqKv;
@@ -13,10 +24,16 @@ use crate::layers::ring_attention::{RingOut, RingRows, RingScratch, ring_attend}
 use crate::tensor_slice::{TensorSlice, cut_cols, cut_rows, cut_vec};
 use crate::weights::{TensorKey, WeightStore, WeightStoreExt};
 use tessera_format::ModelConfig;
-use tessera_kernels::attention::{AttnOut, AttnShape, AttnSpec, ggml_attention};
+use tessera_kernels::attention::{
+    AttnOut, AttnShape, AttnSpec, flash_attention_unsplit, ggml_attention,
+};
 use tessera_kernels::ggml_math::round_f16_in_place;
 use tessera_kernels::profile::{self, Op};
 use tessera_kernels::quant::{QMatrix, QScratch};
+
+/// Keys from which a prefill chunk runs the tiled kernel instead of llama.cpp's order (see
+/// the module docs).
+pub const LONG_ATTENTION_KEYS: usize = 1024;
 
 /// One sequence's part of a batched step: its new tokens (a prefill chunk or one decode
 /// token), continuing after the `seq.len()` tokens already in the KV cache. A batch's rows are
@@ -223,7 +240,12 @@ impl Attention {
                 out: &mut s.ctx[rows.start * qd..rows.end * qd],
                 lse: &mut s.lse[rows.start * self.n_heads..rows.end * self.n_heads],
             };
-            ggml_attention(&s.q[rows.start * qd..rows.end * qd], view, spec, o, pool);
+            let q = &s.q[rows.start * qd..rows.end * qd];
+            if len >= 2 && view.len >= LONG_ATTENTION_KEYS {
+                flash_attention_unsplit(q, view, spec, o, pool);
+            } else {
+                ggml_attention(q, view, spec, o, pool);
+            }
         }
         let _timer = profile::scope(Op::OutProj);
         Ok(self.wo.matmul(s.ctx, n, out, s.q8, pool)?)
