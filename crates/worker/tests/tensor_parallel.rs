@@ -522,6 +522,19 @@ async fn dead_rank_fails(model: &Path, mesh: Mesh) {
 /// 1.31 (TP = 2 × ring of 2).
 const RING_LOGPROB_BOUND: f32 = 3.0;
 
+/// Prefills `long` as a new sequence (kept live, so its KV blocks can be counted).
+async fn prefill_long(d: &mut Driver, long: &[u32]) {
+    let prefill = pb::SeqStep {
+        seq_id: 99,
+        tokens: long.to_vec(),
+        sample: true,
+        start: Some(seq_start(long, &sampling())),
+    };
+    d.step(vec![prefill], Vec::new())
+        .await
+        .expect("long prefill");
+}
+
 /// Ensures that a ring of 2, two stages each a ring of 2, and TP = 2 × a ring of 2 (workers
 /// talking over real sockets: the ring's K/V blocks and partial results on the peer links)
 /// give one worker's teacher-forced top-20 log-probabilities within
@@ -550,15 +563,7 @@ async fn rings_match_one_worker_and_the_goldens() {
         let c = Cluster::start(&model, whole()).await;
         let mut d = c.open().await;
         let r = teacher_forced(&mut d, cases).await;
-        let prefill = pb::SeqStep {
-            seq_id: 99,
-            tokens: long.clone(),
-            sample: true,
-            start: Some(seq_start(&long, &sampling())),
-        };
-        d.step(vec![prefill], Vec::new())
-            .await
-            .expect("long prefill");
+        prefill_long(&mut d, &long).await;
         let blocks = used(&c.workers[0]);
         drop(d);
         c.shutdown().await;
@@ -589,15 +594,7 @@ async fn rings_match_one_worker_and_the_goldens() {
                 }
             }
         }
-        let prefill = pb::SeqStep {
-            seq_id: 99,
-            tokens: long.clone(),
-            sample: true,
-            start: Some(seq_start(&long, &sampling())),
-        };
-        d.step(vec![prefill], Vec::new())
-            .await
-            .expect("long prefill");
+        prefill_long(&mut d, &long).await;
         // Ranks other than 0 publish their state a moment after rank 0 answers.
         let mut blocks: Vec<u64> = c.workers.iter().map(&used).collect();
         for _ in 0..50 {

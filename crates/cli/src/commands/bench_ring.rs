@@ -12,7 +12,8 @@ use anyhow::{Context, Result};
 use tessera_proto::v1 as pb;
 
 use super::bench_cluster::{BenchClusterArgs, request, start_cluster};
-use super::client::{Client, connect, stream_generate, wait_ready};
+use super::bench_tp::settled_status;
+use super::client::{connect, stream_generate, wait_ready};
 
 /// One configuration's best time to first token and its ranks' bytes sent per request.
 struct Measured {
@@ -72,16 +73,6 @@ fn peer_bytes(s: &pb::ClusterStatusResponse) -> Vec<u64> {
     ranks.into_iter().map(|r| r.1).collect()
 }
 
-/// The status once every worker's heartbeat has carried its counters (they lag by up to
-/// one interval).
-async fn settled(client: &mut Client) -> Result<pb::ClusterStatusResponse> {
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    Ok(client
-        .cluster_status(pb::ClusterStatusRequest::default())
-        .await?
-        .into_inner())
-}
-
 async fn measure(
     args: &BenchClusterArgs,
     workers: u32,
@@ -96,7 +87,7 @@ async fn measure(
         let mut before = Vec::new();
         for run in 0..=args.runs {
             if run == 1 {
-                before = peer_bytes(&settled(&mut client).await?);
+                before = peer_bytes(&settled_status(&mut client).await?);
             }
             let start = Instant::now();
             let mut first = None;
@@ -114,7 +105,7 @@ async fn measure(
                 best = best.min((first - start).as_secs_f64() * 1e3);
             }
         }
-        let after = peer_bytes(&settled(&mut client).await?);
+        let after = peer_bytes(&settled_status(&mut client).await?);
         let runs = args.runs.max(1) as u64;
         let bytes_per_request = after
             .iter()

@@ -125,7 +125,7 @@ fn tp_totals(s: &pb::ClusterStatusResponse) -> Vec<(u64, u64, u32)> {
 
 /// The cluster status once every worker has reported the steps it has computed (heartbeats
 /// carry the counters, so they lag by up to one interval).
-async fn settled_status(client: &mut Client) -> Result<pb::ClusterStatusResponse> {
+pub(super) async fn settled_status(client: &mut Client) -> Result<pb::ClusterStatusResponse> {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     Ok(client
         .cluster_status(pb::ClusterStatusRequest::default())
