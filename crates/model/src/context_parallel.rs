@@ -100,6 +100,11 @@ pub struct SeqPlan {
     pub chunks: Vec<Vec<Range<usize>>>,
     /// Split mode: where this sequence's rows start in each rank's K/V block, by rank.
     pub block_rows: Vec<usize>,
+    /// The global positions of this rank's rows, in row order. Computed once here because the
+    /// embedding, RoPE and every layer's K/V write read them (the decode hot path).
+    positions: Vec<usize>,
+    /// Indices into this rank's rows whose K/V this rank keeps.
+    kept: Vec<usize>,
 }
 
 /// The layout of one step over a ring, computed identically on every rank.
@@ -161,12 +166,30 @@ impl RingStep {
                 }
                 RingMode::Replicated => (Vec::new(), Vec::new(), n),
             };
+            let positions: Vec<usize> = match mode {
+                RingMode::Split => chunks[rank]
+                    .iter()
+                    .flat_map(|c| c.clone().map(|p| start + p))
+                    .collect(),
+                RingMode::Replicated => (start..start + n).collect(),
+            };
+            let kept = match mode {
+                RingMode::Split => (0..positions.len()).collect(),
+                RingMode::Replicated => positions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| *p % ranks == rank)
+                    .map(|(j, _)| j)
+                    .collect(),
+            };
             seqs.push(SeqPlan {
                 start,
                 n,
                 rows: row..row + mine,
                 chunks,
                 block_rows,
+                positions,
+                kept,
             });
             row += mine;
         }
@@ -194,31 +217,15 @@ impl RingStep {
     }
 
     /// The global positions of this rank's rows of sequence `i`, in row order.
-    pub fn positions(&self, i: usize) -> Vec<usize> {
-        let s = &self.seqs[i];
-        match self.mode {
-            RingMode::Split => s.chunks[self.rank]
-                .iter()
-                .flat_map(|c| c.clone().map(|p| s.start + p))
-                .collect(),
-            RingMode::Replicated => (s.start..s.start + s.n).collect(),
-        }
+    pub fn positions(&self, i: usize) -> &[usize] {
+        &self.seqs[i].positions
     }
 
     /// Of sequence `i`'s rows on this rank, the indices (into those rows) whose K/V this rank
     /// keeps: all of them in split mode, those at positions `p` with `p mod P == rank` in
     /// replicated mode.
-    pub fn kept(&self, i: usize) -> Vec<usize> {
-        let positions = self.positions(i);
-        match self.mode {
-            RingMode::Split => (0..positions.len()).collect(),
-            RingMode::Replicated => positions
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| *p % self.ranks == self.rank)
-                .map(|(j, _)| j)
-                .collect(),
-        }
+    pub fn kept(&self, i: usize) -> &[usize] {
+        &self.seqs[i].kept
     }
 
     /// Whether this rank holds the rows that sample (the last row of every sequence): rank 0.
@@ -368,7 +375,7 @@ mod tests {
                 let st = RingStep::new(&batch, &[0, 0], rank, ranks).expect("step");
                 assert_eq!(st.mode, RingMode::Split);
                 for (i, s) in st.seqs.iter().enumerate() {
-                    for p in st.positions(i) {
+                    for &p in st.positions(i) {
                         seen[i][p] += 1;
                     }
                     assert_eq!(st.positions(i).len(), s.rows.len());
@@ -386,7 +393,7 @@ mod tests {
             let st = RingStep::new(&batch, &[0, 5], 1, ranks).expect("step");
             assert_eq!(st.mode, RingMode::Replicated);
             assert_eq!(st.rows(), 17);
-            assert_eq!(st.positions(1), (5..12).collect::<Vec<_>>());
+            assert_eq!(st.positions(1), (5..12).collect::<Vec<_>>().as_slice());
             let kept: Vec<usize> = st.kept(1).iter().map(|&j| 5 + j).collect();
             assert!(kept.iter().all(|p| p % ranks == 1) && !kept.is_empty());
         }

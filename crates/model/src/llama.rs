@@ -322,7 +322,7 @@ impl Llama {
         s.positions.clear();
         for (i, step) in batch.iter().enumerate() {
             match ring {
-                Some(r) => s.positions.extend(r.positions(i)),
+                Some(r) => s.positions.extend_from_slice(r.positions(i)),
                 None => {
                     let base = step.seq.len();
                     s.positions.extend(base..base + step.tokens.len());
@@ -437,8 +437,8 @@ impl Llama {
                             .enumerate()
                             .flat_map(|(i, (b, sp))| {
                                 r.positions(i)
-                                    .into_iter()
-                                    .map(move |p| b.tokens[p - sp.start])
+                                    .iter()
+                                    .map(move |&p| b.tokens[p - sp.start])
                             }),
                         x,
                     )?,

@@ -309,7 +309,7 @@ fn replicated(
         }
         s.keep_k.clear();
         s.keep_v.clear();
-        for j in step.kept(i) {
+        for &j in step.kept(i) {
             let at = (sp.rows.start + j) * kvd..(sp.rows.start + j + 1) * kvd;
             s.keep_k.extend_from_slice(&rows.k[at.clone()]);
             s.keep_v.extend_from_slice(&rows.v[at]);
