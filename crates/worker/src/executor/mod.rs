@@ -190,7 +190,7 @@ impl Executor {
     pub fn step(
         &mut self,
         stream: StreamId,
-        req: pb::StepRequest,
+        mut req: pb::StepRequest,
     ) -> Result<StepOutput, WorkerError> {
         if let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) {
             if g.rank() != 0 {
@@ -200,7 +200,7 @@ impl Executor {
                 )));
             }
             // The other ranks run the step too; a step refused here is refused there alike.
-            if let Err(e) = g.broadcast_step(stream, &req) {
+            if let Err(e) = g.broadcast_step(stream, &mut req) {
                 g.abort(&e.to_string());
                 return Err(e);
             }
@@ -229,12 +229,18 @@ impl Executor {
                 stream,
                 request,
             } => {
+                let mut request = *request;
+                let mut hidden = Ok(());
                 if let Some(g) = self.loaded.as_mut().and_then(|l| l.group.as_mut()) {
                     g.begin_step(tag);
+                    hidden = g.receive_hidden(&mut request.hidden);
                 }
                 let step_id = request.step_id;
                 let computes = !request.seqs.is_empty();
-                let out = self.step_inner(peer_stream(stream), *request);
+                let out = match hidden {
+                    Ok(()) => self.step_inner(peer_stream(stream), request),
+                    Err(e) => Err(e),
+                };
                 if let Err(e) = self.after_group_step(out, computes) {
                     tracing::warn!(step_id, error = %e, "tensor-parallel step failed");
                 }

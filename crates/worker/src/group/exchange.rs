@@ -1,19 +1,19 @@
-//! Driving all of a group's links at once for one collective: sending a frame to some peers
-//! and taking one frame from some peers, on the executor thread, without blocking on any one
-//! of them.
+//! Driving all of a group's links at once for one collective: sending frames to some peers
+//! and taking one frame (or one partial in chunks) from some peers, on the executor thread,
+//! without blocking on any one of them.
 //!
 //! The loop writes what each socket takes and reads what each holds; while nothing moves it
 //! first spins (a peer running the same layers is usually microseconds behind, and waking a
 //! sleeping thread costs tens of microseconds on a virtual machine), then yields the CPU (a
 //! peer on the same core gets to run), then sleeps in the poller until a socket is ready or
-//! the timeout passes. Every socket is read and written until it would block before the
+//! the timeout passes with nothing moved. Every socket is read and written until it would block before the
 //! poller waits, which the poller's edge-triggered readiness requires.
 
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use super::frame::Frame;
+use super::frame::{Frame, MORE};
 use super::link::Link;
 
 /// How long an idle exchange busy-waits before yielding the CPU.
@@ -33,6 +33,8 @@ pub(crate) struct Wire {
     pub got: Vec<Option<Frame>>,
     /// Bytes written to the links since last taken.
     pub written: u64,
+    /// The chunks of a partial taken so far, per link ([`Wire::exchange_partials`]).
+    chunks: Vec<Vec<f32>>,
 }
 
 impl Wire {
@@ -51,6 +53,7 @@ impl Wire {
             sent: Vec::new(),
             got: Vec::new(),
             written: 0,
+            chunks: Vec::new(),
         })
     }
 
@@ -87,14 +90,56 @@ impl Wire {
         tag: u64,
         timeout: Duration,
     ) -> Result<(), String> {
+        self.drive(links, bytes, sent, from, (tag, None), timeout)
+    }
+
+    /// [`Wire::exchange_from`] for partials that may travel in chunks
+    /// (`frame::encode_partial`): `bytes` may hold several frames, and from every link `from`
+    /// selects this takes the chunks of step `tag`'s partial at `layer` and `point` until the
+    /// last, leaving in [`Wire::got`] one [`Frame::Partial`] (with `point`) holding their
+    /// values in order. A frame that is not the expected chunk is left in `got` as it came
+    /// and ends that link's part, for the caller's check to name; the frames a link sent
+    /// after it stay unread.
+    ///
+    /// # Errors
+    /// As [`Wire::exchange`].
+    pub(crate) fn exchange_partials(
+        &mut self,
+        links: &[Link],
+        bytes: &[u8],
+        sent: impl Fn(usize) -> usize,
+        from: impl Fn(usize) -> bool,
+        (tag, layer, point): (u64, u32, u8),
+        timeout: Duration,
+    ) -> Result<(), String> {
+        self.drive(links, bytes, sent, from, (tag, Some((layer, point))), timeout)
+    }
+
+    /// The exchange loop: writes what each socket takes, and takes every frame that has
+    /// arrived on each link `from` selects until that link's part is whole — one frame, or
+    /// with `partial` = (layer, point) the chunks of that partial — whether or not this
+    /// rank's own writes are done: reads never wait on writes, so ranks that all send more
+    /// than the sockets buffer cannot wait on each other. Fails when nothing has moved for
+    /// `timeout`: a peer still sending a long partial is alive, however long it takes.
+    fn drive(
+        &mut self,
+        links: &[Link],
+        bytes: &[u8],
+        sent: impl Fn(usize) -> usize,
+        from: impl Fn(usize) -> bool,
+        (tag, partial): (u64, Option<(u32, u8)>),
+        timeout: Duration,
+    ) -> Result<(), String> {
         let n = links.len();
         self.sent.clear();
         self.sent.extend((0..n).map(sent));
         self.got.clear();
         self.got.resize_with(n, || None);
-        let started = Instant::now();
-        let deadline = started + timeout;
-        let mut idle_since = started;
+        self.chunks.resize_with(n, Vec::new);
+        for c in &mut self.chunks {
+            c.clear();
+        }
+        let mut idle_since = Instant::now();
         loop {
             let mut moved = false;
             let mut done = true;
@@ -107,12 +152,16 @@ impl Wire {
                 }
             }
             for (i, l) in links.iter().enumerate() {
-                if from(i) && self.got[i].is_none() {
+                while from(i) && self.got[i].is_none() {
                     let (read, frame) = l.take_data(tag)?;
                     moved |= read || frame.is_some();
-                    done &= frame.is_some();
-                    self.got[i] = frame;
+                    let Some(frame) = frame else { break };
+                    self.got[i] = match partial {
+                        None => Some(frame),
+                        Some((layer, point)) => self.chunk(i, frame, (tag, layer, point)),
+                    };
                 }
+                done &= !from(i) || self.got[i].is_some();
             }
             if done {
                 return Ok(());
@@ -122,19 +171,52 @@ impl Wire {
                 idle_since = now;
                 continue;
             }
-            if now >= deadline {
+            let idle = now - idle_since;
+            if idle >= timeout {
                 return Err(self.late(links, &from, bytes.len(), timeout));
             }
-            let idle = now - idle_since;
             if idle < SPIN {
                 std::hint::spin_loop();
             } else if idle < WATCH {
                 std::thread::yield_now();
             } else {
                 self.poll
-                    .poll(&mut self.events, Some(deadline - now))
+                    .poll(&mut self.events, Some(timeout - idle))
                     .map_err(|e| format!("tensor-parallel group: waiting for peers: {e}"))?;
             }
+        }
+    }
+
+    /// Link `i`'s next frame in a chunked partial of step `tag` at (`layer`, `point`): a
+    /// chunk marked "more" is kept (`None`: the part goes on); the last comes back holding
+    /// every chunk's values in order; any other frame comes back as it is.
+    fn chunk(&mut self, i: usize, frame: Frame, (tag, layer, point): (u64, u32, u8)) -> Option<Frame> {
+        match frame {
+            Frame::Partial {
+                tag: t,
+                layer: y,
+                point: p,
+                data,
+            } if t == tag && y == layer && p == point | MORE => {
+                self.chunks[i].extend_from_slice(&data);
+                None
+            }
+            Frame::Partial {
+                tag: t,
+                layer: y,
+                point: p,
+                mut data,
+            } if t == tag && y == layer && p == point && !self.chunks[i].is_empty() => {
+                let mut all = std::mem::take(&mut self.chunks[i]);
+                all.append(&mut data);
+                Some(Frame::Partial {
+                    tag,
+                    layer,
+                    point,
+                    data: all,
+                })
+            }
+            other => Some(other),
         }
     }
 

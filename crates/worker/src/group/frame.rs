@@ -94,14 +94,73 @@ fn header(out: &mut Vec<u8>, kind: u8, body: usize) {
     out.push(kind);
 }
 
-/// Encodes a [`Frame::Partial`] from a borrowed slice into `out` (cleared first).
+/// Values in one [`Frame::Partial`]: a longer partial (a long prompt's hidden states, a ring's
+/// K/V block) travels as several frames of at most this many values (4 MiB), so no frame
+/// grows with the prompt and nothing near [`MAX_FRAME_BYTES`] is ever sent.
+pub(crate) const CHUNK_VALUES: usize = 1 << 20;
+
+/// Set in a partial's point on every chunk but the last of one partial.
+pub(crate) const MORE: u8 = 0x80;
+
+/// Encodes `data` as [`Frame::Partial`] chunks of at most `chunk` values, back to back, into
+/// `out` (cleared first): one frame when it fits (an empty partial too), otherwise every
+/// frame but the last has [`MORE`] set in its point. The receiver appends the chunks in order
+/// (`Wire::exchange_partials`).
 pub(crate) fn encode_partial(out: &mut Vec<u8>, tag: u64, layer: u32, point: u8, data: &[f32]) {
+    encode_partial_chunks(out, tag, layer, point, data, CHUNK_VALUES);
+}
+
+/// [`encode_partial`] with a chosen chunk size (tests use small ones).
+pub(crate) fn encode_partial_chunks(
+    out: &mut Vec<u8>,
+    tag: u64,
+    layer: u32,
+    point: u8,
+    data: &[f32],
+    chunk: usize,
+) {
     out.clear();
-    header(out, PARTIAL, 8 + 4 + 1 + data.len() * 4);
-    out.extend_from_slice(&tag.to_le_bytes());
-    out.extend_from_slice(&layer.to_le_bytes());
-    out.push(point);
-    hidden::encode_into(data, out);
+    push_chunks(out, tag, layer, point, data.len(), chunk, |out, r| {
+        hidden::encode_into(&data[r], out);
+    });
+}
+
+/// Appends f32 values already in their little-endian bytes (a `StepRequest.hidden`) to `out`
+/// as [`Frame::Partial`] chunks of at most [`CHUNK_VALUES`] values, as [`encode_partial`]
+/// would encode them.
+pub(crate) fn append_partial_bytes(out: &mut Vec<u8>, tag: u64, layer: u32, point: u8, le: &[u8]) {
+    debug_assert!(le.len().is_multiple_of(4));
+    push_chunks(out, tag, layer, point, le.len() / 4, CHUNK_VALUES, |out, r| {
+        out.extend_from_slice(&le[r.start * 4..r.end * 4]);
+    });
+}
+
+/// Appends the chunk frames of a partial of `n` values; `payload` appends the bytes of the
+/// values in a range.
+fn push_chunks(
+    out: &mut Vec<u8>,
+    tag: u64,
+    layer: u32,
+    point: u8,
+    n: usize,
+    chunk: usize,
+    mut payload: impl FnMut(&mut Vec<u8>, std::ops::Range<usize>),
+) {
+    debug_assert!(point & MORE == 0 && chunk > 0);
+    let mut at = 0;
+    loop {
+        let end = n.min(at + chunk);
+        let point = if end < n { point | MORE } else { point };
+        header(out, PARTIAL, 8 + 4 + 1 + (end - at) * 4);
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&layer.to_le_bytes());
+        out.push(point);
+        payload(out, at..end);
+        if end == n {
+            return;
+        }
+        at = end;
+    }
 }
 
 /// Encodes a [`Frame::Logits`] from a borrowed slice into `out` (cleared first).
@@ -406,6 +465,53 @@ mod tests {
         assert_eq!((f, used), (Frame::Close { stream: 5 }, n));
         let huge = ((MAX_FRAME_BYTES + 1) as u32).to_le_bytes();
         assert!(Frame::parse(&huge).is_err());
+    }
+
+    /// Ensures that a partial longer than a chunk becomes frames of at most the chunk size,
+    /// every one but the last marked [`MORE`], whose values in order are the partial's; that
+    /// an empty partial is one frame; and that the bytes form of a hidden state encodes the
+    /// same frames as its values.
+    #[test]
+    fn long_partials_travel_in_bounded_chunks() {
+        let data: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
+        for chunk in [1, 3, 4, 10, 11] {
+            let mut out = Vec::new();
+            encode_partial_chunks(&mut out, 7, 2, 16, &data, chunk);
+            let mut rest = out.as_slice();
+            let mut got = Vec::new();
+            let mut points = Vec::new();
+            while let Some((f, used)) = Frame::parse(rest).expect("parses") {
+                rest = &rest[used..];
+                let Frame::Partial {
+                    tag: 7,
+                    layer: 2,
+                    point,
+                    data,
+                } = f
+                else {
+                    panic!("not a partial of step 7, layer 2: {f:?}");
+                };
+                assert!(data.len() <= chunk);
+                got.extend(data);
+                points.push(point);
+            }
+            assert!(rest.is_empty());
+            assert_eq!(got, data, "chunk {chunk}");
+            let frames = data.len().div_ceil(chunk);
+            assert_eq!(points.len(), frames, "chunk {chunk}");
+            assert_eq!(points.last(), Some(&16));
+            assert!(points[..frames - 1].iter().all(|&p| p == 16 | MORE));
+        }
+        let mut out = Vec::new();
+        encode_partial(&mut out, 1, 0, 2, &[]);
+        let (f, used) = Frame::parse(&out).expect("parses").expect("a frame");
+        assert_eq!(used, out.len());
+        assert!(matches!(f, Frame::Partial { point: 2, ref data, .. } if data.is_empty()));
+        let mut values = Vec::new();
+        encode_partial(&mut values, 3, 0, 32, &data);
+        let mut bytes = Vec::new();
+        append_partial_bytes(&mut bytes, 3, 0, 32, &hidden::encode(&data));
+        assert_eq!(values, bytes);
     }
 
     proptest! {

@@ -13,9 +13,12 @@
 //! peer address; it dials each rank below it (a [`frame::Frame::Hello`] first) and waits for
 //! each rank above it to dial in, so every pair of ranks shares one connection ([`Link`]).
 //! Rank 0 alone is in the pipeline: it receives each step on its inbound Pipeline stream,
-//! hands it to the other ranks ([`Group::broadcast_step`]), and all ranks run the stage's
-//! layers in lockstep. At each reduction point every rank sends its partial sums to every
-//! other rank and adds the `R` partials in rank order 0, 1, …, R−1 — the same additions in the
+//! hands it to the other ranks ([`Group::broadcast_step`]; its hidden states follow the step
+//! frame as a partial, [`Group::receive_hidden`]), and all ranks run the stage's layers in
+//! lockstep. Partials longer than `frame::CHUNK_VALUES` values (4 MiB: a long prompt's
+//! hidden states, partial sums, K/V blocks) travel as several frames taken as they arrive, so
+//! no frame grows with the prompt. At each reduction point every rank sends its partial sums
+//! to every other rank and adds the `R` partials in rank order 0, 1, …, R−1 — the same additions in the
 //! same order on every rank, so every rank holds the same bits and a rerun gives them again.
 //! On the last stage each rank sends its vocabulary slice of the logits to rank 0, which
 //! samples. Rank 0 forwards hidden states to the next stage; the others answer nobody.
@@ -49,7 +52,7 @@ use tessera_proto::cluster::v1 as pb;
 
 use crate::error::WorkerError;
 use exchange::Wire;
-use frame::{Frame, encode_logits, encode_partial};
+use frame::{Frame, append_partial_bytes, encode_logits, encode_partial};
 pub(crate) use link::{Control, ControlSink, Link};
 pub(crate) use listener::{PeerListener, probe_rtt};
 pub(crate) use ring::{GroupReduce, GroupRing};
@@ -65,6 +68,9 @@ pub(crate) const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long telling a peer of an abort or a closed stream may wait for the peer to take it
 /// (best effort: a peer that does not is failing on its own).
 const NOTICE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// The point code of the step's hidden states, which rank 0 sends after each step frame.
+const HIDDEN: u8 = 32;
 
 /// The wire code of a reduction point.
 pub(crate) fn point_code(p: ReducePoint) -> u8 {
@@ -216,17 +222,22 @@ impl Group {
     pub(crate) fn broadcast_step(
         &mut self,
         stream: u64,
-        req: &pb::StepRequest,
+        req: &mut pb::StepRequest,
     ) -> Result<(), WorkerError> {
         self.tag += 1;
         self.failure = None;
         self.reset_ring();
+        // The hidden states follow the step frame as partial chunks (see
+        // [`Group::receive_hidden`]), so no frame grows with the prompt.
+        let hidden = std::mem::take(&mut req.hidden);
         let frame = Frame::Step {
             tag: self.tag,
             stream,
-            request: prost::Message::encode_to_vec(req),
+            request: prost::Message::encode_to_vec(&*req),
         };
+        req.hidden = hidden;
         frame.encode_into(&mut self.out);
+        append_partial_bytes(&mut self.out, self.tag, 0, HIDDEN, &req.hidden);
         let (tag, timeout) = (self.tag, self.timeout);
         self.wire
             .exchange(&self.links, &self.out, |_| true, |_| false, tag, timeout)
@@ -238,6 +249,49 @@ impl Group {
         self.tag = tag;
         self.failure = None;
         self.reset_ring();
+    }
+
+    /// Another rank, right after [`Group::begin_step`]: takes the step's hidden states, which
+    /// rank 0 sends after the step frame as a partial at point [`HIDDEN`] (one empty frame
+    /// when the step has none), into `hidden` as `StepRequest.hidden` carries them.
+    ///
+    /// # Errors
+    /// UNAVAILABLE naming rank 0 when it fails, goes silent or sends anything else.
+    pub(crate) fn receive_hidden(&mut self, hidden: &mut Vec<u8>) -> Result<(), WorkerError> {
+        let (tag, timeout) = (self.tag, self.timeout);
+        // Links are in rank order: rank 0's is the first.
+        let got = self.wire.exchange_partials(
+            &self.links,
+            &[],
+            |_| 0,
+            |i| i == 0,
+            (tag, 0, HIDDEN),
+            timeout,
+        );
+        if let Err(e) = got {
+            self.failure = Some(e.clone());
+            return Err(WorkerError::Unavailable(e));
+        }
+        match self.wire.got.first_mut().and_then(Option::take) {
+            Some(Frame::Partial {
+                tag: t,
+                layer: 0,
+                point: HIDDEN,
+                data,
+            }) if t == tag => {
+                hidden.clear();
+                crate::hidden::encode_into(&data, hidden);
+                Ok(())
+            }
+            other => {
+                let msg = self.links[0].named(&format!(
+                    "expected the hidden states of step {tag}; got {}",
+                    describe(other.as_ref())
+                ));
+                self.failure = Some(msg.clone());
+                Err(WorkerError::Unavailable(msg))
+            }
+        }
     }
 
     /// Another rank: the step it began is over (done or failed, its abort sent); the link to
@@ -343,10 +397,15 @@ impl Group {
         encode_partial(&mut self.out, self.tag, layer as u32, code, x);
         let (tag, timeout) = (self.tag, self.timeout);
         let row: Vec<bool> = self.links.iter().map(|l| self.same_row(l.rank)).collect();
-        if let Err(e) =
-            self.wire
-                .exchange(&self.links, &self.out, |i| row[i], |i| row[i], tag, timeout)
-        {
+        let total = self.out.len();
+        if let Err(e) = self.wire.exchange_partials(
+            &self.links,
+            &self.out,
+            |i| if row[i] { 0 } else { total },
+            |i| row[i],
+            (tag, layer as u32, code),
+            timeout,
+        ) {
             return Err(self.fail(e));
         }
         for i in (0..self.links.len()).filter(|&i| row[i]) {

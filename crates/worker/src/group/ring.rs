@@ -11,6 +11,9 @@
 //! - Partial attention results and a split stage's rows are all-gathered with point
 //!   [`RING_GATHER`]: every rank of the column sends to every other, as a reduction does.
 //!
+//! Both travel as partial chunks of at most `frame::CHUNK_VALUES` values (a 64k-token
+//! prompt's block is many megabytes), taken as they arrive.
+//!
 //! Frames carry the step's tag and the layer, so a rank out of step fails the step (with
 //! the peer named) instead of mixing data; a peer's silence fails it after the group's
 //! timeout, as every collective here does.
@@ -103,12 +106,12 @@ impl Group {
         };
         let (tag, timeout) = (self.tag, self.timeout);
         let sent = |i| if i == next { already } else { total };
-        if let Err(e) = self.wire.exchange_from(
+        if let Err(e) = self.wire.exchange_partials(
             &self.links,
             &self.ring.out,
             sent,
             |i| i == prev,
-            tag,
+            (tag, layer as u32, RING_BLOCK),
             timeout,
         ) {
             return Err(self.fail(e));
@@ -146,12 +149,13 @@ impl Group {
             .iter()
             .map(|l| l.rank % self.tp == self.rank % self.tp)
             .collect();
-        if let Err(e) = self.wire.exchange(
+        let total = self.out.len();
+        if let Err(e) = self.wire.exchange_partials(
             &self.links,
             &self.out,
+            |i| if column[i] { 0 } else { total },
             |i| column[i],
-            |i| column[i],
-            tag,
+            (tag, layer as u32, RING_GATHER),
             timeout,
         ) {
             return Err(self.fail(e));

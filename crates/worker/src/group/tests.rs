@@ -15,8 +15,17 @@ fn listeners(n: usize) -> (Vec<PeerListener>, Vec<String>) {
     (ls, addrs)
 }
 
-/// Forms a group of `n` ranks concurrently; rank r > 0's control events go to `controls[r]`.
-fn form_all(epoch: u64, n: usize) -> (Vec<Group>, Vec<mpsc::Receiver<Control>>, Vec<PeerListener>) {
+/// The ranks of a group, rank r > 0's control events, and the listeners (kept open).
+type Formed = (Vec<Group>, Vec<mpsc::Receiver<Control>>, Vec<PeerListener>);
+
+/// Forms a tensor-parallel group of `n` ranks concurrently; rank r > 0's control events go
+/// to `controls[r]`.
+fn form_all(epoch: u64, n: usize) -> Formed {
+    form_grid(epoch, n, n)
+}
+
+/// Forms a group of `n` ranks in rows of `tp` (`n / tp` ring ranks per column).
+fn form_grid(epoch: u64, n: usize, tp: usize) -> Formed {
     let (ls, addrs) = listeners(n);
     let mut rxs = Vec::new();
     let mut handles = Vec::new();
@@ -30,7 +39,7 @@ fn form_all(epoch: u64, n: usize) -> (Vec<Group>, Vec<mpsc::Receiver<Control>>, 
         });
         let (ls, addrs) = (Arc::clone(&ls), addrs.clone());
         handles.push(std::thread::spawn(move || {
-            Group::form(epoch, r, n, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
+            Group::form(epoch, r, tp, &addrs, &ls[r], (r > 0).then_some(sink)).expect("forms")
         }));
     }
     let groups = handles
@@ -111,6 +120,86 @@ fn large_partials_do_not_deadlock() {
     }
 }
 
+/// Ensures that a step's hidden states several chunks long (a long prompt entering a later
+/// stage) reach every other rank bit for bit after the step frame, and that a step with none
+/// delivers an empty state.
+#[test]
+fn long_hidden_states_follow_the_step_frame() {
+    let (mut groups, rx, _ls) = form_all(4, 3);
+    let values: Vec<f32> = (0..2 * frame::CHUNK_VALUES + 5)
+        .map(|i| f32::from_bits(0x3f80_0000 ^ (i as u32).wrapping_mul(2_654_435_761)))
+        .collect();
+    let want = crate::hidden::encode(&values);
+    let mut req = pb::StepRequest {
+        plan_epoch: 4,
+        step_id: 1,
+        hidden: want.clone(),
+        ..Default::default()
+    };
+    let mut r0 = groups.remove(0);
+    let sender = std::thread::spawn(move || {
+        r0.broadcast_step(1, &mut req).expect("sent");
+        assert_eq!(req.hidden.len(), 4 * values.len(), "rank 0 keeps its copy");
+        r0.broadcast_step(1, &mut pb::StepRequest::default())
+            .expect("sent");
+        r0
+    });
+    // Step by step, every rank: rank 0's broadcast ends when all of them have read it.
+    for expect_empty in [false, true] {
+        for (g, rx) in groups.iter_mut().zip(&rx[1..]) {
+            let Control::Step { tag, request, .. } =
+                rx.recv_timeout(Duration::from_secs(10)).expect("step")
+            else {
+                panic!("a step");
+            };
+            assert!(request.hidden.is_empty(), "the frame leaves the states out");
+            g.begin_step(tag);
+            let mut hidden = vec![1, 2, 3];
+            g.receive_hidden(&mut hidden).expect("hidden");
+            if expect_empty {
+                assert!(hidden.is_empty());
+            } else {
+                assert!(hidden == want, "rank {}: hidden states differ", g.rank());
+            }
+            g.end_step();
+        }
+    }
+    sender.join().expect("rank 0");
+}
+
+/// Ensures that ring blocks and all-gathers several chunks long, of a different length on
+/// every rank for the blocks, go round a ring of 3 (blocks far larger than socket buffers:
+/// every rank sends before it reads) and arrive whole and in order.
+#[test]
+fn long_ring_blocks_go_round() {
+    use tessera_model::stage::RingComm;
+    let (groups, _rx, _ls) = form_grid(5, 3, 1);
+    let len = |r: usize| frame::CHUNK_VALUES + 7 * r + 3;
+    let block = move |r: usize| -> Vec<f32> { (0..len(r)).map(|i| (i * 3 + r) as f32).collect() };
+    let out = on_all(groups, move |g| {
+        g.begin_step(1);
+        let r = g.rank();
+        let cell = std::cell::RefCell::new(g);
+        let mut ring = ring::GroupRing(&cell);
+        let mut got = Vec::new();
+        ring.send_next(0, &block(r)).expect("sends");
+        ring.recv_prev(0, &mut got).expect("receives");
+        let local = vec![r as f32; frame::CHUNK_VALUES + 1];
+        let mut all = Vec::new();
+        ring.all_gather(0, &local, &mut all).expect("gathers");
+        (got, all)
+    });
+    for (g, (got, all)) in &out {
+        let r = g.rank();
+        assert!(*got == block((r + 2) % 3), "rank {r}: the previous rank's block");
+        let n = frame::CHUNK_VALUES + 1;
+        for q in 0..3 {
+            assert!(all[q * n..(q + 1) * n].iter().all(|&v| v == q as f32), "rank {r}");
+        }
+        assert_eq!(all.len(), 3 * n);
+    }
+}
+
 /// Ensures that a step frame rank 0 sends while another rank is still inside its previous
 /// step waits in the link and reaches the executor once that step ends, in order with the
 /// stream's close.
@@ -122,19 +211,20 @@ fn next_step_waits_for_the_current_one() {
         step_id: id,
         ..Default::default()
     };
-    groups[0].broadcast_step(1, &req(1)).expect("sent");
+    groups[0].broadcast_step(1, &mut req(1)).expect("sent");
     let Control::Step { tag, .. } = rx[1].recv_timeout(Duration::from_secs(5)).expect("step")
     else {
         panic!("a step first");
     };
     groups[1].begin_step(tag);
+    groups[1].receive_hidden(&mut Vec::new()).expect("hidden");
     // Rank 0 finishes step 1 first and sends step 2 and a close behind its last partial.
     let mut r0 = groups.remove(0);
     let mut r1 = groups.remove(0);
     let h = std::thread::spawn(move || {
         let mut x = vec![1.0f32; 4];
         r0.reduce(ReducePoint::AttnOut, 0, &mut x).expect("reduces");
-        r0.broadcast_step(1, &req(2)).expect("sent");
+        r0.broadcast_step(1, &mut req(2)).expect("sent");
         r0.close_stream(1);
         r0
     });
@@ -192,12 +282,12 @@ fn logits_gather_on_rank_zero() {
 #[test]
 fn steps_reach_the_other_ranks() {
     let (mut groups, rx, _ls) = form_all(3, 2);
-    let req = pb::StepRequest {
+    let mut req = pb::StepRequest {
         plan_epoch: 3,
         step_id: 42,
         ..Default::default()
     };
-    groups[0].broadcast_step(9, &req).expect("sent");
+    groups[0].broadcast_step(9, &mut req).expect("sent");
     groups[0].close_stream(9);
     match rx[1].recv_timeout(Duration::from_secs(5)).expect("step") {
         Control::Step {
