@@ -72,6 +72,7 @@ impl Driver {
             release,
             trace_context: Default::default(),
             prefix_ops: Vec::new(),
+            hidden_parts: 0,
         })
         .await
     }
@@ -94,6 +95,7 @@ impl Driver {
                 release,
                 trace_context: Default::default(),
                 prefix_ops: Vec::new(),
+                hidden_parts: 0,
             })
             .await
             .map_err(|_| Status::unavailable("stream closed"))?;

@@ -19,6 +19,7 @@ mod executor;
 mod group;
 pub mod hidden;
 mod memory;
+mod parts;
 mod metrics;
 mod pipeline;
 mod prefix;

@@ -35,6 +35,7 @@ use tracing::Instrument;
 use tessera_telemetry::trace_context;
 
 use crate::error::relay_status;
+use crate::parts::{Assembler, Inbound, Parts};
 use crate::seqs::StreamId;
 use crate::shard::{ShardHandle, StepOutput};
 
@@ -53,8 +54,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// loss, partition) is noticed within a few seconds even while the stream is idle.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest message on a pipeline stream (hidden states of a large prefill batch).
-pub(crate) const MAX_MESSAGE_BYTES: usize = 1 << 30;
+/// Largest message on a worker's gRPC streams: a step's token ids and one part of its hidden
+/// states (`crate::parts`), with room to spare.
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The responses of one inbound stream, as tonic sends them.
 pub(crate) type ResponseTx = mpsc::Sender<Result<pb::StepResponse, Status>>;
@@ -96,6 +98,8 @@ pub(crate) async fn run(
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut computing: Option<Computing> = None;
         let mut inbound_open = true;
+        // Joins each step's hidden-state parts (cancel-safe across the select's turns).
+        let mut parts = Assembler::default();
         let end = loop {
             // Answers first in line go up now (the last stage's, as soon as computed).
             while let Some(InFlight::Answered(_)) = in_flight.front() {
@@ -144,14 +148,16 @@ pub(crate) async fn run(
                         Err(s) => break Err(s),
                     }
                 }
-                msg = inbound.message(), if take_next => match msg {
+                msg = parts.next(&mut inbound), if take_next => match msg {
                     Ok(Some(req)) => computing = Some(compute(&shard, stream, req)),
                     // The caller sent its last step: relay what is in flight, then end.
                     Ok(None) => inbound_open = false,
-                    Err(s) => {
+                    Err(Inbound::Stream(s)) => {
                         tracing::debug!(status = %s, "inbound stream failed");
                         break Ok(());
                     }
+                    // The caller is there but sent a step's parts wrongly: it hears why.
+                    Err(Inbound::Parts(s)) => break Err(s),
                 },
             }
         };
@@ -319,7 +325,7 @@ async fn open(next: &str) -> Result<Outbound, Status> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let rx = tokio::time::timeout(CONNECT_TIMEOUT, client.pipeline(ReceiverStream::new(rx)))
+    let rx = tokio::time::timeout(CONNECT_TIMEOUT, client.pipeline(Parts::new(ReceiverStream::new(rx))))
         .await
         .map_err(|_| unavailable("opening the stream timed out".into()))?
         .map_err(|s| relay_status(next, s))?

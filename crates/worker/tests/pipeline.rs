@@ -415,6 +415,7 @@ async fn bad_input_is_rejected_and_workers_keep_serving() {
             release: Vec::new(),
             trace_context: Default::default(),
             prefix_ops: Vec::new(),
+            hidden_parts: 0,
         })
         .await
         .expect_err("short hidden");

@@ -104,6 +104,7 @@ impl Scheduler {
             // Set when it is sent, from the step's span.
             trace_context: Default::default(),
             prefix_ops: self.kv.take_ops(),
+            hidden_parts: 0,
         })
     }
 
@@ -141,6 +142,7 @@ impl Scheduler {
             release: std::mem::take(&mut self.release),
             trace_context: Default::default(),
             prefix_ops: self.kv.take_ops(),
+            hidden_parts: 0,
         })
     }
 
