@@ -180,6 +180,7 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             tp_steps: status.tp_steps,
             tp_reduce_us: status.tp_reduce_us,
             peer_bytes_sent: status.peer_bytes_sent,
+            kv_used_bytes: status.kv_used_bytes(),
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {

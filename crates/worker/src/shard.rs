@@ -98,6 +98,17 @@ pub struct ShardStatus {
     pub peer_bytes_sent: u64,
 }
 
+impl ShardStatus {
+    /// Bytes of the KV cache in use: its blocks not free, at the cache's bytes per block.
+    pub fn kv_used_bytes(&self) -> u64 {
+        let used = self.total_kv_blocks.saturating_sub(self.free_kv_blocks);
+        match self.kv_bytes.checked_div(self.total_kv_blocks) {
+            Some(per_block) => used * per_block,
+            None => 0,
+        }
+    }
+}
+
 /// Atomics the executor writes after every command.
 #[derive(Debug, Default)]
 pub(crate) struct ShardStats {

@@ -229,6 +229,7 @@ impl pb::inference_server::Inference for Api {
                     tp_steps: s.map_or(0, |s| s.tp_steps),
                     tp_reduce_us: s.map_or(0, |s| s.tp_reduce_us),
                     peer_bytes_sent: s.map_or(0, |s| s.peer_bytes_sent),
+                    kv_used_bytes: s.map_or(0, |s| s.kv_used_bytes),
                 }
             })
             .collect();

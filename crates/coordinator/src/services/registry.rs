@@ -119,6 +119,7 @@ impl pb::coordination_server::Coordination for Registry {
                 tp_steps: req.tp_steps,
                 tp_reduce_us: req.tp_reduce_us,
                 peer_bytes_sent: req.peer_bytes_sent,
+                kv_used_bytes: req.kv_used_bytes,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {

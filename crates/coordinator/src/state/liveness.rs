@@ -31,6 +31,8 @@ pub struct Seen {
     pub tp_reduce_us: u64,
     /// Bytes it wrote to its group's peers.
     pub peer_bytes_sent: u64,
+    /// Bytes of its KV cache in use.
+    pub kv_used_bytes: u64,
 }
 
 impl Seen {
@@ -46,6 +48,7 @@ impl Seen {
             tp_steps: 0,
             tp_reduce_us: 0,
             peer_bytes_sent: 0,
+            kv_used_bytes: 0,
         }
     }
 }
