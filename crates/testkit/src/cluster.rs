@@ -47,7 +47,8 @@ impl ProcessCluster {
         Self::start_with(tessera, model, workers, &[])
     }
 
-    /// As [`ProcessCluster::start`], with more coordinator arguments (e.g. `--tp 2`).
+    /// As [`ProcessCluster::start`], with more coordinator arguments (e.g. `--tp 2`; a
+    /// `--kv-tokens` among them replaces [`KV_TOKENS`]).
     ///
     /// # Panics
     /// As [`ProcessCluster::start`].
@@ -70,9 +71,11 @@ impl ProcessCluster {
             "250",
             "--heartbeat-timeout-ms",
             &hb,
-            "--kv-tokens",
-            &kv,
         ];
+        // A test may ask for another KV budget (a long context).
+        if !coordinator_args.contains(&"--kv-tokens") {
+            args.extend_from_slice(&["--kv-tokens", &kv]);
+        }
         args.extend_from_slice(coordinator_args);
         let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(model, &args);
         let endpoint = format!("http://{addr}");

@@ -2,7 +2,7 @@
 //! module:
 //!
 //! - the real model's location ([`smollm2_gguf`]), deterministic random data ([`TestRng`]) and
-//!   random-weight models ([`MemoryWeights`]);
+//!   random-weight models ([`MemoryWeights`] in memory, [`write_random_llama`] as GGUF files);
 //! - `tessera` processes ([`Tessera`]: start the binary, read the addresses it prints, run it
 //!   to completion) and loopback networking ([`free_port`], [`scrape`], the cuttable
 //!   [`Proxy`]);
@@ -23,6 +23,7 @@ mod net;
 mod pipeline;
 mod process;
 mod raft_cluster;
+mod random_gguf;
 mod real_model;
 mod requests;
 mod rng;
@@ -36,6 +37,7 @@ pub use process::{
     strings, temp_dir,
 };
 pub use raft_cluster::RaftCluster;
+pub use random_gguf::{RandomLlama, write_random_llama};
 pub use real_model::{SMOLLM2_FILE, SMOLLM2_NAME, smollm2_arg, smollm2_gguf};
 pub use requests::{
     Collected, PROMPTS, collect, collect_finished, count_tokens, greedy, greedy_exact,
