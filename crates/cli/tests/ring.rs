@@ -123,8 +123,10 @@ fn a_ring_of_two_splits_the_kv_and_generates_what_one_worker_does() {
 
 /// Ensures that each rank of a ring of two over the test kit's 2048-token KV cache holds
 /// the KV cache of 1056 tokens (its share of a 2048-token sequence, with the zigzag round-off
-/// and a spare block), and that the cluster serves a prompt of over 1100 tokens — a sequence
-/// longer than either rank's cache — and continues it.
+/// and a spare block), that the cluster serves a prompt of over 1100 tokens — a sequence
+/// longer than either rank's cache — and continues it, and that a prompt longer than the
+/// ring's whole context is refused with INVALID_ARGUMENT naming the limit, no rank having
+/// sent a byte for it.
 #[test]
 fn a_ring_holds_a_sequence_longer_than_any_ranks_cache() {
     let Some(model) = model() else { return };
@@ -148,4 +150,21 @@ fn a_ring_holds_a_sequence_longer_than_any_ranks_cache() {
     let prompt = "The history of the printing press. ".repeat(170);
     let out = c.generate(greedy(&prompt, 8)).expect("serves");
     assert_eq!(out.len(), 8);
+    // A prompt longer than the whole ring's context is refused before any rank works on it
+    // (peer bytes come with heartbeats, every 250 ms: let the last request's settle first).
+    let sent = |s: &pb::ClusterStatusResponse| -> u64 {
+        s.workers.iter().map(|w| w.peer_bytes_sent).sum()
+    };
+    std::thread::sleep(Duration::from_millis(600));
+    let before = sent(&c.status());
+    let too_long = "The history of the printing press. ".repeat(340);
+    let e = c.generate(greedy(&too_long, 8)).expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("prompt") && e.message().contains("the context holds 2048"),
+        "{}",
+        e.message()
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(sent(&c.status()), before, "no rank worked on it");
 }
