@@ -183,6 +183,8 @@ pub struct Seq {
     pub want: usize,
     /// The driver step at which it joins.
     pub join: usize,
+    /// Prompt tokens per prefill step ([`CHUNK`] unless a test wants longer steps).
+    pub chunk: usize,
     /// Prompt tokens sent so far.
     pub prefilled: usize,
     /// Tokens it got so far.
@@ -190,7 +192,7 @@ pub struct Seq {
 }
 
 impl Seq {
-    /// Its part of step `step`: a prefill chunk of at most [`CHUNK`] tokens (the first with
+    /// Its part of step `step`: a prefill chunk of at most `chunk` tokens (the first with
     /// its start, the last sampling), then its last token; `None` while it waits to join or
     /// once it has `want` tokens.
     pub fn next(&mut self, step: usize) -> Option<pb::SeqStep> {
@@ -198,7 +200,7 @@ impl Seq {
             return None;
         }
         if self.prefilled < self.prompt.len() {
-            let end = (self.prefilled + CHUNK).min(self.prompt.len());
+            let end = (self.prefilled + self.chunk).min(self.prompt.len());
             let s = pb::SeqStep {
                 seq_id: self.id,
                 tokens: self.prompt[self.prefilled..end].to_vec(),
@@ -235,6 +237,7 @@ pub fn seqs_for(
             sampling: sampling.clone(),
             want: out.len(),
             join,
+            chunk: CHUNK,
             prefilled: 0,
             out: Vec::new(),
         })

@@ -141,9 +141,19 @@ fn reference(
     model: &Path,
     cases: &[(String, SamplingParams, u32)],
 ) -> Vec<(Vec<u32>, Vec<SampledToken>)> {
+    reference_chunked(model, cases, EngineOptions::default().prefill_chunk)
+}
+
+/// [`reference`] with the engine prefilling `prefill_chunk` tokens per step.
+fn reference_chunked(
+    model: &Path,
+    cases: &[(String, SamplingParams, u32)],
+    prefill_chunk: usize,
+) -> Vec<(Vec<u32>, Vec<SampledToken>)> {
     let opts = EngineOptions {
         threads: ENGINE_THREADS as usize,
         kv_tokens: Some(KV_TOKENS as usize),
+        prefill_chunk,
         ..EngineOptions::default()
     };
     let mut engine = Engine::load(
@@ -231,6 +241,25 @@ async fn greedy_pipeline_equals_engine() {
             );
         }
     }
+}
+
+/// Ensures that a prompt prefilled in one step whose hidden states exceed a pipeline
+/// message's part (about 2,000 tokens × 576 values × 4 bytes: 4.6 MB, two parts of 4 MiB)
+/// crosses every stage and gives the engine's greedy tokens and log-probabilities bit for
+/// bit when the engine prefills it in one step too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_steps_cross_the_stages_in_parts() {
+    let Some(model) = model() else { return };
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
+    let refs = reference_chunked(&model, &[(text, greedy(), 4)], KV_TOKENS as usize);
+    let n = refs[0].0.len();
+    assert!(n * 576 * 4 > 4 << 20 && n < KV_TOKENS as usize, "{n} tokens");
+    let cluster = Cluster::start(model).await;
+    let mut d = cluster.open(0, 1).await;
+    let mut seqs = seqs_for(&refs, &[greedy()], &[0]);
+    seqs[0].chunk = n;
+    drive(&mut d, &mut seqs).await;
+    assert_eq!(seqs[0].out, refs[0].1, "the pipeline differs from the engine");
 }
 
 /// Ensures that four sequences with seeded random sampling and penalties, joining the batch
