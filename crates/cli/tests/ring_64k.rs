@@ -85,7 +85,8 @@ fn generate_watching(c: &ProcessCluster, prompt: &str) -> (Vec<pb::TokenEvent>, 
                 .block_on(pb::inference_client::InferenceClient::connect(endpoint))
                 .expect("connect");
             while !done.load(Ordering::Relaxed) {
-                if let Ok(s) = rt.block_on(client.cluster_status(pb::ClusterStatusRequest::default()))
+                if let Ok(s) =
+                    rt.block_on(client.cluster_status(pb::ClusterStatusRequest::default()))
                 {
                     let mut p = peaks.lock().expect("peaks");
                     for w in &s.get_ref().workers {
@@ -152,7 +153,11 @@ fn a_64k_context_fits_a_ring_of_four_but_no_worker() {
     ranks.sort_by_key(|sh| sh.cp_rank);
     assert_eq!(ranks.len(), 4, "{s:#?}");
     for (r, sh) in ranks.iter().enumerate() {
-        assert_eq!((sh.stage, sh.cp_rank, sh.cp_ranks), (0, r as u32, 4), "{sh:?}");
+        assert_eq!(
+            (sh.stage, sh.cp_rank, sh.cp_ranks),
+            (0, r as u32, 4),
+            "{sh:?}"
+        );
     }
     eprintln!("ring of 4 × 1 thread:");
     let (ring, peaks) = generate_watching(&c, &prompt);
@@ -160,7 +165,10 @@ fn a_64k_context_fits_a_ring_of_four_but_no_worker() {
     let bound = used / 4 + BLOCK * PER_TOKEN;
     eprintln!(
         "  KV in use per rank at its peak (MiB): {:?}; a quarter of the sequence's {:.2} MiB plus a block = {:.2} MiB; one worker held {:.2} MiB",
-        peaks.iter().map(|&b| b as f64 / f64::from(1 << 20)).collect::<Vec<_>>(),
+        peaks
+            .iter()
+            .map(|&b| b as f64 / f64::from(1 << 20))
+            .collect::<Vec<_>>(),
         used as f64 / f64::from(1 << 20),
         bound as f64 / f64::from(1 << 20),
         one.1.iter().max().copied().unwrap_or(0) as f64 / f64::from(1 << 20),

@@ -436,9 +436,7 @@ impl Llama {
                             .zip(&r.seqs)
                             .enumerate()
                             .flat_map(|(i, (b, sp))| {
-                                r.positions(i)
-                                    .iter()
-                                    .map(move |&p| b.tokens[p - sp.start])
+                                r.positions(i).iter().map(move |&p| b.tokens[p - sp.start])
                             }),
                         x,
                     )?,

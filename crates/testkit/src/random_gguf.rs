@@ -91,7 +91,10 @@ fn metadata(s: &RandomLlama, vocab: usize) -> Vec<Meta> {
         ("llama.attention.value_length".into(), u(s.head_dim)),
         ("llama.rope.dimension_count".into(), u(s.head_dim)),
         ("llama.rope.freq_base".into(), V::F32(100_000.0)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), V::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            V::F32(1e-5),
+        ),
         ("llama.vocab_size".into(), u(vocab)),
     ]
 }

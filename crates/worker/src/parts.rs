@@ -104,7 +104,10 @@ impl Assembler {
     /// [`Inbound::Stream`]: the stream's own error; [`Inbound::Parts`]: INVALID_ARGUMENT
     /// naming `hidden_parts` when a part count is out of range, a message other than the
     /// step's next part arrives, or the stream ends in the middle of a step.
-    pub(crate) async fn next<S>(&mut self, inbound: &mut S) -> Result<Option<pb::StepRequest>, Inbound>
+    pub(crate) async fn next<S>(
+        &mut self,
+        inbound: &mut S,
+    ) -> Result<Option<pb::StepRequest>, Inbound>
     where
         S: Stream<Item = Result<pb::StepRequest, Status>> + Unpin,
     {
@@ -204,7 +207,11 @@ mod tests {
         assert_eq!(msgs.len(), 3);
         assert_eq!(msgs[0].hidden_parts, 3);
         assert_eq!(msgs[0].seqs.len(), 1);
-        assert!(msgs[1..].iter().all(|m| m.seqs.is_empty() && m.step_id == 5));
+        assert!(
+            msgs[1..]
+                .iter()
+                .all(|m| m.seqs.is_empty() && m.step_id == 5)
+        );
         let sizes: Vec<usize> = msgs.iter().map(|m| m.hidden.len()).collect();
         assert_eq!(sizes, vec![4, 4, 2]);
         let one = split(step(6, vec![1; 4]), 4);
@@ -243,10 +250,8 @@ mod tests {
             let parts = split(step(4, (0..9).collect()), 4);
             tx.send(Ok(parts[0].clone())).await.expect("sent");
             tx.send(Ok(parts[1].clone())).await.expect("sent");
-            let early = tokio::time::timeout(
-                std::time::Duration::from_millis(20),
-                a.next(&mut inbound),
-            );
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(20), a.next(&mut inbound));
             assert!(early.await.is_err(), "the step is not whole yet");
             tx.send(Ok(parts[2].clone())).await.expect("sent");
             let got = a.next(&mut inbound).await.expect("ok").expect("a step");

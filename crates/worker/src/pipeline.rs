@@ -325,11 +325,14 @@ async fn open(next: &str) -> Result<Outbound, Status> {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let rx = tokio::time::timeout(CONNECT_TIMEOUT, client.pipeline(Parts::new(ReceiverStream::new(rx))))
-        .await
-        .map_err(|_| unavailable("opening the stream timed out".into()))?
-        .map_err(|s| relay_status(next, s))?
-        .into_inner();
+    let rx = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        client.pipeline(Parts::new(ReceiverStream::new(rx))),
+    )
+    .await
+    .map_err(|_| unavailable("opening the stream timed out".into()))?
+    .map_err(|s| relay_status(next, s))?
+    .into_inner();
     Ok(Outbound {
         next: next.to_owned(),
         tx,

@@ -253,13 +253,19 @@ async fn long_steps_cross_the_stages_in_parts() {
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(200);
     let refs = reference_chunked(&model, &[(text, greedy(), 4)], KV_TOKENS as usize);
     let n = refs[0].0.len();
-    assert!(n * 576 * 4 > 4 << 20 && n < KV_TOKENS as usize, "{n} tokens");
+    assert!(
+        n * 576 * 4 > 4 << 20 && n < KV_TOKENS as usize,
+        "{n} tokens"
+    );
     let cluster = Cluster::start(model).await;
     let mut d = cluster.open(0, 1).await;
     let mut seqs = seqs_for(&refs, &[greedy()], &[0]);
     seqs[0].chunk = n;
     drive(&mut d, &mut seqs).await;
-    assert_eq!(seqs[0].out, refs[0].1, "the pipeline differs from the engine");
+    assert_eq!(
+        seqs[0].out, refs[0].1,
+        "the pipeline differs from the engine"
+    );
 }
 
 /// Ensures that four sequences with seeded random sampling and penalties, joining the batch

@@ -30,7 +30,12 @@ pub(super) fn run(args: &BenchClusterArgs, p: u32) -> Result<()> {
     // Every run prefills the whole prompt on both sides: a ring caches no prefixes, and one
     // worker that did would answer every run after the warm-up from its cache.
     let no_cache = ["--prefix-cache".to_owned(), "off".to_owned()];
-    let one = rt.block_on(measure(args, 1, total, [kv.clone(), no_cache.to_vec()].concat()))?;
+    let one = rt.block_on(measure(
+        args,
+        1,
+        total,
+        [kv.clone(), no_cache.to_vec()].concat(),
+    ))?;
     let ring_args = [kv, vec!["--cp".to_owned(), p.to_string()]].concat();
     let ring = rt.block_on(measure(args, p, total / p, ring_args))?;
     println!(

@@ -112,7 +112,14 @@ impl Wire {
         (tag, layer, point): (u64, u32, u8),
         timeout: Duration,
     ) -> Result<(), String> {
-        self.drive(links, bytes, sent, from, (tag, Some((layer, point))), timeout)
+        self.drive(
+            links,
+            bytes,
+            sent,
+            from,
+            (tag, Some((layer, point))),
+            timeout,
+        )
     }
 
     /// The exchange loop: writes what each socket takes, and takes every frame that has
@@ -190,7 +197,12 @@ impl Wire {
     /// Link `i`'s next frame in a chunked partial of step `tag` at (`layer`, `point`): a
     /// chunk marked "more" is kept (`None`: the part goes on); the last comes back holding
     /// every chunk's values in order; any other frame comes back as it is.
-    fn chunk(&mut self, i: usize, frame: Frame, (tag, layer, point): (u64, u32, u8)) -> Option<Frame> {
+    fn chunk(
+        &mut self,
+        i: usize,
+        frame: Frame,
+        (tag, layer, point): (u64, u32, u8),
+    ) -> Option<Frame> {
         match frame {
             Frame::Partial {
                 tag: t,

@@ -130,9 +130,17 @@ pub(crate) fn encode_partial_chunks(
 /// would encode them.
 pub(crate) fn append_partial_bytes(out: &mut Vec<u8>, tag: u64, layer: u32, point: u8, le: &[u8]) {
     debug_assert!(le.len().is_multiple_of(4));
-    push_chunks(out, tag, layer, point, le.len() / 4, CHUNK_VALUES, |out, r| {
-        out.extend_from_slice(&le[r.start * 4..r.end * 4]);
-    });
+    push_chunks(
+        out,
+        tag,
+        layer,
+        point,
+        le.len() / 4,
+        CHUNK_VALUES,
+        |out, r| {
+            out.extend_from_slice(&le[r.start * 4..r.end * 4]);
+        },
+    );
 }
 
 /// Appends the chunk frames of a partial of `n` values; `payload` appends the bytes of the

@@ -191,10 +191,16 @@ fn long_ring_blocks_go_round() {
     });
     for (g, (got, all)) in &out {
         let r = g.rank();
-        assert!(*got == block((r + 2) % 3), "rank {r}: the previous rank's block");
+        assert!(
+            *got == block((r + 2) % 3),
+            "rank {r}: the previous rank's block"
+        );
         let n = frame::CHUNK_VALUES + 1;
         for q in 0..3 {
-            assert!(all[q * n..(q + 1) * n].iter().all(|&v| v == q as f32), "rank {r}");
+            assert!(
+                all[q * n..(q + 1) * n].iter().all(|&v| v == q as f32),
+                "rank {r}"
+            );
         }
         assert_eq!(all.len(), 3 * n);
     }
