@@ -32,11 +32,13 @@ const SHAPE: RandomLlama = RandomLlama {
 const PER_TOKEN: u64 = 4 * 64 * 2 * 4;
 /// Tokens of KV cache each cluster is planned for.
 const KV_TOKENS: u64 = 65_600;
-/// A worker's memory in the ring: weights (~7 MiB) and a quarter of the KV cache
-/// (~32 MiB) fit; the whole cache (128 MiB) does not.
+/// A worker's memory in the ring: weights (~26 MiB of f32) and a quarter of the KV cache
+/// (~32 MiB) fit; the whole cache (125 MiB) does not.
 const RING_MEMORY: &str = "96MiB";
-/// Tokens generated after the prompt.
-const DECODE: u32 = 16;
+/// Tokens generated after the prompt: enough decode steps that every rank's heartbeat (every
+/// 250 ms) reports the sequence's KV in use (during the one long prefill step a worker
+/// reports nothing new).
+const DECODE: u32 = 64;
 /// Tokens in a KV block (the coordinator's default).
 const BLOCK: u64 = 16;
 
@@ -183,10 +185,23 @@ fn a_64k_context_fits_a_ring_of_four_but_no_worker() {
     assert_eq!((one.len(), ring.len()), (DECODE as usize, DECODE as usize));
     let mut worst = 0f32;
     let mut compared = 0;
+    eprintln!("  first token: one worker {:?}, ring {:?}", one[0], ring[0]);
     for (i, (a, b)) in one.iter().zip(&ring).enumerate() {
         assert_eq!(a.id, b.id, "position {i}: one worker {a:?}, ring {b:?}");
-        let (la, lb) = (a.logprob.unwrap_or(0.0), b.logprob.unwrap_or(0.0));
+        let (Some(la), Some(lb)) = (a.logprob, b.logprob) else {
+            panic!("position {i}: no log-probability: {a:?} / {b:?}");
+        };
+        assert_eq!(
+            (a.top_logprobs.len(), b.top_logprobs.len()),
+            (2, 2),
+            "position {i}"
+        );
         worst = worst.max((la - lb).abs());
+        for (x, y) in a.top_logprobs.iter().zip(&b.top_logprobs) {
+            if x.id == y.id {
+                worst = worst.max((x.logprob - y.logprob).abs());
+            }
+        }
         compared = i + 1;
         let margin = match a.top_logprobs.as_slice() {
             [t1, t2, ..] => t1.logprob - t2.logprob,
@@ -197,5 +212,6 @@ fn a_64k_context_fits_a_ring_of_four_but_no_worker() {
         }
     }
     eprintln!("  same tokens through position {compared} of {DECODE}; max |Δ log p| {worst:.2e}");
-    assert!(worst < 0.05, "log-probabilities differ by {worst}");
+    // Measured 1.7e-4 (f32 weights: only the attention's summation order differs).
+    assert!(worst < 1e-2, "log-probabilities differ by {worst}");
 }

@@ -34,9 +34,10 @@ pub struct RandomLlama {
 /// A GGUF metadata key and value.
 type Meta = (String, gguf_file::Value);
 
-/// Writes `shape` as a GGUF file at `out`: Q8_0 matrices (the embedding tied to the head, as
-/// SmolLM2's), f32 norms, and every `tokenizer.*` key of the GGUF at `tokenizer_from` (the
-/// vocabulary size follows its tokenizer).
+/// Writes `shape` as a GGUF file at `out`: f32 weights (no 8-bit rounding of activations, so
+/// two runs that differ only in summation order stay within the kernels' f32 tolerances; the
+/// embedding tied to the head, as SmolLM2's), and every `tokenizer.*` key of the GGUF at
+/// `tokenizer_from` (the vocabulary size follows its tokenizer).
 ///
 /// # Errors
 /// A sentence saying what could not be read, built or written.
@@ -113,11 +114,14 @@ fn tensors(s: &RandomLlama, vocab: usize) -> candle_core::Result<Vec<(String, QT
     let mut mat = |name: String, rows: usize, cols: usize, scale: f32| {
         let data = rng.normals(rows * cols, scale);
         let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu)?;
-        out.push((name, QTensor::quantize(&t, GgmlDType::Q8_0)?));
+        out.push((name, QTensor::quantize(&t, GgmlDType::F32)?));
         Ok::<(), candle_core::Error>(())
     };
     let scale = |cols: usize| 1.0 / (cols as f32).sqrt();
-    mat("token_embd.weight".into(), vocab, h, 1.0)?;
+    // Tied to the head: at this scale the logits of a unit-RMS hidden state are O(1), so the
+    // next-token distribution is spread over many tokens (near-ties are possible, as in a
+    // trained model) instead of one token taking all the mass.
+    mat("token_embd.weight".into(), vocab, h, scale(h))?;
     for l in 0..s.layers {
         mat(format!("blk.{l}.attn_q.weight"), q, h, scale(h))?;
         mat(format!("blk.{l}.attn_k.weight"), kv, h, scale(h))?;
