@@ -66,9 +66,10 @@ pub struct CoordinatorArgs {
     pub tp: TpPolicy,
     /// Context parallelism (ring attention): `P` puts P workers in a ring for every rank of
     /// the mesh, each holding 1/P of every sequence's KV cache, so `--kv-tokens` may exceed
-    /// what one worker holds (1: no ring); `auto` uses the smallest ring whose plan fits.
-    /// Prefix caching is off on a ring.
-    #[arg(long, default_value = "1", value_name = "P|auto", value_parser = parse_cp)]
+    /// what one worker holds (1: no ring); `auto` uses the smallest ring whose plan fits;
+    /// `auto:TOKENS` also rings (at least two ranks) when `--kv-tokens` is TOKENS or more, so
+    /// long prompts' prefill is split over the ring. Prefix caching is off on a ring.
+    #[arg(long, default_value = "1", value_name = "P|auto|auto:TOKENS", value_parser = parse_cp)]
     pub cp: CpPolicy,
     /// Most steps in flight on the pipeline at once: the running requests are split into
     /// this many micro-batches so that pipeline stages compute at the same time (default: the
@@ -337,21 +338,30 @@ pub fn cp_arg(cp: CpPolicy) -> String {
     match cp {
         CpPolicy::Fixed(p) => p.to_string(),
         CpPolicy::Auto => "auto".to_owned(),
+        CpPolicy::AutoFrom(tokens) => format!("auto:{tokens}"),
     }
 }
 
-/// Parses `--cp`: a ring size of at least 1, or `auto`.
+/// Parses `--cp`: a ring size of at least 1, `auto`, or `auto:TOKENS`.
 ///
 /// # Errors
-/// When it is neither.
+/// When it is none of them.
 pub fn parse_cp(s: &str) -> Result<CpPolicy, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(CpPolicy::Auto);
     }
+    if let Some(tokens) = s.strip_prefix("auto:") {
+        return match tokens.parse::<u32>() {
+            Ok(t) if t >= 1 => Ok(CpPolicy::AutoFrom(t)),
+            _ => Err(format!(
+                "{s:?}: `auto:` takes a sequence length in tokens (at least 1)"
+            )),
+        };
+    }
     match s.parse::<u32>() {
         Ok(p) if p >= 1 => Ok(CpPolicy::Fixed(p)),
         _ => Err(format!(
-            "{s:?} is not a context-parallel ring size (1, 2, 3, …) or `auto`"
+            "{s:?} is not a context-parallel ring size (1, 2, 3, …), `auto` or `auto:TOKENS`"
         )),
     }
 }
@@ -528,6 +538,27 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("3 parsecs").is_err());
+    }
+
+    /// Ensures that `--cp` reads ring sizes, `auto` and `auto:TOKENS`, that what `cp_arg`
+    /// writes reads back the same, and that nonsense is refused naming the forms.
+    #[test]
+    fn cp_policies_parse_and_round_trip() {
+        use super::{CpPolicy, cp_arg, parse_cp};
+        for (s, want) in [
+            ("1", CpPolicy::Fixed(1)),
+            ("4", CpPolicy::Fixed(4)),
+            ("auto", CpPolicy::Auto),
+            ("AUTO", CpPolicy::Auto),
+            ("auto:32768", CpPolicy::AutoFrom(32768)),
+        ] {
+            assert_eq!(parse_cp(s), Ok(want), "{s}");
+            assert_eq!(parse_cp(&cp_arg(want)), Ok(want), "{s}");
+        }
+        for bad in ["0", "auto:", "auto:0", "auto:x", "ring", "-2"] {
+            let e = parse_cp(bad).expect_err(bad);
+            assert!(e.contains("auto"), "{bad}: {e}");
+        }
     }
 
     /// Ensures that an unset, empty or blank OTLP endpoint means no export, and a set one is

@@ -66,8 +66,9 @@ pub struct UpArgs {
     #[arg(long, default_value = "1", value_name = "K|auto", value_parser = super::serve::parse_tp)]
     pub tp: tessera_coordinator::planner::TpPolicy,
     /// Context parallelism (see `tessera coordinator --cp`): rings of `P` workers, each
-    /// holding 1/P of every sequence's KV cache, or `auto`.
-    #[arg(long, default_value = "1", value_name = "P|auto", value_parser = super::serve::parse_cp)]
+    /// holding 1/P of every sequence's KV cache, `auto`, or `auto:TOKENS` (a ring also when
+    /// `--kv-tokens` is TOKENS or more).
+    #[arg(long, default_value = "1", value_name = "P|auto|auto:TOKENS", value_parser = super::serve::parse_cp)]
     pub cp: tessera_coordinator::planner::CpPolicy,
     /// Most pipeline steps in flight on every coordinator (see `tessera coordinator
     /// --max-inflight-steps`; default: the plan's number of stages).

@@ -203,7 +203,9 @@ pub fn plan_with(
     match policy.cp {
         CpPolicy::Fixed(0 | 1) => plan_tp(model, workers, policy, cost),
         CpPolicy::Fixed(p) => ring::rings(model, workers, policy, p, policy.block_size, cost),
-        CpPolicy::Auto => ring::auto(model, workers, policy, policy.block_size, cost),
+        CpPolicy::Auto | CpPolicy::AutoFrom(_) => {
+            ring::auto(model, workers, policy, policy.block_size, cost)
+        }
     }
 }
 

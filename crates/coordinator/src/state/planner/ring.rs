@@ -14,7 +14,10 @@
 //! as many layers as workers a plan without rings fits whenever one with rings does; rings
 //! let more workers share the cache than a pipeline can use (a worker per layer at most), and
 //! split one long prompt's prefill over their ranks, which a pipeline does not.
-//! [`CpPolicy::Fixed`] asks for a ring size, e.g. by policy for long-context deployments.
+//! [`CpPolicy::AutoFrom`] is `Auto` with a length policy: when sequences may be that many
+//! tokens or longer (the KV budget per sequence, `--kv-tokens`), a ring of at least two even
+//! where one worker would hold the cache — so a long prompt's prefill is split over the ring's
+//! ranks. [`CpPolicy::Fixed`] asks for a ring size.
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +32,9 @@ pub enum CpPolicy {
     Fixed(u32),
     /// The smallest ring whose plan fits the workers' memory.
     Auto,
+    /// As `Auto`, and a ring of at least two ranks when sequences may be this many tokens or
+    /// longer (`PlanPolicy::kv_tokens` at least this); one worker alone plans without a ring.
+    AutoFrom(u32),
 }
 
 impl Default for CpPolicy {
@@ -123,8 +129,14 @@ pub(super) fn auto(
     block: u32,
     c: &CostInputs,
 ) -> Result<Plan, PlanError> {
+    let long = match policy.cp {
+        CpPolicy::AutoFrom(tokens) => policy.kv_tokens >= tokens,
+        CpPolicy::Auto | CpPolicy::Fixed(_) => false,
+    };
+    // A ring by length policy needs two workers; one alone plans as it can.
+    let smallest = if long && workers.len() >= 2 { 2 } else { 1 };
     let mut first = None;
-    for p in 1..=workers.len() as u32 {
+    for p in smallest..=workers.len() as u32 {
         let r = if p == 1 {
             plan_tp(m, workers, policy, c)
         } else {

@@ -172,3 +172,49 @@ fn auto_rings_only_when_the_kv_does_not_fit() {
         "{e}"
     );
 }
+
+/// Ensures that `AutoFrom(n)` rings by length: with a KV budget of at least `n` tokens per
+/// sequence, two workers that could each hold the whole cache form a ring of two (each rank
+/// about half of it) where `Auto` plans a pipeline; under `n` it plans as `Auto`; and one
+/// worker alone plans without a ring.
+#[test]
+fn auto_from_rings_long_contexts_by_policy() {
+    let m = smollm2();
+    let big = [worker("a", 2048 * MIB), worker("b", 2048 * MIB)];
+    let auto = plan(&m, &big, &policy(16384, TpPolicy::Fixed(1), CpPolicy::Auto)).expect("fits");
+    assert!(auto.stages.iter().all(|s| s.cp_ranks == 1), "{auto:?}");
+    let long = plan(
+        &m,
+        &big,
+        &policy(16384, TpPolicy::Fixed(1), CpPolicy::AutoFrom(16384)),
+    )
+    .expect("rings");
+    assert_eq!((long.stages.len(), long.n_stages()), (2, 1), "{long:?}");
+    assert!(long.stages.iter().all(|s| s.cp_ranks == 2), "{long:?}");
+    let per_token = m.kv_bytes_per_token_layer * m.n_layers() as u64;
+    for s in &long.stages {
+        assert_eq!(s.layers, 0..30, "{s:?}");
+        assert_eq!(
+            s.kv_bytes,
+            per_token * u64::from(rank_kv_tokens(16384, 2, 16)),
+            "{s:?}"
+        );
+    }
+    let short = plan(
+        &m,
+        &big,
+        &policy(8192, TpPolicy::Fixed(1), CpPolicy::AutoFrom(16384)),
+    )
+    .expect("fits");
+    assert_eq!(
+        short,
+        plan(&m, &big, &policy(8192, TpPolicy::Fixed(1), CpPolicy::Auto)).expect("fits")
+    );
+    let alone = plan(
+        &m,
+        &big[..1],
+        &policy(16384, TpPolicy::Fixed(1), CpPolicy::AutoFrom(1024)),
+    )
+    .expect("fits one worker");
+    assert!(alone.stages.iter().all(|s| s.cp_ranks == 1), "{alone:?}");
+}
