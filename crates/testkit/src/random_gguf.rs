@@ -144,3 +144,54 @@ fn tensors(s: &RandomLlama, vocab: usize) -> candle_core::Result<Vec<(String, QT
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_format::{GgufWeights, QType, TensorKey, WeightStore};
+
+    /// Ensures that a written model opens as a GGUF of exactly its shape — layers, widths,
+    /// grouped-query heads, head size, position range, the borrowed tokenizer's vocabulary —
+    /// with f32 weights the loader accepts, and that the same shape and seed write the same
+    /// bytes.
+    #[test]
+    fn written_models_load_with_their_shape() {
+        let Some(src) = crate::smollm2_gguf() else {
+            return;
+        };
+        let shape = RandomLlama {
+            layers: 2,
+            hidden: 64,
+            intermediate: 96,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 32,
+            context_len: 9000,
+            seed: 3,
+        };
+        let dir = crate::temp_dir("random-gguf");
+        let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+        write_random_llama(&a, &shape, &src).expect("writes");
+        write_random_llama(&b, &shape, &src).expect("writes");
+        let bytes = std::fs::read(&a).expect("read");
+        assert!(
+            bytes == std::fs::read(&b).expect("read"),
+            "same shape and seed, same bytes"
+        );
+        let w = GgufWeights::open(&a).expect("opens");
+        let cfg = w.config().expect("config");
+        assert_eq!(
+            (cfg.n_layers, cfg.hidden, cfg.intermediate),
+            (2, 64, 96),
+            "{cfg:?}"
+        );
+        assert_eq!(
+            (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.context_len),
+            (2, 1, 32, 9000),
+            "{cfg:?}"
+        );
+        assert_eq!(cfg.vocab_size, 49152, "SmolLM2's tokenizer");
+        assert_eq!(w.stored_qtype(TensorKey::AttnK(1)), Some(QType::F32));
+        assert!(w.contains(TensorKey::TokenEmbd) && !w.contains(TensorKey::Output));
+    }
+}
