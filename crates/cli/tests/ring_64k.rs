@@ -166,7 +166,8 @@ fn a_64k_context_fits_a_ring_of_four_but_no_worker() {
     let used = (n as u64 + u64::from(DECODE)) * PER_TOKEN;
     let bound = used / 4 + BLOCK * PER_TOKEN;
     eprintln!(
-        "  KV in use per rank at its peak (MiB): {:?}; a quarter of the sequence's {:.2} MiB plus a block = {:.2} MiB; one worker held {:.2} MiB",
+        "  KV in use per rank at its peak (MiB): {:?}; a quarter of the sequence's {:.2} MiB \
+         plus a block = {:.2} MiB; one worker held {:.2} MiB",
         peaks
             .iter()
             .map(|&b| b as f64 / f64::from(1 << 20))

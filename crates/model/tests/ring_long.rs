@@ -1,8 +1,8 @@
 //! Long-context rings on the real model, in release builds only (`scripts/ring-long.sh`):
 //! 8000-token prompts (prose, and a token walk) through rings of 2 and 4 (zigzag, one thread
 //! per rank) against the single-process engine (two threads), then 32 decode steps
-//! teacher-forced with the engine's greedy tokens. Ignored by `cargo test`: the three prefills of 8000 tokens take minutes in a
-//! release build and far longer in a debug one. The ring's arithmetic at every size and
+//! teacher-forced with the engine's greedy tokens. Ignored by `cargo test`: the six prefills
+//! of 8000 tokens take minutes in a release build and far longer in a debug one. The ring's arithmetic at every size and
 //! layout is covered quickly by `ring_attention.rs` and the kernel tests.
 //!
 //! What it reports: the largest |Δ logit| over the 33 sampled positions, and how far the
@@ -84,10 +84,8 @@ fn engine(model: &Llama, prompt: &[u32]) -> (Vec<Vec<f32>>, Vec<u32>) {
 /// The prompts: English prose (this repository's architecture document, tokenized, its first
 /// [`PROMPT`] tokens — it changes as the project does) and a walk through the vocabulary with
 /// a stride (no language at all: the model's predictions are flat, near-ties everywhere).
-fn prompts(path: &std::path::Path) -> [(&'static str, Vec<u32>); 2] {
-    let mut f = std::fs::File::open(path).expect("model");
-    let content = tessera_format::gguf_file::Content::read(&mut f).expect("GGUF");
-    let tok = tessera_text::tokenizer::Tokenizer::from_gguf(&content).expect("tokenizer");
+fn prompts(w: &GgufWeights) -> [(&'static str, Vec<u32>); 2] {
+    let tok = tessera_text::tokenizer::Tokenizer::from_gguf(w.content()).expect("tokenizer");
     let doc = include_str!("../../../docs/ARCHITECTURE.md");
     let mut prose = tok.encode(doc, false, false).expect("encodes");
     assert!(prose.len() >= PROMPT, "{} tokens of prose", prose.len());
@@ -113,7 +111,7 @@ fn smollm2_8k_rings_match_the_engine() {
     let w = GgufWeights::open(&path).expect("open");
     let cfg = w.config().expect("config");
     let model = Llama::load(&w, &cfg, LoadSpec::full(&cfg), &mut |_, _| {}).expect("load");
-    for (name, prompt) in prompts(&path) {
+    for (name, prompt) in prompts(&w) {
         let started = std::time::Instant::now();
         let (want, greedy) = engine(&model, &prompt);
         eprintln!("{name}: engine {:.1} s", started.elapsed().as_secs_f64());

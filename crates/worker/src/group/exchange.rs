@@ -6,8 +6,8 @@
 //! first spins (a peer running the same layers is usually microseconds behind, and waking a
 //! sleeping thread costs tens of microseconds on a virtual machine), then yields the CPU (a
 //! peer on the same core gets to run), then sleeps in the poller until a socket is ready or
-//! the timeout passes with nothing moved. Every socket is read and written until it would block before the
-//! poller waits, which the poller's edge-triggered readiness requires.
+//! the timeout passes with nothing moved. Every socket is read and written until it would
+//! block before the poller waits, which the poller's edge-triggered readiness requires.
 
 use std::time::{Duration, Instant};
 
@@ -93,9 +93,9 @@ impl Wire {
         self.drive(links, bytes, sent, from, (tag, None), timeout)
     }
 
-    /// [`Wire::exchange_from`] for partials that may travel in chunks
-    /// (`frame::encode_partial`): `bytes` may hold several frames, and from every link `from`
-    /// selects this takes the chunks of step `tag`'s partial at `layer` and `point` until the
+    /// [`Wire::exchange`] for partials that may travel in chunks (`frame::encode_partial`):
+    /// sends `bytes` (one partial's frames) to every link `to` selects, and from every link
+    /// `from` selects takes the chunks of step `tag`'s partial at `layer` and `point` until the
     /// last, leaving in [`Wire::got`] one [`Frame::Partial`] (with `point`) holding their
     /// values in order. A frame that is not the expected chunk is left in `got` as it came
     /// and ends that link's part, for the caller's check to name; the frames a link sent
@@ -104,6 +104,24 @@ impl Wire {
     /// # Errors
     /// As [`Wire::exchange`].
     pub(crate) fn exchange_partials(
+        &mut self,
+        links: &[Link],
+        bytes: &[u8],
+        to: impl Fn(usize) -> bool,
+        from: impl Fn(usize) -> bool,
+        key: (u64, u32, u8),
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let sent = |i| if to(i) { 0 } else { bytes.len() };
+        self.exchange_partials_from(links, bytes, sent, from, key, timeout)
+    }
+
+    /// [`Wire::exchange_partials`] of frames already partly sent: `sent(i)` bytes of `bytes`
+    /// are on link `i`'s wire (`bytes.len()` for a link they do not go to).
+    ///
+    /// # Errors
+    /// As [`Wire::exchange`].
+    pub(crate) fn exchange_partials_from(
         &mut self,
         links: &[Link],
         bytes: &[u8],

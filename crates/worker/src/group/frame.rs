@@ -9,7 +9,9 @@ use std::io::{self, Read, Write};
 
 use crate::hidden;
 
-/// Largest frame accepted (the partial sums of a large prefill batch, or its step request).
+/// Largest frame accepted: a sanity bound, not a size anything approaches — partials travel in
+/// chunks of [`CHUNK_VALUES`] values and a step frame leaves its hidden states out; the
+/// largest frames left are a big batch's logits slices and step requests (token ids).
 pub(crate) const MAX_FRAME_BYTES: usize = 1 << 30;
 
 const HELLO: u8 = 1;

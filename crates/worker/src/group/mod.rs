@@ -18,8 +18,9 @@
 //! lockstep. Partials longer than `frame::CHUNK_VALUES` values (4 MiB: a long prompt's
 //! hidden states, partial sums, K/V blocks) travel as several frames taken as they arrive, so
 //! no frame grows with the prompt. At each reduction point every rank sends its partial sums
-//! to every other rank and adds the `R` partials in rank order 0, 1, …, R−1 — the same additions in the
-//! same order on every rank, so every rank holds the same bits and a rerun gives them again.
+//! to every other rank and adds the `R` partials in rank order 0, 1, …, R−1 — the same
+//! additions in the same order on every rank, so every rank holds the same bits and a rerun
+//! gives them again.
 //! On the last stage each rank sends its vocabulary slice of the logits to rank 0, which
 //! samples. Rank 0 forwards hidden states to the next stage; the others answer nobody.
 //!
@@ -263,7 +264,7 @@ impl Group {
         let got = self.wire.exchange_partials(
             &self.links,
             &[],
-            |_| 0,
+            |_| false,
             |i| i == 0,
             (tag, 0, HIDDEN),
             timeout,
@@ -397,11 +398,10 @@ impl Group {
         encode_partial(&mut self.out, self.tag, layer as u32, code, x);
         let (tag, timeout) = (self.tag, self.timeout);
         let row: Vec<bool> = self.links.iter().map(|l| self.same_row(l.rank)).collect();
-        let total = self.out.len();
         if let Err(e) = self.wire.exchange_partials(
             &self.links,
             &self.out,
-            |i| if row[i] { 0 } else { total },
+            |i| row[i],
             |i| row[i],
             (tag, layer as u32, code),
             timeout,

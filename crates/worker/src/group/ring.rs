@@ -106,7 +106,7 @@ impl Group {
         };
         let (tag, timeout) = (self.tag, self.timeout);
         let sent = |i| if i == next { already } else { total };
-        if let Err(e) = self.wire.exchange_partials(
+        if let Err(e) = self.wire.exchange_partials_from(
             &self.links,
             &self.ring.out,
             sent,
@@ -149,11 +149,10 @@ impl Group {
             .iter()
             .map(|l| l.rank % self.tp == self.rank % self.tp)
             .collect();
-        let total = self.out.len();
         if let Err(e) = self.wire.exchange_partials(
             &self.links,
             &self.out,
-            |i| if column[i] { 0 } else { total },
+            |i| column[i],
             |i| column[i],
             (tag, layer as u32, RING_GATHER),
             timeout,
