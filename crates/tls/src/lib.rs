@@ -1,0 +1,23 @@
+//! The cluster's certificates and TLS.
+//!
+//! The cluster protocol (Raft, worker registration, shard loading, steps) is for certified
+//! members only: every coordinator and worker holds a certificate from the cluster's CA that
+//! names its role and name ([`Identity`]), presents it on every connection it opens and demands
+//! one on every connection it accepts ([`ClusterTls`]). What each role may call is decided by
+//! the services from the identity [`ClusterTls::authorize`] returns.
+//!
+//! - [`identity`](Identity): roles, names, and how a certificate carries them;
+//! - [`Authority`]: the CA, issuing member certificates into a directory (`tessera certs`);
+//! - [`MemberFiles`] → [`Member`]: a member's files, checked at start-up;
+//! - [`ClusterTls`]: server configuration, endpoints to peers, authorization.
+
+mod authority;
+mod cluster;
+mod error;
+mod identity;
+mod verify;
+
+pub use authority::{Authority, CA_CERT, CA_KEY, Issued, member_files};
+pub use cluster::{ClusterTls, HANDSHAKE_TIMEOUT, Member, MemberFiles};
+pub use error::TlsError;
+pub use identity::{DOMAIN, Identity, Role};
