@@ -41,6 +41,8 @@ enum Command {
     /// Change the replicated coordinators' membership (dials a coordinator's cluster port).
     #[command(subcommand)]
     Cluster(commands::cluster::ClusterCommand),
+    /// Create the cluster's CA and member certificates (mutual TLS on the cluster protocol).
+    Certs(commands::certs::CertsArgs),
     /// Check a process's grpc.health.v1 status (exit 0 when SERVING), for container probes.
     Health(commands::health::HealthArgs),
     /// Measure leader failover: kill -9 the Raft leader repeatedly, time kill -> first answer.
@@ -60,6 +62,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Model(cmd) => commands::model::run(cmd),
         Command::Up(args) => commands::up::run(args),
+        Command::Certs(args) => commands::certs::run(&args),
         Command::Coordinator(args) => commands::serve::run_coordinator(args),
         Command::Worker(args) => commands::serve::run_worker(args),
         Command::Generate(args) => commands::generate::run(args),

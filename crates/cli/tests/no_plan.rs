@@ -69,6 +69,9 @@ fn refused_once(model: &str, extra: &[&str], memory: &str, refusal: &str, detail
             "2000",
             "--exit-on-stdin-eof",
         ])
+        .args(tessera_testkit::certs_args(
+            &tessera_tls::Identity::coordinator(1),
+        ))
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

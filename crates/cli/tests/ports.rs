@@ -55,6 +55,17 @@ impl Coordinator {
         lazy_channel(format!("http://{addr}"), Some(Duration::from_secs(10)))
     }
 
+    /// A lazily connected channel to the cluster port, as a fellow coordinator's certificate
+    /// presents it (the cluster port speaks mutual TLS only), 10 s per call.
+    fn cluster_channel(&self) -> Channel {
+        let _in_runtime = self.rt.enter();
+        tessera_testkit::member_tls(&tessera_tls::Identity::coordinator(2))
+            .endpoint(&self.cluster, tessera_tls::Role::Coordinator)
+            .expect("endpoint")
+            .timeout(Duration::from_secs(10))
+            .connect_lazy()
+    }
+
     /// This node's own view: (leader, term), once it has elected itself.
     fn leader_and_term(&self) -> (String, u64) {
         let start = Instant::now();
@@ -156,7 +167,7 @@ fn public_port_serves_only_the_public_api() {
     // Elected (alone), so that its status names itself as member.
     c.leader_and_term();
     let public = c.channel(&c.public);
-    let cluster = c.channel(&c.cluster);
+    let cluster = c.cluster_channel();
 
     assert_eq!(
         c.rt.block_on(list_v1(public.clone()))
@@ -237,7 +248,17 @@ fn public_port_serves_only_the_public_api() {
     );
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     assert_eq!(c.health(&c.public).expect("public health"), serving);
-    assert_eq!(c.health(&c.cluster).expect("cluster health"), serving);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(cluster.clone());
+    let answer =
+        c.rt.block_on(health.check(tonic_health::pb::HealthCheckRequest::default()))
+            .expect("cluster health")
+            .into_inner();
+    assert_eq!(answer.status, serving);
+    // Without a member certificate the cluster port completes no handshake.
+    assert!(
+        c.health(&c.cluster).is_err(),
+        "plain-text health on the cluster port"
+    );
 }
 
 /// Ensures that the cluster protocol sent to the public port — a forged Raft heartbeat and
@@ -318,12 +339,12 @@ fn cluster_calls_to_the_public_port_are_unimplemented() {
 
     // The Raft service is on the cluster port: it decodes what it gets.
     let err =
-        c.rt.block_on(
-            cpb::raft_client::RaftClient::new(c.channel(&c.cluster)).send(cpb::RaftMessage {
+        c.rt.block_on(cpb::raft_client::RaftClient::new(c.cluster_channel()).send(
+            cpb::RaftMessage {
                 message: vec![0xff, 0xff, 0xff],
                 from_address: String::new(),
-            }),
-        )
+            },
+        ))
         .expect_err("garbage");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // No worker got in through the public port.

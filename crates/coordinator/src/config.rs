@@ -81,6 +81,10 @@ pub struct CoordinatorConfig {
     pub max_queued: usize,
     /// Size limits checked before tokenization.
     pub limits: crate::validate::Limits,
+    /// How the cluster port speaks: mutual TLS as this coordinator's certificate, or in the
+    /// clear. The default here is the clear (for in-process tests); the `tessera` binary
+    /// requires certificates unless `--insecure-cluster` is given.
+    pub cluster_tls: tessera_tls::ClusterTls,
 }
 
 impl Default for CoordinatorConfig {
@@ -112,6 +116,7 @@ impl Default for CoordinatorConfig {
             api_keys: Vec::new(),
             max_queued: 256,
             limits: crate::validate::Limits::default(),
+            cluster_tls: tessera_tls::ClusterTls::insecure(),
         }
     }
 }

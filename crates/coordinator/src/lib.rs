@@ -153,6 +153,24 @@ pub async fn serve_on(
     let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize)
         .with_limits(cfg.limits);
     let keys = services::auth::ApiKeys::new(&cfg.api_keys)?;
+    match cfg.cluster_tls.identity() {
+        // Peers check that a Raft message's sender is the node its certificate names: a
+        // coordinator holding another node's certificate could not take part at all.
+        Some(me) if me.coordinator_id() != Some(cfg.id) => {
+            return Err(CoordinatorError::invalid(
+                "id",
+                format!(
+                    "this coordinator is node {} but its cluster certificate is for {me}",
+                    cfg.id
+                ),
+            ));
+        }
+        Some(_) => {}
+        None => tracing::warn!(
+            "the cluster port runs WITHOUT TLS (--insecure-cluster): anyone who can reach it \
+             can register workers, send Raft messages and read prompts"
+        ),
+    }
 
     let listen = cfg.listen;
     let serve_err = |reason: String| CoordinatorError::Serve {
@@ -206,6 +224,7 @@ pub async fn serve_on(
             .iter()
             .filter(|(id, _)| **id != cfg.id)
             .map(|(id, a)| (*id, a.clone())),
+        cfg.cluster_tls.clone(),
     );
     let raft = raft::RaftNode::start(
         raft::RaftConfig::new(cfg.id),
@@ -283,14 +302,21 @@ pub async fn serve_on(
             keys.interceptor(),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_rx(&stop));
-    let cluster_server = tonic::transport::Server::builder()
+    let cluster_tls = cluster.cfg.cluster_tls.clone();
+    let mut cluster_builder = tonic::transport::Server::builder();
+    if let Some(tls) = cluster_tls.server_tls() {
+        cluster_builder = cluster_builder
+            .tls_config(tls)
+            .map_err(|e| serve_err(format!("cluster port TLS: {e}")))?;
+    }
+    let cluster_server = cluster_builder
         .add_service(cluster_health_service)
         .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
         .add_service(cpb::coordination_server::CoordinationServer::new(
             services::registry::Registry::new(Arc::clone(&cluster)),
         ))
         .add_service(cpb::forward_server::ForwardServer::new(
-            services::forward::ForwardService::new(api),
+            services::forward::ForwardService::new(api, cluster_tls),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), shutdown_rx(&stop));
     // `shutdown` stops both servers, and either one failing stops the other.

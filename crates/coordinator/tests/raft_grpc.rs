@@ -39,6 +39,7 @@ async fn start(
     let transport = GrpcTransport::new(
         &peers[&id],
         peers.clone().into_iter().filter(|(p, _)| *p != id),
+        tessera_tls::ClusterTls::insecure(),
     );
     let handle = RaftNode::start(
         test_config(id),

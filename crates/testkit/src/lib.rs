@@ -33,8 +33,8 @@ pub use cluster::{HEARTBEAT_TIMEOUT_MS, KV_TOKENS, ProcessCluster};
 pub use net::{Proxy, free_addr, free_port, sample, scrape, url_list};
 pub use pipeline::{CHUNK, Driver, Seq, drive, seq_start, seqs_for, to_sampled};
 pub use process::{
-    Addresses, START_TIMEOUT, Tessera, kill, lone_coordinator_args, member_args, python, signal,
-    strings, temp_dir,
+    Addresses, START_TIMEOUT, Tessera, certs_args, certs_dir, kill, lone_coordinator_args,
+    member_args, member_tls, python, signal, strings, temp_dir,
 };
 pub use raft_cluster::RaftCluster;
 pub use random_gguf::{RandomLlama, write_random_llama};

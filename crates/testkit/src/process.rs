@@ -4,12 +4,22 @@
 //!
 //! The binary's path is the caller's: only the cli crate's tests know it
 //! (`env!("CARGO_BIN_EXE_tessera")`), so they hand it to [`Tessera::new`].
+//!
+//! **Mutual TLS by default.** Every `coordinator`, `worker` and `cluster …` command the kit
+//! starts speaks the cluster protocol as the product does: with a certificate from this test
+//! process's own CA ([`certs_dir`]), issued on demand for the identity the arguments give
+//! (`--id`, default 1; `--name`, which the kit adds to a worker that has none; the operator for
+//! membership commands) and passed as `--certs`. A test that passes `--insecure-cluster`,
+//! `--certs` or `--cluster-ca` itself chooses for itself.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock, PoisonError, mpsc};
 use std::time::{Duration, Instant};
+
+use tessera_tls::{Authority, Identity, Role};
 
 /// How long a started process may take to print its "listening on" line, and a run to
 /// completion ([`Tessera::run`]) to finish.
@@ -169,10 +179,13 @@ impl Tessera {
         }
     }
 
-    /// Starts `tessera ARGS…` with its stdout piped.
+    /// Starts `tessera ARGS…` with its stdout piped (and the cluster protocol's certificate,
+    /// see the module docs).
     fn start(&self, args: &[&str], stdin: Stdio, stderr: Stdio) -> Child {
+        let mut args: Vec<String> = strings(args);
+        args.extend(default_cluster_tls(&args));
         self.command()
-            .args(args)
+            .args(&args)
             .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -262,6 +275,88 @@ pub fn member_args(
         "2048",
         "--exit-on-stdin-eof",
     ])
+}
+
+/// This test process's certificate directory: its own CA (made on first use, under the system
+/// temp dir, named by the process id so that test binaries running at once never share one)
+/// and every certificate issued so far.
+///
+/// # Panics
+/// When the CA cannot be created.
+pub fn certs_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tessera-test-certs-{}", std::process::id()));
+        Authority::open_or_create(&dir).expect("create the test CA");
+        dir
+    })
+}
+
+/// `--certs DIR` for `identity`, whose certificate is issued into [`certs_dir`] if missing.
+///
+/// # Panics
+/// When it cannot be issued.
+pub fn certs_args(identity: &Identity) -> Vec<String> {
+    // One issuer at a time: tests run on several threads and share the directory.
+    static ISSUE: Mutex<()> = Mutex::new(());
+    let _one = ISSUE.lock().unwrap_or_else(PoisonError::into_inner);
+    let dir = certs_dir();
+    Authority::load(dir)
+        .and_then(|ca| ca.issue_into(dir, identity))
+        .unwrap_or_else(|e| panic!("issuing a test certificate for {identity}: {e}"));
+    vec!["--certs".to_owned(), dir.to_string_lossy().into_owned()]
+}
+
+/// The cluster credentials of `identity` from this test process's CA, as a test client
+/// presents them (issued if missing).
+///
+/// # Panics
+/// When they cannot be issued or loaded.
+pub fn member_tls(identity: &Identity) -> tessera_tls::ClusterTls {
+    certs_args(identity);
+    let files = tessera_tls::MemberFiles::in_dir(certs_dir(), identity);
+    tessera_tls::ClusterTls::mutual(files.load().expect("load a test certificate"))
+}
+
+/// What [`Tessera`]'s commands get added for the cluster protocol: `--certs` for the process's
+/// identity (and a `--name` for a worker without one), unless the arguments choose already.
+fn default_cluster_tls(args: &[String]) -> Vec<String> {
+    let chosen = ["--insecure-cluster", "--certs", "--cluster-ca"];
+    if args.iter().any(|a| chosen.contains(&a.as_str())) {
+        return Vec::new();
+    }
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    match args.first().map(String::as_str) {
+        Some("coordinator") => {
+            let id = value("--id").and_then(|v| v.parse().ok()).unwrap_or(1);
+            certs_args(&Identity::coordinator(id))
+        }
+        Some("worker") => {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            match value("--name") {
+                Some(name) => certs_args(
+                    &Identity::new(Role::Worker, &name)
+                        .unwrap_or_else(|e| panic!("worker --name {name:?}: {e}")),
+                ),
+                None => {
+                    let name = format!("tk-{}", NEXT.fetch_add(1, Ordering::Relaxed));
+                    let mut a =
+                        certs_args(&Identity::new(Role::Worker, &name).expect("a valid name"));
+                    a.extend(["--name".to_owned(), name]);
+                    a
+                }
+            }
+        }
+        Some("cluster") => {
+            certs_args(&Identity::new(Role::Admin, "operator").expect("a valid name"))
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// Owned strings from string slices, for process arguments.

@@ -130,10 +130,8 @@ impl Authority {
     /// [`TlsError::Issue`] when key generation or signing fails.
     pub fn issue(&self, identity: &Identity) -> Result<Issued, TlsError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(vec![
-            identity.dns_name(),
-            identity.role().server_name(),
-        ])?;
+        let mut params =
+            CertificateParams::new(vec![identity.dns_name(), identity.role().server_name()])?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.dns_name());
         params.distinguished_name = dn;

@@ -249,9 +249,23 @@ mod tests {
         let long = "a".repeat(10_000);
         let err = Identity::new(Role::Worker, &long).unwrap_err().to_string();
         assert!(err.len() < 200, "{err}");
-        assert_eq!(Identity::new(Role::Worker, &"a".repeat(63)).unwrap().name().len(), 63);
-        assert_eq!(Identity::new(Role::Coordinator, "12").unwrap().coordinator_id(), Some(12));
-        assert_eq!(Identity::new(Role::Worker, "12").unwrap().coordinator_id(), None);
+        assert_eq!(
+            Identity::new(Role::Worker, &"a".repeat(63))
+                .unwrap()
+                .name()
+                .len(),
+            63
+        );
+        assert_eq!(
+            Identity::new(Role::Coordinator, "12")
+                .unwrap()
+                .coordinator_id(),
+            Some(12)
+        );
+        assert_eq!(
+            Identity::new(Role::Worker, "12").unwrap().coordinator_id(),
+            None
+        );
     }
 
     /// Ensures that an identity survives its DNS name, and that names of other shapes (another

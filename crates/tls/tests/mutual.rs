@@ -70,7 +70,9 @@ async fn only_certified_members_of_the_allowed_role_get_in() {
     let addr = serve(server).await;
 
     let coordinator = member(dir.path(), &ca, &Identity::coordinator(2));
-    check(&coordinator, addr).await.expect("a coordinator passes");
+    check(&coordinator, addr)
+        .await
+        .expect("a coordinator passes");
 
     let worker = member(dir.path(), &ca, &Identity::new(Role::Worker, "w0").unwrap());
     let refused = check(&worker, addr).await.unwrap_err();
@@ -128,7 +130,10 @@ fn bad_member_files_are_refused_at_start_up() {
         ..good.clone()
     };
     let err = foreign_ca.load().unwrap_err();
-    assert!(err.to_string().contains("was not issued by the CA"), "{err}");
+    assert!(
+        err.to_string().contains("was not issued by the CA"),
+        "{err}"
+    );
 
     let missing = MemberFiles::in_dir(dir.path(), &Identity::coordinator(7));
     let err = missing.load().unwrap_err();
@@ -156,7 +161,10 @@ fn issuing_again_keeps_what_is_valid() {
     {
         use std::os::unix::fs::PermissionsExt;
         for f in ["ca.key", "coordinator-1.key"] {
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "{f} is readable by others: {mode:o}");
         }
     }

@@ -51,4 +51,11 @@ pub struct WorkerConfig {
     /// Where the peer port listens (the other ranks of its tensor-parallel groups dial it);
     /// `None` = the gRPC address's interface, a free port.
     pub peer_listen: Option<SocketAddr>,
+    /// How the cluster protocol is spoken: mutual TLS as this worker's certificate (which
+    /// then also gives the name it registers under), or in the clear. The `tessera` binary
+    /// requires certificates unless `--insecure-cluster` is given.
+    pub cluster_tls: tessera_tls::ClusterTls,
+    /// Where to serve `grpc.health.v1` alone, in the clear, for probes that hold no cluster
+    /// certificate; `None` = not served (health is always on the main port too).
+    pub health_listen: Option<SocketAddr>,
 }

@@ -26,9 +26,10 @@ use std::time::Duration;
 
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::worker_client::WorkerClient;
+use tessera_tls::{ClusterTls, Role};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
@@ -89,6 +90,7 @@ pub(crate) async fn run(
     mut inbound: Streaming<pb::StepRequest>,
     responses: ResponseTx,
     mut shutdown: watch::Receiver<bool>,
+    tls: ClusterTls,
 ) {
     let stream = shard.new_stream();
     let span = tracing::info_span!("pipeline", stream);
@@ -143,7 +145,7 @@ pub(crate) async fn run(
                         Ok(out) => out,
                         Err(s) => break Err(s),
                     };
-                    match forward(out, step_id, span, &mut outbound).await {
+                    match forward(out, step_id, span, &mut outbound, &tls).await {
                         Ok(f) => in_flight.push_back(f),
                         Err(s) => break Err(s),
                     }
@@ -281,6 +283,7 @@ async fn forward(
     step_id: u64,
     span: tracing::Span,
     outbound: &mut Option<Outbound>,
+    tls: &ClusterTls,
 ) -> Result<InFlight, Status> {
     let (next, mut request) = match out {
         StepOutput::Answer(resp) => return Ok(InFlight::Answered(resp)),
@@ -289,7 +292,7 @@ async fn forward(
     // The next stage's step is a child of this one.
     request.trace_context = trace_context::inject(&span);
     if outbound.is_none() {
-        *outbound = Some(open(&next).instrument(span.clone()).await?);
+        *outbound = Some(open(tls, &next).instrument(span.clone()).await?);
     }
     let Some(o) = outbound.as_mut() else {
         return Err(Status::internal("outbound stream missing"));
@@ -307,11 +310,13 @@ async fn forward(
     })
 }
 
-/// Dials the next stage and opens the outbound stream.
-async fn open(next: &str) -> Result<Outbound, Status> {
+/// Dials the next stage (which must hold a worker's certificate under mutual TLS) and opens
+/// the outbound stream.
+async fn open(tls: &ClusterTls, next: &str) -> Result<Outbound, Status> {
     let unavailable = |what: String| Status::unavailable(format!("next stage {next}: {what}"));
-    let endpoint = Endpoint::from_shared(format!("http://{next}"))
-        .map_err(|e| unavailable(format!("bad address: {e}")))?
+    let endpoint = tls
+        .endpoint(next, Role::Worker)
+        .map_err(|e| unavailable(format!("bad address: {}", e.message())))?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::coordination_client::CoordinationClient;
+use tessera_tls::{ClusterTls, Role};
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 
@@ -35,6 +36,8 @@ pub const LOST_AFTER_INTERVALS: u32 = 3;
 pub(crate) struct Registration {
     /// The coordinator endpoints (at least one).
     pub endpoints: Vec<Endpoint>,
+    /// How leader hints are dialed.
+    pub tls: ClusterTls,
     /// What Register carries.
     pub request: pb::RegisterRequest,
 }
@@ -42,6 +45,7 @@ pub(crate) struct Registration {
 /// Which coordinator to talk to: the leader a coordinator pointed at, else the configured
 /// ones in turn.
 struct Cursor {
+    tls: ClusterTls,
     endpoints: Vec<Endpoint>,
     next: usize,
     leader: Option<Endpoint>,
@@ -64,13 +68,13 @@ impl Cursor {
 
     /// Follows a leader hint (host:port); false when it is not a usable address.
     fn follow(&mut self, leader: &str) -> bool {
-        match Endpoint::from_shared(format!("http://{leader}")) {
+        match self.tls.endpoint(leader, Role::Coordinator) {
             Ok(e) => {
                 self.leader = Some(e.connect_timeout(Duration::from_secs(1)));
                 true
             }
             Err(e) => {
-                tracing::warn!(leader, error = %e, "unusable leader address");
+                tracing::warn!(leader, error = %e.message(), "unusable leader address");
                 false
             }
         }
@@ -94,6 +98,7 @@ pub(crate) async fn run(
 
 async fn register_forever(reg: Registration, shard: ShardHandle) {
     let mut cursor = Cursor {
+        tls: reg.tls.clone(),
         endpoints: reg.endpoints.clone(),
         next: 0,
         leader: None,

@@ -11,10 +11,11 @@ use std::time::Duration;
 use tessera_hub::ModelCache;
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::cluster::v1::worker_server::WorkerServer;
+use tessera_tls::Role;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Endpoint, Server};
+use tonic::transport::Server;
 
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
@@ -92,9 +93,10 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(|u| {
-            Endpoint::from_shared(u.to_owned())
+            cfg.cluster_tls
+                .endpoint(u, Role::Coordinator)
                 .map(|e| e.connect_timeout(Duration::from_secs(1)))
-                .map_err(|e| WorkerError::invalid("coordinator", format!("{u:?}: {e}")))
+                .map_err(|e| WorkerError::invalid("coordinator", e.message().to_owned()))
         })
         .collect::<Result<Vec<_>, _>>()?;
     if coordinators.is_empty() {
@@ -146,15 +148,32 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
-    let service = WorkerServer::new(WorkerService::new(shard.clone(), shutdown_rx.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    // Under mutual TLS the certificate names this worker: that is the name it registers under
+    // and the one a downstream stage checks.
+    let name = match cfg.cluster_tls.identity() {
+        Some(me) => me.name().to_owned(),
+        None => {
+            tracing::warn!(
+                "the cluster protocol runs WITHOUT TLS (--insecure-cluster): anyone who can \
+                 reach this worker can load shards, feed it steps and read its outputs"
+            );
+            cfg.name.clone()
+        }
+    };
+    let service = WorkerServer::new(WorkerService::new(
+        shard.clone(),
+        shutdown_rx.clone(),
+        cfg.cluster_tls.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let registration = Registration {
         endpoints: coordinators,
+        tls: cfg.cluster_tls.clone(),
         request: pb::RegisterRequest {
             address: advertise.clone(),
             capacity: Some(cfg.capacity.to_proto()),
-            name: cfg.name.clone(),
+            name: name.clone(),
             peer_address: peer_address.clone(),
         },
     };
@@ -163,15 +182,43 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         shard.clone(),
         shutdown_rx.clone(),
     ));
+    // The probe port: health alone, in the clear; it stops with the worker.
+    let probe = match cfg.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Bind { addr, source })?;
+            let mut stop = shutdown_rx.clone();
+            let health = health_service.clone();
+            Some(tokio::spawn(async move {
+                let served = Server::builder()
+                    .add_service(health)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        let _ = stop.wait_for(|&s| s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the health port stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let mut stop = shutdown_rx;
-    let server = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = cfg.cluster_tls.server_tls() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| WorkerError::Executor(format!("TLS configuration: {e}")))?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop.wait_for(|&s| s).await;
         });
-    let span = tracing::info_span!("worker", addr = %advertise, name = %cfg.name);
+    let span = tracing::info_span!("worker", addr = %advertise, name = %name);
     let mut drained = shutdown_tx.subscribe();
     let task = tokio::spawn(tracing::Instrument::instrument(
         async move {
@@ -191,6 +238,9 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
             register.abort();
             if let Some(m) = metrics {
                 m.abort();
+            }
+            if let Some(p) = probe {
+                p.abort();
             }
             result
         },

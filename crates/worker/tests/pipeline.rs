@@ -55,6 +55,8 @@ impl Cluster {
                 model_home: None,
                 metrics_listen: None,
                 peer_listen: None,
+                cluster_tls: tessera_tls::ClusterTls::insecure(),
+                health_listen: None,
             };
             workers.push(tessera_worker::start(cfg).await.expect("start worker"));
         }
@@ -102,6 +104,7 @@ impl Cluster {
             kv_tokens: KV_TOKENS,
             block_size: BLOCK_SIZE,
             group: Vec::new(),
+            upstream: String::new(),
         }
     }
 

@@ -95,6 +95,8 @@ impl Rig {
             model_home: None,
             metrics_listen: None,
             peer_listen: None,
+            cluster_tls: tessera_tls::ClusterTls::insecure(),
+            health_listen: None,
         })
         .await
         .expect("start worker");
@@ -120,6 +122,7 @@ impl Rig {
             kv_tokens: 1024,
             block_size: 16,
             group: Vec::new(),
+            upstream: String::new(),
         };
         tokio::time::timeout(WAIT, rig.client().await.load_shard(req))
             .await

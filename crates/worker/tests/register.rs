@@ -98,6 +98,8 @@ async fn registers_heartbeats_and_reregisters() {
         model_home: None,
         metrics_listen: None,
         peer_listen: None,
+        cluster_tls: tessera_tls::ClusterTls::insecure(),
+        health_listen: None,
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;
@@ -178,6 +180,7 @@ async fn registers_heartbeats_and_reregisters() {
                 kv_tokens: 256,
                 block_size: 16,
                 group: Vec::new(),
+                upstream: String::new(),
             })
             .await
             .expect("load")

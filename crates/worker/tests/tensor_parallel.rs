@@ -169,6 +169,8 @@ impl Cluster {
                     model_home: None,
                     metrics_listen: None,
                     peer_listen: None,
+                    cluster_tls: tessera_tls::ClusterTls::insecure(),
+                    health_listen: None,
                 };
                 workers.push(tessera_worker::start(cfg).await.expect("start worker"));
             }
@@ -226,6 +228,7 @@ impl Cluster {
                     } else {
                         Vec::new()
                     },
+                    upstream: String::new(),
                 };
                 let addr = self.workers[self.at(s, r)].local_addr().to_string();
                 tasks.push(tokio::spawn(async move {

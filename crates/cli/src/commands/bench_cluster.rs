@@ -64,6 +64,16 @@ pub struct BenchClusterArgs {
     /// `--prompt-repeats`) and bytes each rank sends.
     #[arg(long, default_value_t = 0)]
     pub cp: u32,
+    /// Measure what mutual TLS on the cluster protocol costs instead (0: off): decode
+    /// through a pipeline of this many stages with TLS and without, both clusters up at once
+    /// and their runs interleaved.
+    #[arg(long, default_value_t = 0)]
+    pub tls_cost: u32,
+}
+
+/// Where benchmark clusters keep their certificates (issued on first use, then reused).
+fn bench_certs() -> std::path::PathBuf {
+    std::env::temp_dir().join("tessera-bench-certs")
 }
 
 /// One configuration's best figures.
@@ -97,6 +107,9 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     }
     if args.cp > 1 {
         return super::bench_ring::run(&args, args.cp);
+    }
+    if args.tls_cost > 0 {
+        return super::runtime()?.block_on(tls_cost(&args, args.tls_cost));
     }
     let embedded = {
         let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;
@@ -185,12 +198,31 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     Ok(())
 }
 
-/// A local cluster of one coordinator (with `coordinator_args`) and `workers` workers.
+/// A local cluster of one coordinator (with `coordinator_args`) and `workers` workers,
+/// speaking mutual TLS among themselves.
 pub(super) async fn start_cluster(
     args: &BenchClusterArgs,
     workers: u32,
     threads: u32,
     coordinator_args: Vec<String>,
+) -> Result<LocalCluster> {
+    start_cluster_with(
+        args,
+        workers,
+        threads,
+        coordinator_args,
+        Some(bench_certs()),
+    )
+    .await
+}
+
+/// As [`start_cluster`], with the certificates in `certs` (`None`: `--insecure-cluster`).
+async fn start_cluster_with(
+    args: &BenchClusterArgs,
+    workers: u32,
+    threads: u32,
+    coordinator_args: Vec<String>,
+    certs: Option<std::path::PathBuf>,
 ) -> Result<LocalCluster> {
     LocalCluster::start(&LocalClusterSpec {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -203,6 +235,7 @@ pub(super) async fn start_cluster(
         coordinators: 1,
         coordinator_args,
         worker_args: Vec::new(),
+        certs,
     })
     .await
 }
@@ -311,6 +344,24 @@ async fn count_tokens(client: &mut Client, req: pb::GenerateRequest) -> Result<u
     Ok(tokens)
 }
 
+/// One greedy request's figures, on the client's clock: what a user sees, including the RPC
+/// to the coordinator.
+async fn one_run(client: &mut Client, args: &BenchClusterArgs) -> Result<Figures> {
+    let req = request(args);
+    let start = Instant::now();
+    let mut first = None;
+    let done = stream_generate(client, req, &mut std::io::sink(), &mut |_| {
+        first.get_or_insert_with(Instant::now);
+    })
+    .await?;
+    let end = Instant::now();
+    let first = first.context("no tokens")?;
+    Ok(Figures {
+        ttft_ms: (first - start).as_secs_f64() * 1e3,
+        decode_tok_s: (done.tokens.len() - 1) as f64 / (end - first).as_secs_f64(),
+    })
+}
+
 async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) -> Result<Figures> {
     let cluster = start_cluster(args, workers, threads, Vec::new()).await?;
     let result = async {
@@ -318,20 +369,7 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
         wait_ready(&mut client, Duration::from_secs(120)).await?;
         let mut best = None::<Figures>;
         for run in 0..=args.runs {
-            let req = request(args);
-            // Client-side clock: what a user sees, including the RPC to the coordinator.
-            let start = Instant::now();
-            let mut first = None;
-            let done = stream_generate(&mut client, req, &mut std::io::sink(), &mut |_| {
-                first.get_or_insert_with(Instant::now);
-            })
-            .await?;
-            let end = Instant::now();
-            let first = first.context("no tokens")?;
-            let f = Figures {
-                ttft_ms: (first - start).as_secs_f64() * 1e3,
-                decode_tok_s: (done.tokens.len() - 1) as f64 / (end - first).as_secs_f64(),
-            };
+            let f = one_run(&mut client, args).await?;
             if run > 0 {
                 best = Some(best.map_or(f, |b| b.best(f)));
             }
@@ -340,5 +378,57 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
     }
     .await;
     cluster.shutdown().await;
+    result
+}
+
+/// `tessera bench-cluster --tls-cost N`: decode through N stages with mutual TLS and
+/// without. Both clusters run at once and each round measures one run on each, so noise on
+/// the machine falls on both alike.
+async fn tls_cost(args: &BenchClusterArgs, stages: u32) -> Result<()> {
+    let threads = (args.total_threads / stages).max(1);
+    let secure = start_cluster_with(args, stages, threads, Vec::new(), Some(bench_certs())).await?;
+    let clear = match start_cluster_with(args, stages, threads, Vec::new(), None).await {
+        Ok(c) => c,
+        Err(e) => {
+            secure.shutdown().await;
+            return Err(e);
+        }
+    };
+    let result = async {
+        let mut clients = Vec::new();
+        for c in [&secure, &clear] {
+            let mut client = connect(&c.endpoint, Duration::from_secs(10)).await?;
+            wait_ready(&mut client, Duration::from_secs(120)).await?;
+            clients.push(client);
+        }
+        let mut best: [Option<Figures>; 2] = [None, None];
+        for run in 0..=args.runs {
+            for (i, client) in clients.iter_mut().enumerate() {
+                let f = one_run(client, args).await?;
+                if run > 0 {
+                    best[i] = Some(best[i].map_or(f, |b| b.best(f)));
+                }
+            }
+        }
+        let [Some(tls), Some(plain)] = best else {
+            anyhow::bail!("no runs");
+        };
+        println!(
+            "model {} | {stages} stages x {threads} thr, prompt {} repeats, decode {} tokens, best of {}",
+            args.model, args.prompt_repeats, args.decode, args.runs
+        );
+        println!("{:<26} {:>10} {:>14}", "cluster protocol", "TTFT ms", "decode tok/s");
+        println!("{:<26} {:>10.1} {:>14.1}", "mutual TLS", tls.ttft_ms, tls.decode_tok_s);
+        println!("{:<26} {:>10.1} {:>14.1}", "in the clear", plain.ttft_ms, plain.decode_tok_s);
+        println!(
+            "TLS / clear: decode {:.3}x, TTFT {:.3}x",
+            tls.decode_tok_s / plain.decode_tok_s,
+            tls.ttft_ms / plain.ttft_ms
+        );
+        Ok(())
+    }
+    .await;
+    secure.shutdown().await;
+    clear.shutdown().await;
     result
 }

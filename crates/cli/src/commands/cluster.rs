@@ -2,6 +2,10 @@
 //! replicated coordinators, sent to any coordinator's cluster port (membership is part of the
 //! cluster protocol, `tessera.cluster.v1.Raft`; the public port answers UNIMPLEMENTED). A
 //! follower forwards them to the leader.
+//!
+//! Under mutual TLS they present an operator's certificate (`admin-<name>.pem`, which
+//! `tessera certs` issues as `admin-operator.pem`): `--certs DIR [--as NAME]`, or the
+//! certificate's files one by one.
 
 use std::time::Duration;
 
@@ -10,7 +14,10 @@ use clap::{Args, Subcommand};
 use tessera_proto::cluster::v1::raft_client::RaftClient;
 use tessera_proto::cluster::v1::{AddMemberRequest, MembersResponse, RemoveMemberRequest};
 
-use super::client::{DEFAULT_CLUSTER_ENDPOINT, channel, status_error};
+use tessera_tls::{Identity, Role};
+
+use super::certs::{ClusterTlsArgs, OPERATOR};
+use super::client::{DEFAULT_CLUSTER_ENDPOINT, status_error};
 
 /// `tessera cluster …`.
 #[derive(Subcommand, Debug)]
@@ -35,6 +42,20 @@ pub struct AddArgs {
     /// The new coordinator's cluster address, HOST:PORT (its --advertise).
     #[arg(long)]
     pub address: String,
+    /// Who makes the change.
+    #[command(flatten)]
+    pub operator: OperatorArgs,
+}
+
+/// The operator's credentials on the cluster protocol.
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// The operator's name: with --certs, its certificate is admin-<name>.pem.
+    #[arg(long = "as", default_value = OPERATOR)]
+    pub name: String,
+    /// The certificates (or `--insecure-cluster` for a cluster that runs without).
+    #[command(flatten)]
+    pub tls: ClusterTlsArgs,
 }
 
 /// Arguments of `remove-coordinator`.
@@ -47,6 +68,9 @@ pub struct RemoveArgs {
     /// The node id to remove.
     #[arg(long, value_parser = super::serve::parse_id)]
     pub id: u64,
+    /// Who makes the change.
+    #[command(flatten)]
+    pub operator: OperatorArgs,
 }
 
 /// Runs `tessera cluster …`.
@@ -55,7 +79,7 @@ pub struct RemoveArgs {
 /// When the coordinator cannot be reached or refuses the change (with its reason).
 pub async fn run(cmd: ClusterCommand) -> Result<()> {
     let members = match cmd {
-        ClusterCommand::AddCoordinator(a) => client(&a.endpoint)
+        ClusterCommand::AddCoordinator(a) => client(&a.endpoint, &a.operator)
             .await?
             .add_member(AddMemberRequest {
                 id: a.id,
@@ -64,7 +88,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
             .await
             .map_err(|s| membership_error(s, &a.endpoint))?
             .into_inner(),
-        ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint)
+        ClusterCommand::RemoveCoordinator(r) => client(&r.endpoint, &r.operator)
             .await?
             .remove_member(RemoveMemberRequest { id: r.id })
             .await
@@ -92,10 +116,27 @@ fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
 }
 
 /// A Raft client of the coordinator at `endpoint`, which must answer within 3 s.
-async fn client(endpoint: &str) -> Result<RaftClient<tonic::transport::Channel>> {
-    let channel = channel(endpoint, Duration::from_secs(3))
+async fn client(
+    endpoint: &str,
+    operator: &OperatorArgs,
+) -> Result<RaftClient<tonic::transport::Channel>> {
+    let tls = operator
+        .tls
+        .load(&Identity::new(Role::Admin, &operator.name)?)?;
+    let target = tls
+        .endpoint(endpoint, Role::Coordinator)
+        .map_err(status_error)?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    let channel = tokio::time::timeout(Duration::from_secs(6), target.connect())
         .await
-        .map_err(|e| e.into_error("no coordinator's cluster port answers there"))?;
+        .map_err(|_| anyhow::anyhow!("{endpoint} did not complete a connection within 6 s"))?
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "no coordinator's cluster port answers at {endpoint} (with mutual TLS, check \
+                 that the coordinator and this certificate share a CA)"
+            ))
+        })?;
     Ok(RaftClient::new(channel))
 }
 

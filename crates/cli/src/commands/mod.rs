@@ -5,6 +5,7 @@ pub mod bench_cluster;
 pub mod bench_failover;
 mod bench_ring;
 mod bench_tp;
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod generate;

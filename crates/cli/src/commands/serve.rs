@@ -180,6 +180,9 @@ pub struct ProcessArgs {
     /// Exit when standard input closes (used by `tessera up`).
     #[arg(long, hide = true)]
     pub exit_on_stdin_eof: bool,
+    /// The cluster protocol's certificates (or `--insecure-cluster`).
+    #[command(flatten)]
+    pub cluster_tls: super::certs::ClusterTlsArgs,
 }
 
 impl ProcessArgs {
@@ -298,9 +301,15 @@ pub struct WorkerArgs {
     /// Memory this worker may use for weights and KV cache, e.g. 512MiB, 2GiB.
     #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     pub memory: u64,
-    /// A human-readable name (default: host name and port).
+    /// The worker's name (default: worker-<pid>). With --certs it picks the worker's
+    /// certificate (worker-<name>.pem), whose name it registers under.
     #[arg(long)]
     pub name: Option<String>,
+    /// Also serve `grpc.health.v1` alone, in the clear, on this address: for probes that
+    /// cannot present a cluster certificate (Kubernetes gRPC probes, compose health checks).
+    /// It tells whether the process is up, and nothing else.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
     /// Model cache root (default: $TESSERA_HOME or ~/.cache/tessera).
     #[arg(long)]
     pub model_home: Option<PathBuf>,
@@ -463,6 +472,10 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             max_prompt_bytes: args.admission.max_prompt_bytes,
             max_messages: args.admission.max_messages,
         },
+        cluster_tls: args
+            .process
+            .cluster_tls
+            .load(&tessera_tls::Identity::coordinator(args.id))?,
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     let instance = format!("coordinator-{}", args.id);
@@ -505,6 +518,23 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         .name
         .clone()
         .unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let identity = tessera_tls::Identity::new(tessera_tls::Role::Worker, &name);
+    let cluster_tls = match (&identity, &args.process.cluster_tls) {
+        // --certs picks the file by name, so the name must be one a certificate can carry.
+        (Err(e), tls) if tls.certs.is_some() => {
+            anyhow::bail!("--name: {e} (with --certs, the worker's name picks its certificate)")
+        }
+        (Ok(id), tls) => tls.load(id)?,
+        // Explicit files: the certificate gives the name; any placeholder identity of the
+        // right role does for the check.
+        (Err(_), tls) => tls.load(&tessera_tls::Identity::new(
+            tessera_tls::Role::Worker,
+            "unnamed",
+        )?)?,
+    };
+    let name = cluster_tls
+        .identity()
+        .map_or(name, |me| me.name().to_owned());
     let cfg = tessera_worker::WorkerConfig {
         listen: args.listen,
         advertise: args.advertise.clone(),
@@ -518,6 +548,8 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         model_home: args.model_home.clone(),
         metrics_listen: args.process.metrics_listen,
         peer_listen: args.peer_listen,
+        health_listen: args.health_listen,
+        cluster_tls,
     };
     args.process
         .serve("tessera-worker", name, |shutdown| async move {

@@ -91,6 +91,14 @@ pub struct UpArgs {
     /// (default: $OTEL_EXPORTER_OTLP_ENDPOINT, which the children also inherit).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The certificate directory for the cluster protocol's mutual TLS (default:
+    /// $TESSERA_HOME/certs): a CA and a certificate per process are created there when
+    /// missing (as `tessera certs` does) and kept for the next run.
+    #[arg(long, env = "TESSERA_CERTS")]
+    pub certs: Option<std::path::PathBuf>,
+    /// Run the cluster protocol in the clear, with no member checks (debugging only).
+    #[arg(long, conflicts_with = "certs")]
+    pub insecure_cluster: bool,
 }
 
 /// The HTTP API's port by default (vLLM's).
@@ -259,6 +267,43 @@ pub struct LocalClusterSpec {
     pub coordinator_args: Vec<String>,
     /// Extra worker arguments.
     pub worker_args: Vec<String>,
+    /// The certificate directory the cluster protocol's mutual TLS uses (certificates for
+    /// every process are issued into it as needed); `None`: the cluster runs with
+    /// `--insecure-cluster`.
+    pub certs: Option<std::path::PathBuf>,
+}
+
+impl LocalClusterSpec {
+    /// The name of worker `i`, which is also its certificate's.
+    fn worker_name(i: u32) -> String {
+        format!("worker-{i}")
+    }
+
+    /// Issues what `certs` lacks (coordinators 1..n, the workers, the operator) and returns
+    /// the cluster-protocol flags every child gets.
+    fn cluster_flags(&self) -> Result<Vec<String>> {
+        let Some(dir) = &self.certs else {
+            return Ok(vec!["--insecure-cluster".to_owned()]);
+        };
+        let mut members: Vec<tessera_tls::Identity> = (1..=u64::from(self.coordinators.max(1)))
+            .map(tessera_tls::Identity::coordinator)
+            .collect();
+        for i in 0..self.workers {
+            members.push(tessera_tls::Identity::new(
+                tessera_tls::Role::Worker,
+                &Self::worker_name(i),
+            )?);
+        }
+        members.push(tessera_tls::Identity::new(
+            tessera_tls::Role::Admin,
+            super::certs::OPERATOR,
+        )?);
+        super::certs::issue(dir, &members)?;
+        Ok(vec![
+            "--certs".to_owned(),
+            dir.to_string_lossy().into_owned(),
+        ])
+    }
 }
 
 /// The ports of coordinator `i`: public, cluster, HTTP (when served); the spec's for the first,
@@ -350,6 +395,7 @@ impl LocalCluster {
     /// When a process cannot start or does not listen within two minutes.
     pub async fn start(spec: &LocalClusterSpec) -> Result<Self> {
         let n = spec.coordinators.max(1);
+        let tls_flags = spec.cluster_flags()?;
         let base =
             |listen: String, cluster_listen: String, http: Option<SocketAddr>| -> Vec<String> {
                 let mut args = vec![
@@ -364,6 +410,7 @@ impl LocalCluster {
                     spec.workers.to_string(),
                     "--exit-on-stdin-eof".into(),
                 ];
+                args.extend(tls_flags.iter().cloned());
                 if let Some(http) = http {
                     args.extend(["--http-listen".into(), http.to_string()]);
                 }
@@ -427,9 +474,10 @@ impl LocalCluster {
                 "--memory".into(),
                 spec.memory.to_string(),
                 "--name".into(),
-                format!("worker-{i}"),
+                LocalClusterSpec::worker_name(i),
                 "--exit-on-stdin-eof".into(),
             ];
+            args.extend(tls_flags.iter().cloned());
             args.extend(spec.worker_args.iter().cloned());
             let mut worker = spawn(&args)?;
             listening_address(&mut worker, &format!("worker {i}")).await?;
@@ -502,6 +550,14 @@ async fn up(args: UpArgs) -> Result<()> {
         coordinators: args.coordinators,
         coordinator_args,
         worker_args: otlp,
+        certs: if args.insecure_cluster {
+            None
+        } else {
+            Some(match &args.certs {
+                Some(d) => d.clone(),
+                None => tessera_hub::ModelCache::from_env()?.root().join("certs"),
+            })
+        },
     })
     .await?;
     let endpoint = cluster.endpoint.clone();

@@ -15,12 +15,18 @@ pub mod scheduler;
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tessera_tls::{ClusterTls, Role};
+use tonic::transport::Channel;
 
-/// Connects to a worker at host:port.
-pub(crate) async fn connect(addr: &str, timeout: Duration) -> Result<Channel, tonic::Status> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| tonic::Status::invalid_argument(format!("worker address {addr}: {e}")))?
+/// Connects to a worker at host:port, as `tls` says (the worker must hold a worker's
+/// certificate under mutual TLS).
+pub(crate) async fn connect(
+    tls: &ClusterTls,
+    addr: &str,
+    timeout: Duration,
+) -> Result<Channel, tonic::Status> {
+    let endpoint = tls
+        .endpoint(addr, Role::Worker)?
         .connect_timeout(timeout)
         .tcp_nodelay(true);
     endpoint

@@ -204,6 +204,15 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
         } else {
             String::new()
         };
+        let upstream = if leader(stage) {
+            plan.stages
+                .iter()
+                .find(|s| s.stage + 1 == stage.stage && leader(s))
+                .and_then(|s| st.worker(&s.worker_id).map(|w| w.name.clone()))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
         let group: Vec<String> = if stage.tp_ranks.max(1) * stage.cp_ranks.max(1) > 1 {
             let mut ranks: Vec<&PlanStage> = plan
                 .stages
@@ -232,11 +241,13 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             ),
             block_size: cluster.cfg.block_size,
             group,
+            upstream,
         };
         let id = stage.worker_id.clone();
         let connect = cluster.cfg.heartbeat_timeout;
+        let tls = cluster.cfg.cluster_tls.clone();
         set.spawn(async move {
-            let r = load_one(&addr, req, connect).await;
+            let r = load_one(&tls, &addr, req, connect).await;
             (id, r)
         });
     }
@@ -256,6 +267,7 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
 }
 
 async fn load_one(
+    tls: &tessera_tls::ClusterTls,
     addr: &str,
     req: pb::LoadShardRequest,
     connect_timeout: Duration,
@@ -264,7 +276,7 @@ async fn load_one(
         worker: addr.to_owned(),
         status,
     };
-    let channel = super::connect(addr, connect_timeout)
+    let channel = super::connect(tls, addr, connect_timeout)
         .await
         .map_err(worker_err)?;
     let mut client = pb::worker_client::WorkerClient::new(channel);

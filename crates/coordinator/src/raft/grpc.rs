@@ -4,6 +4,14 @@
 //!
 //! A message travels as raft-rs's own protobuf encoding inside `RaftMessage.message`, so the
 //! wire format is exactly raft-rs's and this crate's proto files do not duplicate it.
+//!
+//! **Who may speak.** Under mutual TLS ([`ClusterTls`]) only coordinators may send Raft
+//! messages, and a message is stepped only when the sender's certificate names the node the
+//! message claims to come from. In every mode a message must be addressed to this node and come
+//! from a current member (or reach a node that is still joining, see
+//! [`RaftHandle::admits_sender`]): a forged heartbeat from a stranger with a huge term would
+//! otherwise depose the leader. Membership changes may come from coordinators (a follower
+//! forwards to the leader) and operators' admin certificates.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -16,6 +24,7 @@ use tessera_proto::cluster::v1::raft_server::{Raft, RaftServer};
 use tessera_proto::cluster::v1::{
     AddMemberRequest, MembersResponse, RaftAck, RaftMessage, RemoveMemberRequest,
 };
+use tessera_tls::{ClusterTls, Role};
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -38,6 +47,7 @@ pub struct GrpcTransport {
     addresses: Addresses,
     /// This node's own address, stamped on every message it sends.
     own: Arc<str>,
+    tls: ClusterTls,
 }
 
 impl GrpcTransport {
@@ -46,13 +56,20 @@ impl GrpcTransport {
     /// through [`Transport::set_peer`], and from senders it has none for (see
     /// [`GrpcTransport::learn`]).
     ///
+    /// Peers are dialed with `tls`.
+    ///
     /// # Panics
     /// Outside a Tokio runtime.
-    pub fn new(own: &str, peers: impl IntoIterator<Item = (u64, String)>) -> Arc<Self> {
+    pub fn new(
+        own: &str,
+        peers: impl IntoIterator<Item = (u64, String)>,
+        tls: ClusterTls,
+    ) -> Arc<Self> {
         Arc::new(GrpcTransport {
             queues: PeerQueues::new(),
             addresses: Arc::new(Mutex::new(peers.into_iter().collect())),
             own: Arc::from(own),
+            tls,
         })
     }
 
@@ -79,8 +96,9 @@ impl Transport for GrpcTransport {
         let to = msg.to;
         let addresses = self.addresses.clone();
         let own = Arc::clone(&self.own);
+        let tls = self.tls.clone();
         self.queues
-            .push(msg, move |rx| peer_task(to, addresses, own, rx));
+            .push(msg, move |rx| peer_task(to, addresses, own, tls, rx));
     }
 
     fn set_peer(&self, id: u64, address: Option<&str>) {
@@ -99,20 +117,22 @@ impl Transport for GrpcTransport {
     }
 }
 
-fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
-    };
-    Ok(Endpoint::from_shared(uri)?
+fn endpoint(tls: &ClusterTls, address: &str) -> Result<Endpoint, Status> {
+    Ok(tls
+        .endpoint(address, Role::Coordinator)?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(SEND_TIMEOUT))
 }
 
 /// Sends peer `to`'s queue, one message at a time. A failed send drops what is queued
 /// behind it too: those messages are as stale as the one that failed, and Raft resends.
-async fn peer_task(to: u64, addresses: Addresses, own: Arc<str>, mut rx: mpsc::Receiver<Message>) {
+async fn peer_task(
+    to: u64,
+    addresses: Addresses,
+    own: Arc<str>,
+    tls: ClusterTls,
+    mut rx: mpsc::Receiver<Message>,
+) {
     let mut client: Option<(String, RaftClient<Channel>)> = None;
     while let Some(msg) = rx.recv().await {
         let span = tracing::trace_span!("raft_send", to, kind = ?msg.get_msg_type());
@@ -127,10 +147,10 @@ async fn peer_task(to: u64, addresses: Addresses, own: Arc<str>, mut rx: mpsc::R
             continue;
         };
         if client.as_ref().is_none_or(|(a, _)| *a != address) {
-            match endpoint(&address) {
+            match endpoint(&tls, &address) {
                 Ok(e) => client = Some((address.clone(), RaftClient::new(e.connect_lazy()))),
                 Err(e) => {
-                    tracing::warn!(to, %address, "bad raft peer address: {e}");
+                    tracing::warn!(to, %address, "bad raft peer address: {}", e.message());
                     continue;
                 }
             }
@@ -190,8 +210,32 @@ impl RaftService {
 #[tonic::async_trait]
 impl Raft for RaftService {
     async fn send(&self, request: Request<RaftMessage>) -> Result<Response<RaftAck>, Status> {
+        let caller = self.tls().authorize(&request, &[Role::Coordinator])?;
         let msg = Message::parse_from_bytes(&request.get_ref().message)
             .map_err(|e| RaftError::InvalidMessage(format!("not a raft message: {e}")))?;
+        if let Some(caller) = caller
+            && caller.coordinator_id() != Some(msg.from)
+        {
+            tracing::warn!(%caller, claimed = msg.from, "raft message refused: sender is not the caller");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not send raft messages as node {}",
+                msg.from
+            )));
+        }
+        if msg.to != self.handle.id() {
+            return Err(Status::invalid_argument(format!(
+                "message: addressed to node {}, this is node {}",
+                msg.to,
+                self.handle.id()
+            )));
+        }
+        if !self.handle.admits_sender(msg.from) {
+            tracing::warn!(from = msg.from, kind = ?msg.get_msg_type(), "raft message from a non-member refused");
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of this raft group",
+                msg.from
+            )));
+        }
         self.transport
             .learn(msg.from, &request.get_ref().from_address);
         let _span = tracing::trace_span!("raft_recv", from = msg.from, kind = ?msg.get_msg_type())
@@ -204,6 +248,8 @@ impl Raft for RaftService {
         &self,
         request: Request<AddMemberRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
+        self.tls()
+            .authorize(&request, &[Role::Coordinator, Role::Admin])?;
         let req = request.into_inner();
         tracing::info!(id = req.id, address = %req.address, "add member");
         if req.id == 0 {
@@ -229,6 +275,8 @@ impl Raft for RaftService {
         &self,
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<MembersResponse>, Status> {
+        self.tls()
+            .authorize(&request, &[Role::Coordinator, Role::Admin])?;
         let req = request.into_inner();
         tracing::info!(id = req.id, "remove member");
         if req.id == 0 {
@@ -252,6 +300,10 @@ impl Raft for RaftService {
 }
 
 impl RaftService {
+    fn tls(&self) -> &ClusterTls {
+        &self.transport.tls
+    }
+
     /// A client to the leader `id`, for forwarding a membership change.
     fn leader_client(&self, id: u64) -> Result<RaftClient<Channel>, Status> {
         let address = self
@@ -262,9 +314,7 @@ impl RaftService {
             .cloned()
             .ok_or_else(|| Status::unavailable(format!("no address known for leader {id}")))?;
         // No per-call timeout here: an add waits for the new member to catch up.
-        let e = endpoint(&address)
-            .map(|e| e.timeout(CATCH_UP * 3))
-            .map_err(|e| Status::unavailable(format!("leader address {address}: {e}")))?;
+        let e = endpoint(self.tls(), &address)?.timeout(CATCH_UP * 3);
         Ok(RaftClient::new(e.connect_lazy()))
     }
 }

@@ -172,6 +172,20 @@ impl RaftHandle {
         self.id
     }
 
+    /// Whether a message from node `from` may be stepped: `from` is a member (voter of either
+    /// configuration, or learner) — or this node has no configuration yet (it is joining, and
+    /// learns the members from the leader's first messages). A message from anyone else could
+    /// only disturb the group (a higher term deposes the leader).
+    pub fn admits_sender(&self, from: u64) -> bool {
+        let st = self.status.borrow();
+        let m = &st.members;
+        let unconfigured = m.voters.is_empty() && m.learners.is_empty();
+        unconfigured
+            || m.voters.contains(&from)
+            || m.outgoing_voters.contains(&from)
+            || m.learners.contains(&from)
+    }
+
     /// The node's latest published status.
     pub fn status(&self) -> RaftStatus {
         self.status.borrow().clone()

@@ -6,9 +6,9 @@
 //! Raft knows; a member's public address is nowhere in the replicated state) and to a service
 //! of the cluster protocol, `tessera.cluster.v1.Forward`, rather than to `tessera.v1.Inference`
 //! mounted a second time on the cluster port. That keeps the cluster port to the cluster
-//! package alone — one place to authenticate members once it has TLS — and tells a forwarded
-//! call apart from a client's. [`ForwardService`] serves it with the very same code as the
-//! public API.
+//! package alone — one place to authenticate members — and tells a forwarded call apart from a
+//! client's. [`ForwardService`] serves it with the very same code as the public API, to
+//! coordinators only (a worker's or an operator's certificate is refused).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
-use tonic::transport::{Channel, Endpoint};
+use tessera_tls::{ClusterTls, Role};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
@@ -76,7 +77,9 @@ impl Forwarder {
         .await;
         match found {
             Ok(Some(None)) => Ok(Route::Local),
-            Ok(Some(Some(addr))) => Ok(Route::Leader(self.client(&addr)?)),
+            Ok(Some(Some(addr))) => {
+                Ok(Route::Leader(self.client(&cluster.cfg.cluster_tls, &addr)?))
+            }
             Ok(None) => Err(CoordinatorError::Unavailable(
                 "this coordinator's Raft node has stopped".into(),
             )),
@@ -88,6 +91,7 @@ impl Forwarder {
 
     fn client(
         &self,
+        tls: &ClusterTls,
         addr: &str,
     ) -> Result<cpb::forward_client::ForwardClient<Channel>, CoordinatorError> {
         let mut channels = self
@@ -97,14 +101,13 @@ impl Forwarder {
         let channel = match channels.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let uri = if addr.contains("://") {
-                    addr.to_owned()
-                } else {
-                    format!("http://{addr}")
-                };
-                let c = Endpoint::from_shared(uri)
+                let c = tls
+                    .endpoint(addr, Role::Coordinator)
                     .map_err(|e| {
-                        CoordinatorError::Unavailable(format!("leader address {addr}: {e}"))
+                        CoordinatorError::Unavailable(format!(
+                            "leader address {addr}: {}",
+                            e.message()
+                        ))
                     })?
                     .connect_timeout(CONNECT_TIMEOUT)
                     .tcp_nodelay(true)
@@ -125,12 +128,13 @@ impl Forwarder {
 #[derive(Clone, Debug)]
 pub struct ForwardService {
     api: Api,
+    tls: ClusterTls,
 }
 
 impl ForwardService {
-    /// The service over the public API's handler.
-    pub fn new(api: Api) -> Self {
-        Self { api }
+    /// The service over the public API's handler, admitting callers by `tls`.
+    pub fn new(api: Api, tls: ClusterTls) -> Self {
+        Self { api, tls }
     }
 }
 
@@ -142,6 +146,7 @@ impl cpb::forward_server::Forward for ForwardService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        self.tls.authorize(&request, &[Role::Coordinator])?;
         pb::inference_server::Inference::generate(&self.api, request).await
     }
 
@@ -149,6 +154,7 @@ impl cpb::forward_server::Forward for ForwardService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        self.tls.authorize(&request, &[Role::Coordinator])?;
         pb::inference_server::Inference::cluster_status(&self.api, request).await
     }
 }

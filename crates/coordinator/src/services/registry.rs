@@ -1,10 +1,16 @@
 //! Worker registry: the `tessera.cluster.v1.Coordination` service (Register assigns ids,
 //! Heartbeat refreshes). Dropping silent workers is [`crate::control::liveness`]'s job.
+//!
+//! Under mutual TLS only workers may call it, a worker is registered under the name its
+//! certificate gives (whatever name it sends), and a heartbeat for a worker id is accepted only
+//! from the certificate that id was registered with: one worker cannot keep another alive, or
+//! speak for it.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_proto::cluster::v1 as pb;
+use tessera_tls::Role;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
@@ -30,7 +36,15 @@ impl pb::coordination_server::Coordination for Registry {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let req = request.into_inner();
+        let caller = self
+            .cluster
+            .cfg
+            .cluster_tls
+            .authorize(&request, &[Role::Worker])?;
+        let mut req = request.into_inner();
+        if let Some(caller) = caller {
+            req.name = caller.name().to_owned();
+        }
         if req.address.is_empty() {
             return Err(CoordinatorError::invalid("address", "required (host:port)").into());
         }
@@ -84,7 +98,24 @@ impl pb::coordination_server::Coordination for Registry {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let caller = self
+            .cluster
+            .cfg
+            .cluster_tls
+            .authorize(&request, &[Role::Worker])?;
         let req = request.into_inner();
+        if let Some(caller) = caller {
+            let owner = self
+                .cluster
+                .replica()
+                .with(|st| st.worker(&req.worker_id).map(|w| w.name.clone()));
+            if owner.is_some_and(|name| name != caller.name()) {
+                tracing::warn!(%caller, worker = %req.worker_id, "heartbeat for another worker refused");
+                return Err(Status::permission_denied(format!(
+                    "{caller} may not heartbeat for another worker's id"
+                )));
+            }
+        }
         if !self.cluster.replica().is_leading() {
             // The worker's id is valid cluster-wide; it only has to talk to the leader. Only
             // the leader, once caught up, may call a worker unknown: a lagging replica (a

@@ -91,6 +91,8 @@ impl Coordinator {
             model_home: None,
             metrics_listen: None,
             peer_listen: None,
+            cluster_tls: tessera_tls::ClusterTls::insecure(),
+            health_listen: None,
         })
         .await
         .expect("start worker")

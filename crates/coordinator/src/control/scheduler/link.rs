@@ -73,7 +73,8 @@ impl Scheduler {
             .cluster
             .cfg
             .inflight_steps_for(serving.plan.n_stages() as usize);
-        let channel = super::super::connect(&serving.stage0, timeout).await?;
+        let channel =
+            super::super::connect(&self.cluster.cfg.cluster_tls, &serving.stage0, timeout).await?;
         let mut client = cpb::worker_client::WorkerClient::new(channel);
         // Room for every step in flight, so sending one never waits.
         let (tx, rx) = mpsc::channel(limit.max(4));
