@@ -70,6 +70,12 @@ pass "compose config valid, with and without the otel profile"
 [ "$(grep -c -- "--coordinator=http://coordinator-1:50052,http://coordinator-2:50052,http://coordinator-3:50052" <<<"$plain")" = 3 ] \
   || fail "workers do not register at the cluster ports"
 pass "no cluster port published; peers and workers use the cluster port"
+# Mutual TLS on the cluster protocol: every coordinator and worker finds its certificate in the
+# certs volume that the certs service fills; nothing runs --insecure-cluster.
+[ "$(grep -c "TESSERA_CERTS: /var/lib/tessera/certs" <<<"$plain")" -ge 6 ] || fail "a process lacks TESSERA_CERTS"
+grep -q -- "--insecure-cluster" <<<"$plain" && fail "a service runs --insecure-cluster"
+grep -Eq "^  certs:$" <<<"$plain" || fail "no certs service"
+pass "the cluster protocol runs on certificates from the certs service"
 
 block() { # $1 = service: its lines in the `config` on stdin
   awk -v svc="  $1:" '$0 == svc {on = 1; next} on && /^  [^ ]/ {on = 0} on'
@@ -189,7 +195,8 @@ out=$(streamed 2>&1) || fail "follower coordinator-$follower: $out"
 [ "$out" = "$http_answer" ] || fail "streamed answer \"$out\" differs from the whole one \"$http_answer\""
 pass "follower coordinator-$follower: the streamed chat completion ends with data: [DONE], same text"
 # Membership is cluster protocol: the published (public) port refuses it.
-if out=$("$bin" cluster remove-coordinator --endpoint $ep --id 3 2>&1) \
+# (--insecure-cluster: this client speaks plain gRPC, as the public port does.)
+if out=$("$bin" cluster remove-coordinator --endpoint $ep --id 3 --insecure-cluster 2>&1) \
   || ! grep -q "does not serve the cluster protocol" <<<"$out"; then
   fail "the public port accepted (or mis-refused) a membership change: $out"
 fi

@@ -257,7 +257,8 @@ pub async fn serve_on(
         weight_bytes = cluster.footprint.weight_bytes(), "coordinator up");
     let (health, health_service) = tonic_health::server::health_reporter();
     // The cluster port's own health: "" is SERVING while the process serves.
-    let (_cluster_health, cluster_health_service) = tonic_health::server::health_reporter();
+    let (cluster_health, cluster_health_service) = tonic_health::server::health_reporter();
+    let (not_serving, not_serving_cluster) = (health.clone(), cluster_health);
     let mut tasks = Tasks(vec![
         sched_task,
         tokio::spawn(control::leadership::run(Arc::clone(&cluster))),
@@ -319,26 +320,93 @@ pub async fn serve_on(
             services::forward::ForwardService::new(api, cluster_tls),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), shutdown_rx(&stop));
-    // `shutdown` stops both servers, and either one failing stops the other.
-    let (public, cluster_server, ()) = tokio::join!(
-        async {
-            let r = public.await;
-            stop.send_replace(true);
-            r.map_err(|e| serve_err(format!("public port {addr}: {e}")))
-        },
-        async {
-            let r = cluster_server.await;
-            stop.send_replace(true);
-            r.map_err(|e| serve_err(format!("cluster port {cluster_addr}: {e}")))
-        },
-        async {
-            let mut stopped = stop.subscribe();
-            tokio::select! {
-                () = shutdown => { stop.send_replace(true); }
-                _ = stopped.wait_for(|s| *s) => {}
-            }
-        },
-    );
+    // `shutdown` stops both servers, and either one failing stops the other. So does the Raft
+    // node failing: a coordinator without Raft must not stay up answering health checks.
+    let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let servers = async {
+        tokio::join!(
+            async {
+                let r = public.await;
+                stop.send_replace(true);
+                r.map_err(|e| serve_err(format!("public port {addr}: {e}")))
+            },
+            async {
+                let r = cluster_server.await;
+                stop.send_replace(true);
+                r.map_err(|e| serve_err(format!("cluster port {cluster_addr}: {e}")))
+            },
+            async {
+                let mut stopped = stop.subscribe();
+                tokio::select! {
+                    () = shutdown => { stop.send_replace(true); }
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
+            },
+            async {
+                let mut stopped = stop.subscribe();
+                let mut node = raft.watch_status();
+                // Owned values out of both arms: a `watch::Ref` must not live across an await.
+                let stopped_node = async {
+                    node.wait_for(|s| !s.running)
+                        .await
+                        .map(|s| s.failure.clone())
+                        .ok()
+                        .flatten()
+                        .unwrap_or_else(|| "its loop stopped".to_owned())
+                };
+                let reason = tokio::select! {
+                    reason = stopped_node => Some(reason),
+                    _ = async { stopped.wait_for(|s| *s).await.map(|_| ()) } => None,
+                };
+                if let Some(reason) = reason {
+                    tracing::error!(%reason, "the raft node failed: this coordinator stops");
+                    not_serving
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    not_serving_cluster
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    *failed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+                    stop.send_replace(true);
+                }
+            },
+        )
+    };
+    // A failed node does not wait on clients' open streams to end: it gives the servers a
+    // moment to say goodbye, then returns (and the process exits).
+    let mut stopped = stop.subscribe();
+    let failed_and_waited = async {
+        // `failed` is set before `stop`: whoever sees the stop also sees why.
+        let _ = stopped.wait_for(|s| *s).await;
+        if failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+        {
+            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let (public, cluster_server) = tokio::select! {
+        (public, cluster_server, (), ()) = servers => (public, cluster_server),
+        () = failed_and_waited => (Ok(()), Ok(())),
+    };
+    if let Some(reason) = failed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        drop(tasks);
+        drop(data);
+        return Err(raft::RaftError::Failed {
+            id: raft.id(),
+            reason,
+        }
+        .into());
+    }
     let result = public.and(cluster_server);
     drop(tasks);
     raft.shutdown().await;

@@ -179,6 +179,17 @@ impl Tessera {
         }
     }
 
+    /// Starts `tessera ARGS…` with stdin, stdout and stderr piped, the cluster protocol's
+    /// certificate added as for every command of the kit, and returns it at once (for a
+    /// process expected to fail).
+    ///
+    /// # Panics
+    /// When it cannot start.
+    pub fn start_piped<S: AsRef<str>>(&self, args: &[S]) -> Child {
+        let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+        self.start(&args, Stdio::piped(), Stdio::piped())
+    }
+
     /// Starts `tessera ARGS…` with its stdout piped (and the cluster protocol's certificate,
     /// see the module docs).
     fn start(&self, args: &[&str], stdin: Stdio, stderr: Stdio) -> Child {

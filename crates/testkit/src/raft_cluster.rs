@@ -135,12 +135,38 @@ impl RaftCluster {
             .join(",")
     }
 
+    /// Coordinator `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.data.join(format!("c{}", i + 1))
+    }
+
     /// (Re)starts coordinator `i` on its data directory, waiting for `min_workers` (at least
     /// one) before planning.
     ///
     /// # Panics
     /// When it does not start.
     pub fn start_coordinator(&mut self, i: usize, min_workers: usize) {
+        let args = self.coordinator_args(i, min_workers);
+        let (child, _) = self.tessera.spawn(&args);
+        self.coordinators[i] = Some(child);
+    }
+
+    /// Starts coordinator `i` as a new member waiting to be added (`--join`, on its data
+    /// directory, which should be empty).
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub fn start_joining(&mut self, i: usize) {
+        let mut args = self.coordinator_args(i, 1);
+        let at = args.iter().position(|a| a == "--peers").expect("--peers");
+        args.drain(at..at + 2);
+        args.push("--join".to_owned());
+        let (child, _) = self.tessera.spawn(&args);
+        self.coordinators[i] = Some(child);
+    }
+
+    /// The arguments [`RaftCluster::start_coordinator`] runs coordinator `i` with.
+    pub fn coordinator_args(&self, i: usize, min_workers: usize) -> Vec<String> {
         let mut args = member_args(
             &self.addrs[i],
             &self.cluster_addrs[i],
@@ -156,8 +182,7 @@ impl RaftCluster {
             "--http-listen",
             &self.http_addrs[i],
         ]));
-        let (child, _) = self.tessera.spawn(&args);
-        self.coordinators[i] = Some(child);
+        args
     }
 
     /// `kill -9` of coordinator `i` (nothing when it is not running).

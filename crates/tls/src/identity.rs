@@ -247,23 +247,27 @@ mod tests {
             assert!(Identity::new(role, name).is_err(), "{role} {name:?}");
         }
         let long = "a".repeat(10_000);
-        let err = Identity::new(Role::Worker, &long).unwrap_err().to_string();
+        let err = Identity::new(Role::Worker, &long)
+            .expect_err("refused")
+            .to_string();
         assert!(err.len() < 200, "{err}");
         assert_eq!(
             Identity::new(Role::Worker, &"a".repeat(63))
-                .unwrap()
+                .expect("valid")
                 .name()
                 .len(),
             63
         );
         assert_eq!(
             Identity::new(Role::Coordinator, "12")
-                .unwrap()
+                .expect("valid")
                 .coordinator_id(),
             Some(12)
         );
         assert_eq!(
-            Identity::new(Role::Worker, "12").unwrap().coordinator_id(),
+            Identity::new(Role::Worker, "12")
+                .expect("valid")
+                .coordinator_id(),
             None
         );
     }
@@ -274,8 +278,8 @@ mod tests {
     fn dns_names_round_trip() {
         for id in [
             Identity::coordinator(3),
-            Identity::new(Role::Worker, "gpu-node-7").unwrap(),
-            Identity::new(Role::Admin, "ops").unwrap(),
+            Identity::new(Role::Worker, "gpu-node-7").expect("valid"),
+            Identity::new(Role::Admin, "ops").expect("valid"),
         ] {
             assert_eq!(Identity::from_dns_name(&id.dns_name()), Some(id.clone()));
         }

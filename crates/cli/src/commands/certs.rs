@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn credentials_are_required_and_must_be_ones_own() {
         let none = ClusterTlsArgs::default();
-        let err = none.load(&Identity::coordinator(1)).unwrap_err();
+        let err = none.load(&Identity::coordinator(1)).expect_err("refused");
         assert!(format!("{err:#}").contains("--insecure-cluster"), "{err:#}");
         let insecure = ClusterTlsArgs {
             insecure_cluster: true,
@@ -165,20 +165,20 @@ mod tests {
         assert!(
             !insecure
                 .load(&Identity::coordinator(1))
-                .unwrap()
+                .expect("test setup")
                 .is_mutual()
         );
 
-        let dir = tempfile::tempdir().unwrap();
-        let w0 = Identity::new(Role::Worker, "w0").unwrap();
-        issue(dir.path(), &[Identity::coordinator(1), w0.clone()]).unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
+        let w0 = Identity::new(Role::Worker, "w0").expect("test setup");
+        issue(dir.path(), &[Identity::coordinator(1), w0.clone()]).expect("test setup");
         let certs = ClusterTlsArgs {
             certs: Some(dir.path().to_owned()),
             ..Default::default()
         };
-        let tls = certs.load(&Identity::coordinator(1)).unwrap();
+        let tls = certs.load(&Identity::coordinator(1)).expect("test setup");
         assert_eq!(tls.identity(), Some(&Identity::coordinator(1)));
-        let err = certs.load(&Identity::coordinator(2)).unwrap_err();
+        let err = certs.load(&Identity::coordinator(2)).expect_err("refused");
         assert!(format!("{err:#}").contains("coordinator-2.pem"), "{err:#}");
 
         let explicit = ClusterTlsArgs {
@@ -187,14 +187,16 @@ mod tests {
             cluster_key: Some(dir.path().join("worker-w0.key")),
             ..Default::default()
         };
-        let err = explicit.load(&Identity::coordinator(1)).unwrap_err();
+        let err = explicit
+            .load(&Identity::coordinator(1))
+            .expect_err("refused");
         assert!(
             format!("{err:#}").contains("is a worker certificate"),
             "{err:#}"
         );
         let tls = explicit
-            .load(&Identity::new(Role::Worker, "anything").unwrap())
-            .unwrap();
+            .load(&Identity::new(Role::Worker, "anything").expect("test setup"))
+            .expect("test setup");
         assert_eq!(tls.identity(), Some(&w0));
     }
 }

@@ -509,6 +509,10 @@ fn with_telemetry(
     };
     let result = rt.block_on(server);
     telemetry.shutdown();
+    // Not a plain drop, which waits for every blocking task: the stdin watcher of
+    // --exit-on-stdin-eof blocks in read(2) until its parent closes the pipe, and a server
+    // that stopped by itself (a failed Raft node) must exit now, not when the parent does.
+    rt.shutdown_timeout(Duration::from_secs(2));
     result
 }
 

@@ -76,6 +76,10 @@ pub struct RaftStatus {
     pub addresses: BTreeMap<u64, String>,
     /// False once the node's loop has stopped.
     pub running: bool,
+    /// Why the loop stopped, when it failed (a storage error, or a panic in the Raft thread,
+    /// such as raft-rs refusing a commit index beyond a log that was lost); `None` while it
+    /// runs and after a requested stop. A node that failed never runs again in this process.
+    pub failure: Option<String>,
 }
 
 impl RaftStatus {
@@ -91,6 +95,7 @@ impl RaftStatus {
             matched: BTreeMap::new(),
             addresses: BTreeMap::new(),
             running: true,
+            failure: None,
         }
     }
 }

@@ -52,7 +52,11 @@ use std::path::PathBuf;
 pub enum RaftError {
     /// The data directory cannot be opened, read or written: unreadable, corrupt, or locked by
     /// another process. Nothing is assumed about its content; the node does not start.
-    #[error("raft storage at {}: {message}", path.display())]
+    #[error(
+        "raft storage at {}: {message} (if it is damaged or lost, replace this member: README \
+         \"Replacing a coordinator\")",
+        path.display()
+    )]
     Storage {
         /// The redb file.
         path: PathBuf,
@@ -95,6 +99,18 @@ pub enum RaftError {
     /// The node's Raft loop has stopped (shut down, or a fatal storage error).
     #[error("Raft node {0} has stopped")]
     Stopped(u64),
+    /// The node's Raft loop failed (its storage, or a broken invariant such as a commit index
+    /// beyond its log): this process can no longer take part in the cluster.
+    #[error(
+        "Raft node {id} failed: {reason}. If its data directory was lost or damaged, replace \
+         this member (README: \"Replacing a coordinator\")"
+    )]
+    Failed {
+        /// The node.
+        id: u64,
+        /// Why.
+        reason: String,
+    },
     /// A test failpoint fired: the node stopped there as if killed (see [`Failpoints`]).
     #[error("crashed at failpoint {0}")]
     Crashed(FailPoint),
@@ -117,6 +133,7 @@ impl RaftError {
         match self {
             RaftError::NotLeader { .. }
             | RaftError::Stopped(_)
+            | RaftError::Failed { .. }
             | RaftError::Crashed(_)
             | RaftError::Overloaded(_)
             | RaftError::Unreachable { .. } => Status::unavailable(msg),

@@ -98,15 +98,39 @@ impl RaftNode {
             applied,
             config,
         };
+        // A panic in the loop (raft-rs asserts its invariants by panicking, e.g. a commit index
+        // beyond a log that was lost) must not leave a process whose Raft is dead but whose
+        // other parts still answer: it is caught and published as the node's failure, which
+        // the coordinator turns into NOT_SERVING and a non-zero exit.
+        let fatal = node.status.clone();
         std::thread::Builder::new()
             .name(format!("raft-{id}"))
-            .spawn(move || node.run())
+            .spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.run()));
+                if let Err(panic) = run {
+                    let what = panic_message(panic.as_ref());
+                    tracing::error!(id, "the raft thread panicked: {what}");
+                    fatal.send_modify(|s| {
+                        s.running = false;
+                        s.failure = Some(format!("the raft thread panicked: {what}"));
+                    });
+                }
+            })
             .map_err(|e| {
                 tracing::error!(id, "cannot spawn the raft thread: {e}");
                 RaftError::Stopped(id)
             })?;
         Ok(handle)
     }
+}
+
+/// The message of a caught panic (a `&str` or `String` payload; anything else is unnamed).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
 }
 
 fn storage_err(storage: &RedbStorage, message: impl std::fmt::Display) -> RaftError {
@@ -153,6 +177,7 @@ impl<S: StateMachine> NodeLoop<S> {
         let mut next_tick = Instant::now() + self.config.tick_interval;
         let mut stop = None;
         let mut crashed = None;
+        let mut failure = None;
         loop {
             let wait = next_tick.saturating_duration_since(Instant::now());
             match self.rx.recv_timeout(wait) {
@@ -184,6 +209,7 @@ impl<S: StateMachine> NodeLoop<S> {
                     // Storage or state machine failure: continuing could violate Raft's
                     // promises.
                     tracing::error!(id, "raft node stops: {e}");
+                    failure = Some(e.to_string());
                 }
                 break;
             }
@@ -208,7 +234,10 @@ impl<S: StateMachine> NodeLoop<S> {
         } = self;
         drop(raw);
         drop((sm, transport, rx));
-        status.send_modify(|s| s.running = false);
+        status.send_modify(|s| {
+            s.running = false;
+            s.failure = failure;
+        });
         if let Some(point) = crashed {
             // Like a killed process: nobody is answered; the waiters see the node stopped.
             tracing::warn!(id, %point, "raft node crashed at a failpoint");
@@ -496,6 +525,7 @@ impl<S: StateMachine> NodeLoop<S> {
             matched,
             addresses: self.raw.store().peers().clone(),
             running: true,
+            failure: None,
         };
         self.status.send_if_modified(|s| {
             let changed = *s != status;

@@ -79,12 +79,30 @@ impl RedbStorage {
     /// database or is corrupt, another process holds it, or its content is inconsistent (for
     /// example a hole in the log). Never panics on bad files.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        // A damaged file can make redb panic rather than return an error: either way the
+        // caller gets a storage error naming the file, never a panic.
         let path = dir.as_ref().join(FILE_NAME);
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Self::open_inner(dir.as_ref())
+        }))
+        .unwrap_or_else(|panic| {
+            Err(RaftError::Storage {
+                path,
+                message: format!(
+                    "the database is damaged (reading it failed: {})",
+                    crate::raft::node::panic_message(panic.as_ref())
+                ),
+            })
+        })
+    }
+
+    fn open_inner(dir: &Path) -> Result<Self> {
+        let path = dir.join(FILE_NAME);
         let fail = |what: &str, e: &dyn Display| RaftError::Storage {
             path: path.clone(),
             message: format!("{what}: {e}"),
         };
-        std::fs::create_dir_all(dir.as_ref()).map_err(|e| fail("cannot create directory", &e))?;
+        std::fs::create_dir_all(dir).map_err(|e| fail("cannot create directory", &e))?;
         let db = Database::create(&path).map_err(|e| fail("cannot open database", &e))?;
         let mut storage = RedbStorage {
             db,
