@@ -37,7 +37,7 @@ RELEASE = "demo"
 NAMESPACE = "ml"
 # Objects that come from CRDs: kubernetes-validate has no schema for them, so the test checks
 # their shape itself.
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "Certificate"}
 
 
 class Checks:
@@ -158,7 +158,7 @@ def test_defaults_validate_and_shape() -> None:
     check.eq(kinds, sorted([
         ("PodDisruptionBudget", COORD), ("Service", CLIENT), ("Service", HEADLESS),
         ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD),
-        ("Deployment", WORKER)]), "rendered objects")
+        ("Deployment", WORKER), ("NetworkPolicy", COORD), ("NetworkPolicy", WORKER)]), "rendered objects")
     check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
     check(f"port-forward service/{CLIENT} 50051:50051 8000:8000" in notes, "NOTES: port-forward of gRPC and HTTP")
     check("curl -s http://127.0.0.1:8000/v1/chat/completions" in notes, "NOTES: a first HTTP request")
@@ -358,8 +358,10 @@ def test_workers() -> None:
     check.eq(arg(w, "--memory"), "12GiB", "--memory")
     env = {e["name"]: e for e in w["env"]}
     check.eq(env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP", "POD_IP from the downward API")
+    # The worker port speaks mutual TLS: the probes ask the plain-text health port.
+    check.eq(arg(w, "--health-listen"), "0.0.0.0:50062", "--health-listen")
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-        check.eq(w.get(kind, {}).get("grpc"), {"port": 50061, "service": ""}, f"worker {kind} is gRPC")
+        check.eq(w.get(kind, {}).get("grpc"), {"port": 50062, "service": ""}, f"worker {kind} is gRPC")
 
 
 def test_security() -> None:
@@ -418,7 +420,7 @@ def test_service_monitor() -> None:
     for svc in selected:
         check("metrics" in [p["name"] for p in svc["spec"]["ports"]], f"{svc['metadata']['name']} has a metrics port")
     for kind, name, want in (("StatefulSet", COORD, ["grpc", "http", "cluster", "metrics"]),
-                             ("Deployment", WORKER, ["grpc", "metrics"])):
+                             ("Deployment", WORKER, ["grpc", "peer", "health", "metrics"])):
         ports = [p["name"] for p in find(objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["ports"]]
         check.eq(ports, want, f"{kind} ports")
 
@@ -542,11 +544,140 @@ def test_api_keys() -> None:
                 check("/apiKeys" in str(e) or "apiKeys" in str(e), f"{bad} rejected naming apiKeys: {e}")
 
 
+CERTS = "/var/lib/tessera/certs"
+
+
+def tls_items(workload: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """The cluster-tls projected volume of a workload: Secret name -> [(key, path)]."""
+    vols = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    if "cluster-tls" not in vols:
+        return {}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for src in vols["cluster-tls"]["projected"]["sources"]:
+        sec = src["secret"]
+        out.setdefault(sec["name"], []).extend((i["key"], i["path"]) for i in sec["items"])
+    return out
+
+
+def test_cluster_tls_secret() -> None:
+    """Ensures that by default every coordinator and worker runs the cluster protocol on
+    certificates from the `tessera-cluster-tls` Secret: coordinators get the CA and every
+    coordinator's files (each picks its own by --id), workers the CA and the one worker
+    certificate (and register under its name); nobody gets the CA key or another role's key."""
+    objects, _ = render(with_values(**{"coordinator.replicas": 5}))
+    validate_all(objects)
+    sts = find(objects, "StatefulSet", COORD)
+    c = container(sts, "coordinator")
+    check.eq(arg(c, "--certs"), CERTS, "coordinator --certs")
+    check("--insecure-cluster" not in c["args"], "coordinators are not insecure")
+    want = [("ca.pem", "ca.pem")] + [(f"coordinator-{i}.{e}", f"coordinator-{i}.{e}") for i in range(1, 6) for e in ("pem", "key")]
+    check.eq(tls_items(sts), {"tessera-cluster-tls": want}, "coordinator certificate files")
+    check({"name": "cluster-tls", "mountPath": CERTS, "readOnly": True} in c["volumeMounts"], "coordinator mount")
+    dep = find(objects, "Deployment", WORKER)
+    w = container(dep, "worker")
+    check.eq(arg(w, "--certs"), CERTS, "worker --certs")
+    check.eq(arg(w, "--name"), "pool", "workers take their certificate's name")
+    check.eq(arg(w, "--peer-listen"), "0.0.0.0:50063", "a fixed peer port")
+    check.eq(tls_items(dep), {"tessera-cluster-tls": [("ca.pem", "ca.pem"), ("worker-pool.pem", "worker-pool.pem"),
+                                                      ("worker-pool.key", "worker-pool.key")]},
+             "worker certificate files")
+    keys = [k for items in (tls_items(sts), tls_items(dep)) for lst in items.values() for k, _ in lst]
+    check("ca.key" not in keys, "no pod gets the CA key")
+    objects, _ = render(with_values(**{"clusterTls.secret.name": "my-certs", "clusterTls.workerName": "gpu"}))
+    dep = find(objects, "Deployment", WORKER)
+    check.eq(list(tls_items(dep)), ["my-certs"], "clusterTls.secret.name")
+    check.eq(arg(container(dep, "worker"), "--name"), "gpu", "clusterTls.workerName")
+    with helm.Chart.load(CHART) as chart:
+        for bad in [with_values(**{"clusterTls.mode": "off"}), with_values(**{"clusterTls.workerName": "Pool_1"}),
+                    with_values(**{"clusterTls.mode": "certManager"})]:
+            try:
+                chart.validate_schema(bad)
+                check(False, f"schema accepted {bad}")
+            except helm.HelmValuesError as e:
+                check("clusterTls" in str(e), f"{bad} rejected naming clusterTls: {e}")
+
+
+def test_cluster_tls_cert_manager() -> None:
+    """Ensures that clusterTls.mode=certManager requests one Certificate per coordinator (its
+    Raft id in its names) and one for the workers from the issuer, and mounts their Secrets under
+    the file names `tessera certs` uses."""
+    issuer = {"name": "tessera-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    objects, _ = render(with_values(**{"clusterTls.mode": "certManager", "clusterTls.certManager.issuerRef": issuer}))
+    validate_all(objects)
+    certs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
+    check.eq(sorted(certs), [f"{RELEASE}-tessera-coordinator-{i}" for i in (1, 2, 3)] + [f"{RELEASE}-tessera-worker"],
+             "Certificates")
+    c2 = certs[f"{RELEASE}-tessera-coordinator-2"]
+    check.eq(c2["dnsNames"], ["2.coordinator.tessera.internal", "coordinator.tessera.internal"], "coordinator 2 names")
+    check.eq(c2["issuerRef"], issuer, "issuerRef")
+    check.eq(set(c2["usages"]), {"digital signature", "server auth", "client auth"}, "usages")
+    wc = certs[f"{RELEASE}-tessera-worker"]
+    check.eq(wc["dnsNames"], ["pool.worker.tessera.internal", "worker.tessera.internal"], "worker names")
+    sts = find(objects, "StatefulSet", COORD)
+    items = tls_items(sts)
+    check.eq(items[f"{RELEASE}-tessera-coordinator-1-tls"],
+             [("ca.crt", "ca.pem"), ("tls.crt", "coordinator-1.pem"), ("tls.key", "coordinator-1.key")],
+             "coordinator 1's Secret and the CA")
+    check.eq(items[f"{RELEASE}-tessera-coordinator-3-tls"],
+             [("tls.crt", "coordinator-3.pem"), ("tls.key", "coordinator-3.key")], "coordinator 3's Secret")
+    dep = find(objects, "Deployment", WORKER)
+    check.eq(tls_items(dep), {f"{RELEASE}-tessera-worker-tls": [("ca.crt", "ca.pem"), ("tls.crt", "worker-pool.pem"),
+                                                                ("tls.key", "worker-pool.key")]},
+             "the workers' Secret")
+
+
+def test_cluster_tls_insecure() -> None:
+    """Ensures that clusterTls.mode=insecure passes --insecure-cluster, mounts no certificates,
+    and probes the worker port itself (which then speaks plain gRPC)."""
+    objects, _ = render(with_values(**{"clusterTls.mode": "insecure"}))
+    validate_all(objects)
+    sts = find(objects, "StatefulSet", COORD)
+    dep = find(objects, "Deployment", WORKER)
+    for workload, name in ((sts, "coordinator"), (dep, "worker")):
+        c = container(workload, name)
+        check("--insecure-cluster" in c["args"], f"{name}: --insecure-cluster")
+        check(arg(c, "--certs") is None, f"{name}: no --certs")
+        check.eq(tls_items(workload), {}, f"{name}: no certificate volume")
+    w = container(dep, "worker")
+    check.eq(w["readinessProbe"]["grpc"]["port"], 50061, "probes on the worker port")
+    check.eq(arg(w, "--name"), "$(POD_NAME)", "workers named by their pod")
+    check(not [o for o in objects if o["kind"] == "Certificate"], "no Certificates")
+
+
+def test_network_policy() -> None:
+    """Ensures that NetworkPolicies admit only the release's coordinator and worker pods to the
+    cluster protocol (coordinators' cluster port, workers' port and peer port) and leave the
+    public, HTTP, metrics and health ports open; none when disabled."""
+    objects, _ = render({})
+    pols = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
+    check.eq(sorted(pols), [COORD, WORKER], "one policy per component")
+    members = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tessera", "app.kubernetes.io/instance": RELEASE,
+                                                "app.kubernetes.io/component": comp}}} for comp in ("coordinator", "worker")]
+
+    def rules(spec: dict[str, Any]) -> tuple[set[int], set[int]]:
+        open_ports, member_ports = set(), set()
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            if "from" in rule:
+                check.eq(rule["from"], members, "only the release's coordinators and workers")
+                member_ports |= ports
+            else:
+                open_ports |= ports
+        return open_ports, member_ports
+
+    check.eq(rules(pols[COORD]), ({50051, 8000, 9090}, {50052}), "coordinator: open ports, members-only ports")
+    check.eq(rules(pols[WORKER]), ({9090, 50062}, {50061, 50063}), "worker: open ports, members-only ports")
+    check.eq(pols[COORD]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "coordinator", "selects coordinators")
+    objects, _ = render(with_values(**{"networkPolicy.enabled": False}))
+    check(not [o for o in objects if o["kind"] == "NetworkPolicy"], "none when disabled")
+
+
 TESTS: list[Callable[[], None]] = [
     test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
     test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
-    test_otlp_endpoint, test_cluster_port, test_http_port, test_api_keys,
+    test_otlp_endpoint, test_cluster_port, test_http_port, test_api_keys, test_cluster_tls_secret,
+    test_cluster_tls_cert_manager, test_cluster_tls_insecure, test_network_policy,
 ]
 
 

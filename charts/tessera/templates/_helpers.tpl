@@ -195,3 +195,101 @@ affinity:
   value: {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+Mutual TLS on the cluster protocol. The certificates are mounted at /var/lib/tessera/certs
+under the names `tessera certs` gives them, each pod getting only what it needs: the CA
+certificate and, for coordinators, every coordinator's certificate and key (a StatefulSet's pods
+share one template; each picks its own by --id), for workers the one worker certificate.
+*/}}
+{{- define "tessera.clusterTls.dir" -}}/var/lib/tessera/certs{{- end }}
+
+{{- define "tessera.clusterTls.secure" -}}
+{{- if ne .Values.clusterTls.mode "insecure" }}true{{ end }}
+{{- end }}
+
+{{/* The Secret cert-manager fills for coordinator `.i` (1-based) or the workers (`.i` = 0). */}}
+{{- define "tessera.clusterTls.certSecret" -}}
+{{- if eq (int .i) 0 }}
+{{- printf "%s-worker-tls" (include "tessera.fullname" .ctx) }}
+{{- else }}
+{{- printf "%s-coordinator-%d-tls" (include "tessera.fullname" .ctx) (int .i) }}
+{{- end }}
+{{- end }}
+
+{{/* The projected volume of `.component`'s certificates; empty in insecure mode. */}}
+{{- define "tessera.clusterTls.volume" -}}
+{{- $ctx := .ctx }}
+{{- $t := $ctx.Values.clusterTls }}
+{{- if ne $t.mode "insecure" }}
+- name: cluster-tls
+  projected:
+    # Readable by the pod's fsGroup (the tessera user), by no one else.
+    defaultMode: 0440
+    sources:
+{{- if eq $t.mode "secret" }}
+      - secret:
+          name: {{ $t.secret.name | quote }}
+          items:
+            - key: ca.pem
+              path: ca.pem
+{{- if eq .component "coordinator" }}
+{{- range $i := until (int $ctx.Values.coordinator.replicas) }}
+            - key: coordinator-{{ add1 $i }}.pem
+              path: coordinator-{{ add1 $i }}.pem
+            - key: coordinator-{{ add1 $i }}.key
+              path: coordinator-{{ add1 $i }}.key
+{{- end }}
+{{- else }}
+            - key: worker-{{ $t.workerName }}.pem
+              path: worker-{{ $t.workerName }}.pem
+            - key: worker-{{ $t.workerName }}.key
+              path: worker-{{ $t.workerName }}.key
+{{- end }}
+{{- else }}
+{{- if eq .component "coordinator" }}
+{{- range $i := until (int $ctx.Values.coordinator.replicas) }}
+      - secret:
+          name: {{ include "tessera.clusterTls.certSecret" (dict "ctx" $ctx "i" (add1 $i)) }}
+          items:
+            {{- if eq $i 0 }}
+            - key: ca.crt
+              path: ca.pem
+            {{- end }}
+            - key: tls.crt
+              path: coordinator-{{ add1 $i }}.pem
+            - key: tls.key
+              path: coordinator-{{ add1 $i }}.key
+{{- end }}
+{{- else }}
+      - secret:
+          name: {{ include "tessera.clusterTls.certSecret" (dict "ctx" $ctx "i" 0) }}
+          items:
+            - key: ca.crt
+              path: ca.pem
+            - key: tls.crt
+              path: worker-{{ $t.workerName }}.pem
+            - key: tls.key
+              path: worker-{{ $t.workerName }}.key
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "tessera.clusterTls.mount" -}}
+{{- if ne .Values.clusterTls.mode "insecure" }}
+- name: cluster-tls
+  mountPath: {{ include "tessera.clusterTls.dir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The cluster protocol's flags: the certificate directory, or the explicit opt-out. */}}
+{{- define "tessera.clusterTls.args" -}}
+{{- if eq .Values.clusterTls.mode "insecure" }}
+# No TLS on the cluster protocol (clusterTls.mode=insecure): debugging on a private network only.
+- --insecure-cluster
+{{- else }}
+- --certs={{ include "tessera.clusterTls.dir" . }}
+{{- end }}
+{{- end }}
