@@ -266,8 +266,28 @@ fn bad_membership_changes_are_clear_errors() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let nowhere = free_addr();
-    // Membership is a cluster operation: the public port does not serve it, and says so.
+    // Membership is a cluster operation: the public port does not serve it, and says so —
+    // whether the operator speaks mutual TLS (the public port answers in plain text) or not
+    // (it answers UNIMPLEMENTED).
     let out = tessera.add_coordinator(&endpoint, 2, &nowhere);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("does not serve the cluster protocol") && err.contains("plain text"),
+        "{err}"
+    );
+    let id = "2".to_owned();
+    let out = tessera.run(&[
+        "cluster",
+        "add-coordinator",
+        "--endpoint",
+        &endpoint,
+        "--id",
+        &id,
+        "--address",
+        &nowhere,
+        "--insecure-cluster",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(

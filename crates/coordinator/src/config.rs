@@ -85,6 +85,9 @@ pub struct CoordinatorConfig {
     /// clear. The default here is the clear (for in-process tests); the `tessera` binary
     /// requires certificates unless `--insecure-cluster` is given.
     pub cluster_tls: tessera_tls::ClusterTls,
+    /// Connections each port (public, cluster, HTTP) holds at once, and how long a silent one
+    /// stays open.
+    pub connections: tessera_tls::Limits,
 }
 
 impl Default for CoordinatorConfig {
@@ -117,6 +120,7 @@ impl Default for CoordinatorConfig {
             max_queued: 256,
             limits: crate::validate::Limits::default(),
             cluster_tls: tessera_tls::ClusterTls::insecure(),
+            connections: tessera_tls::Limits::default(),
         }
     }
 }

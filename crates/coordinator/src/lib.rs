@@ -27,7 +27,6 @@ use std::sync::Arc;
 use tessera_hub::{ModelCache, resolve};
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use {tessera_format::open_weights, tessera_text::Frontend};
 
@@ -55,6 +54,35 @@ impl Drop for Tasks {
         for t in &self.0 {
             t.abort();
         }
+    }
+}
+
+/// HTTP/2 pings on the gRPC ports: well within the idle timeout, so a live client is never
+/// closed as idle; a peer that does not answer one within the timeout is gone.
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// The HTTP API's listener, admitting through a gate like the gRPC ports.
+struct GatedListener {
+    gate: tessera_tls::Gate,
+    listener: tokio::net::TcpListener,
+}
+
+impl axum::serve::Listener for GatedListener {
+    type Io = tessera_tls::Guarded<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let io = self.gate.accept(&self.listener).await;
+        let addr = io
+            .get_ref()
+            .peer_addr()
+            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.listener.local_addr()
     }
 }
 
@@ -287,6 +315,10 @@ pub async fn serve_on(
             .router();
         // Aborted with the other tasks on shutdown: an open event stream must not hold the
         // process up.
+        let listener = GatedListener {
+            gate: tessera_tls::Gate::new("http", cluster.cfg.connections),
+            listener,
+        };
         tasks.0.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the HTTP API stopped");
@@ -294,7 +326,12 @@ pub async fn serve_on(
         }));
     }
 
+    // Every port admits through a gate (a connection limit, an idle timeout); HTTP/2 pings keep
+    // a live client's connection from ever looking idle, and find dead ones.
+    let connections = cluster.cfg.connections;
     let public = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -302,7 +339,10 @@ pub async fn serve_on(
             api.clone(),
             keys.interceptor(),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_rx(&stop));
+        .serve_with_incoming_shutdown(
+            tessera_tls::Gate::new("public", connections).incoming(listener),
+            shutdown_rx(&stop),
+        );
     let cluster_tls = cluster.cfg.cluster_tls.clone();
     let mut cluster_builder = tonic::transport::Server::builder();
     if let Some(tls) = cluster_tls.server_tls() {
@@ -311,6 +351,8 @@ pub async fn serve_on(
             .map_err(|e| serve_err(format!("cluster port TLS: {e}")))?;
     }
     let cluster_server = cluster_builder
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(cluster_health_service)
         .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
         .add_service(cpb::coordination_server::CoordinationServer::new(
@@ -319,7 +361,10 @@ pub async fn serve_on(
         .add_service(cpb::forward_server::ForwardServer::new(
             services::forward::ForwardService::new(api, cluster_tls),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(cluster_listener), shutdown_rx(&stop));
+        .serve_with_incoming_shutdown(
+            tessera_tls::Gate::new("cluster", connections).incoming(cluster_listener),
+            shutdown_rx(&stop),
+        );
     // `shutdown` stops both servers, and either one failing stops the other. So does the Raft
     // node failing: a coordinator without Raft must not stay up answering health checks.
     let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);

@@ -18,6 +18,9 @@ use crate::exposition::negotiate;
 const MAX_HEAD: usize = 4096;
 /// How long a client may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Scrapes answered at once; more connections are closed at once (a scraper sends a handful,
+/// an attacker thousands, none of which may exhaust the process's file descriptors).
+const MAX_CONNECTIONS: usize = 64;
 
 /// Binds the metrics endpoint and prints `tessera <role> metrics on <addr>` on stdout (port 0
 /// picks a free port; scripts and tests read the line to learn it).
@@ -37,12 +40,20 @@ where
     R: Fn() -> String + Send + Sync + 'static,
 {
     let render = Arc::new(render);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((conn, peer)) = listener.accept().await else {
+            // Out of descriptors or a connection reset before it was accepted: pause, retry.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics endpoint busy: connection closed");
             continue;
         };
         let render = Arc::clone(&render);
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = answer(conn, render.as_ref()).await {
                 tracing::debug!(%peer, error = %e, "metrics scrape failed");
             }

@@ -103,6 +103,16 @@ impl ProcessCluster {
         cluster
     }
 
+    /// The coordinator's process id.
+    pub fn coordinator_pid(&self) -> u32 {
+        self.coordinator.id()
+    }
+
+    /// The coordinator's cluster port, `http://host:port`.
+    pub fn cluster_endpoint(&self) -> &str {
+        &self.cluster_endpoint
+    }
+
     /// A client of the coordinator, connected.
     ///
     /// # Panics

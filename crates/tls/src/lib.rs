@@ -9,15 +9,19 @@
 //! - [`identity`](Identity): roles, names, and how a certificate carries them;
 //! - [`Authority`]: the CA, issuing member certificates into a directory (`tessera certs`);
 //! - [`MemberFiles`] → [`Member`]: a member's files, checked at start-up;
-//! - [`ClusterTls`]: server configuration, endpoints to peers, authorization.
+//! - [`ClusterTls`]: server configuration, endpoints to peers, authorization;
+//! - [`Gate`]: connection hygiene on every port (a connection limit that pushes out the most
+//!   silent connection, an idle timeout).
 
 mod authority;
 mod cluster;
 mod error;
 mod identity;
+mod limits;
 mod verify;
 
 pub use authority::{Authority, CA_CERT, CA_KEY, Issued, member_files};
 pub use cluster::{ClusterTls, HANDSHAKE_TIMEOUT, Member, MemberFiles};
 pub use error::TlsError;
 pub use identity::{DOMAIN, Identity, Role};
+pub use limits::{EVICT_AFTER, Gate, GateStats, Guarded, Limits};

@@ -58,4 +58,7 @@ pub struct WorkerConfig {
     /// Where to serve `grpc.health.v1` alone, in the clear, for probes that hold no cluster
     /// certificate; `None` = not served (health is always on the main port too).
     pub health_listen: Option<SocketAddr>,
+    /// Connections each port (the Worker service, the health port) holds at once, and how
+    /// long a silent one stays open.
+    pub connections: tessera_tls::Limits,
 }

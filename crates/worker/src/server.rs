@@ -14,7 +14,6 @@ use tessera_proto::cluster::v1::worker_server::WorkerServer;
 use tessera_tls::Role;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::config::WorkerConfig;
@@ -190,10 +189,11 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
                 .map_err(|source| WorkerError::Bind { addr, source })?;
             let mut stop = shutdown_rx.clone();
             let health = health_service.clone();
+            let gate = tessera_tls::Gate::new("health", cfg.connections);
             Some(tokio::spawn(async move {
                 let served = Server::builder()
                     .add_service(health)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    .serve_with_incoming_shutdown(gate.incoming(listener), async move {
                         let _ = stop.wait_for(|&s| s).await;
                     })
                     .await;
@@ -213,11 +213,17 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     }
     let server = builder
         .tcp_nodelay(true)
+        // Pings well within the idle timeout keep live streams from looking idle.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop.wait_for(|&s| s).await;
-        });
+        .serve_with_incoming_shutdown(
+            tessera_tls::Gate::new("worker", cfg.connections).incoming(listener),
+            async move {
+                let _ = stop.wait_for(|&s| s).await;
+            },
+        );
     let span = tracing::info_span!("worker", addr = %advertise, name = %name);
     let mut drained = shutdown_tx.subscribe();
     let task = tokio::spawn(tracing::Instrument::instrument(

@@ -97,6 +97,7 @@ impl Rig {
             peer_listen: None,
             cluster_tls: tessera_tls::ClusterTls::insecure(),
             health_listen: None,
+            connections: tessera_tls::Limits::default(),
         })
         .await
         .expect("start worker");

@@ -100,6 +100,7 @@ async fn registers_heartbeats_and_reregisters() {
         peer_listen: None,
         cluster_tls: tessera_tls::ClusterTls::insecure(),
         health_listen: None,
+        connections: tessera_tls::Limits::default(),
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;

@@ -171,6 +171,7 @@ impl Cluster {
                     peer_listen: None,
                     cluster_tls: tessera_tls::ClusterTls::insecure(),
                     health_listen: None,
+                    connections: tessera_tls::Limits::default(),
                 };
                 workers.push(tessera_worker::start(cfg).await.expect("start worker"));
             }

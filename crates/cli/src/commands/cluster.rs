@@ -130,8 +130,34 @@ async fn client(
         .timeout(Duration::from_secs(30));
     let channel = tokio::time::timeout(Duration::from_secs(6), target.connect())
         .await
-        .map_err(|_| anyhow::anyhow!("{endpoint} did not complete a connection within 6 s"))?
+        .map_err(|_| {
+            anyhow::anyhow!("{endpoint} accepted the connection but did not answer within 6 s")
+        })?
         .map_err(|e| {
+            // rustls's word for a server that answered the handshake in plain text.
+            // The whole chain, as text: which failure it was is only said in the sources.
+            let mut detail = format!("{e:?}");
+            let mut source: Option<&dyn std::error::Error> = Some(&e);
+            while let Some(s) = source {
+                detail.push_str(&format!(" {s}"));
+                source = s.source();
+            }
+            if detail.contains("handshake timeout") {
+                return anyhow::anyhow!(
+                    "{endpoint} accepted the connection but did not answer the TLS handshake \
+                     within {:?}: is it a tessera cluster port (and is the process there \
+                     running, not stopped)?",
+                    tessera_tls::HANDSHAKE_TIMEOUT
+                );
+            }
+            if tls.is_mutual() && detail.contains("InvalidContentType") {
+                return anyhow::anyhow!(
+                    "{endpoint} does not serve the cluster protocol: it answers in plain text, \
+                     not mutual TLS. Pass a coordinator's cluster port (its --advertise / \
+                     --cluster-listen address), not its public --listen address (or \
+                     --insecure-cluster for a cluster that runs without TLS)"
+                );
+            }
             anyhow::Error::new(e).context(format!(
                 "no coordinator's cluster port answers at {endpoint} (with mutual TLS, check \
                  that the coordinator and this certificate share a CA)"

@@ -183,6 +183,26 @@ pub struct ProcessArgs {
     /// The cluster protocol's certificates (or `--insecure-cluster`).
     #[command(flatten)]
     pub cluster_tls: super::certs::ClusterTlsArgs,
+    /// Connections each port holds at once. At the limit a new connection replaces the one
+    /// silent longest (if it has been silent a second), else it is closed.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds of silence (no byte either way) after which a connection is closed. gRPC
+    /// clients are pinged every 30 s, so only dead or never-speaking ones go silent; an HTTP
+    /// request that sends and receives nothing for this long (a long non-streamed completion)
+    /// is cut too: stream long completions.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(5..))]
+    pub idle_timeout_s: u64,
+}
+
+impl ProcessArgs {
+    /// The connection limits every port of this process applies.
+    fn connections(&self) -> tessera_tls::Limits {
+        tessera_tls::Limits {
+            max_connections: self.max_connections as usize,
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+        }
+    }
 }
 
 impl ProcessArgs {
@@ -476,6 +496,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             .process
             .cluster_tls
             .load(&tessera_tls::Identity::coordinator(args.id))?,
+        connections: args.process.connections(),
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     let instance = format!("coordinator-{}", args.id);
@@ -554,6 +575,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         peer_listen: args.peer_listen,
         health_listen: args.health_listen,
         cluster_tls,
+        connections: args.process.connections(),
     };
     args.process
         .serve("tessera-worker", name, |shutdown| async move {

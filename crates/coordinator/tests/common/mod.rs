@@ -93,6 +93,7 @@ impl Coordinator {
             peer_listen: None,
             cluster_tls: tessera_tls::ClusterTls::insecure(),
             health_listen: None,
+            connections: tessera_tls::Limits::default(),
         })
         .await
         .expect("start worker")
