@@ -88,6 +88,9 @@ pub struct CoordinatorConfig {
     /// Connections each port (public, cluster, HTTP) holds at once, and how long a silent one
     /// stays open.
     pub connections: tessera_tls::Limits,
+    /// TLS on the public API (gRPC and HTTP ports): the server's certificate and key; `None`
+    /// serves them in the clear.
+    pub public_tls: Option<tessera_tls::ServerIdentity>,
 }
 
 impl Default for CoordinatorConfig {
@@ -121,6 +124,7 @@ impl Default for CoordinatorConfig {
             limits: crate::validate::Limits::default(),
             cluster_tls: tessera_tls::ClusterTls::insecure(),
             connections: tessera_tls::Limits::default(),
+            public_tls: None,
         }
     }
 }

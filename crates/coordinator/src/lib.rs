@@ -62,30 +62,6 @@ impl Drop for Tasks {
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// The HTTP API's listener, admitting through a gate like the gRPC ports.
-struct GatedListener {
-    gate: tessera_tls::Gate,
-    listener: tokio::net::TcpListener,
-}
-
-impl axum::serve::Listener for GatedListener {
-    type Io = tessera_tls::Guarded<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let io = self.gate.accept(&self.listener).await;
-        let addr = io
-            .get_ref()
-            .peer_addr()
-            .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-        (io, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.listener.local_addr()
-    }
-}
-
 /// The sockets a coordinator serves on.
 #[derive(Debug)]
 pub struct Listeners {
@@ -315,10 +291,12 @@ pub async fn serve_on(
             .router();
         // Aborted with the other tasks on shutdown: an open event stream must not hold the
         // process up.
-        let listener = GatedListener {
-            gate: tessera_tls::Gate::new("http", cluster.cfg.connections),
+        let listener = openai::listener::HttpListener::new(
             listener,
-        };
+            tessera_tls::Gate::new("http", cluster.cfg.connections),
+            cluster.cfg.public_tls.clone(),
+        )
+        .map_err(|e| serve_err(format!("HTTP port: {e}")))?;
         tasks.0.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the HTTP API stopped");
@@ -329,7 +307,13 @@ pub async fn serve_on(
     // Every port admits through a gate (a connection limit, an idle timeout); HTTP/2 pings keep
     // a live client's connection from ever looking idle, and find dead ones.
     let connections = cluster.cfg.connections;
-    let public = tonic::transport::Server::builder()
+    let mut public_builder = tonic::transport::Server::builder();
+    if let Some(tls) = &cluster.cfg.public_tls {
+        public_builder = public_builder
+            .tls_config(tls.grpc())
+            .map_err(|e| serve_err(format!("public port TLS: {e}")))?;
+    }
+    let public = public_builder
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)

@@ -153,6 +153,48 @@ impl Authority {
         })
     }
 
+    /// A server certificate for the public API, for `names` (host names or IP addresses), with
+    /// a fresh key, valid for two years. It names no cluster identity: it cannot be used on
+    /// the cluster protocol.
+    ///
+    /// # Errors
+    /// [`TlsError::Issue`] when a name is not a valid DNS name or IP address, or signing fails.
+    pub fn issue_public(&self, names: &[String]) -> Result<Issued, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(730);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes the public API's certificate for `names` into `dir` as `public.pem` /
+    /// `public.key` (replacing any); returns the certificate's path.
+    ///
+    /// # Errors
+    /// As [`Authority::issue_public`], and [`TlsError::Io`].
+    pub fn issue_public_into(&self, dir: &Path, names: &[String]) -> Result<PathBuf, TlsError> {
+        let issued = self.issue_public(names)?;
+        let (cert, key) = (dir.join("public.pem"), dir.join("public.key"));
+        write(&key, &issued.key_pem, true)?;
+        write(&cert, &issued.cert_pem, false)?;
+        Ok(cert)
+    }
+
     /// Writes a certificate for `identity` into `dir` unless a valid one issued by this CA is
     /// there; returns the certificate's path and whether it was written.
     ///

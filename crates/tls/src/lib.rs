@@ -10,6 +10,7 @@
 //! - [`Authority`]: the CA, issuing member certificates into a directory (`tessera certs`);
 //! - [`MemberFiles`] → [`Member`]: a member's files, checked at start-up;
 //! - [`ClusterTls`]: server configuration, endpoints to peers, authorization;
+//! - [`ServerIdentity`]: TLS on the public API (gRPC and HTTP);
 //! - [`Gate`]: connection hygiene on every port (a connection limit that pushes out the most
 //!   silent connection, an idle timeout).
 
@@ -18,6 +19,7 @@ mod cluster;
 mod error;
 mod identity;
 mod limits;
+mod public;
 mod verify;
 
 pub use authority::{Authority, CA_CERT, CA_KEY, Issued, member_files};
@@ -25,3 +27,4 @@ pub use cluster::{ClusterTls, HANDSHAKE_TIMEOUT, Member, MemberFiles};
 pub use error::TlsError;
 pub use identity::{DOMAIN, Identity, Role};
 pub use limits::{EVICT_AFTER, Gate, GateStats, Guarded, Limits};
+pub use public::ServerIdentity;

@@ -33,6 +33,11 @@ pub struct CertsArgs {
     /// The operator identity for `tessera cluster …` (admin role).
     #[arg(long, default_value = OPERATOR)]
     pub admin: String,
+    /// Also issue the public API's server certificate (`public.pem`, `public.key`, for
+    /// `tessera coordinator --tls-cert/--tls-key`) for these host names or IP addresses
+    /// (comma-separated); clients trust `ca.pem` (`$TESSERA_CA`). Replaced on every run.
+    #[arg(long, value_delimiter = ',')]
+    pub public: Vec<String>,
 }
 
 /// Runs `tessera certs`, printing each file written or kept.
@@ -57,6 +62,13 @@ pub fn run(args: &CertsArgs) -> Result<()> {
             if written { "wrote" } else { "kept" },
             path.display()
         );
+    }
+    if !args.public.is_empty() {
+        let names: Vec<String> = args.public.iter().map(|n| n.trim().to_owned()).collect();
+        let path = Authority::load(&args.dir)?
+            .issue_public_into(&args.dir, &names)
+            .context("--public")?;
+        println!("wrote {} (for {})", path.display(), names.join(", "));
     }
     Ok(())
 }

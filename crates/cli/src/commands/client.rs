@@ -70,11 +70,17 @@ impl Unreachable {
 /// [`Unreachable`], each naming the address.
 pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, Unreachable> {
     let url = endpoint_url(endpoint);
-    let target = Endpoint::from_shared(url.clone())
+    let mut target = Endpoint::from_shared(url.clone())
         .with_context(|| format!("--endpoint {endpoint:?} is not a valid address"))
         .map_err(Unreachable::Invalid)?
         .connect_timeout(timeout)
         .timeout(HEADERS_TIMEOUT);
+    if url.starts_with("https://") {
+        target = target
+            .tls_config(client_tls().map_err(Unreachable::Invalid)?)
+            .context("TLS configuration")
+            .map_err(Unreachable::Invalid)?;
+    }
     let channel = tokio::time::timeout(timeout, target.connect())
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {url} timed out after {timeout:?}"))
@@ -98,6 +104,26 @@ pub async fn channel(endpoint: &str, timeout: Duration) -> Result<Channel, Unrea
             s.message()
         ))),
     }
+}
+
+/// The environment variable naming a PEM file of CA certificates to trust for `https://`
+/// endpoints, besides the system's.
+pub const CA_ENV: &str = "TESSERA_CA";
+
+/// TLS for an `https://` endpoint: the system's roots, and `$TESSERA_CA`'s when set (the
+/// cluster CA, for a certificate made by `tessera certs --public`).
+fn client_tls() -> Result<tonic::transport::ClientTlsConfig> {
+    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+    if let Some(path) = std::env::var_os(CA_ENV).filter(|p| !p.is_empty()) {
+        let pem = std::fs::read(&path).with_context(|| {
+            format!(
+                "${CA_ENV}: reading {}",
+                std::path::Path::new(&path).display()
+            )
+        })?;
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    }
+    Ok(tls)
 }
 
 /// The environment variable holding the API key client commands send (`--api-key`).

@@ -103,6 +103,14 @@ pub struct CoordinatorArgs {
     /// "tessera coordinator http on ADDR").
     #[arg(long)]
     pub http_listen: Option<SocketAddr>,
+    /// Serve the public API (gRPC on --listen and HTTP on --http-listen) over TLS with this
+    /// certificate (PEM, leaf first, then its chain); needs --tls-key. `tessera certs
+    /// --public HOST,…` makes one from the cluster CA for local use.
+    #[arg(long, env = "TESSERA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "TESSERA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Admission, limits and API keys.
     #[command(flatten)]
     pub admission: AdmissionArgs,
@@ -497,6 +505,12 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
             .cluster_tls
             .load(&tessera_tls::Identity::coordinator(args.id))?,
         connections: args.process.connections(),
+        public_tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                tessera_tls::ServerIdentity::load(cert, key).context("--tls-cert / --tls-key")?,
+            ),
+            _ => None,
+        },
         ..tessera_coordinator::CoordinatorConfig::default()
     };
     let instance = format!("coordinator-{}", args.id);

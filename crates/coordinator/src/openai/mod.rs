@@ -18,6 +18,7 @@
 //! shape ([`error::ApiError`]); 429 and 503 carry `Retry-After`.
 
 mod error;
+pub(crate) mod listener;
 mod request;
 mod respond;
 
