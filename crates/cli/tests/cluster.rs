@@ -279,6 +279,8 @@ fn bad_input_names_the_field() {
             with(&|r| r.stop.as_mut().expect("set").max_tokens = Some(KV_TOKENS + 1)),
         ),
         ("model", with(&|r| r.model = "no-such-model".into())),
+        // An attacker's 20 KB name is not echoed whole (it would not fit an HTTP/2 header).
+        ("model", with(&|r| r.model = "m".repeat(20_000))),
         (
             "prompt",
             with(&|r| r.prompt = Some(pb::generate_request::Prompt::Text(long_prompt.clone()))),
@@ -295,6 +297,11 @@ fn bad_input_names_the_field() {
             "the message for a bad {field} must name it: {:?}",
             err.message()
         );
+        assert!(
+            err.message().len() < 1200,
+            "{field}: {} bytes",
+            err.message().len()
+        );
     }
     let ok = cluster.generate(greedy("Hello", 4)).expect("still serving");
     assert_eq!(ok.len(), 4);
@@ -303,7 +310,7 @@ fn bad_input_names_the_field() {
     let text = scrape(&cluster.metrics);
     let labels = format!("model_name=\"{model}\"");
     for want in [
-        format!("tessera_requests_total{{{labels},outcome=\"invalid\"}} 9"),
+        format!("tessera_requests_total{{{labels},outcome=\"invalid\"}} 10"),
         format!("tessera_requests_total{{{labels},outcome=\"length\"}} 1"),
         format!("tessera_generated_tokens_total{{{labels}}} 4"),
     ] {

@@ -104,6 +104,23 @@ impl From<tessera_hub::SourceError> for CoordinatorError {
     }
 }
 
+/// The longest message a status carries: it travels in an HTTP/2 header (`grpc-message`), and
+/// one past the peer's header limit ends the call with a protocol error instead of the status.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+/// `text` cut to `max` bytes (on a character boundary) with an ellipsis, so that no error
+/// echoes unbounded input.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..end], text.len()).into()
+}
+
 impl CoordinatorError {
     /// An [`CoordinatorError::InvalidArgument`].
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -131,7 +148,7 @@ impl From<CoordinatorError> for tonic::Status {
         };
         let retry = matches!(e, CoordinatorError::ResourceExhausted(_));
         // Invalid arguments start with the field's proto path, as the proto promises.
-        let mut status = tonic::Status::new(code, e.to_string());
+        let mut status = tonic::Status::new(code, clip(&e.to_string(), MAX_STATUS_MESSAGE));
         if retry {
             // The retry hint, in seconds, as HTTP's Retry-After (gRPC has no standard header
             // short of google.rpc.RetryInfo details).

@@ -47,7 +47,10 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some("model".into()),
             code: Some("model_not_found"),
-            message: format!("model: unknown model `{model}`; this cluster serves `{served}`"),
+            message: format!(
+                "model: unknown model `{}`; this cluster serves `{served}`",
+                crate::error::clip(model, 64)
+            ),
         }
     }
 

@@ -408,7 +408,10 @@ fn text_parts(parts: &[Value], at: &str) -> Result<String, ApiError> {
             (Some(other), _) => {
                 return Err(ApiError::invalid(
                     format!("{at}[{j}].type"),
-                    format!("only \"text\" parts are supported by this server, got {other:?}"),
+                    format!(
+                        "only \"text\" parts are supported by this server, got {:?}",
+                        crate::error::clip(other, 64)
+                    ),
                 ));
             }
             (None, _) => return Err(ApiError::invalid(format!("{at}[{j}].type"), "required")),

@@ -103,6 +103,10 @@ fn chat_errors_name_the_field() {
     }
     let e = chat_of(with("model", json!("gpt-4o"))).expect_err("other model");
     assert_eq!((e.status.as_u16(), e.code), (404, Some("model_not_found")));
+    // A 20 KB name is not echoed whole.
+    let e = chat_of(with("model", json!("m".repeat(20_000)))).expect_err("long model");
+    assert_eq!(e.status.as_u16(), 404);
+    assert!(e.message.len() < 300, "{} bytes", e.message.len());
     assert_eq!(
         Body::parse(b"[1]").err().and_then(|e| e.param),
         Some("body".into())

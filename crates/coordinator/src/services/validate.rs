@@ -198,7 +198,8 @@ impl Validator {
             Err(CoordinatorError::invalid(
                 "model",
                 format!(
-                    "unknown model `{model}`; this cluster serves `{}`",
+                    "unknown model `{}`; this cluster serves `{}`",
+                    crate::error::clip(model, 64),
                     self.model
                 ),
             ))
