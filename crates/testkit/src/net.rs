@@ -15,13 +15,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A loopback port free at the time of the call (another process may take it before the
-/// caller binds it; the tests live with that).
+/// caller binds it; the tests live with that), and never one this process was given before:
+/// the kernel may hand the same free port to two calls in a row, and a cluster whose members
+/// were given one port twice cannot start.
 ///
 /// # Panics
 /// When no loopback port can be bound.
 pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
+        let port = l.local_addr().expect("local addr").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// `127.0.0.1:PORT` with a [`free_port`].

@@ -129,28 +129,17 @@ impl Authority {
     /// # Errors
     /// [`TlsError::Issue`] when key generation or signing fails.
     pub fn issue(&self, identity: &Identity) -> Result<Issued, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params =
+        let params =
             CertificateParams::new(vec![identity.dns_name(), identity.role().server_name()])?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, identity.dns_name());
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         // Every member is a server (its port) and a client (it dials peers).
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(730);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        self.sign(
+            params,
+            identity.dns_name(),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
     }
 
     /// A server certificate for the public API, for `names` (host names or IP addresses), with
@@ -160,17 +149,26 @@ impl Authority {
     /// # Errors
     /// [`TlsError::Issue`] when a name is not a valid DNS name or IP address, or signing fails.
     pub fn issue_public(&self, names: &[String]) -> Result<Issued, TlsError> {
+        let params = CertificateParams::new(names.to_vec())?;
+        let common = names.first().cloned().unwrap_or_default();
+        self.sign(params, common, vec![ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
+    /// Completes `params` as an end-entity certificate (`common` name, `usages`, valid from a
+    /// day ago for two years) and signs it, with a fresh key.
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        common: String,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Issued, TlsError> {
         let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(names.to_vec())?;
         let mut dn = DistinguishedName::new();
-        dn.push(
-            DnType::CommonName,
-            names.first().cloned().unwrap_or_default(),
-        );
+        dn.push(DnType::CommonName, common);
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::days(1);

@@ -240,21 +240,17 @@ impl Gate {
         }
     }
 
-    /// The admitted connections of `listener`, as a stream for tonic's `serve_with_incoming`
-    /// (accept errors pass through: tonic retries the ones that concern one connection).
+    /// The admitted connections of `listener`, as a stream for tonic's `serve_with_incoming`.
+    /// It never yields an error: tonic ends the whole server on an accept error other than a
+    /// connection's own (out of file descriptors, say), and [`Gate::accept`] pauses and
+    /// retries instead. Dropping the stream releases the listener.
     pub fn incoming(
         self,
         listener: TcpListener,
     ) -> impl tokio_stream::Stream<Item = io::Result<Guarded<TcpStream>>> + Send + 'static {
-        use tokio_stream::StreamExt as _;
-        tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(move |accepted| {
-            match accepted {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    self.admit(stream).map(Ok)
-                }
-                Err(e) => Some(Err(e)),
-            }
+        futures_util::stream::unfold((self, listener), |(gate, listener)| async move {
+            let io = gate.accept(&listener).await;
+            Some((Ok(io), (gate, listener)))
         })
     }
 }
