@@ -224,6 +224,34 @@ fn only_certified_members_act_in_the_cluster() {
         assert!(rt.block_on(raft.send(m)).is_err());
     }
 
+    // Even a coordinator's LoadShard opens nothing outside the model store, and the refusal
+    // does not tell whether the path exists.
+    let coordinator_tls = member_tls(&Identity::coordinator(1));
+    let mut w =
+        cpb::worker_client::WorkerClient::new(channel(rt, &coordinator_tls, &stage1, Role::Worker));
+    let mut refusals = Vec::new();
+    for model in [
+        "/etc/shadow",
+        "/nonexistent/model.gguf",
+        "/var/../etc/passwd",
+    ] {
+        let e = rt
+            .block_on(w.load_shard(cpb::LoadShardRequest {
+                plan_epoch: 1_000_000,
+                model: model.into(),
+                ..Default::default()
+            }))
+            .expect_err(model);
+        assert_eq!(e.code(), Code::InvalidArgument, "{model}: {e:?}");
+        refusals.push(e.message().to_owned());
+    }
+    assert!(
+        refusals
+            .iter()
+            .all(|m| *m == refusals[0] && m.starts_with("model: ")),
+        "{refusals:?}"
+    );
+
     // Rogue worker processes: one with no certificate, one with another CA's.
     let foreign_w = Identity::new(Role::Worker, "w0").expect("valid");
     foreign(other.path(), &foreign_w);

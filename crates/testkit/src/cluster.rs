@@ -20,6 +20,21 @@ pub const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 /// memory plans stay modest.
 pub const KV_TOKENS: u32 = 2048;
 
+/// `--model-dir DIR` for a model given as a path (workers open only the model store's models
+/// otherwise): the model's directory.
+fn model_dir_args(model: &str) -> Vec<String> {
+    let path = std::path::Path::new(model);
+    if !path.is_absolute() {
+        return Vec::new();
+    }
+    let dir = if path.is_dir() {
+        path
+    } else {
+        path.parent().unwrap_or(path)
+    };
+    vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+}
+
 /// A coordinator and workers, killed when dropped.
 pub struct ProcessCluster {
     coordinator: Child,
@@ -34,6 +49,8 @@ pub struct ProcessCluster {
     /// The binary and the coordinator's cluster URL, to add workers later.
     tessera: Tessera,
     cluster_endpoint: String,
+    /// `--model-dir` for the workers, when the model is a path.
+    model_dirs: Vec<String>,
 }
 
 impl ProcessCluster {
@@ -80,13 +97,20 @@ impl ProcessCluster {
         let (coordinator, addr, cluster_addr) = tessera.spawn_lone_coordinator(model, &args);
         let endpoint = format!("http://{addr}");
         let cluster_endpoint = format!("http://{cluster_addr}");
+        let dirs = model_dir_args(model);
+        let dir_args: Vec<&str> = dirs.iter().map(String::as_str).collect();
         let workers = workers
             .iter()
             .enumerate()
             .map(|(i, (threads, memory))| {
                 let name = format!("w{i}");
-                let child =
-                    tessera.spawn_worker(&cluster_endpoint, *threads, memory, Some(&name), &[]);
+                let child = tessera.spawn_worker(
+                    &cluster_endpoint,
+                    *threads,
+                    memory,
+                    Some(&name),
+                    &dir_args,
+                );
                 Some(child)
             })
             .collect();
@@ -98,6 +122,7 @@ impl ProcessCluster {
             rt: runtime(),
             tessera: tessera.clone(),
             cluster_endpoint,
+            model_dirs: dirs.clone(),
         };
         cluster.wait_ready(Duration::from_secs(60));
         cluster
@@ -203,9 +228,10 @@ impl ProcessCluster {
     pub fn add_worker(&mut self, threads: u32, memory: &str) -> usize {
         let i = self.workers.len();
         let name = format!("w{i}");
+        let dirs: Vec<&str> = self.model_dirs.iter().map(String::as_str).collect();
         let child =
             self.tessera
-                .spawn_worker(&self.cluster_endpoint, threads, memory, Some(&name), &[]);
+                .spawn_worker(&self.cluster_endpoint, threads, memory, Some(&name), &dirs);
         self.workers.push(Some(child));
         i
     }

@@ -61,4 +61,6 @@ pub struct WorkerConfig {
     /// Connections each port (the Worker service, the health port) holds at once, and how
     /// long a silent one stays open.
     pub connections: tessera_tls::Limits,
+    /// Which models LoadShard may open (the binary: the model store and `--model-dir`s).
+    pub model_paths: crate::ModelPaths,
 }

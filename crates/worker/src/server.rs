@@ -163,6 +163,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         shard.clone(),
         shutdown_rx.clone(),
         cfg.cluster_tls.clone(),
+        cfg.model_paths.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -4,7 +4,8 @@
 //! **Who may call.** Under mutual TLS: LoadShard and Release only coordinators; Pipeline the
 //! coordinators, and the one worker the current shard names as its upstream (the previous
 //! stage's rank 0, `LoadShardRequest.upstream`) — no other worker can feed this shard hidden
-//! states. In insecure mode every caller is admitted.
+//! states. In insecure mode every caller is admitted. Whoever calls, LoadShard opens only
+//! models of the store or the allowed directories ([`crate::ModelPaths`]).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use tessera_proto::cluster::v1 as pb;
@@ -28,6 +29,7 @@ pub(crate) struct WorkerService {
     shard: ShardHandle,
     shutdown: watch::Receiver<bool>,
     tls: ClusterTls,
+    model_paths: crate::ModelPaths,
     /// The worker allowed to open Pipeline streams: the last loaded shard's upstream (empty:
     /// coordinators only).
     upstream: Arc<Mutex<String>>,
@@ -36,11 +38,17 @@ pub(crate) struct WorkerService {
 impl WorkerService {
     /// A service over `shard` admitting callers by `tls`; its streams end when `shutdown`
     /// turns true.
-    pub fn new(shard: ShardHandle, shutdown: watch::Receiver<bool>, tls: ClusterTls) -> Self {
+    pub fn new(
+        shard: ShardHandle,
+        shutdown: watch::Receiver<bool>,
+        tls: ClusterTls,
+        model_paths: crate::ModelPaths,
+    ) -> Self {
         Self {
             shard,
             shutdown,
             tls,
+            model_paths,
             upstream: Arc::default(),
         }
     }
@@ -54,6 +62,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         self.tls.authorize(&request, &[Role::Coordinator])?;
         let req = request.into_inner();
+        self.model_paths.check(&req.model)?;
         let upstream = req.upstream.clone();
         let span = tracing::info_span!("LoadShard", epoch = req.plan_epoch, model = %req.model);
         tracing::Instrument::instrument(self.shard.load(req), span)

@@ -58,6 +58,7 @@ impl Cluster {
                 cluster_tls: tessera_tls::ClusterTls::insecure(),
                 health_listen: None,
                 connections: tessera_tls::Limits::default(),
+                model_paths: tessera_worker::ModelPaths::any(),
             };
             workers.push(tessera_worker::start(cfg).await.expect("start worker"));
         }

@@ -101,6 +101,7 @@ async fn registers_heartbeats_and_reregisters() {
         cluster_tls: tessera_tls::ClusterTls::insecure(),
         health_listen: None,
         connections: tessera_tls::Limits::default(),
+        model_paths: tessera_worker::ModelPaths::any(),
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;

@@ -341,6 +341,11 @@ pub struct WorkerArgs {
     /// Model cache root (default: $TESSERA_HOME or ~/.cache/tessera).
     #[arg(long)]
     pub model_home: Option<PathBuf>,
+    /// Another directory the coordinators may have this worker load models from (repeatable).
+    /// By default only models of the store (`<model home>/models`) are opened, whatever path
+    /// a LoadShard names.
+    #[arg(long = "model-dir")]
+    pub model_dirs: Vec<PathBuf>,
     /// Metrics, span export and lifetime.
     #[command(flatten)]
     pub process: ProcessArgs,
@@ -590,6 +595,15 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         health_listen: args.health_listen,
         cluster_tls,
         connections: args.process.connections(),
+        model_paths: {
+            let store = match &args.model_home {
+                Some(home) => tessera_hub::ModelCache::at(home.clone()),
+                None => tessera_hub::ModelCache::from_env()?,
+            };
+            tessera_worker::ModelPaths::within(
+                std::iter::once(store.models_dir()).chain(args.model_dirs.iter().cloned()),
+            )
+        },
     };
     args.process
         .serve("tessera-worker", name, |shutdown| async move {

@@ -274,6 +274,22 @@ pub struct LocalClusterSpec {
 }
 
 impl LocalClusterSpec {
+    /// `--model-dir` for a model given as a path outside the store: its directory, which the
+    /// workers may then load from (they open only the store's models otherwise).
+    fn model_dir_flags(&self) -> Vec<String> {
+        let path = std::path::Path::new(&self.model);
+        if !self.model.contains(['/', '\\']) || !path.exists() {
+            return Vec::new();
+        }
+        let dir = if path.is_dir() {
+            path
+        } else {
+            path.parent().unwrap_or(path)
+        };
+        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+        vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+    }
+
     /// The name of worker `i`, which is also its certificate's.
     fn worker_name(i: u32) -> String {
         format!("worker-{i}")
@@ -478,6 +494,7 @@ impl LocalCluster {
                 "--exit-on-stdin-eof".into(),
             ];
             args.extend(tls_flags.iter().cloned());
+            args.extend(spec.model_dir_flags());
             args.extend(spec.worker_args.iter().cloned());
             let mut worker = spawn(&args)?;
             listening_address(&mut worker, &format!("worker {i}")).await?;

@@ -94,6 +94,7 @@ impl Coordinator {
             cluster_tls: tessera_tls::ClusterTls::insecure(),
             health_listen: None,
             connections: tessera_tls::Limits::default(),
+            model_paths: tessera_worker::ModelPaths::any(),
         })
         .await
         .expect("start worker")
