@@ -57,10 +57,8 @@ impl Drop for Tasks {
     }
 }
 
-/// HTTP/2 pings on the gRPC ports: well within the idle timeout, so a live client is never
-/// closed as idle; a peer that does not answer one within the timeout is gone.
-const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+/// How long the servers of a coordinator whose Raft node failed get to stop before it exits.
+const FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The sockets a coordinator serves on.
 #[derive(Debug)]
@@ -314,8 +312,8 @@ pub async fn serve_on(
             .map_err(|e| serve_err(format!("public port TLS: {e}")))?;
     }
     let public = public_builder
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(tessera_tls::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(tessera_tls::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -335,8 +333,8 @@ pub async fn serve_on(
             .map_err(|e| serve_err(format!("cluster port TLS: {e}")))?;
     }
     let cluster_server = cluster_builder
-        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(tessera_tls::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(tessera_tls::KEEPALIVE_TIMEOUT))
         .add_service(cluster_health_service)
         .add_service(raft::RaftService::new(raft.clone(), transport).into_server())
         .add_service(cpb::coordination_server::CoordinationServer::new(
@@ -349,9 +347,7 @@ pub async fn serve_on(
             tessera_tls::Gate::new("cluster", connections).incoming(cluster_listener),
             shutdown_rx(&stop),
         );
-    // `shutdown` stops both servers, and either one failing stops the other. So does the Raft
-    // node failing: a coordinator without Raft must not stay up answering health checks.
-    let failed: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    // `shutdown` stops both servers, and either one failing stops the other.
     let servers = async {
         tokio::join!(
             async {
@@ -371,71 +367,44 @@ pub async fn serve_on(
                     _ = stopped.wait_for(|s| *s) => {}
                 }
             },
-            async {
-                let mut stopped = stop.subscribe();
-                let mut node = raft.watch_status();
-                // Owned values out of both arms: a `watch::Ref` must not live across an await.
-                let stopped_node = async {
-                    node.wait_for(|s| !s.running)
-                        .await
-                        .map(|s| s.failure.clone())
-                        .ok()
-                        .flatten()
-                        .unwrap_or_else(|| "its loop stopped".to_owned())
-                };
-                let reason = tokio::select! {
-                    reason = stopped_node => Some(reason),
-                    _ = async { stopped.wait_for(|s| *s).await.map(|_| ()) } => None,
-                };
-                if let Some(reason) = reason {
-                    tracing::error!(%reason, "the raft node failed: this coordinator stops");
-                    not_serving
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
-                    not_serving_cluster
-                        .set_service_status("", tonic_health::ServingStatus::NotServing)
-                        .await;
-                    *failed
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
-                    stop.send_replace(true);
-                }
-            },
         )
     };
-    // A failed node does not wait on clients' open streams to end: it gives the servers a
-    // moment to say goodbye, then returns (and the process exits).
-    let mut stopped = stop.subscribe();
-    let failed_and_waited = async {
-        // `failed` is set before `stop`: whoever sees the stop also sees why.
-        let _ = stopped.wait_for(|s| *s).await;
-        if failed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .is_some()
-        {
-            tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+    tokio::pin!(servers);
+    // So does the Raft node failing: a coordinator without Raft must not stay up answering
+    // health checks. (Its loop stops on its own only by failing: a requested stop comes after
+    // the servers.)
+    let mut node = raft.watch_status();
+    let node_failed = async {
+        // An owned reason: a `watch::Ref` must not live across an await.
+        node.wait_for(|s| !s.running)
+            .await
+            .map(|s| s.failure.clone())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "its loop stopped".to_owned())
     };
     let (public, cluster_server) = tokio::select! {
-        (public, cluster_server, (), ()) = servers => (public, cluster_server),
-        () = failed_and_waited => (Ok(()), Ok(())),
-    };
-    if let Some(reason) = failed
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
-    {
-        drop(tasks);
-        drop(data);
-        return Err(raft::RaftError::Failed {
-            id: raft.id(),
-            reason,
+        (public, cluster_server, ()) = &mut servers => (public, cluster_server),
+        reason = node_failed => {
+            tracing::error!(%reason, "the raft node failed: this coordinator stops");
+            for health in [&not_serving, &not_serving_cluster] {
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            stop.send_replace(true);
+            // Clients' open streams are not waited for: the servers get a moment to say
+            // goodbye, then the process exits.
+            let _ = tokio::time::timeout(FAILED_GRACE, &mut servers).await;
+            drop(tasks);
+            drop(data);
+            return Err(raft::RaftError::Failed {
+                id: raft.id(),
+                reason,
+            }
+            .into());
         }
-        .into());
-    }
+    };
     let result = public.and(cluster_server);
     drop(tasks);
     raft.shutdown().await;
