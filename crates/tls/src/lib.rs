@@ -26,5 +26,7 @@ pub use authority::{Authority, CA_CERT, CA_KEY, Issued, member_files};
 pub use cluster::{ClusterTls, HANDSHAKE_TIMEOUT, Member, MemberFiles};
 pub use error::TlsError;
 pub use identity::{DOMAIN, Identity, Role};
-pub use limits::{EVICT_AFTER, Gate, GateStats, Guarded, Limits};
+pub use limits::{
+    EVICT_AFTER, Gate, GateStats, Guarded, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Limits,
+};
 pub use public::ServerIdentity;

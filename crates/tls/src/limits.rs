@@ -34,6 +34,14 @@ use tokio::time::{Instant, Sleep};
 /// How long the longest-silent connection must have been silent to be pushed out by a new one.
 pub const EVICT_AFTER: Duration = Duration::from_secs(1);
 
+/// How often a gRPC server behind a [`Gate`] pings its clients (HTTP/2 PING): well within the
+/// default idle timeout (300 s), so a live client — even one waiting on a long prefill — is
+/// never closed as silent. (An idle timeout set below it closes quiet gRPC clients too.)
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a pinged client has to answer before its connection is given up as dead.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// What one port accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -277,14 +285,22 @@ impl<IO> Guarded<IO> {
             .store(self.shared.now_ms(), Ordering::Relaxed);
     }
 
-    /// Whether the connection must close now: evicted, or silent past the idle timeout
-    /// (the timer re-arms itself while bytes keep moving).
-    fn closed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        if self.state.evicted.load(Ordering::Acquire) {
-            return Some(io::Error::new(
+    /// The error of a connection the gate pushed out, if it was.
+    fn evicted(&self) -> Option<io::Error> {
+        self.state.evicted.load(Ordering::Acquire).then(|| {
+            io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "replaced by a new connection at the connection limit",
-            ));
+            )
+        })
+    }
+
+    /// Whether a connection that cannot move bytes now must close: evicted, or silent past
+    /// the idle timeout (the timer re-arms itself while bytes keep moving). Registers the task
+    /// to be woken by either.
+    fn closed(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if let Some(e) = self.evicted() {
+            return Some(e);
         }
         {
             let mut w = self
@@ -351,14 +367,24 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.closed(cx) {
+        if let Some(e) = self.evicted() {
             return Poll::Ready(Err(e));
         }
-        let r = Pin::new(&mut self.io).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        // The timer and the waker only matter while a write waits: a write that goes through
+        // is activity, and this is the hot path.
+        match Pin::new(&mut self.io).poll_write(cx, data) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match self.closed(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            other => other,
         }
-        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -374,14 +400,24 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(e) = self.closed(cx) {
+        if let Some(e) = self.evicted() {
             return Poll::Ready(Err(e));
         }
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
+        // The timer and the waker only matter while a write waits: a write that goes through
+        // is activity, and this is the hot path.
+        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match self.closed(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            other => other,
         }
-        r
     }
 
     fn is_write_vectored(&self) -> bool {

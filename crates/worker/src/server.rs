@@ -214,9 +214,8 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     }
     let server = builder
         .tcp_nodelay(true)
-        // Pings well within the idle timeout keep live streams from looking idle.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .http2_keepalive_interval(Some(tessera_tls::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(tessera_tls::KEEPALIVE_TIMEOUT))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(
