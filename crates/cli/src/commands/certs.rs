@@ -50,7 +50,7 @@ pub fn run(args: &CertsArgs) -> Result<()> {
         members.push(Identity::new(Role::Worker, w.trim()).context("--workers")?);
     }
     members.push(Identity::new(Role::Admin, &args.admin).context("--admin")?);
-    let (created, report) = issue(&args.dir, &members)?;
+    let (ca, created, report) = issue(&args.dir, &members)?;
     println!(
         "{} CA {}",
         if created { "created" } else { "kept" },
@@ -65,7 +65,7 @@ pub fn run(args: &CertsArgs) -> Result<()> {
     }
     if !args.public.is_empty() {
         let names: Vec<String> = args.public.iter().map(|n| n.trim().to_owned()).collect();
-        let path = Authority::load(&args.dir)?
+        let path = ca
             .issue_public_into(&args.dir, &names)
             .context("--public")?;
         println!("wrote {} (for {})", path.display(), names.join(", "));
@@ -73,12 +73,15 @@ pub fn run(args: &CertsArgs) -> Result<()> {
     Ok(())
 }
 
-/// Makes sure `dir` holds a CA and a valid certificate for each of `members`; returns whether
-/// the CA was created, and each certificate's path with whether it was written.
+/// A CA, whether it was just created, and each certificate issued or kept (its path, and
+/// whether it was written).
+pub type IssueReport = (Authority, bool, Vec<(PathBuf, bool)>);
+
+/// Makes sure `dir` holds a CA and a valid certificate for each of `members`.
 ///
 /// # Errors
 /// When the directory cannot be read or written.
-pub fn issue(dir: &Path, members: &[Identity]) -> Result<(bool, Vec<(PathBuf, bool)>)> {
+pub fn issue(dir: &Path, members: &[Identity]) -> Result<IssueReport> {
     let (ca, created) = Authority::open_or_create(dir)
         .with_context(|| format!("the cluster CA in {}", dir.display()))?;
     let mut report = Vec::with_capacity(members.len());
@@ -88,7 +91,7 @@ pub fn issue(dir: &Path, members: &[Identity]) -> Result<(bool, Vec<(PathBuf, bo
                 .with_context(|| format!("issuing a certificate for {m}"))?,
         );
     }
-    Ok((created, report))
+    Ok((ca, created, report))
 }
 
 /// How a cluster process proves who it is on the cluster protocol.
