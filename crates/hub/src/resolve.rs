@@ -181,6 +181,19 @@ fn check_gguf(path: &Path) -> Result<(), SourceError> {
     Ok(())
 }
 
+/// The directory holding the model `spec` names when `spec` is an existing path (the
+/// directory itself for an HF-style model, the file's for a `.gguf`), resolved; `None` for a
+/// cache name. What a worker must be allowed to load from (`tessera worker --model-dir`) to
+/// serve a model given by path.
+pub fn model_dir(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    if !spec.contains(['/', '\\']) || !path.exists() {
+        return None;
+    }
+    let dir = if path.is_dir() { path } else { path.parent()? };
+    Some(dir.canonicalize().unwrap_or_else(|_| dir.to_owned()))
+}
+
 /// The models in the cache, by name: each `models/<name>/` holding a single `.gguf` or an
 /// HF-style model. Incomplete directories and unpack leftovers are skipped.
 ///
@@ -242,6 +255,21 @@ mod tests {
                 write(&dir.join(f), b"{}");
             }
         }
+    }
+
+    /// Ensures that a model given as a path lives in its directory (a file's parent, an
+    /// HF-style directory itself, resolved), and that a cache name or a missing path has none.
+    #[test]
+    fn a_model_path_has_a_directory_a_name_has_none() {
+        let tmp = TempDir::new().expect("tmp");
+        let root = tmp.path().canonicalize().expect("canonical");
+        let file = root.join("m").join("model.gguf");
+        write(&file, b"GGUF");
+        let s = |p: &Path| p.to_string_lossy().into_owned();
+        assert_eq!(model_dir(&s(&file)), Some(root.join("m")));
+        assert_eq!(model_dir(&s(&root.join("m"))), Some(root.join("m")));
+        assert_eq!(model_dir("smollm2-135m-instruct"), None);
+        assert_eq!(model_dir(&s(&root.join("missing.gguf"))), None);
     }
 
     /// Ensures that a path to a GGUF file resolves to it, and a non-GGUF file is rejected.

@@ -23,16 +23,9 @@ pub const KV_TOKENS: u32 = 2048;
 /// `--model-dir DIR` for a model given as a path (workers open only the model store's models
 /// otherwise): the model's directory.
 fn model_dir_args(model: &str) -> Vec<String> {
-    let path = std::path::Path::new(model);
-    if !path.is_absolute() {
-        return Vec::new();
-    }
-    let dir = if path.is_dir() {
-        path
-    } else {
-        path.parent().unwrap_or(path)
-    };
-    vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+    tessera_hub::model_dir(model).map_or_else(Vec::new, |dir| {
+        vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+    })
 }
 
 /// A coordinator and workers, killed when dropped.

@@ -274,20 +274,12 @@ pub struct LocalClusterSpec {
 }
 
 impl LocalClusterSpec {
-    /// `--model-dir` for a model given as a path outside the store: its directory, which the
-    /// workers may then load from (they open only the store's models otherwise).
+    /// `--model-dir` for a model given as a path: its directory, which the workers may then
+    /// load from (they open only the store's models otherwise).
     fn model_dir_flags(&self) -> Vec<String> {
-        let path = std::path::Path::new(&self.model);
-        if !self.model.contains(['/', '\\']) || !path.exists() {
-            return Vec::new();
-        }
-        let dir = if path.is_dir() {
-            path
-        } else {
-            path.parent().unwrap_or(path)
-        };
-        let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
-        vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+        tessera_hub::model_dir(&self.model).map_or_else(Vec::new, |dir| {
+            vec!["--model-dir".to_owned(), dir.to_string_lossy().into_owned()]
+        })
     }
 
     /// The name of worker `i`, which is also its certificate's.
