@@ -7,6 +7,9 @@
 //!   byte is read) and bounds the handshake's time;
 //! - **dialing**: [`ClusterTls::endpoint`] turns a peer's address into an endpoint that presents
 //!   this member's certificate and accepts only a server certified for the expected role;
+//! - **the workers' peer port**: [`ClusterTls::peer_server_config`] and
+//!   [`ClusterTls::peer_client_config`] are the rustls configurations of the direct links
+//!   between the ranks of a stage group, which are not gRPC (`crate::peer`);
 //! - **authorizing**: [`ClusterTls::authorize`] reads the verified identity of the caller of a
 //!   request and checks its role. Each service states which roles may call which method; what
 //!   an identity may do beyond its role (a Raft sender's id, a worker's heartbeats, a pipeline's
@@ -28,6 +31,7 @@ use tonic::{Request, Status};
 use crate::authority::{CA_CERT, member_files, read};
 use crate::error::TlsError;
 use crate::identity::{Identity, Role};
+use crate::peer::PeerConfigs;
 use crate::verify;
 
 /// How long a TLS handshake may take on either side; a peer that opens a connection and sends
@@ -71,11 +75,17 @@ impl MemberFiles {
             reason: format!("not a private key: {e}"),
         })?;
         verify::key_matches(&self.cert, &cert_pem, &key)?;
+        let peer = PeerConfigs::build(
+            (&self.ca, &ca_pem),
+            (&self.cert, &cert_pem),
+            (&self.key, &key),
+        )?;
         Ok(Member {
             identity,
             ca_pem,
             cert_pem,
             key_pem,
+            peer,
         })
     }
 }
@@ -87,6 +97,8 @@ pub struct Member {
     ca_pem: String,
     cert_pem: String,
     key_pem: String,
+    /// The peer port's configurations, built once here rather than per connection.
+    peer: PeerConfigs,
 }
 
 impl std::fmt::Debug for Member {
@@ -143,6 +155,21 @@ impl ClusterTls {
                 .client_ca_root(Certificate::from_pem(&m.ca_pem))
                 .timeout(HANDSHAKE_TIMEOUT),
         )
+    }
+
+    /// The workers' peer port, accepting: TLS 1.3 with this member's certificate, a client
+    /// certificate of the cluster's CA required (`crate::peer`); `None` when insecure. The
+    /// caller checks the client's role with [`crate::peer_identity`].
+    pub fn peer_server_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.member.as_deref().map(|m| Arc::clone(&m.peer.server))
+    }
+
+    /// The workers' peer port, dialling: TLS 1.3 presenting this member's certificate, for a
+    /// server certified as [`Role::Worker`] (the server name is
+    /// `Role::Worker.server_name()`, as [`ClusterTls::endpoint`] checks for gRPC); `None` when
+    /// insecure.
+    pub fn peer_client_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.member.as_deref().map(|m| Arc::clone(&m.peer.client))
     }
 
     /// An endpoint to the peer at `address` (`host:port`, or a URL whose scheme is replaced),

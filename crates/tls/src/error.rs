@@ -1,6 +1,8 @@
-//! The crate's one error type. Every variant happens at start-up or in `tessera certs` (reading,
-//! checking or issuing certificates); refusing a peer at run time is a `tonic::Status`
-//! ([`crate::ClusterTls::authorize`]).
+//! The crate's one error type. Every variant but one happens at start-up or in `tessera certs`
+//! (reading, checking or issuing certificates); refusing a peer at run time is a
+//! `tonic::Status` ([`crate::ClusterTls::authorize`]), except on the workers' peer port, where
+//! [`crate::peer_identity`] reports a certificate naming no identity as
+//! [`TlsError::NoIdentity`].
 
 use std::path::PathBuf;
 

@@ -9,7 +9,9 @@
 //! - [`identity`](Identity): roles, names, and how a certificate carries them;
 //! - [`Authority`]: the CA, issuing member certificates into a directory (`tessera certs`);
 //! - [`MemberFiles`] → [`Member`]: a member's files, checked at start-up;
-//! - [`ClusterTls`]: server configuration, endpoints to peers, authorization;
+//! - [`ClusterTls`]: server configuration, endpoints to peers, authorization, and the rustls
+//!   configurations of the workers' peer port (whose connections' identity
+//!   [`peer_identity`] reads);
 //! - [`ServerIdentity`]: TLS on the public API (gRPC and HTTP);
 //! - [`Gate`]: connection hygiene on every port (a connection limit that pushes out the most
 //!   silent connection, an idle timeout).
@@ -19,6 +21,7 @@ mod cluster;
 mod error;
 mod identity;
 mod limits;
+mod peer;
 mod public;
 mod verify;
 
@@ -29,4 +32,5 @@ pub use identity::{DOMAIN, Identity, Role};
 pub use limits::{
     EVICT_AFTER, Gate, GateStats, Guarded, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, Limits,
 };
+pub use peer::peer_identity;
 pub use public::ServerIdentity;
