@@ -18,7 +18,7 @@ use tonic::transport::Server;
 
 use crate::config::WorkerConfig;
 use crate::error::WorkerError;
-use crate::group::PeerListener;
+use crate::group::{PeerListener, PeerTls};
 use crate::pipeline::MAX_MESSAGE_BYTES;
 use crate::register::{self, Registration};
 use crate::service::WorkerService;
@@ -123,7 +123,10 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
     let peer_bind = cfg
         .peer_listen
         .unwrap_or_else(|| SocketAddr::new(local_addr.ip(), 0));
-    let peers = Arc::new(PeerListener::bind(peer_bind)?);
+    let peers = Arc::new(PeerListener::bind(
+        peer_bind,
+        PeerTls::new(&cfg.cluster_tls),
+    )?);
     let peer_address = peer_advertise(&advertise, peers.local_addr().port());
     let shard = ShardHandle::spawn(
         cfg.capacity.threads as usize,

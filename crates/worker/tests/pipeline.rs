@@ -107,6 +107,7 @@ impl Cluster {
             block_size: BLOCK_SIZE,
             group: Vec::new(),
             upstream: String::new(),
+            group_names: Vec::new(),
         }
     }
 

@@ -125,6 +125,7 @@ impl Rig {
             block_size: 16,
             group: Vec::new(),
             upstream: String::new(),
+            group_names: Vec::new(),
         };
         tokio::time::timeout(WAIT, rig.client().await.load_shard(req))
             .await

@@ -183,6 +183,7 @@ async fn registers_heartbeats_and_reregisters() {
                 block_size: 16,
                 group: Vec::new(),
                 upstream: String::new(),
+                group_names: Vec::new(),
             })
             .await
             .expect("load")

@@ -231,6 +231,11 @@ impl Cluster {
                         Vec::new()
                     },
                     upstream: String::new(),
+                    group_names: if group.len() > 1 {
+                        (0..group.len()).map(|q| format!("s{s}r{q}")).collect()
+                    } else {
+                        Vec::new()
+                    },
                 };
                 let addr = self.workers[self.at(s, r)].local_addr().to_string();
                 tasks.push(tokio::spawn(async move {

@@ -182,6 +182,7 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
     let st = cluster.state();
     let address = |id: &str| st.worker(id).map(|w| w.address.clone());
     let peer_address = |id: &str| st.worker(id).map(|w| w.peer_address.clone());
+    let worker_name = |id: &str| st.worker(id).map(|w| w.name.clone());
     let mut set = JoinSet::new();
     let mut failures = Vec::new();
     for stage in &plan.stages {
@@ -213,21 +214,29 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
         } else {
             String::new()
         };
-        let group: Vec<String> = if stage.tp_ranks.max(1) * stage.cp_ranks.max(1) > 1 {
-            let mut ranks: Vec<&PlanStage> = plan
-                .stages
-                .iter()
-                .filter(|s| s.stage == stage.stage)
-                .collect();
-            // Group order: cp_rank · tp_ranks + tp_rank.
-            ranks.sort_by_key(|s| (s.cp_rank, s.tp_rank));
-            ranks
-                .iter()
-                .map(|s| peer_address(&s.worker_id).unwrap_or_default())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let (group, group_names): (Vec<String>, Vec<String>) =
+            if stage.tp_ranks.max(1) * stage.cp_ranks.max(1) > 1 {
+                let mut ranks: Vec<&PlanStage> = plan
+                    .stages
+                    .iter()
+                    .filter(|s| s.stage == stage.stage)
+                    .collect();
+                // Group order: cp_rank · tp_ranks + tp_rank.
+                ranks.sort_by_key(|s| (s.cp_rank, s.tp_rank));
+                // Each rank's worker name too: under mutual TLS its certificate must name it
+                // on every link of the group, as `upstream` does on the pipeline.
+                ranks
+                    .iter()
+                    .map(|s| {
+                        (
+                            peer_address(&s.worker_id).unwrap_or_default(),
+                            worker_name(&s.worker_id).unwrap_or_default(),
+                        )
+                    })
+                    .unzip()
+            } else {
+                (Vec::new(), Vec::new())
+            };
         let req = pb::LoadShardRequest {
             plan_epoch: epoch,
             model: cluster.cfg.model.clone(),
@@ -242,6 +251,7 @@ async fn load_all(cluster: &Cluster, epoch: u64, plan: &Plan) -> Vec<(String, Co
             block_size: cluster.cfg.block_size,
             group,
             upstream,
+            group_names,
         };
         let id = stage.worker_id.clone();
         let connect = cluster.cfg.heartbeat_timeout;

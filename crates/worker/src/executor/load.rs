@@ -19,7 +19,7 @@ use tessera_proto::v1::ShardAssignment;
 
 use super::{DEFAULT_BLOCK_SIZE, Executor, Loaded};
 use crate::error::WorkerError;
-use crate::group::{Group, probe_rtt};
+use crate::group::{Group, PeerTls, check_names, probe_rtt};
 use crate::memory::resident_bytes;
 use crate::prefix::PrefixStores;
 use crate::seqs::SeqTable;
@@ -132,6 +132,11 @@ impl Executor {
                 ),
             ));
         }
+        if ranks > 1
+            && let Some(listener) = &self.peers
+        {
+            check_names(listener.tls(), &req.group_names, ranks)?;
+        }
         let (start_l, end_l) = (shard.layer_start as usize, shard.layer_end as usize);
         if start_l >= end_l {
             return Err(WorkerError::invalid(
@@ -197,14 +202,17 @@ impl Executor {
                 req.plan_epoch,
                 group_rank,
                 tp_ranks,
-                &req.group,
+                (&req.group, &req.group_names),
                 listener,
                 control,
             )?)
         } else {
             None
         };
-        let link_rtt = group.as_ref().and_then(measure_rtt);
+        let link_rtt = group
+            .as_ref()
+            .zip(self.peers.as_deref())
+            .and_then(|(g, l)| measure_rtt(g, l.tls()));
         let spec = LoadSpec {
             tensor: slice,
             ..LoadSpec::stage(&cfg, start_l..end_l, shard.embed, shard.head)
@@ -255,10 +263,10 @@ impl Executor {
 
 /// The median round-trip time to the group's other ranks' peer ports (each the median of a
 /// few pings); `None` when no peer answers.
-fn measure_rtt(group: &Group) -> Option<Duration> {
+fn measure_rtt(group: &Group, tls: &PeerTls) -> Option<Duration> {
     let mut rtts: Vec<Duration> = group
         .peer_addrs()
-        .filter_map(|a| probe_rtt(a, RTT_PROBES, Duration::from_secs(1)).ok())
+        .filter_map(|a| probe_rtt(a, RTT_PROBES, Duration::from_secs(1), tls).ok())
         .collect();
     rtts.sort();
     rtts.get(rtts.len() / 2).copied()

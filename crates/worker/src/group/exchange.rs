@@ -8,6 +8,8 @@
 //! peer on the same core gets to run), then sleeps in the poller until a socket is ready or
 //! the timeout passes with nothing moved. Every socket is read and written until it would
 //! block before the poller waits, which the poller's edge-triggered readiness requires.
+//! Under TLS a write is done only when the link holds no record the socket has not taken
+//! ([`Link::pending`]), so no frame waits in rustls while the exchange waits for an answer.
 
 use std::time::{Duration, Instant};
 
@@ -169,11 +171,13 @@ impl Wire {
             let mut moved = false;
             let mut done = true;
             for (i, l) in links.iter().enumerate() {
-                if self.sent[i] < bytes.len() {
+                // A link's part is done once every byte is taken and none waits in it (TLS
+                // records rustls made but the socket did not take yet).
+                if self.sent[i] < bytes.len() || l.pending() {
                     let before = self.sent[i];
                     moved |= l.write_some(bytes, &mut self.sent[i])?;
                     self.written += (self.sent[i] - before) as u64;
-                    done &= self.sent[i] == bytes.len();
+                    done &= self.sent[i] == bytes.len() && !l.pending();
                 }
             }
             for (i, l) in links.iter().enumerate() {
@@ -265,7 +269,7 @@ impl Wire {
             }
         }
         for (i, l) in links.iter().enumerate() {
-            if self.sent[i] < total {
+            if self.sent[i] < total || l.pending() {
                 return l.named(&format!("took nothing for {ms} ms (stopped or overloaded)"));
             }
         }

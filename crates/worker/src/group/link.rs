@@ -30,8 +30,12 @@
 //! A dead or stopped peer never hangs a step: its connection's end or error fails the read at
 //! once, and a peer that stays silent fails the exchange after its timeout. Dropping the link
 //! shuts the socket down and ends the reader thread.
+//!
+//! Bytes move through the link's [`Transport`] (`secure.rs`): the socket itself in the clear,
+//! or a TLS session on it. The transport lives in the inbox, under its lock, so whoever reads
+//! drives the one session, and the executor's writes take the lock too (the reader thread
+//! holds it only while it reads what has arrived, never while it waits).
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -41,6 +45,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use tessera_proto::cluster::v1 as pb;
 
 use super::frame::Frame;
+use super::secure::{PeerConn, Transport};
 
 /// What rank 0 asks of another rank, delivered to that rank's executor.
 #[derive(Debug)]
@@ -69,9 +74,6 @@ pub(crate) enum Control {
 /// Where a link's control events go (the executor's command queue).
 pub(crate) type ControlSink = Arc<dyn Fn(Control) + Send + Sync>;
 
-/// Bytes read per `read` call into the inbox (a decode step's partial sums are 2.3 KB).
-const READ_CHUNK: usize = 16 * 1024;
-
 /// Who reads a link now (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Turn {
@@ -91,6 +93,15 @@ struct Inbox {
     /// The last step the reader thread handed to the executor: data frames up to it are
     /// left-overs.
     last_step: u64,
+    /// What moves bytes between the socket and `buf` (and out).
+    transport: Transport,
+}
+
+impl Inbox {
+    /// Reads what has arrived on `stream` into the buffer, without blocking.
+    fn fill(&mut self, stream: &TcpStream) -> Result<usize, String> {
+        self.transport.fill(stream, &mut self.buf)
+    }
 }
 
 #[derive(Debug)]
@@ -128,19 +139,20 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Wraps a connected socket (switching it to non-blocking mode); `control` receives rank
-    /// 0's step frames (only a non-zero rank's link to rank 0 has one, and a reader thread).
+    /// Wraps a connection whose handshake is done (switching its socket to non-blocking
+    /// mode); `control` receives rank 0's step frames (only a non-zero rank's link to rank 0
+    /// has one, and a reader thread).
     ///
     /// # Errors
     /// When the socket cannot be configured or cloned, or the reader cannot start.
     pub(crate) fn start(
         rank: usize,
         addr: String,
-        stream: std::net::TcpStream,
+        conn: PeerConn,
         control: Option<ControlSink>,
     ) -> std::io::Result<Self> {
+        let (stream, transport) = conn.into_parts()?;
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(None)?;
         let reader = match control {
             Some(sink) => Some((stream.try_clone()?, sink)),
             None => None,
@@ -156,6 +168,7 @@ impl Link {
                     Turn::Executor
                 },
                 last_step: 0,
+                transport,
             }),
             turned: Condvar::new(),
         });
@@ -186,26 +199,24 @@ impl Link {
         )
     }
 
-    /// Writes what the socket takes of `bytes[*sent..]` without blocking, advancing `sent`;
-    /// true when it wrote anything.
+    /// Writes what the socket takes of `bytes[*sent..]` without blocking, advancing `sent`
+    /// by what the link took, and what it took earlier and still holds ([`Link::pending`]);
+    /// true when anything moved.
     ///
     /// # Errors
     /// A sentence naming the peer when the connection is broken.
     pub(crate) fn write_some(&self, bytes: &[u8], sent: &mut usize) -> Result<bool, String> {
-        let mut wrote = false;
-        while *sent < bytes.len() {
-            match (&self.stream).write(&bytes[*sent..]) {
-                Ok(0) => return Err(self.named("connection closed")),
-                Ok(n) => {
-                    *sent += n;
-                    wrote = true;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.named(&format!("connection failed: {e}"))),
-            }
-        }
-        Ok(wrote)
+        self.shared
+            .lock()
+            .transport
+            .write_some(&self.stream, bytes, sent)
+            .map_err(|e| self.named(&e))
+    }
+
+    /// Whether bytes the link took are still waiting for the socket (TLS records): a frame
+    /// is on its way only once every byte is taken and nothing is pending.
+    pub(crate) fn pending(&self) -> bool {
+        self.shared.lock().transport.pending()
     }
 
     /// Takes the next data frame of step `tag` or later if it has arrived (reading what the
@@ -230,7 +241,7 @@ impl Link {
                     return Ok((true, None));
                 }
                 // Nothing whole here: read what has arrived, once, and look again.
-                read = fill(&self.stream, &mut inbox.buf).map_err(|e| self.named(&e))? > 0;
+                read = inbox.fill(&self.stream).map_err(|e| self.named(&e))? > 0;
                 if !read {
                     return Ok((false, None));
                 }
@@ -286,29 +297,6 @@ impl Drop for Link {
         self.shared.turned.notify_all();
         // Ends a reading reader thread (its socket ends) and tells the peer at once.
         let _ = self.stream.shutdown(Shutdown::Both);
-    }
-}
-
-/// Reads everything the socket holds now into `buf`, without blocking; the byte count.
-///
-/// # Errors
-/// The connection's end (when nothing more arrived: bytes before an end are returned first)
-/// or failure, as a sentence.
-fn fill(stream: &TcpStream, buf: &mut Vec<u8>) -> Result<usize, String> {
-    let mut total = 0;
-    loop {
-        let start = buf.len();
-        buf.resize(start + READ_CHUNK, 0);
-        let r = (&*stream).read(&mut buf[start..]);
-        buf.truncate(start + *r.as_ref().unwrap_or(&0));
-        match r {
-            Ok(0) if total > 0 => return Ok(total),
-            Ok(0) => return Err("connection closed".into()),
-            Ok(n) => total += n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(total),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("connection failed: {e}")),
-        }
     }
 }
 
@@ -412,7 +400,7 @@ fn serve(r: &TcpStream, inbox: &mut Inbox, sink: &ControlSink, who: &str) -> Ser
             }
         }
     }
-    match fill(r, &mut inbox.buf) {
+    match inbox.fill(r) {
         Ok(0) => Served::Idle,
         Ok(_) => Served::Again,
         Err(e) => down(e),

@@ -35,15 +35,21 @@
 //! - Rank 0's connection ends: the other ranks free every sequence of the group (the
 //!   coordinator re-plans; the group never serves again).
 //!
-//! Security: the peer port speaks this protocol in the clear, like the cluster port today;
-//! mutual TLS for both is the security issue's work.
+//! Security: under mutual TLS (the default) every connection between ranks is TLS 1.3 with
+//! the cluster's certificates (`secure.rs`): the peer port admits only certified workers, a
+//! Hello is taken only from the worker the plan gives the rank it claims
+//! (`LoadShardRequest.group_names`, checked when the group forms), and a dialling rank
+//! accepts only the worker the plan names as the rank it dials. Under `--insecure-cluster`
+//! the links are plain TCP and every claim is believed.
 
 mod exchange;
 mod frame;
 mod link;
 mod listener;
 mod ring;
+mod secure;
 
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
@@ -57,6 +63,7 @@ use frame::{Frame, append_partial_bytes, encode_logits, encode_partial};
 pub(crate) use link::{Control, ControlSink, Link};
 pub(crate) use listener::{PeerListener, probe_rtt};
 pub(crate) use ring::{GroupReduce, GroupRing};
+pub(crate) use secure::PeerTls;
 
 /// How long a rank waits for a peer's frame inside a step. Ranks run the same layers in
 /// lockstep, so a wait this long means a stopped or cut-off peer; it is kept under the
@@ -113,17 +120,20 @@ pub(crate) struct Group {
 
 impl Group {
     /// Forms rank `rank` of the group whose ranks' peer addresses are `addrs` (rank order),
-    /// `tp` tensor-parallel ranks per context-parallel row: dials the ranks below, waits for
-    /// the ranks above. `control` receives rank 0's steps (ranks other than 0).
+    /// held by the workers named `names` (rank order; needed under mutual TLS, ignored in the
+    /// clear), `tp` tensor-parallel ranks per context-parallel row: dials the ranks below,
+    /// waits for the ranks above. `control` receives rank 0's steps (ranks other than 0).
     ///
     /// # Errors
-    /// [`WorkerError::InvalidArgument`] for a bad address list; [`WorkerError::PeerUnreachable`]
-    /// naming the rank that could not be reached or did not dial in within [`FORM_TIMEOUT`].
+    /// [`WorkerError::InvalidArgument`] for a bad address list, or a name list that does not
+    /// match it under mutual TLS; [`WorkerError::PeerUnreachable`] naming the rank that could
+    /// not be reached, whose certificate is not its worker's, or that did not dial in within
+    /// [`FORM_TIMEOUT`].
     pub(crate) fn form(
         epoch: u64,
         rank: usize,
         tp: usize,
-        addrs: &[String],
+        (addrs, names): (&[String], &[String]),
         listener: &PeerListener,
         control: Option<ControlSink>,
     ) -> Result<Self, WorkerError> {
@@ -137,6 +147,10 @@ impl Group {
                 ),
             ));
         }
+        // Under mutual TLS every link's certificate is checked against its rank's worker.
+        check_names(listener.tls(), names, ranks)?;
+        let holders = listener.tls().is_mutual().then_some(names);
+        let holder = |r: usize| holders.map(|n| n[r].as_str());
         listener.forget_before(epoch);
         let deadline = Instant::now() + FORM_TIMEOUT;
         let mut links = Vec::with_capacity(ranks - 1);
@@ -145,20 +159,34 @@ impl Group {
             message: format!("tensor-parallel rank {r} ({}): {e}", addrs[r]),
         };
         for (j, addr) in addrs.iter().enumerate().take(rank) {
-            let mut s = dial(addr, deadline).map_err(|e| io(j, e))?;
+            let s = dial(addr, deadline).map_err(|e| io(j, e))?;
+            let handshake = deadline.min(Instant::now() + listener::HANDSHAKE_TIMEOUT);
+            let mut s = listener.tls().connect(s, handshake).map_err(|e| io(j, e))?;
+            if let (Some(want), Some(got)) = (holder(j), s.peer())
+                && got.name() != want
+            {
+                return Err(WorkerError::PeerUnreachable {
+                    peer: addr.clone(),
+                    message: format!(
+                        "tensor-parallel rank {j} ({addr}): its certificate names {got}, not \
+                         worker {want}"
+                    ),
+                });
+            }
             Frame::Hello {
                 epoch,
                 from: rank as u32,
                 to: j as u32,
             }
             .write_to(&mut s)
+            .and_then(|()| s.flush())
             .map_err(|e| io(j, e))?;
             let sink = (j == 0).then(|| control.clone()).flatten();
             links.push(Link::start(j, addr.clone(), s, sink).map_err(|e| io(j, e))?);
         }
         for (k, addr) in addrs.iter().enumerate().skip(rank + 1) {
             let s = listener
-                .take(epoch, k as u32, rank as u32, deadline)
+                .take(epoch, k as u32, rank as u32, holder(k), deadline)
                 .ok_or_else(|| WorkerError::PeerUnreachable {
                     peer: addr.clone(),
                     message: format!(
@@ -535,6 +563,29 @@ fn describe(f: Option<&Frame>) -> String {
         }
         other => format!("{:?}", std::mem::discriminant(other)),
     }
+}
+
+/// Checks that `names` names the worker of each of a group's `ranks` ranks, which mutual TLS
+/// needs to check every link's certificate (in the clear they are not used).
+///
+/// # Errors
+/// [`WorkerError::InvalidArgument`] naming `group_names` when they are missing or too few.
+pub(crate) fn check_names(
+    tls: &PeerTls,
+    names: &[String],
+    ranks: usize,
+) -> Result<(), WorkerError> {
+    if tls.is_mutual() && (names.len() != ranks || names.iter().any(String::is_empty)) {
+        return Err(WorkerError::invalid(
+            "group_names",
+            format!(
+                "{} worker names for {ranks} ranks: under mutual TLS every rank's worker must \
+                 be named",
+                names.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Connects to a peer port, retrying until `deadline` (the peer may still be starting).
