@@ -11,6 +11,10 @@
 //! all the threads and through a group of K workers sharing them, with the group's reduction
 //! time per step and the cost model's predictions.
 //!
+//! With `--tls-cost N`, what mutual TLS costs: decode through N pipeline stages, or with
+//! `--tp K` through one tensor-parallel group (TLS on the peer port's every reduction), with
+//! TLS and without, both clusters up at once.
+//!
 //! With `--cp P`, context parallelism instead (`bench_ring`): a long prompt's time to first
 //! token through one worker with all the threads and through a ring of P workers sharing
 //! them, with the bytes each rank sends.
@@ -66,7 +70,8 @@ pub struct BenchClusterArgs {
     pub cp: u32,
     /// Measure what mutual TLS on the cluster protocol costs instead (0: off): decode
     /// through a pipeline of this many stages with TLS and without, both clusters up at once
-    /// and their runs interleaved.
+    /// and their runs interleaved. With `--tp K`, through one tensor-parallel group of K
+    /// workers instead, where the peer port's TLS is on every reduction.
     #[arg(long, default_value_t = 0)]
     pub tls_cost: u32,
 }
@@ -102,14 +107,15 @@ pub fn run(args: BenchClusterArgs) -> Result<()> {
     if args.streams > 0 {
         return throughput(&args);
     }
+    // Before `--tp`, which `--tls-cost` uses to choose a tensor-parallel group.
+    if args.tls_cost > 0 {
+        return super::runtime()?.block_on(tls_cost(&args, args.tls_cost));
+    }
     if args.tp > 1 {
         return super::bench_tp::run(&args, &location);
     }
     if args.cp > 1 {
         return super::bench_ring::run(&args, args.cp);
-    }
-    if args.tls_cost > 0 {
-        return super::runtime()?.block_on(tls_cost(&args, args.tls_cost));
     }
     let embedded = {
         let mut engine = super::generate::load_engine(&location, args.total_threads as usize)?;
@@ -381,13 +387,30 @@ async fn measure_cluster(args: &BenchClusterArgs, workers: u32, threads: u32) ->
     result
 }
 
-/// `tessera bench-cluster --tls-cost N`: decode through N stages with mutual TLS and
-/// without. Both clusters run at once and each round measures one run on each, so noise on
-/// the machine falls on both alike.
+/// `tessera bench-cluster --tls-cost N`: decode through N stages (or, with `--tp K`, one
+/// tensor-parallel group of K ranks) with mutual TLS and without. Both clusters run at once
+/// and each round measures one run on each, so noise on the machine falls on both alike.
 async fn tls_cost(args: &BenchClusterArgs, stages: u32) -> Result<()> {
-    let threads = (args.total_threads / stages).max(1);
-    let secure = start_cluster_with(args, stages, threads, Vec::new(), Some(bench_certs())).await?;
-    let clear = match start_cluster_with(args, stages, threads, Vec::new(), None).await {
+    let (workers, coordinator_args, shape) = if args.tp > 1 {
+        let k = args.tp.to_string();
+        (
+            args.tp,
+            vec!["--tp".to_owned(), k],
+            format!("TP={}", args.tp),
+        )
+    } else {
+        (stages, Vec::new(), format!("{stages} stages"))
+    };
+    let threads = (args.total_threads / workers).max(1);
+    let secure = start_cluster_with(
+        args,
+        workers,
+        threads,
+        coordinator_args.clone(),
+        Some(bench_certs()),
+    )
+    .await?;
+    let clear = match start_cluster_with(args, workers, threads, coordinator_args, None).await {
         Ok(c) => c,
         Err(e) => {
             secure.shutdown().await;
@@ -414,12 +437,21 @@ async fn tls_cost(args: &BenchClusterArgs, stages: u32) -> Result<()> {
             anyhow::bail!("no runs");
         };
         println!(
-            "model {} | {stages} stages x {threads} thr, prompt {} repeats, decode {} tokens, best of {}",
+            "model {} | {shape} x {threads} thr, prompt {} repeats, decode {} tokens, best of {}",
             args.model, args.prompt_repeats, args.decode, args.runs
         );
-        println!("{:<26} {:>10} {:>14}", "cluster protocol", "TTFT ms", "decode tok/s");
-        println!("{:<26} {:>10.1} {:>14.1}", "mutual TLS", tls.ttft_ms, tls.decode_tok_s);
-        println!("{:<26} {:>10.1} {:>14.1}", "in the clear", plain.ttft_ms, plain.decode_tok_s);
+        println!(
+            "{:<26} {:>10} {:>14}",
+            "cluster protocol", "TTFT ms", "decode tok/s"
+        );
+        println!(
+            "{:<26} {:>10.1} {:>14.1}",
+            "mutual TLS", tls.ttft_ms, tls.decode_tok_s
+        );
+        println!(
+            "{:<26} {:>10.1} {:>14.1}",
+            "in the clear", plain.ttft_ms, plain.decode_tok_s
+        );
         println!(
             "TLS / clear: decode {:.3}x, TTFT {:.3}x",
             tls.decode_tok_s / plain.decode_tok_s,
