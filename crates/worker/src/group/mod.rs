@@ -50,7 +50,6 @@ mod ring;
 mod secure;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use tessera_model::ModelError;
@@ -159,9 +158,7 @@ impl Group {
             message: format!("tensor-parallel rank {r} ({}): {e}", addrs[r]),
         };
         for (j, addr) in addrs.iter().enumerate().take(rank) {
-            let s = dial(addr, deadline).map_err(|e| io(j, e))?;
-            let handshake = deadline.min(Instant::now() + listener::HANDSHAKE_TIMEOUT);
-            let mut s = listener.tls().connect(s, handshake).map_err(|e| io(j, e))?;
+            let mut s = listener.tls().dial(addr, deadline).map_err(|e| io(j, e))?;
             if let (Some(want), Some(got)) = (holder(j), s.peer())
                 && got.name() != want
             {
@@ -588,19 +585,7 @@ pub(crate) fn check_names(
     Ok(())
 }
 
-/// Connects to a peer port, retrying until `deadline` (the peer may still be starting).
-fn dial(addr: &str, deadline: Instant) -> std::io::Result<TcpStream> {
-    let target: SocketAddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no address"))
-    })?;
-    loop {
-        match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_attacks;

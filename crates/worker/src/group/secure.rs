@@ -22,13 +22,13 @@
 //! rustls has taken the last plaintext byte.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
-use tessera_tls::{ClusterTls, Identity, Role};
+use tessera_tls::{ClusterTls, HANDSHAKE_TIMEOUT, Identity, Role};
 
 /// Bytes read per `read` call into an inbox (a decode step's partial sums are 2.3 KB).
 const READ_CHUNK: usize = 16 * 1024;
@@ -85,6 +85,27 @@ impl PeerTls {
             )),
         };
         PeerConn::start(sock, tls, deadline)
+    }
+
+    /// Connects to the peer port at `addr`, retrying until `deadline` (the peer may still be
+    /// starting), then runs the client side of the handshake within the handshake timeout
+    /// (and `deadline`).
+    ///
+    /// # Errors
+    /// The last connection error at the deadline; as [`PeerTls::connect`].
+    pub(crate) fn dial(&self, addr: &str, deadline: Instant) -> io::Result<PeerConn> {
+        let target: SocketAddr = addr
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(ErrorKind::NotFound, format!("{addr}: no address")))?;
+        let sock = loop {
+            match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        self.connect(sock, deadline.min(Instant::now() + HANDSHAKE_TIMEOUT))
     }
 
     /// The client side of a connection to another worker's peer port: the handshake, done by
