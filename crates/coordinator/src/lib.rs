@@ -33,6 +33,8 @@ use {tessera_format::open_weights, tessera_text::Frontend};
 pub mod config;
 pub mod control;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod metrics;
 pub mod openai;
 pub mod raft;

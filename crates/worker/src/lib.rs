@@ -16,6 +16,8 @@
 mod config;
 mod error;
 mod executor;
+#[doc(hidden)]
+pub mod fuzz;
 mod group;
 pub mod hidden;
 mod memory;

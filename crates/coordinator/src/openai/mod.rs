@@ -37,7 +37,7 @@ use tessera_text::sampling::Rng;
 use tracing::Instrument as _;
 
 pub use error::{ApiError, Endpoint};
-pub use request::{COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_CHOICES};
+pub use request::{COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_CHOICES, ValidCompletion, parse};
 
 use crate::services::api::Api;
 use crate::services::auth::ApiKeys;
@@ -101,7 +101,7 @@ impl OpenAi {
         &self,
         headers: HeaderMap,
         body: HttpBody,
-        parse: fn(&request::Body, &str) -> Result<request::ValidCompletion, ApiError>,
+        endpoint: Endpoint,
     ) -> Result<Response, ApiError> {
         self.authorize(&headers)?;
         let bytes = axum::body::to_bytes(body, self.body_limit)
@@ -117,7 +117,7 @@ impl OpenAi {
                     self.body_limit
                 ),
             })?;
-        let valid = parse(&request::Body::parse(&bytes)?, self.model_name())?;
+        let valid = request::parse(endpoint, &bytes, self.model_name())?;
         let env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
         let span = tracing::info_span!("openai", id = %env.id, endpoint = ?env.endpoint,
             choices = valid.choices.len(), stream = valid.stream);
@@ -187,11 +187,11 @@ fn either(r: Result<Response, ApiError>) -> Response {
 }
 
 async fn chat(State(s): State<Arc<OpenAi>>, headers: HeaderMap, body: HttpBody) -> Response {
-    either(s.complete(headers, body, request::chat).await)
+    either(s.complete(headers, body, Endpoint::Chat).await)
 }
 
 async fn completions(State(s): State<Arc<OpenAi>>, headers: HeaderMap, body: HttpBody) -> Response {
-    either(s.complete(headers, body, request::completions).await)
+    either(s.complete(headers, body, Endpoint::Completions).await)
 }
 
 async fn models(State(s): State<Arc<OpenAi>>, headers: HeaderMap) -> Response {

@@ -282,6 +282,19 @@ impl Common {
     }
 }
 
+/// Parses and validates a body of `endpoint` for the model `served`: what the HTTP routes do
+/// with the bytes they receive.
+///
+/// # Errors
+/// 400 naming the field (or `body` when it is not a JSON object); 404 for another model.
+pub fn parse(endpoint: Endpoint, bytes: &[u8], served: &str) -> Result<ValidCompletion, ApiError> {
+    let body = Body::parse(bytes)?;
+    match endpoint {
+        Endpoint::Chat => chat(&body, served),
+        Endpoint::Completions => completions(&body, served),
+    }
+}
+
 /// Validates a `/v1/chat/completions` body for the model `served`.
 ///
 /// # Errors

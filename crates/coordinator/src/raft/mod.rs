@@ -39,6 +39,7 @@ pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
 pub use node::RaftNode;
 pub use state_machine::{ApplyError, StateMachine};
 pub use storage::RedbStorage;
+pub(crate) use storage::{decode_peers, encode_peers, snapshot_state};
 pub use transport::{MemNetwork, MemTransport, Transport};
 
 /// Raft messages, entries and conf-change types as raft-rs defines them (re-exported so users

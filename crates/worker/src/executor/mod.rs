@@ -212,6 +212,24 @@ impl Executor {
         out
     }
 
+    /// The loaded model's hidden width (what one token's hidden states hold).
+    pub(crate) fn hidden_width(&self) -> Option<usize> {
+        self.loaded.as_ref().map(|l| l.model.config().hidden)
+    }
+
+    /// What the loaded shard holds: live sequences, free and total KV blocks, cached prefix
+    /// blocks.
+    pub(crate) fn occupancy(&self) -> Option<(usize, usize, usize, usize)> {
+        self.loaded.as_ref().map(|l| {
+            (
+                l.seqs.len(),
+                l.cache.free_blocks(),
+                l.cache.config().num_blocks,
+                l.prefixes.cached_blocks(),
+            )
+        })
+    }
+
     /// What rank 0 of this worker's group asks (see [`crate::group::Link`]); events of a
     /// group other than the loaded one are stale and ignored.
     pub fn peer_control(&mut self, epoch: u64, control: Control) {

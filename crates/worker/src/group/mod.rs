@@ -58,7 +58,8 @@ use tessera_proto::cluster::v1 as pb;
 
 use crate::error::WorkerError;
 use exchange::Wire;
-use frame::{Frame, append_partial_bytes, encode_logits, encode_partial};
+pub(crate) use frame::{CHUNK_VALUES, Frame, MORE};
+use frame::{append_partial_bytes, encode_logits, encode_partial};
 pub(crate) use link::{Control, ControlSink, Link};
 pub(crate) use listener::{PeerListener, probe_rtt};
 pub(crate) use ring::{GroupReduce, GroupRing};
