@@ -20,19 +20,23 @@ use crate::state::replica::{Replica, ReplicaMachine};
 /// order; snapshot data split into addresses and state and restored).
 ///
 /// # Panics
-/// When a decoded message does not re-encode to a message equal to itself, or decoded peer
+/// When a decoded message does not re-encode to a message with the same fields, or decoded peer
 /// addresses do not re-encode to bytes that decode to the same addresses.
 pub fn raft_message(data: &[u8]) {
     let Ok(msg) = Message::parse_from_bytes(data) else {
         return;
     };
+    // A follower persists the entries it receives and reads them back after a restart: what
+    // decoded must re-encode to the same message. Compared in text form, which holds every
+    // known field: protobuf 2 tells an empty set of unknown fields from none (found by this
+    // target), a difference no reader can observe.
     let again = msg
         .write_to_bytes()
         .ok()
         .and_then(|b| Message::parse_from_bytes(&b).ok());
     assert_eq!(
-        again.as_ref(),
-        Some(&msg),
+        again.map(|m| format!("{m:?}")),
+        Some(format!("{msg:?}")),
         "a decoded message re-encodes to itself"
     );
 

@@ -138,15 +138,19 @@ fn read_header(path: &Path, file: &File, index: usize) -> Result<Vec<(String, En
             })
             .ok_or_else(|| bad("no data_offsets"))?;
         let (b, e) = offsets;
-        if b > e || data_start + e > size {
+        // Checked: offsets and shapes are the file's word, up to u64::MAX each.
+        if b > e || data_start.checked_add(e).is_none_or(|end| end > size) {
             return Err(bad(&format!(
                 "data {b}..{e} outside the file's {} data bytes",
                 size - data_start
             )));
         }
-        let elems: usize = shape.iter().product();
+        let elems = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| bad(&format!("shape {shape:?} has too many elements")))?;
         if let Some(width) = dtype_width(dtype)
-            && (elems * width) as u64 != e - b
+            && elems.checked_mul(width).and_then(|n| u64::try_from(n).ok()) != Some(e - b)
         {
             return Err(bad(&format!("{} bytes for {elems} {dtype} values", e - b)));
         }
@@ -232,7 +236,9 @@ impl WeightStore for SafetensorsWeights {
         } else {
             4
         };
-        Some((elems * width) as u64)
+        // The header check bounded `elems` (and the bytes of every dtype we read); a dtype we
+        // do not read may still claim any count, which saturates rather than wraps.
+        Some(elems.saturating_mul(width) as u64)
     }
 
     fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
@@ -243,5 +249,56 @@ impl WeightStore for SafetensorsWeights {
             "F32" | "F64" => Some(QType::F32),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Opens a directory holding one `model.safetensors` whose header is `header`, followed by
+    /// `data` bytes.
+    fn open(header: &serde_json::Value, data: usize) -> Result<SafetensorsWeights> {
+        let dir = std::env::temp_dir().join(format!(
+            "tessera-st-test-{}-{}",
+            std::process::id(),
+            header.to_string().len()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let h = header.to_string().into_bytes();
+        let mut b = (h.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(&h);
+        b.resize(b.len() + data, 0);
+        std::fs::write(dir.join("model.safetensors"), b).expect("write");
+        let out = SafetensorsWeights::open_dir(&dir);
+        std::fs::remove_dir_all(&dir).expect("clean up");
+        out
+    }
+
+    /// Ensures that offsets and shapes near the integer limits are refused with a message
+    /// naming the tensor, not wrapped or overflowed: an end offset that overflows when added to
+    /// the data start, a shape whose element count overflows (for a dtype we read and one we
+    /// do not), while a well-formed header opens.
+    #[test]
+    fn header_arithmetic_is_checked() {
+        let refused = |h: serde_json::Value| match open(&h, 16) {
+            Err(FormatError::InvalidModel { reason, .. }) => reason,
+            Err(e) => panic!("another error: {e}"),
+            Ok(_) => panic!("opened {h}"),
+        };
+        let far = refused(serde_json::json!({"w": {"dtype": "F32", "shape": [4],
+            "data_offsets": [0, u64::MAX]}}));
+        assert!(far.contains("tensor w") && far.contains("outside"), "{far}");
+        for dtype in ["F32", "I64"] {
+            let huge = refused(serde_json::json!({"w": {"dtype": dtype,
+                "shape": [1u64 << 32, 1u64 << 32, 1u64 << 32], "data_offsets": [0, 16]}}));
+            assert!(huge.contains("too many elements"), "{huge}");
+        }
+        let ok = open(
+            &serde_json::json!({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}),
+            16,
+        )
+        .expect("a well-formed header opens");
+        assert_eq!(ok.tensors.len(), 1);
     }
 }

@@ -477,7 +477,7 @@ fn vocab() -> (Vec<String>, Vec<String>) {
 
 /// GPT-2's byte-to-character map (printable bytes are themselves; the rest are shifted past
 /// 255).
-fn byte_char(b: u8) -> char {
+pub(crate) fn byte_char(b: u8) -> char {
     let printable = |c: u8| (b'!'..=b'~').contains(&c) || (0xA1..=0xAC).contains(&c) || c >= 0xAE;
     if printable(b) {
         return char::from(b);

@@ -5,12 +5,13 @@
 use tessera_text::tokenizer::{ChatMessage, ChatTemplate, IncrementalDecoder, Tokenizer};
 
 use crate::model::frontend;
+use crate::seeds::byte_char;
 
 /// The tokenizer: the first byte's bits choose the mode and flags, the rest is text (lossy
 /// UTF-8) or, in ids mode, u16 LE token ids (some beyond the vocabulary).
 ///
 /// Asserts: every id encoded is in the vocabulary; plain text (no specials added or parsed)
-/// decodes back to itself, byte for byte; the streaming decoder's deltas concatenate to the
+/// decodes back to itself, byte for byte (but for bytes without a token); the streaming decoder's deltas concatenate to the
 /// whole decode, with and without special tokens; ids outside the vocabulary are refused.
 pub fn tokenizer(data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else {
@@ -46,7 +47,13 @@ pub fn tokenizer(data: &[u8]) {
     );
     let decoded = tok.decode(&ids, false).expect("encoded ids decode");
     if !add_special && !parse_special {
-        assert_eq!(decoded, text, "byte-level BPE is lossless");
+        // Lossless but for bytes the vocabulary has no token for (SmolLM2 lacks some control
+        // bytes): those emit nothing, as in llama.cpp (found by this target: U+0016).
+        let kept: Vec<u8> = text
+            .bytes()
+            .filter(|&b| tok.token_id(&byte_char(b).to_string()).is_some())
+            .collect();
+        assert_eq!(decoded.as_bytes(), kept, "byte-level BPE is lossless");
     }
     for skip in [false, true] {
         let whole = tok.decode(&ids, skip).expect("encoded ids decode");
