@@ -2,10 +2,12 @@
 # Runs tessera's fuzz targets (fuzz/, bodies in crates/fuzz) under libFuzzer with cargo-fuzz
 # on the nightly toolchain, each for a fixed time, and prints one line of figures per target.
 #
-#   scripts/fuzz.sh [--seconds N] [--sanitizer address|none] [TARGET...]
+#   scripts/fuzz.sh [--seconds N] [--sanitizer address|none] [--dev] [TARGET...]
 #
-# Defaults: every target, 60 s each, AddressSanitizer. CI runs a short pass
-# (`--seconds 10 --sanitizer none`); long campaigns are this script with a larger --seconds.
+# Defaults: every target, 60 s each, AddressSanitizer, release builds (with debug assertions
+# and overflow checks). CI runs a short pass (`--seconds 10 --sanitizer none --dev`: the dev
+# profile of fuzz/Cargo.toml builds in a third of the time); long campaigns are this script
+# with a larger --seconds.
 # Each target starts from its committed seeds (fuzz/corpus/<target>, read only) and grows a
 # working corpus in $TESSERA_FUZZ_WORK (default: a directory under /tmp kept across runs, so
 # a later campaign continues where one stopped). An input that crashes a target is saved to
@@ -20,12 +22,14 @@ cd "$(dirname "$0")/.."
 
 seconds=60
 sanitizer=address
+profile=--release
 targets=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seconds) seconds=$2; shift 2 ;;
     --sanitizer) sanitizer=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --dev) profile=--dev; shift ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     *) targets+=("$1"); shift ;;
   esac
@@ -47,9 +51,9 @@ work=${TESSERA_FUZZ_WORK:-/tmp/tessera-fuzz}
 mkdir -p "$work"
 # Instrumented builds live apart from the stable ones (different toolchain and flags).
 target_dir=${TESSERA_FUZZ_TARGET:-${CARGO_TARGET_DIR:-target}-fuzz}
-build=(--fuzz-dir fuzz --sanitizer "$sanitizer" --codegen-units 16 --target-dir "$target_dir")
+build=(--fuzz-dir fuzz "$profile" --sanitizer "$sanitizer" --codegen-units 16 --target-dir "$target_dir")
 
-echo "fuzz: building ${#targets[@]} targets (sanitizer $sanitizer)" >&2
+echo "fuzz: building ${#targets[@]} targets (sanitizer $sanitizer, ${profile#--})" >&2
 cargo +nightly fuzz build "${build[@]}"
 
 failed=0

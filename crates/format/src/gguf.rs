@@ -210,9 +210,15 @@ mod tests {
     #[test]
     fn directory_is_checked_against_the_file() {
         let huge = reason(open(&gguf(&[1 << 32, 1 << 32, 1 << 32], 0, 0)));
-        assert!(huge.contains("tensor t") && huge.contains("too many elements"), "{huge}");
+        assert!(
+            huge.contains("tensor t") && huge.contains("too many elements"),
+            "{huge}"
+        );
         let short = reason(open(&gguf(&[2, 3], 0, 23)));
-        assert!(short.contains("tensor t") && short.contains("truncated"), "{short}");
+        assert!(
+            short.contains("tensor t") && short.contains("truncated"),
+            "{short}"
+        );
         let far = reason(open(&gguf(&[2, 3], u64::MAX - 8, 24)));
         assert!(far.contains("truncated"), "{far}");
         let w = open(&gguf(&[2, 3], 0, 24)).expect("a whole file opens");

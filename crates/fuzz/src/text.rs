@@ -53,7 +53,13 @@ pub fn tokenizer(data: &[u8]) {
             .bytes()
             .filter(|&b| tok.token_id(&byte_char(b).to_string()).is_some())
             .collect();
-        assert_eq!(decoded.as_bytes(), kept, "byte-level BPE is lossless");
+        // Decoding converts once at the end, lossily: a character that lost its lead byte
+        // shows as U+FFFD, as in llama.cpp's detokenizer.
+        assert_eq!(
+            decoded,
+            String::from_utf8_lossy(&kept),
+            "byte-level BPE is lossless"
+        );
     }
     for skip in [false, true] {
         let whole = tok.decode(&ids, skip).expect("encoded ids decode");
