@@ -62,8 +62,11 @@ for t in "${targets[@]}"; do
   log="$work/$t.log"
   # -rss_limit_mb: an input that makes a target allocate past this is a finding (OOM), as is
   # one that runs past -timeout seconds (a hang).
+  # A dictionary (fuzz/dicts/<target>.dict) gives the mutator the words the format keys on.
+  dict=()
+  if [ -f "fuzz/dicts/$t.dict" ]; then dict=(-dict="fuzz/dicts/$t.dict"); fi
   set +e
-  cargo +nightly fuzz run "${build[@]}" "$t" "$work/corpus/$t" "fuzz/corpus/$t" -- \
+  cargo +nightly fuzz run "${build[@]}" "$t" "$work/corpus/$t" "fuzz/corpus/$t" -- "${dict[@]}" \
     -max_total_time="$seconds" -rss_limit_mb=4096 -timeout=20 -print_final_stats=1 \
     -artifact_prefix="$work/artifacts/$t/" >"$log" 2>&1
   rc=$?
