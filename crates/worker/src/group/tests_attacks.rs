@@ -56,6 +56,16 @@ fn closed(conn: &mut impl Read) -> bool {
     }
 }
 
+/// Asserts that `listener` holds no connection and hands none out for rank 1 of epoch 1.
+fn assert_nothing_parked(listener: &super::PeerListener) {
+    assert_eq!(listener.parked(), 0);
+    assert!(
+        listener
+            .take(1, 1, 0, None, Instant::now() + Duration::from_millis(200))
+            .is_none()
+    );
+}
+
 /// Ensures that a client speaking plain TCP to a TLS peer port — a valid Hello, as the
 /// protocol was before TLS — is closed without anything parked for it.
 #[test]
@@ -72,12 +82,7 @@ fn plain_hello_to_a_tls_port_is_refused() {
     .write_to(&mut s)
     .expect("on loopback");
     assert!(closed(&mut s), "the port closes a plain client");
-    assert_eq!(ls[0].parked(), 0);
-    assert!(
-        ls[0]
-            .take(1, 1, 0, None, Instant::now() + Duration::from_millis(200))
-            .is_none()
-    );
+    assert_nothing_parked(&ls[0]);
 }
 
 /// Ensures that a worker certified by another CA is refused by the TLS peer port: its Hello
@@ -109,12 +114,7 @@ fn another_cas_worker_is_refused() {
         }
     };
     assert!(refused);
-    assert_eq!(ls[0].parked(), 0);
-    assert!(
-        ls[0]
-            .take(1, 1, 0, None, Instant::now() + Duration::from_millis(200))
-            .is_none()
-    );
+    assert_nothing_parked(&ls[0]);
 }
 
 /// Ensures that a certified coordinator is refused on the peer port — its Hello is never
