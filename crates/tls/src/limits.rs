@@ -328,6 +328,31 @@ impl<IO> Guarded<IO> {
     }
 }
 
+impl<IO> Guarded<IO> {
+    /// What a write's outcome means for the connection (both write paths): bytes written are
+    /// activity; a write that waits registers the timers and may find the connection closed.
+    /// The timer and the waker only matter while a write waits — this is the hot path.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match out {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    self.touch();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match self.closed(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+            other => other,
+        }
+    }
+}
+
 impl<IO> Drop for Guarded<IO> {
     fn drop(&mut self) {
         self.shared
@@ -370,21 +395,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         if let Some(e) = self.evicted() {
             return Poll::Ready(Err(e));
         }
-        // The timer and the waker only matter while a write waits: a write that goes through
-        // is activity, and this is the hot path.
-        match Pin::new(&mut self.io).poll_write(cx, data) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.touch();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => match self.closed(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => other,
-        }
+        let out = Pin::new(&mut self.io).poll_write(cx, data);
+        self.wrote(cx, out)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -403,21 +415,8 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         if let Some(e) = self.evicted() {
             return Poll::Ready(Err(e));
         }
-        // The timer and the waker only matter while a write waits: a write that goes through
-        // is activity, and this is the hot path.
-        match Pin::new(&mut self.io).poll_write_vectored(cx, bufs) {
-            Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    self.touch();
-                }
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => match self.closed(cx) {
-                Some(e) => Poll::Ready(Err(e)),
-                None => Poll::Pending,
-            },
-            other => other,
-        }
+        let out = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(cx, out)
     }
 
     fn is_write_vectored(&self) -> bool {
