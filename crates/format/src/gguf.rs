@@ -30,7 +30,8 @@ impl GgufWeights {
             source,
         };
         let mut file = File::open(path).map_err(io)?;
-        if declared_alignment(&file) == Some(0) {
+        let size = file.metadata().map_err(io)?.len();
+        if declared_alignment(&file, size) == Some(0) {
             return Err(FormatError::InvalidModel {
                 path: path.to_owned(),
                 reason: "general.alignment is 0; GGUF alignments are powers of two".into(),
@@ -45,7 +46,6 @@ impl GgufWeights {
                     "not a readable GGUF file ({e}); re-download it, e.g. `tessera model pull`"
                 ),
             })?;
-        let size = file.metadata().map_err(io)?.len();
         check_directory(&content, size).map_err(|reason| FormatError::InvalidModel {
             path: path.to_owned(),
             reason,
@@ -81,8 +81,7 @@ impl GgufWeights {
 /// dictionary), so it is looked at first. `None` when the key is absent, not an integer, or
 /// the header is malformed before it (candle then reports what is wrong). Every length is
 /// bounded by the file, so this allocates nothing a malformed header asks for.
-fn declared_alignment(file: &File) -> Option<u64> {
-    let size = file.metadata().ok()?.len();
+fn declared_alignment(file: &File, size: u64) -> Option<u64> {
     let mut r = Walker {
         file: std::io::BufReader::new(file),
         at: 0,

@@ -12,6 +12,7 @@ use prost::Message as _;
 use serde_json::json;
 use tessera_proto::cluster::v1 as cpb;
 use tessera_proto::v1 as pb;
+use tessera_text::tokenizer::byte_to_char;
 
 /// SmolLM2's chat template (the seeds' models carry it, as SmolLM2's GGUF does).
 const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -467,23 +468,12 @@ fn vocab() -> (Vec<String>, Vec<String>) {
     let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         .map(str::to_owned)
         .to_vec();
-    tokens.extend((0..=255u8).map(|b| byte_char(b).to_string()));
+    tokens.extend((0..=255u8).map(|b| byte_to_char(b).to_string()));
     let merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r"];
     for m in merges {
         tokens.push(m.replace(' ', ""));
     }
     (tokens, merges.map(str::to_owned).to_vec())
-}
-
-/// GPT-2's byte-to-character map (printable bytes are themselves; the rest are shifted past
-/// 255).
-pub(crate) fn byte_char(b: u8) -> char {
-    let printable = |c: u8| (b'!'..=b'~').contains(&c) || (0xA1..=0xAC).contains(&c) || c >= 0xAE;
-    if printable(b) {
-        return char::from(b);
-    }
-    let shift = (0..b).filter(|&c| !printable(c)).count() as u32;
-    char::from_u32(256 + shift).unwrap_or('?')
 }
 
 fn tiny_gguf() -> Vec<u8> {

@@ -2,10 +2,11 @@
 //! templates — the model's own with any messages, and any template (a model file's metadata)
 //! with fixed messages.
 
-use tessera_text::tokenizer::{ChatMessage, ChatTemplate, IncrementalDecoder, Tokenizer};
+use tessera_text::tokenizer::{
+    ChatMessage, ChatTemplate, IncrementalDecoder, Tokenizer, byte_to_char,
+};
 
 use crate::model::frontend;
-use crate::seeds::byte_char;
 
 /// The tokenizer: the first byte's bits choose the mode and flags, the rest is text (lossy
 /// UTF-8) or, in ids mode, u16 LE token ids (some beyond the vocabulary).
@@ -51,7 +52,7 @@ pub fn tokenizer(data: &[u8]) {
         // bytes): those emit nothing, as in llama.cpp (found by this target: U+0016).
         let kept: Vec<u8> = text
             .bytes()
-            .filter(|&b| tok.token_id(&byte_char(b).to_string()).is_some())
+            .filter(|&b| tok.token_id(&byte_to_char(b).to_string()).is_some())
             .collect();
         // Decoding converts once at the end, lossily: a character that lost its lead byte
         // shows as U+FFFD, as in llama.cpp's detokenizer.

@@ -17,6 +17,7 @@ mod vocab;
 
 use std::path::{Path, PathBuf};
 
+pub use byte_level::byte_to_char;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use incremental::IncrementalDecoder;
 pub use pretokenize::SUPPORTED as SUPPORTED_PRE_TOKENIZERS;
