@@ -242,6 +242,8 @@ async fn start_cluster_with(
         coordinator_args,
         worker_args: Vec::new(),
         certs,
+        data_dir: None,
+        metrics: None,
     })
     .await
 }
