@@ -20,6 +20,10 @@ fn tessera() -> Tessera {
     Tessera::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
+/// How long a line `up` prints around its endpoint (the ready line, the pids) may take to be
+/// read from its stderr: the endpoint comes on stdout, read by another thread.
+const PRINTED: Duration = Duration::from_secs(10);
+
 /// One cluster at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -117,7 +121,7 @@ impl Up {
 
     /// The pid `up` printed for `what` (`worker 0`, `coordinator 1`) when ready.
     fn pid(&self, what: &str) -> u32 {
-        let (line, _) = self.wait_line(0, &format!("{what}: pid "), Duration::ZERO);
+        let (line, _) = self.wait_line(0, &format!("{what}: pid "), PRINTED);
         pid_after(&line, "pid ")
     }
 
@@ -223,7 +227,7 @@ fn killed_worker_is_restarted_and_the_cluster_serves() {
             "127.0.0.1:0",
         ],
     );
-    let (line, _) = up.wait_line(0, "worker 0: pid ", Duration::ZERO);
+    let (line, _) = up.wait_line(0, "worker 0: pid ", PRINTED);
     let metrics = line
         .split("metrics http://")
         .nth(1)
@@ -231,7 +235,7 @@ fn killed_worker_is_restarted_and_the_cluster_serves() {
         .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
         .to_owned();
     let pid = up.pid("worker 0");
-    let (_, seen) = up.wait_line(0, "coordinator 1: pid ", Duration::ZERO);
+    let (_, seen) = up.wait_line(0, "coordinator 1: pid ", PRINTED);
 
     signal(pid, "-9");
     let (exited, seen) = up.wait_line(seen, "worker 0 exited", Duration::from_secs(10));
@@ -289,7 +293,7 @@ fn killed_coordinator_comes_back_from_its_raft_data() {
         "{before:?}"
     );
     let pid = up.pid("coordinator 1");
-    let (_, seen) = up.wait_line(0, "worker 0: pid ", Duration::ZERO);
+    let (_, seen) = up.wait_line(0, "worker 0: pid ", PRINTED);
 
     signal(pid, "-9");
     let (exited, seen) = up.wait_line(seen, "coordinator 1 exited", Duration::from_secs(10));
@@ -319,7 +323,7 @@ fn killed_coordinator_comes_back_from_its_raft_data() {
 
 /// The plan epoch from `up`'s ready line.
 fn ready_epoch(up: &Up) -> u64 {
-    let (line, _) = up.wait_line(0, "tessera cluster ready", Duration::ZERO);
+    let (line, _) = up.wait_line(0, "tessera cluster ready", PRINTED);
     line.rsplit("plan epoch ")
         .next()
         .and_then(|e| e.trim().parse().ok())
@@ -351,7 +355,7 @@ fn data_dir_keeps_the_cluster_across_runs() {
     );
 
     let second = Up::start(&model, certs.path(), &args);
-    second.wait_line(0, "reusing the cluster in", Duration::ZERO);
+    second.wait_line(0, "reusing the cluster in", PRINTED);
     assert_eq!(
         second.endpoint, endpoint,
         "the ports in up.json were not reused"
