@@ -1,14 +1,15 @@
 //! Replicated coordinators on loopback — three `tessera coordinator` processes in one Raft
-//! group and real workers — under the failures Raft is there for: `kill -9` of the leader under
-//! generate load, a leader cut off in a minority partition, a full-cluster restart from disk,
+//! group and real workers — under the failures Raft is there for: `kill -9` of the leader
+//! mid-stream (every client's answer resumed, unchanged), a leader cut off in a minority partition, a full-cluster restart from disk,
 //! bad membership changes and a corrupt data directory. Every wait is bounded.
 
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use serde_json::json;
+use tessera_proto::v1 as pb;
 use tessera_testkit::{
-    RaftCluster, Tessera, count_tokens, free_addr, kill, lone_coordinator_args,
-    smollm2_arg as model, story as request, strings, worker_ids,
+    RaftCluster, Tessera, finish_stream, free_addr, ids_and_logprobs, kill, lone_coordinator_args,
+    seeded_exact, smollm2_arg as model, story as request, strings, worker_ids,
 };
 
 /// The `tessera` binary under test.
@@ -16,85 +17,163 @@ fn tessera() -> Tessera {
     Tessera::new(env!("CARGO_BIN_EXE_tessera"))
 }
 
-/// Ensures that `kill -9` of the leader under generate load ends its in-flight streams with
-/// UNAVAILABLE, and that a new leader serves new requests with the same workers and the same
-/// plan epoch (no weights reloaded).
+/// Ensures that `kill -9` of the leader mid-stream costs no client anything: a `tessera
+/// generate` connected to the leader itself resumes on another coordinator, a gRPC stream and
+/// an HTTP completion through followers are resumed by the followers, and each gives exactly
+/// its fault-free output — the gRPC one unseeded, so it resumes with the seed the cluster drew
+/// and named in `x-tessera-seed`; and that the new leader serves with the same workers and plan
+/// epoch (no weights reloaded).
 #[test]
-fn leader_kill_under_load_fails_over_without_reload() {
+fn leader_kill_mid_stream_resumes_with_identical_output() {
     let Some(model) = model() else { return };
-    let mut c = RaftCluster::start(&tessera(), &model, "failover", 2);
+    let tessera = tessera();
+    let mut c = RaftCluster::start(&tessera, &model, "failover", 2);
     let (before, leader) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(before.workers.len(), 2, "{before:#?}");
     assert_eq!(before.members.len(), 3, "{before:#?}");
     assert!(before.term > 0 && before.commit_index > 0, "{before:#?}");
     let survivor = (leader + 1) % 3;
-    // Load: a long stream on the leader itself, and one through a follower (forwarded). Both
-    // must be admitted at once whichever reaches the leader first: 2 × (4 prompt + 1000) tokens
-    // in blocks of 16 is 2016 of the 2048 KV tokens. (With 1500 each the second one queued
-    // behind the first, and when the forwarded one won the race, the leader's own stream never
-    // saw a token.)
-    let (first_tx, first_rx) = mpsc::channel();
-    let mut on_leader = c.client(leader);
-    let in_flight = c.rt.spawn(async move {
-        let mut stream = on_leader.generate(request(1000)).await?.into_inner();
-        let mut told = false;
-        loop {
-            match stream.message().await? {
-                Some(_) if !told => {
-                    let _ = first_tx.send(());
-                    told = true;
-                }
-                Some(_) => {}
-                None => return Ok::<_, tonic::Status>(()),
+    let other = (leader + 2) % 3;
+
+    // The CLI, on the leader first, then the followers (what it resumes on).
+    let endpoints = [leader, survivor, other]
+        .map(|i| format!("http://{}", c.addrs[i]))
+        .join(",");
+    let cli = |endpoints: &str| {
+        tessera
+            .command()
+            .args([
+                "generate",
+                "--endpoint",
+                endpoints,
+                "--seed",
+                "7",
+                "--temperature",
+                "0.8",
+            ])
+            .args([
+                "--max-tokens",
+                "64",
+                "Once upon a time, in a quiet village,",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("tessera generate")
+    };
+    let completion = json!({"model": "", "prompt": "The three laws of robotics are",
+        "max_tokens": 64, "temperature": 0});
+    let http_addrs = c.http_addrs.clone();
+    let http_text = |i: usize| {
+        let r =
+            tessera_testkit::http::post_json(&http_addrs[i], "/v1/completions", &[], &completion);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["text"]
+            .as_str()
+            .expect("text")
+            .to_owned()
+    };
+    let mut unseeded = seeded_exact("Tell me about the sea.", 64, 0);
+    if let Some(s) = unseeded.sampling.as_mut() {
+        s.seed = None;
+    }
+
+    // Fault-free answers (the gRPC one after the kill, once its seed is known).
+    let cli_free = cli(&endpoints).wait_with_output().expect("fault-free CLI");
+    assert!(
+        cli_free.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli_free.stderr)
+    );
+    let http_free = http_text(other);
+
+    // The same three in flight when the leader dies.
+    let on_leader = cli(&endpoints);
+    let http = std::thread::scope(|scope| {
+        let http = scope.spawn(|| http_text(other));
+        let mut via_follower = c.client(survivor);
+        let (seed, mut stream) = c.rt.block_on(async {
+            let resp = via_follower
+                .generate(unseeded.clone())
+                .await
+                .expect("start");
+            let seed: u64 = resp
+                .metadata()
+                .get("x-tessera-seed")
+                .expect("seed header")
+                .to_str()
+                .expect("ascii")
+                .parse()
+                .expect("a seed");
+            (seed, resp.into_inner())
+        });
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            let ev =
+                c.rt.block_on(stream.message())
+                    .expect("tokens")
+                    .expect("open");
+            if let Some(pb::generate_event::Event::Token(t)) = ev.event {
+                got.push(t);
             }
         }
+        std::thread::sleep(Duration::from_millis(200));
+        let killed_at = Instant::now();
+        c.kill_coordinator(leader);
+        let rest =
+            c.rt.block_on(finish_stream(&mut stream, Duration::from_secs(60)))
+                .expect("the stream through a follower survives the leader's death");
+        eprintln!(
+            "leader kill: the follower's stream waited at most {:?} ({:?} after the kill)",
+            rest.longest_gap,
+            killed_at.elapsed()
+        );
+        got.extend(rest.tokens);
+        if let Some(s) = unseeded.sampling.as_mut() {
+            s.seed = Some(seed);
+        }
+        (http.join().expect("http thread"), got)
     });
-    let mut via_follower = c.client(survivor);
-    let forwarded =
-        c.rt.spawn(async move { count_tokens(&mut via_follower, request(1000)).await });
-    first_rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the leader streams a first token");
-    std::thread::sleep(Duration::from_millis(200));
-    let killed_at = Instant::now();
-    c.kill_coordinator(leader);
-
-    let r =
-        c.rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), in_flight).await })
-            .expect("the stream on the leader hangs after the kill")
-            .expect("task");
-    let e = r.expect_err("a stream on a killed leader cannot finish");
-    // Nothing answers from a killed process: tonic reports the torn connection as
-    // UNAVAILABLE, or as UNKNOWN with the transport's error when it breaks mid-body.
-    let torn = e.code() == tonic::Code::Unknown && e.message().contains("h2 protocol error");
+    let (http_faulted, grpc_faulted) = http;
+    let cli_faulted = on_leader.wait_with_output().expect("CLI across the kill");
     assert!(
-        e.code() == tonic::Code::Unavailable || torn,
-        "on the leader: {e:?}"
+        cli_faulted.status.success(),
+        "the CLI on the leader failed: {}",
+        String::from_utf8_lossy(&cli_faulted.stderr)
     );
-    let fwd =
-        c.rt.block_on(async { tokio::time::timeout(Duration::from_secs(15), forwarded).await })
-            .expect("the forwarded stream hangs after the kill")
-            .expect("task");
-    let e = fwd.expect_err("a stream forwarded to a killed leader cannot finish");
-    assert_eq!(e.code(), tonic::Code::Unavailable, "forwarded: {e:?}");
+    assert!(
+        String::from_utf8_lossy(&cli_faulted.stderr).contains("resuming on"),
+        "the CLI did not resume: {}",
+        String::from_utf8_lossy(&cli_faulted.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&cli_faulted.stdout),
+        String::from_utf8_lossy(&cli_free.stdout),
+        "the CLI's answer changed across the kill"
+    );
+    assert_eq!(
+        http_faulted, http_free,
+        "the HTTP answer changed across the kill"
+    );
 
-    // A new leader serves new requests, through either survivor.
-    let served_at = c.wait_serving(
+    // A new leader serves; the gRPC stream's fault-free twin, with the seed it was given.
+    c.wait_serving(
         survivor,
         Duration::from_secs(30),
         Duration::from_millis(50),
         "no new leader serves",
     );
-    eprintln!(
-        "failover: kill -> first successful generate in {:?}",
-        served_at - killed_at
-    );
-    let other = (leader + 2) % 3;
+    let grpc_free = {
+        let mut client = c.client(other);
+        c.rt.block_on(tessera_testkit::collect(&mut client, unseeded))
+            .expect("fault-free")
+    };
     assert_eq!(
-        c.generate(other, request(4))
-            .expect("other survivor serves"),
-        4
+        ids_and_logprobs(&grpc_faulted),
+        ids_and_logprobs(&grpc_free),
+        "the stream through a follower changed across the kill"
     );
+
     let (after, new_leader) = c.wait_ready(survivor, Duration::from_secs(10));
     assert_ne!(new_leader, leader, "{after:#?}");
     assert!(after.term > before.term, "{after:#?}");

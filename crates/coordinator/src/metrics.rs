@@ -65,6 +65,8 @@ pub struct Metrics {
     prefix_queried: Counter,
     prefix_hits: Counter,
     prefix_evicted: Counter,
+    migrations: Counter,
+    replayed_tokens: Counter,
 }
 
 impl Default for Metrics {
@@ -237,6 +239,18 @@ impl Metrics {
             "Cached prefix blocks evicted to admit requests",
             Counter::default(),
         );
+        let migrations = reg(
+            r,
+            "request_migrations",
+            "Running requests moved to a new plan after a worker of theirs was lost",
+            Counter::default(),
+        );
+        let replayed_tokens = reg(
+            r,
+            "request_migration_replayed_tokens",
+            "Tokens (prompt and generated so far) replayed into new plans by migrations",
+            Counter::default(),
+        );
         Self {
             registry: std::mem::take(r),
             requests,
@@ -263,7 +277,16 @@ impl Metrics {
             prefix_queried,
             prefix_hits,
             prefix_evicted,
+            migrations,
+            replayed_tokens,
         }
+    }
+
+    /// Counts a running sequence moved to a new plan after its plan lost a worker, with the
+    /// tokens (prompt and generated so far) it replays there.
+    pub fn migrated(&self, replayed_tokens: u64) {
+        self.migrations.inc();
+        self.replayed_tokens.inc_by(replayed_tokens);
     }
 
     /// Counts a request that ended with `outcome`.

@@ -173,6 +173,9 @@ fn generate_requests() -> Vec<pb::GenerateRequest> {
             }),
             logprobs: true,
             top_logprobs: 3,
+            resume: Some(pb::Resume {
+                tokens: vec![504, 3575, 282],
+            }),
         },
         pb::GenerateRequest {
             model: "another-model".into(),

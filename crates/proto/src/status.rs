@@ -6,6 +6,10 @@
 //! so tessera's clients (the CLI, and followers relaying a leader's stream) turn it into
 //! `UNAVAILABLE`, the code the API promises for a lost node.
 //!
+//! Also: which broken generate streams a client may resume elsewhere ([`resumable`]): a torn
+//! connection, or an `UNAVAILABLE` that does not say it is final ([`final_unavailable`]: the
+//! cluster cannot serve the request at all, and a retry would only wait again).
+//!
 //! Also: how a worker that could not reach a tensor-parallel peer says which peer
 //! ([`unreachable_peer`]), so the coordinator drops that peer and not the worker that answered.
 
@@ -28,6 +32,36 @@ pub fn peer_unreachable(peer: &str, message: String) -> Status {
 /// The peer a worker's status says it could not reach, if it says one.
 pub fn unreachable_peer(status: &Status) -> Option<&str> {
     status.metadata().get(UNREACHABLE_PEER_KEY)?.to_str().ok()
+}
+
+/// Status metadata key marking an `UNAVAILABLE` that resuming elsewhere would not cure.
+pub const FINAL_KEY: &str = "tessera-final";
+
+/// Response header naming a generate request's id (what a resumed request sends again).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Response header naming the seed a generate request samples with (what a resumed request
+/// sends as its `sampling.seed`).
+pub const SEED_HEADER: &str = "x-tessera-seed";
+
+/// `UNAVAILABLE` with `message` that a client should not resume elsewhere: no plan serves the
+/// model, or the request itself keeps losing its workers.
+pub fn final_unavailable(message: String) -> Status {
+    let mut s = Status::unavailable(message);
+    s.metadata_mut()
+        .insert(FINAL_KEY, tonic::metadata::MetadataValue::from_static("1"));
+    s
+}
+
+/// Whether a generate stream that broke with `status` may be resumed on another coordinator
+/// (a `Resume` of the tokens received): its connection was torn (`UNKNOWN`, see
+/// [`lost_peer`]), or its coordinator said `UNAVAILABLE` without marking it final (it died,
+/// or stopped leading).
+pub fn resumable(status: &Status) -> bool {
+    match status.code() {
+        Code::Unknown => true,
+        Code::Unavailable => status.metadata().get(FINAL_KEY).is_none(),
+        _ => false,
+    }
 }
 
 /// `status`, with a connection torn mid-stream reported as `UNAVAILABLE` naming `peer`.
@@ -54,6 +88,26 @@ mod tests {
         assert_eq!(s.code(), Code::Unavailable);
         assert_eq!(unreachable_peer(&s), Some("127.0.0.1:4100"));
         assert_eq!(unreachable_peer(&Status::unavailable("x")), None);
+    }
+
+    /// Ensures that torn connections and plain UNAVAILABLE are resumable, and that a final
+    /// UNAVAILABLE and every other code are not.
+    #[test]
+    fn resumable_statuses() {
+        assert!(resumable(&Status::unknown("h2 protocol error")));
+        assert!(resumable(&Status::unavailable(
+            "the leader stopped leading"
+        )));
+        assert!(!resumable(&final_unavailable(
+            "no plan serves the model".into()
+        )));
+        for code in [
+            Code::InvalidArgument,
+            Code::DeadlineExceeded,
+            Code::Cancelled,
+        ] {
+            assert!(!resumable(&Status::new(code, "x")), "{code:?}");
+        }
     }
 
     /// Ensures that only UNKNOWN (the torn-connection code) becomes UNAVAILABLE, and that a

@@ -205,6 +205,36 @@ impl ProcessCluster {
         stream
     }
 
+    /// Starts `req` and reads its first `tokens` token events: a stream known to be
+    /// generating, and what it gave so far.
+    ///
+    /// # Panics
+    /// When the request fails or the stream ends before `tokens` token events.
+    pub fn stream_begun(
+        &self,
+        req: pb::GenerateRequest,
+        tokens: usize,
+    ) -> (tonic::Streaming<pb::GenerateEvent>, Vec<pb::TokenEvent>) {
+        let mut c = self.client();
+        let mut stream = self
+            .rt
+            .block_on(c.generate(req))
+            .expect("start")
+            .into_inner();
+        let mut got = Vec::new();
+        while got.len() < tokens {
+            let ev = self
+                .rt
+                .block_on(stream.message())
+                .expect("tokens before the failure")
+                .expect("stream open");
+            if let Some(pb::generate_event::Event::Token(t)) = ev.event {
+                got.push(t);
+            }
+        }
+        (stream, got)
+    }
+
     /// Reads a generate stream to its error, which must come within 30 s.
     ///
     /// # Panics

@@ -158,6 +158,7 @@ pub fn seq_start(prompt: &[u32], sampling: &SamplingParams) -> pb::SeqStart {
         prompt: prompt.to_vec(),
         cached_tokens: 0,
         cached_blocks: Vec::new(),
+        generated: Vec::new(),
     }
 }
 
@@ -189,6 +190,39 @@ pub struct Seq {
     pub prefilled: usize,
     /// Tokens it got so far.
     pub out: Vec<SampledToken>,
+    /// The trailing tokens of `prompt` that a previous plan generated (a migrated or resumed
+    /// sequence): its start names them, so the sampler resumes after them. Empty for a new
+    /// sequence.
+    pub generated: Vec<u32>,
+    /// How many of `generated` go in one step: 1 (as decode fed them) unless a test shows
+    /// what else would happen.
+    pub generated_chunk: usize,
+}
+
+impl Seq {
+    /// Sequence `id` resuming `reference` (the engine's prompt ids and tokens) after its first
+    /// `k` tokens, as the coordinator replays a migrated sequence: its prompt is the reference
+    /// prompt (in chunks) followed by them (one per step), and it wants the rest.
+    pub fn resumed(
+        id: u64,
+        reference: &(Vec<u32>, Vec<SampledToken>),
+        sampling: &SamplingParams,
+        k: usize,
+    ) -> Self {
+        let generated: Vec<u32> = reference.1[..k].iter().map(|t| t.id).collect();
+        Self {
+            id,
+            prompt: reference.0.iter().chain(&generated).copied().collect(),
+            sampling: sampling.clone(),
+            want: reference.1.len() - k,
+            join: 0,
+            chunk: CHUNK,
+            prefilled: 0,
+            out: Vec::new(),
+            generated,
+            generated_chunk: 1,
+        }
+    }
 }
 
 impl Seq {
@@ -200,12 +234,24 @@ impl Seq {
             return None;
         }
         if self.prefilled < self.prompt.len() {
-            let end = (self.prefilled + self.chunk).min(self.prompt.len());
+            // A replayed sequence's generated tokens go one per step, as decode fed them.
+            let base = self.prompt.len() - self.generated.len();
+            let end = if self.prefilled < base {
+                (self.prefilled + self.chunk).min(base)
+            } else {
+                (self.prefilled + self.generated_chunk.max(1)).min(self.prompt.len())
+            };
             let s = pb::SeqStep {
                 seq_id: self.id,
                 tokens: self.prompt[self.prefilled..end].to_vec(),
                 sample: end == self.prompt.len(),
-                start: (self.prefilled == 0).then(|| seq_start(&self.prompt, &self.sampling)),
+                start: (self.prefilled == 0).then(|| {
+                    let prompt = &self.prompt[..self.prompt.len() - self.generated.len()];
+                    pb::SeqStart {
+                        generated: self.generated.clone(),
+                        ..seq_start(prompt, &self.sampling)
+                    }
+                }),
             };
             self.prefilled = end;
             return Some(s);
@@ -240,6 +286,8 @@ pub fn seqs_for(
             chunk: CHUNK,
             prefilled: 0,
             out: Vec::new(),
+            generated: Vec::new(),
+            generated_chunk: 1,
         })
         .collect()
 }

@@ -144,6 +144,65 @@ pub async fn collect_finished(
     }
 }
 
+/// A seeded random-sampling request (temperature 0.8, seed 7) for exactly `max_tokens`
+/// tokens of `prompt`, with each token's logprob and `top_logprobs` alternatives: its output
+/// is reproducible, and its logprobs expose any change in the logits.
+pub fn seeded_exact(prompt: &str, max_tokens: u32, top_logprobs: u32) -> pb::GenerateRequest {
+    let mut req = greedy_with_logprobs(prompt, max_tokens, top_logprobs);
+    req.sampling = Some(pb::SamplingParams {
+        temperature: Some(0.8),
+        seed: Some(7),
+        ..Default::default()
+    });
+    if let Some(stop) = req.stop.as_mut() {
+        stop.ignore_eos = true;
+    }
+    req
+}
+
+/// What the rest of a generate stream delivered.
+#[derive(Clone, Debug)]
+pub struct Rest {
+    /// Its token events up to `Finished`.
+    pub tokens: Vec<pb::TokenEvent>,
+    /// The longest wait for one event: how long a failure on the way held the stream up.
+    pub longest_gap: Duration,
+}
+
+/// Reads a started generate stream to its `Finished` event, which must come within `within`.
+///
+/// # Errors
+/// The status the stream failed with, or INTERNAL when it ended without `Finished`.
+///
+/// # Panics
+/// When the stream hangs past `within`.
+pub async fn finish_stream(
+    stream: &mut tonic::Streaming<pb::GenerateEvent>,
+    within: Duration,
+) -> Result<Rest, Status> {
+    tokio::time::timeout(within, async {
+        let mut rest = Rest {
+            tokens: Vec::new(),
+            longest_gap: Duration::ZERO,
+        };
+        loop {
+            let waiting = std::time::Instant::now();
+            let ev = stream.message().await?;
+            rest.longest_gap = rest.longest_gap.max(waiting.elapsed());
+            let Some(ev) = ev else {
+                return Err(Status::internal("stream ended without a Finished event"));
+            };
+            match ev.event {
+                Some(Event::Token(t)) => rest.tokens.push(t),
+                Some(Event::Finished(_)) => return Ok(rest),
+                None => {}
+            }
+        }
+    })
+    .await
+    .expect("the stream hangs instead of finishing")
+}
+
 /// Runs `req` through `client` to its end: its token events.
 ///
 /// # Errors

@@ -345,6 +345,67 @@ async fn batched_sequences_equal_their_solo_runs() {
     );
 }
 
+/// Ensures that a sequence replayed the way the coordinator migrates one — its prompt in the
+/// engine's chunk, then the first `k` tokens it generated one per step, its start naming those
+/// tokens — continues with exactly the engine's remaining tokens and logprobs, for seeded
+/// random sampling with penalties (the sampler's generator and penalty counts resume where
+/// they were), at several cuts, whatever the prompt's chunks (a multi-row chunk's rows sum
+/// alike); and that generated tokens replayed several per step do not (attention sums a
+/// multi-row chunk in another order than decode), which is why the coordinator replays them
+/// one per step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_sequences_continue_exactly() {
+    let Some(model) = model() else { return };
+    let texts = prompts();
+    let sampling: Vec<SamplingParams> = (0..2)
+        .map(|i| SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            repetition_penalty: 1.1,
+            frequency_penalty: 0.3,
+            seed: Some(77 + i),
+            logprobs: true,
+            top_logprobs: 2,
+            ..SamplingParams::default()
+        })
+        .collect();
+    let cases: Vec<_> = [1usize, 3]
+        .iter()
+        .zip(&sampling)
+        .map(|(&i, s)| (texts[i].clone(), s.clone(), 16))
+        .collect();
+    let refs = reference(&model, &cases);
+    let cluster = Cluster::start(model).await;
+    let mut d = cluster.open(0, 1).await;
+    let mut id = 500;
+    for (r, s) in refs.iter().zip(&sampling) {
+        for (k, chunk) in [(1, CHUNK), (3, 3), (8, CHUNK), (15, 2)] {
+            id += 1;
+            let mut seq = tessera_testkit::Seq::resumed(id, r, s, k);
+            seq.chunk = chunk;
+            drive(&mut d, std::slice::from_mut(&mut seq)).await;
+            assert_eq!(
+                seq.out,
+                r.1[k..],
+                "resumed after {k} tokens (prompt chunks of {chunk})"
+            );
+        }
+    }
+    let mut differs = false;
+    for (r, s) in refs.iter().zip(&sampling) {
+        id += 1;
+        let mut seq = tessera_testkit::Seq::resumed(id, r, s, 8);
+        seq.generated_chunk = 8;
+        drive(&mut d, std::slice::from_mut(&mut seq)).await;
+        differs |= seq.out != r.1[8..];
+    }
+    assert!(
+        differs,
+        "generated tokens replayed in one chunk came out bit for bit"
+    );
+}
+
 /// Ensures that shutting down the last stage mid-stream ends stage 0's stream with
 /// UNAVAILABLE within 2 s without the caller sending anything, and that a new stream then
 /// fails fast with UNAVAILABLE too (the next stage's next stage is gone), never hanging.

@@ -258,31 +258,127 @@ pub async fn stream_generate(
         .await
         .map_err(|s| status_error(tessera_proto::status::lost_peer(s, "the coordinator")))?
     {
-        match event.event {
-            Some(Event::Token(t)) => {
-                on_token(&t);
-                done.tokens.push(t.id);
-                out.write_all(t.text.as_bytes())?;
-                out.flush()?;
-            }
-            Some(Event::Finished(f)) => {
-                out.write_all(f.text.as_bytes())?;
-                out.flush()?;
-                done.finish = Some(
-                    tessera_proto::wire::finish_reason_from_proto(f.reason)
-                        .map_or("unspecified", |r| r.as_str())
-                        .to_owned(),
-                );
-                if let Some(u) = f.usage {
-                    done.prompt_tokens = u.prompt_tokens;
-                    done.ttft_ms = u.time_to_first_token_ms;
-                    done.total_ms = u.total_ms;
-                }
-            }
-            None => {}
-        }
+        record(&mut done, event, out, on_token)?;
     }
     Ok(done)
+}
+
+/// How often [`stream_generate_resuming`] resumes one answer.
+const MAX_RESUMES: u32 = 5;
+/// Pause before resuming on the next coordinator (an election takes about a second).
+const RESUME_PAUSE: Duration = Duration::from_millis(300);
+
+/// As [`stream_generate`], against a cluster's coordinators (`endpoints`, tried in turn): when
+/// the coordinator streaming the answer dies mid-stream, the request is sent again to the next
+/// one with the request id and seed the first response named and a `Resume` of the token ids
+/// received, and the answer continues with the tokens the broken stream would have sent (see
+/// `Resume` in inference.proto). At most [`MAX_RESUMES`] resumptions.
+///
+/// # Errors
+/// As [`stream_generate`]; a broken stream only once resuming failed or is not possible.
+pub async fn stream_generate_resuming(
+    endpoints: &[String],
+    key: Option<&str>,
+    mut request: GenerateRequest,
+    out: &mut dyn Write,
+    on_token: &mut dyn FnMut(&tessera_proto::v1::TokenEvent),
+) -> Result<Streamed> {
+    use tessera_proto::status;
+    let mut done = Streamed::default();
+    let mut resumes = 0;
+    let mut at = 0;
+    loop {
+        let endpoint = &endpoints[at % endpoints.len().max(1)];
+        let broke = match connect_with_key(endpoint, Duration::from_secs(3), key).await {
+            // Nothing answers there (the dead coordinator): resumable, on the next one.
+            Err(e) => tonic::Status::unavailable(format!("{endpoint}: {e:#}")),
+            Ok(mut client) => match client.generate(request.clone()).await {
+                Err(s) => s,
+                Ok(resp) => {
+                    pin(&mut request, resp.metadata());
+                    let mut stream = resp.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(event)) => {
+                                if record(&mut done, event, out, on_token)? {
+                                    return Ok(done);
+                                }
+                            }
+                            Ok(None) => {
+                                break tonic::Status::unavailable("the stream ended unfinished");
+                            }
+                            Err(s) => break s,
+                        }
+                    }
+                }
+            },
+        };
+        if !status::resumable(&broke) || resumes >= MAX_RESUMES {
+            return Err(status_error(status::lost_peer(broke, "the coordinator")));
+        }
+        resumes += 1;
+        at += 1;
+        eprintln!(
+            "\n[the stream broke after {} tokens ({}); resuming on {}]",
+            done.tokens.len(),
+            broke.message(),
+            endpoints[at % endpoints.len()]
+        );
+        request.resume = Some(tessera_proto::v1::Resume {
+            tokens: done.tokens.clone(),
+        });
+        tokio::time::sleep(RESUME_PAUSE).await;
+    }
+}
+
+/// Pins `request` to the request id and seed its first response named, so that resuming it
+/// continues that very request.
+fn pin(request: &mut GenerateRequest, headers: &tonic::metadata::MetadataMap) {
+    use tessera_proto::status::{REQUEST_ID_HEADER, SEED_HEADER};
+    let read = |key| headers.get(key).and_then(|v| v.to_str().ok());
+    if request.request_id.is_empty()
+        && let Some(id) = read(REQUEST_ID_HEADER)
+    {
+        request.request_id = id.to_owned();
+    }
+    let sampling = request.sampling.get_or_insert_with(Default::default);
+    if sampling.seed.is_none() {
+        sampling.seed = read(SEED_HEADER).and_then(|s| s.parse().ok());
+    }
+}
+
+/// Takes one event of a generate stream into `done` and `out`; true at the Finished event.
+fn record(
+    done: &mut Streamed,
+    event: tessera_proto::v1::GenerateEvent,
+    out: &mut dyn Write,
+    on_token: &mut dyn FnMut(&tessera_proto::v1::TokenEvent),
+) -> Result<bool> {
+    match event.event {
+        Some(Event::Token(t)) => {
+            on_token(&t);
+            done.tokens.push(t.id);
+            out.write_all(t.text.as_bytes())?;
+            out.flush()?;
+            Ok(false)
+        }
+        Some(Event::Finished(f)) => {
+            out.write_all(f.text.as_bytes())?;
+            out.flush()?;
+            done.finish = Some(
+                tessera_proto::wire::finish_reason_from_proto(f.reason)
+                    .map_or("unspecified", |r| r.as_str())
+                    .to_owned(),
+            );
+            if let Some(u) = f.usage {
+                done.prompt_tokens = u.prompt_tokens;
+                done.ttft_ms = u.time_to_first_token_ms;
+                done.total_ms = u.total_ms;
+            }
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 /// A gRPC status as an error that keeps its code visible.

@@ -11,7 +11,10 @@ use tessera_hub::DEFAULT_MODEL;
 use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
 
-use super::client::{API_KEY_ENV, Client, DEFAULT_ENDPOINT, connect_with_key, stream_generate};
+use super::client::{
+    API_KEY_ENV, Client, DEFAULT_ENDPOINT, Streamed, connect_with_key, stream_generate,
+    stream_generate_resuming,
+};
 use super::request::RequestArgs;
 
 use crate::progress::Bar;
@@ -32,7 +35,8 @@ pub struct GenerateArgs {
     /// Compute threads (0: one per core), with --embedded.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// The cluster to ask.
+    /// The cluster to ask: one coordinator, or several separated by commas — the first that
+    /// answers streams the reply, and should it die mid-answer the next one resumes it.
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
     /// The API key, when the cluster requires one (sent as `authorization: Bearer KEY`).
@@ -45,19 +49,37 @@ pub struct GenerateArgs {
 
 /// Runs `tessera generate` against a cluster.
 async fn run_remote(args: GenerateArgs) -> Result<()> {
-    let mut client = connect_with_key(
-        &args.endpoint,
-        Duration::from_secs(3),
-        args.api_key.as_deref(),
-    )
-    .await?;
+    let endpoints: Vec<String> = args
+        .endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let Some(first) = endpoints.first() else {
+        anyhow::bail!("--endpoint names no coordinator");
+    };
+    // The first coordinator must answer: a wrong address is reported as such, with a hint.
+    drop(connect_with_key(first, Duration::from_secs(3), args.api_key.as_deref()).await?);
     let model = args.model.as_deref().unwrap_or_default();
     let request = args.request.to_proto(&args.prompt, model);
-    print_streamed(&mut client, request).await
+    let mut stdout = std::io::stdout();
+    let show_logprobs = request.logprobs;
+    let done = stream_generate_resuming(
+        &endpoints,
+        args.api_key.as_deref(),
+        request,
+        &mut stdout,
+        &mut |t| print_logprobs(show_logprobs, t),
+    )
+    .await?;
+    print_summary(&done);
+    Ok(())
 }
 
 /// Sends `request`, streams its text to stdout, the per-token logprobs (when asked) and the
-/// closing statistics to stderr: what `tessera generate` and `tessera up --prompt` print.
+/// closing statistics to stderr: what `tessera up --prompt` prints (`tessera generate` too,
+/// resuming across coordinators).
 ///
 /// # Errors
 /// As [`stream_generate`].
@@ -65,21 +87,32 @@ pub async fn print_streamed(client: &mut Client, request: pb::GenerateRequest) -
     let mut stdout = std::io::stdout();
     let show_logprobs = request.logprobs;
     let done = stream_generate(client, request, &mut stdout, &mut |t| {
-        if show_logprobs {
-            let alts: Vec<String> = t
-                .top_logprobs
-                .iter()
-                .map(|a| format!("{}={:.3}", a.id, a.logprob))
-                .collect();
-            eprintln!(
-                "[{} {:.3}] {}",
-                t.id,
-                t.logprob.unwrap_or(f32::NAN),
-                alts.join(" ")
-            );
-        }
+        print_logprobs(show_logprobs, t);
     })
     .await?;
+    print_summary(&done);
+    Ok(())
+}
+
+/// One token's logprob and alternatives on stderr, when they were asked for.
+fn print_logprobs(show: bool, t: &pb::TokenEvent) {
+    if show {
+        let alts: Vec<String> = t
+            .top_logprobs
+            .iter()
+            .map(|a| format!("{}={:.3}", a.id, a.logprob))
+            .collect();
+        eprintln!(
+            "[{} {:.3}] {}",
+            t.id,
+            t.logprob.unwrap_or(f32::NAN),
+            alts.join(" ")
+        );
+    }
+}
+
+/// The closing statistics of a streamed answer, on stderr (after ending the text's line).
+fn print_summary(done: &Streamed) {
     println!();
     let decode_s = (done.total_ms - done.ttft_ms) / 1e3;
     eprintln!(
@@ -94,7 +127,6 @@ pub async fn print_streamed(client: &mut Client, request: pb::GenerateRequest) -
             0.0
         }
     );
-    Ok(())
 }
 
 /// Runs `tessera generate`.

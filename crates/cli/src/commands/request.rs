@@ -144,6 +144,8 @@ impl RequestArgs {
             }),
             logprobs: sampling.logprobs,
             top_logprobs: sampling.top_logprobs,
+            // Set by the client when it resumes a broken stream.
+            resume: None,
         }
     }
 }

@@ -202,6 +202,16 @@ impl KvBudget {
         }
     }
 
+    /// Moves `blocks` cached blocks a migrated sequence started from into its own
+    /// `reservation`: the stream whose prefix stores held them is gone
+    /// ([`Self::reset_prefix`]), so the new plan computes them again, into the sequence's own
+    /// blocks. The total in use does not grow — the index that counted them is empty now.
+    pub fn take_over_cached(&self, reservation: &mut KvReservation, blocks: usize) {
+        let tokens = blocks as u64 * self.block;
+        self.reserved.fetch_add(tokens, Ordering::SeqCst);
+        reservation.tokens += tokens;
+    }
+
     /// The prefix ops decided since the last call, in order, for the next step.
     pub fn take_ops(&mut self) -> Vec<cpb::PrefixOp> {
         std::mem::take(&mut self.ops)

@@ -278,6 +278,8 @@ impl Common {
             stop: Some(self.stop.clone()),
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
+            // An HTTP client cannot resume; a follower relaying the call resumes it itself.
+            resume: None,
         })
     }
 }

@@ -6,16 +6,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tessera_proto::status;
 use tessera_proto::v1 as pb;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
 use crate::control::plan::assignment;
 use crate::control::scheduler::{EventResult, SchedulerHandle};
 use crate::error::CoordinatorError;
-use crate::services::forward::{ACCEPT_TIMEOUT, Forwarder, Route};
+use crate::services::forward::{Forwarder, Route};
+use crate::services::relay::Relay;
 use crate::services::validate::Validator;
 use crate::state::cluster::Cluster;
 
@@ -68,6 +70,35 @@ impl Api {
         .map_err(|e| CoordinatorError::Internal(format!("tokenization task: {e}")))?
     }
 
+    /// Validates `req` and hands it to this node's scheduler, its events to `events`; returns
+    /// the response headers that name its id and seed (what a client resuming it sends back).
+    pub(super) async fn submit_local(
+        &self,
+        req: pb::GenerateRequest,
+        received: Instant,
+        metadata: &MetadataMap,
+        events: mpsc::UnboundedSender<EventResult>,
+    ) -> Result<MetadataMap, Status> {
+        let valid = self
+            .validate(req, received)
+            .await
+            .map_err(|e| self.refused(e))?;
+        let mut headers = MetadataMap::new();
+        if let Ok(v) = MetadataValue::try_from(valid.request_id.as_str()) {
+            headers.insert(status::REQUEST_ID_HEADER, v);
+        }
+        headers.insert(status::SEED_HEADER, MetadataValue::from(valid.seed));
+        self.scheduler
+            .submit(valid, events, metadata)
+            .map_err(|e| self.refused(e))?;
+        Ok(headers)
+    }
+
+    /// Where this node's calls go now (see [`Forwarder::route`]).
+    pub(super) async fn route(&self) -> Result<Route, CoordinatorError> {
+        self.forward.route(&self.cluster).await
+    }
+
     /// Counts and logs a refused request.
     fn refused(&self, e: CoordinatorError) -> Status {
         tracing::info!(error = %e, "generate request refused");
@@ -96,53 +127,17 @@ impl pb::inference_server::Inference for Api {
             .check_size(&req)
             .map_err(|e| self.refused(e))?;
         let deadline = grpc_timeout(&metadata).map(|t| received + t);
-        if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
-            // The client's trace context travels on, so the leader's spans join its trace.
-            let mut forwarded = Request::new(req);
-            if let Some(d) = deadline {
-                forwarded.set_timeout(d.saturating_duration_since(Instant::now()));
-            }
-            for key in ["traceparent", "tracestate"] {
-                if let Some(v) = metadata.get(key) {
-                    forwarded.metadata_mut().insert(key, v.clone());
-                }
-            }
-            let mut stream = tokio::time::timeout(ACCEPT_TIMEOUT, leader.generate(forwarded))
-                .await
-                .map_err(|_| {
-                    Status::unavailable(format!(
-                        "the coordinator leader did not accept the request within \
-                         {ACCEPT_TIMEOUT:?} (cut off, or overloaded)"
-                    ))
-                })?
-                .map_err(|s| tessera_proto::status::lost_peer(s, "the coordinator leader"))?
-                .into_inner();
-            let (tx, rx) = mpsc::unbounded_channel();
-            let rx = with_deadline(rx, deadline);
-            tokio::spawn(async move {
-                // Ends when the leader's stream ends or fails (UNAVAILABLE when it died), or
-                // when the client went away.
-                while let Some(event) = stream.next().await {
-                    let event = event
-                        .map_err(|s| tessera_proto::status::lost_peer(s, "the coordinator leader"));
-                    if tx.send(event).is_err() {
-                        break;
-                    }
-                }
-            });
-            return Ok(Response::new(UnboundedReceiverStream::new(rx)));
-        }
-        let valid = self
-            .validate(req, received)
-            .await
-            .map_err(|e| self.refused(e))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        self.scheduler
-            .submit(valid, tx, &metadata)
-            .map_err(|e| self.refused(e))?;
-        Ok(Response::new(UnboundedReceiverStream::new(with_deadline(
-            rx, deadline,
-        ))))
+        let mut resp = Response::new(UnboundedReceiverStream::new(with_deadline(rx, deadline)));
+        if let Route::Leader(leader) = self.forward.route(&self.cluster).await? {
+            // Relayed, and resumed on the next leader should this one die (see `relay`).
+            let headers = Relay::start(self.clone(), leader, req, &metadata, deadline, tx).await?;
+            *resp.metadata_mut() = headers;
+            return Ok(resp);
+        }
+        let headers = self.submit_local(req, received, &metadata, tx).await?;
+        *resp.metadata_mut() = headers;
+        Ok(resp)
     }
 
     async fn tokenize(

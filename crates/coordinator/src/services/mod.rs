@@ -3,7 +3,8 @@
 //! - [`api`]: `tessera.v1.Inference` (public port), validating each request once
 //!   ([`validate`]) and handing it to the scheduler;
 //! - [`forward`]: `tessera.cluster.v1.Forward`, and the client a follower uses to hand calls to
-//!   the leader;
+//!   the leader; [`relay`]: a forwarded generate stream, resumed on the next leader when the
+//!   leader dies;
 //! - [`auth`]: API keys, checked on the public gRPC service and the HTTP API;
 //! - [`registry`]: `tessera.cluster.v1.Coordination`, where workers register and heartbeat.
 //!
@@ -14,4 +15,5 @@ pub mod api;
 pub mod auth;
 pub(crate) mod forward;
 pub(crate) mod registry;
+pub(crate) mod relay;
 pub mod validate;

@@ -51,6 +51,9 @@ pub struct ValidRequest {
     pub seed: u64,
     /// When the coordinator received it (time to first token counts from here).
     pub received: Instant,
+    /// The tokens a resumed request already received (empty for a new one): fewer than
+    /// `max_tokens`, every one in the vocabulary.
+    pub resume: Vec<u32>,
 }
 
 impl ValidRequest {
@@ -74,6 +77,7 @@ impl ValidRequest {
             // Set by the scheduler when the prompt starts with cached blocks.
             cached_tokens: 0,
             cached_blocks: Vec::new(),
+            generated: Vec::new(),
         }
     }
 }
@@ -146,6 +150,18 @@ impl Validator {
             return Err(CoordinatorError::invalid(
                 field,
                 format!("{bytes} bytes; prompts of at most {max} bytes are accepted"),
+            ));
+        }
+        if let Some(r) = &req.resume
+            && r.tokens.len() > self.context
+        {
+            return Err(CoordinatorError::invalid(
+                "resume.tokens",
+                format!(
+                    "{} tokens; a sequence holds at most {}",
+                    r.tokens.len(),
+                    self.context
+                ),
             ));
         }
         if let Some(stop) = &req.stop {
@@ -237,6 +253,15 @@ impl Validator {
         let prompt = Self::prompt(text, chat)?;
         let s = req.sampling.unwrap_or_default();
         let stop = req.stop.unwrap_or_default();
+        let resume = req.resume.map(|r| r.tokens).unwrap_or_default();
+        if !resume.is_empty() && s.seed.is_none() && s.temperature.unwrap_or(1.0) != 0.0 {
+            // A fresh seed would sample other tokens than the broken stream would have.
+            return Err(CoordinatorError::invalid(
+                "sampling.seed",
+                "a resumed request that samples needs the seed its first response named \
+                 (the x-tessera-seed header)",
+            ));
+        }
         let seed = s.seed.unwrap_or_else(Rng::entropy_seed);
         let sampling = wire::sampling_params(Some(s), seed, req.logprobs, req.top_logprobs);
         let max_tokens = match stop.max_tokens {
@@ -258,6 +283,24 @@ impl Validator {
             },
         };
         let inner = self.frontend.validate(&model_req, self.context)?;
+        let vocab = self.frontend.config().vocab_size;
+        if let Some(t) = resume.iter().find(|&&t| t as usize >= vocab) {
+            return Err(CoordinatorError::invalid(
+                "resume.tokens",
+                format!("token id {t} is outside the vocabulary of {vocab}"),
+            ));
+        }
+        let max_tokens = inner.stop.conditions().max_tokens as usize;
+        if resume.len() >= max_tokens {
+            return Err(CoordinatorError::invalid(
+                "resume.tokens",
+                format!(
+                    "{} tokens already reach max_tokens ({max_tokens}): nothing is left to \
+                     generate",
+                    resume.len()
+                ),
+            ));
+        }
         let request_id = if req.request_id.is_empty() {
             format!("req-{:016x}", Rng::entropy_seed())
         } else {
@@ -268,6 +311,7 @@ impl Validator {
             inner,
             seed,
             received,
+            resume,
         })
     }
 }

@@ -106,6 +106,25 @@ impl Sampler {
         s
     }
 
+    /// A sampler that continues a sequence after `generated`, the tokens it already produced
+    /// elsewhere (on a worker that died, before the coordinator replayed the sequence here):
+    /// the same state [`Self::new`] reaches after sampling exactly those tokens — the penalties
+    /// count them, and the generator is where those samples left it. That rests on one
+    /// invariant of [`Self::sample`]: with temperature > 0 every sample takes exactly one
+    /// number from the generator (the degenerate fallback to argmax included), and greedy
+    /// samples take none.
+    pub fn resume(params: ValidSamplingParams, prompt: &[u32], generated: &[u32]) -> Self {
+        let mut s = Self::new(params, prompt);
+        let draws = s.params.params.temperature != 0.0;
+        for &id in generated {
+            s.record(id);
+            if draws {
+                s.rng.next_f64();
+            }
+        }
+        s
+    }
+
     /// The seed this sampler's draws come from (the request's, or the one drawn for it).
     pub fn seed(&self) -> u64 {
         self.seed
@@ -327,6 +346,9 @@ impl Sampler {
         let idx = &self.idx;
         // f32 exp (each weight to ~1e-7 relative) is plenty for a draw and much cheaper than
         // f64 over a whole vocabulary; the running sums stay f64.
+        // Drawn first, whatever follows: every sample with temperature > 0 takes exactly one
+        // number, so a resumed sampler (`resume`) can replay the generator by count alone.
+        let u01 = self.rng.next_f64();
         let inv_t = 1.0 / p.temperature;
         let max = idx[..n]
             .iter()
@@ -345,7 +367,7 @@ impl Sampler {
         if !(total > 0.0 && total.is_finite()) {
             return argmax(logits);
         }
-        let u = self.rng.next_f64() * total;
+        let u = u01 * total;
         let mut cum = 0.0f64;
         let mut last_positive = idx[0];
         for (i, &w) in weights.iter().enumerate() {

@@ -388,6 +388,37 @@ proptest! {
         }
     }
 
+    /// Ensures that a sampler resumed after the first `k` tokens of a sequence (a sequence
+    /// migrated to another worker) draws exactly the tokens the uninterrupted sampler draws
+    /// after them — with penalties on, for greedy and random sampling, and through steps whose
+    /// logits are all NaN (the degenerate argmax fallback still takes its one draw).
+    #[test]
+    fn resumed_sampler_continues_the_sequence(
+        steps in prop::collection::vec(
+            prop_oneof![
+                9 => prop::collection::vec(-4.0f32..4.0, 40),
+                1 => Just(vec![f32::NAN; 40]),
+            ],
+            2..24,
+        ),
+        cut in 0usize..24,
+        temperature in prop_oneof![Just(0.0f32), 0.3f32..1.5],
+        repetition_penalty in prop_oneof![Just(1.0f32), 1.0f32..1.5],
+        frequency_penalty in prop_oneof![Just(0.0f32), 0.0f32..1.0],
+        top_k in 0u32..10,
+        seed in any::<u64>(),
+    ) {
+        let p = SamplingParams { temperature, repetition_penalty, frequency_penalty, top_k,
+            seed: Some(seed), ..SamplingParams::default() };
+        let prompt = [3u32, 5, 5, 39];
+        let mut whole = sampler(p.clone(), 40, &prompt);
+        let ids: Vec<u32> = steps.iter().map(|l| whole.sample(&mut l.clone()).id).collect();
+        let cut = cut.min(ids.len());
+        let mut resumed = Sampler::resume(p.validate(40).expect("valid"), &prompt, &ids[..cut]);
+        let rest: Vec<u32> = steps[cut..].iter().map(|l| resumed.sample(&mut l.clone()).id).collect();
+        prop_assert_eq!(&rest[..], &ids[cut..]);
+    }
+
     /// Ensures that greedy decoding equals a naive argmax (first maximum).
     #[test]
     fn greedy_equals_naive_argmax(logits in prop::collection::vec(-5.0f32..5.0, 1..200)) {

@@ -66,6 +66,25 @@ pub(super) fn check_step(
                 ),
             ));
         }
+        if let Some(st) = &s.start {
+            // A migrated sequence's sampler state: its tokens count in the penalties, so
+            // they must be ids of this vocabulary, and they sit inside the context.
+            if let Some(t) = st.generated.iter().find(|&&t| t as usize >= vocab) {
+                return Err(WorkerError::invalid(
+                    format!("seqs[{i}].start.generated"),
+                    format!("token id {t} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            if st.generated.len() >= context {
+                return Err(WorkerError::invalid(
+                    format!("seqs[{i}].start.generated"),
+                    format!(
+                        "{} generated tokens leave no room in the context of {context}",
+                        st.generated.len()
+                    ),
+                ));
+            }
+        }
         if s.tokens.len() + cached > context {
             return Err(WorkerError::invalid(
                 format!("seqs[{i}].tokens"),

@@ -376,7 +376,7 @@ impl Executor {
             let Some(start) = &s.start else {
                 continue;
             };
-            let sampler = samples.then(|| Sampler::new(params, &start.prompt));
+            let sampler = samples.then(|| Sampler::resume(params, &start.prompt, &start.generated));
             let field = format!("seqs[{i}].start");
             let kv = l.prefixes.new_seq(stream, start, &l.cache, &field)?;
             let entry = SeqEntry {

@@ -186,7 +186,8 @@ impl Scheduler {
     }
 
     /// Drops the stream after a failure: every running request (on every step in flight)
-    /// ends with UNAVAILABLE, the epoch is not used again, and the controller re-plans.
+    /// is migrated to the next plan (see [`super::migrate`]), the epoch is not used again,
+    /// and the controller re-plans.
     pub(super) fn lose_link(&mut self, status: &Status) {
         let Some(link) = self.link.take() else {
             return;
@@ -200,7 +201,7 @@ impl Scheduler {
                 "pipeline failed");
         }
         self.dead_epoch = epoch;
-        self.fail_running(status.message());
+        self.migrate_running(status.message());
         self.cluster.replan.report_failure(epoch);
     }
 }

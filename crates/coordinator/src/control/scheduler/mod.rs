@@ -24,18 +24,24 @@
 //! with ([`super::prefix`]), named in its SeqStart; when it ends, its prompt blocks are
 //! cached. The workers' stores follow this stream's index through each step's prefix ops.
 //!
-//! Failure: when the stream breaks or the serving plan goes away (a plan worker dropped by
-//! the liveness monitor, or replaced), every running request — on every step in flight —
-//! ends with UNAVAILABLE and the controller re-plans; queued requests wait for the new plan
-//! up to `ready_wait`.
+//! Failure ([`migrate`]): when the stream breaks or the serving plan goes away (a plan worker
+//! dropped by the liveness monitor, or replaced), the controller re-plans and every running
+//! request — on every step in flight — is migrated, not failed: the scheduler keeps each
+//! sequence's prompt and the tokens it streamed, and replays them into the next plan (its
+//! sampler resumed after them on the last stage), so the client's stream goes on with the
+//! tokens the first plan would have produced. A sequence that waits longer than
+//! `ready_wait` for a new plan, or loses its plan [`migrate::MAX_MIGRATIONS`] times, ends with
+//! UNAVAILABLE; queued requests wait for the new plan up to `ready_wait` as well.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use tessera_proto::status::final_unavailable;
 use tessera_proto::v1 as pb;
 use tessera_text::frontend::{Frontend, OutputStream};
+use tessera_text::sampling::SampledToken;
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
@@ -46,6 +52,7 @@ use crate::state::cluster::{Cluster, Serving};
 use crate::state::planner;
 
 mod link;
+mod migrate;
 mod step;
 
 use link::Link;
@@ -144,8 +151,20 @@ struct Seq {
     first_token: Option<Instant>,
     /// When its latest token came (inter-token latency counts from here).
     last_token: Option<Instant>,
+    /// The lengths of the steps its input went to the workers in, first run only (the
+    /// cached prefix it started from counts as one): what a migration replays them in.
+    chunks: Vec<u32>,
+    /// Every token streamed to the client so far, in order: what a migration replays.
+    generated: Vec<u32>,
+    /// Generated tokens replayed after the prompt since its latest migration (0: never
+    /// migrated): its input is `prompt ++ generated[..resumed]`, and its next sample follows.
+    resumed: usize,
+    /// How many plans it lost.
+    migrations: u32,
+    /// Since when it waits for a new plan to replay into (`None` once its replay started).
+    stranded_since: Option<Instant>,
     span: tracing::Span,
-    _kv: KvReservation,
+    kv: KvReservation,
 }
 
 /// The scheduler task's state.
@@ -219,12 +238,16 @@ impl Scheduler {
             if self.link.as_ref().map(|l| l.epoch) != serving.as_ref().map(|s| s.epoch)
                 && let Some(link) = self.link.take()
             {
-                self.fail_running(&format!(
+                self.migrate_running(&format!(
                     "the plan of epoch {} stopped serving (a worker was lost)",
                     link.epoch
                 ));
             }
+            if serving.is_none() && !self.cluster.replica().is_leading() {
+                self.abdicate();
+            }
             self.expire_queue(serving.is_some());
+            self.expire_stranded(serving.is_some());
             self.publish_load();
             let Some(serving) = serving else {
                 if !self.wait_for_work(true).await {
@@ -293,11 +316,19 @@ impl Scheduler {
             .queue
             .iter()
             .map(|s| s.req.received + wait)
+            .chain(
+                self.running
+                    .iter()
+                    .filter_map(|s| s.stranded_since.map(|t| t + wait)),
+            )
             .min()
             .filter(|_| deadlines);
-        // While requests wait, look at the queue every QUEUE_SWEEP too: one whose client
-        // left gives its place back then, not only when something else wakes the task.
-        let sweep = (!self.queue.is_empty()).then(|| Instant::now() + QUEUE_SWEEP);
+        // While requests wait (queued, or stranded by a lost plan), look at them every
+        // QUEUE_SWEEP too: one whose client left gives its place back then, not only when
+        // something else wakes the task.
+        let waiting =
+            !self.queue.is_empty() || self.running.iter().any(|s| s.stranded_since.is_some());
+        let sweep = waiting.then(|| Instant::now() + QUEUE_SWEEP);
         let deadline = match (expiry, sweep) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -353,9 +384,9 @@ impl Scheduler {
                 let why = reason
                     .clone()
                     .unwrap_or_else(|| format!("waited {wait:?} for enough workers"));
-                let _ = s
-                    .events
-                    .send(Err(unavailable(format!("no plan serves the model: {why}"))));
+                let _ = s.events.send(Err(final_unavailable(format!(
+                    "no plan serves the model: {why}"
+                ))));
                 return false;
             }
             true
@@ -388,12 +419,31 @@ impl Scheduler {
             self.cluster
                 .metrics
                 .queued_for(s.req.received.elapsed().as_secs_f64());
+            // A resumed request (see `migrate`) replays what its client already has: the
+            // output stream reads those tokens without sending them, the workers get them
+            // after the prompt, and the stream goes on from the next one.
+            let generated = s.req.resume.clone();
+            let mut output = self.frontend.output(&s.req.inner);
+            let mut done = None;
+            for &t in &generated {
+                done = output
+                    .push(SampledToken {
+                        id: t,
+                        logprob: None,
+                        top_logprobs: Vec::new(),
+                    })
+                    .1;
+            }
             self.running.push(Seq {
                 id,
-                output: self.frontend.output(&s.req.inner),
+                output,
                 req: s.req,
                 events: s.events,
                 prefilled: adm.cached_tokens,
+                chunks: (adm.cached_tokens > 0)
+                    .then_some(adm.cached_tokens as u32)
+                    .into_iter()
+                    .collect(),
                 chain: adm.chain,
                 next: None,
                 started: false,
@@ -401,9 +451,20 @@ impl Scheduler {
                 last_step: 0,
                 first_token: None,
                 last_token: None,
+                resumed: generated.len(),
+                generated,
+                migrations: 0,
+                stranded_since: None,
                 span: s.span,
-                _kv: adm.reservation,
+                kv: adm.reservation,
             });
+            if let Some(reason) = done {
+                // What the client has already ends the request (a stop string it holds):
+                // it needed only its Finished event.
+                if let Some(s) = self.running.pop() {
+                    self.finish(s, reason);
+                }
+            }
         }
     }
 

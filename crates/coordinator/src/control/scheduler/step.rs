@@ -11,7 +11,7 @@ use tessera_proto::v1 as pb;
 use tessera_text::frontend::Frontend;
 use tessera_text::sampling::{FinishReason, SampledToken};
 
-use super::{Scheduler, Seq, unavailable};
+use super::{Scheduler, Seq};
 
 impl Scheduler {
     /// The next step: one micro-batch of the running sequences not in flight — one decode
@@ -54,6 +54,7 @@ impl Scheduler {
             let s = &mut self.running[i];
             s.in_step = Some(step_id);
             s.last_step = step_id;
+            s.chunks.push(1);
             seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens: s.next.into_iter().collect(),
@@ -66,28 +67,35 @@ impl Scheduler {
             .iter_mut()
             .filter(|s| s.in_step.is_none() && s.next.is_none())
         {
-            let prompt = &s.req.inner.prompt_ids;
-            let left = prompt.len() - s.prefilled;
+            // The prompt, then (after a migration) the generated tokens it replays.
+            let input = s.input_len();
+            let left = input - s.prefilled;
             if budget == 0 || room == 0 || left == 0 {
                 continue;
             }
-            let n = left.min(chunk).min(budget);
+            let n = s.next_chunk(chunk, budget);
+            if n == 0 {
+                continue;
+            }
             budget -= n;
             room -= 1;
-            let tokens = prompt[s.prefilled..s.prefilled + n].to_vec();
+            let tokens = s.input(s.prefilled, n);
+            s.record_chunk(n);
             s.prefilled += n;
             let start = (!s.started).then(|| cpb::SeqStart {
                 cached_tokens: (s.chain.len() * cfg.block_size.max(1) as usize) as u32,
                 cached_blocks: s.chain.clone(),
+                generated: s.generated[..s.resumed].to_vec(),
                 ..s.req.seq_start()
             });
             s.started = true;
+            s.stranded_since = None;
             s.in_step = Some(step_id);
             s.last_step = step_id;
             seqs.push(cpb::SeqStep {
                 seq_id: s.id,
                 tokens,
-                sample: s.prefilled == prompt.len(),
+                sample: s.prefilled == input,
                 start,
             });
         }
@@ -121,17 +129,23 @@ impl Scheduler {
             .running
             .iter_mut()
             .find(|s| s.in_step.is_none() && !s.started)?;
-        let prompt = &s.req.inner.prompt_ids;
-        let tokens = prompt[s.prefilled..].to_vec();
-        s.prefilled = prompt.len();
+        // A migrated sequence replays its generated tokens in the same step (see `migrate`).
+        let input = s.input_len();
+        let tokens = s.input(s.prefilled, input - s.prefilled);
+        s.record_chunk(tokens.len());
+        s.prefilled = input;
         s.started = true;
+        s.stranded_since = None;
         s.in_step = Some(step_id);
         s.last_step = step_id;
         let seq = cpb::SeqStep {
             seq_id: s.id,
             tokens,
             sample: true,
-            start: Some(s.req.seq_start()),
+            start: Some(cpb::SeqStart {
+                generated: s.generated[..s.resumed].to_vec(),
+                ..s.req.seq_start()
+            }),
         };
         self.next_step += 1;
         Some(cpb::StepRequest {
@@ -220,13 +234,14 @@ impl Scheduler {
                 self.cluster.metrics.request_ended("cancelled");
                 self.retire(s);
             } else {
+                s.generated.push(t.id);
                 s.next = Some(t.id);
             }
         }
     }
 
     /// Sends a sequence's Finished event and retires it.
-    fn finish(&mut self, mut s: Seq, reason: FinishReason) {
+    pub(super) fn finish(&mut self, mut s: Seq, reason: FinishReason) {
         let now = Instant::now();
         let received = s.req.received;
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -261,21 +276,6 @@ impl Scheduler {
             })),
         }));
         self.retire(s);
-    }
-
-    /// Ends every running request with UNAVAILABLE; their sequences die with the stream.
-    pub(super) fn fail_running(&mut self, msg: &str) {
-        for s in self.running.drain(..) {
-            s.span
-                .in_scope(|| tracing::warn!(error = msg, "request failed"));
-            self.cluster.metrics.request_ended("unavailable");
-            let _ = s.events.send(Err(unavailable(msg.to_owned())));
-        }
-        // The stream that held them is gone, and with it their state on every worker: their
-        // KV, and the stream's prefix stores.
-        self.release.clear();
-        self.kv.reset_prefix();
-        self.publish_load();
     }
 }
 
