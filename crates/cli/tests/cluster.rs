@@ -250,7 +250,9 @@ fn streams_survive(
 
 /// Ensures that `kill -9` of a worker mid-generation costs its clients nothing: a greedy and
 /// a seeded temperature-0.8 stream in flight are migrated to the plan on the surviving
-/// workers and finish with no error and exactly the fault-free tokens and logprobs.
+/// workers and finish with no error and exactly the fault-free tokens and logprobs; and that
+/// a worker joining while streams run is adopted at once (a new plan under load), its
+/// streams migrated onto it just as unchanged.
 #[test]
 fn killed_worker_s_requests_migrate_with_identical_tokens() {
     let Some(model) = model() else { return };
@@ -261,6 +263,17 @@ fn killed_worker_s_requests_migrate_with_identical_tokens() {
     let status = cluster.status();
     assert_eq!(status.workers.len(), 2, "{status:#?}");
     assert!(status.plan_epoch > epoch);
+    let epoch = status.plan_epoch;
+    let delay = streams_survive(&mut cluster, |c| {
+        c.add_worker(1, "1GiB");
+    });
+    eprintln!("adopting a joiner delayed the streams by at most {delay:?}");
+    let status = cluster.status();
+    assert_eq!(status.workers.len(), 3, "{status:#?}");
+    assert!(
+        status.plan_epoch > epoch && status.workers.iter().all(|w| w.shard.is_some()),
+        "the joiner was not adopted: {status:#?}"
+    );
     let metrics = scrape(&cluster.metrics);
     assert!(
         metrics.contains("tessera_request_migrations_total{model_name="),

@@ -3,8 +3,9 @@
 //! Re-plan = planner over the live workers → `SetPlan` → `LoadShard` on every worker of the
 //! plan, concurrently (each told the next stage's address) → `PlanReady`. It re-plans at once
 //! when the cluster is not ready (first plan, a plan worker dropped, a broken pipeline), and
-//! when a worker joined and the planner would now use it, only while no request is running or
-//! waiting, so adopting it interrupts nothing. A worker whose load fails is dropped (it
+//! when a worker joined and the planner would now use it — under load too: the scheduler
+//! migrates the running requests onto the new plan (see its `migrate` module), so adopting a
+//! joiner costs them a pause while the shards load, not their answers. A worker whose load fails is dropped (it
 //! registers again if it is alive) and planning starts over — except a worker that only
 //! reports that a tensor-parallel peer could not be reached: that peer is dropped instead
 //! ([`to_drop`]).
@@ -91,9 +92,6 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     let st = cluster.state();
     let failed = cluster.replan.failed_epoch() >= st.plan_epoch() && st.plan_epoch() > 0;
     let ready = st.ready() && !failed;
-    if ready && cluster.load.busy() {
-        return Ok(());
-    }
     let Some(plan) = candidate(cluster)? else {
         if st.plan().is_some() {
             // No workers left: no plan.
