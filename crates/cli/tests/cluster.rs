@@ -407,19 +407,10 @@ fn python_client_streams_an_answer() {
 fn up_answers_a_prompt_and_stops() {
     let Some(model) = model() else { return };
     let out = tessera()
-        .command()
+        .up(&model)
         .args([
-            "up",
             "--workers",
             "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--threads-per-worker",
-            "1",
-            "--memory",
-            "1GiB",
-            "--model",
-            &model,
             "--max-tokens",
             "8",
             "--prompt",

@@ -31,20 +31,8 @@ impl Up {
     /// Starts `tessera up` serving `model` and waits until it prints its endpoint (ready).
     fn start(model: &str) -> Self {
         let mut child = tessera()
-            .command()
-            .args([
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--workers",
-                "2",
-                "--threads-per-worker",
-                "1",
-                "--memory",
-                "1GiB",
-                "--model",
-                model,
-            ])
+            .up(model)
+            .args(["--workers", "2"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -98,30 +98,27 @@ fn two_ranks_split_the_model_and_repeat_their_output() {
     assert_eq!(ids_and_logprobs(&first), ids_and_logprobs(&again));
 }
 
-/// Ensures that `kill -9` of a rank fails its group's in-flight request with UNAVAILABLE
-/// within two heartbeat timeouts, that the cluster then says why it cannot serve (one worker
-/// is no group of two), and that it re-plans and serves again once a worker joins.
+/// Ensures that `kill -9` of a tensor-parallel rank costs its group's in-flight request
+/// nothing: the cluster says why it cannot serve meanwhile (one worker is no group of two),
+/// and once a worker joins, the request is migrated onto the new group and finishes with no
+/// error and exactly the tokens and logprobs of a fault-free run. (The request may wait over
+/// 30 s: the first re-plan still names the dead rank, whose survivor waits 30 s for it to
+/// connect — hence a longer `--ready-wait-ms` here; see the note on step timeouts.)
 #[test]
-fn a_killed_rank_fails_its_requests_and_the_cluster_replans() {
+fn a_killed_rank_s_request_migrates_to_the_new_group() {
     let Some(model) = model() else { return };
     let mut c = ProcessCluster::start_with(
         &tessera(),
         &model,
         &[(1, "1GiB"), (1, "1GiB")],
-        &["--tp", "2"],
+        &["--tp", "2", "--ready-wait-ms", "90000"],
     );
     let epoch = c.wait_ready(Duration::from_secs(60)).plan_epoch;
-    let mut stream = c.stream_started(long("Tell me a long story about the sea", 2000), 4);
+    let req = || long("Tell me a long story about the sea", 40);
+    let fault_free = ids_and_logprobs(&c.generate(req()).expect("fault-free run"));
+    let (mut stream, mut got) = c.stream_begun(req(), 4);
     c.kill_worker(1);
     let killed = Instant::now();
-    let err = c.stream_error(&mut stream);
-    let took = killed.elapsed();
-    eprintln!("in-flight request ended {took:?} after kill -9: {err:?}");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(
-        took < Duration::from_millis(2 * tessera_testkit::HEARTBEAT_TIMEOUT_MS),
-        "{took:?}"
-    );
     // One worker left: no group of two, and no plan serves.
     let deadline = Instant::now() + Duration::from_secs(10);
     while c.status().ready {
@@ -129,6 +126,23 @@ fn a_killed_rank_fails_its_requests_and_the_cluster_replans() {
         std::thread::sleep(Duration::from_millis(100));
     }
     c.add_worker(1, "1GiB");
+    let rest =
+        c.rt.block_on(tessera_testkit::finish_stream(
+            &mut stream,
+            Duration::from_secs(120),
+        ))
+        .expect("the stream survives the rank's death");
+    eprintln!(
+        "the rank's death and a joiner delayed the stream by {:?} ({:?} after the kill)",
+        rest.longest_gap,
+        killed.elapsed()
+    );
+    got.extend(rest.tokens);
+    assert_eq!(
+        ids_and_logprobs(&got),
+        fault_free,
+        "the stream changed across the loss"
+    );
     let s = c.wait_ready(Duration::from_secs(60));
     assert!(s.plan_epoch > epoch, "{s:#?}");
     assert_eq!(shards(&s).len(), 2, "{s:#?}");

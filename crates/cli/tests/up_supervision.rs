@@ -40,20 +40,8 @@ impl Up {
     /// certificate directory `certs`) with `extra` arguments, and waits until it is ready.
     fn start(model: &str, certs: &Path, extra: &[&str]) -> Self {
         let mut child = tessera()
-            .command()
-            .args([
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--threads-per-worker",
-                "1",
-                "--memory",
-                "1GiB",
-                "--model",
-                model,
-                "--certs",
-                &certs.to_string_lossy(),
-            ])
+            .up(model)
+            .args(["--certs", &certs.to_string_lossy()])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

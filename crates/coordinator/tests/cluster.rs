@@ -91,9 +91,9 @@ async fn generate(
 }
 
 /// Ensures that a coordinator with three uneven workers streams greedy outputs and logprobs
-/// identical to the engine, alone and 8 at once, and that losing a worker mid-generation ends
-/// the stream with UNAVAILABLE within two heartbeat timeouts, after which the survivors serve
-/// the same outputs.
+/// identical to the engine, alone and 8 at once, and that losing a worker mid-generation
+/// costs the stream nothing: it is migrated to the survivors and finishes with exactly the
+/// tokens and logprobs of a fault-free run, and the survivors serve the same outputs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_equals_engine_and_survives_a_lost_worker() {
     let Some(path) = tessera_testkit::smollm2_gguf() else {
@@ -193,23 +193,41 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
     );
 
     // Lose the middle worker while a long request runs.
-    let mut c = client.clone();
-    let long = tokio::spawn(async move {
+    let long_request = || {
         let mut req = request(PROMPTS[3]);
         req.stop = Some(pb::StopConditions {
-            max_tokens: Some(400),
+            max_tokens: Some(120),
             ignore_eos: true,
             ..Default::default()
         });
-        let mut stream = c.generate(req).await.expect("generate").into_inner();
-        let mut tokens = 0;
+        req
+    };
+    let mut c = client.clone();
+    let long = tokio::spawn(async move {
+        let mut stream = c
+            .generate(long_request())
+            .await
+            .expect("generate")
+            .into_inner();
+        let mut tokens = Vec::new();
         loop {
             match tokio::time::timeout(WAIT, stream.message())
                 .await
                 .expect("in time")
             {
-                Ok(Some(_)) => tokens += 1,
-                Ok(None) => return (tokens, None, Instant::now()),
+                Ok(Some(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Token(t)),
+                })) => tokens.push((t.id, t.logprob)),
+                Ok(Some(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Finished(_)),
+                })) => return (tokens, None, Instant::now()),
+                Ok(_) => {
+                    return (
+                        tokens,
+                        Some(tonic::Status::internal("unfinished")),
+                        Instant::now(),
+                    );
+                }
                 Err(s) => return (tokens, Some(s), Instant::now()),
             }
         }
@@ -219,18 +237,16 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
     let killed = Instant::now();
     victim.shutdown().await.expect("shutdown");
     let (tokens, err, ended) = long.await.expect("task");
-    let err = err.expect("the stream must fail");
-    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(tokens > 0, "it was generating");
-    assert!(
-        ended.duration_since(killed) < 2 * HEARTBEAT_TIMEOUT,
-        "failed after {:?}",
-        ended.duration_since(killed)
-    );
+    assert!(err.is_none(), "the stream failed across the loss: {err:?}");
     eprintln!(
-        "lost worker: UNAVAILABLE after {:?}",
+        "lost worker: the stream finished {:?} after it",
         ended.duration_since(killed)
     );
+    let free = collect_finished(&mut client, long_request(), Some(WAIT))
+        .await
+        .expect("fault-free run");
+    let free: Vec<_> = free.tokens.iter().map(|t| (t.id, t.logprob)).collect();
+    assert_eq!(tokens, free, "the stream changed across the loss");
 
     let s = wait_ready(&mut client, 2).await;
     assert_eq!(s.workers.len(), 2);

@@ -161,11 +161,11 @@ async fn micro_batches_equal_one_step_in_flight_and_the_engine() {
     );
 }
 
-/// Ensures that when a stage dies with micro-batches in flight, every running request ends
-/// with UNAVAILABLE within two heartbeat timeouts, and the surviving stage frees every
-/// sequence of the lost stream.
+/// Ensures that when a stage dies with micro-batches in flight, every running request is
+/// migrated to the plan on the surviving worker and finishes with no error and exactly the
+/// tokens and logprobs of a fault-free run, and that the survivor then holds no sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_stage_dying_fails_every_micro_batch() {
+async fn a_stage_dying_migrates_every_micro_batch() {
     let Some(model) = tessera_testkit::smollm2_gguf() else {
         return;
     };
@@ -187,20 +187,23 @@ async fn a_stage_dying_fails_every_micro_batch() {
                     stop.ignore_eos = true;
                 }
                 let mut stream = c.generate(req).await.expect("generate").into_inner();
-                let mut tokens = 0;
+                let mut tokens = Vec::new();
                 loop {
                     let ev = tokio::time::timeout(WAIT, stream.message()).await;
                     match ev.expect("an event in time") {
                         Ok(Some(pb::GenerateEvent {
-                            event: Some(pb::generate_event::Event::Token(_)),
+                            event: Some(pb::generate_event::Event::Token(t)),
                         })) => {
-                            tokens += 1;
-                            if tokens == 1 {
+                            tokens.push((t.id, t.logprob));
+                            if tokens.len() == 1 {
                                 let _ = first.send(());
                             }
                         }
-                        Ok(_) => return (tokens, None, Instant::now()),
-                        Err(s) => return (tokens, Some(s), Instant::now()),
+                        Ok(Some(pb::GenerateEvent {
+                            event: Some(pb::generate_event::Event::Finished(_)),
+                        })) => return Ok(tokens),
+                        Ok(_) => return Err(format!("ended unfinished after {}", tokens.len())),
+                        Err(s) => return Err(format!("{s:?} after {} tokens", tokens.len())),
                     }
                 }
             })
@@ -218,15 +221,31 @@ async fn a_stage_dying_fails_every_micro_batch() {
     let victim = workers.pop().expect("two workers");
     let killed = Instant::now();
     victim.shutdown().await.expect("shutdown");
+    let mut faulted = Vec::new();
     for (i, t) in tasks.into_iter().enumerate() {
-        let (tokens, err, ended) = t.await.expect("task");
-        let err = err.unwrap_or_else(|| panic!("stream {i} must fail after {tokens} tokens"));
-        assert_eq!(err.code(), tonic::Code::Unavailable, "{i}: {err:?}");
-        let after = ended.duration_since(killed);
-        assert!(after < 2 * HEARTBEAT_TIMEOUT, "{i} failed after {after:?}");
+        let tokens = t
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("stream {i} failed across the loss: {e}"));
+        faulted.push(tokens);
     }
-    eprintln!("every stream UNAVAILABLE within {:?}", killed.elapsed());
-    // The survivor's stream closed with the coordinator's: its sequences are gone.
+    eprintln!(
+        "every stream finished {:?} after the loss",
+        killed.elapsed()
+    );
+    for (i, tokens) in faulted.iter().enumerate() {
+        let mut c = client.clone();
+        let mut req = greedy_with_logprobs(PROMPTS[i % PROMPTS.len()], 80, 0);
+        if let Some(stop) = req.stop.as_mut() {
+            stop.ignore_eos = true;
+        }
+        let free = collect_finished(&mut c, req, Some(WAIT))
+            .await
+            .expect("fault-free run");
+        let free: Tokens = free.tokens.iter().map(|t| (t.id, t.logprob)).collect();
+        assert_eq!(tokens, &free, "stream {i} changed across the loss");
+    }
+    // Every request has finished: the survivor holds no sequence.
     let deadline = Instant::now() + SETTLE;
     while !idle(&workers[0].shard().status()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

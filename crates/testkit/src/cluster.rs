@@ -181,30 +181,6 @@ impl ProcessCluster {
         self.rt.block_on(collect(&mut c, req))
     }
 
-    /// Starts `req` and reads its first `tokens` events: a stream known to be generating.
-    ///
-    /// # Panics
-    /// When the request fails or the stream ends before `tokens` events.
-    pub fn stream_started(
-        &self,
-        req: pb::GenerateRequest,
-        tokens: usize,
-    ) -> tonic::Streaming<pb::GenerateEvent> {
-        let mut c = self.client();
-        let mut stream = self
-            .rt
-            .block_on(c.generate(req))
-            .expect("start")
-            .into_inner();
-        for _ in 0..tokens {
-            self.rt
-                .block_on(stream.message())
-                .expect("tokens before the failure")
-                .expect("stream open");
-        }
-        stream
-    }
-
     /// Starts `req` and reads its first `tokens` token events: a stream known to be
     /// generating, and what it gave so far.
     ///

@@ -55,6 +55,24 @@ impl Tessera {
         Command::new(&self.bin)
     }
 
+    /// `tessera up` serving `model` on free loopback ports, one compute thread and 1 GiB per
+    /// worker: what the tests of `up` start from (more arguments go on the command).
+    pub fn up(&self, model: &str) -> Command {
+        let mut c = self.command();
+        c.args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads-per-worker",
+            "1",
+            "--memory",
+            "1GiB",
+            "--model",
+            model,
+        ]);
+        c
+    }
+
     /// Starts `tessera ARGS…` and returns it with the address from its "listening on" line (a
     /// coordinator's public address).
     ///
