@@ -6,8 +6,8 @@ Usage: python client.py [--endpoint 127.0.0.1:50051[,HOST:PORT...]] [--max-token
 Prints the text as it arrives, then one line on stderr: the finish reason and usage.
 
 Resumes transparently: when the coordinator it streams from dies mid-answer (the stream
-breaks with UNKNOWN, or UNAVAILABLE not marked final), it sends the same request to the next
-endpoint of --endpoint (or the same one again) with the request id and seed the first
+breaks with UNKNOWN or CANCELLED, or UNAVAILABLE not marked final), it sends the same request
+to the next endpoint of --endpoint (or the same one again) with the request id and seed the first
 response named (headers x-request-id and x-tessera-seed) and a Resume of the token ids it
 already has; the cluster continues with exactly the tokens the broken stream would have sent.
 """
@@ -29,7 +29,7 @@ RETRY_PAUSE_S = 0.5
 
 def resumable(e: grpc.RpcError) -> bool:
     """A torn connection, or UNAVAILABLE that the cluster did not mark final."""
-    if e.code() == grpc.StatusCode.UNKNOWN:
+    if e.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED):
         return True
     if e.code() != grpc.StatusCode.UNAVAILABLE:
         return False

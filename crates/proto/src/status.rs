@@ -54,11 +54,13 @@ pub fn final_unavailable(message: String) -> Status {
 
 /// Whether a generate stream that broke with `status` may be resumed on another coordinator
 /// (a `Resume` of the tokens received): its connection was torn (`UNKNOWN`, see
-/// [`lost_peer`]), or its coordinator said `UNAVAILABLE` without marking it final (it died,
-/// or stopped leading).
+/// [`lost_peer`], or `CANCELLED` — what the transport reports when the connection under a
+/// stream is dropped; tessera servers never send it, and tessera's clients cancel nothing they
+/// would resume), or its coordinator said `UNAVAILABLE` without marking it final (it died, or
+/// stopped leading).
 pub fn resumable(status: &Status) -> bool {
     match status.code() {
-        Code::Unknown => true,
+        Code::Unknown | Code::Cancelled => true,
         Code::Unavailable => status.metadata().get(FINAL_KEY).is_none(),
         _ => false,
     }
@@ -95,6 +97,7 @@ mod tests {
     #[test]
     fn resumable_statuses() {
         assert!(resumable(&Status::unknown("h2 protocol error")));
+        assert!(resumable(&Status::cancelled("operation was canceled")));
         assert!(resumable(&Status::unavailable(
             "the leader stopped leading"
         )));
@@ -104,7 +107,7 @@ mod tests {
         for code in [
             Code::InvalidArgument,
             Code::DeadlineExceeded,
-            Code::Cancelled,
+            Code::ResourceExhausted,
         ] {
             assert!(!resumable(&Status::new(code, "x")), "{code:?}");
         }
