@@ -43,6 +43,25 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// sends as its `sampling.seed`).
 pub const SEED_HEADER: &str = "x-tessera-seed";
 
+/// Pins `request` to the request id and seed its first response named in `headers`
+/// ([`REQUEST_ID_HEADER`], [`SEED_HEADER`]), where the request did not set them, so that
+/// resuming it continues that very request.
+pub fn pin_to_response(
+    request: &mut crate::v1::GenerateRequest,
+    headers: &tonic::metadata::MetadataMap,
+) {
+    let read = |key| headers.get(key).and_then(|v| v.to_str().ok());
+    if request.request_id.is_empty()
+        && let Some(id) = read(REQUEST_ID_HEADER)
+    {
+        request.request_id = id.to_owned();
+    }
+    let sampling = request.sampling.get_or_insert_with(Default::default);
+    if sampling.seed.is_none() {
+        sampling.seed = read(SEED_HEADER).and_then(|s| s.parse().ok());
+    }
+}
+
 /// `UNAVAILABLE` with `message` that a client should not resume elsewhere: no plan serves the
 /// model, or the request itself keeps losing its workers.
 pub fn final_unavailable(message: String) -> Status {

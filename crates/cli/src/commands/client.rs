@@ -295,7 +295,7 @@ pub async fn stream_generate_resuming(
             Ok(mut client) => match client.generate(request.clone()).await {
                 Err(s) => s,
                 Ok(resp) => {
-                    pin(&mut request, resp.metadata());
+                    status::pin_to_response(&mut request, resp.metadata());
                     let mut stream = resp.into_inner();
                     loop {
                         match stream.message().await {
@@ -328,22 +328,6 @@ pub async fn stream_generate_resuming(
             tokens: done.tokens.clone(),
         });
         tokio::time::sleep(RESUME_PAUSE).await;
-    }
-}
-
-/// Pins `request` to the request id and seed its first response named, so that resuming it
-/// continues that very request.
-fn pin(request: &mut GenerateRequest, headers: &tonic::metadata::MetadataMap) {
-    use tessera_proto::status::{REQUEST_ID_HEADER, SEED_HEADER};
-    let read = |key| headers.get(key).and_then(|v| v.to_str().ok());
-    if request.request_id.is_empty()
-        && let Some(id) = read(REQUEST_ID_HEADER)
-    {
-        request.request_id = id.to_owned();
-    }
-    let sampling = request.sampling.get_or_insert_with(Default::default);
-    if sampling.seed.is_none() {
-        sampling.seed = read(SEED_HEADER).and_then(|s| s.parse().ok());
     }
 }
 

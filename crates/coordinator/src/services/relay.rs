@@ -93,7 +93,8 @@ impl Relay {
             events,
         };
         let (stream, headers) = relay.forward(leader).await?;
-        relay.pin(&headers);
+        // Pinned to the id and seed of the first response, so a resumption continues it.
+        status::pin_to_response(&mut relay.req, &headers);
         tokio::spawn(relay.run(stream));
         // Only the request's own headers: the rest (content type, date) are this hop's.
         let mut client = MetadataMap::new();
@@ -103,21 +104,6 @@ impl Relay {
             }
         }
         Ok(client)
-    }
-
-    /// Pins the request to the id and seed the first response named, so that a resumption
-    /// continues that very request.
-    fn pin(&mut self, headers: &MetadataMap) {
-        let read = |key| headers.get(key).and_then(|v| v.to_str().ok());
-        if self.req.request_id.is_empty()
-            && let Some(id) = read(status::REQUEST_ID_HEADER)
-        {
-            self.req.request_id = id.to_owned();
-        }
-        let sampling = self.req.sampling.get_or_insert_with(Default::default);
-        if sampling.seed.is_none() {
-            sampling.seed = read(status::SEED_HEADER).and_then(|s| s.parse().ok());
-        }
     }
 
     /// Relays `stream` to the client, resuming it when it breaks (see the module docs). Ends
