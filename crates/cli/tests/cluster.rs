@@ -11,8 +11,8 @@ use tessera_model::engine::{Engine, EngineOptions, GenerateRequest, Prompt};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{
-    KV_TOKENS, ProcessCluster, Tessera, collect, finish_stream, ids_and_logprobs, python, scrape,
-    seeded_exact, signal, smollm2_arg as model,
+    KV_TOKENS, ProcessCluster, Tessera, collect, finish_stream, ids_and_logprobs, python, sample,
+    scrape, seeded_exact, signal, smollm2_arg as model,
 };
 use tessera_text::sampling::{SamplingParams, StopConditions};
 
@@ -279,6 +279,66 @@ fn killed_worker_s_requests_migrate_with_identical_tokens() {
         metrics.contains("tessera_request_migrations_total{model_name="),
         "{metrics}"
     );
+}
+
+/// Ensures that a worker whose executor wedges mid-stream while its heartbeats go on (the
+/// `wedge-at-step` failpoint: a deadlock, a hung device) is found by the step timeout — its
+/// heartbeats show it stuck on the step — and dropped, that the streams it held up migrate to
+/// the other workers with exactly the fault-free tokens and logprobs, and that it does not
+/// register again while its executor stays stuck.
+#[test]
+fn wedged_worker_is_found_by_the_step_timeout() {
+    let Some(model) = model() else { return };
+    let mut cluster = start_cluster(&model, &[(1, "1GiB"), (1, "1GiB")]);
+    let fault_free: Vec<_> = survivors()
+        .into_iter()
+        .map(|r| ids_and_logprobs(&cluster.generate(r).expect("fault-free run")))
+        .collect();
+    // The third worker wedges on its 20th step: the streams below take about 40 steps, so it
+    // happens mid-stream however they are batched.
+    cluster.add_worker_with(1, "1GiB", &["--failpoint", "wedge-at-step=20"]);
+    let start = Instant::now();
+    while !cluster
+        .status()
+        .workers
+        .iter()
+        .filter(|w| w.shard.is_some())
+        .count()
+        .eq(&3)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the third worker was not adopted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.wait_ready(Duration::from_secs(60));
+    let mut delay = Duration::ZERO;
+    let mut streams: Vec<_> = survivors()
+        .into_iter()
+        .map(|r| cluster.stream_begun(r, 1))
+        .collect();
+    for (i, (stream, first)) in streams.iter_mut().enumerate() {
+        let rest = cluster
+            .rt
+            .block_on(finish_stream(stream, Duration::from_secs(120)))
+            .unwrap_or_else(|e| panic!("stream {i} failed across the wedge: {e:?}"));
+        delay = delay.max(rest.longest_gap);
+        first.extend(rest.tokens);
+        assert_eq!(ids_and_logprobs(first), fault_free[i], "stream {i} changed");
+    }
+    eprintln!("the wedged worker delayed the streams by at most {delay:?}");
+    let metrics = scrape(&cluster.metrics);
+    assert_eq!(
+        sample(&metrics, "tessera_wedged_workers_dropped_total"),
+        1.0,
+        "{metrics}"
+    );
+    // Stuck for good: heartbeating still, it is told it is unknown, and does not register.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = cluster.status();
+    assert_eq!(status.workers.len(), 2, "{status:#?}");
+    assert!(status.ready, "{status:#?}");
 }
 
 /// Ensures that every kind of bad request is INVALID_ARGUMENT naming its field, and that the

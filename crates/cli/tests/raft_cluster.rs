@@ -300,14 +300,59 @@ fn minority_partition_cannot_commit() {
     );
 }
 
-/// Ensures that a full-cluster restart from disk comes back with the same workers and plan, and
-/// serves again without re-planning.
+/// Ensures that a client's deadline reaches the leader through a follower — a request far too
+/// long for its 300 ms ends DEADLINE_EXCEEDED in bounded time and the leader stops computing
+/// it at once, so the next request is not held up behind it — and that a full-cluster restart
+/// from disk comes back with the same workers and plan, and serves again without re-planning.
 #[test]
-fn full_restart_from_disk_keeps_the_state() {
+fn deadlines_reach_the_leader_and_a_restart_keeps_the_state() {
     let Some(model) = model() else { return };
     let mut c = RaftCluster::start(&tessera(), &model, "restart", 1);
-    let (before, _) = c.wait_ready(0, Duration::from_secs(90));
+    let (before, leader) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(c.generate(0, request(4)).expect("serves"), 4);
+
+    // 400 tokens take the one worker ~10 s: the deadline cuts it short on every hop.
+    let follower = (leader + 1) % 3;
+    let mut call = tonic::Request::new(request(400));
+    call.set_timeout(Duration::from_millis(300));
+    let sent = Instant::now();
+    let mut client = c.client(follower);
+    let err =
+        c.rt.block_on(async {
+            let mut stream = client.generate(call).await?.into_inner();
+            while stream.message().await?.is_some() {}
+            Ok::<_, tonic::Status>(())
+        })
+        .expect_err("a 400-token request cannot finish in 300 ms");
+    let ended = sent.elapsed();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        ended < Duration::from_secs(3),
+        "the deadline ended it after {ended:?}"
+    );
+    let stop = Instant::now() + Duration::from_secs(2);
+    let idle = loop {
+        let running = c.status(leader).expect("leader status").running_requests;
+        if running == 0 {
+            break sent.elapsed();
+        }
+        assert!(
+            Instant::now() < stop,
+            "the leader still runs the expired request {:?} after its deadline",
+            sent.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let next = Instant::now();
+    assert_eq!(
+        c.generate(follower, request(4)).expect("the next request"),
+        4
+    );
+    eprintln!(
+        "deadline: DEADLINE_EXCEEDED {ended:?} after sending, the leader idle {idle:?} after \
+         sending; the next request took {:?}",
+        next.elapsed()
+    );
     for i in 0..3 {
         c.kill_coordinator(i);
     }

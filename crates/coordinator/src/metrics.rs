@@ -67,6 +67,8 @@ pub struct Metrics {
     prefix_evicted: Counter,
     migrations: Counter,
     replayed_tokens: Counter,
+    step_timeouts: Counter,
+    wedged_workers: Counter,
 }
 
 impl Default for Metrics {
@@ -251,6 +253,18 @@ impl Metrics {
             "Tokens (prompt and generated so far) replayed into new plans by migrations",
             Counter::default(),
         );
+        let step_timeouts = reg(
+            r,
+            "step_timeouts",
+            "Pipeline steps that had no answer within the step timeout",
+            Counter::default(),
+        );
+        let wedged_workers = reg(
+            r,
+            "wedged_workers_dropped",
+            "Workers dropped because their executor stayed on one step past the step timeout",
+            Counter::default(),
+        );
         Self {
             registry: std::mem::take(r),
             requests,
@@ -279,7 +293,15 @@ impl Metrics {
             prefix_evicted,
             migrations,
             replayed_tokens,
+            step_timeouts,
+            wedged_workers,
         }
+    }
+
+    /// Counts a step that timed out and the wedged workers dropped for it.
+    pub fn step_timed_out(&self, wedged: u64) {
+        self.step_timeouts.inc();
+        self.wedged_workers.inc_by(wedged);
     }
 
     /// Counts a running sequence moved to a new plan after its plan lost a worker, with the

@@ -225,12 +225,21 @@ impl ProcessCluster {
     /// # Panics
     /// When the process does not start.
     pub fn add_worker(&mut self, threads: u32, memory: &str) -> usize {
+        self.add_worker_with(threads, memory, &[])
+    }
+
+    /// As [`ProcessCluster::add_worker`], with more worker arguments (e.g. a `--failpoint`).
+    ///
+    /// # Panics
+    /// When the process does not start.
+    pub fn add_worker_with(&mut self, threads: u32, memory: &str, extra: &[&str]) -> usize {
         let i = self.workers.len();
         let name = format!("w{i}");
-        let dirs: Vec<&str> = self.model_dirs.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = self.model_dirs.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
         let child =
             self.tessera
-                .spawn_worker(&self.cluster_endpoint, threads, memory, Some(&name), &dirs);
+                .spawn_worker(&self.cluster_endpoint, threads, memory, Some(&name), &args);
         self.workers.push(Some(child));
         i
     }

@@ -63,4 +63,6 @@ pub struct WorkerConfig {
     pub connections: tessera_tls::Limits,
     /// Which models LoadShard may open (the binary: the model store and `--model-dir`s).
     pub model_paths: crate::ModelPaths,
+    /// A fault to inject, for failure tests (`--failpoint`, hidden); `None` in production.
+    pub failpoint: Option<crate::Failpoint>,
 }

@@ -8,6 +8,7 @@
 //!   up to [`MAX_IN_FLIGHT`] steps in flight on it.
 //! - `group`: tensor-parallel groups — the peer port, the links between ranks, the reduction.
 //! - `register`: registration and heartbeats.
+//! - [`Failpoint`]: faults a test arms (`--failpoint`), off in production.
 //! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
 //! - [`hidden`]: hidden states on the wire.
 
@@ -16,6 +17,7 @@
 mod config;
 mod error;
 mod executor;
+mod failpoint;
 #[doc(hidden)]
 pub mod fuzz;
 mod group;
@@ -34,6 +36,7 @@ mod shard;
 
 pub use config::{Capacity, WorkerConfig};
 pub use error::WorkerError;
+pub use failpoint::Failpoint;
 pub use memory::resident_bytes;
 pub use model_paths::ModelPaths;
 pub use pipeline::MAX_IN_FLIGHT;

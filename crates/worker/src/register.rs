@@ -8,6 +8,12 @@
 //! again only when a coordinator answers `known = false` (dropped, or a coordinator that kept
 //! no state); failing heartbeats alone never drop the id, so a cluster of coordinators restarted
 //! from disk finds its workers (and their loaded shards) as they were.
+//!
+//! Each heartbeat says how long the executor has been on its current step (`step_busy_ms`),
+//! which is how the coordinator tells a wedged worker — heartbeating, its step never
+//! answering — from a healthy one when a step times out. A dropped worker registers again
+//! only once its executor answers a command: a wedged one would otherwise be planned back in
+//! at once, and its shard load would hang behind the stuck step.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +34,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// Heartbeat interval used when the coordinator answers 0.
 const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a worker waiting for its stuck executor says so.
+const EXECUTOR_WAIT_LOG: Duration = Duration::from_secs(5);
 /// Heartbeats failing this many intervals in a row are logged as the coordinators being lost.
 pub const LOST_AFTER_INTERVALS: u32 = 3;
 
@@ -107,6 +115,29 @@ async fn register_forever(reg: Registration, shard: ShardHandle) {
         let (id, interval) = register(&reg, &mut cursor).await;
         tracing::info!(worker_id = %id, interval_ms = interval.as_millis() as u64, "registered");
         heartbeat(&mut cursor, &id, interval, &shard).await;
+        executor_answers(&shard).await;
+    }
+}
+
+/// Resolves once the executor takes a command again (at once unless a step holds it), logging
+/// while it does not. A stopped executor resolves too: registering then fails its first load
+/// with a clear error, where waiting would hide it.
+async fn executor_answers(shard: &ShardHandle) {
+    let began = Instant::now();
+    loop {
+        match tokio::time::timeout(EXECUTOR_WAIT_LOG, shard.ping()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the executor has stopped");
+                return;
+            }
+            Err(_) => tracing::warn!(
+                waited_s = began.elapsed().as_secs(),
+                step_busy_ms = shard.step_busy_ms(),
+                "dropped by the coordinator while the executor is stuck in a step; registering \
+                 again once it answers"
+            ),
+        }
     }
 }
 
@@ -186,6 +217,7 @@ async fn heartbeat(cursor: &mut Cursor, id: &str, interval: Duration, shard: &Sh
             tp_reduce_us: status.tp_reduce_us,
             peer_bytes_sent: status.peer_bytes_sent,
             kv_used_bytes: status.kv_used_bytes(),
+            step_busy_ms: shard.step_busy_ms(),
         };
         let answer = tokio::time::timeout(interval.max(RPC_TIMEOUT), client.heartbeat(req)).await;
         match answer {

@@ -133,6 +133,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         cfg.model_home.clone().map(ModelCache::at),
         cfg.capacity.memory_bytes,
         Some(Arc::clone(&peers)),
+        cfg.failpoint,
     )?;
     let metrics = match cfg.metrics_listen {
         Some(addr) => {

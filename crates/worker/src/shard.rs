@@ -49,6 +49,8 @@ enum Command {
         oneshot::Sender<Result<StepOutput, WorkerError>>,
     ),
     Release(Vec<u64>, oneshot::Sender<()>),
+    /// Answers at once: the executor takes commands again.
+    Ping(oneshot::Sender<()>),
     CloseStream(StreamId),
     /// From rank 0 of the tensor-parallel group of plan epoch `.0`.
     Peer(u64, Control),
@@ -125,6 +127,21 @@ pub(crate) struct ShardStats {
     tp_steps: AtomicU64,
     tp_reduce_us: AtomicU64,
     peer_bytes_sent: AtomicU64,
+    /// When the step being computed began, in µs after [`ShardStats::origin`] plus one; 0
+    /// between steps. Written by the executor thread around each step with tokens.
+    step_began_us: AtomicU64,
+    /// The clock `step_began_us` counts from.
+    origin: OnceInstant,
+}
+
+/// An `Instant` fixed at creation (a `Default` for [`ShardStats`]).
+#[derive(Debug)]
+struct OnceInstant(Instant);
+
+impl Default for OnceInstant {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
 }
 
 impl ShardStats {
@@ -166,6 +183,27 @@ impl ShardStats {
         }
     }
 
+    /// Marks a step with tokens begun (`true`) or ended.
+    fn step_busy(&self, busy: bool) {
+        let v = if busy {
+            u64::try_from(self.origin.0.elapsed().as_micros()).map_or(u64::MAX, |us| us + 1)
+        } else {
+            0
+        };
+        self.step_began_us.store(v, Ordering::Relaxed);
+    }
+
+    /// How long the executor has been computing its current step, in ms (0 between steps).
+    pub fn step_busy_ms(&self) -> u64 {
+        match self.step_began_us.load(Ordering::Relaxed) {
+            0 => 0,
+            began => {
+                let now = u64::try_from(self.origin.0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                now.saturating_sub(began - 1) / 1000
+            }
+        }
+    }
+
     /// Counts `bytes` written to the group's peers.
     pub fn add_peer_bytes(&self, bytes: u64) {
         self.peer_bytes_sent.fetch_add(bytes, Ordering::Relaxed);
@@ -198,6 +236,7 @@ impl std::fmt::Debug for Command {
             Self::Load(..) => "Load",
             Self::Step(..) => "Step",
             Self::Release(..) => "Release",
+            Self::Ping(..) => "Ping",
             Self::CloseStream(..) => "CloseStream",
             Self::Peer(..) => "Peer",
             Self::Stop => "Stop",
@@ -215,6 +254,7 @@ impl ShardHandle {
         cache_home: Option<ModelCache>,
         memory_bytes: u64,
         peers: Option<Arc<PeerListener>>,
+        failpoint: Option<crate::Failpoint>,
     ) -> Result<Self, WorkerError> {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
@@ -238,6 +278,8 @@ impl ShardHandle {
                     .send(Command::Peer(epoch, c));
             })
         });
+        let busy = Arc::clone(&stats);
+        let mut armed = crate::failpoint::Armed::new(failpoint);
         let mut exec = Executor::new(
             pool,
             cache_home,
@@ -260,7 +302,11 @@ impl ShardHandle {
                             let _in_span = span.enter();
                             let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
                             let started = Instant::now();
+                            // Bookkeeping steps are not timed: they compute nothing.
+                            busy.step_busy(tokens > 0);
+                            armed.on_step(tokens);
                             let out = exec.step(stream, *req);
+                            busy.step_busy(false);
                             // A step of releases alone is bookkeeping, not model work: the
                             // coordinator does not count it either.
                             if out.is_ok() && tokens > 0 {
@@ -270,6 +316,9 @@ impl ShardHandle {
                         }
                         Command::Release(ids, reply) => {
                             exec.release(&ids);
+                            let _ = reply.send(());
+                        }
+                        Command::Ping(reply) => {
                             let _ = reply.send(());
                         }
                         Command::CloseStream(stream) => exec.close_stream(stream),
@@ -282,7 +331,10 @@ impl ShardHandle {
                                 _ => 0,
                             };
                             let started = Instant::now();
+                            busy.step_busy(tokens > 0);
+                            armed.on_step(tokens);
                             exec.peer_control(epoch, control);
+                            busy.step_busy(false);
                             if tokens > 0 {
                                 step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
                             }
@@ -315,6 +367,20 @@ impl ShardHandle {
         self.send(make(tx))?;
         rx.await
             .map_err(|_| WorkerError::Executor("the executor thread stopped mid-command".into()))
+    }
+
+    /// How long the executor has been on its current step, in ms (0 between steps); never
+    /// waits.
+    pub fn step_busy_ms(&self) -> u64 {
+        self.stats.step_busy_ms()
+    }
+
+    /// Resolves once the executor has taken a command: it is not stuck in a step.
+    ///
+    /// # Errors
+    /// [`WorkerError::Executor`] when the executor has stopped.
+    pub(crate) async fn ping(&self) -> Result<(), WorkerError> {
+        self.ask(Command::Ping).await
     }
 
     /// The shard's state as last published (never waits for a running step).

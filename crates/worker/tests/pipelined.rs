@@ -99,6 +99,7 @@ impl Rig {
             health_listen: None,
             connections: tessera_tls::Limits::default(),
             model_paths: tessera_worker::ModelPaths::any(),
+            failpoint: None,
         })
         .await
         .expect("start worker");

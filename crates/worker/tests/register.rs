@@ -102,6 +102,7 @@ async fn registers_heartbeats_and_reregisters() {
         health_listen: None,
         connections: tessera_tls::Limits::default(),
         model_paths: tessera_worker::ModelPaths::any(),
+        failpoint: None,
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;

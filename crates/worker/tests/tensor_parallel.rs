@@ -173,6 +173,7 @@ impl Cluster {
                     health_listen: None,
                     connections: tessera_tls::Limits::default(),
                     model_paths: tessera_worker::ModelPaths::any(),
+                    failpoint: None,
                 };
                 workers.push(tessera_worker::start(cfg).await.expect("start worker"));
             }

@@ -326,6 +326,10 @@ pub struct WorkerArgs {
     /// Compute threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: u32,
+    /// A fault to inject, for failure tests only: `wedge-at-step=N` stops the executor at its
+    /// N-th step while heartbeats go on (see `tessera_worker::Failpoint`).
+    #[arg(long, hide = true)]
+    pub failpoint: Option<tessera_worker::Failpoint>,
     /// Memory this worker may use for weights and KV cache, e.g. 512MiB, 2GiB.
     #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     pub memory: u64,
@@ -595,6 +599,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         health_listen: args.health_listen,
         cluster_tls,
         connections: args.process.connections(),
+        failpoint: args.failpoint,
         model_paths: {
             let store = match &args.model_home {
                 Some(home) => tessera_hub::ModelCache::at(home.clone()),

@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::state::Command;
 use crate::state::cluster::Cluster;
 
 /// Drops workers silent for longer than the heartbeat timeout, checking a few times per
@@ -35,14 +34,7 @@ pub async fn monitor(cluster: Arc<Cluster>) {
             .collect();
         for id in silent {
             tracing::warn!(worker = %id, "worker missed heartbeats; dropping it");
-            if let Err(e) = cluster
-                .commit(Command::RemoveWorker { id: id.clone() })
-                .await
-            {
-                tracing::debug!(worker = %id, error = %e, "already gone");
-            }
-            cluster.liveness.forget(&id);
-            cluster.replan.request();
+            cluster.drop_worker(&id).await;
         }
     }
 }

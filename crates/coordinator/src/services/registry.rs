@@ -151,6 +151,7 @@ impl pb::coordination_server::Coordination for Registry {
                 tp_reduce_us: req.tp_reduce_us,
                 peer_bytes_sent: req.peer_bytes_sent,
                 kv_used_bytes: req.kv_used_bytes,
+                step_busy_ms: req.step_busy_ms,
             },
         );
         Ok(Response::new(pb::HeartbeatResponse {

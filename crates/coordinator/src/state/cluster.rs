@@ -7,7 +7,8 @@
 //! applied on every coordinator once committed (see `replica.rs`). After each apply the
 //! published [`Serving`] value is brought in line with the state, so the scheduler learns of a
 //! lost plan at once. The only methods here that touch two parts are the ones whose meaning
-//! needs both ([`Cluster::heartbeat`]: a worker must be known; [`Cluster::adopt_workers`]).
+//! needs both ([`Cluster::heartbeat`]: a worker must be known; [`Cluster::adopt_workers`];
+//! [`Cluster::drop_worker`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -164,6 +165,21 @@ impl Cluster {
         }
         self.liveness.record(worker, seen);
         true
+    }
+
+    /// Drops a worker the leader gave up on (silent, wedged): commits its removal, forgets
+    /// what it heard from it and wakes the plan controller. The removal is committed before
+    /// the controller is woken, so the next plan cannot include it. A worker already gone is
+    /// no error. (Both parts, hence here.)
+    pub async fn drop_worker(&self, id: &str) {
+        if let Err(e) = self
+            .commit(Command::RemoveWorker { id: id.to_owned() })
+            .await
+        {
+            tracing::debug!(worker = %id, error = %e, "already gone");
+        }
+        self.liveness.forget(id);
+        self.replan.request();
     }
 
     /// Starts the liveness clock at `now` for every registered worker not heard from yet: a

@@ -33,6 +33,9 @@ pub struct Seen {
     pub peer_bytes_sent: u64,
     /// Bytes of its KV cache in use.
     pub kv_used_bytes: u64,
+    /// How long its executor had been on its current step when it reported (0: between
+    /// steps); see the scheduler's step timeout.
+    pub step_busy_ms: u64,
 }
 
 impl Seen {
@@ -49,6 +52,7 @@ impl Seen {
             tp_reduce_us: 0,
             peer_bytes_sent: 0,
             kv_used_bytes: 0,
+            step_busy_ms: 0,
         }
     }
 }

@@ -95,6 +95,7 @@ impl Coordinator {
             health_listen: None,
             connections: tessera_tls::Limits::default(),
             model_paths: tessera_worker::ModelPaths::any(),
+            failpoint: None,
         })
         .await
         .expect("start worker")

@@ -43,6 +43,8 @@ pub(super) struct Link {
     rx: Streaming<cpb::StepResponse>,
     /// The steps in flight, oldest first.
     in_flight: VecDeque<Sent>,
+    /// The plan's workers: whom a step timeout may blame.
+    workers: Vec<String>,
 }
 
 impl Link {
@@ -63,6 +65,8 @@ enum Woken {
     PlanChanged,
     /// Boxed: a request is far larger than an answer.
     Submitted(Option<Box<super::Submit>>),
+    /// The oldest step in flight passed its timeout.
+    TimedOut,
 }
 
 impl Scheduler {
@@ -90,6 +94,12 @@ impl Scheduler {
             tx,
             rx: resp.into_inner(),
             in_flight: VecDeque::new(),
+            workers: serving
+                .plan
+                .stages
+                .iter()
+                .map(|s| s.worker_id.clone())
+                .collect(),
         })
     }
 
@@ -125,12 +135,22 @@ impl Scheduler {
         };
         let epoch = link.epoch;
         let room = link.has_room();
+        let floor = self.cluster.cfg.heartbeat_timeout * 2;
+        let deadline = link.in_flight.front().map_or_else(
+            || Instant::now() + floor,
+            |s| s.sent_at + self.clock.timeout(s.tokens, floor),
+        );
         let woken = tokio::select! {
             r = link.rx.message() => Woken::Answer(r),
             () = wait_plan_change(&mut self.serving, epoch) => Woken::PlanChanged,
             s = self.rx.recv(), if room => Woken::Submitted(s.map(Box::new)),
+            () = tokio::time::sleep_until(deadline.into()) => Woken::TimedOut,
         };
         let resp = match woken {
+            Woken::TimedOut => {
+                self.step_timed_out().await;
+                return true;
+            }
             Woken::Submitted(Some(s)) => {
                 self.queue.push_back(*s);
                 return true;
@@ -170,9 +190,9 @@ impl Scheduler {
         };
         if sent.tokens > 0 {
             // A release-only step is bookkeeping, not model work.
-            self.cluster
-                .metrics
-                .step(sent.tokens as u64, sent.sent_at.elapsed().as_secs_f64());
+            let secs = sent.sent_at.elapsed().as_secs_f64();
+            self.cluster.metrics.step(sent.tokens as u64, secs);
+            self.clock.observe(sent.tokens, secs);
         }
         // Its sequences may go into the next step, whether they sampled or not (a prefill
         // chunk before the last samples nothing).
@@ -183,6 +203,50 @@ impl Scheduler {
         }
         sent.span.in_scope(|| self.absorb(resp));
         true
+    }
+
+    /// The oldest step in flight went unanswered past its timeout: drops the workers the
+    /// heartbeats show stuck on a step (committed before the re-plan the lost stream asks
+    /// for, so the next plan leaves them out), then loses the stream.
+    async fn step_timed_out(&mut self) {
+        let Some(link) = self.link.as_ref() else {
+            return;
+        };
+        let Some(oldest) = link.in_flight.front() else {
+            return;
+        };
+        let (step_id, waited) = (oldest.step_id, oldest.sent_at.elapsed());
+        let cfg = &self.cluster.cfg;
+        let wedged = super::timeout::wedged(
+            &link.workers,
+            &self.cluster.liveness.snapshot(),
+            waited,
+            cfg.heartbeat_interval,
+        );
+        self.cluster.metrics.step_timed_out(wedged.len() as u64);
+        for (id, busy_ms) in &wedged {
+            tracing::error!(worker = %id, busy_ms, step = step_id,
+                "worker wedged: its executor stays on one step while it heartbeats; dropping it");
+            // Bounded: without a quorum the commit may never complete, and the stream is
+            // given up either way.
+            let drop = self.cluster.drop_worker(id);
+            if tokio::time::timeout(cfg.heartbeat_timeout, drop)
+                .await
+                .is_err()
+            {
+                tracing::warn!(worker = %id, "dropping the wedged worker did not commit in time");
+            }
+        }
+        let blamed = if wedged.is_empty() {
+            String::new()
+        } else {
+            let ids: Vec<&str> = wedged.iter().map(|(id, _)| id.as_str()).collect();
+            format!("; dropped wedged worker(s) {}", ids.join(", "))
+        };
+        self.lose_link(&unavailable(format!(
+            "step {step_id} had no answer in {} ms{blamed}",
+            waited.as_millis()
+        )));
     }
 
     /// Drops the stream after a failure: every running request (on every step in flight)

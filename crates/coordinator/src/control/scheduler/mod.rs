@@ -31,7 +31,9 @@
 //! sampler resumed after them on the last stage), so the client's stream goes on with the
 //! tokens the first plan would have produced. A sequence that waits longer than
 //! `ready_wait` for a new plan, or loses its plan [`migrate::MAX_MIGRATIONS`] times, ends with
-//! UNAVAILABLE; queued requests wait for the new plan up to `ready_wait` as well.
+//! UNAVAILABLE; queued requests wait for the new plan up to `ready_wait` as well. A step that
+//! goes unanswered past its [`timeout`] (a worker wedged while it heartbeats) loses the stream
+//! the same way, after dropping the worker whose heartbeats show it stuck on that step.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -54,6 +56,7 @@ use crate::state::planner;
 mod link;
 mod migrate;
 mod step;
+mod timeout;
 
 use link::Link;
 
@@ -183,6 +186,8 @@ struct Scheduler {
     /// The newest plan epoch whose pipeline failed: not used again, even while it is still
     /// published, until the controller replaces it.
     dead_epoch: u64,
+    /// What answered steps took: the step timeout's measure (see [`timeout`]).
+    clock: timeout::StepClock,
 }
 
 /// Starts the scheduler task; returns its handle and the task.
@@ -215,6 +220,7 @@ pub fn spawn(
         next_seq: 1,
         next_step: 1,
         dead_epoch: 0,
+        clock: timeout::StepClock::default(),
     };
     (handle, tokio::spawn(s.run()))
 }
