@@ -35,7 +35,8 @@ pub struct RaftCluster {
     pub http_addrs: Vec<String>,
     data: PathBuf,
     coordinators: Vec<Option<Child>>,
-    workers: Vec<Child>,
+    /// Each worker's name and process (`None` while killed).
+    workers: Vec<(String, Option<Child>)>,
     /// Link `(from, to)` between coordinators, when the cluster is partitionable.
     proxies: BTreeMap<(usize, usize), Proxy>,
     /// The runtime the test's clients (and the proxies) run on.
@@ -117,7 +118,46 @@ impl RaftCluster {
     pub fn add_worker(&mut self, name: &str) {
         let list = url_list(&self.cluster_addrs);
         let w = self.tessera.spawn_worker(&list, 1, "1GiB", Some(name), &[]);
-        self.workers.push(w);
+        self.workers.push((name.to_owned(), Some(w)));
+    }
+
+    /// `kill -9` of worker `i` (nothing when it is not running).
+    pub fn kill_worker(&mut self, i: usize) {
+        if let Some(mut w) = self.workers[i].1.take() {
+            kill(&mut w);
+        }
+    }
+
+    /// Starts worker `i` again under its name, as [`RaftCluster::add_worker`] did (it registers
+    /// as a new worker); nothing when it runs.
+    ///
+    /// # Panics
+    /// When it does not start.
+    pub fn restart_worker(&mut self, i: usize) {
+        if self.workers[i].1.is_some() {
+            return;
+        }
+        let list = url_list(&self.cluster_addrs);
+        let name = self.workers[i].0.clone();
+        let w = self
+            .tessera
+            .spawn_worker(&list, 1, "1GiB", Some(&name), &[]);
+        self.workers[i].1 = Some(w);
+    }
+
+    /// How many workers were started (running or killed).
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Worker `i`'s process, while it runs.
+    pub fn worker(&self, i: usize) -> Option<&Child> {
+        self.workers[i].1.as_ref()
+    }
+
+    /// Coordinator `i`'s process, while it runs.
+    pub fn coordinator(&self, i: usize) -> Option<&Child> {
+        self.coordinators[i].as_ref()
     }
 
     /// Coordinator `i`'s founding peer list: itself at its own cluster address, the others
@@ -312,6 +352,7 @@ impl Drop for RaftCluster {
         for c in self
             .workers
             .iter_mut()
+            .filter_map(|(_, w)| w.as_mut())
             .chain(self.coordinators.iter_mut().flatten())
         {
             kill(c);

@@ -56,11 +56,30 @@ async fn run_remote(args: GenerateArgs) -> Result<()> {
         .filter(|e| !e.is_empty())
         .map(str::to_owned)
         .collect();
-    let Some(first) = endpoints.first() else {
+    if endpoints.is_empty() {
         anyhow::bail!("--endpoint names no coordinator");
+    }
+    // Some coordinator must answer, and the request starts on the first that does (one that
+    // is down is skipped, as a resumption would); when none does, the first one's error says
+    // why, with a hint.
+    let mut endpoints = endpoints;
+    let mut first_error = None;
+    let mut answering = None;
+    for (i, e) in endpoints.iter().enumerate() {
+        match connect_with_key(e, Duration::from_secs(3), args.api_key.as_deref()).await {
+            Ok(_) => {
+                answering = Some(i);
+                break;
+            }
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    let Some(i) = answering else {
+        return Err(first_error.unwrap_or_else(|| anyhow::anyhow!("no coordinator answers")));
     };
-    // The first coordinator must answer: a wrong address is reported as such, with a hint.
-    drop(connect_with_key(first, Duration::from_secs(3), args.api_key.as_deref()).await?);
+    endpoints.rotate_left(i);
     let model = args.model.as_deref().unwrap_or_default();
     let request = args.request.to_proto(&args.prompt, model);
     let mut stdout = std::io::stdout();
