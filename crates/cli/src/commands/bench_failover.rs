@@ -1,7 +1,12 @@
-//! `tessera bench-failover`: how long the cluster is without a leader. Starts three replicated
-//! coordinators and workers on loopback, then repeatedly `kill -9`s the Raft leader and times
-//! the gap from the kill to the first successful generate through a survivor; the killed
-//! coordinator restarts from its data directory before the next round. Prints p50, p99 and max.
+//! `tessera bench-failover`: how long the cluster is without a leader, and how long a worker's
+//! death holds up the requests it served. Starts three replicated coordinators and workers on
+//! loopback, then repeatedly `kill -9`s the Raft leader and times the gap from the kill to the
+//! first successful generate through a survivor; the killed coordinator restarts from its data
+//! directory before the next round. With `--worker-kills N` (and two workers or more), it then
+//! `kill -9`s a worker N times in the middle of a streaming request and times how long that
+//! stream waited for its next token (it migrates to the surviving workers, with no error; a
+//! stream that fails is reported); the worker restarts and is planned in again before the next
+//! round. Prints p50, p99 and max of each.
 //!
 //! A benchmark, not a test: it prints figures and asserts nothing about speed.
 
@@ -28,6 +33,9 @@ pub struct BenchFailoverArgs {
     /// Worker processes.
     #[arg(long, default_value_t = 1)]
     pub workers: u32,
+    /// Worker kills to measure (needs --workers 2 or more).
+    #[arg(long, default_value_t = 0)]
+    pub worker_kills: usize,
     /// Seconds one failover may take before the run is abandoned.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
@@ -97,6 +105,55 @@ impl Coordinators {
     }
 }
 
+/// A streaming request long enough to be mid-stream when its worker is killed.
+fn long_request() -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::Text(
+            "Once upon a time".into(),
+        )),
+        stop: Some(pb::StopConditions {
+            max_tokens: Some(96),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Streams [`long_request`] from `addr`, calls `kill` after its 4th token, and returns how
+/// long the stream then waited for its next token, once it finished with no error.
+async fn delay_across(addr: &str, kill: impl FnOnce() -> Result<()>) -> Result<Duration> {
+    let mut c = connect(addr, Duration::from_secs(3)).await?;
+    let mut s = c.generate(long_request()).await?.into_inner();
+    let mut tokens = 0;
+    let mut kill = Some(kill);
+    let mut killed_at = None;
+    let mut delay = None;
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(120), s.message())
+            .await
+            .context("the stream stalled for 120 s")??
+            .context("the stream ended unfinished")?;
+        match ev.event {
+            Some(pb::generate_event::Event::Token(_)) => {
+                tokens += 1;
+                if let Some(at) = killed_at.take() {
+                    delay = Some(Instant::now().duration_since(at));
+                }
+                if tokens == 4
+                    && let Some(kill) = kill.take()
+                {
+                    kill()?;
+                    killed_at = Some(Instant::now());
+                }
+            }
+            Some(pb::generate_event::Event::Finished(_)) => break,
+            _ => {}
+        }
+    }
+    delay.context("no token came after the kill")
+}
+
 async fn generate_one(addr: &str) -> bool {
     let Ok(mut c) = connect(addr, Duration::from_millis(300)).await else {
         return false;
@@ -137,6 +194,19 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
     let cluster_addrs: Vec<String> = (0..3)
         .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<Result<_>>()?;
+    // The cluster protocol runs on mutual TLS, as in production: certificates for the three
+    // coordinators and the workers, issued into the run's directory.
+    let certs = data.join("certs");
+    let mut members: Vec<tessera_tls::Identity> =
+        (1..=3).map(tessera_tls::Identity::coordinator).collect();
+    for i in 0..args.workers {
+        members.push(tessera_tls::Identity::new(
+            tessera_tls::Role::Worker,
+            &format!("bench-{i}"),
+        )?);
+    }
+    super::certs::issue(&certs, &members)?;
+    let certs = certs.to_string_lossy().into_owned();
     let peers = cluster_addrs
         .iter()
         .enumerate()
@@ -165,6 +235,8 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
                 &args.workers.to_string(),
                 "--heartbeat-ms",
                 "250",
+                "--certs",
+                &certs,
                 "--exit-on-stdin-eof",
             ]
             .iter()
@@ -186,9 +258,8 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
         .map(|a| format!("http://{a}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut workers = Vec::new();
-    for i in 0..args.workers {
-        let mut w = spawn(&[
+    let worker_args = |i: u32| -> Vec<String> {
+        vec![
             "worker".into(),
             "--coordinator".into(),
             list.clone(),
@@ -198,10 +269,19 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
             "1GiB".into(),
             "--name".into(),
             format!("bench-{i}"),
+            "--certs".into(),
+            certs.clone(),
             "--exit-on-stdin-eof".into(),
-        ])?;
+        ]
+    };
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let mut w = spawn(&worker_args(i))?;
         listening_address(&mut w, &format!("worker {i}")).await?;
         workers.push(w);
+    }
+    if args.worker_kills > 0 && args.workers < 2 {
+        bail!("--worker-kills needs --workers 2 or more: the survivors serve the request");
     }
     let timeout = Duration::from_secs(args.timeout);
     let result = async {
@@ -239,15 +319,59 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        gaps.sort();
-        println!(
-            "failover over {} leader kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (plan epochs seen: {:?})",
-            gaps.len(),
-            percentile(&gaps, 0.5),
-            percentile(&gaps, 0.99),
-            gaps.last().copied().unwrap_or_default(),
-            epochs
-        );
+        if !gaps.is_empty() {
+            gaps.sort();
+            println!(
+                "failover over {} leader kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (plan epochs seen: {:?})",
+                gaps.len(),
+                percentile(&gaps, 0.5),
+                percentile(&gaps, 0.99),
+                gaps.last().copied().unwrap_or_default(),
+                epochs
+            );
+        }
+        let mut delays = Vec::new();
+        for round in 0..args.worker_kills {
+            let all_planned = |s: &pb::ClusterStatusResponse| {
+                s.ready
+                    && s.workers.len() == workers.len()
+                    && s.workers.iter().all(|w| w.shard.is_some())
+            };
+            let deadline = Instant::now() + timeout;
+            let leader = loop {
+                let leader = cs.leader(deadline).await?;
+                if cs.status(leader).await.is_some_and(|s| all_planned(&s)) {
+                    break leader;
+                }
+                if Instant::now() > deadline {
+                    bail!("round {round}: the workers were not all planned in within {timeout:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let victim = round % workers.len();
+            let w = &mut workers[victim];
+            let delay = delay_across(&addrs[leader], || {
+                w.start_kill().context("kill -9 the worker")
+            })
+            .await
+            .with_context(|| format!("round {round}: the stream across the worker's kill"))?;
+            let _ = workers[victim].wait().await;
+            eprintln!("worker kill {:>2}: bench-{victim} -> the stream waited {delay:.2?}", round + 1);
+            delays.push(delay);
+            let mut w = spawn(&worker_args(victim as u32))?;
+            listening_address(&mut w, &format!("worker {victim}")).await?;
+            workers[victim] = w;
+        }
+        if !delays.is_empty() {
+            delays.sort();
+            println!(
+                "a killed worker's stream delayed over {} kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (no stream failed)",
+                delays.len(),
+                percentile(&delays, 0.5),
+                percentile(&delays, 0.99),
+                delays.last().copied().unwrap_or_default(),
+            );
+        }
         Ok(())
     }
     .await;
