@@ -203,7 +203,9 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
 
 /// Ensures that a leader cut off from the other coordinators cannot commit — it steps down, its
 /// commit index stands still, its clients get UNAVAILABLE in bounded time — while the majority
-/// elects a new leader that commits (a worker joins) and serves; healed, it catches up.
+/// elects a new leader that commits (a worker joins) and serves; that status read through the
+/// majority is linearizable (confirmed by ReadIndex) while the cut-off node's is marked
+/// unconfirmed; healed, it catches up.
 #[test]
 fn minority_partition_cannot_commit() {
     let Some(model) = model() else { return };
@@ -271,6 +273,14 @@ fn minority_partition_cannot_commit() {
     };
     let isolated = c.local_status(old).expect("isolated status");
     assert_eq!(isolated.commit_index, cut_off.commit_index, "{isolated:#?}");
+    // Reads: the majority's view is confirmed by its leader (ReadIndex); the cut-off node can
+    // only answer from its own stale replica, and says so.
+    let confirmed = c.status(majority[0]).expect("majority status");
+    assert!(confirmed.linearizable, "{confirmed:#?}");
+    assert_eq!(confirmed.workers.len(), 2, "{confirmed:#?}");
+    let stale = c.status(old).expect("isolated status, leader's view asked");
+    assert!(!stale.linearizable, "{stale:#?}");
+    assert!(!isolated.linearizable, "a local answer is never confirmed");
     assert_eq!(worker_ids(&isolated), worker_ids(&before), "{isolated:#?}");
     assert!(
         committed.commit_index > isolated.commit_index,

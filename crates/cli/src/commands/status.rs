@@ -66,6 +66,13 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             s.members.join(", ")
         );
     }
+    if !args.local && !s.linearizable {
+        let _ = writeln!(
+            out,
+            "(no leader confirmed this view: it is this coordinator's own replica, which may be \
+             behind)"
+        );
+    }
     let _ = writeln!(
         out,
         "{:<10} {:<22} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}  shard",

@@ -185,9 +185,10 @@ impl pb::inference_server::Inference for Api {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let local = request.get_ref().local;
         // The leader knows liveness and load; when it cannot be reached, this node answers
         // from its own replica.
-        if !request.get_ref().local
+        if !local
             && !self.cluster.replica().is_leading()
             && self.cluster.leader_address().is_some()
             && let Ok(Route::Leader(mut leader)) = self.forward.route(&self.cluster).await
@@ -199,6 +200,15 @@ impl pb::inference_server::Inference for Api {
                 Err(_) => tracing::debug!("status from the leader timed out"),
             }
         }
+        // The leader confirms its view before reading it: a leader cut off from the others may
+        // not know yet that it was deposed, and its replica would then be stale.
+        let linearizable = !local
+            && self.cluster.replica().is_leading()
+            && matches!(
+                tokio::time::timeout(STATUS_FORWARD_TIMEOUT, self.cluster.raft().read_index())
+                    .await,
+                Ok(Ok(_))
+            );
         let raft = self.cluster.raft().status();
         let st = self.cluster.state();
         let seen = self.cluster.liveness.snapshot();
@@ -253,6 +263,7 @@ impl pb::inference_server::Inference for Api {
                     format!("{id}={addr} (learner)")
                 }))
                 .collect(),
+            linearizable,
         }))
     }
 }
