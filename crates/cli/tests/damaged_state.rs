@@ -30,7 +30,10 @@ enum Damage {
     Truncated,
     /// Every byte of the database file zero.
     Zeroed,
-    /// 4 KiB of random bytes written at offset 4096.
+    /// Random bytes over everything after the first 4 KiB (redb's header): every data page.
+    /// (4 KiB at one offset were not enough: where that offset falls depends on the run, and
+    /// when it fell on free pages the database was intact — rightly opened and served, while
+    /// the test waited for an exit.)
     RandomBytes,
     /// The directory removed (a lost disk): the node starts empty while its peers remember it.
     Wiped,
@@ -52,8 +55,13 @@ fn damage(dir: &Path, how: Damage) {
             std::fs::write(&path, vec![0u8; len as usize]).expect("test setup");
         }
         Damage::RandomBytes => {
+            let len = std::fs::metadata(&path).expect("db").len();
+            assert!(
+                len > 8192,
+                "a database of {len} bytes has no data pages to damage"
+            );
             let mut rng = TestRng::new(7);
-            let bytes: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+            let bytes: Vec<u8> = (4096..len).map(|_| rng.next_u64() as u8).collect();
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)
