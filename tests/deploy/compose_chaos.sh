@@ -122,10 +122,14 @@ cleanup
 TESSERA_BIN="$bin" scripts/build-image.sh tessera:0.1.0
 pass "image built without a registry"
 
-# Containers here cannot reach a package index: seed the shared model volume from the host
-# cache; the compose `model` service then verifies it and pulls nothing.
-dc run --rm --no-deps -v "$model_dir:/src:ro" --entrypoint cp model \
-  -r /src /var/lib/tessera/models/smollm2-135m-instruct
+# Containers here cannot reach a package index: the README's offline recipe, the host's model
+# cache mounted in place of the `models` volume (TESSERA_MODELS); the compose `model` service
+# verifies it and pulls nothing.
+export TESSERA_MODELS="$(cd "$home/models" && pwd)"
+grep -q -- "- $TESSERA_MODELS:/var/lib/tessera/models:ro" < <(dc config) \
+  || grep -q "source: $TESSERA_MODELS$" < <(dc config) \
+  || fail "TESSERA_MODELS does not replace the models volume"
+pass "TESSERA_MODELS mounts the host's model directory (offline seeding)"
 
 dc up -d >/dev/null
 ep=http://127.0.0.1:50051

@@ -181,6 +181,17 @@ async fn generate_one(addr: &str) -> bool {
     )
 }
 
+/// `what: p50 …  p99 …  max …` of `v` (sorted in place).
+fn summary(what: &str, v: &mut [Duration]) -> String {
+    v.sort();
+    format!(
+        "{what}: p50 {:.2?}  p99 {:.2?}  max {:.2?}",
+        percentile(v, 0.5),
+        percentile(v, 0.99),
+        v.last().copied().unwrap_or_default()
+    )
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -307,7 +318,11 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
                 }
             };
             let _ = child.wait().await;
-            eprintln!("kill {:>2}: leader {} -> served after {gap:.2?}", round + 1, leader + 1);
+            eprintln!(
+                "kill {:>2}: leader {} -> served after {gap:.2?}",
+                round + 1,
+                leader + 1
+            );
             gaps.push(gap);
             cs.start(leader).await?;
             // Let the restarted node rejoin before the next kill, so a quorum of 3 is back.
@@ -320,14 +335,10 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
             }
         }
         if !gaps.is_empty() {
-            gaps.sort();
+            let what = format!("failover over {} leader kills", gaps.len());
             println!(
-                "failover over {} leader kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (plan epochs seen: {:?})",
-                gaps.len(),
-                percentile(&gaps, 0.5),
-                percentile(&gaps, 0.99),
-                gaps.last().copied().unwrap_or_default(),
-                epochs
+                "{}  (plan epochs seen: {epochs:?})",
+                summary(&what, &mut gaps)
             );
         }
         let mut delays = Vec::new();
@@ -356,21 +367,21 @@ async fn bench(args: BenchFailoverArgs) -> Result<()> {
             .await
             .with_context(|| format!("round {round}: the stream across the worker's kill"))?;
             let _ = workers[victim].wait().await;
-            eprintln!("worker kill {:>2}: bench-{victim} -> the stream waited {delay:.2?}", round + 1);
+            eprintln!(
+                "worker kill {:>2}: bench-{victim} -> the stream waited {delay:.2?}",
+                round + 1
+            );
             delays.push(delay);
             let mut w = spawn(&worker_args(victim as u32))?;
             listening_address(&mut w, &format!("worker {victim}")).await?;
             workers[victim] = w;
         }
         if !delays.is_empty() {
-            delays.sort();
-            println!(
-                "a killed worker's stream delayed over {} kills: p50 {:.2?}  p99 {:.2?}  max {:.2?}  (no stream failed)",
-                delays.len(),
-                percentile(&delays, 0.5),
-                percentile(&delays, 0.99),
-                delays.last().copied().unwrap_or_default(),
+            let what = format!(
+                "a killed worker's stream delayed over {} kills",
+                delays.len()
             );
+            println!("{}  (no stream failed)", summary(&what, &mut delays));
         }
         Ok(())
     }
