@@ -145,6 +145,23 @@ impl RaftCluster {
         self.workers[i].1 = Some(w);
     }
 
+    /// The processes that exited on their own (not killed through the cluster), each with
+    /// its exit status; they stay listed as running.
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, c) in self.coordinators.iter_mut().enumerate() {
+            if let Some(Ok(Some(status))) = c.as_mut().map(Child::try_wait) {
+                out.push(format!("coordinator {}: {status}", i + 1));
+            }
+        }
+        for (name, w) in &mut self.workers {
+            if let Some(Ok(Some(status))) = w.as_mut().map(Child::try_wait) {
+                out.push(format!("worker {name}: {status}"));
+            }
+        }
+        out
+    }
+
     /// How many workers were started (running or killed).
     pub fn worker_count(&self) -> usize {
         self.workers.len()
