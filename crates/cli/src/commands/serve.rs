@@ -454,10 +454,18 @@ pub(crate) async fn shutdown_signal(stdin_eof: bool) {
             use tokio::io::AsyncReadExt;
             let mut buf = [0u8; 64];
             let mut stdin = tokio::io::stdin();
-            // Anything read is ignored; only the end of the stream matters.
-            while let Ok(n) = stdin.read(&mut buf).await {
-                if n == 0 {
-                    break;
+            // Anything read is ignored; only the end of the stream (or a pipe that cannot be
+            // read any more) matters. An interrupted read is not the end: a process stopped
+            // and continued (SIGSTOP, SIGCONT) must not take it for its parent leaving.
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stdin cannot be read; taking it as closed");
+                        break;
+                    }
                 }
             }
         } else {
