@@ -183,10 +183,15 @@ impl ShardStats {
         }
     }
 
+    /// Microseconds since [`ShardStats::origin`].
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.origin.0.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
     /// Marks a step with tokens begun (`true`) or ended.
     fn step_busy(&self, busy: bool) {
         let v = if busy {
-            u64::try_from(self.origin.0.elapsed().as_micros()).map_or(u64::MAX, |us| us + 1)
+            self.now_us().saturating_add(1)
         } else {
             0
         };
@@ -197,10 +202,7 @@ impl ShardStats {
     pub fn step_busy_ms(&self) -> u64 {
         match self.step_began_us.load(Ordering::Relaxed) {
             0 => 0,
-            began => {
-                let now = u64::try_from(self.origin.0.elapsed().as_micros()).unwrap_or(u64::MAX);
-                now.saturating_sub(began - 1) / 1000
-            }
+            began => self.now_us().saturating_sub(began - 1) / 1000,
         }
     }
 
@@ -216,6 +218,37 @@ impl ShardStats {
             u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+    }
+}
+
+/// What the executor thread does around every step, pipeline or tensor-parallel peer: marks
+/// it busy for the heartbeats' `step_busy_ms`, passes the failpoint, and counts a step with
+/// tokens that succeeded in the metrics (a step of releases alone is bookkeeping, not model
+/// work, and is neither timed nor counted: the coordinator does not count it either).
+struct StepRunner {
+    stats: Arc<ShardStats>,
+    metrics: Arc<WorkerMetrics>,
+    armed: crate::failpoint::Armed,
+}
+
+impl StepRunner {
+    /// Runs `step`, which carries `tokens` tokens; `succeeded` says whether its output counts.
+    fn run<T>(
+        &mut self,
+        tokens: usize,
+        step: impl FnOnce() -> T,
+        succeeded: impl FnOnce(&T) -> bool,
+    ) -> T {
+        let started = Instant::now();
+        self.stats.step_busy(tokens > 0);
+        self.armed.on_step(tokens);
+        let out = step();
+        self.stats.step_busy(false);
+        if tokens > 0 && succeeded(&out) {
+            self.metrics
+                .step(tokens as u64, started.elapsed().as_secs_f64());
+        }
+        out
     }
 }
 
@@ -259,7 +292,6 @@ impl ShardHandle {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
         let metrics = Arc::new(WorkerMetrics::new());
-        let step_metrics = Arc::clone(&metrics);
         let (tx, rx) = mpsc::channel();
         // A group's reader threads queue rank 0's steps behind every other command, so the
         // executor stays the one place that touches the shard.
@@ -278,8 +310,11 @@ impl ShardHandle {
                     .send(Command::Peer(epoch, c));
             })
         });
-        let busy = Arc::clone(&stats);
-        let mut armed = crate::failpoint::Armed::new(failpoint);
+        let mut runner = StepRunner {
+            stats: Arc::clone(&stats),
+            metrics: Arc::clone(&metrics),
+            armed: crate::failpoint::Armed::new(failpoint),
+        };
         let mut exec = Executor::new(
             pool,
             cache_home,
@@ -301,17 +336,7 @@ impl ShardHandle {
                         Command::Step(stream, req, span, reply) => {
                             let _in_span = span.enter();
                             let tokens: usize = req.seqs.iter().map(|s| s.tokens.len()).sum();
-                            let started = Instant::now();
-                            // Bookkeeping steps are not timed: they compute nothing.
-                            busy.step_busy(tokens > 0);
-                            armed.on_step(tokens);
-                            let out = exec.step(stream, *req);
-                            busy.step_busy(false);
-                            // A step of releases alone is bookkeeping, not model work: the
-                            // coordinator does not count it either.
-                            if out.is_ok() && tokens > 0 {
-                                step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
-                            }
+                            let out = runner.run(tokens, || exec.step(stream, *req), Result::is_ok);
                             let _ = reply.send(out);
                         }
                         Command::Release(ids, reply) => {
@@ -330,14 +355,7 @@ impl ShardHandle {
                                 }
                                 _ => 0,
                             };
-                            let started = Instant::now();
-                            busy.step_busy(tokens > 0);
-                            armed.on_step(tokens);
-                            exec.peer_control(epoch, control);
-                            busy.step_busy(false);
-                            if tokens > 0 {
-                                step_metrics.step(tokens as u64, started.elapsed().as_secs_f64());
-                            }
+                            runner.run(tokens, || exec.peer_control(epoch, control), |()| true);
                         }
                     }
                 }
