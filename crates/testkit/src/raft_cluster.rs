@@ -116,9 +116,14 @@ impl RaftCluster {
     /// # Panics
     /// When it does not start.
     pub fn add_worker(&mut self, name: &str) {
-        let list = url_list(&self.cluster_addrs);
-        let w = self.tessera.spawn_worker(&list, 1, "1GiB", Some(name), &[]);
+        let w = self.spawn_worker(name);
         self.workers.push((name.to_owned(), Some(w)));
+    }
+
+    /// Starts a worker named `name` (one thread, 1 GiB) that knows every coordinator.
+    fn spawn_worker(&self, name: &str) -> Child {
+        let list = url_list(&self.cluster_addrs);
+        self.tessera.spawn_worker(&list, 1, "1GiB", Some(name), &[])
     }
 
     /// `kill -9` of worker `i` (nothing when it is not running).
@@ -137,11 +142,7 @@ impl RaftCluster {
         if self.workers[i].1.is_some() {
             return;
         }
-        let list = url_list(&self.cluster_addrs);
-        let name = self.workers[i].0.clone();
-        let w = self
-            .tessera
-            .spawn_worker(&list, 1, "1GiB", Some(&name), &[]);
+        let w = self.spawn_worker(&self.workers[i].0);
         self.workers[i].1 = Some(w);
     }
 

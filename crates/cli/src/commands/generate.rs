@@ -49,7 +49,7 @@ pub struct GenerateArgs {
 
 /// Runs `tessera generate` against a cluster.
 async fn run_remote(args: GenerateArgs) -> Result<()> {
-    let endpoints: Vec<String> = args
+    let mut endpoints: Vec<String> = args
         .endpoint
         .split(',')
         .map(str::trim)
@@ -62,7 +62,6 @@ async fn run_remote(args: GenerateArgs) -> Result<()> {
     // Some coordinator must answer, and the request starts on the first that does (one that
     // is down is skipped, as a resumption would); when none does, the first one's error says
     // why, with a hint.
-    let mut endpoints = endpoints;
     let mut first_error = None;
     let mut answering = None;
     for (i, e) in endpoints.iter().enumerate() {

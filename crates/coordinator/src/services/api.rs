@@ -23,6 +23,9 @@ use crate::state::cluster::Cluster;
 
 /// How long a follower waits for the leader's status before answering from its own replica.
 const STATUS_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the leader waits for a quorum to confirm its status read (ReadIndex) before
+/// answering it unconfirmed (`linearizable: false`).
+const STATUS_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The Inference service.
 #[derive(Clone, Debug)]
@@ -205,7 +208,7 @@ impl pb::inference_server::Inference for Api {
         let linearizable = !local
             && self.cluster.replica().is_leading()
             && matches!(
-                tokio::time::timeout(STATUS_FORWARD_TIMEOUT, self.cluster.raft().read_index())
+                tokio::time::timeout(STATUS_CONFIRM_TIMEOUT, self.cluster.raft().read_index())
                     .await,
                 Ok(Ok(_))
             );
