@@ -12,6 +12,7 @@ pub mod generate;
 pub mod health;
 pub mod model;
 pub mod plan;
+pub mod process;
 pub mod request;
 pub mod serve;
 pub mod status;

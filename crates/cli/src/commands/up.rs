@@ -179,7 +179,7 @@ async fn up(args: UpArgs) -> Result<()> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         (cores / args.workers).max(1)
     };
-    let otlp: Vec<String> = super::serve::otlp_endpoint(&args.otlp_endpoint)
+    let otlp: Vec<String> = super::process::otlp_endpoint(&args.otlp_endpoint)
         .into_iter()
         .flat_map(|e| ["--otlp-endpoint".to_owned(), e.clone()])
         .collect();
@@ -325,7 +325,7 @@ async fn serve(args: &UpArgs, cluster: &mut LocalCluster) -> Result<()> {
         // parent. A Ctrl-C reaches the children too (one process group); they may exit
         // first, but a restart waits at least the backoff's first 0.5 s, by which time this
         // branch has won.
-        () = super::serve::shutdown_signal(false) => {
+        () = super::process::shutdown_signal(false) => {
             eprintln!("stopping the cluster");
             Ok(())
         }
