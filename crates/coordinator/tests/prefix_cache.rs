@@ -5,9 +5,11 @@
 //! cache. Greedy outputs (token ids, text, logprobs and top alternatives) must be identical;
 //! the hit counters must move by what the index promises; and once idle, each worker holds
 //! no sequence, its blocks in use are exactly its cached blocks, and both stages cache the
-//! same number of blocks (their stores mirror one index).
+//! same number of blocks (their stores mirror one index). Then a stage dies under requests
+//! that share cached blocks: migrated, each needs its own copy, and they must wait their
+//! turn on the survivor rather than overrun its cache.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 mod two_stages;
@@ -18,6 +20,7 @@ use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_client::InferenceClient;
 use tessera_testkit::{collect_finished, free_addr, greedy_with_logprobs, sample, scrape};
 use tessera_worker::ShardStatus;
+use tokio::sync::Mutex;
 use tonic::transport::Channel;
 use two_stages::{TwoStages, settle};
 
@@ -41,10 +44,19 @@ fn prefix(name: &str) -> String {
     s
 }
 
+/// The tests share the machine's cores with nothing else: each runs a whole cluster, and
+/// one starved of CPU would miss heartbeats.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
 /// A chat turn after `prefix`.
 fn turn(prefix: &str, question: &str) -> pb::GenerateRequest {
+    turn_of(prefix, question, MAX_TOKENS)
+}
+
+/// A chat turn after `prefix` that generates exactly `max_tokens` tokens.
+fn turn_of(prefix: &str, question: &str, max_tokens: u32) -> pb::GenerateRequest {
     let text = format!("{prefix}<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n");
-    let mut req = greedy_with_logprobs(&text, MAX_TOKENS, 2);
+    let mut req = greedy_with_logprobs(&text, max_tokens, 2);
     if let Some(stop) = req.stop.as_mut() {
         stop.ignore_eos = true;
     }
@@ -189,6 +201,7 @@ async fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
     let Some(path) = tessera_testkit::smollm2_gguf() else {
         return;
     };
+    let _one = ONE_AT_A_TIME.lock().await;
     let off = run(&path, false).await;
     let on = run(&path, true).await;
     assert_eq!(off.outputs.len(), on.outputs.len());
@@ -236,4 +249,120 @@ async fn outputs_are_identical_with_the_prefix_cache_on_and_off() {
         on.idle
     );
     assert!(cached[0] <= u64::from(KV_TOKENS) / BLOCK, "{:?}", on.idle);
+}
+
+/// Tokens each of the migrated requests generates: long enough to be decoding when the stage
+/// dies, and to make each request's blocks (prompt and tokens) outgrow a quarter of the cache.
+const MIGRATED_TOKENS: u32 = 40;
+
+/// Ensures that requests sharing cached prefix blocks survive a stage's death: migrated to
+/// the survivor, where each needs its own copy of those blocks and together they outgrow its
+/// cache, they take their turns (the first ones replay, the others wait for their room) and
+/// every one finishes with exactly the tokens and logprobs of a fault-free run — none fails
+/// with a full cache — and the survivor then holds nothing but cached blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_sharing_cached_blocks_take_turns_after_a_migration() {
+    let Some(path) = tessera_testkit::smollm2_gguf() else {
+        return;
+    };
+    let _one = ONE_AT_A_TIME.lock().await;
+    let metrics_addr = free_addr();
+    let TwoStages {
+        coord,
+        mut workers,
+        mut client,
+    } = two_stages::start(CoordinatorConfig {
+        model: path.display().to_string(),
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_secs(1),
+        kv_tokens: KV_TOKENS,
+        block_size: BLOCK as u32,
+        ready_wait: WAIT,
+        prefix_cache: true,
+        metrics_listen: Some(metrics_addr.parse().expect("addr")),
+        ..CoordinatorConfig::default()
+    })
+    .await;
+    let p = prefix("Ada");
+    // The prefix goes into the cache.
+    let (_, prompt) = one(&mut client, turn(&p, "What is two plus two?")).await;
+    let questions = [
+        "Name a fruit.",
+        "Name a color.",
+        "Count to three.",
+        "Name a city.",
+    ];
+    let (first_tokens, mut firsts) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let tasks: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let mut c = client.clone();
+            let first = first_tokens.clone();
+            let req = turn_of(&p, q, MIGRATED_TOKENS);
+            tokio::spawn(async move {
+                let mut stream = c.generate(req).await?.into_inner();
+                let mut tokens = Vec::new();
+                loop {
+                    let ev = tokio::time::timeout(WAIT, stream.message())
+                        .await
+                        .map_err(|_| tonic::Status::deadline_exceeded("no event in time"))?;
+                    match ev?.and_then(|e| e.event) {
+                        Some(pb::generate_event::Event::Token(t)) => {
+                            tokens.push(t);
+                            if tokens.len() == 1 {
+                                let _ = first.send(());
+                            }
+                        }
+                        Some(pb::generate_event::Event::Finished(_)) => return Ok(tokens),
+                        None => return Err(tonic::Status::internal("ended unfinished")),
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(first_tokens);
+    for _ in &questions {
+        tokio::time::timeout(WAIT, firsts.recv())
+            .await
+            .expect("first tokens in time");
+    }
+    // Together, with their own copies of the prefix (their prompts are about as long as the
+    // first one), they do not fit one cache.
+    let blocks = (prompt + u64::from(MIGRATED_TOKENS)).div_ceil(BLOCK);
+    assert!(
+        questions.len() as u64 * (blocks - 1) > u64::from(KV_TOKENS) / BLOCK,
+        "{} requests of {blocks} blocks fit {KV_TOKENS} tokens",
+        questions.len()
+    );
+    let victim = workers.pop().expect("two workers");
+    let killed = Instant::now();
+    victim.shutdown().await.expect("shutdown");
+    let mut faulted = Vec::new();
+    for (q, t) in questions.iter().zip(tasks) {
+        let tokens = t
+            .await
+            .expect("task")
+            .unwrap_or_else(|e| panic!("{q:?} failed across the loss: {e:?}"));
+        faulted.push(tokens);
+    }
+    eprintln!(
+        "every request finished {:?} after the loss",
+        killed.elapsed()
+    );
+    let migrations = sample(
+        &metrics(&metrics_addr).await,
+        "tessera_request_migrations_total",
+    );
+    assert!(
+        migrations >= questions.len() as f64,
+        "{migrations} migrations"
+    );
+    for (q, tokens) in questions.iter().zip(&faulted) {
+        let free = collect_finished(&mut client, turn_of(&p, q, MIGRATED_TOKENS), Some(WAIT))
+            .await
+            .expect("fault-free run");
+        assert_eq!(tokens, &free.tokens, "{q:?} changed across the loss");
+    }
+    settle(&workers, SETTLE).await;
+    coord.stop(workers).await;
 }

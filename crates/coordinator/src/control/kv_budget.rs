@@ -6,10 +6,15 @@
 //! sequence reserves its prompt plus `max_tokens`, in whole blocks, less the cached blocks it
 //! starts from; on a plan of context-parallel rings ([`KvBudget::set_ring`]) the account is a
 //! ring rank's: each sequence reserves the blocks of its share on one rank (at most
-//! `⌈n / P⌉ + 2` tokens), against a rank's capacity, and prefix caching is off; the prefix index's blocks count too, referenced or not. When a request does
-//! not fit, unreferenced cached blocks are evicted (least recently used, leaves first) —
-//! the evict ops go out before (in the same step as, or earlier than) the first step of the
-//! sequence that needed the room, and workers apply a step's prefix ops before its sequences.
+//! `⌈n / P⌉ + 2` tokens), against a rank's capacity, and prefix caching is off. The prefix
+//! index's blocks count too, referenced or not. When a request does not fit, unreferenced
+//! cached blocks are evicted (least recently used, leaves first) — the evict ops go out
+//! before (in the same step as, or earlier than) the first step of the sequence that needed
+//! the room, and workers apply a step's prefix ops before its sequences.
+//!
+//! A migrated sequence ([`KvBudget::readmit`]) reserves all its blocks again: the new plan's
+//! workers start with empty caches, so sequences that shared cached prefix blocks on the old
+//! plan each need their own copies now, and may no longer all fit at once.
 //!
 //! Ordering contract with the workers (see worker.proto): [`KvBudget::take_ops`] hands over
 //! the ops in the order they were decided; the scheduler puts them on the next step, whose
@@ -127,46 +132,72 @@ impl KvBudget {
             .as_mut()
             .map(|p| p.acquire(prompt))
             .unwrap_or_default();
-        // A ring rank keeps at most ⌈n / P⌉ + 2 tokens of a sequence of n (see the planner's
-        // `rank_kv_tokens`).
+        let need = self.blocks_for(max_len).saturating_sub(chain.len() as u64) * self.block;
+        let Some(evicted) = self.make_room(need) else {
+            if let Some(p) = self.prefix.as_mut() {
+                p.release(&chain);
+            }
+            return None;
+        };
+        let cached_tokens = chain.len() * self.block as usize;
+        Some(Admission {
+            reservation: self.reserve_tokens(need),
+            chain,
+            cached_tokens,
+            evicted,
+        })
+    }
+
+    /// Reserves every block of a migrated sequence that may grow to `max_len` tokens, with no
+    /// prefix lookup (see the scheduler's `migrate`: its replay recomputes its whole input, in
+    /// its first run's chunks), after evicting unreferenced cached blocks if that makes them
+    /// fit; `None` (and nothing changed) otherwise.
+    pub fn readmit(&mut self, max_len: usize) -> Option<KvReservation> {
+        let need = self.blocks_for(max_len) * self.block;
+        self.make_room(need)?;
+        Some(self.reserve_tokens(need))
+    }
+
+    /// Blocks a sequence of up to `max_len` tokens holds on each worker: all of them, or on a
+    /// ring one rank's share — at most ⌈n / P⌉ + 2 tokens of a sequence of n (see the
+    /// planner's `rank_kv_tokens`).
+    fn blocks_for(&self, max_len: usize) -> u64 {
         let share = if self.ranks > 1 {
             (max_len as u64).div_ceil(self.ranks) + 2
         } else {
             max_len as u64
         };
-        let blocks = share.div_ceil(self.block);
-        let need = blocks.saturating_sub(chain.len() as u64) * self.block;
+        share.div_ceil(self.block)
+    }
+
+    /// Makes room for `need` more tokens: `Some(blocks evicted)` once they fit (evict ops
+    /// queued for the next step), `None` with nothing changed when even evicting every
+    /// unreferenced cached block would not make them fit.
+    fn make_room(&mut self, need: u64) -> Option<usize> {
         let used = self.used_tokens();
-        let mut evicted = 0;
-        if used + need > self.capacity {
-            let short = (used + need - self.capacity).div_ceil(self.block);
-            let room = self
-                .prefix
-                .as_ref()
-                .is_some_and(|p| p.evictable() as u64 >= short);
-            let Some(index) = self.prefix.as_mut().filter(|_| room) else {
-                if let Some(p) = self.prefix.as_mut() {
-                    p.release(&chain);
-                }
-                return None;
-            };
-            let hashes = index.evict(short as usize);
-            evicted = hashes.len();
-            self.ops.extend(hashes.into_iter().map(|h| cpb::PrefixOp {
-                op: Some(Op::Evict(h)),
-            }));
+        if used + need <= self.capacity {
+            return Some(0);
         }
-        self.reserved.fetch_add(need, Ordering::SeqCst);
-        let cached_tokens = chain.len() * self.block as usize;
-        Some(Admission {
-            reservation: KvReservation {
-                pool: Arc::clone(&self.reserved),
-                tokens: need,
-            },
-            chain,
-            cached_tokens,
-            evicted,
-        })
+        let short = (used + need - self.capacity).div_ceil(self.block);
+        let index = self
+            .prefix
+            .as_mut()
+            .filter(|p| p.evictable() as u64 >= short)?;
+        let hashes = index.evict(short as usize);
+        let evicted = hashes.len();
+        self.ops.extend(hashes.into_iter().map(|h| cpb::PrefixOp {
+            op: Some(Op::Evict(h)),
+        }));
+        Some(evicted)
+    }
+
+    /// A reservation of `tokens` (already known to fit).
+    fn reserve_tokens(&self, tokens: u64) -> KvReservation {
+        self.reserved.fetch_add(tokens, Ordering::SeqCst);
+        KvReservation {
+            pool: Arc::clone(&self.reserved),
+            tokens,
+        }
     }
 
     /// Ends sequence `seq_id` of `prompt`, which started from `chain` and whose K/V covers
@@ -200,16 +231,6 @@ impl KvBudget {
                 })),
             });
         }
-    }
-
-    /// Moves `blocks` cached blocks a migrated sequence started from into its own
-    /// `reservation`: the stream whose prefix stores held them is gone
-    /// ([`Self::reset_prefix`]), so the new plan computes them again, into the sequence's own
-    /// blocks. The total in use does not grow — the index that counted them is empty now.
-    pub fn take_over_cached(&self, reservation: &mut KvReservation, blocks: usize) {
-        let tokens = blocks as u64 * self.block;
-        self.reserved.fetch_add(tokens, Ordering::SeqCst);
-        reservation.tokens += tokens;
     }
 
     /// The prefix ops decided since the last call, in order, for the next step.
@@ -316,5 +337,34 @@ mod tests {
         assert_eq!(kv.used_tokens(), 8);
         kv.reset_prefix();
         assert_eq!((kv.cached_blocks(), kv.used_tokens()), (0, 0));
+    }
+
+    /// Ensures that a migrated sequence reserves all its blocks — none taken from the prefix
+    /// index, even when its prompt is cached — evicting unreferenced cached blocks when that
+    /// makes them fit, and is refused (nothing changed) when it cannot fit.
+    #[test]
+    fn readmission_reserves_every_block() {
+        let mut kv = KvBudget::new(32, 4, true);
+        let prompt: Vec<u32> = (0..8).collect();
+        let a = kv.admit(&prompt, 8).expect("fits");
+        kv.retire(1, &prompt, &a.chain, 8, true);
+        drop(a);
+        kv.take_ops();
+        assert_eq!((kv.cached_blocks(), kv.used_tokens()), (2, 8));
+        // The cached prompt is not looked up: its 12 tokens take 3 blocks of its own.
+        let r = kv.readmit(12).expect("fits");
+        assert_eq!((kv.used_tokens(), kv.has_ops()), (20, false));
+        // 16 more do not fit the 12 free: one cached block goes.
+        let r2 = kv.readmit(16).expect("fits after evicting");
+        assert_eq!(evicts(&kv.take_ops()).len(), 1);
+        assert_eq!((kv.cached_blocks(), kv.used_tokens()), (1, 32));
+        // One block left to evict, two needed: refused, nothing changed.
+        assert!(kv.readmit(8).is_none());
+        assert_eq!(
+            (kv.cached_blocks(), kv.used_tokens(), kv.has_ops()),
+            (1, 32, false)
+        );
+        drop((r, r2));
+        assert_eq!(kv.used_tokens(), 4);
     }
 }

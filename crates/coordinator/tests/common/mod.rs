@@ -29,11 +29,20 @@ pub struct Coordinator {
 
 impl Coordinator {
     /// Starts a coordinator with `cfg` on three free loopback ports — public, cluster, HTTP
-    /// (`cfg`'s addresses are ignored).
+    /// (`cfg`'s addresses are ignored) — and, once per test binary, a log of warnings.
     ///
     /// # Panics
     /// When the ports cannot be bound.
     pub async fn start(cfg: CoordinatorConfig) -> Self {
+        // Warnings (a pipeline lost, a request migrated) go to the test's captured output, so
+        // a failing test shows what the cluster went through; RUST_LOG widens it.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let any = "127.0.0.1:0".parse().expect("addr");
         let listeners = tessera_coordinator::Listeners::bind(any, any)
             .await

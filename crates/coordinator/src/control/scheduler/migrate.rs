@@ -8,11 +8,16 @@
 //! defines the sequence: its validated request (prompt, sampling parameters and seed) and
 //! every token it streamed. A migrated sequence:
 //!
-//! 1. keeps its place in `running`, its client stream, its output stream (detokenizer and
-//!    stop checker) and its KV reservation — grown by the cached prefix blocks it started
-//!    from, since the prefix index goes with the stream ([`KvBudget::take_over_cached`]);
-//! 2. forgets what the workers held: not started, nothing prefilled, no step in flight;
-//! 3. once a new plan's stream is open, is prefilled again with `prompt ++ generated` (its
+//! 1. keeps its place in `running`, its client stream and its output stream (detokenizer
+//!    and stop checker);
+//! 2. forgets what the workers held: not started, nothing prefilled, no step in flight — and
+//!    gives back its KV reservation. The new plan's workers start empty, so sequences that
+//!    shared cached prefix blocks each need their own copies now: together they may not fit.
+//!    Once the new plan's stream is open, `admit` reserves each one's blocks again
+//!    ([`KvBudget::readmit`](super::super::kv_budget::KvBudget::readmit)), oldest first and
+//!    before any queued request; one that does not fit waits, joining no step, until
+//!    finished ones make room;
+//! 3. with its reservation, is prefilled again with `prompt ++ generated` (its
 //!    *input*, see [`Seq::input`]) in the first run's own chunks, its SeqStart naming the
 //!    generated tokens so that the last stage's sampler resumes after them
 //!    ([`tessera_text::sampling::Sampler::resume`]: penalties count them, the seeded
@@ -145,8 +150,10 @@ impl Scheduler {
                 let _ = s.events.send(Err(final_unavailable(msg)));
                 continue;
             }
-            let cached = std::mem::take(&mut s.chain);
-            self.kv.take_over_cached(&mut s.kv, cached.len());
+            // Its cached blocks went with the stream's index, and its reservation goes now:
+            // `admit` reserves all its blocks again, oldest sequence first, before it replays.
+            s.chain.clear();
+            s.kv = None;
             s.started = false;
             s.prefilled = 0;
             s.in_step = None;

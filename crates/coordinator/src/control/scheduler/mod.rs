@@ -167,7 +167,9 @@ struct Seq {
     /// Since when it waits for a new plan to replay into (`None` once its replay started).
     stranded_since: Option<Instant>,
     span: tracing::Span,
-    kv: KvReservation,
+    /// Its KV reservation; `None` while a migrated sequence waits for room on the new plan
+    /// (see [`migrate`]): it joins no step until it has one.
+    kv: Option<KvReservation>,
 }
 
 /// The scheduler task's state.
@@ -399,9 +401,14 @@ impl Scheduler {
         });
     }
 
-    /// Admits queued requests, oldest first, while their KV reservation fits (evicting
-    /// unreferenced cached prefix blocks when that makes it fit).
+    /// Gives migrated sequences their KV back, oldest first, then admits queued requests,
+    /// oldest first, while their KV reservation fits (evicting unreferenced cached prefix
+    /// blocks when that makes it fit). No queued request overtakes a migrated one: its
+    /// client has waited longer, and holds tokens already.
     fn admit(&mut self) {
+        if !self.readmit_migrated() {
+            return;
+        }
         while let Some(front) = self.queue.front() {
             let prompt = &front.req.inner.prompt_ids;
             let Some(adm) = self.kv.admit(prompt, front.req.max_len()) else {
@@ -462,7 +469,7 @@ impl Scheduler {
                 migrations: 0,
                 stranded_since: None,
                 span: s.span,
-                kv: adm.reservation,
+                kv: Some(adm.reservation),
             });
             if let Some(reason) = done {
                 // What the client has already ends the request (a stop string it holds):
@@ -472,6 +479,23 @@ impl Scheduler {
                 }
             }
         }
+    }
+
+    /// Reserves the KV of migrated sequences waiting for it (see [`migrate`]), oldest first,
+    /// while it fits; whether none waits any more.
+    fn readmit_migrated(&mut self) -> bool {
+        let mut waiting: Vec<usize> = (0..self.running.len())
+            .filter(|&i| self.running[i].kv.is_none())
+            .collect();
+        waiting.sort_by_key(|&i| self.running[i].id);
+        for i in waiting {
+            let s = &mut self.running[i];
+            match self.kv.readmit(s.req.max_len()) {
+                Some(r) => s.kv = Some(r),
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Ends a sequence's hold on the KV: prefix references dropped, computed prompt blocks

@@ -65,7 +65,7 @@ impl Scheduler {
         for s in self
             .running
             .iter_mut()
-            .filter(|s| s.in_step.is_none() && s.next.is_none())
+            .filter(|s| s.in_step.is_none() && s.next.is_none() && s.kv.is_some())
         {
             // The prompt, then (after a migration) the generated tokens it replays.
             let input = s.input_len();
@@ -128,7 +128,7 @@ impl Scheduler {
         let s = self
             .running
             .iter_mut()
-            .find(|s| s.in_step.is_none() && !s.started)?;
+            .find(|s| s.in_step.is_none() && !s.started && s.kv.is_some())?;
         // A migrated sequence replays its generated tokens in the same step (see `migrate`).
         let input = s.input_len();
         let tokens = s.input(s.prefilled, input - s.prefilled);
