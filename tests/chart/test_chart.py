@@ -156,7 +156,7 @@ def test_defaults_validate_and_shape() -> None:
     validate_all(objects)
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
     check.eq(kinds, sorted([
-        ("PodDisruptionBudget", COORD), ("Service", CLIENT), ("Service", HEADLESS),
+        ("PodDisruptionBudget", COORD), ("PodDisruptionBudget", WORKER), ("Service", CLIENT), ("Service", HEADLESS),
         ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD),
         ("Deployment", WORKER), ("NetworkPolicy", COORD), ("NetworkPolicy", WORKER)]), "rendered objects")
     check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
@@ -193,9 +193,12 @@ def test_coordinator_statefulset() -> None:
     claims = spec["volumeClaimTemplates"]
     check.eq([v["metadata"]["name"] for v in claims], ["data"], "one claim template")
     check.eq(claims[0]["spec"]["resources"]["requests"]["storage"], "1Gi", "claim size")
-    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for kind in ("startupProbe", "livenessProbe"):
         probe = c.get(kind, {})
         check.eq(probe.get("grpc"), {"port": 50051, "service": ""}, f"{kind} is gRPC health on service \"\"")
+    # Ready = a voter that knows its leader (the coordinator's VOTER_HEALTH).
+    check.eq(c.get("readinessProbe", {}).get("grpc"), {"port": 50051, "service": "tessera.cluster.v1.Raft"},
+             "readinessProbe asks for a voter that knows its leader")
     startup = c["startupProbe"]
     check(startup["periodSeconds"] * startup["failureThreshold"] >= 300,
           "startup probe allows at least 5 minutes for model loading")
@@ -282,16 +285,24 @@ def test_services() -> None:
 
 
 def test_pdb() -> None:
-    """Ensures that the PodDisruptionBudget allows one coordinator down and can be turned off."""
+    """Ensures that the PodDisruptionBudgets allow one coordinator and one worker down at a time,
+    select their own pods, and can each be turned off."""
     objects, _ = render({})
-    pdb = find(objects, "PodDisruptionBudget", COORD)
-    check.eq(pdb["apiVersion"], "policy/v1", "PDB apiVersion")
-    check.eq(pdb["spec"]["maxUnavailable"], 1, "maxUnavailable")
-    check("minAvailable" not in pdb["spec"], "no minAvailable alongside maxUnavailable")
-    sts = find(objects, "StatefulSet", COORD)
-    check.eq(pdb["spec"]["selector"]["matchLabels"], sts["spec"]["selector"]["matchLabels"], "PDB selects coordinators")
+    for name, kind, what in ((COORD, "StatefulSet", "coordinators"), (WORKER, "Deployment", "workers")):
+        pdb = find(objects, "PodDisruptionBudget", name)
+        check.eq(pdb["apiVersion"], "policy/v1", f"{what} PDB apiVersion")
+        check.eq(pdb["spec"]["maxUnavailable"], 1, f"{what} maxUnavailable")
+        check("minAvailable" not in pdb["spec"], f"{what}: no minAvailable alongside maxUnavailable")
+        owner = find(objects, kind, name)
+        check.eq(pdb["spec"]["selector"]["matchLabels"], owner["spec"]["selector"]["matchLabels"],
+                 f"PDB selects the {what}")
     objects, _ = render(with_values(**{"coordinator.podDisruptionBudget.enabled": False}))
-    check("PodDisruptionBudget" not in {o["kind"] for o in objects}, "PDB disabled")
+    check.eq([o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"], [WORKER],
+             "coordinator PDB disabled")
+    objects, _ = render(with_values(**{"worker.podDisruptionBudget.enabled": False,
+                                       "worker.podDisruptionBudget.maxUnavailable": 2}))
+    check.eq([o["metadata"]["name"] for o in objects if o["kind"] == "PodDisruptionBudget"], [COORD],
+             "worker PDB disabled")
 
 
 def test_gpu_resources() -> None:

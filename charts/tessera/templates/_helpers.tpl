@@ -158,7 +158,7 @@ startupProbe:
 readinessProbe:
   grpc:
     port: {{ .port }}
-    service: {{ .service | quote }}
+    service: {{ .readinessService | default .service | quote }}
   periodSeconds: {{ .p.readiness.periodSeconds }}
   failureThreshold: {{ .p.readiness.failureThreshold }}
   timeoutSeconds: {{ .p.readiness.timeoutSeconds }}

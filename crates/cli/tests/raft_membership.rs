@@ -106,6 +106,34 @@ impl Members {
                 .map(tonic::Response::into_inner)
         })
     }
+
+    /// Whether node `id`'s public port reports it "a voter that knows its leader" (the
+    /// health service Kubernetes readiness asks); `None` when it does not answer.
+    fn voter(&self, rt: &tokio::runtime::Runtime, id: u64) -> Option<bool> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        rt.block_on(async {
+            let ch = lazy_channel(self.endpoint(id), Some(Duration::from_secs(5)));
+            let r = tonic_health::pb::health_client::HealthClient::new(ch)
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: tessera_coordinator::VOTER_HEALTH.to_owned(),
+                })
+                .await
+                .ok()?;
+            Some(r.into_inner().status == ServingStatus::Serving as i32)
+        })
+    }
+
+    /// Waits (bounded) until node `id`'s voter health is `want`.
+    fn wait_voter(&self, rt: &tokio::runtime::Runtime, id: u64, want: bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.voter(rt, id) != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "node {id}'s voter health never became {want}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 impl Drop for Members {
@@ -127,7 +155,9 @@ fn voters(s: &pb::ClusterStatusResponse) -> Vec<u64> {
 }
 
 /// Ensures that coordinators grow 1 → 3 → 5 → 3 online through the CLI, every member agreeing
-/// on the voters and the committed state at each size, while generate requests keep succeeding.
+/// on the voters and the committed state at each size, while generate requests keep succeeding
+/// — and that each one's readiness health says "a voter that knows its leader": not before it
+/// is added, and not once it is removed.
 #[test]
 fn membership_grows_and_shrinks_while_serving() {
     let Some(model) = model() else { return };
@@ -187,12 +217,20 @@ fn membership_grows_and_shrinks_while_serving() {
     for id in [2, 3] {
         m.start(id, false);
     }
+    // Up, but not members yet: not ready (a client Service must not send them requests).
+    m.wait_voter(&rt, 1, true);
+    for id in [2, 3] {
+        m.wait_voter(&rt, id, false);
+    }
     assert!(
         m.add(1, 2).contains("voters 1,2 "),
         "one at a time, as a voter"
     );
     assert!(m.add(1, 3).contains("voters 1,2,3 "));
     let at3 = agree(&m, &[1, 2, 3], &[1, 2, 3]);
+    for id in [2, 3] {
+        m.wait_voter(&rt, id, true);
+    }
 
     for id in [4, 5] {
         m.start(id, false);
@@ -217,6 +255,10 @@ fn membership_grows_and_shrinks_while_serving() {
     let stay: Vec<u64> = (1..=5).filter(|id| !gone.contains(id)).collect();
     let at3_again = agree(&m, &stay, &stay);
     assert!(at3_again > at5);
+    // Removed: still running, no longer ready.
+    for id in &gone {
+        m.wait_voter(&rt, *id, false);
+    }
     for id in &gone {
         if let Some(mut c) = m.procs.remove(id) {
             kill(&mut c);

@@ -262,13 +262,17 @@ pub async fn serve_on(
     let (health, health_service) = tonic_health::server::health_reporter();
     // The cluster port's own health: "" is SERVING while the process serves.
     let (cluster_health, cluster_health_service) = tonic_health::server::health_reporter();
-    let (not_serving, not_serving_cluster) = (health.clone(), cluster_health);
+    let (not_serving, not_serving_cluster) = (health.clone(), cluster_health.clone());
     let mut tasks = Tasks(vec![
         sched_task,
         tokio::spawn(control::leadership::run(Arc::clone(&cluster))),
         tokio::spawn(control::plan::run(Arc::clone(&cluster))),
         tokio::spawn(control::liveness::monitor(Arc::clone(&cluster))),
     ]);
+    tasks.0.push(tokio::spawn(report_voter(
+        raft.watch_status(),
+        [health.clone(), cluster_health],
+    )));
     tasks
         .0
         .push(tokio::spawn(report_health(Arc::clone(&cluster), health)));
@@ -502,6 +506,40 @@ async fn report_health(
         };
         health.set_service_status(name, status).await;
         if serving.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The `grpc.health.v1` service name that says "a voter that knows its leader": SERVING
+/// while this coordinator is a voter of the applied membership and knows which node leads.
+/// Kubernetes readiness uses it, so the client Service sends nothing to a coordinator that has
+/// not been added yet (`--join`), has been removed, or is cut off from a quorum.
+pub const VOTER_HEALTH: &str = "tessera.cluster.v1.Raft";
+
+/// Keeps [`VOTER_HEALTH`] in line with the Raft node's status, on every health service.
+async fn report_voter<const N: usize>(
+    mut status: tokio::sync::watch::Receiver<raft::RaftStatus>,
+    health: [tonic_health::server::HealthReporter; N],
+) {
+    let mut last = None;
+    loop {
+        let voter = {
+            let s = status.borrow_and_update();
+            s.leader.is_some() && s.members.voters.contains(&s.id)
+        };
+        if last != Some(voter) {
+            let to = if voter {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for h in &health {
+                h.set_service_status(VOTER_HEALTH, to).await;
+            }
+            last = Some(voter);
+        }
+        if status.changed().await.is_err() {
             return;
         }
     }
