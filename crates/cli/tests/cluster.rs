@@ -265,7 +265,8 @@ fn streams_survive(
 /// a seeded temperature-0.8 stream in flight are migrated to the plan on the surviving
 /// workers and finish with no error and exactly the fault-free tokens and logprobs; and that
 /// a worker joining while streams run is adopted at once (a new plan under load), its
-/// streams migrated onto it just as unchanged.
+/// streams migrated onto it just as unchanged; and that a worker stopped with SIGTERM drains
+/// — leaves the cluster, its streams migrate unchanged, and it exits cleanly.
 #[test]
 fn killed_worker_s_requests_migrate_with_identical_tokens() {
     let Some(model) = model() else { return };
@@ -287,9 +288,26 @@ fn killed_worker_s_requests_migrate_with_identical_tokens() {
         status.plan_epoch > epoch && status.workers.iter().all(|w| w.shard.is_some()),
         "the joiner was not adopted: {status:#?}"
     );
+    // A worker stopped on purpose (SIGTERM: a pod deleted, a node drained) drains: it leaves
+    // the cluster, the coordinator re-plans without it at once, its streams migrate unchanged,
+    // and it exits cleanly once the coordinator has closed them.
+    let mut exited = Duration::ZERO;
+    let delay = streams_survive(&mut cluster, |c| {
+        exited = c.stop_worker(2, Duration::from_secs(30));
+    });
+    eprintln!(
+        "a drained worker exited {exited:?} after SIGTERM; its streams waited at most {delay:?}"
+    );
+    let status = cluster.status();
+    assert_eq!(status.workers.len(), 2, "{status:#?}");
     let metrics = scrape(&cluster.metrics);
     assert!(
         metrics.contains("tessera_request_migrations_total{model_name="),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "tessera_workers_left_total"),
+        1.0,
         "{metrics}"
     );
 }

@@ -69,6 +69,7 @@ pub struct Metrics {
     replayed_tokens: Counter,
     step_timeouts: Counter,
     wedged_workers: Counter,
+    workers_left: Counter,
 }
 
 impl Default for Metrics {
@@ -265,6 +266,12 @@ impl Metrics {
             "Workers dropped because their executor stayed on one step past the step timeout",
             Counter::default(),
         );
+        let workers_left = reg(
+            r,
+            "workers_left",
+            "Workers that left the cluster on purpose (drained on shutdown)",
+            Counter::default(),
+        );
         Self {
             registry: std::mem::take(r),
             requests,
@@ -295,7 +302,13 @@ impl Metrics {
             replayed_tokens,
             step_timeouts,
             wedged_workers,
+            workers_left,
         }
+    }
+
+    /// Counts a worker that left the cluster on purpose.
+    pub fn worker_left(&self) {
+        self.workers_left.inc();
     }
 
     /// Counts a step that timed out and the wedged workers dropped for it.

@@ -253,6 +253,29 @@ impl ProcessCluster {
         w.kill().expect("kill -9");
         let _ = w.wait();
     }
+
+    /// SIGTERM to worker `i` (a pod deleted, a node drained): returns once the process has
+    /// exited, and how long that took.
+    ///
+    /// # Panics
+    /// When worker `i` is gone already, or has not exited within `within`, or exited with a
+    /// failure.
+    pub fn stop_worker(&mut self, i: usize, within: Duration) -> Duration {
+        let mut w = self.workers[i].take().expect("worker still running");
+        let began = Instant::now();
+        crate::process::signal(&w, "-TERM");
+        loop {
+            if let Some(status) = w.try_wait().expect("wait") {
+                assert!(status.success(), "worker {i} exited with {status}");
+                return began.elapsed();
+            }
+            if began.elapsed() > within {
+                kill(&mut w);
+                panic!("worker {i} did not exit within {within:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for ProcessCluster {

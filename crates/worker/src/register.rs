@@ -1,4 +1,4 @@
-//! Registration with the coordinators and the heartbeat loop.
+//! Registration with the coordinators, the heartbeat loop, and leaving when the worker stops.
 //!
 //! The loop runs on its own tokio task and reads the shard's published numbers, so a long
 //! step on the executor thread never delays a heartbeat. While no coordinator is reachable
@@ -14,6 +14,10 @@
 //! answering — from a healthy one when a step times out. A dropped worker registers again
 //! only once its executor answers a command: a wedged one would otherwise be planned back in
 //! at once, and its shard load would hang behind the stuck step.
+//!
+//! A worker that stops on purpose leaves first (`Coordination.Leave`): the leader commits its
+//! removal and re-plans without it while it still answers, so its requests migrate once, by
+//! plan, instead of each failing step by step into plans that still name it.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +40,8 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a worker waiting for its stuck executor says so.
 const EXECUTOR_WAIT_LOG: Duration = Duration::from_secs(5);
+/// Bound on a stopping worker's attempts to leave the cluster.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Heartbeats failing this many intervals in a row are logged as the coordinators being lost.
 pub const LOST_AFTER_INTERVALS: u32 = 3;
 
@@ -89,34 +95,83 @@ impl Cursor {
     }
 }
 
-/// Registers and heartbeats until `shutdown` turns true.
+/// Registers and heartbeats until `leave` turns true; then, when registered, asks the leader
+/// to remove this worker ([`leave`]). Whether the leader committed the removal.
 pub(crate) async fn run(
     reg: Registration,
     shard: ShardHandle,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let stop = async move {
-        let _ = shutdown.wait_for(|&s| s).await;
-    };
-    tokio::select! {
-        () = stop => {}
-        () = register_forever(reg, shard) => {}
-    }
-}
-
-async fn register_forever(reg: Registration, shard: ShardHandle) {
+    mut leave: watch::Receiver<bool>,
+) -> bool {
     let mut cursor = Cursor {
         tls: reg.tls.clone(),
         endpoints: reg.endpoints.clone(),
         next: 0,
         leader: None,
     };
-    loop {
-        let (id, interval) = register(&reg, &mut cursor).await;
-        tracing::info!(worker_id = %id, interval_ms = interval.as_millis() as u64, "registered");
-        heartbeat(&mut cursor, &id, interval, &shard).await;
-        executor_answers(&shard).await;
+    let mut id = None;
+    tokio::select! {
+        _ = leave.wait_for(|&s| s) => {}
+        () = register_forever(&reg, &shard, &mut cursor, &mut id) => {}
     }
+    match id {
+        Some(id) => self::leave(&mut cursor, &id).await,
+        None => false,
+    }
+}
+
+/// Registers and heartbeats for ever; `id` holds the id while registered.
+async fn register_forever(
+    reg: &Registration,
+    shard: &ShardHandle,
+    cursor: &mut Cursor,
+    id: &mut Option<String>,
+) {
+    loop {
+        *id = None;
+        let (got, interval) = register(reg, cursor).await;
+        tracing::info!(worker_id = %got, interval_ms = interval.as_millis() as u64, "registered");
+        let got = id.insert(got);
+        heartbeat(cursor, got, interval, shard).await;
+        executor_answers(shard).await;
+    }
+}
+
+/// Asks the leader (following one redirect per try) to remove worker `id`, within
+/// [`LEAVE_TIMEOUT`] in all; whether it committed the removal. A worker that cannot leave
+/// (no coordinator answers) stops all the same: the liveness monitor drops it later.
+async fn leave(cursor: &mut Cursor, id: &str) -> bool {
+    let attempt = async {
+        loop {
+            let asked = client(cursor.current())
+                .leave(pb::LeaveRequest {
+                    worker_id: id.to_owned(),
+                })
+                .await;
+            match asked {
+                Ok(r) if r.get_ref().leader.is_empty() => return,
+                Ok(r) if cursor.follow(&r.get_ref().leader) => continue,
+                Ok(_) => cursor.rotate(),
+                Err(s) => {
+                    tracing::debug!(error = %s, "leave failed");
+                    cursor.rotate();
+                }
+            }
+            tokio::time::sleep(FIRST_BACKOFF).await;
+        }
+    };
+    let left = tokio::time::timeout(LEAVE_TIMEOUT, attempt).await.is_ok();
+    if left {
+        tracing::info!(
+            worker_id = id,
+            "left the cluster: the coordinator re-plans without this worker"
+        );
+    } else {
+        tracing::warn!(
+            worker_id = id,
+            "no coordinator confirmed this worker's leave in time; stopping anyway"
+        );
+    }
+    left
 }
 
 /// Resolves once the executor takes a command again (at once unless a step holds it), logging

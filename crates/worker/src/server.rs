@@ -1,6 +1,8 @@
 //! The worker process: binds, serves `tessera.cluster.v1.Worker` and `grpc.health.v1` (and
 //! Prometheus metrics when asked), registers with the coordinators' cluster port, and shuts
-//! down on request. A worker speaks only the cluster protocol.
+//! down on request — draining first: it leaves the cluster (the leader re-plans without it,
+//! migrating its requests while it still answers) and waits, bounded, for the coordinator to
+//! close the pipeline streams it serves. A worker speaks only the cluster protocol.
 
 use std::future::Future;
 use std::io::Write;
@@ -26,6 +28,11 @@ use crate::shard::ShardHandle;
 
 /// How long shutdown waits for connections to drain before giving up on them.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a worker that left waits for the coordinator to close the pipeline streams it
+/// serves (it re-plans, and its requests migrate) before it ends them itself.
+const STREAMS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often that wait looks.
+const STREAMS_POLL: Duration = Duration::from_millis(20);
 
 /// A started worker; dropping it does not stop it — call [`RunningWorker::shutdown`].
 #[derive(Debug)]
@@ -35,6 +42,10 @@ pub struct RunningWorker {
     peer_address: String,
     shard: ShardHandle,
     shutdown: watch::Sender<bool>,
+    /// Tells the registration task to leave the cluster.
+    leave: watch::Sender<bool>,
+    /// The registration task: whether the leader confirmed the leave.
+    register: JoinHandle<bool>,
     task: JoinHandle<Result<(), WorkerError>>,
 }
 
@@ -59,14 +70,42 @@ impl RunningWorker {
         &self.shard
     }
 
-    /// Ends every pipeline stream with UNAVAILABLE, stops registration and the server, and
-    /// waits for them.
+    /// Stops the worker: drains (see [`RunningWorker::drain`]), then ends every pipeline
+    /// stream still open with UNAVAILABLE, stops the server, and waits for it.
     ///
     /// # Errors
     /// When the server had failed.
-    pub async fn shutdown(self) -> Result<(), WorkerError> {
+    pub async fn shutdown(mut self) -> Result<(), WorkerError> {
+        self.drain().await;
         let _ = self.shutdown.send(true);
         join(self.task).await
+    }
+
+    /// Leaves the cluster and waits for the coordinator to close the pipeline streams this
+    /// worker serves (bounded by [`STREAMS_TIMEOUT`]): their requests migrate to a plan
+    /// without it, and the steps in flight here still answer meanwhile. No wait when the
+    /// leave was not confirmed (no coordinator answered): nobody will close them.
+    async fn drain(&mut self) {
+        let _ = self.leave.send(true);
+        let left = matches!((&mut self.register).await, Ok(true));
+        if !left {
+            return;
+        }
+        let began = std::time::Instant::now();
+        while self.shard.open_streams() > 0 {
+            if began.elapsed() >= STREAMS_TIMEOUT {
+                tracing::warn!(
+                    streams = self.shard.open_streams(),
+                    "the coordinator did not close its pipeline streams in time; ending them"
+                );
+                return;
+            }
+            tokio::time::sleep(STREAMS_POLL).await;
+        }
+        tracing::info!(
+            waited_ms = began.elapsed().as_millis() as u64,
+            "drained: no pipeline stream open"
+        );
     }
 }
 
@@ -149,6 +188,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         None => None,
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (leave_tx, leave_rx) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     // Under mutual TLS the certificate names this worker: that is the name it registers under
@@ -181,11 +221,8 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
             peer_address: peer_address.clone(),
         },
     };
-    let register = tokio::spawn(register::run(
-        registration,
-        shard.clone(),
-        shutdown_rx.clone(),
-    ));
+    let register = tokio::spawn(register::run(registration, shard.clone(), leave_rx));
+    let stop_registering = register.abort_handle();
     // The probe port: health alone, in the clear; it stops with the worker.
     let probe = match cfg.health_listen {
         Some(addr) => {
@@ -245,7 +282,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
                     Ok(())
                 }
             };
-            register.abort();
+            stop_registering.abort();
             if let Some(m) = metrics {
                 m.abort();
             }
@@ -263,6 +300,8 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         peer_address,
         shard,
         shutdown: shutdown_tx,
+        leave: leave_tx,
+        register,
         task,
     })
 }

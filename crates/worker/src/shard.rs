@@ -6,7 +6,7 @@
 //! published in atomics after every command, so reading it never waits behind a running step.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -261,6 +261,8 @@ pub struct ShardHandle {
     stats: Arc<ShardStats>,
     metrics: Arc<WorkerMetrics>,
     next_stream: Arc<AtomicU64>,
+    /// Streams from [`ShardHandle::new_stream`] not yet closed.
+    open_streams: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Command {
@@ -368,6 +370,7 @@ impl ShardHandle {
             stats,
             metrics,
             next_stream: Arc::new(AtomicU64::new(1)),
+            open_streams: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -419,7 +422,13 @@ impl ShardHandle {
 
     /// A fresh id for an inbound stream.
     pub(crate) fn new_stream(&self) -> StreamId {
+        self.open_streams.fetch_add(1, Ordering::SeqCst);
         self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Inbound pipeline streams open now (a drain waits for 0).
+    pub fn open_streams(&self) -> usize {
+        self.open_streams.load(Ordering::SeqCst)
     }
 
     /// The Prometheus text exposition of this worker's metrics, as of now.
@@ -457,6 +466,7 @@ impl ShardHandle {
 
     /// Frees every sequence `stream` created; does not wait.
     pub(crate) fn close_stream(&self, stream: StreamId) {
+        self.open_streams.fetch_sub(1, Ordering::SeqCst);
         // An executor that stopped has freed everything already.
         let _ = self.send(Command::CloseStream(stream));
     }

@@ -1,6 +1,6 @@
 //! `serve` against a small real Coordination server: registration while the coordinator
 //! comes up late, heartbeats with the shard's numbers, re-registration when the coordinator
-//! forgets the worker, health, and shutdown.
+//! forgets the worker, health, and shutdown (leaving the cluster first).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 enum Seen {
     Register(pb::RegisterRequest),
     Heartbeat(pb::HeartbeatRequest),
+    Leave(pb::LeaveRequest),
 }
 
 /// A coordinator that assigns ids `w1`, `w2`, … and reports every call.
@@ -57,6 +58,16 @@ impl Coordination for Coordinator {
             leader: String::new(),
         }))
     }
+
+    async fn leave(
+        &self,
+        r: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let _ = self.seen.send(Seen::Leave(r.into_inner()));
+        Ok(Response::new(pb::LeaveResponse {
+            leader: String::new(),
+        }))
+    }
 }
 
 async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
@@ -76,7 +87,7 @@ async fn heartbeat(rx: &mut mpsc::UnboundedReceiver<Seen>) -> pb::HeartbeatReque
 
 /// Ensures that a worker started before its coordinator serves at once, registers once the
 /// coordinator appears, heartbeats with its RSS, weight bytes and plan epoch, registers again
-/// when a heartbeat answers `known = false`, and stops when asked.
+/// when a heartbeat answers `known = false`, and stops when asked, leaving the cluster first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_heartbeats_and_reregisters() {
     // A free port for the coordinator, closed until the worker has tried a few times.
@@ -206,11 +217,23 @@ async fn registers_heartbeats_and_reregisters() {
                 assert_eq!(again.address, reg.address);
                 break;
             }
+            Seen::Leave(l) => panic!("left while running: {l:?}"),
         }
     }
     assert_eq!(heartbeat(&mut seen).await.worker_id, "w2");
 
+    // Stopping, it leaves the cluster under its current id first.
     let _ = stop_tx.send(());
+    loop {
+        match next(&mut seen).await {
+            Seen::Heartbeat(h) => assert_eq!(h.worker_id, "w2"),
+            Seen::Leave(l) => {
+                assert_eq!(l.worker_id, "w2");
+                break;
+            }
+            Seen::Register(r) => panic!("registered again while stopping: {r:?}"),
+        }
+    }
     tokio::time::timeout(Duration::from_secs(10), worker)
         .await
         .expect("serve returns after shutdown")

@@ -30,6 +30,32 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Under mutual TLS: refuses a call about a registered worker id from another
+    /// certificate than the one it registered with (an unknown id passes: nothing to protect).
+    fn check_owner(
+        &self,
+        caller: Option<&tessera_tls::Identity>,
+        worker_id: &str,
+        what: &str,
+    ) -> Result<(), Status> {
+        let Some(caller) = caller else {
+            return Ok(());
+        };
+        let owner = self
+            .cluster
+            .replica()
+            .with(|st| st.worker(worker_id).map(|w| w.name.clone()));
+        if owner.is_some_and(|name| name != caller.name()) {
+            tracing::warn!(%caller, worker = %worker_id, what, "call for another worker refused");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not {what} for another worker's id"
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl pb::coordination_server::Coordination for Registry {
     async fn register(
@@ -104,18 +130,7 @@ impl pb::coordination_server::Coordination for Registry {
             .cluster_tls
             .authorize(&request, &[Role::Worker])?;
         let req = request.into_inner();
-        if let Some(caller) = caller {
-            let owner = self
-                .cluster
-                .replica()
-                .with(|st| st.worker(&req.worker_id).map(|w| w.name.clone()));
-            if owner.is_some_and(|name| name != caller.name()) {
-                tracing::warn!(%caller, worker = %req.worker_id, "heartbeat for another worker refused");
-                return Err(Status::permission_denied(format!(
-                    "{caller} may not heartbeat for another worker's id"
-                )));
-            }
-        }
+        self.check_owner(caller.as_ref(), &req.worker_id, "heartbeat")?;
         if !self.cluster.replica().is_leading() {
             // The worker's id is valid cluster-wide; it only has to talk to the leader. Only
             // the leader, once caught up, may call a worker unknown: a lagging replica (a
@@ -156,6 +171,37 @@ impl pb::coordination_server::Coordination for Registry {
         );
         Ok(Response::new(pb::HeartbeatResponse {
             known,
+            leader: String::new(),
+        }))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
+        let caller = self
+            .cluster
+            .cfg
+            .cluster_tls
+            .authorize(&request, &[Role::Worker])?;
+        let req = request.into_inner();
+        if req.worker_id.is_empty() {
+            return Err(CoordinatorError::invalid("worker_id", "required").into());
+        }
+        self.check_owner(caller.as_ref(), &req.worker_id, "leave")?;
+        if !self.cluster.replica().is_leading() {
+            let Some(leader) = self.cluster.leader_address() else {
+                return Err(CoordinatorError::Unavailable(
+                    "no coordinator leader elected yet; retry".into(),
+                )
+                .into());
+            };
+            return Ok(Response::new(pb::LeaveResponse { leader }));
+        }
+        self.cluster.remove_worker(&req.worker_id).await?;
+        self.cluster.metrics.worker_left();
+        tracing::info!(worker = %req.worker_id, "worker left; re-planning without it");
+        Ok(Response::new(pb::LeaveResponse {
             leader: String::new(),
         }))
     }

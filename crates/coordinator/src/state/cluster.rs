@@ -172,14 +172,27 @@ impl Cluster {
     /// the controller is woken, so the next plan cannot include it. A worker already gone is
     /// no error. (Both parts, hence here.)
     pub async fn drop_worker(&self, id: &str) {
-        if let Err(e) = self
-            .commit(Command::RemoveWorker { id: id.to_owned() })
-            .await
-        {
-            tracing::debug!(worker = %id, error = %e, "already gone");
+        if let Err(e) = self.remove_worker(id).await {
+            tracing::debug!(worker = %id, error = %e, "not removed");
+        }
+    }
+
+    /// Removes a worker for good (it left, or the leader gave up on it): commits its removal
+    /// — which ends a plan it is part of — forgets what it heard from it and wakes the plan
+    /// controller, in that order, so the next plan cannot include it. An unknown id is no
+    /// error (already gone).
+    ///
+    /// # Errors
+    /// As [`Cluster::commit`] (no longer leading, no quorum), the worker then still
+    /// registered.
+    pub async fn remove_worker(&self, id: &str) -> Result<(), CoordinatorError> {
+        if self.replica.with(|st| st.worker(id).is_some()) {
+            self.commit(Command::RemoveWorker { id: id.to_owned() })
+                .await?;
         }
         self.liveness.forget(id);
         self.replan.request();
+        Ok(())
     }
 
     /// Starts the liveness clock at `now` for every registered worker not heard from yet: a
