@@ -94,6 +94,11 @@ fn try_everything(
             ..Default::default()
         }));
         out.push((format!("Coordination/Heartbeat as {id}"), r.map(drop)));
+        // Leaving for another worker would take it out of every plan.
+        let r = rt.block_on(coordination.leave(cpb::LeaveRequest {
+            worker_id: id.clone(),
+        }));
+        out.push((format!("Coordination/Leave as {id}"), r.map(drop)));
     }
     let mut w = cpb::worker_client::WorkerClient::new(worker);
     let r = rt.block_on(w.load_shard(cpb::LoadShardRequest {
@@ -121,8 +126,8 @@ fn foreign(dir: &Path, identity: &Identity) -> ClusterTls {
 
 /// Ensures that nobody outside the cluster can act inside it: with no certificate or another
 /// CA's, every cluster call fails at the handshake; a certified worker cannot speak Raft,
-/// change membership, forward, heartbeat for another worker, or call a worker; a certified
-/// coordinator that is not a member, or claims another node's id, has its Raft messages
+/// change membership, forward, heartbeat or leave for another worker, or call a worker; a
+/// certified coordinator that is not a member, or claims another node's id, has its Raft messages
 /// refused; rogue worker processes (no certificate, or another CA's) never register. After
 /// all of it the leader and its term are unchanged and the cluster still answers.
 #[test]
