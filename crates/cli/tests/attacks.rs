@@ -82,6 +82,8 @@ fn try_everything(
     out.push(("Raft/AddMember".into(), r.map(drop)));
     let r = rt.block_on(raft.remove_member(cpb::RemoveMemberRequest { id: 2 }));
     out.push(("Raft/RemoveMember".into(), r.map(drop)));
+    let r = rt.block_on(raft.members(cpb::MembersRequest {}));
+    out.push(("Raft/Members".into(), r.map(drop)));
     let mut forward = cpb::forward_client::ForwardClient::new(coordinator.clone());
     let r = rt.block_on(forward.cluster_status(pb::ClusterStatusRequest::default()));
     out.push(("Forward/ClusterStatus".into(), r.map(drop)));

@@ -1,12 +1,14 @@
 //! Online membership changes of real coordinator processes, driven by the CLI: one founding
 //! coordinator grows to three and five with `tessera cluster add-coordinator` (the new ones
 //! started with `--join`), then shrinks to three with `remove-coordinator`, while a client keeps
-//! generating. Every wait is bounded.
+//! generating. Then the Helm chart's way: five coordinators started with the chart's flags
+//! (one `--peers` for all, the founders') scale 3 → 5 → 3 with `tessera cluster scale`, as the
+//! chart's hook Jobs run it. Every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::process::Child;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tessera_proto::v1 as pb;
@@ -33,10 +35,15 @@ struct Members {
     worker: Option<Child>,
 }
 
+/// The tests start five coordinators each: one at a time on a small machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 impl Members {
-    fn new(model: &str) -> Self {
-        let data =
-            std::env::temp_dir().join(format!("tessera-raft-members-{}", std::process::id()));
+    fn new(model: &str, name: &str) -> Self {
+        let data = std::env::temp_dir().join(format!(
+            "tessera-raft-members-{name}-{}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&data);
         let addrs = (1..=5).map(|id| (id, free_addr())).collect();
         let cluster_addrs = (1..=5).map(|id| (id, free_addr())).collect();
@@ -53,17 +60,69 @@ impl Members {
 
     /// Starts node `id`: the founder of a one-member cluster, or a node waiting to be added.
     fn start(&mut self, id: u64, found: bool) {
+        let extra = if found {
+            strings(&["--peers", &format!("{id}={}", self.cluster_addrs[&id])])
+        } else {
+            strings(&["--join"])
+        };
+        self.spawn(id, &extra);
+    }
+
+    /// Starts node `id` with `extra` flags.
+    fn spawn(&mut self, id: u64, extra: &[String]) {
         let addr = self.addrs[&id].clone();
         let cluster = self.cluster_addrs[&id].clone();
         let dir = self.data.join(format!("c{id}"));
         let mut args = member_args(&addr, &cluster, id, &dir, &self.model);
-        if found {
-            args.extend(strings(&["--peers", &format!("{id}={cluster}")]));
-        } else {
-            args.push("--join".to_owned());
-        }
+        args.extend_from_slice(extra);
         let (child, _) = self.tessera.spawn(&args);
         self.procs.insert(id, child);
+    }
+
+    /// `ID=ADDR,…` of nodes `ids` at their cluster addresses (as --peers and --voters take it).
+    fn voters_arg(&self, ids: impl IntoIterator<Item = u64>) -> String {
+        ids.into_iter()
+            .map(|id| format!("{id}={}", self.cluster_addrs[&id]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts one worker registering with every node.
+    fn start_worker(&mut self) {
+        let list = url_list(self.cluster_addrs.values());
+        self.worker = Some(self.tessera.spawn_worker(&list, 1, "1GiB", None, &[]));
+    }
+
+    /// Waits (bounded) until node `id` serves.
+    fn wait_serving(&self, rt: &tokio::runtime::Runtime, id: u64) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !self.local_status(rt, id).is_ok_and(|s| s.ready) {
+            assert!(Instant::now() < deadline, "node {id} never serves");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every node of `ids`'s own replica shows `want` as voters at the same
+    /// commit; that commit index.
+    fn agree(&self, rt: &tokio::runtime::Runtime, ids: &[u64], want: &[u64]) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen: Vec<_> = ids.iter().map(|id| self.local_status(rt, *id)).collect();
+            let views: Vec<_> = seen.iter().flatten().collect();
+            if views.len() == ids.len()
+                && views.iter().all(|s| voters(s) == want)
+                && views
+                    .iter()
+                    .all(|s| s.commit_index == views[0].commit_index)
+            {
+                return views[0].commit_index;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "members {ids:?} do not agree on voters {want:?}: {seen:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn endpoint(&self, id: u64) -> String {
@@ -145,6 +204,48 @@ impl Drop for Members {
     }
 }
 
+/// Short requests, one after another, through one node (which forwards if it stops
+/// leading), counted until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Load {
+    fn start(rt: &tokio::runtime::Runtime, url: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let task = rt.spawn(async move {
+            let ch = lazy_channel(url, Some(Duration::from_secs(30)));
+            let mut client = pb::inference_client::InferenceClient::new(ch);
+            let (mut ok, mut failed) = (0_usize, Vec::new());
+            while !flag.load(Ordering::SeqCst) {
+                match count_tokens(&mut client, request(2)).await {
+                    Ok(2) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        });
+        Self { stop, task }
+    }
+
+    /// Stops it; how many requests completed.
+    ///
+    /// # Panics
+    /// When any failed, or fewer than 3 completed.
+    fn stop(self, rt: &tokio::runtime::Runtime) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        let (ok, failed) = rt.block_on(self.task).expect("load task");
+        assert!(
+            failed.is_empty(),
+            "requests failed during the changes: {failed:?}"
+        );
+        assert!(ok >= 3, "only {ok} requests completed");
+        ok
+    }
+}
+
 /// The voter ids a status lists (members are `ID=ADDR`, learners marked).
 fn voters(s: &pb::ClusterStatusResponse) -> Vec<u64> {
     s.members
@@ -161,58 +262,16 @@ fn voters(s: &pb::ClusterStatusResponse) -> Vec<u64> {
 #[test]
 fn membership_grows_and_shrinks_while_serving() {
     let Some(model) = model() else { return };
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let rt = runtime();
-    let mut m = Members::new(&model);
+    let mut m = Members::new(&model, "grow");
     m.start(1, true);
-    let list = url_list(m.cluster_addrs.values());
-    m.worker = Some(m.tessera.spawn_worker(&list, 1, "1GiB", None, &[]));
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !m.local_status(&rt, 1).is_ok_and(|s| s.ready) {
-        assert!(Instant::now() < deadline, "the founder never serves");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    m.start_worker();
+    m.wait_serving(&rt, 1);
 
-    // Load: short requests, one after another, through node 1 (which forwards if it stops
-    // leading), counted until the membership changes are done.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = Arc::clone(&stop);
-        let url = m.endpoint(1);
-        rt.spawn(async move {
-            let ch = lazy_channel(url, Some(Duration::from_secs(30)));
-            let mut client = pb::inference_client::InferenceClient::new(ch);
-            let (mut ok, mut failed) = (0_usize, Vec::new());
-            while !stop.load(Ordering::SeqCst) {
-                match count_tokens(&mut client, request(2)).await {
-                    Ok(2) => ok += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (ok, failed)
-        })
-    };
-
-    // Waits until every listed node's own replica shows `want` as voters at the same commit.
-    let agree = |m: &Members, ids: &[u64], want: &[u64]| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let seen: Vec<_> = ids.iter().map(|id| m.local_status(&rt, *id)).collect();
-            let views: Vec<_> = seen.iter().flatten().collect();
-            if views.len() == ids.len()
-                && views.iter().all(|s| voters(s) == want)
-                && views
-                    .iter()
-                    .all(|s| s.commit_index == views[0].commit_index)
-            {
-                return views[0].commit_index;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "members {ids:?} do not agree on voters {want:?}: {seen:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let load = Load::start(&rt, m.endpoint(1));
 
     for id in [2, 3] {
         m.start(id, false);
@@ -227,7 +286,7 @@ fn membership_grows_and_shrinks_while_serving() {
         "one at a time, as a voter"
     );
     assert!(m.add(1, 3).contains("voters 1,2,3 "));
-    let at3 = agree(&m, &[1, 2, 3], &[1, 2, 3]);
+    let at3 = m.agree(&rt, &[1, 2, 3], &[1, 2, 3]);
     for id in [2, 3] {
         m.wait_voter(&rt, id, true);
     }
@@ -238,7 +297,7 @@ fn membership_grows_and_shrinks_while_serving() {
     // Through followers too: they forward membership changes to the leader.
     m.add(2, 4);
     assert!(m.add(3, 5).contains("voters 1,2,3,4,5 "));
-    let at5 = agree(&m, &[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
+    let at5 = m.agree(&rt, &[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
     assert!(at5 > at3);
 
     // Shrink by the two highest ids that do not lead, so requests never wait for an election.
@@ -253,7 +312,7 @@ fn membership_grows_and_shrinks_while_serving() {
         m.remove(1, *id);
     }
     let stay: Vec<u64> = (1..=5).filter(|id| !gone.contains(id)).collect();
-    let at3_again = agree(&m, &stay, &stay);
+    let at3_again = m.agree(&rt, &stay, &stay);
     assert!(at3_again > at5);
     // Removed: still running, no longer ready.
     for id in &gone {
@@ -265,13 +324,7 @@ fn membership_grows_and_shrinks_while_serving() {
         }
     }
 
-    stop.store(true, Ordering::SeqCst);
-    let (ok, failed) = rt.block_on(load).expect("load task");
-    assert!(
-        failed.is_empty(),
-        "requests failed during the changes: {failed:?}"
-    );
-    assert!(ok >= 3, "only {ok} requests completed");
+    let ok = load.stop(&rt);
     // The remaining three still serve, through any of them.
     for id in &stay {
         let url = m.endpoint(*id);
@@ -286,4 +339,82 @@ fn membership_grows_and_shrinks_while_serving() {
         assert_eq!(n.expect("serves"), 2, "through node {id}");
     }
     eprintln!("membership 1 -> 3 -> 5 -> 3: {ok} requests served, none failed");
+}
+
+/// Ensures that the Helm chart's way of scaling works with real processes: five coordinators
+/// started with the chart's flags — every one given the same `--peers`, the three founders' —
+/// form a cluster of the founders while the other two wait, not ready; `tessera cluster scale
+/// --only add` to five (the post-upgrade hook) makes them voters, and `--only remove` to three
+/// (a scale-down's pre-upgrade hook) removes them again, highest id first; requests succeed
+/// throughout, and running it again changes nothing.
+#[test]
+fn scale_with_the_chart_s_flags_serves_every_request() {
+    let Some(model) = model() else { return };
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rt = runtime();
+    let mut m = Members::new(&model, "scale");
+    let founders = m.voters_arg(1..=3);
+    for id in 1..=5 {
+        m.spawn(id, &strings(&["--peers", &founders]));
+    }
+    m.start_worker();
+    m.wait_serving(&rt, 1);
+    m.agree(&rt, &[1, 2, 3], &[1, 2, 3]);
+    for id in [4, 5] {
+        m.wait_voter(&rt, id, false);
+    }
+    let load = Load::start(&rt, m.endpoint(1));
+    let endpoints = (1..=5)
+        .map(|id| m.cluster_endpoint(id))
+        .collect::<Vec<_>>()
+        .join(",");
+    let scale = |voters: &str, only: &str| {
+        let out = m.tessera.run(&[
+            "cluster",
+            "scale",
+            "--endpoint",
+            &endpoints,
+            "--voters",
+            voters,
+            "--only",
+            only,
+            "--timeout",
+            "60",
+        ]);
+        assert!(out.status.success(), "scale --only {only}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let five = m.voters_arg(1..=5);
+    let three = m.voters_arg(1..=3);
+    // A scale-up's pre-upgrade hook has nothing to remove; its post-upgrade hook adds.
+    let out = scale(&five, "remove");
+    assert!(!out.contains("Remove"), "{out}");
+    let out = scale(&five, "add");
+    assert!(
+        out.contains("Add { id: 4") && out.contains("Add { id: 5"),
+        "{out}"
+    );
+    m.agree(&rt, &[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
+    for id in [4, 5] {
+        m.wait_voter(&rt, id, true);
+    }
+    let out = scale(&five, "add");
+    assert!(
+        !out.contains("Add") && out.contains("voters 1,2,3,4,5 "),
+        "nothing left to add: {out}"
+    );
+    let out = scale(&three, "remove");
+    let (at5, at4) = (
+        out.find("Remove { id: 5 }").expect("5 removed"),
+        out.find("Remove { id: 4 }").expect("4 removed"),
+    );
+    assert!(at5 < at4, "highest id first: {out}");
+    m.agree(&rt, &[1, 2, 3], &[1, 2, 3]);
+    for id in [4, 5] {
+        m.wait_voter(&rt, id, false);
+    }
+    let ok = load.stop(&rt);
+    eprintln!("chart flags, scale 3 -> 5 -> 3: {ok} requests served, none failed");
 }

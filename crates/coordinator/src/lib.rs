@@ -211,14 +211,12 @@ pub async fn serve_on(
             "a joining coordinator founds nothing: give either --join or --peers",
         ));
     }
+    // A coordinator whose id is not among the founding voters joins: it waits to be added. So
+    // the pods of a StatefulSet share one --peers (the founders'), and those after the
+    // founders join; their founders' addresses only help them find the cluster.
+    let join = cfg.join || (!peers.is_empty() && !peers.contains_key(&cfg.id));
     if peers.is_empty() {
         peers.insert(cfg.id, advertise.clone());
-    }
-    if !peers.contains_key(&cfg.id) {
-        return Err(CoordinatorError::invalid(
-            "peers",
-            format!("must include this coordinator's id {}", cfg.id),
-        ));
     }
     let storage = raft::RedbStorage::open(&data.path)?;
     let replica = replica::Replica::new(&cfg.model);
@@ -236,7 +234,7 @@ pub async fn serve_on(
         replica::ReplicaMachine(Arc::clone(&replica)),
         transport.clone(),
         // A joining node learns its peers from the leader's snapshot.
-        (!cfg.join).then_some(peers),
+        (!join).then_some(peers),
     )?;
     let cluster = Arc::new(state::cluster::Cluster::new(
         cfg,

@@ -1,4 +1,4 @@
-//! `tessera cluster add-coordinator` / `remove-coordinator`: membership changes of the
+//! `tessera cluster add-coordinator` / `remove-coordinator` / `scale`: membership changes of the
 //! replicated coordinators, sent to any coordinator's cluster port (membership is part of the
 //! cluster protocol, `tessera.cluster.v1.Raft`; the public port answers UNIMPLEMENTED). A
 //! follower forwards them to the leader.
@@ -7,6 +7,7 @@
 //! `tessera certs` issues as `admin-operator.pem`): `--certs DIR [--as NAME]`, or the
 //! certificate's files one by one.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -27,6 +28,41 @@ pub enum ClusterCommand {
     AddCoordinator(AddArgs),
     /// Removes a coordinator from the voters. The last one cannot be removed.
     RemoveCoordinator(RemoveArgs),
+    /// Makes the voters exactly the given coordinators: adds those missing (one at a time,
+    /// retrying while one is not up yet) and removes the others (highest id first). What the
+    /// Helm chart's hook Jobs run when `coordinator.replicas` changes.
+    Scale(ScaleArgs),
+}
+
+/// Which changes `scale` makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScaleOnly {
+    /// Only add the missing coordinators (after a scale-up's pods start).
+    Add,
+    /// Only remove the extra ones (before a scale-down's pods go, so a quorum stays).
+    Remove,
+}
+
+/// Arguments of `scale`.
+#[derive(Args, Debug)]
+pub struct ScaleArgs {
+    /// Current coordinators' cluster ports, comma-separated: the first that answers is asked
+    /// (a follower forwards to the leader).
+    #[arg(long, default_value = DEFAULT_CLUSTER_ENDPOINT, value_delimiter = ',')]
+    pub endpoint: Vec<String>,
+    /// The voters there should be, at their cluster addresses: `1=HOST:PORT,2=HOST:PORT,...`
+    /// (as `tessera coordinator --peers` spells it).
+    #[arg(long, value_parser = super::serve::parse_peers)]
+    pub voters: BTreeMap<u64, String>,
+    /// Make only these changes (default: both).
+    #[arg(long, value_enum)]
+    pub only: Option<ScaleOnly>,
+    /// How long to keep trying (a new coordinator's pod may still be starting).
+    #[arg(long, default_value = "600", value_name = "SECONDS")]
+    pub timeout: u64,
+    /// Who makes the change.
+    #[command(flatten)]
+    pub operator: OperatorArgs,
 }
 
 /// Arguments of `add-coordinator`.
@@ -94,6 +130,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
             .await
             .map_err(|s| membership_error(s, &r.endpoint))?
             .into_inner(),
+        ClusterCommand::Scale(a) => super::scale::run(&a).await?,
     };
     print_members(&members);
     Ok(())
@@ -101,7 +138,7 @@ pub async fn run(cmd: ClusterCommand) -> Result<()> {
 
 /// A refused change, with a hint when `endpoint` is not a cluster port at all (a public port
 /// answers UNIMPLEMENTED to the Raft service).
-fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
+pub(super) fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
     if s.code() == tonic::Code::Unimplemented {
         anyhow::anyhow!(
             "{endpoint} does not serve the cluster protocol: pass a coordinator's cluster port \
@@ -116,7 +153,7 @@ fn membership_error(s: tonic::Status, endpoint: &str) -> anyhow::Error {
 }
 
 /// A Raft client of the coordinator at `endpoint`, which must answer within 3 s.
-async fn client(
+pub(super) async fn client(
     endpoint: &str,
     operator: &OperatorArgs,
 ) -> Result<RaftClient<tonic::transport::Channel>> {
@@ -166,7 +203,7 @@ async fn client(
     Ok(RaftClient::new(channel))
 }
 
-fn print_members(m: &MembersResponse) {
+pub(super) fn print_members(m: &MembersResponse) {
     let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     println!("voters {}  learners {}", list(&m.voters), list(&m.learners));
 }

@@ -14,6 +14,7 @@ pub mod model;
 pub mod plan;
 pub mod process;
 pub mod request;
+mod scale;
 pub mod serve;
 pub mod status;
 pub mod up;

@@ -85,9 +85,10 @@ pub struct CoordinatorArgs {
     /// `tessera-coordinator-2` is node 3).
     #[arg(long, default_value = "1", value_parser = parse_id)]
     pub id: u64,
-    /// The founding voters, this coordinator included, at their cluster addresses (their
-    /// --advertise): `1=HOST:PORT,2=HOST:PORT,...`. Omitted: a single-node cluster of this
-    /// coordinator.
+    /// The founding voters at their cluster addresses (their --advertise):
+    /// `1=HOST:PORT,2=HOST:PORT,...`. A coordinator whose --id is not listed joins instead (as
+    /// with --join): the Helm chart gives every pod the founders' list, and later pods wait to
+    /// be added (`tessera cluster scale`). Omitted: a single-node cluster of this coordinator.
     #[arg(long, value_parser = parse_peers, conflicts_with = "join")]
     pub peers: Option<BTreeMap<u64, String>>,
     /// Join an existing cluster instead of founding one: with an empty data dir, wait until a

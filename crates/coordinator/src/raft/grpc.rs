@@ -22,7 +22,7 @@ use raft::eraftpb::Message;
 use tessera_proto::cluster::v1::raft_client::RaftClient;
 use tessera_proto::cluster::v1::raft_server::{Raft, RaftServer};
 use tessera_proto::cluster::v1::{
-    AddMemberRequest, MembersResponse, RaftAck, RaftMessage, RemoveMemberRequest,
+    AddMemberRequest, MembersRequest, MembersResponse, RaftAck, RaftMessage, RemoveMemberRequest,
 };
 use tessera_tls::{ClusterTls, Role};
 use tokio::sync::mpsc;
@@ -295,6 +295,22 @@ impl Raft for RaftService {
                 leader.remove_member(req).await
             }
             r => Ok(Response::new(members(r?))),
+        }
+    }
+
+    async fn members(
+        &self,
+        request: Request<MembersRequest>,
+    ) -> Result<Response<MembersResponse>, Status> {
+        self.tls()
+            .authorize(&request, &[Role::Coordinator, Role::Admin])?;
+        let st = self.handle.status();
+        match (st.role, st.leader) {
+            (super::RaftRole::Leader, _) => Ok(Response::new(members(st.members))),
+            (_, Some(l)) => self.leader_client(l)?.members(request.into_inner()).await,
+            (_, None) => Err(Status::unavailable(
+                "no leader known (an election, or cut off from the majority); retry",
+            )),
         }
     }
 }
