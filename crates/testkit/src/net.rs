@@ -19,14 +19,35 @@ use tokio::sync::watch;
 /// the kernel may hand the same free port to two calls in a row, and a cluster whose members
 /// were given one port twice cannot start.
 ///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), where it never hands out
+/// ports of its own: a process the test started binding `127.0.0.1:0`, or dialing out, cannot
+/// take a port given here before the test binds it. (It did: a coordinator's public port, bound
+/// to :0, once got the port just given for its metrics.) Where that range leaves too little
+/// below it, any free port.
+///
 /// # Panics
 /// When no loopback port can be bound.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
         std::sync::Mutex::new(std::collections::BTreeSet::new());
+    /// The lowest port handed out here.
+    const LOW: u16 = 10_000;
     let mut given = GIVEN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ephemeral = ephemeral_low().unwrap_or(32_768);
+    if ephemeral > LOW + 1_000 {
+        let span = u32::from(ephemeral - LOW);
+        // Spread over the range by process, so test processes running at once rarely meet.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for k in 0..span {
+            let port = LOW + ((start + k) % span) as u16;
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
         let port = l.local_addr().expect("local addr").port();
@@ -34,6 +55,16 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
+}
+
+/// The first port of the kernel's ephemeral range, when it says.
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// `127.0.0.1:PORT` with a [`free_port`].
@@ -153,6 +184,26 @@ async fn carry(mut inbound: TcpStream, target: Arc<String>, mut cut: watch::Rece
             // Reset rather than close: a partition gives no orderly goodbye.
             let _ = inbound.set_zero_linger();
             let _ = outbound.set_zero_linger();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ensures that free ports are distinct, bindable, and below the kernel's ephemeral range
+    /// (where a `:0` bind of another process cannot take them).
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..64).map(|_| free_port()).collect();
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len(), "{ports:?}");
+        if let Some(low) = ephemeral_low().filter(|&l| l > 11_000) {
+            assert!(ports.iter().all(|&p| p < low), "{ports:?} vs {low}");
+        }
+        for p in ports {
+            drop(std::net::TcpListener::bind(("127.0.0.1", p)).expect("bindable"));
         }
     }
 }
