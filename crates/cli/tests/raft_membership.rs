@@ -1,9 +1,9 @@
 //! Online membership changes of real coordinator processes, driven by the CLI: one founding
 //! coordinator grows to three and five with `tessera cluster add-coordinator` (the new ones
 //! started with `--join`), then shrinks to three with `remove-coordinator`, while a client keeps
-//! generating. Then the Helm chart's way: five coordinators started with the chart's flags
-//! (one `--peers` for all, the founders') scale 3 → 5 → 3 with `tessera cluster scale`, as the
-//! chart's hook Jobs run it. Every wait is bounded.
+//! generating. Then the Helm chart's way: coordinators started with the chart's flags (one
+//! `--peers` for all, naming the founder) join by themselves, 3 → 5, and `tessera cluster scale`
+//! (the chart's pre-upgrade hook) shrinks them to 3. Every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::process::Child;
@@ -341,12 +341,13 @@ fn membership_grows_and_shrinks_while_serving() {
     eprintln!("membership 1 -> 3 -> 5 -> 3: {ok} requests served, none failed");
 }
 
-/// Ensures that the Helm chart's way of scaling works with real processes: five coordinators
-/// started with the chart's flags — every one given the same `--peers`, the three founders' —
-/// form a cluster of the founders while the other two wait, not ready; `tessera cluster scale
-/// --only add` to five (the post-upgrade hook) makes them voters, and `--only remove` to three
-/// (a scale-down's pre-upgrade hook) removes them again, highest id first; requests succeed
-/// throughout, and running it again changes nothing.
+/// Ensures that the Helm chart's way of scaling works with real processes: coordinators
+/// started with the chart's flags — every one given the same `--peers`, naming node 1 alone
+/// (the founder) — join by themselves: three make a cluster of three, two more started later
+/// make it five (a scale-up needs nothing but more pods); `tessera cluster scale --only add`
+/// then has nothing to do, and `--only remove` to three (a scale-down's pre-upgrade hook)
+/// removes the extra two, highest id first, each then no longer ready. Requests succeed
+/// throughout.
 #[test]
 fn scale_with_the_chart_s_flags_serves_every_request() {
     let Some(model) = model() else { return };
@@ -355,17 +356,24 @@ fn scale_with_the_chart_s_flags_serves_every_request() {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let rt = runtime();
     let mut m = Members::new(&model, "scale");
-    let founders = m.voters_arg(1..=3);
-    for id in 1..=5 {
-        m.spawn(id, &strings(&["--peers", &founders]));
+    let founder = m.voters_arg([1]);
+    for id in 1..=3 {
+        m.spawn(id, &strings(&["--peers", &founder]));
     }
     m.start_worker();
     m.wait_serving(&rt, 1);
     m.agree(&rt, &[1, 2, 3], &[1, 2, 3]);
-    for id in [4, 5] {
-        m.wait_voter(&rt, id, false);
+    for id in 1..=3 {
+        m.wait_voter(&rt, id, true);
     }
     let load = Load::start(&rt, m.endpoint(1));
+    for id in [4, 5] {
+        m.spawn(id, &strings(&["--peers", &founder]));
+    }
+    m.agree(&rt, &[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
+    for id in [4, 5] {
+        m.wait_voter(&rt, id, true);
+    }
     let endpoints = (1..=5)
         .map(|id| m.cluster_endpoint(id))
         .collect::<Vec<_>>()
@@ -386,25 +394,14 @@ fn scale_with_the_chart_s_flags_serves_every_request() {
         assert!(out.status.success(), "scale --only {only}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let five = m.voters_arg(1..=5);
-    let three = m.voters_arg(1..=3);
-    // A scale-up's pre-upgrade hook has nothing to remove; its post-upgrade hook adds.
-    let out = scale(&five, "remove");
-    assert!(!out.contains("Remove"), "{out}");
-    let out = scale(&five, "add");
-    assert!(
-        out.contains("Add { id: 4") && out.contains("Add { id: 5"),
-        "{out}"
-    );
-    m.agree(&rt, &[1, 2, 3, 4, 5], &[1, 2, 3, 4, 5]);
-    for id in [4, 5] {
-        m.wait_voter(&rt, id, true);
-    }
+    let (five, three) = (m.voters_arg(1..=5), m.voters_arg(1..=3));
     let out = scale(&five, "add");
     assert!(
         !out.contains("Add") && out.contains("voters 1,2,3,4,5 "),
         "nothing left to add: {out}"
     );
+    let out = scale(&five, "remove");
+    assert!(!out.contains("Remove"), "nothing to remove: {out}");
     let out = scale(&three, "remove");
     let (at5, at4) = (
         out.find("Remove { id: 5 }").expect("5 removed"),
@@ -416,5 +413,5 @@ fn scale_with_the_chart_s_flags_serves_every_request() {
         m.wait_voter(&rt, id, false);
     }
     let ok = load.stop(&rt);
-    eprintln!("chart flags, scale 3 -> 5 -> 3: {ok} requests served, none failed");
+    eprintln!("chart flags, 3 -> 5 -> 3 coordinators: {ok} requests served, none failed");
 }

@@ -57,8 +57,8 @@ pub struct CoordinatorConfig {
     /// This coordinator's Raft node id (>= 1).
     pub id: u64,
     /// The founding voters, id -> cluster address (host:port); empty = a single-node cluster
-    /// of this node alone. A node not listed joins (as with `join`). Ignored when the data
-    /// directory already holds a cluster.
+    /// of this node alone. A node not listed joins, and asks the listed ones to add it
+    /// (`raft::self_join`). Ignored when the data directory already holds a cluster.
     pub peers: BTreeMap<u64, String>,
     /// Found nothing: with an empty data directory, wait to be added to an existing cluster
     /// (`tessera cluster add-coordinator`), which sends this node a snapshot. Excludes `peers`.

@@ -211,10 +211,14 @@ pub async fn serve_on(
             "a joining coordinator founds nothing: give either --join or --peers",
         ));
     }
-    // A coordinator whose id is not among the founding voters joins: it waits to be added. So
+    // A coordinator whose id is not among the founding voters joins, and asks to be added. So
     // the pods of a StatefulSet share one --peers (the founders'), and those after the
-    // founders join; their founders' addresses only help them find the cluster.
-    let join = cfg.join || (!peers.is_empty() && !peers.contains_key(&cfg.id));
+    // founders join by themselves when the StatefulSet scales up.
+    let not_founder = !peers.is_empty() && !peers.contains_key(&cfg.id);
+    let join = cfg.join || not_founder;
+    // Such a node asks the founders to add it (raft/join.rs); an explicit --join waits for an
+    // operator's add-coordinator.
+    let ask_to_join: Option<Vec<String>> = not_founder.then(|| peers.values().cloned().collect());
     if peers.is_empty() {
         peers.insert(cfg.id, advertise.clone());
     }
@@ -267,6 +271,15 @@ pub async fn serve_on(
         tokio::spawn(control::plan::run(Arc::clone(&cluster))),
         tokio::spawn(control::liveness::monitor(Arc::clone(&cluster))),
     ]);
+    if let Some(founders) = ask_to_join {
+        tasks.0.push(tokio::spawn(raft::self_join(
+            raft.clone(),
+            cluster.cfg.cluster_tls.clone(),
+            cluster.cfg.id,
+            advertise.clone(),
+            founders,
+        )));
+    }
     tasks.0.push(tokio::spawn(report_voter(
         raft.watch_status(),
         [health.clone(), cluster_health],

@@ -86,9 +86,10 @@ pub struct CoordinatorArgs {
     #[arg(long, default_value = "1", value_parser = parse_id)]
     pub id: u64,
     /// The founding voters at their cluster addresses (their --advertise):
-    /// `1=HOST:PORT,2=HOST:PORT,...`. A coordinator whose --id is not listed joins instead (as
-    /// with --join): the Helm chart gives every pod the founders' list, and later pods wait to
-    /// be added (`tessera cluster scale`). Omitted: a single-node cluster of this coordinator.
+    /// `1=HOST:PORT,2=HOST:PORT,...`. A coordinator whose --id is not listed joins instead,
+    /// and asks the founders to add it (an explicit --join waits for `tessera cluster
+    /// add-coordinator`): the Helm chart gives every pod the same list, so a scale-up needs
+    /// nothing but more pods. Omitted: a single-node cluster of this coordinator.
     #[arg(long, value_parser = parse_peers, conflicts_with = "join")]
     pub peers: Option<BTreeMap<u64, String>>,
     /// Join an existing cluster instead of founding one: with an empty data dir, wait until a

@@ -16,7 +16,8 @@
 //! [`RaftHandle`] (`handle.rs`) is the cloneable way in: propose a command and await its applied
 //! result, confirm a linearizable read (ReadIndex), change membership, read the status, step
 //! messages from the transport. [`Failpoints`] (`failpoint.rs`) let tests crash a node at named
-//! places in the Ready loop and the storage transactions.
+//! places in the Ready loop and the storage transactions. [`self_join`] (`join.rs`) is how a
+//! node outside the founding voters asks to be added.
 //!
 //! Every error of this module is a [`RaftError`]; [`RaftError::to_status`] is the single
 //! mapping to gRPC.
@@ -25,6 +26,7 @@ mod config;
 mod failpoint;
 mod grpc;
 mod handle;
+mod join;
 mod logger;
 mod node;
 mod read_index;
@@ -36,6 +38,7 @@ pub use config::RaftConfig;
 pub use failpoint::{FailPoint, Failpoints};
 pub use grpc::{GrpcTransport, RaftService};
 pub use handle::{MemberChange, Members, RaftHandle, RaftRole, RaftStatus};
+pub use join::self_join;
 pub use node::RaftNode;
 pub use state_machine::{ApplyError, StateMachine};
 pub use storage::RedbStorage;
