@@ -130,6 +130,7 @@ COORD = f"{RELEASE}-tessera-coordinator"
 HEADLESS = f"{COORD}-headless"
 WORKER = f"{RELEASE}-tessera-worker"
 CLIENT = f"{RELEASE}-tessera"
+SCALE_JOB = f"{RELEASE}-tessera-coordinator-scale"
 
 
 def coordinator_host(i: int) -> str:
@@ -157,7 +158,7 @@ def test_defaults_validate_and_shape() -> None:
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objects)
     check.eq(kinds, sorted([
         ("PodDisruptionBudget", COORD), ("PodDisruptionBudget", WORKER), ("Service", CLIENT), ("Service", HEADLESS),
-        ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD),
+        ("Service", WORKER), ("ServiceAccount", CLIENT), ("StatefulSet", COORD), ("Job", SCALE_JOB),
         ("Deployment", WORKER), ("NetworkPolicy", COORD), ("NetworkPolicy", WORKER)]), "rendered objects")
     check("ServiceMonitor" not in {o["kind"] for o in objects}, "no ServiceMonitor by default")
     check(f"port-forward service/{CLIENT} 50051:50051 8000:8000" in notes, "NOTES: port-forward of gRPC and HTTP")
@@ -210,19 +211,61 @@ def test_coordinator_statefulset() -> None:
 
 
 def test_peers_match_replicas() -> None:
-    """Ensures that --peers lists every ordinal as id=ordinal+1 at its headless DNS name, for 1..7 replicas."""
+    """Ensures that every coordinator's --peers names the founder alone (node 1, ordinal 0, at its
+    headless DNS name) whatever the replicas — the others ask it to add them — and that workers
+    know every coordinator, for 1..7 replicas."""
     for n in (1, 3, 5, 7):
         objects, _ = render(with_values(**{"coordinator.replicas": n}))
         sts = find(objects, "StatefulSet", COORD)
         check.eq(sts["spec"]["replicas"], n, f"replicas={n}")
-        want = ",".join(f"{i + 1}={coordinator_host(i)}:50052" for i in range(n))
-        check.eq(arg(container(sts, "coordinator"), "--peers"), want, f"--peers for {n} replicas (cluster port)")
+        check.eq(arg(container(sts, "coordinator"), "--peers"), f"1={coordinator_host(0)}:50052",
+                 f"--peers for {n} replicas: the founder (cluster port)")
         w = container(find(objects, "Deployment", WORKER), "worker")
         want_urls = ",".join(f"http://{coordinator_host(i)}:50052" for i in range(n))
         check.eq(arg(w, "--coordinator"), want_urls, f"workers know all {n} coordinators' cluster ports")
         pdb = find(objects, "PodDisruptionBudget", COORD)
         check.eq(pdb["spec"]["maxUnavailable"], 1, f"PDB maxUnavailable with {n} replicas")
         validate_all(objects)
+
+
+def test_scale_hook() -> None:
+    """Ensures that coordinator scale-up and scale-down work offline as rendered: 3 -> 5 -> 3
+    changes the StatefulSet's replicas and the pre-upgrade hook's wanted voters and endpoints,
+    never a pod's --peers (pods beyond the founder ask it to add them), the hook removes only
+    (`--only=remove`: before a scale-down's pods go) with the operator's certificate, a scaled
+    -away member's claim is deleted (it would come back with a stale log), and the Job validates."""
+    seen_peers = set()
+    for n in (3, 5, 3):
+        objects, _ = render(with_values(**{"coordinator.replicas": n}))
+        validate_all(objects)
+        sts = find(objects, "StatefulSet", COORD)
+        check.eq(sts["spec"]["replicas"], n, f"replicas {n}")
+        seen_peers.add(arg(container(sts, "coordinator"), "--peers"))
+        check.eq(sts["spec"]["persistentVolumeClaimRetentionPolicy"], {"whenDeleted": "Retain", "whenScaled": "Delete"},
+                 "a scaled-away member's Raft data goes with it")
+        job = find(objects, "Job", SCALE_JOB)
+        meta = job["metadata"]["annotations"]
+        check.eq(meta["helm.sh/hook"], "pre-upgrade", "runs before the upgrade deletes pods")
+        check.eq(meta["helm.sh/hook-delete-policy"], "before-hook-creation,hook-succeeded", "hook delete policy")
+        pod = job["spec"]["template"]["spec"]
+        check.eq(pod["restartPolicy"], "Never", "a Job's pod")
+        c = container(job, "scale")
+        check.eq(c["args"][:2], ["cluster", "scale"], "runs tessera cluster scale")
+        check.eq(arg(c, "--voters"), ",".join(f"{i + 1}={coordinator_host(i)}:50052" for i in range(n)),
+                 f"wants exactly the {n} voters")
+        check.eq(arg(c, "--endpoint"), ",".join(f"{coordinator_host(i)}:50052" for i in range(n)),
+                 f"asks any of the {n} coordinators")
+        check.eq(arg(c, "--only"), "remove", "removes only (new pods join by themselves)")
+        check.eq((arg(c, "--certs"), arg(c, "--as")), (CERTS, "operator"), "as the operator")
+        check.eq(tls_items(job), {"tessera-cluster-tls": [("ca.pem", "ca.pem"), ("admin-operator.pem", "admin-operator.pem"),
+                                                          ("admin-operator.key", "admin-operator.key")]},
+                 "the operator's files alone")
+        check(pod.get("securityContext", {}).get("runAsNonRoot") is True, "the Job runs as non-root")
+    check.eq(len(seen_peers), 1, f"--peers never changes with the replicas: {seen_peers}")
+    objects, _ = render(with_values(**{"clusterTls.mode": "insecure"}))
+    c = container(find(objects, "Job", SCALE_JOB), "scale")
+    check("--insecure-cluster" in c["args"] and arg(c, "--certs") is None, "insecure: no certificates")
+    check("volumes" not in find(objects, "Job", SCALE_JOB)["spec"]["template"]["spec"], "insecure: no volumes")
 
 
 def test_schema_rejects_even_replicas() -> None:
@@ -481,7 +524,10 @@ def test_cluster_port() -> None:
     check.eq(arg(c, "--cluster-listen"), "0.0.0.0:7000", "--cluster-listen")
     check.eq(arg(c, "--listen"), "0.0.0.0:50051", "--listen unchanged")
     check(str(arg(c, "--advertise")).endswith(":7000"), "--advertise at the cluster port")
-    check.eq(arg(c, "--peers"), ",".join(f"{i + 1}={coordinator_host(i)}:7000" for i in range(3)), "--peers")
+    check.eq(arg(c, "--peers"), f"1={coordinator_host(0)}:7000", "--peers")
+    job = container(find(objects, "Job", SCALE_JOB), "scale")
+    check.eq(arg(job, "--voters"), ",".join(f"{i + 1}={coordinator_host(i)}:7000" for i in range(3)),
+             "the scale hook's --voters on the cluster port")
     w = container(find(objects, "Deployment", WORKER), "worker")
     check.eq(arg(w, "--coordinator"), ",".join(f"http://{coordinator_host(i)}:7000" for i in range(3)),
              "workers dial the cluster port")
@@ -616,8 +662,17 @@ def test_cluster_tls_cert_manager() -> None:
     objects, _ = render(with_values(**{"clusterTls.mode": "certManager", "clusterTls.certManager.issuerRef": issuer}))
     validate_all(objects)
     certs = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "Certificate"}
-    check.eq(sorted(certs), [f"{RELEASE}-tessera-coordinator-{i}" for i in (1, 2, 3)] + [f"{RELEASE}-tessera-worker"],
-             "Certificates")
+    check.eq(sorted(certs), [f"{RELEASE}-tessera-admin"] + [f"{RELEASE}-tessera-coordinator-{i}" for i in (1, 2, 3)]
+             + [f"{RELEASE}-tessera-worker"], "Certificates")
+    admin = next(o for o in objects if o["kind"] == "Certificate" and o["metadata"]["name"] == f"{RELEASE}-tessera-admin")
+    check.eq(admin["spec"]["dnsNames"], ["operator.admin.tessera.internal"], "the scale hook's operator identity")
+    check.eq(set(admin["spec"]["usages"]), {"digital signature", "client auth"}, "operator usages: a client only")
+    check.eq(admin["metadata"]["annotations"]["helm.sh/hook"], "pre-upgrade",
+             "issued as a hook, before the scale Job that needs it")
+    check(int(admin["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0, "weighted before the Job")
+    check.eq(tls_items(find(objects, "Job", SCALE_JOB)),
+             {f"{RELEASE}-tessera-admin-tls": [("ca.crt", "ca.pem"), ("tls.crt", "admin-operator.pem"),
+                                               ("tls.key", "admin-operator.key")]}, "the scale Job's Secret")
     c2 = certs[f"{RELEASE}-tessera-coordinator-2"]
     check.eq(c2["dnsNames"], ["2.coordinator.tessera.internal", "coordinator.tessera.internal"], "coordinator 2 names")
     check.eq(c2["issuerRef"], issuer, "issuerRef")
@@ -662,15 +717,18 @@ def test_network_policy() -> None:
     objects, _ = render({})
     pols = {o["metadata"]["name"]: o["spec"] for o in objects if o["kind"] == "NetworkPolicy"}
     check.eq(sorted(pols), [COORD, WORKER], "one policy per component")
-    members = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tessera", "app.kubernetes.io/instance": RELEASE,
-                                                "app.kubernetes.io/component": comp}}} for comp in ("coordinator", "worker")]
+    def selectors(*comps: str) -> list[dict[str, Any]]:
+        return [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "tessera", "app.kubernetes.io/instance": RELEASE,
+                                                 "app.kubernetes.io/component": comp}}} for comp in comps]
 
     def rules(spec: dict[str, Any]) -> tuple[set[int], set[int]]:
+        # The coordinators' cluster port also admits the scale hook's Job (it removes members).
+        members = selectors("coordinator", "worker", *(["coordinator-scale"] if spec is pols[COORD] else []))
         open_ports, member_ports = set(), set()
         for rule in spec["ingress"]:
             ports = {p["port"] for p in rule["ports"]}
             if "from" in rule:
-                check.eq(rule["from"], members, "only the release's coordinators and workers")
+                check.eq(rule["from"], members, "only the release's coordinators, workers (and scale hook)")
                 member_ports |= ports
             else:
                 open_ports |= ports
@@ -684,7 +742,7 @@ def test_network_policy() -> None:
 
 
 TESTS: list[Callable[[], None]] = [
-    test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas,
+    test_lint, test_defaults_validate_and_shape, test_coordinator_statefulset, test_peers_match_replicas, test_scale_hook,
     test_schema_rejects_even_replicas, test_services, test_pdb, test_gpu_resources, test_anti_affinity,
     test_workers, test_security, test_model_source, test_service_monitor, test_metrics_ports,
     test_otlp_endpoint, test_cluster_port, test_http_port, test_api_keys, test_cluster_tls_secret,

@@ -75,13 +75,30 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%d.%s.%s.svc.%s" (include "tessera.coordinator.fullname" .ctx) (int .i) (include "tessera.coordinator.headless" .ctx) .ctx.Release.Namespace .ctx.Values.clusterDomain }}
 {{- end }}
 
-{{/* --peers: "1=host0:clusterPort,2=host1:clusterPort,..." — Raft id = ordinal + 1, as `--id auto` computes. */}}
+{{/* Every coordinator: "1=host0:clusterPort,2=host1:clusterPort,..." — Raft id = ordinal + 1, as
+`--id auto` computes. The voters there should be (the scale hook's --voters). */}}
 {{- define "tessera.coordinator.peers" -}}
 {{- $peers := list }}
 {{- range $i := until (int .Values.coordinator.replicas) }}
 {{- $peers = append $peers (printf "%d=%s:%d" (add $i 1) (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.clusterPort)) }}
 {{- end }}
 {{- join "," $peers }}
+{{- end }}
+
+{{/* --peers of every coordinator: node 1 alone founds the cluster; every other pod asks it to
+be added (so a scale-up needs nothing but more pods). Constant, whatever the replicas: a change
+of coordinator.replicas never changes what a pod founds. */}}
+{{- define "tessera.coordinator.founder" -}}
+{{- printf "1=%s:%d" (include "tessera.coordinator.host" (dict "ctx" $ "i" 0)) (int .Values.coordinator.clusterPort) }}
+{{- end }}
+
+{{/* Every coordinator's cluster port, host:port, comma-separated (the scale hook's --endpoint). */}}
+{{- define "tessera.coordinator.endpoints" -}}
+{{- $eps := list }}
+{{- range $i := until (int .Values.coordinator.replicas) }}
+{{- $eps = append $eps (printf "%s:%d" (include "tessera.coordinator.host" (dict "ctx" $ "i" $i)) (int $.Values.coordinator.clusterPort)) }}
+{{- end }}
+{{- join "," $eps }}
 {{- end }}
 
 {{/* --coordinator for workers: every coordinator's cluster port; the worker follows the leader. */}}
@@ -200,7 +217,8 @@ affinity:
 Mutual TLS on the cluster protocol. The certificates are mounted at /var/lib/tessera/certs
 under the names `tessera certs` gives them, each pod getting only what it needs: the CA
 certificate and, for coordinators, every coordinator's certificate and key (a StatefulSet's pods
-share one template; each picks its own by --id), for workers the one worker certificate.
+share one template; each picks its own by --id), for workers the one worker certificate, for the
+scale hook (component "admin") the operator's.
 */}}
 {{- define "tessera.clusterTls.dir" -}}/var/lib/tessera/certs{{- end }}
 
@@ -240,6 +258,11 @@ share one template; each picks its own by --id), for workers the one worker cert
             - key: coordinator-{{ add1 $i }}.key
               path: coordinator-{{ add1 $i }}.key
 {{- end }}
+{{- else if eq .component "admin" }}
+            - key: admin-{{ $t.adminName }}.pem
+              path: admin-{{ $t.adminName }}.pem
+            - key: admin-{{ $t.adminName }}.key
+              path: admin-{{ $t.adminName }}.key
 {{- else }}
             - key: worker-{{ $t.workerName }}.pem
               path: worker-{{ $t.workerName }}.pem
@@ -261,6 +284,16 @@ share one template; each picks its own by --id), for workers the one worker cert
             - key: tls.key
               path: coordinator-{{ add1 $i }}.key
 {{- end }}
+{{- else if eq .component "admin" }}
+      - secret:
+          name: {{ printf "%s-admin-tls" (include "tessera.fullname" $ctx) }}
+          items:
+            - key: ca.crt
+              path: ca.pem
+            - key: tls.crt
+              path: admin-{{ $t.adminName }}.pem
+            - key: tls.key
+              path: admin-{{ $t.adminName }}.key
 {{- else }}
       - secret:
           name: {{ include "tessera.clusterTls.certSecret" (dict "ctx" $ctx "i" 0) }}
