@@ -140,26 +140,33 @@ async fn register_forever(
 /// [`LEAVE_TIMEOUT`] in all; whether it committed the removal. A worker that cannot leave
 /// (no coordinator answers) stops all the same: the liveness monitor drops it later.
 async fn leave(cursor: &mut Cursor, id: &str) -> bool {
+    // Every coordinator failing in turn (a whole cluster stopping) ends the attempts early.
+    let give_up_after = cursor.endpoints.len() + 1;
     let attempt = async {
-        loop {
+        let mut failures = 0;
+        while failures < give_up_after {
             let asked = client(cursor.current())
                 .leave(pb::LeaveRequest {
                     worker_id: id.to_owned(),
                 })
                 .await;
             match asked {
-                Ok(r) if r.get_ref().leader.is_empty() => return,
-                Ok(r) if cursor.follow(&r.get_ref().leader) => continue,
+                Ok(r) if r.get_ref().leader.is_empty() => return true,
+                Ok(r) if cursor.follow(&r.get_ref().leader) => {}
                 Ok(_) => cursor.rotate(),
                 Err(s) => {
                     tracing::debug!(error = %s, "leave failed");
+                    failures += 1;
                     cursor.rotate();
                 }
             }
             tokio::time::sleep(FIRST_BACKOFF).await;
         }
+        false
     };
-    let left = tokio::time::timeout(LEAVE_TIMEOUT, attempt).await.is_ok();
+    let left = tokio::time::timeout(LEAVE_TIMEOUT, attempt)
+        .await
+        .unwrap_or(false);
     if left {
         tracing::info!(
             worker_id = id,

@@ -474,14 +474,22 @@ impl LocalCluster {
         supervise(&mut self.members, chaos).await
     }
 
-    /// Closes every child's stdin (their signal to stop), waits a little, then kills
+    /// Closes every child's stdin (their signal to stop), workers first — a stopping worker
+    /// leaves the cluster, which needs a coordinator that answers — waits a little, then kills
     /// stragglers; a temporary data directory is removed.
     pub async fn shutdown(mut self) {
-        for m in &mut self.members {
-            m.ask_to_stop();
-        }
-        for m in &mut self.members {
-            m.stop(Duration::from_secs(5)).await;
+        let (workers, coordinators): (Vec<_>, Vec<_>) = self
+            .members
+            .iter_mut()
+            .partition(|m| m.what.starts_with("worker"));
+        for group in [workers, coordinators] {
+            let mut group = group;
+            for m in &mut group {
+                m.ask_to_stop();
+            }
+            for m in &mut group {
+                m.stop(Duration::from_secs(5)).await;
+            }
         }
     }
 }
