@@ -31,6 +31,32 @@ impl Registry {
 }
 
 impl Registry {
+    /// Authorizes a worker's call about the worker id `id` names (see [`Self::check_owner`])
+    /// and unwraps it.
+    fn authorize_worker<T>(
+        &self,
+        request: Request<T>,
+        what: &str,
+        id: impl Fn(&T) -> &String,
+    ) -> Result<T, Status> {
+        let caller = self
+            .cluster
+            .cfg
+            .cluster_tls
+            .authorize(&request, &[Role::Worker])?;
+        let req = request.into_inner();
+        self.check_owner(caller.as_ref(), id(&req), what)?;
+        Ok(req)
+    }
+
+    /// On a follower: the leader's cluster address, for the worker to call there instead;
+    /// UNAVAILABLE when no leader is known.
+    fn leader(&self) -> Result<String, Status> {
+        self.cluster.leader_address().ok_or_else(|| {
+            CoordinatorError::Unavailable("no coordinator leader elected yet; retry".into()).into()
+        })
+    }
+
     /// Under mutual TLS: refuses a call about a registered worker id from another
     /// certificate than the one it registered with (an unknown id passes: nothing to protect).
     fn check_owner(
@@ -77,12 +103,7 @@ impl pb::coordination_server::Coordination for Registry {
         if !self.cluster.replica().is_leading() {
             // Only the leader, once it has caught up with the log, assigns ids; point the
             // worker there.
-            let Some(leader) = self.cluster.leader_address() else {
-                return Err(CoordinatorError::Unavailable(
-                    "no coordinator leader elected yet; retry".into(),
-                )
-                .into());
-            };
+            let leader = self.leader()?;
             return Ok(Response::new(pb::RegisterResponse {
                 worker_id: String::new(),
                 heartbeat_interval_ms: 0,
@@ -124,13 +145,7 @@ impl pb::coordination_server::Coordination for Registry {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let caller = self
-            .cluster
-            .cfg
-            .cluster_tls
-            .authorize(&request, &[Role::Worker])?;
-        let req = request.into_inner();
-        self.check_owner(caller.as_ref(), &req.worker_id, "heartbeat")?;
+        let req = self.authorize_worker(request, "heartbeat", |r| &r.worker_id)?;
         if !self.cluster.replica().is_leading() {
             // The worker's id is valid cluster-wide; it only has to talk to the leader. Only
             // the leader, once caught up, may call a worker unknown: a lagging replica (a
@@ -179,23 +194,12 @@ impl pb::coordination_server::Coordination for Registry {
         &self,
         request: Request<pb::LeaveRequest>,
     ) -> Result<Response<pb::LeaveResponse>, Status> {
-        let caller = self
-            .cluster
-            .cfg
-            .cluster_tls
-            .authorize(&request, &[Role::Worker])?;
-        let req = request.into_inner();
+        let req = self.authorize_worker(request, "leave", |r| &r.worker_id)?;
         if req.worker_id.is_empty() {
             return Err(CoordinatorError::invalid("worker_id", "required").into());
         }
-        self.check_owner(caller.as_ref(), &req.worker_id, "leave")?;
         if !self.cluster.replica().is_leading() {
-            let Some(leader) = self.cluster.leader_address() else {
-                return Err(CoordinatorError::Unavailable(
-                    "no coordinator leader elected yet; retry".into(),
-                )
-                .into());
-            };
+            let leader = self.leader()?;
             return Ok(Response::new(pb::LeaveResponse { leader }));
         }
         self.cluster.remove_worker(&req.worker_id).await?;
