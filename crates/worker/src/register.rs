@@ -173,9 +173,11 @@ async fn leave(cursor: &mut Cursor, id: &str) -> bool {
             "left the cluster: the coordinator re-plans without this worker"
         );
     } else {
-        tracing::warn!(
+        // Not a warning: a whole cluster stopping at once (Ctrl-C to `tessera up`, a namespace
+        // deleted) leaves no coordinator to answer; the liveness monitor drops it anyway.
+        tracing::info!(
             worker_id = id,
-            "no coordinator confirmed this worker's leave in time; stopping anyway"
+            "no coordinator confirmed this worker's leave; stopping anyway"
         );
     }
     left

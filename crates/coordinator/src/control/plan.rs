@@ -40,11 +40,18 @@ pub async fn run(cluster: Arc<Cluster>) {
         }
         // Logged once per change, not every tick: workers short of memory stay so until one
         // joins or leaves. The reason is kept for the requests no plan serves.
+        let workers = worker_ids(&cluster);
         match reconcile(&cluster).await {
             Ok(()) => {
                 if cluster.replan.record_outcome(None) {
                     tracing::info!("planning succeeds again");
                 }
+            }
+            // A worker left or was dropped while the plan was made (its commit then names a
+            // worker the state no longer has): not a failure, the next round plans without it.
+            Err(e) if worker_ids(&cluster) != workers => {
+                tracing::info!(error = %e, "the workers changed while planning; planning again");
+                cluster.replan.request();
             }
             Err(e) => {
                 if cluster.replan.record_outcome(Some(e.to_string())) {
@@ -53,6 +60,13 @@ pub async fn run(cluster: Arc<Cluster>) {
             }
         }
     }
+}
+
+/// The registered workers' ids, in the state's order.
+fn worker_ids(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .replica()
+        .with(|st| st.workers().map(|w| w.id.clone()).collect())
 }
 
 /// The plan the planner makes over the registered workers now.
