@@ -101,9 +101,9 @@ fn two_ranks_split_the_model_and_repeat_their_output() {
 /// Ensures that `kill -9` of a tensor-parallel rank costs its group's in-flight request
 /// nothing: the cluster says why it cannot serve meanwhile (one worker is no group of two),
 /// and once a worker joins, the request is migrated onto the new group and finishes with no
-/// error and exactly the tokens and logprobs of a fault-free run. (The request may wait over
-/// 30 s: the first re-plan still names the dead rank, whose survivor waits 30 s for it to
-/// connect — hence a longer `--ready-wait-ms` here; see the note on step timeouts.)
+/// error and exactly the tokens and logprobs of a fault-free run. (The re-plan dials every
+/// worker of a new plan first, so the dead rank, still registered, is dropped rather than
+/// planned in — where its survivor would wait out the group's 30 s formation for it.)
 #[test]
 fn a_killed_rank_s_request_migrates_to_the_new_group() {
     let Some(model) = model() else { return };

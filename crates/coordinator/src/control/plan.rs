@@ -8,7 +8,10 @@
 //! joiner costs them a pause while the shards load, not their answers. A worker whose load fails is dropped (it
 //! registers again if it is alive) and planning starts over — except a worker that only
 //! reports that a tensor-parallel peer could not be reached: that peer is dropped instead
-//! ([`to_drop`]).
+//! ([`to_drop`]). Before a new plan is committed, each of its workers is dialled once
+//! ([`unreachable`]): one that died since its last heartbeat is still registered, and planning
+//! it in would cost a whole round of loads — a tensor-parallel survivor waits out its group's
+//! formation timeout (30 s) for it. Those that cannot be reached are dropped instead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +26,8 @@ use crate::state::{ClusterState, Command};
 
 /// How long a shard may take to load before the worker is given up on.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the connection to each worker of a new plan may take before it is committed.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the controller until the task is aborted.
 pub async fn run(cluster: Arc<Cluster>) {
@@ -121,6 +126,14 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     if ready && st.plan() == Some(&plan) {
         return Ok(());
     }
+    let dead = unreachable(cluster, &plan).await;
+    if !dead.is_empty() {
+        for (worker, e) in &dead {
+            tracing::info!(worker = %worker, error = %e, "unreachable; planning without it");
+            cluster.drop_worker(worker).await;
+        }
+        return Ok(());
+    }
     let epoch = st.plan_epoch() + 1;
     tracing::info!(
         epoch,
@@ -187,6 +200,30 @@ fn to_drop(failures: &[(String, CoordinatorError)], st: &ClusterState) -> Vec<St
         drop = failures.iter().map(|(w, _)| w.clone()).collect();
     }
     drop
+}
+
+/// The workers of `plan` that cannot be reached within [`PROBE_TIMEOUT`] (connection and TLS
+/// handshake, concurrently), with why.
+async fn unreachable(cluster: &Cluster, plan: &Plan) -> Vec<(String, tonic::Status)> {
+    let st = cluster.state();
+    let mut set = JoinSet::new();
+    for stage in &plan.stages {
+        let Some(addr) = st.worker(&stage.worker_id).map(|w| w.address.clone()) else {
+            continue;
+        };
+        let (id, tls) = (stage.worker_id.clone(), cluster.cfg.cluster_tls.clone());
+        set.spawn(async move {
+            let r = super::connect(&tls, &addr, PROBE_TIMEOUT).await;
+            (id, r.err())
+        });
+    }
+    let mut dead = Vec::new();
+    while let Some(joined) = set.join_next().await {
+        if let Ok((id, Some(e))) = joined {
+            dead.push((id, e));
+        }
+    }
+    dead
 }
 
 /// Loads every stage's shard concurrently; returns the workers that failed.
