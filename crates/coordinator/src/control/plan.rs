@@ -8,10 +8,11 @@
 //! joiner costs them a pause while the shards load, not their answers. A worker whose load fails is dropped (it
 //! registers again if it is alive) and planning starts over — except a worker that only
 //! reports that a tensor-parallel peer could not be reached: that peer is dropped instead
-//! ([`to_drop`]). Before a new plan is committed, each of its workers is dialled once
-//! ([`unreachable`]): one that died since its last heartbeat is still registered, and planning
-//! it in would cost a whole round of loads — a tensor-parallel survivor waits out its group's
-//! formation timeout (30 s) for it. Those that cannot be reached are dropped instead.
+//! ([`to_drop`]). Before a new plan is committed, each of its workers that served the previous
+//! plan is dialled once ([`unreachable`]): one that died since its last heartbeat is still
+//! registered, and planning it in would cost a whole round of loads — a tensor-parallel
+//! survivor waits out its group's formation timeout (30 s) for it. Those that cannot be
+//! reached are dropped instead.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,12 +203,21 @@ fn to_drop(failures: &[(String, CoordinatorError)], st: &ClusterState) -> Vec<St
     drop
 }
 
-/// The workers of `plan` that cannot be reached within [`PROBE_TIMEOUT`] (connection and TLS
-/// handshake, concurrently), with why.
+/// The workers of `plan` that were in the previous plan too and cannot be reached within
+/// [`PROBE_TIMEOUT`] (connection and TLS handshake, concurrently), with why. Only those are
+/// suspects: a worker that registered since has just spoken to this coordinator, and one
+/// coming back from a partition may take longer than the bound to accept while its network
+/// settles (dropping it then would only make it register again, and again).
 async fn unreachable(cluster: &Cluster, plan: &Plan) -> Vec<(String, tonic::Status)> {
     let st = cluster.state();
+    let Some(previous) = st.plan() else {
+        return Vec::new();
+    };
     let mut set = JoinSet::new();
     for stage in &plan.stages {
+        if previous.stage_of(&stage.worker_id).is_none() {
+            continue;
+        }
         let Some(addr) = st.worker(&stage.worker_id).map(|w| w.address.clone()) else {
             continue;
         };
