@@ -280,13 +280,19 @@ pub async fn serve_on(
             founders,
         )));
     }
-    tasks.0.push(tokio::spawn(report_voter(
+    tasks.0.push(tokio::spawn(mirror_health(
         raft.watch_status(),
         [health.clone(), cluster_health],
+        VOTER_HEALTH,
+        |s: &raft::RaftStatus| s.leader.is_some() && s.members.voters.contains(&s.id),
     )));
-    tasks
-        .0
-        .push(tokio::spawn(report_health(Arc::clone(&cluster), health)));
+    // The server is SERVING once up; `tessera.v1.Inference` only while a plan serves the model.
+    tasks.0.push(tokio::spawn(mirror_health(
+        cluster.subscribe(),
+        [health],
+        <pb::inference_server::InferenceServer<api::Api> as tonic::server::NamedService>::NAME,
+        Option::is_some,
+    )));
     if let Some(addr) = cluster.cfg.metrics_listen {
         let listener = tessera_telemetry::http::bind(addr, "coordinator")
             .await
@@ -500,23 +506,29 @@ impl Drop for DataDir {
     }
 }
 
-/// Keeps `grpc.health.v1` in line with readiness: the server is SERVING once up;
-/// `tessera.v1.Inference` is SERVING only while a plan serves the model.
-async fn report_health(
-    cluster: Arc<state::cluster::Cluster>,
-    health: tonic_health::server::HealthReporter,
+/// Keeps `grpc.health.v1` service `name`, on every reporter, SERVING while `serving` holds
+/// for the newest value `rx` carries, NOT_SERVING otherwise (set on changes only).
+async fn mirror_health<T, const N: usize>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    health: [tonic_health::server::HealthReporter; N],
+    name: &'static str,
+    serving: impl Fn(&T) -> bool,
 ) {
-    let mut serving = cluster.subscribe();
-    let name =
-        <pb::inference_server::InferenceServer<api::Api> as tonic::server::NamedService>::NAME;
+    let mut last = None;
     loop {
-        let status = if serving.borrow_and_update().is_some() {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        health.set_service_status(name, status).await;
-        if serving.changed().await.is_err() {
+        let now = serving(&rx.borrow_and_update());
+        if last != Some(now) {
+            let to = if now {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            for h in &health {
+                h.set_service_status(name, to).await;
+            }
+            last = Some(now);
+        }
+        if rx.changed().await.is_err() {
             return;
         }
     }
@@ -527,31 +539,3 @@ async fn report_health(
 /// Kubernetes readiness uses it, so the client Service sends nothing to a coordinator that has
 /// not been added yet (`--join`), has been removed, or is cut off from a quorum.
 pub const VOTER_HEALTH: &str = "tessera.cluster.v1.Raft";
-
-/// Keeps [`VOTER_HEALTH`] in line with the Raft node's status, on every health service.
-async fn report_voter<const N: usize>(
-    mut status: tokio::sync::watch::Receiver<raft::RaftStatus>,
-    health: [tonic_health::server::HealthReporter; N],
-) {
-    let mut last = None;
-    loop {
-        let voter = {
-            let s = status.borrow_and_update();
-            s.leader.is_some() && s.members.voters.contains(&s.id)
-        };
-        if last != Some(voter) {
-            let to = if voter {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            for h in &health {
-                h.set_service_status(VOTER_HEALTH, to).await;
-            }
-            last = Some(voter);
-        }
-        if status.changed().await.is_err() {
-            return;
-        }
-    }
-}

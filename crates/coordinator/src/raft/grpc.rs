@@ -117,7 +117,8 @@ impl Transport for GrpcTransport {
     }
 }
 
-fn endpoint(tls: &ClusterTls, address: &str) -> Result<Endpoint, Status> {
+/// A coordinator peer's endpoint at `address`, with the transport's connect and call bounds.
+pub(super) fn endpoint(tls: &ClusterTls, address: &str) -> Result<Endpoint, Status> {
     Ok(tls
         .endpoint(address, Role::Coordinator)?
         .connect_timeout(CONNECT_TIMEOUT)

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tessera_proto::cluster::v1::AddMemberRequest;
 use tessera_proto::cluster::v1::raft_client::RaftClient;
-use tessera_tls::{ClusterTls, Role};
+use tessera_tls::ClusterTls;
 
 use super::RaftHandle;
 
@@ -29,7 +29,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Bound on one AddMember call: the leader waits for the learner to catch up (5 s) first.
 const ADD_TIMEOUT: Duration = Duration::from_secs(20);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Asks the coordinators at `peers` (cluster addresses, any order) to add node `id` at
 /// `advertise`, until `raft` shows it as a voter.
@@ -65,22 +64,18 @@ pub async fn self_join(
 
 /// One AddMember for `id` at `advertise`, sent to `peer` (a follower forwards it).
 async fn ask(tls: &ClusterTls, peer: &str, id: u64, advertise: &str) -> Result<(), String> {
-    let endpoint = tls
-        .endpoint(peer, Role::Coordinator)
-        .map_err(|s| s.message().to_owned())?
-        .connect_timeout(CONNECT_TIMEOUT)
+    let status = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let endpoint = super::grpc::endpoint(tls, peer)
+        .map_err(status)?
         .timeout(ADD_TIMEOUT);
-    let mut client = RaftClient::new(endpoint.connect_lazy());
-    let asked = client
+    // An error that only says it is a voter already (an earlier try's answer was lost) is
+    // settled by the membership check of the caller's next round.
+    RaftClient::new(endpoint.connect_lazy())
         .add_member(AddMemberRequest {
             id,
             address: advertise.to_owned(),
         })
-        .await;
-    match asked {
-        Ok(_) => Ok(()),
-        // Added meanwhile (by an earlier try whose answer was lost): done.
-        Err(s) if s.message().contains("already a voter") => Ok(()),
-        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-    }
+        .await
+        .map(drop)
+        .map_err(status)
 }
