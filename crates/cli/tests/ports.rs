@@ -212,7 +212,7 @@ fn public_port_serves_only_the_public_api() {
     let models =
         c.rt.block_on(
             pb::inference_client::InferenceClient::new(public.clone())
-                .list_models(pb::ListModelsRequest {}),
+                .list_models(pb::ListModelsRequest::default()),
         )
         .expect("list models")
         .into_inner();
@@ -222,7 +222,7 @@ fn public_port_serves_only_the_public_api() {
     let err =
         c.rt.block_on(
             pb::inference_client::InferenceClient::new(cluster.clone())
-                .list_models(pb::ListModelsRequest {}),
+                .list_models(pb::ListModelsRequest::default()),
         )
         .expect_err("Inference on the cluster port");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");

@@ -204,8 +204,8 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
 /// Ensures that a leader cut off from the other coordinators cannot commit — it steps down, its
 /// commit index stands still, its clients get UNAVAILABLE in bounded time — while the majority
 /// elects a new leader that commits (a worker joins) and serves; that status read through the
-/// majority is linearizable (confirmed by ReadIndex) while the cut-off node's is marked
-/// unconfirmed; healed, it catches up.
+/// majority is linearizable (confirmed by ReadIndex), and so is a majority follower's model
+/// list, while the cut-off node's are marked unconfirmed; healed, it catches up.
 #[test]
 fn minority_partition_cannot_commit() {
     let Some(model) = model() else { return };
@@ -281,6 +281,21 @@ fn minority_partition_cannot_commit() {
     let stale = c.status(old).expect("isolated status, leader's view asked");
     assert!(!stale.linearizable, "{stale:#?}");
     assert!(!isolated.linearizable, "a local answer is never confirmed");
+    // Model lists are read on the coordinator asked, leader or follower: a follower of the
+    // majority confirms its replica through the leader; the cut-off node cannot, and says so
+    // within its bound.
+    let follower = *majority.iter().find(|i| **i != new).expect("a follower");
+    let models = c.models(follower, false).expect("a follower's model list");
+    assert!(models.linearizable, "{models:#?}");
+    assert!(!c.models(follower, true).expect("local list").linearizable);
+    let asked = Instant::now();
+    let models = c.models(old, false).expect("the cut-off node's model list");
+    assert!(!models.linearizable, "{models:#?}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        asked.elapsed()
+    );
     assert_eq!(worker_ids(&isolated), worker_ids(&before), "{isolated:#?}");
     assert!(
         committed.commit_index > isolated.commit_index,

@@ -217,6 +217,15 @@ async fn http_api_matches_grpc() {
     let ready = get(&h, "/ready", None).await;
     assert_eq!(ready.status, 200, "{}", ready.body);
     assert_eq!(get(&h, "/v1/models/other", None).await.status, 404);
+    // The coordinator leads: its listing is confirmed current (ReadIndex).
+    let models = get(&h, "/v1/models", None).await;
+    assert_eq!(models.json()["data"][0]["ready"], true, "{}", models.body);
+    assert_eq!(
+        models.header("x-tessera-linearizable"),
+        Some("true"),
+        "{:?}",
+        models.headers
+    );
 
     // Chat, whole and streamed, against gRPC.
     let question = "What is the capital of France?";

@@ -296,6 +296,18 @@ impl RaftCluster {
         self.ask_status(i, true)
     }
 
+    /// Coordinator `i`'s model list, confirmed current unless `local` (see
+    /// `ListModelsResponse.linearizable`).
+    ///
+    /// # Errors
+    /// The status of the call.
+    pub fn models(&self, i: usize, local: bool) -> Result<pb::ListModelsResponse, tonic::Status> {
+        let mut c = self.client(i);
+        self.rt
+            .block_on(c.list_models(pb::ListModelsRequest { local }))
+            .map(tonic::Response::into_inner)
+    }
+
     fn ask_status(
         &self,
         i: usize,

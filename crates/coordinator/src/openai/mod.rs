@@ -165,16 +165,32 @@ impl OpenAi {
         })
     }
 
-    async fn model_info(&self) -> Result<pb::ModelInfo, ApiError> {
+    /// The served model, read linearizably when a leader confirms this replica current
+    /// (the second value says whether one did; see `ListModelsResponse.linearizable`).
+    async fn model_info(&self) -> Result<(pb::ModelInfo, bool), ApiError> {
         let list = self
             .api
-            .list_models(tonic::Request::new(pb::ListModelsRequest {}))
+            .list_models(tonic::Request::new(pb::ListModelsRequest::default()))
             .await
-            .map_err(|s| ApiError::from_status(&s, Endpoint::Chat))?;
-        list.into_inner().models.into_iter().next().ok_or_else(|| {
+            .map_err(|s| ApiError::from_status(&s, Endpoint::Chat))?
+            .into_inner();
+        let info = list.models.into_iter().next().ok_or_else(|| {
             ApiError::from_status(&tonic::Status::internal("no model listed"), Endpoint::Chat)
-        })
+        })?;
+        Ok((info, list.linearizable))
     }
+}
+
+/// Header saying whether a model read was confirmed current (ReadIndex): `true` or `false`.
+const LINEARIZABLE_HEADER: &str = "x-tessera-linearizable";
+
+/// `response` with [`LINEARIZABLE_HEADER`] set.
+fn with_linearizable(mut response: Response, linearizable: bool) -> Response {
+    response.headers_mut().insert(
+        LINEARIZABLE_HEADER,
+        axum::http::HeaderValue::from_static(if linearizable { "true" } else { "false" }),
+    );
+    response
 }
 
 /// A JSON response body.
@@ -198,9 +214,10 @@ async fn models(State(s): State<Arc<OpenAi>>, headers: HeaderMap) -> Response {
     either(
         async {
             s.authorize(&headers)?;
-            let info = s.model_info().await?;
-            Ok(json_body(
-                &json!({"object": "list", "data": [s.model_object(&info)]}),
+            let (info, linearizable) = s.model_info().await?;
+            Ok(with_linearizable(
+                json_body(&json!({"object": "list", "data": [s.model_object(&info)]})),
+                linearizable,
             ))
         }
         .await,
@@ -215,11 +232,14 @@ async fn model(
     either(
         async {
             s.authorize(&headers)?;
-            let info = s.model_info().await?;
+            let (info, linearizable) = s.model_info().await?;
             if id != info.name {
                 return Err(ApiError::model_not_found(&id, &info.name));
             }
-            Ok(json_body(&s.model_object(&info)))
+            Ok(with_linearizable(
+                json_body(&s.model_object(&info)),
+                linearizable,
+            ))
         }
         .await,
     )

@@ -236,16 +236,19 @@ impl RaftHandle {
         .await
     }
 
-    /// Confirms a linearizable read with Raft's ReadIndex: waits until a quorum has confirmed
-    /// that this node is the leader and the node has applied everything committed when the
+    /// Confirms a linearizable read with Raft's ReadIndex, on the leader or on a follower:
+    /// waits until a quorum has confirmed that the leader still leads (a follower asks the
+    /// leader for its commit index) and this node has applied everything committed when the
     /// read was requested. After `Ok(index)`, this node's state machine reflects every command
     /// that completed before the call (and applied index >= `index`), so reading it then is
     /// linearizable. Nothing is written to the log.
     ///
     /// # Errors
-    /// [`RaftError::NotLeader`] when this node is not (or stops being) the leader;
-    /// [`RaftError::Timeout`] when no quorum confirmed in time; [`RaftError::Overloaded`] /
-    /// [`RaftError::Stopped`] when the node cannot take it. A failed read had no effect.
+    /// [`RaftError::NotLeader`] when this node knows no leader, or the term or leader changes
+    /// before the read is confirmed; [`RaftError::Timeout`] when no quorum confirmed in time
+    /// (a partitioned node, a leader that has not yet committed in its term);
+    /// [`RaftError::Overloaded`] / [`RaftError::Stopped`] when the node cannot take it. A
+    /// failed read had no effect.
     pub async fn read_index(&self) -> Result<u64> {
         let span = tracing::debug_span!("raft_read_index", node = self.id);
         async {

@@ -94,7 +94,7 @@ impl RaftNode {
             status: status_tx,
             pending: BTreeMap::new(),
             answers: Vec::new(),
-            reads: Reads::default(),
+            reads: Reads::new(id),
             applied,
             config,
         };
@@ -276,11 +276,13 @@ impl<S: StateMachine> NodeLoop<S> {
                     .and_then(|()| Ok(self.raw.propose_conf_change(vec![], cc)?));
                 self.track(r, Waiter::Conf(reply));
             }
-            Command::ReadIndex(reply) => match self.leader_check() {
-                Ok(()) => self.reads.request(self.raw.raft.term, reply),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
+            // Any member that knows the leader can serve a linearizable read: a follower's
+            // goes to the leader for its index (read_index.rs).
+            Command::ReadIndex(reply) => match self.raw.raft.leader_id {
+                0 => {
+                    let _ = reply.send(Err(RaftError::NotLeader { leader: None }));
                 }
+                leader => self.reads.request(self.raw.raft.term, leader, reply),
             },
             Command::Stop(done) => return Some(done),
         }

@@ -1,7 +1,7 @@
 //! The public `tessera.v1.Inference` service: Generate (streamed through the scheduler),
 //! Tokenize, ListModels and ClusterStatus. On a follower, Generate and ClusterStatus are
 //! forwarded to the leader; Tokenize and ListModels are answered locally (same model, and
-//! readiness comes from the replicated state).
+//! readiness comes from the replicated state, confirmed current by a ReadIndex first).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,9 +23,9 @@ use crate::state::cluster::Cluster;
 
 /// How long a follower waits for the leader's status before answering from its own replica.
 const STATUS_FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-/// How long the leader waits for a quorum to confirm its status read (ReadIndex) before
-/// answering it unconfirmed (`linearizable: false`).
-const STATUS_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a status or model read waits for its replica to be confirmed current (ReadIndex)
+/// before answering from it unconfirmed (`linearizable: false`).
+const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The Inference service.
 #[derive(Clone, Debug)]
@@ -50,6 +50,24 @@ impl Api {
             tokenizers: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
             )),
+        }
+    }
+
+    /// Whether this node's replica is confirmed current (Raft's ReadIndex, through the leader
+    /// when this node follows) within [`CONFIRM_TIMEOUT`]: reading it right after is then
+    /// linearizable.
+    async fn confirm_replica(&self) -> bool {
+        let read = tokio::time::timeout(CONFIRM_TIMEOUT, self.cluster.raft().read_index()).await;
+        match read {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "the replica could not be confirmed current");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("confirming the replica current timed out");
+                false
+            }
         }
     }
 
@@ -168,8 +186,11 @@ impl pb::inference_server::Inference for Api {
 
     async fn list_models(
         &self,
-        _request: Request<pb::ListModelsRequest>,
+        request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        // Readiness comes from the replicated state, which this coordinator (leader or
+        // follower) confirms current before reading it.
+        let linearizable = !request.get_ref().local && self.confirm_replica().await;
         let cfg = self.validator.frontend().config();
         let arch = format!("{:?}", cfg.arch).to_lowercase();
         Ok(Response::new(pb::ListModelsResponse {
@@ -181,6 +202,7 @@ impl pb::inference_server::Inference for Api {
                 vocab_size: cfg.vocab_size as u32,
                 ready: self.cluster.serving().is_some(),
             }],
+            linearizable,
         }))
     }
 
@@ -203,15 +225,9 @@ impl pb::inference_server::Inference for Api {
                 Err(_) => tracing::debug!("status from the leader timed out"),
             }
         }
-        // The leader confirms its view before reading it: a leader cut off from the others may
-        // not know yet that it was deposed, and its replica would then be stale.
-        let linearizable = !local
-            && self.cluster.replica().is_leading()
-            && matches!(
-                tokio::time::timeout(STATUS_CONFIRM_TIMEOUT, self.cluster.raft().read_index())
-                    .await,
-                Ok(Ok(_))
-            );
+        // This node confirms its view before reading it: a leader cut off from the others may
+        // not know yet that it was deposed, and a follower may lag; either replica may be stale.
+        let linearizable = !local && self.confirm_replica().await;
         let raft = self.cluster.raft().status();
         let st = self.cluster.state();
         let seen = self.cluster.liveness.snapshot();
