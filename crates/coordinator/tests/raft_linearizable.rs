@@ -1,9 +1,11 @@
-//! Linearizability of the replicated key-value state: concurrent clients write (`set`, which
-//! answers the previous value), compare-and-set and read (ReadIndex through the leader) while
-//! a seeded schedule partitions, loses and delays messages and crashes and restarts nodes,
-//! some of them at failpoints; stateright's linearizability tester then checks the recorded
-//! history. Hand-written histories, and reads of a deposed leader's local state without
-//! ReadIndex, show that the check rejects what it must.
+//! Linearizability of the replicated state: concurrent clients write and read (ReadIndex on
+//! any node, leader or follower) while a seeded schedule partitions, loses and delays messages
+//! and crashes and restarts nodes, some of them at failpoints; stateright's linearizability
+//! tester then checks the recorded history. Two state machines: the toy key-value store
+//! (`set`, which answers the previous value, and compare-and-set) and the coordinator's real
+//! cluster state (`SetModel`, a blind write; `SetPlan`, whose epoch only moves forward).
+//! Hand-written histories, and reads of a deposed leader's local state without ReadIndex,
+//! show that the check rejects what it must.
 
 mod raft_support;
 
@@ -13,12 +15,20 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use raft_support::history::{History, Op, Ret, Summary};
-use raft_support::{Cluster, KvView};
+use raft_support::{Cluster, KvView, Machine};
 use tessera_coordinator::raft::{FailPoint, RaftError, RaftHandle, RaftRole};
+use tessera_coordinator::state::Command;
 use tokio::sync::Mutex;
 
 const T: Duration = Duration::from_secs(20);
-const KEYS: [&str; 3] = ["x", "y", "z"];
+
+/// The keys clients use on each machine.
+fn keys(machine: Machine) -> &'static [&'static str] {
+    match machine {
+        Machine::Kv => &["x", "y", "z"],
+        Machine::Cluster => &["model", "epoch"],
+    }
+}
 
 /// xorshift, so that a seed fixes every choice of the clients and the fault schedule.
 struct Rng(u64);
@@ -58,10 +68,23 @@ fn leader_endpoint(c: &Cluster) -> Option<(RaftHandle, View)> {
     Some((c.handles[&leader.id].clone(), c.views[&leader.id].clone()))
 }
 
+/// Every running node: its handle and its state machine's view.
+fn running(c: &Cluster) -> Vec<(RaftHandle, View)> {
+    c.handles
+        .iter()
+        .filter(|(_, h)| h.status().running)
+        .map(|(id, h)| (h.clone(), c.views[id].clone()))
+        .collect()
+}
+
 /// A write's or CAS's result: definite failures had no effect; anything else may have.
 fn classify(r: Result<Vec<u8>, RaftError>, ret: impl FnOnce(Vec<u8>) -> Ret) -> Outcome {
     match r {
         Ok(bytes) => Outcome::Ok(ret(bytes)),
+        // The cluster state refuses a plan epoch that does not move forward: an answer.
+        Err(RaftError::Rejected(why)) if why.0.contains("is stale") => {
+            Outcome::Ok(Ret::Swapped(false))
+        }
         Err(
             RaftError::NotLeader { .. }
             | RaftError::Dropped(_)
@@ -73,11 +96,11 @@ fn classify(r: Result<Vec<u8>, RaftError>, ret: impl FnOnce(Vec<u8>) -> Ret) -> 
     }
 }
 
-/// Runs `op` on `key` through the leader `h` whose state is `view`.
-async fn execute(h: &RaftHandle, view: &View, key: &str, op: &Op) -> Outcome {
+/// Runs `op` on `key` through node `h` whose state is `view` (the leader, for a write).
+async fn execute(machine: Machine, h: &RaftHandle, view: &View, key: &str, op: &Op) -> Outcome {
     match op {
-        // A read is linearizable once ReadIndex confirmed it; reading the view before
-        // returning keeps the value within the operation's interval.
+        // A read is linearizable once ReadIndex confirmed it, on the leader or a follower;
+        // reading the view before returning keeps the value within the operation's interval.
         Op::Read => match h.read_index().await {
             Ok(_) => Outcome::Ok(Ret::Value(
                 view.lock().expect("kv lock").map.get(key).cloned(),
@@ -99,10 +122,40 @@ async fn execute(h: &RaftHandle, view: &View, key: &str, op: &Op) -> Outcome {
                 |r| Ret::Swapped(r == b"1"),
             )
         }
+        Op::Put(v) => classify(h.propose(machine.set(key, v).into_bytes()).await, |_| {
+            Ret::Done
+        }),
+        Op::Advance(epoch) => {
+            let cmd = Command::SetPlan {
+                epoch: *epoch,
+                plan: None,
+            };
+            let bytes = serde_json::to_vec(&cmd).expect("encode SetPlan");
+            classify(h.propose(bytes).await, |_| Ret::Swapped(true))
+        }
     }
 }
 
-/// One client: random operations, one at a time, through whichever node leads.
+/// A random operation of `machine` on `key`, given the value last read there.
+fn random_op(machine: Machine, rng: &mut Rng, key: &str, seen: Option<&str>, value: String) -> Op {
+    match (machine, rng.below(10)) {
+        (Machine::Kv, 0..=3) => Op::Write(value),
+        (Machine::Kv, 4..=7) | (Machine::Cluster, 5..) => Op::Read,
+        (Machine::Kv, _) => Op::Cas {
+            expected: seen.map(str::to_string),
+            new: value,
+        },
+        (Machine::Cluster, _) if key == "epoch" => {
+            // Often the epoch just read, or one above it: concurrent raises race.
+            let base = seen.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            Op::Advance(base + rng.below(3))
+        }
+        (Machine::Cluster, _) => Op::Put(value),
+    }
+}
+
+/// One client: random operations, one at a time: writes through whichever node leads, reads
+/// through any running node.
 async fn client(
     cluster: Arc<Mutex<Cluster>>,
     history: History,
@@ -113,25 +166,28 @@ async fn client(
     let mut rng = Rng::new(seed ^ (id << 32));
     let mut seen: BTreeMap<&str, Option<String>> = BTreeMap::new();
     let mut n = 0;
+    let machine = cluster.lock().await.machine;
+    let keys = keys(machine);
     while !stop.load(Ordering::Relaxed) {
-        let endpoint = leader_endpoint(&*cluster.lock().await);
-        let Some((h, view)) = endpoint else {
+        let (leader, nodes) = {
+            let c = cluster.lock().await;
+            (leader_endpoint(&c), running(&c))
+        };
+        let Some(leader) = leader else {
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let key = KEYS[rng.below(KEYS.len() as u64) as usize];
+        let key = keys[rng.below(keys.len() as u64) as usize];
         n += 1;
         let value = format!("c{id}n{n}");
-        let op = match rng.below(10) {
-            0..=3 => Op::Write(value),
-            4..=7 => Op::Read,
-            _ => Op::Cas {
-                expected: seen.get(key).cloned().flatten(),
-                new: value,
-            },
+        let last = seen.get(key).cloned().flatten();
+        let op = random_op(machine, &mut rng, key, last.as_deref(), value);
+        let (h, view) = match op {
+            Op::Read if !nodes.is_empty() => nodes[rng.below(nodes.len() as u64) as usize].clone(),
+            _ => leader,
         };
         let op_id = history.invoke(id, key, op.clone());
-        match execute(&h, &view, key, &op).await {
+        match execute(machine, &h, &view, key, &op).await {
             Outcome::Ok(ret) => {
                 if let Ret::Value(v) = &ret {
                     seen.insert(key, v.clone());
@@ -160,9 +216,10 @@ fn check(history: &History) -> Result<Summary, String> {
 
 /// One seeded run: faults for `rounds` steps of 200 ms under three clients, then recovery,
 /// final reads of every key, and the checks.
-async fn run(seed: u64, rounds: u32) {
+async fn run(seed: u64, rounds: u32, machine: Machine) {
     let ids = [1u64, 2, 3];
-    let mut c = Cluster::empty(&format!("linear-{seed}"), seed);
+    let mut c = Cluster::empty(&format!("linear-{machine:?}-{seed}"), seed);
+    c.machine = machine;
     c.snapshot_interval = 6;
     let peers: BTreeMap<u64, String> = ids.map(|i| (i, format!("mem:{i}"))).into();
     for id in ids {
@@ -250,11 +307,11 @@ async fn run(seed: u64, rounds: u32) {
     // Final reads pin down what every maybe-applied write did.
     let c = cluster.lock().await;
     let deadline = Instant::now() + T;
-    for key in KEYS {
+    for key in keys(machine) {
         loop {
             let (h, view) = leader_endpoint(&c).expect("a leader after recovery");
             let id = history.invoke(100, key, Op::Read);
-            match execute(&h, &view, key, &Op::Read).await {
+            match execute(machine, &h, &view, key, &Op::Read).await {
                 Outcome::Ok(ret) => {
                     history.ok(id, ret);
                     break;
@@ -266,9 +323,10 @@ async fn run(seed: u64, rounds: u32) {
     }
     c.assert_converged(&ids, T).await;
     c.assert_no_divergence();
-    let summary = check(&history).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let summary = check(&history).unwrap_or_else(|e| panic!("{machine:?} seed {seed}: {e}"));
     eprintln!(
-        "seed {seed}: {summary:?}; {crashes} crashes, {armed} failpoints armed, fired: {fired:?}"
+        "{machine:?} seed {seed}: {summary:?}; {crashes} crashes, {armed} failpoints armed, \
+         fired: {fired:?}"
     );
     assert!(
         summary.ok >= 20,
@@ -296,8 +354,66 @@ fn seeds() -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_under_faults() {
     for seed in seeds() {
-        run(seed, 25).await;
+        run(seed, 25, Machine::Kv).await;
     }
+}
+
+/// Ensures the same of the coordinator's real cluster state: blind writes of the served model,
+/// plan epochs raised concurrently (a stale one refused), ReadIndex reads on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_state_linearizable_under_faults() {
+    for seed in seeds() {
+        run(seed, 25, Machine::Cluster).await;
+    }
+}
+
+/// Ensures that a follower's ReadIndex read reflects every write that completed before it,
+/// though the follower may not have applied it yet, and that a follower cut off from the
+/// leader refuses to read (its local state is stale) rather than answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_reads_are_linearizable() {
+    let c = Cluster::new("linear-follower", &[1, 2, 3], 9);
+    let leader = c.leader(T).await;
+    let follower = [1, 2, 3]
+        .into_iter()
+        .find(|i| *i != leader)
+        .expect("a follower");
+    let (h, _) = leader_endpoint(&c).expect("a leader");
+    let f = c.handles[&follower].clone();
+    for n in 0..20 {
+        let value = format!("v{n}");
+        h.propose(format!("set x {value}").into_bytes())
+            .await
+            .expect("write");
+        f.read_index().await.expect("a follower's read");
+        assert_eq!(c.view(follower).map.get("x"), Some(&value), "read {n}");
+    }
+    c.net.isolate(follower);
+    h.propose(b"set x cut".to_vec())
+        .await
+        .expect("the majority writes");
+    let err = f
+        .read_index()
+        .await
+        .expect_err("a cut-off follower cannot confirm");
+    assert!(
+        matches!(err, RaftError::NotLeader { .. } | RaftError::Timeout(_)),
+        "{err}"
+    );
+    assert_eq!(
+        c.view(follower).map.get("x").map(String::as_str),
+        Some("v19")
+    );
+    c.net.heal();
+    let deadline = Instant::now() + T;
+    while f.read_index().await.is_err() {
+        assert!(Instant::now() < deadline, "the healed follower never reads");
+    }
+    assert_eq!(
+        c.view(follower).map.get("x").map(String::as_str),
+        Some("cut")
+    );
+    c.shutdown().await;
 }
 
 /// Ensures that reading a deposed leader's local state without ReadIndex yields a stale read

@@ -31,6 +31,11 @@ pub enum Op {
         expected: Option<String>,
         new: String,
     },
+    /// A blind write that answers nothing (the cluster state's `SetModel`).
+    Put(String),
+    /// Raises a number to `n` if `n` is above it (absent: 0), answering whether it did (the
+    /// cluster state's `SetPlan`, refused for an epoch that does not move forward).
+    Advance(u64),
 }
 
 /// What an operation returned.
@@ -39,10 +44,11 @@ pub enum Ret {
     Written { prev: Option<String> },
     Value(Option<String>),
     Swapped(bool),
+    Done,
 }
 
 /// The sequential specification of one key: a register with compare-and-set, whose write
-/// answers the previous value.
+/// answers the previous value; also a blind write, and a number only ever raised.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct KvRegister(pub Option<String>);
 
@@ -62,6 +68,18 @@ impl SequentialSpec for KvRegister {
                     self.0 = Some(new.clone());
                 }
                 Ret::Swapped(swap)
+            }
+            Op::Put(v) => {
+                self.0 = Some(v.clone());
+                Ret::Done
+            }
+            Op::Advance(n) => {
+                let current = self.0.as_deref().map_or(Some(0), |v| v.parse::<u64>().ok());
+                let raise = current.is_some_and(|c| *n > c);
+                if raise {
+                    self.0 = Some(n.to_string());
+                }
+                Ret::Swapped(raise)
             }
         }
     }

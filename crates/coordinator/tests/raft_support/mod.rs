@@ -1,7 +1,8 @@
-//! Shared harness for the Raft tests: a small key-value state machine that records what it
-//! applies, and an in-process cluster of Raft nodes on redb files over a `MemNetwork`, each
-//! node with its own failpoints. `history` records client operations and checks them for
-//! linearizability.
+//! Shared harness for the Raft tests: an in-process cluster of Raft nodes on redb files over a
+//! `MemNetwork`, each node with its own failpoints, replicating either a small key-value state
+//! machine ([`Kv`]) or the coordinator's real cluster state ([`Projected`] over
+//! `ReplicaMachine`), both recording what they apply and showing the test a key-value view.
+//! `history` records client operations and checks them for linearizability.
 
 #![allow(dead_code, missing_docs)]
 
@@ -17,6 +18,119 @@ use tessera_coordinator::raft::{
     ApplyError, Failpoints, MemNetwork, RaftConfig, RaftError, RaftHandle, RaftNode, RaftRole,
     RedbStorage, StateMachine,
 };
+use tessera_coordinator::replica::{Replica, ReplicaMachine};
+use tessera_coordinator::state::{ClusterState, Command};
+
+/// Which state machine the nodes replicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Machine {
+    /// The toy key-value store [`Kv`].
+    Kv,
+    /// The coordinator's cluster state, seen through [`Projected`].
+    Cluster,
+}
+
+impl Machine {
+    /// The command that sets `key` to `value`: `set` on [`Kv`]; on the cluster state, key
+    /// `model` is the served model (`SetModel`) and any other key a worker registered under
+    /// that id (`RegisterWorker`, refused if the id is taken).
+    pub fn set(self, key: &str, value: &str) -> String {
+        match self {
+            Machine::Kv => format!("set {key} {value}"),
+            Machine::Cluster if key == "model" => json(&Command::SetModel {
+                model: value.to_string(),
+            }),
+            Machine::Cluster => json(&Command::RegisterWorker {
+                id: key.to_string(),
+                // Unique: a registration replaces any worker at the same address.
+                address: format!("{key}.{value}:1"),
+                name: value.to_string(),
+                memory_bytes: 1 << 30,
+                threads: 1,
+                devices: Vec::new(),
+                peer_address: String::new(),
+            }),
+        }
+    }
+}
+
+fn json(cmd: &Command) -> String {
+    serde_json::to_string(cmd).expect("encode command")
+}
+
+/// The key-value view of a cluster state: `model`, `epoch` (the plan epoch, once above 0),
+/// and each worker id with its name.
+pub fn project(st: &ClusterState) -> BTreeMap<String, String> {
+    let mut map: BTreeMap<String, String> = st
+        .workers()
+        .map(|w| (w.id.clone(), w.name.clone()))
+        .collect();
+    if !st.model().is_empty() {
+        map.insert("model".into(), st.model().to_owned());
+    }
+    if st.plan_epoch() > 0 {
+        map.insert("epoch".into(), st.plan_epoch().to_string());
+    }
+    map
+}
+
+/// Records entry `index` in `v`, noting a re-application that differs from the first.
+fn record(v: &mut KvView, index: u64, data: &[u8]) {
+    if let Some(prev) = v.record.insert(index, data.to_vec())
+        && prev != data
+    {
+        v.conflicts
+            .push(format!("index {index}: {prev:?} then {data:?}"));
+    }
+    v.applied = index;
+}
+
+/// The coordinator's real state machine, recording what it applies and projecting its state
+/// into the view after every apply and restore. Its snapshots are the real ones, prefixed with
+/// the applied index (8 bytes) so the view knows where a restore put it.
+pub struct Projected {
+    inner: ReplicaMachine,
+    view: Arc<Mutex<KvView>>,
+}
+
+impl Projected {
+    pub fn new(view: Arc<Mutex<KvView>>) -> Self {
+        Self {
+            inner: ReplicaMachine(Replica::new("")),
+            view,
+        }
+    }
+}
+
+impl StateMachine for Projected {
+    fn apply(&mut self, index: u64, data: &[u8]) -> Result<Vec<u8>, ApplyError> {
+        let r = self.inner.apply(index, data);
+        let mut v = self.view.lock().expect("view lock");
+        record(&mut v, index, data);
+        v.map = self.inner.0.with(project);
+        r
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        let applied = self.view.lock().expect("view lock").applied;
+        let mut data = applied.to_le_bytes().to_vec();
+        data.extend(self.inner.snapshot());
+        data
+    }
+
+    fn restore(&mut self, data: &[u8]) -> Result<(), ApplyError> {
+        let (applied, state) = data
+            .split_first_chunk::<8>()
+            .ok_or_else(|| ApplyError("snapshot without its index".into()))?;
+        self.inner.restore(state)?;
+        let mut v = self.view.lock().expect("view lock");
+        let applied = u64::from_le_bytes(*applied);
+        v.applied = applied;
+        v.restored.push(applied);
+        v.map = self.inner.0.with(project);
+        Ok(())
+    }
+}
 
 /// What a node's state machine shows the test; survives the node's restarts.
 #[derive(Default)]
@@ -39,13 +153,7 @@ pub struct Kv(pub Arc<Mutex<KvView>>);
 impl StateMachine for Kv {
     fn apply(&mut self, index: u64, data: &[u8]) -> Result<Vec<u8>, ApplyError> {
         let mut v = self.0.lock().expect("kv lock");
-        if let Some(prev) = v.record.insert(index, data.to_vec())
-            && prev != data
-        {
-            v.conflicts
-                .push(format!("index {index}: {prev:?} then {data:?}"));
-        }
-        v.applied = index;
+        record(&mut v, index, data);
         let text = std::str::from_utf8(data).map_err(|e| ApplyError(e.to_string()))?;
         let (op, rest) = text.split_once(' ').unwrap_or((text, ""));
         match (op, rest.splitn(2, ' ').collect::<Vec<_>>().as_slice()) {
@@ -109,6 +217,8 @@ pub struct Cluster {
     /// Each node's failpoints, kept across restarts.
     pub failpoints: BTreeMap<u64, Failpoints>,
     pub snapshot_interval: u64,
+    /// What the nodes replicate (set before the first start).
+    pub machine: Machine,
 }
 
 impl Cluster {
@@ -126,6 +236,7 @@ impl Cluster {
             views: BTreeMap::new(),
             failpoints: BTreeMap::new(),
             snapshot_interval: 1000,
+            machine: Machine::Kv,
         }
     }
 
@@ -162,8 +273,14 @@ impl Cluster {
         let mut config = test_config(id);
         config.snapshot_interval = self.snapshot_interval;
         config.failpoints = Some(self.failpoints.entry(id).or_default().clone());
-        let handle = RaftNode::start(config, storage, Kv(view), self.net.transport(id), bootstrap)
-            .expect("start node");
+        let transport = self.net.transport(id);
+        let handle = match self.machine {
+            Machine::Kv => RaftNode::start(config, storage, Kv(view), transport, bootstrap),
+            Machine::Cluster => {
+                RaftNode::start(config, storage, Projected::new(view), transport, bootstrap)
+            }
+        }
+        .expect("start node");
         self.net.register(handle.clone());
         self.handles.insert(id, handle);
     }
