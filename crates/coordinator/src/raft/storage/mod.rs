@@ -12,6 +12,8 @@
 //! log and hard/conf state writes; `snapshot.rs` bootstrap, snapshots and compaction, and the
 //! snapshot data format.
 
+#[cfg(test)]
+mod differential;
 mod log;
 mod snapshot;
 

@@ -188,7 +188,7 @@ pub(crate) fn decode_peers(data: &[u8]) -> Result<BTreeMap<u64, String>, String>
 /// Snapshot data = peer count (u32 LE), then per peer id (u64 LE), address length (u32 LE) and
 /// address, then the state machine's bytes. Addresses travel with snapshots because a node that
 /// catches up by snapshot never sees the conf-change entries that carried them.
-fn encode_snapshot_data(peers: &BTreeMap<u64, String>, state: &[u8]) -> Vec<u8> {
+pub(super) fn encode_snapshot_data(peers: &BTreeMap<u64, String>, state: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + state.len());
     out.extend_from_slice(&(peers.len() as u32).to_le_bytes());
     for (id, addr) in peers {
