@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tessera_proto::v1 as pb;
 use tessera_testkit::{
-    RaftCluster, Tessera, finish_stream, free_addr, ids_and_logprobs, kill, lone_coordinator_args,
-    seeded_exact, smollm2_arg as model, story as request, strings, worker_ids,
+    RaftCluster, StreamingChild, Tessera, finish_stream, free_addr, ids_and_logprobs, kill,
+    lone_coordinator_args, python, resumed_after, seeded_exact, smollm2_arg as model,
+    story as request, strings, worker_ids,
 };
 
 /// The `tessera` binary under test.
@@ -18,15 +19,31 @@ fn tessera() -> Tessera {
 }
 
 /// Ensures that `kill -9` of the leader mid-stream costs no client anything: a `tessera
-/// generate` connected to the leader itself resumes on another coordinator, a gRPC stream and
-/// an HTTP completion through followers are resumed by the followers, and each gives exactly
-/// its fault-free output — the gRPC one unseeded, so it resumes with the seed the cluster drew
-/// and named in `x-tessera-seed`; and that the new leader serves with the same workers and plan
-/// epoch (no weights reloaded).
+/// generate` connected to the leader itself resumes on another coordinator, and so do the
+/// Python examples connected to it (gRPC `client.py`, HTTP `http_client.py`: their streams
+/// broken mid-answer); a gRPC stream and an HTTP completion through followers are resumed by
+/// the followers; and each gives exactly its fault-free output — the gRPC one unseeded, so it
+/// resumes with the seed the cluster drew and named in `x-tessera-seed`; and that the new
+/// leader serves with the same workers and plan epoch (no weights reloaded).
 #[test]
 fn leader_kill_mid_stream_resumes_with_identical_output() {
     let Some(model) = model() else { return };
     let tessera = tessera();
+    // The Python examples, when this machine has their packages (always under CI).
+    let python = python();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python");
+    if let Some(python) = &python {
+        let stubs = std::process::Command::new(python)
+            .arg("generate_stubs.py")
+            .current_dir(&examples)
+            .output()
+            .expect("run generate_stubs.py");
+        assert!(
+            stubs.status.success(),
+            "{}",
+            String::from_utf8_lossy(&stubs.stderr)
+        );
+    }
     let mut c = RaftCluster::start(&tessera, &model, "failover", 2);
     let (before, leader) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(before.workers.len(), 2, "{before:#?}");
@@ -73,6 +90,39 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
             .expect("text")
             .to_owned()
     };
+    // The Python clients, on the leader first.
+    let py = |script: &str, endpoints: &str| {
+        let mut cmd = std::process::Command::new(python.as_deref().unwrap_or("python3"));
+        cmd.args([
+            script,
+            "--endpoint",
+            endpoints,
+            "--seed",
+            "11",
+            "--temperature",
+            "0.8",
+        ])
+        .args(["--max-tokens", "64", "A lighthouse keeper once"])
+        .current_dir(&examples);
+        StreamingChild::spawn(cmd)
+    };
+    let grpc_endpoints = [leader, survivor, other]
+        .map(|i| c.addrs[i].clone())
+        .join(",");
+    let http_endpoints = [leader, survivor, other]
+        .map(|i| c.http_addrs[i].clone())
+        .join(",");
+    let py_free = python.as_ref().map(|_| {
+        [
+            ("client.py", &grpc_endpoints),
+            ("http_client.py", &http_endpoints),
+        ]
+        .map(|(script, endpoints)| {
+            let (ok, out, err) = py(script, endpoints).finish();
+            assert!(ok, "fault-free {script}: {err}");
+            out
+        })
+    });
     let mut unseeded = seeded_exact("Tell me about the sea.", 64, 0);
     if let Some(s) = unseeded.sampling.as_mut() {
         s.seed = None;
@@ -87,8 +137,18 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
     );
     let http_free = http_text(other);
 
-    // The same three in flight when the leader dies.
+    // The same ones in flight when the leader dies.
     let on_leader = cli(&endpoints);
+    let py_faulted = python.as_ref().map(|_| {
+        let clients = [
+            py("client.py", &grpc_endpoints),
+            py("http_client.py", &http_endpoints),
+        ];
+        for (client, what) in clients.iter().zip(["client.py", "http_client.py"]) {
+            client.wait_first(what);
+        }
+        clients
+    });
     let http = std::thread::scope(|scope| {
         let http = scope.spawn(|| http_text(other));
         let mut via_follower = c.client(survivor);
@@ -155,6 +215,27 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
         http_faulted, http_free,
         "the HTTP answer changed across the kill"
     );
+    if let (Some(free), Some(faulted)) = (py_free, py_faulted) {
+        for ((client, free), script) in faulted
+            .into_iter()
+            .zip(free)
+            .zip(["client.py", "http_client.py"])
+        {
+            let (ok, out, err) = client.finish();
+            assert!(ok, "{script} across the kill: {err}");
+            // Its stream broke mid-answer, and it resumed with the tokens it had.
+            let had = resumed_after(&err);
+            assert!(
+                had.is_some_and(|n| n > 0),
+                "{script} did not resume mid-answer: {err}"
+            );
+            assert_eq!(
+                out, free,
+                "{script}'s answer changed across the kill: {err}"
+            );
+            eprintln!("{script}: resumed after {had:?} tokens, output unchanged");
+        }
+    }
 
     // A new leader serves; the gRPC stream's fault-free twin, with the seed it was given.
     c.wait_serving(

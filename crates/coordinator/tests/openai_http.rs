@@ -199,8 +199,8 @@ async fn api_keys_guard_both_doors_but_not_health() {
 
 /// Ensures that chat and completions, streamed and whole, give the gRPC API's greedy text
 /// with OpenAI's shapes (usage, finish reasons, `[DONE]`, `n` choices, logprobs with token
-/// text as gRPC now also gives them), and that bad requests get OpenAI error bodies naming
-/// the field.
+/// text as gRPC now also gives them), that a stream resumed from its token ids, id and seed
+/// continues exactly, and that bad requests get OpenAI error bodies naming the field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_api_matches_grpc() {
     let Some(model) = model() else { return };
@@ -285,6 +285,57 @@ async fn http_api_matches_grpc() {
         "text_completion",
     );
     assert_eq!(text, want);
+
+    // Resumption (what a client does when the coordinator it streams from dies): a sampled,
+    // unseeded stream with token ids; the same body again with the seed and id the first
+    // response named and its first ids gives exactly the rest of the tokens and text.
+    let body = json!({"prompt": prompt, "temperature": 0.8, "max_tokens": MAX_TOKENS,
+        "ignore_eos": true, "stream": true, "return_token_ids": true});
+    let r = post(&h, "/v1/completions", None, body.clone()).await;
+    let id = r.header("x-request-id").expect("id header").to_owned();
+    let seed: u64 = r
+        .header("x-tessera-seed")
+        .expect("seed header")
+        .parse()
+        .expect("a seed");
+    let (text, chunks) = stream_text(&r, "text_completion");
+    let token_ids = |chunks: &[Value]| -> Vec<(u64, String)> {
+        chunks
+            .iter()
+            .filter(|c| c["id"] == id.as_str())
+            .flat_map(|c| {
+                let ids = c["choices"][0]["token_ids"].as_array().cloned();
+                let text = c["choices"][0]["text"].as_str().unwrap_or("").to_owned();
+                let ids: Vec<u64> = ids
+                    .expect("token_ids")
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .collect();
+                // A chunk carries one token, or none (the finishing one, with held-back text).
+                assert!(ids.len() <= 1, "{c}");
+                ids.into_iter().map(move |i| (i, text.clone()))
+            })
+            .collect()
+    };
+    let all = token_ids(&chunks);
+    assert_eq!(all.len(), MAX_TOKENS as usize, "{chunks:?}");
+    let k = 5;
+    let have: Vec<u64> = all[..k].iter().map(|(i, _)| *i).collect();
+    let had: String = all[..k].iter().map(|(_, t)| t.as_str()).collect();
+    let mut resumed = body.clone();
+    resumed["seed"] = json!(seed);
+    resumed["resume"] = json!({"id": id, "token_ids": [have]});
+    let r = post(&h, "/v1/completions", None, resumed).await;
+    assert_eq!(r.header("x-request-id"), Some(id.as_str()));
+    let (rest_text, rest) = stream_text(&r, "text_completion");
+    let rest_ids: Vec<u64> = token_ids(&rest).into_iter().map(|(i, _)| i).collect();
+    let all_ids: Vec<u64> = all.iter().map(|(i, _)| *i).collect();
+    assert_eq!(
+        [have, rest_ids].concat(),
+        all_ids,
+        "the resumed tokens differ"
+    );
+    assert_eq!(had + &rest_text, text, "the resumed text differs");
 
     // Logprobs with token text, equal to gRPC's.
     let (_, lp_tokens, _) = grpc(&mut client, greedy_with_logprobs(prompt, 4, 2)).await;

@@ -27,6 +27,7 @@ mod random_gguf;
 mod real_model;
 mod requests;
 mod rng;
+mod streaming;
 mod weights;
 
 pub use cluster::{HEARTBEAT_TIMEOUT_MS, KV_TOKENS, ProcessCluster};
@@ -45,5 +46,6 @@ pub use requests::{
     seeded_exact, story, stream_error, worker_ids,
 };
 pub use rng::TestRng;
+pub use streaming::{StreamingChild, resumed_after};
 pub use tempfile::TempDir;
 pub use weights::MemoryWeights;

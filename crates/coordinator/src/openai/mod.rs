@@ -21,6 +21,7 @@ mod error;
 pub(crate) mod listener;
 mod request;
 mod respond;
+mod resume;
 
 use std::sync::Arc;
 
@@ -31,6 +32,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use tessera_proto::status;
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::inference_server::Inference as _;
 use tessera_text::sampling::Rng;
@@ -118,13 +120,22 @@ impl OpenAi {
                 ),
             })?;
         let valid = request::parse(endpoint, &bytes, self.model_name())?;
-        let env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
+        let mut env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
+        if let Some(id) = &valid.resume_id {
+            env.id.clone_from(id);
+        }
+        // Every choice is seeded, so that a client can resume it (`resume.rs`): choice `i` of
+        // each prompt with `seed + i`, the seed drawn here when the request has none.
+        let seed = valid.seed.unwrap_or_else(Rng::entropy_seed);
         let span = tracing::info_span!("openai", id = %env.id, endpoint = ?env.endpoint,
             choices = valid.choices.len(), stream = valid.stream);
         let mut streams = respond::Choices::new();
         async {
             for (i, mut req) in valid.choices.into_iter().enumerate() {
                 req.request_id = format!("{}-{i}", env.id);
+                if let Some(s) = req.sampling.as_mut() {
+                    s.seed = Some(seed.wrapping_add((i % env.n.max(1)) as u64));
+                }
                 let mut call = tonic::Request::new(req);
                 // A client's W3C trace context joins its spans, as on gRPC.
                 for key in ["traceparent", "tracestate"] {
@@ -145,12 +156,20 @@ impl OpenAi {
         }
         .instrument(span.clone())
         .await?;
-        if valid.stream {
-            Ok(respond::stream(env, streams))
+        let id = env.id.clone();
+        let mut response = if valid.stream {
+            respond::stream(env, streams)
         } else {
             let body = respond::collect(&env, streams).instrument(span).await?;
-            Ok(json_body(&body))
+            json_body(&body)
+        };
+        // What a client needs to resume the answer on another coordinator (`resume.rs`).
+        let headers = response.headers_mut();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+            headers.insert(status::REQUEST_ID_HEADER, v);
         }
+        headers.insert(status::SEED_HEADER, axum::http::HeaderValue::from(seed));
+        Ok(response)
     }
 
     fn model_object(&self, info: &pb::ModelInfo) -> Value {

@@ -8,12 +8,15 @@
 //! context) are left to the gRPC path's validation, so both APIs accept exactly the same.
 //!
 //! Accepted beyond OpenAI's fields, as vLLM does: `top_k`, `min_p`, `repetition_penalty`,
-//! `ignore_eos`, `stop_token_ids`.
+//! `ignore_eos`, `stop_token_ids`, `return_token_ids` (each choice of a response or chunk
+//! carries `token_ids`, the ids of the tokens whose text it carries). Ours: `resume`, which
+//! continues a stream broken by a coordinator's death (see [`ValidCompletion::resume_id`]).
 
 use serde_json::{Map, Value};
 use tessera_proto::v1 as pb;
 
 use super::error::{ApiError, Endpoint};
+use super::resume;
 
 /// The most choices one request may ask for (`n`, and prompts × `n` for completions): each
 /// is a full sequence with its own KV reservation.
@@ -38,6 +41,17 @@ pub struct ValidCompletion {
     pub logprobs: Option<u32>,
     /// Choices per prompt.
     pub n: u32,
+    /// The request's `seed`; choice `i` of each prompt samples with `seed + i`. Without one,
+    /// the server draws it and names it in the `x-tessera-seed` response header.
+    pub seed: Option<u64>,
+    /// `return_token_ids`: every choice carries the ids of its tokens.
+    pub token_ids: bool,
+    /// `resume.id`: the id of the response this request continues (`x-request-id`, also each
+    /// chunk's `id`). A client whose stream broke mid-answer sends the same body again with
+    /// `seed` set to the first response's `x-tessera-seed` and `resume: {"id": …,
+    /// "token_ids": [[…], …]}` (per choice, the ids it received, from `return_token_ids`);
+    /// the stream then carries the tokens that follow, exactly those the broken one would have.
+    pub resume_id: Option<String>,
     /// One request per choice, in choice order (prompt-major for several prompts).
     pub choices: Vec<pb::GenerateRequest>,
 }
@@ -59,7 +73,7 @@ impl Body {
     }
 
     /// A field's value; JSON `null` counts as absent (OpenAI's SDKs send nulls).
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(super) fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
@@ -229,6 +243,7 @@ impl Body {
             n,
             stream,
             include_usage,
+            token_ids: self.bool("return_token_ids")?.unwrap_or(false),
             sampling: pb::SamplingParams {
                 temperature,
                 top_k: self.u32("top_k")?.unwrap_or(0),
@@ -254,6 +269,7 @@ struct Common {
     n: u32,
     stream: bool,
     include_usage: bool,
+    token_ids: bool,
     sampling: pb::SamplingParams,
     stop: pb::StopConditions,
 }
@@ -278,7 +294,7 @@ impl Common {
             stop: Some(self.stop.clone()),
             logprobs: logprobs.is_some(),
             top_logprobs: logprobs.unwrap_or(0),
-            // An HTTP client cannot resume; a follower relaying the call resumes it itself.
+            // Set by `ValidCompletion::resumed` for a `resume` body.
             resume: None,
         })
     }
@@ -337,14 +353,18 @@ pub fn chat(body: &Body, served: &str) -> Result<ValidCompletion, ApiError> {
         (false, _) => None,
     };
     let prompt = pb::generate_request::Prompt::Chat(pb::ChatMessages { messages });
-    Ok(ValidCompletion {
+    ValidCompletion {
         endpoint: Endpoint::Chat,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
         n: common.n,
+        seed: common.sampling.seed,
+        token_ids: common.token_ids,
+        resume_id: None,
         choices: common.requests(&model, &prompt, logprobs).collect(),
-    })
+    }
+    .resumed(resume::parse(body, Endpoint::Chat)?)
 }
 
 /// `messages`: a non-empty array of `{role, content}`, content a string or text parts.
@@ -513,14 +533,18 @@ pub fn completions(body: &Body, served: &str) -> Result<ValidCompletion, ApiErro
                 .collect::<Vec<_>>()
         })
         .collect();
-    Ok(ValidCompletion {
+    ValidCompletion {
         endpoint: Endpoint::Completions,
         stream: common.stream,
         include_usage: common.include_usage,
         logprobs,
         n: common.n,
+        seed: common.sampling.seed,
+        token_ids: common.token_ids,
+        resume_id: None,
         choices,
-    })
+    }
+    .resumed(resume::parse(body, Endpoint::Completions)?)
 }
 
 #[cfg(test)]

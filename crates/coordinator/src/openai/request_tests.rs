@@ -164,3 +164,88 @@ fn completions_body_maps_and_refuses() {
         assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
     }
 }
+
+/// Ensures that `resume` gives each choice its tokens and keeps the response's id, that
+/// `return_token_ids` is carried, and that a bad `resume` is refused naming its field.
+#[test]
+fn resume_carries_each_choice_s_tokens() {
+    let v = completions_of(json!({
+        "prompt": ["a", "b"], "n": 2, "seed": 5, "stream": true, "return_token_ids": true,
+        "resume": {"id": "cmpl-00ab", "token_ids": [[1, 2], [], [3], [4, 5, 6]]}
+    }))
+    .expect("valid");
+    assert!(v.token_ids);
+    assert_eq!(v.seed, Some(5));
+    assert_eq!(v.resume_id.as_deref(), Some("cmpl-00ab"));
+    let tokens: Vec<Vec<u32>> = v
+        .choices
+        .iter()
+        .map(|c| c.resume.clone().map(|r| r.tokens).unwrap_or_default())
+        .collect();
+    assert_eq!(tokens, vec![vec![1, 2], vec![], vec![3], vec![4, 5, 6]]);
+    let fresh = chat_of(json!({"messages": [{"role": "user", "content": "hi"}]})).expect("valid");
+    assert!(!fresh.token_ids && fresh.resume_id.is_none() && fresh.seed.is_none());
+    assert!(fresh.choices[0].resume.is_none());
+
+    let chat_resume = |resume: serde_json::Value, seed: Option<u64>| {
+        let mut b = json!({"messages": [{"role": "user", "content": "hi"}], "resume": resume});
+        if let Some(s) = seed {
+            b["seed"] = json!(s);
+        }
+        chat_of(b)
+    };
+    let ok = chat_resume(json!({"id": "chatcmpl-1f", "token_ids": [[7]]}), Some(1));
+    assert_eq!(
+        ok.expect("valid").choices[0]
+            .resume
+            .clone()
+            .map(|r| r.tokens),
+        Some(vec![7])
+    );
+    let table = [
+        (
+            json!({"id": "chatcmpl-1f", "token_ids": [[7]]}),
+            None,
+            "seed",
+        ),
+        (json!("chatcmpl-1f"), Some(1), "resume"),
+        (json!({"token_ids": [[7]]}), Some(1), "resume.id"),
+        // Another endpoint's id, an id with other characters, an empty one.
+        (
+            json!({"id": "cmpl-1f", "token_ids": [[7]]}),
+            Some(1),
+            "resume.id",
+        ),
+        (
+            json!({"id": "chatcmpl-1f/../x", "token_ids": [[7]]}),
+            Some(1),
+            "resume.id",
+        ),
+        (
+            json!({"id": "chatcmpl-", "token_ids": [[7]]}),
+            Some(1),
+            "resume.id",
+        ),
+        (json!({"id": "chatcmpl-1f"}), Some(1), "resume.token_ids"),
+        (
+            json!({"id": "chatcmpl-1f", "token_ids": [[7], [8]]}),
+            Some(1),
+            "resume.token_ids",
+        ),
+        (
+            json!({"id": "chatcmpl-1f", "token_ids": [7]}),
+            Some(1),
+            "resume.token_ids[0]",
+        ),
+        (
+            json!({"id": "chatcmpl-1f", "token_ids": [[-1]]}),
+            Some(1),
+            "resume.token_ids[0]",
+        ),
+    ];
+    for (resume, seed, param) in table {
+        let e = chat_resume(resume.clone(), seed).expect_err(&resume.to_string());
+        assert_eq!(e.status.as_u16(), 400, "{resume}");
+        assert_eq!(e.param.as_deref(), Some(param), "{resume}: {}", e.message);
+    }
+}

@@ -41,6 +41,8 @@ pub struct Envelope {
     pub n: usize,
     /// Send the usage chunk at the end of a stream.
     pub include_usage: bool,
+    /// Each choice carries `token_ids` (`return_token_ids`).
+    pub token_ids: bool,
 }
 
 impl Envelope {
@@ -60,7 +62,16 @@ impl Envelope {
             logprobs: valid.logprobs,
             n: valid.n as usize,
             include_usage: valid.include_usage,
+            token_ids: valid.token_ids,
         }
+    }
+
+    /// `choice` with the ids of its tokens, when the request asked for them.
+    fn with_ids(&self, mut choice: Value, ids: impl FnOnce() -> Vec<u32>) -> Value {
+        if self.token_ids {
+            choice["token_ids"] = json!(ids());
+        }
+        choice
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -187,6 +198,7 @@ fn finish_reason(f: &pb::Finished) -> &'static str {
 struct Choice {
     text: String,
     tokens: Vec<pb::TokenEvent>,
+    ids: Vec<u32>,
     finished: Option<pb::Finished>,
 }
 
@@ -202,6 +214,7 @@ pub async fn collect(env: &Envelope, mut streams: Choices) -> Result<Value, ApiE
         match event.event {
             Some(pb::generate_event::Event::Token(t)) => {
                 c.text.push_str(&t.text);
+                c.ids.push(t.id);
                 if env.logprobs.is_some() {
                     c.tokens.push(t);
                 }
@@ -222,14 +235,15 @@ pub async fn collect(env: &Envelope, mut streams: Choices) -> Result<Value, ApiE
         .enumerate()
         .map(|(i, c)| {
             let finish = c.finished.as_ref().map(finish_reason);
-            env.choice(
+            let choice = env.choice(
                 i,
                 &c.text,
                 env.logprobs_of(&c.tokens, 0),
                 finish,
                 false,
                 false,
-            )
+            );
+            env.with_ids(choice, || c.ids.clone())
         })
         .collect();
     let mut body = env.wrap(false, list);
@@ -275,14 +289,16 @@ async fn relay(env: Envelope, mut streams: Choices, tx: mpsc::Sender<Result<Even
             Ok(pb::GenerateEvent {
                 event: Some(pb::generate_event::Event::Token(t)),
             }) => {
-                if t.text.is_empty() && env.logprobs.is_none() && sent_role[i] {
+                // A token whose text is held back still goes out when its id was asked for:
+                // a client resuming needs every id.
+                if t.text.is_empty() && env.logprobs.is_none() && !env.token_ids && sent_role[i] {
                     continue;
                 }
                 let logprobs = env.logprobs_of(std::slice::from_ref(&t), offsets[i]);
                 offsets[i] += t.text.chars().count();
                 let c = env.choice(i, &t.text, logprobs, None, true, !sent_role[i]);
                 sent_role[i] = true;
-                c
+                env.with_ids(c, || vec![t.id])
             }
             Ok(pb::GenerateEvent {
                 event: Some(pb::generate_event::Event::Finished(f)),
@@ -297,7 +313,7 @@ async fn relay(env: Envelope, mut streams: Choices, tx: mpsc::Sender<Result<Even
                     !sent_role[i],
                 );
                 sent_role[i] = true;
-                c
+                env.with_ids(c, Vec::new)
             }
             Ok(pb::GenerateEvent { event: None }) => continue,
         };
