@@ -279,7 +279,9 @@ wait_ready "$ep" 60 || fail "no re-plan after losing a worker"
 out=$(gen "$ep" 2>/dev/null) || fail "generate failed after the re-plan"
 [ "$out" = "$answer" ] || fail "re-planned cluster answered differently: $out"
 pass "re-planned cluster serves the same answer"
-docker network connect "$net" "$worker"
+# A healed partition keeps the worker's name: `network connect` alone would bring it back
+# without the service alias (`worker-2`) compose gave it, and so unresolvable by its peers.
+docker network connect --alias worker-2 "$net" "$worker"
 deadline=$((SECONDS + 60))
 until [ "$("$bin" status --endpoint "$ep" | grep -c 'stage ')" = 3 ]; do
   [ $SECONDS -lt $deadline ] || fail "worker did not rejoin the plan"
