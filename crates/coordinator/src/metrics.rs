@@ -70,6 +70,7 @@ pub struct Metrics {
     step_timeouts: Counter,
     wedged_workers: Counter,
     workers_left: Counter,
+    workers_held_back: Counter,
 }
 
 impl Default for Metrics {
@@ -272,6 +273,13 @@ impl Metrics {
             "Workers that left the cluster on purpose (drained on shutdown)",
             Counter::default(),
         );
+        let workers_held_back = reg(
+            r,
+            "workers_held_back",
+            "Times a registered worker could not be reached from the leader and was left out of \
+             a plan (dialled again after a backoff)",
+            Counter::default(),
+        );
         Self {
             registry: std::mem::take(r),
             requests,
@@ -303,7 +311,13 @@ impl Metrics {
             step_timeouts,
             wedged_workers,
             workers_left,
+            workers_held_back,
         }
+    }
+
+    /// Counts a registered worker left out of a plan because the leader cannot reach it.
+    pub fn worker_held_back(&self) {
+        self.workers_held_back.inc();
     }
 
     /// Counts a worker that left the cluster on purpose.

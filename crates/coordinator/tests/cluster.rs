@@ -257,3 +257,127 @@ async fn cluster_equals_engine_and_survives_a_lost_worker() {
 
     coord.stop(workers).await;
 }
+
+/// Forwards every connection to `listen` (a free loopback address) to `target`, from now on:
+/// how the test makes a worker's advertised address reachable after the fact.
+async fn forward(listen: &str, target: String) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("bind the advertised address");
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = target.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    })
+}
+
+/// Ensures that a worker that registers but that the coordinator cannot reach (its advertised
+/// address answers nothing: a partition one way, a wrong or stale address) is held back, not
+/// dropped and re-planned at every heartbeat: it stays registered under the same id, the
+/// serving plan keeps its epoch and serves, and once the address answers the worker is
+/// planned in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_the_leader_cannot_reach_is_held_back_until_it_can() {
+    let Some(path) = tessera_testkit::smollm2_gguf() else {
+        return;
+    };
+    let coord = Coordinator::start(CoordinatorConfig {
+        model: PathBuf::from(&path).display().to_string(),
+        heartbeat_interval: HEARTBEAT,
+        heartbeat_timeout: HEARTBEAT_TIMEOUT,
+        kv_tokens: KV_TOKENS,
+        ready_wait: WAIT,
+        ..CoordinatorConfig::default()
+    })
+    .await;
+    let first = coord.start_worker(0, THREADS, "first").await;
+    let mut client = coord.client().await;
+    let before = wait_ready(&mut client, 1).await;
+    let want = generate(&mut client, PROMPTS[0])
+        .await
+        .expect("one worker serves");
+
+    // The second worker listens on one address and advertises another, where nothing answers.
+    let (listen, advertised) = (tessera_testkit::free_addr(), tessera_testkit::free_addr());
+    let second = coord
+        .start_worker_at(&listen, Some(advertised.clone()), 0, THREADS, "second")
+        .await;
+    let observer = client.clone();
+    let status = || {
+        let mut c = observer.clone();
+        async move {
+            c.cluster_status(pb::ClusterStatusRequest::default())
+                .await
+                .expect("status")
+                .into_inner()
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    let registered = loop {
+        let s = status().await;
+        if let Some(w) = s.workers.iter().find(|w| w.address == advertised) {
+            break w.worker_id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second worker never registered: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Several heartbeats and backoffs later: same id, no shard, the same plan serving.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = status().await;
+    let w = held
+        .workers
+        .iter()
+        .find(|w| w.address == advertised)
+        .expect("still registered");
+    assert_eq!(
+        w.worker_id, registered,
+        "dropped and registered again: {held:#?}"
+    );
+    assert!(
+        w.shard.is_none(),
+        "planned in though unreachable: {held:#?}"
+    );
+    assert_eq!(
+        held.plan_epoch, before.plan_epoch,
+        "the plan was churned: {held:#?}"
+    );
+    assert!(held.ready, "{held:#?}");
+    assert_eq!(
+        generate(&mut client, PROMPTS[0])
+            .await
+            .expect("still serves"),
+        want
+    );
+
+    // The address answers: the worker is dialled again after its backoff and planned in.
+    let forwarder = forward(&advertised, listen.clone()).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let joined = loop {
+        let s = status().await;
+        if s.ready && s.workers.iter().all(|w| w.shard.is_some()) && s.workers.len() == 2 {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reachable worker was never planned in: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(joined.plan_epoch > held.plan_epoch, "{joined:#?}");
+    assert_eq!(
+        generate(&mut client, PROMPTS[0])
+            .await
+            .expect("two workers serve"),
+        want
+    );
+    coord.stop(vec![first, second]).await;
+    forwarder.abort();
+}

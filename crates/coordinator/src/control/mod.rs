@@ -3,6 +3,7 @@
 //! - [`scheduler`]: continuous batching of admitted requests into steps through the pipeline;
 //!   its KV account ([`kv_budget`]) and prefix index ([`prefix`]);
 //! - [`plan`]: on the leader, computes and loads a shard plan when workers come and go;
+//!   [`probe`] dials a plan's workers first and holds back those it cannot reach;
 //! - [`leadership`]: follows this node's Raft role (step up, step down);
 //! - [`liveness`]: drops workers that stop heartbeating.
 
@@ -11,6 +12,7 @@ pub(crate) mod leadership;
 pub(crate) mod liveness;
 pub(crate) mod plan;
 pub mod prefix;
+pub(crate) mod probe;
 pub mod scheduler;
 
 use std::time::Duration;

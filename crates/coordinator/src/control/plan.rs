@@ -8,18 +8,18 @@
 //! joiner costs them a pause while the shards load, not their answers. A worker whose load fails is dropped (it
 //! registers again if it is alive) and planning starts over — except a worker that only
 //! reports that a tensor-parallel peer could not be reached: that peer is dropped instead
-//! ([`to_drop`]). Before a new plan is committed, each of its workers that served the previous
-//! plan is dialled once ([`unreachable`]): one that died since its last heartbeat is still
-//! registered, and planning it in would cost a whole round of loads — a tensor-parallel
-//! survivor waits out its group's formation timeout (30 s) for it. Those that cannot be
-//! reached are dropped instead.
+//! ([`to_drop`]). Before a new plan is committed, each of its workers is dialled once
+//! ([`probe`]): one that served the previous plan and cannot be reached is dropped, one new to
+//! the plan is held back (left registered, left out, dialled again after a backoff).
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_proto::cluster::v1 as pb;
 use tokio::task::JoinSet;
 
+use super::probe::{self, Holds};
 use crate::error::CoordinatorError;
 use crate::state::cluster::Cluster;
 use crate::state::planner::{self, Plan, PlanPolicy, PlanStage};
@@ -27,13 +27,15 @@ use crate::state::{ClusterState, Command};
 
 /// How long a shard may take to load before the worker is given up on.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(300);
-/// How long the connection to each worker of a new plan may take before it is committed.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// From this hold on, a worker the leader cannot reach is logged as a warning: it has failed
+/// three dials in a row (1 s, 2 s, then this), so it is not a network settling.
+const PERSISTENT_HOLD: Duration = Duration::from_secs(4);
 
 /// Runs the controller until the task is aborted.
 pub async fn run(cluster: Arc<Cluster>) {
     let mut tick = tokio::time::interval(cluster.cfg.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let holds = Holds::default();
     loop {
         tokio::select! {
             () = cluster.replan.requested() => {}
@@ -47,7 +49,7 @@ pub async fn run(cluster: Arc<Cluster>) {
         // Logged once per change, not every tick: workers short of memory stay so until one
         // joins or leaves. The reason is kept for the requests no plan serves.
         let workers = worker_ids(&cluster);
-        match reconcile(&cluster).await {
+        match reconcile(&cluster, &holds).await {
             Ok(()) => {
                 if cluster.replan.record_outcome(None) {
                     tracing::info!("planning succeeds again");
@@ -75,14 +77,15 @@ fn worker_ids(cluster: &Cluster) -> Vec<String> {
         .with(|st| st.workers().map(|w| w.id.clone()).collect())
 }
 
-/// The plan the planner makes over the registered workers now.
-fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
+/// The plan the planner makes over the registered workers now, but for those `held` back.
+fn candidate(cluster: &Cluster, held: &HashSet<String>) -> Result<Option<Plan>, CoordinatorError> {
     let st = cluster.state();
     // The link latency each worker measured to its last group's peers (leader-local, like
     // every heartbeat figure): an input of the cost model, not of the replicated state.
     let seen = cluster.liveness.snapshot();
     let workers: Vec<_> = st
         .workers()
+        .filter(|w| !held.contains(&w.id))
         .map(|w| {
             let mut c = w.capacity();
             c.link_rtt_us = seen.get(&w.id).map_or(0, |s| s.link_rtt_us);
@@ -108,11 +111,13 @@ fn candidate(cluster: &Cluster) -> Result<Option<Plan>, CoordinatorError> {
 }
 
 /// One look at the cluster: plans and loads when needed.
-async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
+async fn reconcile(cluster: &Cluster, holds: &Holds) -> Result<(), CoordinatorError> {
     let st = cluster.state();
     let failed = cluster.replan.failed_epoch() >= st.plan_epoch() && st.plan_epoch() > 0;
     let ready = st.ready() && !failed;
-    let Some(plan) = candidate(cluster)? else {
+    let registered: HashSet<String> = st.workers().map(|w| w.id.clone()).collect();
+    let held = holds.active(Instant::now(), &registered);
+    let Some(plan) = candidate(cluster, &held)? else {
         if st.plan().is_some() {
             // No workers left: no plan.
             cluster
@@ -127,14 +132,27 @@ async fn reconcile(cluster: &Cluster) -> Result<(), CoordinatorError> {
     if ready && st.plan() == Some(&plan) {
         return Ok(());
     }
-    let dead = unreachable(cluster, &plan).await;
-    if !dead.is_empty() {
-        for (worker, e) in &dead {
-            tracing::info!(worker = %worker, error = %e, "unreachable; planning without it");
-            cluster.drop_worker(worker).await;
+    let unreachable = probe::dial(cluster, &plan).await;
+    if !unreachable.is_empty() {
+        for u in &unreachable {
+            if u.in_previous_plan {
+                tracing::info!(worker = %u.id, error = %u.error, "unreachable; planning without it");
+                cluster.drop_worker(&u.id).await;
+                continue;
+            }
+            let wait = holds.hold(&u.id, Instant::now());
+            cluster.metrics.worker_held_back();
+            let why = "registered, but this coordinator cannot reach it; planning without it";
+            if wait >= PERSISTENT_HOLD {
+                tracing::warn!(worker = %u.id, error = %u.error, retry_in = ?wait, "{why}");
+            } else {
+                tracing::info!(worker = %u.id, error = %u.error, retry_in = ?wait, "{why}");
+            }
         }
+        cluster.replan.request();
         return Ok(());
     }
+    holds.release(plan.stages.iter().map(|s| s.worker_id.as_str()));
     let epoch = st.plan_epoch() + 1;
     tracing::info!(
         epoch,
@@ -201,39 +219,6 @@ fn to_drop(failures: &[(String, CoordinatorError)], st: &ClusterState) -> Vec<St
         drop = failures.iter().map(|(w, _)| w.clone()).collect();
     }
     drop
-}
-
-/// The workers of `plan` that were in the previous plan too and cannot be reached within
-/// [`PROBE_TIMEOUT`] (connection and TLS handshake, concurrently), with why. Only those are
-/// suspects: a worker that registered since has just spoken to this coordinator, and one
-/// coming back from a partition may take longer than the bound to accept while its network
-/// settles (dropping it then would only make it register again, and again).
-async fn unreachable(cluster: &Cluster, plan: &Plan) -> Vec<(String, tonic::Status)> {
-    let st = cluster.state();
-    let Some(previous) = st.plan() else {
-        return Vec::new();
-    };
-    let mut set = JoinSet::new();
-    for stage in &plan.stages {
-        if previous.stage_of(&stage.worker_id).is_none() {
-            continue;
-        }
-        let Some(addr) = st.worker(&stage.worker_id).map(|w| w.address.clone()) else {
-            continue;
-        };
-        let (id, tls) = (stage.worker_id.clone(), cluster.cfg.cluster_tls.clone());
-        set.spawn(async move {
-            let r = super::connect(&tls, &addr, PROBE_TIMEOUT).await;
-            (id, r.err())
-        });
-    }
-    let mut dead = Vec::new();
-    while let Some(joined) = set.join_next().await {
-        if let Ok((id, Some(e))) = joined {
-            dead.push((id, e));
-        }
-    }
-    dead
 }
 
 /// Loads every stage's shard concurrently; returns the workers that failed.

@@ -87,9 +87,23 @@ impl Coordinator {
     /// # Panics
     /// When the worker cannot start.
     pub async fn start_worker(&self, memory_bytes: u64, threads: u32, name: &str) -> RunningWorker {
+        self.start_worker_at("127.0.0.1:0", None, memory_bytes, threads, name)
+            .await
+    }
+
+    /// Starts a worker listening on `listen` that tells the coordinator to reach it at
+    /// `advertise` (default: its listening address).
+    pub async fn start_worker_at(
+        &self,
+        listen: &str,
+        advertise: Option<String>,
+        memory_bytes: u64,
+        threads: u32,
+        name: &str,
+    ) -> RunningWorker {
         tessera_worker::start(WorkerConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            advertise: None,
+            listen: listen.parse().expect("addr"),
+            advertise,
             coordinator: format!("http://{}", self.cluster_addr),
             capacity: Capacity {
                 memory_bytes,
