@@ -437,17 +437,7 @@ fn bad_input_names_the_field() {
 fn python_client_streams_an_answer() {
     let Some(model) = model() else { return };
     let Some(python) = python() else { return };
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python");
-    let gen_stubs = Command::new(&python)
-        .arg("generate_stubs.py")
-        .current_dir(&dir)
-        .output()
-        .expect("run generate_stubs.py");
-    assert!(
-        gen_stubs.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gen_stubs.stderr)
-    );
+    let dir = tessera_testkit::python_examples(&python);
     let cluster = start_cluster(&model, &[(2, "1GiB")]);
     let addr = cluster.endpoint.trim_start_matches("http://").to_owned();
     let expected: String = cluster

@@ -31,19 +31,10 @@ fn leader_kill_mid_stream_resumes_with_identical_output() {
     let tessera = tessera();
     // The Python examples, when this machine has their packages (always under CI).
     let python = python();
-    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/python");
-    if let Some(python) = &python {
-        let stubs = std::process::Command::new(python)
-            .arg("generate_stubs.py")
-            .current_dir(&examples)
-            .output()
-            .expect("run generate_stubs.py");
-        assert!(
-            stubs.status.success(),
-            "{}",
-            String::from_utf8_lossy(&stubs.stderr)
-        );
-    }
+    let examples = python
+        .as_deref()
+        .map(tessera_testkit::python_examples)
+        .unwrap_or_default();
     let mut c = RaftCluster::start(&tessera, &model, "failover", 2);
     let (before, leader) = c.wait_ready(0, Duration::from_secs(90));
     assert_eq!(before.workers.len(), 2, "{before:#?}");

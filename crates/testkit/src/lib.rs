@@ -35,7 +35,7 @@ pub use net::{Proxy, free_addr, free_port, sample, scrape, url_list};
 pub use pipeline::{CHUNK, Driver, Seq, drive, seq_start, seqs_for, to_sampled};
 pub use process::{
     Addresses, START_TIMEOUT, Tessera, certs_args, certs_dir, kill, lone_coordinator_args,
-    member_args, member_tls, python, signal, strings, temp_dir,
+    member_args, member_tls, python, python_examples, signal, strings, temp_dir,
 };
 pub use raft_cluster::RaftCluster;
 pub use random_gguf::{RandomLlama, write_random_llama};
