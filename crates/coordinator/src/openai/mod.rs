@@ -120,22 +120,17 @@ impl OpenAi {
                 ),
             })?;
         let valid = request::parse(endpoint, &bytes, self.model_name())?;
-        let mut env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
-        if let Some(id) = &valid.resume_id {
-            env.id.clone_from(id);
-        }
-        // Every choice is seeded, so that a client can resume it (`resume.rs`): choice `i` of
-        // each prompt with `seed + i`, the seed drawn here when the request has none.
+        // Every choice is seeded, so that a client can resume it (`resume.rs`): the seed is
+        // drawn here when the request has none.
         let seed = valid.seed.unwrap_or_else(Rng::entropy_seed);
+        let valid = valid.seeded(seed);
+        let env = respond::Envelope::new(&valid, self.model_name(), Rng::entropy_seed());
         let span = tracing::info_span!("openai", id = %env.id, endpoint = ?env.endpoint,
             choices = valid.choices.len(), stream = valid.stream);
         let mut streams = respond::Choices::new();
         async {
             for (i, mut req) in valid.choices.into_iter().enumerate() {
                 req.request_id = format!("{}-{i}", env.id);
-                if let Some(s) = req.sampling.as_mut() {
-                    s.seed = Some(seed.wrapping_add((i % env.n.max(1)) as u64));
-                }
                 let mut call = tonic::Request::new(req);
                 // A client's W3C trace context joins its spans, as on gRPC.
                 for key in ["traceparent", "tracestate"] {

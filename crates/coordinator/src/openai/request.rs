@@ -56,6 +56,30 @@ pub struct ValidCompletion {
     pub choices: Vec<pb::GenerateRequest>,
 }
 
+impl ValidCompletion {
+    /// Seeds every choice from `seed`: choice `i` of each prompt samples with `seed + i`, so
+    /// the same request gives the same choices, and the choices differ from one another.
+    #[must_use]
+    pub fn seeded(mut self, seed: u64) -> Self {
+        let n = self.n.max(1) as usize;
+        for (k, req) in self.choices.iter_mut().enumerate() {
+            if let Some(s) = req.sampling.as_mut() {
+                s.seed = Some(seed.wrapping_add((k % n) as u64));
+            }
+        }
+        self.seed = Some(seed);
+        self
+    }
+
+    /// [`ValidCompletion::seeded`] when the body named a seed.
+    fn seeded_if(self, seed: Option<u64>) -> Self {
+        match seed {
+            Some(seed) => self.seeded(seed),
+            None => self,
+        }
+    }
+}
+
 /// A JSON object body, read field by field.
 pub struct Body(Map<String, Value>);
 
@@ -275,20 +299,19 @@ struct Common {
 }
 
 impl Common {
-    /// `n` requests for one prompt. With a seed, choice `i` samples with `seed + i`: the same
-    /// request gives the same choices, and the choices differ from one another.
+    /// `n` requests for one prompt, unseeded ([`ValidCompletion::seeded`] seeds them).
     fn requests(
         &self,
         model: &str,
         prompt: &pb::generate_request::Prompt,
         logprobs: Option<u32>,
     ) -> impl Iterator<Item = pb::GenerateRequest> {
-        (0..self.n).map(move |i| pb::GenerateRequest {
+        (0..self.n).map(move |_| pb::GenerateRequest {
             request_id: String::new(),
             model: model.to_owned(),
             prompt: Some(prompt.clone()),
             sampling: Some(pb::SamplingParams {
-                seed: self.sampling.seed.map(|s| s.wrapping_add(u64::from(i))),
+                seed: None,
                 ..self.sampling
             }),
             stop: Some(self.stop.clone()),
@@ -359,11 +382,12 @@ pub fn chat(body: &Body, served: &str) -> Result<ValidCompletion, ApiError> {
         include_usage: common.include_usage,
         logprobs,
         n: common.n,
-        seed: common.sampling.seed,
+        seed: None,
         token_ids: common.token_ids,
         resume_id: None,
         choices: common.requests(&model, &prompt, logprobs).collect(),
     }
+    .seeded_if(common.sampling.seed)
     .resumed(resume::parse(body, Endpoint::Chat)?)
 }
 
@@ -539,11 +563,12 @@ pub fn completions(body: &Body, served: &str) -> Result<ValidCompletion, ApiErro
         include_usage: common.include_usage,
         logprobs,
         n: common.n,
-        seed: common.sampling.seed,
+        seed: None,
         token_ids: common.token_ids,
         resume_id: None,
         choices,
     }
+    .seeded_if(common.sampling.seed)
     .resumed(resume::parse(body, Endpoint::Completions)?)
 }
 

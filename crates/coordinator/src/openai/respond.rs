@@ -46,14 +46,17 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// The envelope of `valid`, with a fresh id.
+    /// The envelope of `valid`: the id of the response it resumes, or a fresh one.
     pub fn new(valid: &ValidCompletion, model: &str, id_seed: u64) -> Self {
         let prefix = match valid.endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completions => "cmpl",
         };
         Self {
-            id: format!("{prefix}-{id_seed:016x}"),
+            id: valid
+                .resume_id
+                .clone()
+                .unwrap_or_else(|| format!("{prefix}-{id_seed:016x}")),
             created: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
