@@ -367,6 +367,16 @@ async fn cluster_state_linearizable_under_faults() {
     }
 }
 
+/// Asserts that `who` (node `h`) cannot confirm a read: it knows no leader it can reach, or
+/// no quorum answers it.
+async fn assert_read_refused(h: &RaftHandle, who: &str) {
+    let err = h.read_index().await.expect_err(who);
+    assert!(
+        matches!(err, RaftError::NotLeader { .. } | RaftError::Timeout(_)),
+        "{who}: {err}"
+    );
+}
+
 /// Ensures that a follower's ReadIndex read reflects every write that completed before it,
 /// though the follower may not have applied it yet, and that a follower cut off from the
 /// leader refuses to read (its local state is stale) rather than answer.
@@ -392,14 +402,7 @@ async fn follower_reads_are_linearizable() {
     h.propose(b"set x cut".to_vec())
         .await
         .expect("the majority writes");
-    let err = f
-        .read_index()
-        .await
-        .expect_err("a cut-off follower cannot confirm");
-    assert!(
-        matches!(err, RaftError::NotLeader { .. } | RaftError::Timeout(_)),
-        "{err}"
-    );
+    assert_read_refused(&f, "a cut-off follower").await;
     assert_eq!(
         c.view(follower).map.get("x").map(String::as_str),
         Some("v19")
@@ -443,14 +446,7 @@ async fn local_read_on_deposed_leader_is_caught() {
     c.leader_among(&rest, T).await;
     write(2, "v2").await;
 
-    let err = c.handles[&old]
-        .read_index()
-        .await
-        .expect_err("a deposed leader cannot confirm a read");
-    assert!(
-        matches!(err, RaftError::NotLeader { .. } | RaftError::Timeout(_)),
-        "{err}"
-    );
+    assert_read_refused(&c.handles[&old], "a deposed leader").await;
     // The broken variant: the old leader's local state, read without ReadIndex.
     let id = history.invoke(3, "x", Op::Read);
     let local = c.view(old).map.get("x").cloned();

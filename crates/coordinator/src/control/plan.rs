@@ -132,7 +132,7 @@ async fn reconcile(cluster: &Cluster, holds: &Holds) -> Result<(), CoordinatorEr
     if ready && st.plan() == Some(&plan) {
         return Ok(());
     }
-    let unreachable = probe::dial(cluster, &plan).await;
+    let unreachable = probe::dial(cluster, &st, &plan).await;
     if !unreachable.is_empty() {
         for u in &unreachable {
             if u.in_previous_plan {

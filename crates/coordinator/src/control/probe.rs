@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
+use crate::state::ClusterState;
 use crate::state::cluster::Cluster;
 use crate::state::planner::Plan;
 
@@ -45,9 +46,9 @@ pub(crate) struct Unreachable {
     pub in_previous_plan: bool,
 }
 
-/// Dials every worker of `plan` concurrently; returns those that could not be reached.
-pub(crate) async fn dial(cluster: &Cluster, plan: &Plan) -> Vec<Unreachable> {
-    let st = cluster.state();
+/// Dials every worker of `plan` concurrently, at its address in `st` (the state the plan was
+/// made from); returns those that could not be reached.
+pub(crate) async fn dial(cluster: &Cluster, st: &ClusterState, plan: &Plan) -> Vec<Unreachable> {
     let mut set = JoinSet::new();
     for stage in &plan.stages {
         let Some(addr) = st.worker(&stage.worker_id).map(|w| w.address.clone()) else {
