@@ -9,12 +9,13 @@ use tessera_proto::v1 as pb;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Capacity {
     /// Memory the worker may use for weights and KV cache, in bytes; 0 = unlimited (no check
-    /// at shard load).
+    /// at shard load) on the CPU, and all the device has free on a GPU.
     pub memory_bytes: u64,
     /// Compute threads; 0 = one per available core.
     pub threads: u32,
-    /// Accelerators (`"cuda:0"`, …); empty for CPU only.
-    pub devices: Vec<String>,
+    /// The accelerators its shard runs on; empty for CPU only. With one, `memory_bytes` is
+    /// what the device holds for weights and KV cache.
+    pub devices: Vec<pb::Device>,
 }
 
 impl Capacity {
@@ -65,4 +66,6 @@ pub struct WorkerConfig {
     pub model_paths: crate::ModelPaths,
     /// A fault to inject, for failure tests (`--failpoint`, hidden); `None` in production.
     pub failpoint: Option<crate::Failpoint>,
+    /// The device its shards run on ([`crate::Backend::resolve`] of `--device`).
+    pub backend: crate::Backend,
 }

@@ -103,7 +103,12 @@ async fn registers_heartbeats_and_reregisters() {
         capacity: Capacity {
             memory_bytes: 8 << 30,
             threads: 1,
-            devices: vec!["cpu-test".into()],
+            devices: vec![tessera_proto::v1::Device {
+                id: "cuda:0".into(),
+                name: "declared for the test".into(),
+                memory_bytes: 8 << 30,
+                bandwidth_bytes_s: 1 << 40,
+            }],
         },
         name: "reg-test".into(),
         model_home: None,
@@ -114,6 +119,8 @@ async fn registers_heartbeats_and_reregisters() {
         connections: tessera_tls::Limits::default(),
         model_paths: tessera_worker::ModelPaths::any(),
         failpoint: None,
+        // Bit-for-bit comparisons with the CPU engine: never a GPU.
+        backend: tessera_worker::Backend::Cpu,
     };
     let worker = tokio::spawn(tessera_worker::serve(cfg, async {
         let _ = stop_rx.await;
@@ -145,7 +152,9 @@ async fn registers_heartbeats_and_reregisters() {
     assert_eq!(reg.name, "reg-test");
     let cap = reg.capacity.clone().expect("capacity");
     assert_eq!((cap.memory_bytes, cap.threads), (8 << 30, 1));
-    assert_eq!(cap.devices, vec!["cpu-test".to_owned()]);
+    let ids: Vec<&str> = cap.devices.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["cuda:0"]);
+    assert_eq!(cap.devices[0].bandwidth_bytes_s, 1 << 40);
     let h = heartbeat(&mut seen).await;
     assert_eq!(h.worker_id, "w1");
     assert!(h.resident_bytes > 1 << 20, "{h:?}");

@@ -49,6 +49,7 @@ pub(super) fn run(args: &BenchClusterArgs, location: &ModelLocation) -> Result<(
                 memory_bytes: 4 << 30,
                 threads,
                 link_rtt_us: rtt,
+                device_bytes_s: 0,
             })
             .collect();
         let policy = PlanPolicy {

@@ -82,6 +82,10 @@ struct WorkerSpec {
     /// Measured RTT to its peers in µs (0 or absent: the link's latency).
     #[serde(default)]
     rtt_us: u32,
+    /// A GPU worker: its device's peak memory bandwidth in GB/s (absent: a CPU worker).
+    /// `memory` is then the device's memory.
+    #[serde(default)]
+    device_gbs: f64,
 }
 
 fn one() -> usize {
@@ -160,6 +164,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         bytes_per_thread_s: spec.compute.bytes_per_thread_s,
         link_latency_us: spec.link.latency_us,
         bandwidth_gbps: spec.link.bandwidth_gbps,
+        ..CostInputs::default()
     };
     let policy = PlanPolicy {
         kv_tokens: spec.kv_tokens,
@@ -239,6 +244,7 @@ fn workers(specs: &[WorkerSpec]) -> Result<Vec<WorkerCapacity>> {
                 memory_bytes,
                 threads: w.threads,
                 link_rtt_us: w.rtt_us,
+                device_bytes_s: (w.device_gbs * 1e9) as u64,
             });
         }
     }

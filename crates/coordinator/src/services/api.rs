@@ -242,7 +242,16 @@ impl pb::inference_server::Inference for Api {
                     capacity: Some(pb::Capacity {
                         memory_bytes: w.memory_bytes,
                         threads: w.threads,
-                        devices: w.devices.clone(),
+                        devices: w
+                            .devices
+                            .iter()
+                            .map(|d| pb::Device {
+                                id: d.id.clone(),
+                                name: d.name.clone(),
+                                memory_bytes: d.memory_bytes,
+                                bandwidth_bytes_s: d.bandwidth_bytes_s,
+                            })
+                            .collect(),
                     }),
                     resident_bytes: s.map_or(0, |s| s.resident_bytes),
                     weight_bytes: s.map_or(0, |s| s.weight_bytes),

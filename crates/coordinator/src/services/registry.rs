@@ -14,8 +14,8 @@ use tessera_tls::Role;
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
-use crate::state::Command;
 use crate::state::cluster::{Cluster, Seen};
+use crate::state::{Command, DeviceRecord};
 
 /// The Coordination service.
 #[derive(Clone, Debug)]
@@ -111,6 +111,7 @@ impl pb::coordination_server::Coordination for Registry {
             }));
         }
         let cap = req.capacity.unwrap_or_default();
+        let devices = valid_devices(&cap.devices)?;
         let id = self
             .cluster
             .commit_with(|st| {
@@ -122,7 +123,7 @@ impl pb::coordination_server::Coordination for Registry {
                         name: req.name.clone(),
                         memory_bytes: cap.memory_bytes,
                         threads: cap.threads,
-                        devices: cap.devices.clone(),
+                        devices: devices.clone(),
                         peer_address: req.peer_address.clone(),
                     },
                     id,
@@ -131,7 +132,8 @@ impl pb::coordination_server::Coordination for Registry {
             .await?;
         self.cluster.heartbeat(&id, Seen::at(Instant::now()));
         tracing::info!(worker = %id, address = %req.address, memory = cap.memory_bytes,
-            threads = cap.threads, "worker registered");
+            threads = cap.threads, devices = ?devices.iter().map(|d| &d.name).collect::<Vec<_>>(),
+            "worker registered");
         self.cluster.replan.request();
         let interval = self.cluster.cfg.heartbeat_interval.as_millis();
         Ok(Response::new(pb::RegisterResponse {
@@ -209,4 +211,56 @@ impl pb::coordination_server::Coordination for Registry {
             leader: String::new(),
         }))
     }
+}
+
+/// The most accelerators one worker may declare (a host has at most 16 GPUs today).
+const MAX_DEVICES: usize = 16;
+/// The longest device id or name accepted, in bytes.
+const MAX_DEVICE_TEXT: usize = 256;
+
+/// A registration's devices, checked: each has an id (unique), a name, and memory; the list
+/// is short and its strings bounded (they are replicated in the log and shown in status).
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `capacity.devices[i]`'s field.
+fn valid_devices(
+    devices: &[tessera_proto::v1::Device],
+) -> Result<Vec<DeviceRecord>, CoordinatorError> {
+    if devices.len() > MAX_DEVICES {
+        return Err(CoordinatorError::invalid(
+            "capacity.devices",
+            format!("{} devices; at most {MAX_DEVICES}", devices.len()),
+        ));
+    }
+    let mut out: Vec<DeviceRecord> = Vec::with_capacity(devices.len());
+    for (i, d) in devices.iter().enumerate() {
+        let field = |f: &str| format!("capacity.devices[{i}].{f}");
+        for (name, text) in [("id", &d.id), ("name", &d.name)] {
+            if text.is_empty() || text.len() > MAX_DEVICE_TEXT {
+                return Err(CoordinatorError::invalid(
+                    field(name),
+                    format!("must be 1 to {MAX_DEVICE_TEXT} bytes"),
+                ));
+            }
+        }
+        if d.memory_bytes == 0 {
+            return Err(CoordinatorError::invalid(
+                field("memory_bytes"),
+                "must be above 0",
+            ));
+        }
+        if out.iter().any(|o| o.id == d.id) {
+            return Err(CoordinatorError::invalid(
+                field("id"),
+                format!("{:?} is declared twice", d.id),
+            ));
+        }
+        out.push(DeviceRecord {
+            id: d.id.clone(),
+            name: d.name.clone(),
+            memory_bytes: d.memory_bytes,
+            bandwidth_bytes_s: d.bandwidth_bytes_s,
+        });
+    }
+    Ok(out)
 }

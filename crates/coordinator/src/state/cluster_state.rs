@@ -23,8 +23,8 @@ pub struct WorkerRecord {
     pub memory_bytes: u64,
     /// Compute threads.
     pub threads: u32,
-    /// Accelerators it declared.
-    pub devices: Vec<String>,
+    /// Accelerators its shard runs on (empty: a CPU worker).
+    pub devices: Vec<DeviceRecord>,
     /// Where its peer port listens (tensor-parallel groups dial it); empty for a worker that
     /// did not say (one registered by an older version).
     #[serde(default)]
@@ -48,8 +48,22 @@ impl WorkerRecord {
             threads: self.threads,
             // Heartbeats carry the measured RTT; the plan controller fills it in.
             link_rtt_us: 0,
+            device_bytes_s: self.devices.iter().map(|d| d.bandwidth_bytes_s).sum(),
         }
     }
+}
+
+/// An accelerator a worker declared at registration (`tessera.v1.Device`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRecord {
+    /// How the worker addresses it (`cuda:0`).
+    pub id: String,
+    /// The device's name.
+    pub name: String,
+    /// Its total memory, bytes.
+    pub memory_bytes: u64,
+    /// Its peak memory bandwidth, bytes per second.
+    pub bandwidth_bytes_s: u64,
 }
 
 /// A change to the cluster state.
@@ -73,7 +87,7 @@ pub enum Command {
         /// Compute threads.
         threads: u32,
         /// Accelerators.
-        devices: Vec<String>,
+        devices: Vec<DeviceRecord>,
         /// Its peer port.
         #[serde(default)]
         peer_address: String,

@@ -18,4 +18,4 @@ pub mod planner;
 pub mod replica;
 pub(crate) mod signals;
 
-pub use cluster_state::{ClusterState, Command, StateError, WorkerRecord};
+pub use cluster_state::{ClusterState, Command, DeviceRecord, StateError, WorkerRecord};

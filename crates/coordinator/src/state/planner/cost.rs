@@ -43,6 +43,9 @@ pub struct CostInputs {
     pub link_latency_us: f64,
     /// Bandwidth of a worker's link, in Gbit/s.
     pub bandwidth_gbps: f64,
+    /// The fraction of an accelerator's peak memory bandwidth its decode streams weights at
+    /// ([`WorkerCapacity::speed`]).
+    pub device_efficiency: f64,
 }
 
 impl Default for CostInputs {
@@ -51,12 +54,15 @@ impl Default for CostInputs {
     /// `ModelFootprint::from_shape` counts them): 96.6e6 × 107.5 / 2 ≈ 5.2e9 bytes per
     /// thread-second. Loopback RTT measured ≈ 50 µs, so 25 µs one way. Bandwidth: 10 Gbit/s,
     /// a data-centre NIC (loopback is faster; the reductions of small models are latency-bound
-    /// either way).
+    /// either way). Device efficiency 0.6: not measured here (no GPU on the development
+    /// machine); batch-1 decode of bandwidth-bound engines is commonly reported at 50–80% of
+    /// peak, and the low end keeps a GPU from being handed more layers than it can stream.
     fn default() -> Self {
         Self {
             bytes_per_thread_s: 5.2e9,
             link_latency_us: 25.0,
             bandwidth_gbps: 10.0,
+            device_efficiency: 0.6,
         }
     }
 }
@@ -153,7 +159,7 @@ pub(super) fn stage_cost(
     let compute_s = ranks
         .iter()
         .zip(shares)
-        .map(|(w, s)| c.compute_s(sizer.streamed(s, a, b), w.threads))
+        .map(|(w, s)| c.compute_s(sizer.streamed(s, a, b), w.speed(c)))
         .fold(0.0, f64::max);
     let k = ranks.len();
     let (mut reduce_s, mut gather_s) = (0.0, 0.0);

@@ -13,6 +13,7 @@ fn workers(threads: &[u32], rtt_us: u32) -> Vec<WorkerCapacity> {
             memory_bytes: 1 << 30,
             threads: t,
             link_rtt_us: rtt_us,
+            device_bytes_s: 0,
         })
         .collect()
 }
@@ -69,6 +70,7 @@ fn formula_on_a_group_of_two() {
         bytes_per_thread_s: 1e9,
         link_latency_us: 100.0,
         bandwidth_gbps: 1.0,
+        device_efficiency: 0.6,
     };
     let ws = workers(&[2, 2], 0);
     let plan = plan_with(

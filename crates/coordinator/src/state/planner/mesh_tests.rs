@@ -35,6 +35,7 @@ fn worker(id: &str, memory_bytes: u64, threads: u32) -> WorkerCapacity {
         memory_bytes,
         threads,
         link_rtt_us: 0,
+        device_bytes_s: 0,
     }
 }
 

@@ -45,6 +45,26 @@ pub struct WorkerCapacity {
     /// (the cost model then uses [`CostInputs::link_latency_us`]).
     #[serde(default)]
     pub link_rtt_us: u32,
+    /// Peak memory bandwidth of the accelerators its shard runs on, bytes per second; 0 for
+    /// a CPU worker. (Its `memory_bytes` is then what those devices hold.)
+    #[serde(default)]
+    pub device_bytes_s: u64,
+}
+
+impl WorkerCapacity {
+    /// Its decode speed in the unit the planner splits and times work in, compute threads:
+    /// a CPU worker's threads; for a worker with accelerators, the number of threads that
+    /// would stream weights as fast as its devices do — their bandwidth ×
+    /// [`CostInputs::device_efficiency`] over [`CostInputs::bytes_per_thread_s`] — so GPU and
+    /// CPU workers share one mesh and one cost model.
+    pub fn speed(&self, c: &CostInputs) -> u32 {
+        if self.device_bytes_s == 0 {
+            return self.threads.max(1);
+        }
+        let threads = self.device_bytes_s as f64 * c.device_efficiency / c.bytes_per_thread_s;
+        // `as` saturates; the clamp keeps a tiny device at one thread.
+        threads.round().max(1.0) as u32
+    }
 }
 
 /// How many workers serve each stage as a tensor-parallel group.
@@ -200,6 +220,18 @@ pub fn plan_with(
     if workers.is_empty() {
         return Err(PlanError::NoWorkers);
     }
+    // From here on `threads` is each worker's speed (`WorkerCapacity::speed`): a device
+    // worker becomes the CPU worker that streams weights as fast, so splits, layer spans and
+    // stage times weigh GPU and CPU workers alike. CPU workers are unchanged.
+    let workers: Vec<WorkerCapacity> = workers
+        .iter()
+        .map(|w| WorkerCapacity {
+            threads: w.speed(cost),
+            device_bytes_s: 0,
+            ..w.clone()
+        })
+        .collect();
+    let workers = workers.as_slice();
     match policy.cp {
         CpPolicy::Fixed(0 | 1) => plan_tp(model, workers, policy, cost),
         CpPolicy::Fixed(p) => ring::rings(model, workers, policy, p, policy.block_size, cost),

@@ -86,6 +86,8 @@ pub(super) fn rings(
             memory_bytes: set.iter().map(|w| w.memory_bytes).min().unwrap_or(0),
             threads: set.iter().map(|w| w.threads.max(1)).min().unwrap_or(1),
             link_rtt_us: set.iter().map(|w| w.link_rtt_us).max().unwrap_or(0),
+            // `plan_with` has already turned every worker's speed into threads.
+            device_bytes_s: 0,
         })
         .collect();
     let inner = PlanPolicy {

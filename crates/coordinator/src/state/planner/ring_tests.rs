@@ -34,6 +34,7 @@ fn worker(id: &str, memory_bytes: u64) -> WorkerCapacity {
         memory_bytes,
         threads: 1,
         link_rtt_us: 0,
+        device_bytes_s: 0,
     }
 }
 

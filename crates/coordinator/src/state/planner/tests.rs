@@ -21,6 +21,7 @@ fn worker(id: &str, memory_bytes: u64, threads: u32) -> WorkerCapacity {
         memory_bytes,
         threads,
         link_rtt_us: 0,
+        device_bytes_s: 0,
     }
 }
 
@@ -238,4 +239,82 @@ proptest! {
         ws.push(worker("big", need, 1));
         prop_assert!(plan(&m, &ws, &policy).is_ok());
     }
+}
+
+/// A GPU worker: `memory_bytes` of device memory and `gbs` GB/s of peak bandwidth.
+fn gpu(id: &str, memory_bytes: u64, gbs: u64) -> WorkerCapacity {
+    WorkerCapacity {
+        device_bytes_s: gbs * 1_000_000_000,
+        ..worker(id, memory_bytes, 1)
+    }
+}
+
+/// Ensures that a worker's speed is its threads on the CPU and, with devices, the threads
+/// that stream weights as fast as their bandwidth at the cost model's efficiency.
+#[test]
+fn device_speed_is_bandwidth_in_threads() {
+    let c = CostInputs::default();
+    assert_eq!(worker("cpu", 1, 8).speed(&c), 8);
+    assert_eq!(worker("cpu0", 1, 0).speed(&c), 1, "0 threads reads as 1");
+    // 4.8 TB/s × 0.6 / 5.2 GB/s per thread ≈ 553.8 threads.
+    assert_eq!(gpu("h200", 1, 4800).speed(&c), 554);
+    // A device slower than one thread still counts as one.
+    assert_eq!(gpu("tiny", 1, 0).speed(&c), 1);
+    let mut tiny = gpu("tiny", 1, 0);
+    tiny.device_bytes_s = 1;
+    assert_eq!(tiny.speed(&c), 1);
+}
+
+/// Ensures that in a mixed cluster the GPU worker takes the layers its memory holds — as many
+/// as fit, since it streams them a hundred times faster — and CPU workers serve the rest in
+/// proportion to their threads; with room for the whole model it serves it alone.
+#[test]
+fn mixed_cluster_gives_the_gpu_what_its_memory_holds() {
+    let m = model(vec![10; 30], 0, 0, false, 0);
+    // Device memory for 20 layers; the CPU workers could each hold everything.
+    let ws = [
+        gpu("g", 200, 3350),
+        worker("c1", 1000, 4),
+        worker("c2", 1000, 4),
+    ];
+    let p = plan(&m, &ws, &NO_KV).expect("plan");
+    assert_eq!(
+        ranges(&p),
+        vec![
+            ("g".into(), 0..20),
+            ("c1".into(), 20..25),
+            ("c2".into(), 25..30)
+        ]
+    );
+    // Room for the whole model on the device: one stage.
+    let ws = [gpu("g", 300, 3350), worker("c1", 1000, 4)];
+    let p = plan(&m, &ws, &NO_KV).expect("plan");
+    assert_eq!(ranges(&p), vec![("g".into(), 0..30)]);
+    // The same cluster with the GPU declared as a CPU worker of one thread: the CPU worker
+    // takes the larger part instead — the device's speed is what moved the layers.
+    let ws = [worker("g", 300, 1), worker("c1", 1000, 4)];
+    let p = plan(&m, &ws, &NO_KV).expect("plan");
+    let gpu_layers = p.stages[0].layers.len();
+    assert!(gpu_layers < 15, "slow g got {gpu_layers} layers");
+}
+
+/// Ensures that a GPU and CPU workers in one tensor-parallel group split heads, MLP columns
+/// and vocabulary by speed: the device's rank holds the larger share.
+#[test]
+fn mixed_group_splits_by_speed() {
+    let m = super::mesh_tests::smollm2();
+    let policy = PlanPolicy {
+        kv_tokens: 0,
+        tp: TpPolicy::Fixed(2),
+        cp: CpPolicy::Fixed(1),
+        block_size: 0,
+    };
+    let ws = [gpu("g", u64::MAX, 1000), worker("c", u64::MAX, 2)];
+    let p = plan(&m, &ws, &policy).expect("plan");
+    let share = |id: &str| {
+        let s = p.stage_of(id).expect("planned");
+        (s.ffn.len(), s.vocab.len())
+    };
+    let (g, c) = (share("g"), share("c"));
+    assert!(g.0 > c.0 && g.1 > c.1, "gpu {g:?} vs cpu {c:?}");
 }
