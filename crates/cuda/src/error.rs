@@ -19,6 +19,12 @@ pub enum CudaError {
     /// `libnccl` could not be loaded.
     #[error("no NCCL: libnccl could not be loaded (install nvidia-nccl-cu12 or the NCCL package)")]
     NoNccl,
+    /// `libcublas` could not be loaded.
+    #[error(
+        "no cuBLAS: libcublas could not be loaded (install nvidia-cublas-cu12 or the CUDA \
+         toolkit's libraries, and put them on LD_LIBRARY_PATH)"
+    )]
+    NoCublas,
     /// The driver loaded but reports no device with this ordinal.
     #[error("no CUDA device {ordinal}: the driver reports {count} device(s)")]
     NoDevice {
@@ -61,6 +67,18 @@ pub enum CudaError {
         /// NCCL's error.
         message: String,
     },
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error during {op}: {message}")]
+    Cublas {
+        /// The operation.
+        op: &'static str,
+        /// cuBLAS's error.
+        message: String,
+    },
+    /// The model a GPU stage runs refused a load or a step (missing tensors, an invalid
+    /// batch, a full KV cache): the same errors the CPU backend gives.
+    #[error(transparent)]
+    Model(#[from] tessera_model::ModelError),
 }
 
 impl CudaError {

@@ -18,6 +18,7 @@ pub mod kernels;
 pub mod plan;
 #[cfg(feature = "cuda")]
 pub mod runtime;
+pub mod stage;
 
 pub use dtype::DType;
 pub use error::{CudaError, Result};

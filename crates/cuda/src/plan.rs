@@ -451,3 +451,12 @@ pub fn validate_block_table(
 
 #[cfg(test)]
 mod tests;
+
+/// Pair layout of rotary embeddings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Adjacent pairs `(2p, 2p + 1)` (GGUF/llama.cpp "normal", Meta's Llama).
+    Interleaved,
+    /// Halves `(p, p + head_dim / 2)` (GPT-NeoX, Hugging Face Llama).
+    Neox,
+}

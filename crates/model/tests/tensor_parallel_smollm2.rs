@@ -8,7 +8,7 @@ mod golden_support;
 mod tp_group;
 
 use golden_support::{GreedyFile, LogitsFile, argmax, golden};
-use tessera_format::{GgufWeights, QType};
+use tessera_format::GgufWeights;
 use tessera_model::llama::Llama;
 use tessera_model::stage::TensorSlice;
 use tessera_testkit::MemoryWeights;
@@ -35,7 +35,7 @@ impl Smollm2 {
         let c = w.config().expect("config");
         let whole = load(&w, &c, TensorSlice::whole(&c)).expect("whole");
         let v = c.vocab_size;
-        let tp2 = slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, v]);
+        let tp2 = slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, c.vocab_size]);
         let tp3 = slices(&[0, 1, 2, 3], &[0, 480, 1088, 1536], &[0, 16000, 33000, v]);
         let groups = vec![
             ("TP=2", load_group(&w, &c, &tp2)),
@@ -70,44 +70,12 @@ fn smollm2_groups_match_whole_model() {
 /// f16 rounding, whatever the Q4_1 groups' amplified flips.
 #[test]
 fn smollm2_f32_group_matches_whole_model() {
-    use tessera_format::TensorKey as K;
-    use tessera_kernels::quant::QMatrix;
-    use tessera_model::weights::WeightStoreExt;
     let Some(path) = tessera_testkit::smollm2_gguf() else {
         return;
     };
     let gguf = GgufWeights::open(&path).expect("open");
     let c = gguf.config().expect("config");
-    let (h, i, qd, kvd, v) = (
-        c.hidden,
-        c.intermediate,
-        c.q_dim(),
-        c.kv_dim(),
-        c.vocab_size,
-    );
-    let mut w = MemoryWeights::default();
-    let mut widen = |key, rows, cols| {
-        let m = gguf.matrix(key, rows, cols).expect("tensor");
-        let f = QMatrix::quantize(QType::F32, rows, cols, &m.dequantize()).expect("f32");
-        w.insert(key, f);
-    };
-    widen(K::TokenEmbd, v, h);
-    widen(K::OutputNorm, 1, h);
-    for l in 0..c.n_layers {
-        for (key, rows, cols) in [
-            (K::AttnNorm(l), 1, h),
-            (K::FfnNorm(l), 1, h),
-            (K::AttnQ(l), qd, h),
-            (K::AttnK(l), kvd, h),
-            (K::AttnV(l), kvd, h),
-            (K::AttnOutput(l), h, qd),
-            (K::FfnGate(l), i, h),
-            (K::FfnUp(l), i, h),
-            (K::FfnDown(l), h, i),
-        ] {
-            widen(key, rows, cols);
-        }
-    }
+    let w = MemoryWeights::widened(&gguf, &c).expect("widen");
     drop(gguf);
     let file: LogitsFile = golden("logits.json");
     let seqs: Vec<Vec<u32>> = file.cases.iter().map(|c| c.ids.clone()).collect();
@@ -115,7 +83,11 @@ fn smollm2_f32_group_matches_whole_model() {
     let whole = load(&w, &c, TensorSlice::whole(&c)).expect("whole");
     let want = run_group(std::slice::from_ref(&whole), &script);
     drop(whole);
-    let group = load_group(&w, &c, &slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, v]));
+    let group = load_group(
+        &w,
+        &c,
+        &slices(&[0, 2, 3], &[0, 640, 1536], &[0, 20000, c.vocab_size]),
+    );
     let diff = max_diff(&run_group(&group, &script), &want);
     eprintln!("SmolLM2 in f32, TP=2: max |Δlogit| {diff:.3e}");
     assert!(diff <= SMOLLM2_F32_BOUND, "max |Δlogit| {diff}");

@@ -77,6 +77,62 @@ impl MemoryWeights {
     }
 }
 
+impl MemoryWeights {
+    /// Every tensor a Llama-family model of shape `cfg` reads from `store`, dequantized and
+    /// held as f32: the published model with nothing quantizing a product's input (f32
+    /// weights multiply f32 activations) — the precise side of comparisons with paths that
+    /// round differently than llama.cpp's (tensor-parallel sums, the GPU stage's f16).
+    ///
+    /// # Errors
+    /// When a tensor the model needs is missing or unreadable.
+    pub fn widened(store: &dyn WeightStore, cfg: &ModelConfig) -> tessera_format::Result<Self> {
+        use TensorKey as K;
+        let (h, i, qd, kvd, v) = (
+            cfg.hidden,
+            cfg.intermediate,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.vocab_size,
+        );
+        let mut keys = vec![(K::TokenEmbd, v, h), (K::OutputNorm, 1, h)];
+        if store.contains(K::Output) {
+            keys.push((K::Output, v, h));
+        }
+        for l in 0..cfg.n_layers {
+            keys.extend([
+                (K::AttnNorm(l), 1, h),
+                (K::FfnNorm(l), 1, h),
+                (K::AttnQ(l), qd, h),
+                (K::AttnK(l), kvd, h),
+                (K::AttnV(l), kvd, h),
+                (K::AttnOutput(l), h, qd),
+                (K::FfnGate(l), i, h),
+                (K::FfnUp(l), i, h),
+                (K::FfnDown(l), h, i),
+            ]);
+            if cfg.qkv_bias {
+                keys.extend([
+                    (K::AttnQBias(l), 1, qd),
+                    (K::AttnKBias(l), 1, kvd),
+                    (K::AttnVBias(l), 1, kvd),
+                ]);
+            }
+        }
+        let mut w = Self::default();
+        for (key, rows, cols) in keys {
+            let bad = |e: KernelError| FormatError::Tensor {
+                name: format!("{key:?}"),
+                reason: e.to_string(),
+            };
+            let t = store.tensor(key, rows, cols)?;
+            let m = QMatrix::from_bytes(t.qtype, t.rows, t.cols, t.bytes).map_err(bad)?;
+            let f = QMatrix::quantize(QType::F32, rows, cols, &m.dequantize()).map_err(bad)?;
+            w.insert(key, f);
+        }
+        Ok(w)
+    }
+}
+
 impl WeightStore for MemoryWeights {
     fn contains(&self, key: TensorKey) -> bool {
         self.tensors.contains_key(&key)

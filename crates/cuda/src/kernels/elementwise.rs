@@ -11,7 +11,11 @@
 //! - `swiglu_*(gate, up, out, n)`: `out = gate · sigmoid(gate) · up`.
 //! - `embed_*(ids (n) u32, table (vocab, dim), out (n, dim), n, dim)`: ids are validated on the
 //!   host before launch.
-//! - `add_*(x, y, n)`: `x += y` in place (the residual stream).
+//! - `add_*(x, y, n)`: `x += y` in place.
+//! - `rmsnorm_f32in_*(x (rows, dim) f32, w (dim) f32, out (rows, dim), rows, dim, eps)`: RMSNorm
+//!   of the f32 residual stream into the storage dtype; one block per row.
+//! - `add_f32_*(x f32, y, n)`: `x += y` in place, the residual stream in f32.
+//! - `bias_*(x (rows, dim), b (dim), n, dim)`: `x[i] += b[i % dim]` (QKV biases), `n` elements.
 
 /// Entry points of this module.
 pub const ENTRIES: &[&str] = &[
@@ -25,6 +29,12 @@ pub const ENTRIES: &[&str] = &[
     "embed_bf16",
     "add_f16",
     "add_bf16",
+    "rmsnorm_f32in_f16",
+    "rmsnorm_f32in_bf16",
+    "add_f32_f16",
+    "add_f32_bf16",
+    "bias_f16",
+    "bias_bf16",
 ];
 
 /// The module body (`cu/elementwise.cu`); needs the prelude before it.

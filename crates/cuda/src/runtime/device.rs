@@ -108,6 +108,45 @@ impl Device {
         })
     }
 
+    /// The device's total memory, bytes.
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`] when the driver cannot say.
+    pub fn total_memory(&self) -> Result<u64> {
+        let bytes = self.ctx.total_mem().map_err(drv("cuDeviceTotalMem"))?;
+        Ok(bytes as u64)
+    }
+
+    /// Memory free on the device now, bytes.
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`] when the driver cannot say.
+    pub fn free_memory(&self) -> Result<u64> {
+        let (free, _total) = self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
+        Ok(free as u64)
+    }
+
+    /// Peak memory bandwidth, bytes per second: double data rate × memory clock × bus width,
+    /// from the attributes the driver reports (H100 SXM: 2619 MHz × 5120 bits ≈ 3.35 TB/s).
+    ///
+    /// # Errors
+    /// [`CudaError::Driver`] when the driver cannot say.
+    pub fn peak_bandwidth(&self) -> Result<u64> {
+        use sys::CUdevice_attribute as A;
+        let clock_khz = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .map_err(drv("memory clock rate"))?;
+        let bus_bits = self
+            .ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)
+            .map_err(drv("memory bus width"))?;
+        Ok(peak_bandwidth(
+            clock_khz.max(0) as u64,
+            bus_bits.max(0) as u64,
+        ))
+    }
+
     /// The device's name, e.g. `NVIDIA H200`.
     pub fn name(&self) -> &str {
         &self.name
@@ -223,4 +262,10 @@ impl Device {
     pub fn download_raw<T: cudarc::driver::DeviceRepr>(&self, x: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(x).map_err(drv("download"))
     }
+}
+
+/// Bytes per second a memory of `clock_khz` (the driver's memory clock attribute) on a bus of
+/// `bus_bits` moves: two transfers per clock.
+pub fn peak_bandwidth(clock_khz: u64, bus_bits: u64) -> u64 {
+    2 * clock_khz * 1000 * (bus_bits / 8)
 }

@@ -95,14 +95,7 @@ pub fn rmsnorm(
     Ok(())
 }
 
-/// Pair layout of rotary embeddings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeLayout {
-    /// Adjacent pairs `(2p, 2p + 1)` (GGUF/llama.cpp "normal", Meta's Llama).
-    Interleaved,
-    /// Halves `(p, p + head_dim / 2)` (GPT-NeoX, Hugging Face Llama).
-    Neox,
-}
+pub use crate::plan::RopeLayout;
 
 /// Rotates `x` `(seq, n_heads, head_dim)` in place at the global positions `pos` (one i32 per
 /// token, on the device; `seq = pos.len()`).
@@ -255,5 +248,121 @@ pub fn add(dev: &Device, x: &mut Tensor16, y: &Tensor16) -> Result<()> {
     b.arg(&mut x.data).arg(&y.data).arg(&n);
     // SAFETY: both hold n elements.
     unsafe { b.launch(cfg(g)) }.map_err(drv("add launch"))?;
+    Ok(())
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w` per row of `dim`, from the f32 residual stream `x`
+/// with f32 weights `w` into `out`'s dtype.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] for `dim == 0`, `x` not a whole number of rows, `w` not of
+/// `dim` values, `out` not of `x`'s length, or a negative/non-finite `eps`.
+pub fn rmsnorm_f32in(
+    dev: &Device,
+    x: &CudaSlice<f32>,
+    w: &CudaSlice<f32>,
+    out: &mut Tensor16,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    if dim == 0 || !x.len().is_multiple_of(dim) {
+        return Err(CudaError::invalid(
+            "dim",
+            format!("{dim} does not divide x's {} elements", x.len()),
+        ));
+    }
+    if w.len() != dim {
+        return Err(CudaError::invalid("w", format!("must be {dim} values")));
+    }
+    if out.len() != x.len() {
+        return Err(CudaError::invalid(
+            "out",
+            format!("has {} elements, x has {}", out.len(), x.len()),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(CudaError::invalid(
+            "eps",
+            format!("{eps} is not a finite non-negative value"),
+        ));
+    }
+    let rows = x.len() / dim;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (rows_i, dim_i) = (fits_i32("rows", rows)?, fits_i32("dim", dim)?);
+    let f = dev.function(
+        &ELEMENTWISE,
+        &format!("rmsnorm_f32in_{}", out.dtype.suffix()),
+    )?;
+    let g = LaunchGeometry {
+        grid: (rows_i as u32, 1, 1),
+        block: (256, 1, 1),
+        smem_bytes: 0,
+    };
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(x)
+        .arg(w)
+        .arg(&mut out.data)
+        .arg(&rows_i)
+        .arg(&dim_i)
+        .arg(&eps);
+    // SAFETY: x/out hold rows·dim elements and w holds dim (checked above); one block per row.
+    unsafe { b.launch(cfg(g)) }.map_err(drv("rmsnorm_f32in launch"))?;
+    Ok(())
+}
+
+/// `x += y` with `x` the f32 residual stream and `y` a 16-bit sub-layer output.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] (`y`) when the lengths differ.
+pub fn add_f32(dev: &Device, x: &mut CudaSlice<f32>, y: &Tensor16) -> Result<()> {
+    if x.len() != y.len() {
+        return Err(CudaError::invalid(
+            "y",
+            format!("has {} elements, x has {}", y.len(), x.len()),
+        ));
+    }
+    if x.is_empty() {
+        return Ok(());
+    }
+    let n = x.len() as i64;
+    let f = dev.function(&ELEMENTWISE, &format!("add_f32_{}", y.dtype.suffix()))?;
+    let g = elementwise_geometry(y.len());
+    let mut b = dev.stream().launch_builder(&f);
+    b.arg(x).arg(&y.data).arg(&n);
+    // SAFETY: both hold n elements.
+    unsafe { b.launch(cfg(g)) }.map_err(drv("add_f32 launch"))?;
+    Ok(())
+}
+
+/// `x[r, :] += b` for every row of `x` (rows of `b.len()` values).
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] (`b`) when `b` is empty, does not divide `x` or differs in
+/// dtype.
+pub fn bias(dev: &Device, x: &mut Tensor16, b: &Tensor16) -> Result<()> {
+    if b.is_empty() || !x.len().is_multiple_of(b.len()) || b.dtype != x.dtype {
+        return Err(CudaError::invalid(
+            "b",
+            format!(
+                "{} {} values do not divide x's {} {} values",
+                b.len(),
+                b.dtype,
+                x.len(),
+                x.dtype
+            ),
+        ));
+    }
+    if x.is_empty() {
+        return Ok(());
+    }
+    let (n, dim) = (x.len() as i64, fits_i32("b", b.len())?);
+    let f = dev.function(&ELEMENTWISE, &format!("bias_{}", x.dtype.suffix()))?;
+    let g = elementwise_geometry(x.len());
+    let mut l = dev.stream().launch_builder(&f);
+    l.arg(&mut x.data).arg(&b.data).arg(&n).arg(&dim);
+    // SAFETY: x holds n elements, b holds dim, and dim divides n (checked above).
+    unsafe { l.launch(cfg(g)) }.map_err(drv("bias launch"))?;
     Ok(())
 }

@@ -32,6 +32,19 @@ pub fn probe_nvrtc() -> Result<()> {
     }
 }
 
+/// `Ok` when `libcublas` can be loaded.
+///
+/// # Errors
+/// [`CudaError::NoCublas`] when it cannot.
+pub fn probe_cublas() -> Result<()> {
+    // SAFETY: as in `probe_driver`.
+    if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(CudaError::NoCublas)
+    }
+}
+
 /// `Ok` when `libnccl` can be loaded.
 ///
 /// # Errors

@@ -152,8 +152,14 @@ impl PagedKvCache {
     /// [`KvCacheError::InvalidConfig`] naming the field when a dimension is 0, `num_blocks` does
     /// not fit a `u32` block id, or the pools would not be addressable.
     pub fn new(cfg: KvCacheConfig) -> Result<Self, KvCacheError> {
+        Self::build(cfg, true)
+    }
+
+    /// The cache of `cfg`, with its K/V pools when `storage`.
+    fn build(cfg: KvCacheConfig, storage: bool) -> Result<Self, KvCacheError> {
         let floats = cfg.pool_floats()?;
-        let pools = || (0..cfg.n_layers).map(|_| vec![0.0f32; floats]).collect();
+        let layers = if storage { cfg.n_layers } else { 0 };
+        let pools = || (0..layers).map(|_| vec![0.0f32; floats]).collect();
         let num_blocks =
             u32::try_from(cfg.num_blocks).map_err(|_| KvCacheError::InvalidConfig {
                 field: "num_blocks",
@@ -165,6 +171,22 @@ impl PagedKvCache {
             alloc: BlockAllocator::shared(num_blocks),
             cfg,
         })
+    }
+
+    /// A cache that keeps block tables, reference counts and the prefix bookkeeping only:
+    /// the K/V themselves live elsewhere (a GPU stage's device pools, addressed by the same
+    /// block ids). [`PagedKvCache::write`] and [`PagedKvCache::view`] panic on it; everything
+    /// else behaves as on [`PagedKvCache::new`]'s.
+    ///
+    /// # Errors
+    /// As [`PagedKvCache::new`].
+    pub fn without_storage(cfg: KvCacheConfig) -> Result<Self, KvCacheError> {
+        Self::build(cfg, false)
+    }
+
+    /// Whether this cache holds the K/V (see [`PagedKvCache::without_storage`]).
+    pub fn has_storage(&self) -> bool {
+        !self.k.is_empty()
     }
 
     /// The configuration the cache was built with.
@@ -230,6 +252,10 @@ impl PagedKvCache {
     /// from another cache.
     pub fn write(&mut self, layer: usize, seq: &SeqKv, k: &[f32], v: &[f32]) {
         assert!(
+            self.has_storage(),
+            "PagedKvCache::write: this cache keeps block tables only (its K/V live on a device)"
+        );
+        assert!(
             seq.belongs_to(&self.alloc),
             "PagedKvCache::write: the sequence belongs to another cache"
         );
@@ -276,6 +302,10 @@ impl PagedKvCache {
     /// # Panics
     /// When `layer >= n_layers`, `len > seq.capacity()`, or `seq` is from another cache.
     pub fn view<'a>(&'a self, layer: usize, seq: &'a SeqKv, len: usize) -> KvView<'a> {
+        assert!(
+            self.has_storage(),
+            "PagedKvCache::view: this cache keeps block tables only (its K/V live on a device)"
+        );
         assert!(
             seq.belongs_to(&self.alloc),
             "PagedKvCache::view: the sequence belongs to another cache"

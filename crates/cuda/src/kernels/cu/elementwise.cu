@@ -88,3 +88,41 @@ TYPED(embed_f16, embed_bf16, (const u32* ids, const u16* table, u16* out, int n,
     embed(ids, table, out, n, dim), embed(ids, table, out, n, dim))
 TYPED(add_f16, add_bf16, (u16* x, const u16* y, long long n),
     add<F16>(x, y, n), add<BF16>(x, y, n))
+
+// The residual stream of a model stage stays in f32 (as the CPU engine keeps it); these read or
+// update it while the projections' inputs and outputs are 16-bit.
+
+// RMSNorm of f32 rows with f32 weights, written in the storage dtype (the next matmul's input).
+template <typename T>
+__device__ __forceinline__ void rmsnorm_f32in(const float* __restrict__ x,
+    const float* __restrict__ w, u16* __restrict__ out, int dim, float eps) {
+    __shared__ float scratch[32];
+    const long long base = (long long)blockIdx.x * dim;
+    float ss = 0.0f;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) ss = fmaf(x[base + d], x[base + d], ss);
+    ss = block_sum(ss, scratch);
+    const float inv = rsqrtf(ss / (float)dim + eps);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x)
+        out[base + d] = T::st(x[base + d] * inv * w[d]);
+}
+
+template <typename T>
+__device__ __forceinline__ void add_f32(float* __restrict__ x, const u16* __restrict__ y,
+    long long n) {
+    GRID_STRIDE(i, n) x[i] += T::ld(y[i]);
+}
+
+// x (rows, dim) += b (dim) per row, in the storage dtype (QKV biases).
+template <typename T>
+__device__ __forceinline__ void bias(u16* __restrict__ x, const u16* __restrict__ b,
+    long long n, int dim) {
+    GRID_STRIDE(i, n) x[i] = T::st(T::ld(x[i]) + T::ld(b[i % dim]));
+}
+
+TYPED(rmsnorm_f32in_f16, rmsnorm_f32in_bf16,
+    (const float* x, const float* w, u16* out, int rows, int dim, float eps),
+    rmsnorm_f32in<F16>(x, w, out, dim, eps), rmsnorm_f32in<BF16>(x, w, out, dim, eps))
+TYPED(add_f32_f16, add_f32_bf16, (float* x, const u16* y, long long n),
+    add_f32<F16>(x, y, n), add_f32<BF16>(x, y, n))
+TYPED(bias_f16, bias_bf16, (u16* x, const u16* b, long long n, int dim),
+    bias<F16>(x, b, n, dim), bias<BF16>(x, b, n, dim))
