@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds tessera-cuda's test and benchmark binaries here (x86-64 Linux) and stages them, with
-# gpu-check.sh and (when available) the NVRTC libraries, into one folder to copy to a GPU
-# machine that has a driver, CUDA libraries and PyTorch but no Rust and no network.
+# gpu-check.sh, the NVRTC libraries and SmolLM2 (when available), into one folder to copy to a
+# GPU machine that has a driver, CUDA libraries (cuBLAS, NCCL) and PyTorch but no Rust and no
+# network.
 #
 # Usage: scripts/gpu-stage.sh [OUT_DIR]      (default: target/gpu-check)
 # Env:   PROFILE      cargo profile of the binaries (default release; `dev` reuses test builds)
@@ -56,6 +57,16 @@ if nvrtc_dir="$("$repo_root/scripts/install-nvrtc.sh" 2>/dev/null)"; then
     echo "gpu-stage: lib/ <- $nvrtc_dir" >&2
 else
     echo "gpu-stage: NVRTC not staged (install-nvrtc.sh failed); the GPU machine must have it" >&2
+fi
+# SmolLM2 for the stage test (the GPU machine has no network to pull it).
+home="${TESSERA_HOME:-$HOME/.cache/tessera}"
+model="${TESSERA_MODEL_GGUF:-$home/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf}"
+if [[ -f "$model" ]]; then
+    mkdir -p "$out/model"
+    cp "$model" "$out/model/SmolLM2-135M-Instruct.Q4_1.gguf"
+    echo "gpu-stage: model/ <- $model" >&2
+else
+    echo "gpu-stage: SmolLM2 not staged ($model missing: tessera model pull smollm2-135m-instruct)" >&2
 fi
 du -sh "$out" >&2
 echo "$out"

@@ -41,6 +41,11 @@ pub enum WorkerError {
     /// The model failed in a way not caused by the request (unreadable file, bad tensor).
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The GPU failed, or cannot be used (no driver, no such device, no cuBLAS, out of
+    /// memory, a launch that failed). A device error in a step is never the request's fault:
+    /// the stage validated it first.
+    #[error("device: {0}")]
+    Device(tessera_cuda::CudaError),
     /// The listen address could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -83,7 +88,19 @@ impl WorkerError {
             Self::Bind { .. }
             | Self::Transport(_)
             | Self::Executor(_)
+            | Self::Device(_)
             | Self::PrefixOutOfSync(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<tessera_cuda::CudaError> for WorkerError {
+    /// The GPU stage's model errors (an invalid batch, a full KV cache) are the CPU
+    /// backend's, reported the same way; everything else is the device's.
+    fn from(e: tessera_cuda::CudaError) -> Self {
+        match e {
+            tessera_cuda::CudaError::Model(m) => Self::Model(m),
+            other => Self::Device(other),
         }
     }
 }
@@ -182,6 +199,21 @@ mod tests {
                 },
                 Code::Unavailable,
                 "tensor-parallel rank 1",
+            ),
+            (
+                // The GPU stage's invalid batch is the CPU's.
+                tessera_cuda::CudaError::Model(ModelError::InvalidArgument {
+                    field: "tokens",
+                    reason: "bad".into(),
+                })
+                .into(),
+                Code::InvalidArgument,
+                "tokens: bad",
+            ),
+            (
+                tessera_cuda::CudaError::NoCublas.into(),
+                Code::Internal,
+                "device: no cuBLAS",
             ),
             (
                 WorkerError::PrefixOutOfSync("block 00000000000000ff missing".into()),

@@ -83,6 +83,7 @@ impl Stage {
             std::sync::Arc::new(ShardStats::default()),
             None,
             Box::new(|_| std::sync::Arc::new(|_| {})),
+            crate::Backend::Cpu,
         );
         exec.load(pb::LoadShardRequest {
             model: model.to_owned(),

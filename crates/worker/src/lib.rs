@@ -8,6 +8,7 @@
 //!   up to [`MAX_IN_FLIGHT`] steps in flight on it.
 //! - `group`: tensor-parallel groups — the peer port, the links between ranks, the reduction.
 //! - `register`: registration and heartbeats.
+//! - [`DeviceChoice`] / [`Backend`]: the device shards run on (`--device`), decided at start.
 //! - [`Failpoint`]: faults a test arms (`--failpoint`), off in production.
 //! - `metrics`: the Prometheus metrics served on `--metrics-listen`.
 //! - [`hidden`]: hidden states on the wire.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod device;
 mod error;
 mod executor;
 mod failpoint;
@@ -35,6 +37,7 @@ mod service;
 mod shard;
 
 pub use config::{Capacity, WorkerConfig};
+pub use device::{Backend, DeviceChoice};
 pub use error::WorkerError;
 pub use failpoint::Failpoint;
 pub use memory::resident_bytes;

@@ -167,12 +167,18 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         PeerTls::new(&cfg.cluster_tls),
     )?);
     let peer_address = peer_advertise(&advertise, peers.local_addr().port());
+    // Registration declares the device; every shard runs on it.
+    let backend = cfg.backend.clone();
+    let mut capacity = cfg.capacity.clone();
+    capacity.memory_bytes = backend.memory_bytes(capacity.memory_bytes);
+    capacity.devices.extend(backend.devices());
     let shard = ShardHandle::spawn(
-        cfg.capacity.threads as usize,
+        capacity.threads as usize,
         cfg.model_home.clone().map(ModelCache::at),
-        cfg.capacity.memory_bytes,
+        capacity.memory_bytes,
         Some(Arc::clone(&peers)),
         cfg.failpoint,
+        backend,
     )?;
     let metrics = match cfg.metrics_listen {
         Some(addr) => {
@@ -216,7 +222,7 @@ pub async fn start(cfg: WorkerConfig) -> Result<RunningWorker, WorkerError> {
         tls: cfg.cluster_tls.clone(),
         request: pb::RegisterRequest {
             address: advertise.clone(),
-            capacity: Some(cfg.capacity.to_proto()),
+            capacity: Some(capacity.to_proto()),
             name: name.clone(),
             peer_address: peer_address.clone(),
         },

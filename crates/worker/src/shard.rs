@@ -280,7 +280,8 @@ impl std::fmt::Debug for Command {
 }
 
 impl ShardHandle {
-    /// Starts the executor thread with `threads` compute threads (0 = one per core).
+    /// Starts the executor thread with `threads` compute threads (0 = one per core), its
+    /// shards on `backend`.
     ///
     /// # Errors
     /// [`WorkerError::Executor`] when the thread or its compute pool cannot start.
@@ -290,6 +291,7 @@ impl ShardHandle {
         memory_bytes: u64,
         peers: Option<Arc<PeerListener>>,
         failpoint: Option<crate::Failpoint>,
+        backend: crate::Backend,
     ) -> Result<Self, WorkerError> {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
@@ -324,6 +326,7 @@ impl ShardHandle {
             Arc::clone(&stats),
             peers,
             control,
+            backend,
         );
         std::thread::Builder::new()
             .name("tessera-shard".into())

@@ -60,6 +60,8 @@ impl Cluster {
                 connections: tessera_tls::Limits::default(),
                 model_paths: tessera_worker::ModelPaths::any(),
                 failpoint: None,
+                // Bit-for-bit comparisons with the CPU engine: never a GPU.
+                backend: tessera_worker::Backend::Cpu,
             };
             workers.push(tessera_worker::start(cfg).await.expect("start worker"));
         }

@@ -100,6 +100,8 @@ impl Rig {
             connections: tessera_tls::Limits::default(),
             model_paths: tessera_worker::ModelPaths::any(),
             failpoint: None,
+            // Bit-for-bit comparisons with the CPU engine: never a GPU.
+            backend: tessera_worker::Backend::Cpu,
         })
         .await
         .expect("start worker");

@@ -272,9 +272,14 @@ pub struct WorkerArgs {
     /// N-th step while heartbeats go on (see `tessera_worker::Failpoint`).
     #[arg(long, hide = true)]
     pub failpoint: Option<tessera_worker::Failpoint>,
-    /// Memory this worker may use for weights and KV cache, e.g. 512MiB, 2GiB.
-    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
-    pub memory: u64,
+    /// Memory this worker may use for weights and KV cache, e.g. 512MiB, 2GiB (default: 2GiB
+    /// on the CPU; on a GPU, 90% of what the device has free at start).
+    #[arg(long, value_parser = parse_bytes)]
+    pub memory: Option<u64>,
+    /// The device shards run on: `auto` (CUDA device 0 where the driver, a device and cuBLAS
+    /// are present, else the CPU), `cpu`, or `cuda:N` (fail unless it can be used).
+    #[arg(long, default_value = "auto")]
+    pub device: tessera_worker::DeviceChoice,
     /// The worker's name (default: worker-<pid>). With --certs it picks the worker's
     /// certificate (worker-<name>.pem), whose name it registers under.
     #[arg(long)]
@@ -438,6 +443,9 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         })
 }
 
+/// A CPU worker's `--memory` when none is given.
+const DEFAULT_WORKER_MEMORY: u64 = 2 << 30;
+
 /// Runs `tessera worker` until it is stopped.
 pub fn run_worker(args: WorkerArgs) -> Result<()> {
     let name = args
@@ -461,12 +469,19 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
     let name = cluster_tls
         .identity()
         .map_or(name, |me| me.name().to_owned());
+    let backend = tessera_worker::Backend::resolve(args.device)?;
+    let memory_bytes = match (args.memory, &backend) {
+        (Some(m), _) => m,
+        // 0 on a device: what it has free.
+        (None, tessera_worker::Backend::Cuda { .. }) => 0,
+        (None, _) => DEFAULT_WORKER_MEMORY,
+    };
     let cfg = tessera_worker::WorkerConfig {
         listen: args.listen,
         advertise: args.advertise.clone(),
         coordinator: args.coordinator.clone(),
         capacity: tessera_worker::Capacity {
-            memory_bytes: args.memory,
+            memory_bytes,
             threads: args.threads,
             devices: Vec::new(),
         },
@@ -478,6 +493,7 @@ pub fn run_worker(args: WorkerArgs) -> Result<()> {
         cluster_tls,
         connections: args.process.connections(),
         failpoint: args.failpoint,
+        backend,
         model_paths: {
             let store = match &args.model_home {
                 Some(home) => tessera_hub::ModelCache::at(home.clone()),

@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 use tessera_format::{ModelConfig, open_weights};
 use tessera_hub::{self, ModelCache};
 use tessera_model::ModelError;
-use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
-use tessera_model::llama::{Llama, LoadSpec};
+use tessera_model::kv_cache::KvCacheConfig;
+use tessera_model::llama::LoadSpec;
 use tessera_model::stage::TensorSlice;
 use tessera_proto::cluster::v1 as pb;
 use tessera_proto::v1::ShardAssignment;
 
+use super::model::StageModel;
 use super::{DEFAULT_BLOCK_SIZE, Executor, Loaded};
 use crate::error::WorkerError;
 use crate::group::{Group, PeerTls, check_names, probe_rtt};
@@ -217,10 +218,20 @@ impl Executor {
             tensor: slice,
             ..LoadSpec::stage(&cfg, start_l..end_l, shard.embed, shard.head)
         };
-        let model = Llama::load(store.as_ref(), &cfg, spec, &mut |done, total| {
-            tracing::debug!(done, total, "loading shard");
-        })?;
+        // The cache is indexed by global layer (as the step writes it); the pools of layers
+        // below `layer_start` are never touched, so the OS never backs them (a GPU stage's
+        // cache holds no pools at all).
+        let kv = KvCacheConfig {
+            n_layers: end_l,
+            n_kv_heads: kv_heads,
+            head_dim: cfg.head_dim,
+            block_size,
+            num_blocks,
+        };
+        let (model, cache) =
+            StageModel::load(&self.backend, ranks == 1, store.as_ref(), &cfg, spec, kv)?;
         let weight_bytes = model.weight_bytes();
+        let backend = model.backend_name();
         if self.memory_bytes > 0 && (weight_bytes + kv_bytes) as u64 > self.memory_bytes {
             return Err(WorkerError::ResourceExhausted(format!(
                 "shard needs {weight_bytes} bytes of weights and {kv_bytes} of KV cache; this \
@@ -228,16 +239,6 @@ impl Executor {
                 self.memory_bytes
             )));
         }
-        // The cache is indexed by global layer (as `Llama::step` writes it); the
-        // pools of layers below `layer_start` are never touched, so the OS never backs them.
-        let cache = PagedKvCache::new(KvCacheConfig {
-            n_layers: end_l,
-            n_kv_heads: kv_heads,
-            head_dim: cfg.head_dim,
-            block_size,
-            num_blocks,
-        })
-        .map_err(|e| WorkerError::invalid("kv_tokens", e.to_string()))?;
         self.loaded = Some(Loaded {
             epoch: req.plan_epoch,
             model,
@@ -252,7 +253,14 @@ impl Executor {
         });
         self.publish();
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(weight_bytes, kv_bytes, load_ms, ?link_rtt, "shard loaded");
+        tracing::info!(
+            weight_bytes,
+            kv_bytes,
+            load_ms,
+            ?link_rtt,
+            backend,
+            "shard loaded"
+        );
         Ok(pb::LoadShardResponse {
             weight_bytes: weight_bytes as u64,
             resident_bytes: resident_bytes(),

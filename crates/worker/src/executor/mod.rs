@@ -22,6 +22,7 @@
 
 mod check;
 mod load;
+mod model;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,13 +33,13 @@ use tessera_hub::ModelCache;
 use tessera_kernels::ThreadPool;
 use tessera_model::kv_cache::PagedKvCache;
 use tessera_model::layers::SeqStep;
-use tessera_model::llama::Llama;
 use tessera_model::stage::{
     LocalReduce, Reduce, RingCtx, StageCtx, StageInput, StageOutput, StageScratch,
 };
 use tessera_proto::cluster::v1 as pb;
 use tessera_text::sampling::Sampler;
 
+use crate::device::Backend;
 use crate::error::WorkerError;
 use crate::group::{Control, ControlSink, Group, GroupReduce, GroupRing, PeerListener};
 use crate::hidden;
@@ -71,7 +72,7 @@ const DEFAULT_BLOCK_SIZE: usize = 16;
 /// A loaded shard.
 struct Loaded {
     epoch: u64,
-    model: Llama,
+    model: model::StageModel,
     cache: PagedKvCache,
     /// The next stage's `host:port`; `None` on the last stage.
     next: Option<String>,
@@ -111,10 +112,13 @@ pub(crate) struct Executor {
     peers: Option<Arc<PeerListener>>,
     /// Where a formed group's control events go.
     control: ControlFactory,
+    /// The device shards run on.
+    backend: Backend,
 }
 
 impl Executor {
-    /// An executor with no shard loaded; `peers` and `control` serve tensor-parallel groups.
+    /// An executor with no shard loaded; `peers` and `control` serve tensor-parallel groups;
+    /// shards run on `backend`.
     pub fn new(
         pool: ThreadPool,
         cache_home: Option<ModelCache>,
@@ -122,6 +126,7 @@ impl Executor {
         stats: Arc<ShardStats>,
         peers: Option<Arc<PeerListener>>,
         control: ControlFactory,
+        backend: Backend,
     ) -> Self {
         Self {
             loaded: None,
@@ -133,6 +138,7 @@ impl Executor {
             stats,
             peers,
             control,
+            backend,
         }
     }
 
@@ -439,7 +445,7 @@ impl Executor {
 /// What a step runs on: the loaded model, its cache and its group (none for a stage of one
 /// worker), borrowed apart from the sequence table.
 struct Stage<'a> {
-    model: &'a Llama,
+    model: &'a mut model::StageModel,
     cache: &'a mut PagedKvCache,
     group: Option<&'a mut Group>,
 }
