@@ -67,6 +67,9 @@ impl Tessera {
             "1",
             "--memory",
             "1GiB",
+            // Tests compare with the CPU engine bit for bit: never a GPU, even where one is.
+            "--device",
+            "cpu",
             "--model",
             model,
         ]);
@@ -132,6 +135,9 @@ impl Tessera {
             &threads,
             "--memory",
             memory,
+            // As `up`: the CPU engine's arithmetic, even on a machine with a GPU.
+            "--device",
+            "cpu",
         ]);
         if let Some(name) = name {
             args.extend(strings(&["--name", name]));

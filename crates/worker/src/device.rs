@@ -52,6 +52,18 @@ impl FromStr for DeviceChoice {
     }
 }
 
+impl std::fmt::Display for DeviceChoice {
+    /// The `--device` spelling, which [`DeviceChoice::from_str`] reads back.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Emulated => f.write_str("emulated"),
+        }
+    }
+}
+
 /// The device a worker's shards run on, once resolved.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Backend {
@@ -137,9 +149,18 @@ impl Backend {
 mod tests {
     use super::*;
 
-    /// Ensures that `--device` parses its four forms and names the accepted ones otherwise.
+    /// Ensures that `--device` parses its four forms, prints them back, and names the accepted
+    /// ones otherwise.
     #[test]
     fn device_choices_parse() {
+        for c in [
+            DeviceChoice::Auto,
+            DeviceChoice::Cpu,
+            DeviceChoice::Cuda(2),
+            DeviceChoice::Emulated,
+        ] {
+            assert_eq!(c.to_string().parse(), Ok(c));
+        }
         assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
         assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));

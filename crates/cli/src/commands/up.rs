@@ -94,6 +94,10 @@ pub struct UpArgs {
     /// Memory per worker, e.g. 1GiB.
     #[arg(long, default_value = "2GiB", value_parser = super::serve::parse_bytes)]
     pub memory: u64,
+    /// The device every worker runs on (see `tessera worker --device`): `auto` uses CUDA
+    /// device 0 where one works, else the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: tessera_worker::DeviceChoice,
     /// Send this prompt once the cluster is ready, print the answer, and shut down.
     #[arg(long)]
     pub prompt: Option<String>,
@@ -216,7 +220,7 @@ async fn up(args: UpArgs) -> Result<()> {
         memory: args.memory,
         coordinators: args.coordinators,
         coordinator_args,
-        worker_args: otlp,
+        worker_args: [vec!["--device".into(), args.device.to_string()], otlp].concat(),
         certs: if args.insecure_cluster {
             None
         } else {
