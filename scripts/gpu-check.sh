@@ -80,11 +80,12 @@ echo "NCCL: ${nccl_so:-not found}"
 step ptx 45 "$bin/ptx" --nocapture --test-threads=1
 step smoke 15 "$bin/smoke" --nocapture
 step unit 15 "$bin/unit" --test-threads=2
-# The device tests are #[ignore]d (skipped on machines without a GPU): run them here.
-step kernels 80 "$bin/gpu" --include-ignored --nocapture --test-threads=1
-step stage 60 "$bin/stage" --include-ignored --nocapture --test-threads=1
+# The device tests are #[ignore]d (skipped on machines without a GPU): run them, and only
+# them (the rest ran in the test suite).
+step kernels 80 "$bin/gpu" --ignored --nocapture --test-threads=1
+step stage 60 "$bin/stage" --ignored --nocapture --test-threads=1
 TESSERA_BENCH_DUMP="$log/dump" step bench 40 "$bin/gpu_bench" --ignored --nocapture --test-threads=1
-step nccl 15 "$bin/nccl" --include-ignored --nocapture --test-threads=1
+step nccl 15 "$bin/nccl" --ignored --nocapture --test-threads=1
 
 # Everything below also goes to the figures file.
 exec > >(tee "$figures")

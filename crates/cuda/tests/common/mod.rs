@@ -5,7 +5,7 @@
 use tessera_cuda::runtime::Device;
 
 /// Device 0. The tests that call this are `#[ignore]`d (a machine without a GPU reports
-/// them skipped, never passed); run on purpose (`--include-ignored`, as
+/// them skipped, never passed); run on purpose (`--ignored`, as
 /// `scripts/gpu-check.sh` does), a missing device is a failure saying what is missing.
 ///
 /// # Panics
