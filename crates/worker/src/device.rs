@@ -1,7 +1,7 @@
 //! Which device a worker's shards run on, decided once at start.
 //!
-//! `--device auto` (the default) uses CUDA device 0 when the driver, a device and cuBLAS are
-//! all there, and the CPU otherwise — with no flag and no error on a machine without a GPU:
+//! `--device auto` (the default) uses CUDA device 0 when the driver, a device, cuBLAS and NVRTC
+//! are all there, and the CPU otherwise — with no flag and no error on a machine without a GPU:
 //! the CUDA libraries are loaded at run time, never linked, so the same binary runs anywhere.
 //! `--device cuda:N` insists (a worker told to use a GPU it cannot open does not start);
 //! `--device cpu` never looks.
@@ -91,7 +91,7 @@ impl Backend {
     ///
     /// # Errors
     /// [`WorkerError::Device`] when `cuda:N` was asked for and cannot be used (no driver, no
-    /// such device, no cuBLAS), saying which.
+    /// such device, no cuBLAS, no NVRTC), saying which.
     pub fn resolve(choice: DeviceChoice) -> Result<Self, WorkerError> {
         match choice {
             DeviceChoice::Cpu => Ok(Self::Cpu),
@@ -109,6 +109,9 @@ impl Backend {
 
     fn open(ordinal: usize) -> Result<Self, WorkerError> {
         let ops = tessera_cuda::stage::CudaOps::new(ordinal, GPU_DTYPE)?;
+        // Kernels compile at their first launch: without NVRTC every step would fail, so a
+        // device without it is no device.
+        tessera_cuda::runtime::libs::probe_nvrtc()?;
         let dev = ops.device();
         let info = pb::Device {
             id: format!("cuda:{ordinal}"),

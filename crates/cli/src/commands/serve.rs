@@ -276,8 +276,8 @@ pub struct WorkerArgs {
     /// on the CPU; on a GPU, 90% of what the device has free at start).
     #[arg(long, value_parser = parse_bytes)]
     pub memory: Option<u64>,
-    /// The device shards run on: `auto` (CUDA device 0 where the driver, a device and cuBLAS
-    /// are present, else the CPU), `cpu`, or `cuda:N` (fail unless it can be used).
+    /// The device shards run on: `auto` (CUDA device 0 where the driver, a device, cuBLAS and
+    /// NVRTC are present, else the CPU), `cpu`, or `cuda:N` (fail unless it can be used).
     #[arg(long, default_value = "auto")]
     pub device: tessera_worker::DeviceChoice,
     /// The worker's name (default: worker-<pid>). With --certs it picks the worker's

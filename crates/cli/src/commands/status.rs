@@ -132,10 +132,19 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             // A follower's local view has not heard from workers: "-", not a huge number.
             w.last_seen_ms
                 .map_or("-".to_owned(), |ms| format!("{ms}ms")),
-            shard
+            shard + &devices(&cap.devices)
         );
     }
     print(&out)
+}
+
+/// The accelerators a worker runs on, as the status line's tail: ` on NVIDIA H200 (cuda:0)`;
+/// empty for a CPU worker.
+fn devices(devices: &[tessera_proto::v1::Device]) -> String {
+    devices
+        .iter()
+        .map(|d| format!(" on {} ({})", d.name, d.id))
+        .collect()
 }
 
 /// Writes `text` to stdout. A reader that closed the pipe early (`tessera status | head -1`)
