@@ -91,5 +91,39 @@ impl CudaError {
     }
 }
 
+/// `Ok` when buffer `field` holds the `want` elements its shape needs.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] naming `field` otherwise.
+pub(crate) fn check_len(field: &'static str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(CudaError::invalid(
+            field,
+            format!("has {got} elements, the shape needs {want}"),
+        ))
+    }
+}
+
+/// The range `at..at + n` of buffer `field` of `len` elements.
+///
+/// # Errors
+/// [`CudaError::InvalidArgument`] naming `field` when it runs past the buffer.
+pub(crate) fn check_range(
+    field: &'static str,
+    at: usize,
+    n: usize,
+    len: usize,
+) -> Result<std::ops::Range<usize>> {
+    match at.checked_add(n) {
+        Some(end) if end <= len => Ok(at..end),
+        _ => Err(CudaError::invalid(
+            field,
+            format!("{at}..+{n} is past its {len} elements"),
+        )),
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T> = std::result::Result<T, CudaError>;

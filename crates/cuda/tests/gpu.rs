@@ -14,7 +14,9 @@ use tessera_cuda::runtime::attention::{
     DecodeScratch, DevOut, PagedKv, cast_to, decode_attention, merge_attention, prefill_attention,
     prefill_attention_with,
 };
-use tessera_cuda::runtime::elementwise::{RopeLayout, add, embed, rmsnorm, rope, swiglu};
+use tessera_cuda::runtime::elementwise::{
+    RopeLayout, add, add_f32, bias, embed, rmsnorm, rmsnorm_f32in, rope, swiglu,
+};
 use tessera_kernels::attention::reference::attention_f64;
 use tessera_kernels::attention::{AttnShape, KvView};
 
@@ -383,7 +385,8 @@ fn merge_matches_reference() {
 }
 
 /// Ensures that RMSNorm, RoPE (both layouts, large global positions), SwiGLU, embedding gather
-/// and residual add match f64 references, and that bad ids are refused before launch.
+/// and residual add match f64 references — with the GPU stage's f32-residual RMSNorm and add
+/// and its bias add — and that bad ids are refused before launch.
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
 fn elementwise_match_reference() {
@@ -496,10 +499,83 @@ fn elementwise_match_reference() {
             embed(&dev, &[50], &td, edim, &mut ed).is_err(),
             "id past vocab accepted"
         );
+        let (e_norm32, e_add32, e_bias) = residual_kernels(&dev, dt, &mut rng);
         println!(
-            "ERR kernel=elementwise dtype={dt} rmsnorm={e_norm:.3e} rope={e_rope:.3e} swiglu={e_swiglu:.3e} add={e_add:.3e} embed=0 tol={tol:.1e}"
+            "ERR kernel=elementwise dtype={dt} rmsnorm={e_norm:.3e} rope={e_rope:.3e} swiglu={e_swiglu:.3e} add={e_add:.3e} embed=0 rmsnorm_f32in={e_norm32:.3e} add_f32={e_add32:.3e} bias={e_bias:.3e} tol={tol:.1e}"
         );
     }
+}
+
+/// The GPU stage's f32-residual kernels against f64 references, for dtype `dt`: RMSNorm of f32
+/// rows into `dt` (relative error), `x += y` into f32 (exact up to f32 rounding), and the
+/// per-row bias add in `dt`. Returns their worst errors.
+fn residual_kernels(dev: &Device, dt: DType, rng: &mut Rng) -> (f64, f64, f64) {
+    let tol = dt.tolerance();
+    let (rows, dim) = (6, 576);
+    let x = rng
+        .normals(rows * dim)
+        .iter()
+        .map(|v| v * 30.0)
+        .collect::<Vec<f32>>();
+    let w = rng.normals(dim);
+    let (xd, wd) = (
+        dev.upload_raw(&x).expect("x"),
+        dev.upload_raw(&w).expect("w"),
+    );
+    let mut out = dev.zeros(dt, x.len()).expect("out");
+    rmsnorm_f32in(dev, &xd, &wd, &mut out, dim, 1e-5).expect("rmsnorm_f32in");
+    let got = dev.download(&out).expect("download");
+    let mut e_norm = 0.0f64;
+    for r in 0..rows {
+        let row = &x[r * dim..][..dim];
+        let ms = row
+            .iter()
+            .map(|&a| f64::from(a) * f64::from(a))
+            .sum::<f64>()
+            / dim as f64;
+        let inv = 1.0 / (ms + 1e-5).sqrt();
+        for d in 0..dim {
+            let want = f64::from(row[d]) * inv * f64::from(w[d]);
+            let e = (f64::from(got[r * dim + d]) - want).abs() / want.abs().max(1.0);
+            e_norm = e_norm.max(e);
+        }
+    }
+    assert!(e_norm <= tol, "rmsnorm_f32in {dt}: {e_norm:.2e}");
+    let y = round_all(dt, &rng.normals(x.len()));
+    let (mut xd, yd) = (xd, dev.upload(dt, &y).expect("y"));
+    add_f32(dev, &mut xd, &yd).expect("add_f32");
+    let got = dev.download_raw(&xd).expect("download");
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&y)
+        .map(|(&a, &b)| f64::from(a) + f64::from(b))
+        .collect();
+    // f32 sums of values up to ~150: one f32 rounding, 1e-5 relative.
+    let e_add = got
+        .iter()
+        .zip(&want)
+        .map(|(&g, &w)| (f64::from(g) - w).abs() / w.abs().max(1.0))
+        .fold(0.0, f64::max);
+    assert!(e_add <= 1e-6, "add_f32 {dt}: {e_add:.2e}");
+    let (n, width) = (5, 96);
+    let v = round_all(dt, &rng.normals(n * width));
+    let b = round_all(dt, &rng.normals(width));
+    let (mut vd, bd) = (
+        dev.upload(dt, &v).expect("v"),
+        dev.upload(dt, &b).expect("b"),
+    );
+    bias(dev, &mut vd, &bd).expect("bias");
+    let got = dev.download(&vd).expect("download");
+    let want: Vec<f64> = (0..v.len())
+        .map(|i| f64::from(v[i]) + f64::from(b[i % width]))
+        .collect();
+    let e_bias = max_abs(&got, &want);
+    assert!(e_bias <= tol, "bias {dt}: {e_bias:.2e}");
+    assert!(
+        bias(dev, &mut vd, &dev.zeros(dt, 7).expect("b")).is_err(),
+        "7 does not divide 480"
+    );
+    (e_norm, e_add, e_bias)
 }
 
 /// Ensures that launchers refuse buffers that do not match the parameters, naming the field,

@@ -12,7 +12,7 @@ use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache, SeqKv};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{LocalReduce, StageCtx, StageInput, StageOutput, StageScratch};
-use tessera_testkit::MemoryWeights;
+use tessera_testkit::{MemoryWeights, argmax};
 
 /// Largest |logit difference| between the GPU stage (f16 storage) and the CPU engine (f32
 /// weights and activations, f16 K/V) on the random models below, over every step and
@@ -156,17 +156,6 @@ impl<O: StageOps> Pair<O> {
     }
 }
 
-/// Index of the largest value, lowest on ties.
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 /// Largest |a − b| relative to the largest |a|: logits of tied random embeddings are several
 /// times larger than those of a scaled head, and f16's error scales with them.
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -210,12 +199,11 @@ fn run_scenario<O: StageOps>(p: &mut Pair<O>, vocab: usize) -> f32 {
     worst
 }
 
-/// Ensures that the GPU stage's step, through the host implementation of the device
-/// operations, gives the CPU engine's logits within f16's rounding on random Llama (GQA,
-/// interleaved RoPE) and Qwen2 (QKV biases, NeoX RoPE) models, over prefill, chunked
-/// continuation and batched decode across KV block boundaries.
-#[test]
-fn host_stage_matches_the_cpu_engine_on_random_models() {
+/// The random models every path is checked on: Llama (GQA, interleaved RoPE), Qwen2 (QKV
+/// biases, NeoX RoPE), Llama without GQA. Runs [`run_scenario`] on each through `ops()`,
+/// asserts [`RANDOM_F16_TOL`] and returns each model's worst relative error.
+fn random_models<O: StageOps>(ops: impl Fn() -> O) -> Vec<(String, f32)> {
+    let mut out = Vec::new();
     for (arch, layout, heads, kv_heads) in [
         (Arch::Llama, RopeLayout::Interleaved, 4, 2),
         (Arch::Qwen2, RopeLayout::Half, 6, 2),
@@ -223,10 +211,23 @@ fn host_stage_matches_the_cpu_engine_on_random_models() {
     ] {
         let c = cfg(arch, layout, heads, kv_heads);
         let w = MemoryWeights::random(&c, tessera_format::QType::F32, false, 7).expect("weights");
-        let mut p = Pair::new(HostOps::new(DType::F16), &w, &c, 4);
+        let mut p = Pair::new(ops(), &w, &c, 4);
         let worst = run_scenario(&mut p, c.vocab_size);
-        eprintln!("{arch:?} {layout:?} {heads}/{kv_heads}: max |Δlogit| / max |logit| {worst:.2e}");
-        assert!(worst <= RANDOM_F16_TOL, "{arch:?}: {worst}");
+        let name = format!("{arch:?}-{layout:?}-{heads}/{kv_heads}");
+        assert!(worst <= RANDOM_F16_TOL, "{name}: {worst}");
+        out.push((name, worst));
+    }
+    out
+}
+
+/// Ensures that the GPU stage's step, through the host implementation of the device
+/// operations, gives the CPU engine's logits within f16's rounding on random Llama (GQA,
+/// interleaved RoPE) and Qwen2 (QKV biases, NeoX RoPE) models, over prefill, chunked
+/// continuation and batched decode across KV block boundaries.
+#[test]
+fn host_stage_matches_the_cpu_engine_on_random_models() {
+    for (name, worst) in random_models(|| HostOps::new(DType::F16)) {
+        eprintln!("{name}: max |Δlogit| / max |logit| {worst:.2e}");
     }
 }
 
@@ -478,12 +479,13 @@ fn smollm2() -> Option<(tessera_format::GgufWeights, MemoryWeights, ModelConfig)
 /// near-ties.
 #[test]
 fn smollm2_on_the_gpu_stage_follows_the_cpu_engine() {
-    let Some((gguf, wide, c)) = smollm2() else {
+    let Some(model) = smollm2() else {
         return;
     };
     let mut errors = Vec::new();
     for dt in [DType::F16, DType::Bf16] {
-        let mut p = Pair::with_cpu(HostOps::new(dt), &wide, &gguf, &c, 16);
+        let (gguf, wide, c) = &model;
+        let mut p = Pair::with_cpu(HostOps::new(dt), wide, gguf, c, 16);
         let s = p.new_seq();
         let (cpu, gpu) = p.step(&[(s, SMOLLM2_PROMPTS[1])]);
         let abs = cpu
@@ -500,14 +502,23 @@ fn smollm2_on_the_gpu_stage_follows_the_cpu_engine() {
         errors[0],
         errors[1]
     );
-    let mut p = Pair::with_cpu(HostOps::new(DType::F16), &wide, &gguf, &c, 16);
-    let g = smollm2_greedy(&mut p, 24, SMOLLM2_F32_NEAR_TIE);
-    eprintln!("SmolLM2 greedy vs f32: {g:?}");
-    assert!(g.worst <= SMOLLM2_F32_NEAR_TIE / 2.0, "{g:?}");
-    let mut p = Pair::new(HostOps::new(DType::F16), &gguf, &c, 16);
-    let g = smollm2_greedy(&mut p, 24, SMOLLM2_Q8_NEAR_TIE);
-    eprintln!("SmolLM2 greedy vs Q4_1 as served: {g:?}");
-    assert!(g.worst <= SMOLLM2_Q8_NEAR_TIE / 2.0, "{g:?}");
+    let (wide, served) = smollm2_greedy_both(&model, || HostOps::new(DType::F16));
+    eprintln!("SmolLM2 greedy vs f32: {wide:?}\nSmolLM2 greedy vs Q4_1 as served: {served:?}");
+}
+
+/// Greedy runs of SmolLM2 on the GPU stage (through `ops()`) against the CPU engine on the
+/// model widened to f32 and on the Q4_1 file as served, each asserted within its bound.
+fn smollm2_greedy_both<O: StageOps>(
+    (gguf, wide, c): &(tessera_format::GgufWeights, MemoryWeights, ModelConfig),
+    ops: impl Fn() -> O,
+) -> (Greedy, Greedy) {
+    let mut p = Pair::with_cpu(ops(), wide, gguf, c, 16);
+    let vs_f32 = smollm2_greedy(&mut p, 24, SMOLLM2_F32_NEAR_TIE);
+    assert!(vs_f32.worst <= SMOLLM2_F32_NEAR_TIE / 2.0, "{vs_f32:?}");
+    let mut p = Pair::new(ops(), gguf, c, 16);
+    let vs_q4 = smollm2_greedy(&mut p, 24, SMOLLM2_Q8_NEAR_TIE);
+    assert!(vs_q4.worst <= SMOLLM2_Q8_NEAR_TIE / 2.0, "{vs_q4:?}");
+    (vs_f32, vs_q4)
 }
 
 /// The device runs of the checks above: the same scenarios through [`CudaOps`] (cuBLAS and
@@ -529,18 +540,8 @@ mod on_device {
     #[test]
     #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
     fn cuda_stage_matches_the_cpu_engine_on_random_models() {
-        for (arch, layout, heads, kv_heads) in [
-            (Arch::Llama, RopeLayout::Interleaved, 4, 2),
-            (Arch::Qwen2, RopeLayout::Half, 6, 2),
-            (Arch::Llama, RopeLayout::Half, 4, 4),
-        ] {
-            let c = cfg(arch, layout, heads, kv_heads);
-            let w =
-                MemoryWeights::random(&c, tessera_format::QType::F32, false, 7).expect("weights");
-            let mut p = Pair::new(ops(), &w, &c, 4);
-            let worst = run_scenario(&mut p, c.vocab_size);
-            println!("ERR stage={arch:?}-{layout:?}-{heads}/{kv_heads} rel_logit={worst:.2e}");
-            assert!(worst <= RANDOM_F16_TOL, "{arch:?}: {worst}");
+        for (name, worst) in random_models(ops) {
+            println!("ERR stage={name} rel_logit={worst:.2e}");
         }
     }
 
@@ -550,15 +551,12 @@ mod on_device {
     #[test]
     #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
     fn smollm2_on_a_cuda_stage() {
-        let (gguf, wide, c) = smollm2().expect("SmolLM2 (set TESSERA_MODEL_GGUF)");
-        let mut p = Pair::with_cpu(ops(), &wide, &gguf, &c, 16);
-        let g = smollm2_greedy(&mut p, 24, SMOLLM2_F32_NEAR_TIE);
-        println!("ERR stage=smollm2-vs-f32 {g:?}");
-        assert!(g.worst <= SMOLLM2_F32_NEAR_TIE / 2.0, "{g:?}");
-        let mut p = Pair::new(ops(), &gguf, &c, 16);
-        let g = smollm2_greedy(&mut p, 24, SMOLLM2_Q8_NEAR_TIE);
-        println!("ERR stage=smollm2-vs-q4_1 {g:?}");
-        assert!(g.worst <= SMOLLM2_Q8_NEAR_TIE / 2.0, "{g:?}");
+        let model = smollm2().expect("SmolLM2 (set TESSERA_MODEL_GGUF)");
+        let (vs_f32, vs_q4) = smollm2_greedy_both(&model, ops);
+        println!("ERR stage=smollm2-vs-f32 {vs_f32:?}");
+        println!("ERR stage=smollm2-vs-q4_1 {vs_q4:?}");
+        let (gguf, _, c) = &model;
+        let mut p = Pair::new(ops(), gguf, c, 16);
         // Speed: the GPU stage alone.
         let (gpu, cache) = (&mut p.gpu, &p.gpu_cache);
         let mut seq = cache.new_seq();

@@ -41,9 +41,9 @@ pub use raft_cluster::RaftCluster;
 pub use random_gguf::{RandomLlama, write_random_llama};
 pub use real_model::{SMOLLM2_FILE, SMOLLM2_NAME, smollm2_arg, smollm2_gguf};
 pub use requests::{
-    Collected, PROMPTS, Rest, collect, collect_finished, count_tokens, finish_stream, greedy,
-    greedy_exact, greedy_with_logprobs, ids_and_logprobs, inference_client, lazy_channel, runtime,
-    seeded_exact, story, stream_error, worker_ids,
+    Collected, PROMPTS, Rest, argmax, collect, collect_finished, count_tokens, finish_stream,
+    greedy, greedy_exact, greedy_with_logprobs, ids_and_logprobs, inference_client, lazy_channel,
+    runtime, seeded_exact, story, stream_error, worker_ids,
 };
 pub use rng::TestRng;
 pub use streaming::{StreamingChild, resumed_after};

@@ -264,3 +264,15 @@ pub fn worker_ids(s: &pb::ClusterStatusResponse) -> Vec<String> {
     ids.sort();
     ids
 }
+
+/// Index of the largest value, the lowest on ties: greedy decoding's choice from a row of
+/// logits.
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

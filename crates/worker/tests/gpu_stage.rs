@@ -17,7 +17,7 @@ use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
 use tessera_model::stage::{LocalReduce, StageCtx, StageInput, StageOutput, StageScratch};
-use tessera_testkit::{drive, seqs_for};
+use tessera_testkit::{argmax, drive, seqs_for};
 use tessera_text::sampling::{SampledToken, SamplingParams};
 use tessera_worker::Backend;
 
@@ -34,16 +34,6 @@ const PROMPTS: [&[u32]; 2] = [
     ],
 ];
 const NEW_TOKENS: usize = 12;
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// The greedy ids of each prompt through the three stages in process — CPU, GPU step over
 /// host operations, CPU — one step per prompt then one per token, as the driver sends them.
@@ -160,7 +150,11 @@ async fn a_gpu_stage_worker_serves_in_a_cpu_pipeline() {
                 top_logprobs: Vec::new(),
             })
             .collect();
-        let mut seqs = seqs_for(&[(prompt.to_vec(), reference)], &[greedy.clone()], &[0]);
+        let mut seqs = seqs_for(
+            &[(prompt.to_vec(), reference)],
+            std::slice::from_ref(&greedy),
+            &[0],
+        );
         seqs[0].id = i as u64;
         drive(&mut d, &mut seqs).await;
         let got: Vec<u32> = seqs[0].out.iter().map(|t| t.id).collect();

@@ -7,7 +7,7 @@
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::dtype::DType;
-use crate::error::{CudaError, Result};
+use crate::error::{CudaError, Result, check_len};
 use crate::kernels::{DECODE, MERGE, PREFILL, PREFILL_TC};
 use crate::plan::{
     DecodeParams, LaunchGeometry, PrefillParams, PrefillPath, validate_block_table,
@@ -23,17 +23,6 @@ fn cfg(g: LaunchGeometry) -> LaunchConfig {
         grid_dim: g.grid,
         block_dim: g.block,
         shared_mem_bytes: g.smem_bytes,
-    }
-}
-
-fn check_len(field: &'static str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(CudaError::invalid(
-            field,
-            format!("has {got} elements, the shape needs {want}"),
-        ))
     }
 }
 

@@ -53,30 +53,16 @@ pub fn rmsnorm(
     dim: usize,
     eps: f32,
 ) -> Result<()> {
-    if dim == 0 || !x.len().is_multiple_of(dim) {
-        return Err(CudaError::invalid(
-            "dim",
-            format!("{dim} does not divide x's {} elements", x.len()),
-        ));
-    }
-    if w.len() != dim || w.dtype != x.dtype {
+    if w.dtype != x.dtype {
         return Err(CudaError::invalid(
             "w",
             format!("must be {dim} {} values", x.dtype),
         ));
     }
     same("out", x, out)?;
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(CudaError::invalid(
-            "eps",
-            format!("{eps} is not a finite non-negative value"),
-        ));
-    }
-    let rows = x.len() / dim;
-    if rows == 0 {
+    let Some((rows_i, dim_i)) = norm_rows((x.len(), w.len(), out.len()), dim, eps)? else {
         return Ok(());
-    }
-    let (rows_i, dim_i) = (fits_i32("rows", rows)?, fits_i32("dim", dim)?);
+    };
     let f = dev.function(&ELEMENTWISE, &format!("rmsnorm_{}", x.dtype.suffix()))?;
     let mut b = dev.stream().launch_builder(&f);
     b.arg(&x.data)
@@ -85,14 +71,53 @@ pub fn rmsnorm(
         .arg(&rows_i)
         .arg(&dim_i)
         .arg(&eps);
-    let g = LaunchGeometry {
-        grid: (rows_i as u32, 1, 1),
+    // SAFETY: x/out hold rows·dim elements and w holds dim (checked above).
+    unsafe { b.launch(cfg(norm_geometry(rows_i))) }.map_err(drv("rmsnorm launch"))?;
+    Ok(())
+}
+
+/// The checks both RMSNorm launchers make of buffers of `(x, w, out)` elements: `dim` divides
+/// `x`, `w` holds `dim`, `out` holds as many as `x`, `eps` is finite and non-negative. Returns
+/// `(rows, dim)` as kernel arguments, or `None` when there is no row.
+fn norm_rows(
+    (x, w, out): (usize, usize, usize),
+    dim: usize,
+    eps: f32,
+) -> Result<Option<(i32, i32)>> {
+    if dim == 0 || !x.is_multiple_of(dim) {
+        return Err(CudaError::invalid(
+            "dim",
+            format!("{dim} does not divide x's {x} elements"),
+        ));
+    }
+    if w != dim {
+        return Err(CudaError::invalid("w", format!("must be {dim} values")));
+    }
+    if out != x {
+        return Err(CudaError::invalid(
+            "out",
+            format!("has {out} elements, x has {x}"),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(CudaError::invalid(
+            "eps",
+            format!("{eps} is not a finite non-negative value"),
+        ));
+    }
+    if x == 0 {
+        return Ok(None);
+    }
+    Ok(Some((fits_i32("rows", x / dim)?, fits_i32("dim", dim)?)))
+}
+
+/// One block of 256 threads per row.
+fn norm_geometry(rows: i32) -> LaunchGeometry {
+    LaunchGeometry {
+        grid: (rows as u32, 1, 1),
         block: (256, 1, 1),
         smem_bytes: 0,
-    };
-    // SAFETY: x/out hold rows·dim elements and w holds dim (checked above).
-    unsafe { b.launch(cfg(g)) }.map_err(drv("rmsnorm launch"))?;
-    Ok(())
+    }
 }
 
 pub use crate::plan::RopeLayout;
@@ -265,41 +290,14 @@ pub fn rmsnorm_f32in(
     dim: usize,
     eps: f32,
 ) -> Result<()> {
-    if dim == 0 || !x.len().is_multiple_of(dim) {
-        return Err(CudaError::invalid(
-            "dim",
-            format!("{dim} does not divide x's {} elements", x.len()),
-        ));
-    }
-    if w.len() != dim {
-        return Err(CudaError::invalid("w", format!("must be {dim} values")));
-    }
-    if out.len() != x.len() {
-        return Err(CudaError::invalid(
-            "out",
-            format!("has {} elements, x has {}", out.len(), x.len()),
-        ));
-    }
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(CudaError::invalid(
-            "eps",
-            format!("{eps} is not a finite non-negative value"),
-        ));
-    }
-    let rows = x.len() / dim;
-    if rows == 0 {
+    let Some((rows_i, dim_i)) = norm_rows((x.len(), w.len(), out.len()), dim, eps)? else {
         return Ok(());
-    }
-    let (rows_i, dim_i) = (fits_i32("rows", rows)?, fits_i32("dim", dim)?);
+    };
     let f = dev.function(
         &ELEMENTWISE,
         &format!("rmsnorm_f32in_{}", out.dtype.suffix()),
     )?;
-    let g = LaunchGeometry {
-        grid: (rows_i as u32, 1, 1),
-        block: (256, 1, 1),
-        smem_bytes: 0,
-    };
+    let g = norm_geometry(rows_i);
     let mut b = dev.stream().launch_builder(&f);
     b.arg(x)
         .arg(w)

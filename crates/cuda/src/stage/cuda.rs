@@ -18,7 +18,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::ops::{MatmulDims, Rope, StageOps};
 use crate::dtype::DType;
-use crate::error::{CudaError, Result};
+use crate::error::{CudaError, Result, check_range};
 use crate::plan::{DecodeParams, PrefillParams};
 use crate::runtime::attention::{
     DecodeScratch, DevOut, PagedKv, decode_attention, prefill_attention,
@@ -135,25 +135,21 @@ impl CudaOps {
     }
 }
 
-fn check(field: &'static str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(CudaError::invalid(
-            field,
-            format!("has {got} elements, the shape needs {want}"),
-        ))
+/// `dst[dst_at..][..n] = src[src_at..][..n]` on the device's stream.
+fn copy<T: cudarc::driver::DeviceRepr>(
+    dev: &Device,
+    (src, src_at): (&CudaSlice<T>, usize),
+    (dst, dst_at): (&mut CudaSlice<T>, usize),
+    n: usize,
+) -> Result<()> {
+    let s = check_range("src", src_at, n, src.len())?;
+    let d = check_range("dst", dst_at, n, dst.len())?;
+    if n == 0 {
+        return Ok(());
     }
-}
-
-fn range(field: &'static str, at: usize, n: usize, len: usize) -> Result<std::ops::Range<usize>> {
-    match at.checked_add(n) {
-        Some(end) if end <= len => Ok(at..end),
-        _ => Err(CudaError::invalid(
-            field,
-            format!("{at}..+{n} is past its {len} elements"),
-        )),
-    }
+    dev.stream()
+        .memcpy_dtod(&src.slice(s), &mut dst.slice_mut(d))
+        .map_err(drv("copy"))
 }
 
 impl StageOps for CudaOps {
@@ -197,15 +193,7 @@ impl StageOps for CudaOps {
         dst_at: usize,
         n: usize,
     ) -> Result<()> {
-        let s = range("src", src_at, n, src.len())?;
-        let d = range("dst", dst_at, n, dst.len())?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.dev
-            .stream()
-            .memcpy_dtod(&src.data.slice(s), &mut dst.data.slice_mut(d))
-            .map_err(drv("copy"))
+        copy(&self.dev, (&src.data, src_at), (&mut dst.data, dst_at), n)
     }
 
     fn copy_float(
@@ -216,21 +204,11 @@ impl StageOps for CudaOps {
         dst_at: usize,
         n: usize,
     ) -> Result<()> {
-        let s = range("src", src_at, n, src.len())?;
-        let d = range("dst", dst_at, n, dst.len())?;
-        if n == 0 {
-            return Ok(());
-        }
-        self.dev
-            .stream()
-            .memcpy_dtod(&src.slice(s), &mut dst.slice_mut(d))
-            .map_err(drv("copy"))
+        copy(&self.dev, (src, src_at), (dst, dst_at), n)
     }
 
     fn matmul(&self, x: &Tensor16, w: &Tensor16, out: &mut Tensor16, d: MatmulDims) -> Result<()> {
-        check("x", x.len(), d.m * d.k)?;
-        check("w", w.len(), d.n * d.k)?;
-        check("out", out.len(), d.m * d.n)?;
+        d.check(x.len(), w.len(), out.len())?;
         let stream = self.dev.stream().clone();
         let (op, _guard) = out.data.device_ptr_mut(&stream);
         self.gemm(x, w, (op, self.data_type()), d)
@@ -243,9 +221,7 @@ impl StageOps for CudaOps {
         out: &mut CudaSlice<f32>,
         d: MatmulDims,
     ) -> Result<()> {
-        check("x", x.len(), d.m * d.k)?;
-        check("w", w.len(), d.n * d.k)?;
-        check("out", out.len(), d.m * d.n)?;
+        d.check(x.len(), w.len(), out.len())?;
         let stream = self.dev.stream().clone();
         let (op, _guard) = out.device_ptr_mut(&stream);
         self.gemm(x, w, (op, cudaDataType_t::CUDA_R_32F), d)

@@ -18,7 +18,7 @@ use tessera_kernels::attention::{AttnShape, KvView};
 
 use super::ops::{MatmulDims, Rope, StageOps};
 use crate::dtype::DType;
-use crate::error::{CudaError, Result};
+use crate::error::{CudaError, Result, check_len as check, check_range};
 use crate::plan::{DecodeParams, PrefillParams, RopeLayout};
 
 /// The host implementation of [`StageOps`] (see the module docs).
@@ -37,28 +37,6 @@ impl HostOps {
         for x in xs {
             *x = self.dtype.round(*x);
         }
-    }
-}
-
-fn check(field: &'static str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(CudaError::invalid(
-            field,
-            format!("has {got} elements, the shape needs {want}"),
-        ))
-    }
-}
-
-fn range_check(field: &'static str, at: usize, n: usize, len: usize) -> Result<()> {
-    if at.checked_add(n).is_some_and(|end| end <= len) {
-        Ok(())
-    } else {
-        Err(CudaError::invalid(
-            field,
-            format!("{at}..{} is past its {len} elements", at.saturating_add(n)),
-        ))
     }
 }
 
@@ -173,6 +151,7 @@ impl StageOps for HostOps {
         dst_at: usize,
         n: usize,
     ) -> Result<()> {
+        // Both kinds of buffer are f32 values here.
         self.copy_float(src, src_at, dst, dst_at, n)
     }
 
@@ -184,16 +163,14 @@ impl StageOps for HostOps {
         dst_at: usize,
         n: usize,
     ) -> Result<()> {
-        range_check("src", src_at, n, src.len())?;
-        range_check("dst", dst_at, n, dst.len())?;
-        dst[dst_at..dst_at + n].copy_from_slice(&src[src_at..src_at + n]);
+        let s = check_range("src", src_at, n, src.len())?;
+        let d = check_range("dst", dst_at, n, dst.len())?;
+        dst[d].copy_from_slice(&src[s]);
         Ok(())
     }
 
     fn matmul(&self, x: &Vec<f32>, w: &Vec<f32>, out: &mut Vec<f32>, d: MatmulDims) -> Result<()> {
-        check("x", x.len(), d.m * d.k)?;
-        check("w", w.len(), d.n * d.k)?;
-        check("out", out.len(), d.m * d.n)?;
+        d.check(x.len(), w.len(), out.len())?;
         let dt = self.dtype;
         matmul_f32(x, w, out, d, move |v| dt.round(v));
         Ok(())
@@ -206,9 +183,7 @@ impl StageOps for HostOps {
         out: &mut Vec<f32>,
         d: MatmulDims,
     ) -> Result<()> {
-        check("x", x.len(), d.m * d.k)?;
-        check("w", w.len(), d.n * d.k)?;
-        check("out", out.len(), d.m * d.n)?;
+        d.check(x.len(), w.len(), out.len())?;
         matmul_f32(x, w, out, d, |v| v);
         Ok(())
     }

@@ -13,7 +13,7 @@
 //! weights, logits). Layouts are row-major; `(m, k)` means m rows of k values.
 
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Result, check_len};
 use crate::plan::{DecodeParams, PrefillParams, RopeLayout};
 
 /// The operations of a Llama-family stage step on one device.
@@ -194,6 +194,18 @@ pub struct MatmulDims {
     pub n: usize,
     /// Input features.
     pub k: usize,
+}
+
+impl MatmulDims {
+    /// `Ok` when buffers of `x`, `w` and `out` elements have this shape.
+    ///
+    /// # Errors
+    /// [`crate::CudaError::InvalidArgument`] naming the buffer that does not.
+    pub fn check(&self, x: usize, w: usize, out: usize) -> Result<()> {
+        check_len("x", x, self.m * self.k)?;
+        check_len("w", w, self.n * self.k)?;
+        check_len("out", out, self.m * self.n)
+    }
 }
 
 /// A model's rotary embedding.

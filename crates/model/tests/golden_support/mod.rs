@@ -72,12 +72,4 @@ pub fn golden<T: for<'de> Deserialize<'de>>(name: &str) -> T {
 }
 
 /// Index of the largest value, lowest index on ties (as the golden script does).
-pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use tessera_testkit::argmax;
