@@ -99,15 +99,7 @@ impl<O: StageOps> Pair<O> {
     /// One step of sequences `(seq, tokens)`, all sampling; returns (CPU, GPU) logits.
     fn step(&mut self, parts: &[(usize, &[u32])]) -> (Vec<f32>, Vec<f32>) {
         let cpu = {
-            let mut seqs: Vec<Option<&mut SeqKv>> = self.cpu_seqs.iter_mut().map(Some).collect();
-            let mut batch: Vec<SeqStep<'_>> = parts
-                .iter()
-                .map(|&(i, tokens)| SeqStep {
-                    tokens,
-                    seq: seqs[i].take().expect("a sequence once per step"),
-                    logits: true,
-                })
-                .collect();
+            let mut batch = batch(&mut self.cpu_seqs, parts);
             let mut ctx = StageCtx {
                 cache: &mut self.cpu_cache,
                 pool: &self.pool,
@@ -129,15 +121,7 @@ impl<O: StageOps> Pair<O> {
             }
         };
         let gpu = {
-            let mut seqs: Vec<Option<&mut SeqKv>> = self.gpu_seqs.iter_mut().map(Some).collect();
-            let mut batch: Vec<SeqStep<'_>> = parts
-                .iter()
-                .map(|&(i, tokens)| SeqStep {
-                    tokens,
-                    seq: seqs[i].take().expect("a sequence once per step"),
-                    logits: true,
-                })
-                .collect();
+            let mut batch = batch(&mut self.gpu_seqs, parts);
             match self
                 .gpu
                 .step(
@@ -154,6 +138,19 @@ impl<O: StageOps> Pair<O> {
         };
         (cpu, gpu)
     }
+}
+
+/// The steps of sequences `(index into seqs, tokens)`, all sampling.
+fn batch<'a>(seqs: &'a mut [SeqKv], parts: &[(usize, &'a [u32])]) -> Vec<SeqStep<'a>> {
+    let mut seqs: Vec<Option<&mut SeqKv>> = seqs.iter_mut().map(Some).collect();
+    parts
+        .iter()
+        .map(|&(i, tokens)| SeqStep {
+            tokens,
+            seq: seqs[i].take().expect("a sequence once per step"),
+            logits: true,
+        })
+        .collect()
 }
 
 /// Largest |a − b| relative to the largest |a|: logits of tied random embeddings are several
