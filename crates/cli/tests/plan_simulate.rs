@@ -182,3 +182,40 @@ fn refusals_are_explained() {
     check_mesh(&p);
     assert_eq!((p.ranks, p.used), (2, 4));
 }
+
+/// Ensures that the mixed-cluster example (one GPU worker, four CPU workers) plans every
+/// worker into the pipeline and gives the GPU worker — 35 threads' speed — more layers than
+/// any CPU worker, saying how fast it counts it.
+#[test]
+fn a_gpu_worker_takes_the_larger_share() {
+    let out = simulate(&example("mixed-gpu.yaml"));
+    let p = parse(&out);
+    check_mesh(&p);
+    assert_eq!((p.used, p.offered), (5, 5));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("w0 is a GPU worker: 300 GB/s at 60% streams as fast as 35 threads"),
+        "{text}"
+    );
+    let layers: Vec<(String, usize)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first()?.parse::<u32>().ok()?;
+            let (a, b) = f.get(3)?.split_once("..")?;
+            Some((
+                f.get(2)?.to_string(),
+                b.parse::<usize>().ok()? - a.parse::<usize>().ok()?,
+            ))
+        })
+        .collect();
+    let gpu = layers
+        .iter()
+        .find(|(w, _)| w == "w0")
+        .expect("w0 planned")
+        .1;
+    assert!(
+        layers.iter().all(|(w, n)| w == "w0" || *n < gpu),
+        "{layers:?}"
+    );
+}

@@ -309,7 +309,12 @@ fn print_header(m: &ModelFootprint, workers: &[WorkerCapacity], c: &CostInputs, 
         m.vocab,
         human(m.weight_bytes())
     );
-    let threads: u64 = workers.iter().map(|w| u64::from(w.threads)).sum();
+    // CPU threads; a GPU worker's speed is listed below.
+    let threads: u64 = workers
+        .iter()
+        .filter(|w| w.device_bytes_s == 0)
+        .map(|w| u64::from(w.threads))
+        .sum();
     let memory: u64 = workers.iter().map(|w| w.memory_bytes).sum();
     println!(
         "workers: {} ({threads} threads, {} in all); link {} µs one way, {} Gbit/s; {:.2} GB/s \
@@ -320,6 +325,15 @@ fn print_header(m: &ModelFootprint, workers: &[WorkerCapacity], c: &CostInputs, 
         c.bandwidth_gbps,
         c.bytes_per_thread_s / 1e9
     );
+    for w in workers.iter().filter(|w| w.device_bytes_s > 0) {
+        println!(
+            "  {} is a GPU worker: {:.0} GB/s at {:.0}% streams as fast as {} threads",
+            w.id,
+            w.device_bytes_s as f64 / 1e9,
+            c.device_efficiency * 100.0,
+            w.speed(c)
+        );
+    }
     println!();
 }
 
