@@ -169,47 +169,15 @@ impl Llama {
         embed + output + norm + self.blocks.iter().map(Block::nbytes).sum::<usize>()
     }
 
-    /// Checks a batch before any state changes: tokens present, in the vocabulary, within the
-    /// context. `starts` gives each sequence's global start on a ring (its cached length
-    /// otherwise).
+    /// Checks a batch before any state changes ([`crate::stage::validate_batch`] within this
+    /// stage's positions).
     fn validate(&self, batch: &[SeqStep<'_>], starts: Option<&[usize]>) -> Result<usize> {
-        let mut n = 0;
-        for (i, step) in batch.iter().enumerate() {
-            if step.tokens.is_empty() {
-                return Err(ModelError::InvalidArgument {
-                    field: "tokens",
-                    reason: "a sequence step has no tokens".into(),
-                });
-            }
-            if let Some(&t) = step
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(ModelError::InvalidArgument {
-                    field: "tokens",
-                    reason: format!(
-                        "token id {t} is outside the vocabulary of {}",
-                        self.cfg.vocab_size
-                    ),
-                });
-            }
-            let start = starts
-                .and_then(|s| s.get(i).copied())
-                .unwrap_or(step.seq.len());
-            let end = start + step.tokens.len();
-            if end > self.rope.max_positions() {
-                return Err(ModelError::InvalidArgument {
-                    field: "tokens",
-                    reason: format!(
-                        "sequence would reach {end} tokens, past the context length of {}",
-                        self.rope.max_positions()
-                    ),
-                });
-            }
-            n += step.tokens.len();
-        }
-        Ok(n)
+        crate::stage::validate_batch(
+            batch,
+            self.cfg.vocab_size,
+            self.rope.max_positions(),
+            starts,
+        )
     }
 
     /// Writes the embeddings of `tokens` into `x` (n, hidden). A tensor-parallel rank writes

@@ -51,8 +51,9 @@
 
 use tessera_kernels::ThreadPool;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::kv_cache::PagedKvCache;
+use crate::layers::SeqStep;
 use crate::layers::block::StepScratch;
 
 pub use crate::context_parallel::{RingComm, RingCtx};
@@ -168,4 +169,48 @@ pub struct StageScratch {
     pub ring_full: Vec<f32>,
     /// Its padded rows and every rank's, on the way.
     pub ring_rows: (Vec<f32>, Vec<f32>),
+}
+
+/// Checks a batch before any state changes: every sequence step has tokens, each below
+/// `vocab`, and the sequence stays within `context` positions. `starts` gives each sequence's
+/// global start on a ring (its cached length otherwise). Returns the batch's rows. Every
+/// backend's step calls it first.
+///
+/// # Errors
+/// [`ModelError::InvalidArgument`] naming `tokens`.
+pub fn validate_batch(
+    batch: &[SeqStep<'_>],
+    vocab: usize,
+    context: usize,
+    starts: Option<&[usize]>,
+) -> Result<usize> {
+    let mut n = 0;
+    for (i, step) in batch.iter().enumerate() {
+        if step.tokens.is_empty() {
+            return Err(ModelError::InvalidArgument {
+                field: "tokens",
+                reason: "a sequence step has no tokens".into(),
+            });
+        }
+        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidArgument {
+                field: "tokens",
+                reason: format!("token id {t} is outside the vocabulary of {vocab}"),
+            });
+        }
+        let start = starts
+            .and_then(|s| s.get(i).copied())
+            .unwrap_or(step.seq.len());
+        let end = start + step.tokens.len();
+        if end > context {
+            return Err(ModelError::InvalidArgument {
+                field: "tokens",
+                reason: format!(
+                    "sequence would reach {end} tokens, past the context length of {context}"
+                ),
+            });
+        }
+        n += step.tokens.len();
+    }
+    Ok(n)
 }

@@ -57,7 +57,7 @@ use tessera_model::ModelError;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::LoadSpec;
-use tessera_model::stage::{StageInput, StageOutput, StageScratch};
+use tessera_model::stage::{StageInput, StageOutput, StageScratch, validate_batch};
 use tessera_model::weights::{TensorKey, WeightStore, WeightStoreExt};
 
 use crate::error::{CudaError, Result};
@@ -275,16 +275,6 @@ impl<O: StageOps> GpuStage<O> {
         self.weight_bytes
     }
 
-    /// Bytes of the device KV pools.
-    pub fn kv_bytes(&self) -> usize {
-        2 * self.layers.len() * self.kv.num_blocks * self.kv.block_size * self.cfg.kv_dim() * 2
-    }
-
-    /// The operations this stage runs on.
-    pub fn ops(&self) -> &O {
-        &self.ops
-    }
-
     /// One batched step (see the module docs), with `Llama::step`'s contract for a whole
     /// (not tensor-sliced, not ringed) stage: `cache` hands out and records each sequence's
     /// blocks; the step's hidden states (for the next stage) are left in `scratch.x`, the
@@ -395,8 +385,8 @@ impl<O: StageOps> GpuStage<O> {
         Ok(StageOutput::Logits(logits.as_mut_slice()))
     }
 
-    /// Checks a batch before anything changes: tokens present, in the vocabulary, within the
-    /// context; the cache of this stage's geometry. Returns the batch's rows.
+    /// Checks a batch before anything changes (the CPU step's checks, and the cache of this
+    /// stage's geometry). Returns the batch's rows.
     fn validate(&self, batch: &[SeqStep<'_>], cache: &PagedKvCache) -> Result<usize> {
         if cache.config().block_size != self.kv.block_size
             || cache.config().num_blocks != self.kv.num_blocks
@@ -406,37 +396,12 @@ impl<O: StageOps> GpuStage<O> {
                 "the KV bookkeeping's geometry differs from the device pools'",
             ));
         }
-        let mut n = 0;
-        for step in batch {
-            if step.tokens.is_empty() {
-                return Err(invalid("tokens", "a sequence step has no tokens"));
-            }
-            if let Some(&t) = step
-                .tokens
-                .iter()
-                .find(|&&t| t as usize >= self.cfg.vocab_size)
-            {
-                return Err(invalid(
-                    "tokens",
-                    format!(
-                        "token id {t} is outside the vocabulary of {}",
-                        self.cfg.vocab_size
-                    ),
-                ));
-            }
-            let end = step.seq.len() + step.tokens.len();
-            if end > self.cfg.context_len {
-                return Err(invalid(
-                    "tokens",
-                    format!(
-                        "sequence would reach {end} tokens, past the context length of {}",
-                        self.cfg.context_len
-                    ),
-                ));
-            }
-            n += step.tokens.len();
-        }
-        Ok(n)
+        Ok(validate_batch(
+            batch,
+            self.cfg.vocab_size,
+            self.cfg.context_len,
+            None,
+        )?)
     }
 }
 
