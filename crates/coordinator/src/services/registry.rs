@@ -264,3 +264,59 @@ fn valid_devices(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use tessera_proto::v1::Device;
+
+    use super::*;
+
+    fn device(id: &str, memory_bytes: u64) -> Device {
+        Device {
+            id: id.into(),
+            name: "NVIDIA H200".into(),
+            memory_bytes,
+            bandwidth_bytes_s: 4_800_000_000_000,
+        }
+    }
+
+    /// Ensures that a registration's devices are kept as declared when sound, and refused
+    /// naming the field otherwise: too many, an empty or oversized id or name, no memory, an
+    /// id declared twice.
+    #[test]
+    fn devices_are_checked_naming_the_field() {
+        let ok = valid_devices(&[device("cuda:0", 1 << 30), device("cuda:1", 1 << 30)])
+            .expect("two devices");
+        assert_eq!(
+            ok.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ["cuda:0", "cuda:1"]
+        );
+        assert_eq!(ok[0].bandwidth_bytes_s, 4_800_000_000_000);
+        let long = "x".repeat(MAX_DEVICE_TEXT + 1);
+        let mut unnamed = device("cuda:0", 1);
+        unnamed.name.clear();
+        let cases: Vec<(Vec<Device>, &str)> = vec![
+            (
+                vec![device("cuda:0", 1); MAX_DEVICES + 1],
+                "capacity.devices",
+            ),
+            (vec![device("", 1)], "capacity.devices[0].id"),
+            (vec![device(&long, 1)], "capacity.devices[0].id"),
+            (vec![unnamed], "capacity.devices[0].name"),
+            (
+                vec![device("cuda:0", 0)],
+                "capacity.devices[0].memory_bytes",
+            ),
+            (
+                vec![device("cuda:0", 1), device("cuda:0", 1)],
+                "capacity.devices[1].id",
+            ),
+        ];
+        for (devices, field) in cases {
+            match valid_devices(&devices) {
+                Err(CoordinatorError::InvalidArgument { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+}
