@@ -105,6 +105,14 @@ impl ModelConfig {
                 "RoPE frequency scaling is not supported yet".into(),
             ));
         }
+        // A Mistral-style GGUF carries its window here; running it with full attention would
+        // give wrong answers past the window, with no error.
+        let window_key = format!("{arch_name}.attention.sliding_window");
+        if let Some(w) = md.get(&window_key).and_then(gguf_usize).filter(|&w| w > 0) {
+            return Err(invalid(format!(
+                "`{window_key}` = {w}: sliding-window attention is not supported yet"
+            )));
+        }
         let hidden = get_u("embedding_length")?;
         let n_heads = get_u("attention.head_count")?;
         let n_kv_heads = get_u("attention.head_count_kv").unwrap_or(n_heads);
@@ -174,6 +182,9 @@ impl ModelConfig {
         };
         if raw.get("rope_scaling").is_some_and(|v| !v.is_null()) {
             return Err(invalid("`rope_scaling` is not supported yet".into()));
+        }
+        if let Some(feature) = unsupported_hf_feature(model_type, &raw) {
+            return Err(invalid(feature));
         }
         let get_u = |key: &str| -> Result<usize> {
             raw.get(key)
@@ -264,6 +275,62 @@ impl ModelConfig {
     }
 }
 
+/// The first feature a Hugging Face `config.json` declares that the engine does not implement,
+/// as the reason to refuse it: the engine never runs a model approximately.
+///
+/// - `sliding_window` (Mistral; Qwen2 with `use_sliding_window`), or sliding layers in
+///   `layer_types`: attention limited to a window, which full attention silently ignores. A
+///   window at least `max_position_embeddings` long is full attention and accepted.
+/// - `hidden_act` other than SiLU (the MLP is SwiGLU), `mlp_bias`.
+fn unsupported_hf_feature(
+    model_type: &str,
+    raw: &HashMap<String, serde_json::Value>,
+) -> Option<String> {
+    let positions = raw
+        .get("max_position_embeddings")
+        .and_then(serde_json::Value::as_u64);
+    // Qwen2 declares a window it does not use unless `use_sliding_window` (default false).
+    let window_used = match raw
+        .get("use_sliding_window")
+        .and_then(serde_json::Value::as_bool)
+    {
+        Some(used) => used,
+        None => model_type != "qwen2",
+    };
+    if let Some(w) = raw
+        .get("sliding_window")
+        .and_then(serde_json::Value::as_u64)
+        && window_used
+        && positions.is_none_or(|p| w < p)
+    {
+        return Some(format!(
+            "`sliding_window` = {w}: sliding-window attention is not supported yet"
+        ));
+    }
+    if let Some(types) = raw.get("layer_types").and_then(serde_json::Value::as_array)
+        && types
+            .iter()
+            .any(|t| t.as_str().is_some_and(|t| t != "full_attention"))
+    {
+        return Some(
+            "`layer_types` interleaves layers other than full attention (sliding windows): \
+             not supported yet"
+                .into(),
+        );
+    }
+    if let Some(act) = raw.get("hidden_act").and_then(serde_json::Value::as_str)
+        && act != "silu"
+    {
+        return Some(format!(
+            "`hidden_act` = {act:?}: only \"silu\" (SwiGLU MLPs) is supported"
+        ));
+    }
+    if raw.get("mlp_bias") == Some(&true.into()) {
+        return Some("`mlp_bias` = true: MLP biases are not supported yet".into());
+    }
+    None
+}
+
 /// GGUF stores counts in whichever integer width the writer chose.
 fn gguf_usize(v: &gguf_file::Value) -> Option<usize> {
     use gguf_file::Value as V;
@@ -339,6 +406,98 @@ mod tests {
         assert_eq!(c.rope_layout, RopeLayout::Half);
         assert!(c.qkv_bias);
         assert_eq!((c.head_dim, c.kv_dim()), (16, 32));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Ensures that a GGUF declaring a sliding window is refused naming the key, and the same
+    /// metadata without it is read.
+    #[test]
+    fn gguf_sliding_window_is_named() {
+        use gguf_file::Value as V;
+        let dir = std::env::temp_dir().join(format!("tessera-cfg-gguf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("m.gguf");
+        let mut meta: Vec<(&str, V)> = vec![
+            ("general.architecture", V::String("llama".into())),
+            ("llama.block_count", V::U32(2)),
+            ("llama.context_length", V::U32(256)),
+            ("llama.embedding_length", V::U32(64)),
+            ("llama.feed_forward_length", V::U32(128)),
+            ("llama.attention.head_count", V::U32(4)),
+            ("llama.vocab_size", V::U32(100)),
+        ];
+        let read = |meta: &[(&str, V)]| {
+            let refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+            let mut f = std::fs::File::create(&path).expect("create");
+            gguf_file::write(&mut f, &refs, &[]).expect("write");
+            let mut f = std::fs::File::open(&path).expect("open");
+            let content = gguf_file::Content::read(&mut f).expect("read");
+            ModelConfig::from_gguf(&content, &path)
+        };
+        read(&meta).expect("no window: read");
+        meta.push(("llama.attention.sliding_window", V::U32(32)));
+        match read(&meta) {
+            Err(FormatError::InvalidModel { reason, .. }) => {
+                assert!(
+                    reason.contains("`llama.attention.sliding_window` = 32"),
+                    "{reason}"
+                );
+            }
+            other => panic!("accepted or wrong error: {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Ensures that a config declaring a feature the engine does not implement is refused
+    /// naming it — a Mistral window, Qwen2's window when used, sliding layer types, another
+    /// activation, MLP biases — while windows that change nothing (Qwen2's unused one, a
+    /// window as long as the context, `null`) are accepted.
+    #[test]
+    fn unsupported_features_are_named() {
+        let dir = std::env::temp_dir().join(format!("tessera-cfg-unsup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("config.json");
+        let base = r#""hidden_size":64,"num_attention_heads":4,"num_key_value_heads":2,
+            "num_hidden_layers":2,"intermediate_size":128,"vocab_size":100,
+            "max_position_embeddings":256"#;
+        let read = |extra: &str| {
+            std::fs::write(&path, format!("{{{base}{extra}}}")).expect("write");
+            ModelConfig::from_hf_json(&path)
+        };
+        let refused = [
+            (
+                r#","model_type":"mistral","sliding_window":32"#,
+                "`sliding_window` = 32",
+            ),
+            (
+                r#","model_type":"qwen2","sliding_window":32,"use_sliding_window":true"#,
+                "`sliding_window` = 32",
+            ),
+            (
+                r#","layer_types":["sliding_attention","full_attention"]"#,
+                "`layer_types`",
+            ),
+            (r#","hidden_act":"gelu""#, "`hidden_act` = \"gelu\""),
+            (r#","mlp_bias":true"#, "`mlp_bias`"),
+        ];
+        for (extra, named) in refused {
+            match read(extra) {
+                Err(FormatError::InvalidModel { reason, .. }) => {
+                    assert!(reason.contains(named), "{extra}: {reason}");
+                }
+                other => panic!("{extra}: accepted or wrong error: {other:?}"),
+            }
+        }
+        for accepted in [
+            r#","model_type":"qwen2","sliding_window":32,"use_sliding_window":false"#,
+            r#","model_type":"qwen2","sliding_window":32"#,
+            r#","model_type":"mistral","sliding_window":256"#,
+            r#","model_type":"mistral","sliding_window":null"#,
+            r#","hidden_act":"silu","mlp_bias":false"#,
+            r#","layer_types":["full_attention","full_attention"]"#,
+        ] {
+            read(accepted).unwrap_or_else(|e| panic!("{accepted}: {e}"));
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 }
