@@ -6,6 +6,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
@@ -43,9 +44,21 @@ fn gauge_value(v: u64) -> i64 {
 }
 
 impl WorkerMetrics {
-    /// Registers every metric.
-    pub fn new() -> Self {
+    /// Registers every metric; `backend` names the device the shards run on
+    /// (`tessera_worker_device_info{backend, device}`, value 1: `cpu`, or `cuda` with the
+    /// device's name).
+    pub fn new(backend: &crate::Backend) -> Self {
         let mut registry = Registry::with_prefix("tessera_worker");
+        let (kind, device) = match backend {
+            crate::Backend::Cpu => ("cpu", String::new()),
+            crate::Backend::Cuda { info, .. } => ("cuda", format!("{} ({})", info.name, info.id)),
+            crate::Backend::Emulated => ("emulated", String::new()),
+        };
+        registry.register(
+            "device",
+            "The device this worker's shards run on",
+            Info::new(vec![("backend", kind.to_owned()), ("device", device)]),
+        );
         let steps = Counter::default();
         registry.register(
             "steps",
@@ -175,7 +188,7 @@ mod tests {
     /// Ensures that steps and the shard's state show up under their names with their values.
     #[test]
     fn renders_steps_and_shard_state() {
-        let m = WorkerMetrics::new();
+        let m = WorkerMetrics::new(&crate::Backend::Cpu);
         m.step(7, 0.002);
         m.step(1, 0.001);
         let status = ShardStatus {
@@ -205,6 +218,7 @@ mod tests {
             "tessera_worker_kv_bytes 4096",
             "tessera_worker_tp_steps_total 10",
             "tessera_worker_tp_reduce_seconds_total 2.5",
+            r#"tessera_worker_device_info{backend="cpu",device=""} 1"#,
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }

@@ -295,7 +295,7 @@ impl ShardHandle {
     ) -> Result<Self, WorkerError> {
         let pool = ThreadPool::new(threads).map_err(|e| WorkerError::Executor(e.to_string()))?;
         let stats = Arc::new(ShardStats::default());
-        let metrics = Arc::new(WorkerMetrics::new());
+        let metrics = Arc::new(WorkerMetrics::new(&backend));
         let (tx, rx) = mpsc::channel();
         // A group's reader threads queue rank 0's steps behind every other command, so the
         // executor stays the one place that touches the shard.
