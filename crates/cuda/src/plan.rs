@@ -449,6 +449,45 @@ pub fn validate_block_table(
     Ok(())
 }
 
+/// The checks every RMSNorm (both launchers, and `stage::HostOps`) makes of buffers of
+/// `(x, w, out)` elements: `dim` divides `x`, `w` holds `dim`, `out` holds as many as `x`,
+/// `eps` is finite and non-negative. Returns `(rows, dim)` as kernel arguments, or `None` when
+/// there is no row.
+pub(crate) fn norm_rows(
+    (x, w, out): (usize, usize, usize),
+    dim: usize,
+    eps: f32,
+) -> Result<Option<(i32, i32)>> {
+    if dim == 0 || !x.is_multiple_of(dim) {
+        return Err(CudaError::invalid(
+            "dim",
+            format!("{dim} does not divide x's {x} elements"),
+        ));
+    }
+    if w != dim {
+        return Err(CudaError::invalid("w", format!("must be {dim} values")));
+    }
+    if out != x {
+        return Err(CudaError::invalid(
+            "out",
+            format!("has {out} elements, x has {x}"),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(CudaError::invalid(
+            "eps",
+            format!("{eps} is not a finite non-negative value"),
+        ));
+    }
+    if x == 0 {
+        return Ok(None);
+    }
+    let arg = |field: &'static str, v: usize| {
+        i32::try_from(v).map_err(|_| CudaError::invalid(field, format!("{v} exceeds i32::MAX")))
+    };
+    Ok(Some((arg("rows", x / dim)?, arg("dim", dim)?)))
+}
+
 #[cfg(test)]
 mod tests;
 

@@ -53,6 +53,24 @@ impl LoadSpec {
             tensor: TensorSlice::whole(cfg),
         }
     }
+
+    /// Checks that the layers are the model's and the slice is valid
+    /// ([`TensorSlice::check`]): what every backend's loader checks first.
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidArgument`] naming `layers`, or the slice's error.
+    pub fn check(&self, cfg: &ModelConfig) -> Result<()> {
+        if self.layers.end > cfg.n_layers || self.layers.start > self.layers.end {
+            return Err(ModelError::InvalidArgument {
+                field: "layers",
+                reason: format!(
+                    "{:?} is not within the model's {} layers",
+                    self.layers, cfg.n_layers
+                ),
+            });
+        }
+        self.tensor.check(cfg)
+    }
 }
 
 /// A loaded Llama-family model (or one pipeline stage of it).
@@ -83,16 +101,7 @@ impl Llama {
         spec: LoadSpec,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        if spec.layers.end > cfg.n_layers || spec.layers.start > spec.layers.end {
-            return Err(ModelError::InvalidArgument {
-                field: "layers",
-                reason: format!(
-                    "{:?} is not within the model's {} layers",
-                    spec.layers, cfg.n_layers
-                ),
-            });
-        }
-        spec.tensor.check(cfg)?;
+        spec.check(cfg)?;
         let total = spec.layers.len() + 2;
         let vocab_rows = |key| -> Result<Arc<QMatrix>> {
             let m = store.matrix(key, cfg.vocab_size, cfg.hidden)?;

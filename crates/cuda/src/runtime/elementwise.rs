@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{CudaError, Result};
 use crate::kernels::ELEMENTWISE;
-use crate::plan::{LaunchGeometry, elementwise_geometry};
+use crate::plan::{LaunchGeometry, elementwise_geometry, norm_rows};
 
 use super::device::{Device, Tensor16, drv};
 
@@ -74,41 +74,6 @@ pub fn rmsnorm(
     // SAFETY: x/out hold rows·dim elements and w holds dim (checked above).
     unsafe { b.launch(cfg(norm_geometry(rows_i))) }.map_err(drv("rmsnorm launch"))?;
     Ok(())
-}
-
-/// The checks both RMSNorm launchers make of buffers of `(x, w, out)` elements: `dim` divides
-/// `x`, `w` holds `dim`, `out` holds as many as `x`, `eps` is finite and non-negative. Returns
-/// `(rows, dim)` as kernel arguments, or `None` when there is no row.
-fn norm_rows(
-    (x, w, out): (usize, usize, usize),
-    dim: usize,
-    eps: f32,
-) -> Result<Option<(i32, i32)>> {
-    if dim == 0 || !x.is_multiple_of(dim) {
-        return Err(CudaError::invalid(
-            "dim",
-            format!("{dim} does not divide x's {x} elements"),
-        ));
-    }
-    if w != dim {
-        return Err(CudaError::invalid("w", format!("must be {dim} values")));
-    }
-    if out != x {
-        return Err(CudaError::invalid(
-            "out",
-            format!("has {out} elements, x has {x}"),
-        ));
-    }
-    if !(eps.is_finite() && eps >= 0.0) {
-        return Err(CudaError::invalid(
-            "eps",
-            format!("{eps} is not a finite non-negative value"),
-        ));
-    }
-    if x == 0 {
-        return Ok(None);
-    }
-    Ok(Some((fits_i32("rows", x / dim)?, fits_i32("dim", dim)?)))
 }
 
 /// One block of 256 threads per row.

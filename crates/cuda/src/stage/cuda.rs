@@ -155,6 +155,7 @@ fn copy<T: cudarc::driver::DeviceRepr>(
 impl StageOps for CudaOps {
     type Half = Tensor16;
     type Float = CudaSlice<f32>;
+    type Positions = CudaSlice<i32>;
 
     fn dtype(&self) -> DType {
         self.dtype
@@ -241,16 +242,21 @@ impl StageOps for CudaOps {
         bias(&self.dev, x, b)
     }
 
+    fn upload_positions(&self, positions: &[i32]) -> Result<CudaSlice<i32>> {
+        self.dev.upload_raw(positions)
+    }
+
     fn rope(
         &self,
         x: &mut Tensor16,
-        positions: &[i32],
+        positions: &CudaSlice<i32>,
         n_heads: usize,
         head_dim: usize,
         r: Rope,
     ) -> Result<()> {
-        let pos = self.dev.upload_raw(positions)?;
-        rope(&self.dev, x, &pos, n_heads, head_dim, r.theta, r.layout)
+        rope(
+            &self.dev, x, positions, n_heads, head_dim, r.theta, r.layout,
+        )
     }
 
     fn swiglu(&self, gate: &Tensor16, up: &Tensor16, out: &mut Tensor16) -> Result<()> {

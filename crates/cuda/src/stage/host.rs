@@ -19,7 +19,7 @@ use tessera_kernels::attention::{AttnShape, KvView};
 use super::ops::{MatmulDims, Rope, StageOps};
 use crate::dtype::DType;
 use crate::error::{CudaError, Result, check_len as check, check_range};
-use crate::plan::{DecodeParams, PrefillParams, RopeLayout};
+use crate::plan::{DecodeParams, PrefillParams, RopeLayout, norm_rows};
 
 /// The host implementation of [`StageOps`] (see the module docs).
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +31,22 @@ impl HostOps {
     /// Operations storing 16-bit values as `dtype`.
     pub fn new(dtype: DType) -> Self {
         Self { dtype }
+    }
+
+    /// Attention by the f64 reference, written to `out` rounded to the dtype: the contract
+    /// of both attention kernels.
+    fn reference(
+        &self,
+        q: &[f32],
+        kv: KvView<'_>,
+        shape: AttnShape,
+        (causal, scale): (bool, f32),
+        out: &mut [f32],
+    ) {
+        let r = attention_f64(q, kv, shape, causal, scale);
+        for (o, &x) in out.iter_mut().zip(&r.out) {
+            *o = self.dtype.round(x as f32);
+        }
     }
 
     fn round_all(&self, xs: &mut [f32]) {
@@ -110,6 +126,7 @@ fn matmul_f32(
 impl StageOps for HostOps {
     type Half = Vec<f32>;
     type Float = Vec<f32>;
+    type Positions = Vec<i32>;
 
     fn dtype(&self) -> DType {
         self.dtype
@@ -190,13 +207,9 @@ impl StageOps for HostOps {
 
     fn rmsnorm(&self, x: &Vec<f32>, w: &Vec<f32>, out: &mut Vec<f32>, eps: f32) -> Result<()> {
         let dim = w.len();
-        if dim == 0 || !x.len().is_multiple_of(dim) {
-            return Err(CudaError::invalid(
-                "w",
-                format!("{dim} values do not divide x's {}", x.len()),
-            ));
+        if norm_rows((x.len(), dim, out.len()), dim, eps)?.is_none() {
+            return Ok(());
         }
-        check("out", out.len(), x.len())?;
         for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
             let ss = xr.iter().fold(0.0f32, |a, &v| a + v * v);
             let inv = 1.0 / (ss / dim as f32 + eps).sqrt();
@@ -222,10 +235,14 @@ impl StageOps for HostOps {
         Ok(())
     }
 
+    fn upload_positions(&self, positions: &[i32]) -> Result<Vec<i32>> {
+        Ok(positions.to_vec())
+    }
+
     fn rope(
         &self,
         x: &mut Vec<f32>,
-        positions: &[i32],
+        positions: &Vec<i32>,
         n_heads: usize,
         head_dim: usize,
         rope: Rope,
@@ -301,16 +318,13 @@ impl StageOps for HostOps {
         check("k", k.len(), p.seq_k * p.n_kv_heads * p.head_dim)?;
         check("v", v.len(), k.len())?;
         check("out", out.len(), q.len())?;
-        let r = attention_f64(
+        self.reference(
             q,
             KvView::contiguous(k, v, p.seq_k),
             shape,
-            p.causal,
-            p.scale,
+            (p.causal, p.scale),
+            out,
         );
-        for (o, &x) in out.iter_mut().zip(&r.out) {
-            *o = self.dtype.round(x as f32);
-        }
         Ok(())
     }
 
@@ -343,10 +357,7 @@ impl StageOps for HostOps {
             n_kv_heads: p.n_kv_heads,
             head_dim: p.head_dim,
         };
-        let r = attention_f64(q, view, shape, p.causal, p.scale);
-        for (o, &x) in out.iter_mut().zip(&r.out) {
-            *o = self.dtype.round(x as f32);
-        }
+        self.reference(q, view, shape, (p.causal, p.scale), out);
         Ok(())
     }
 }

@@ -54,7 +54,7 @@ pub use cuda::CudaOps;
 use tessera_format::{ModelConfig, RopeLayout as ModelRope};
 use tessera_kernels::quant::QMatrix;
 use tessera_model::ModelError;
-use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
+use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache, block_runs};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::LoadSpec;
 use tessera_model::stage::{StageInput, StageOutput, StageScratch, validate_batch};
@@ -140,15 +140,7 @@ impl<O: StageOps> GpuStage<O> {
         kv: &KvCacheConfig,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
-        if spec.layers.end > cfg.n_layers || spec.layers.start > spec.layers.end {
-            return Err(invalid(
-                "layers",
-                format!(
-                    "{:?} is not within the model's {} layers",
-                    spec.layers, cfg.n_layers
-                ),
-            ));
-        }
+        spec.check(cfg)?;
         if !spec.tensor.is_whole() {
             return Err(invalid(
                 "tensor",
@@ -166,18 +158,15 @@ impl<O: StageOps> GpuStage<O> {
         }
         let (h, inter, qd, kvd) = (cfg.hidden, cfg.intermediate, cfg.q_dim(), cfg.kv_dim());
         let mut bytes = 0usize;
-        let mut half = |m: QMatrix| -> Result<O::Half> {
+        let mut half = |m: &QMatrix| -> Result<O::Half> {
             let w = m.dequantize();
             bytes += w.len() * 2;
             ops.upload_half(&w)
         };
         let total = spec.layers.len() + 2;
+        let vocab_rows = |key| store.matrix(key, cfg.vocab_size, h);
         let embed = if spec.embed {
-            Some(Arc::new(store.matrix(
-                TensorKey::TokenEmbd,
-                cfg.vocab_size,
-                h,
-            )?))
+            Some(Arc::new(vocab_rows(TensorKey::TokenEmbd)?))
         } else {
             None
         };
@@ -196,7 +185,7 @@ impl<O: StageOps> GpuStage<O> {
                 vector(TensorKey::FfnNorm(l))?,
             );
             let bias = if cfg.qkv_bias {
-                let mut b = |key, len| -> Result<O::Half> { half(store.matrix(key, 1, len)?) };
+                let mut b = |key, len| -> Result<O::Half> { half(&store.matrix(key, 1, len)?) };
                 Some([
                     b(TensorKey::AttnQBias(l), qd)?,
                     b(TensorKey::AttnKBias(l), kvd)?,
@@ -207,15 +196,15 @@ impl<O: StageOps> GpuStage<O> {
             };
             layers.push(Layer {
                 attn_norm,
-                wq: half(store.matrix(TensorKey::AttnQ(l), qd, h)?)?,
-                wk: half(store.matrix(TensorKey::AttnK(l), kvd, h)?)?,
-                wv: half(store.matrix(TensorKey::AttnV(l), kvd, h)?)?,
+                wq: half(&store.matrix(TensorKey::AttnQ(l), qd, h)?)?,
+                wk: half(&store.matrix(TensorKey::AttnK(l), kvd, h)?)?,
+                wv: half(&store.matrix(TensorKey::AttnV(l), kvd, h)?)?,
                 bias,
-                wo: half(store.matrix(TensorKey::AttnOutput(l), h, qd)?)?,
+                wo: half(&store.matrix(TensorKey::AttnOutput(l), h, qd)?)?,
                 ffn_norm,
-                gate: half(store.matrix(TensorKey::FfnGate(l), inter, h)?)?,
-                up: half(store.matrix(TensorKey::FfnUp(l), inter, h)?)?,
-                down: half(store.matrix(TensorKey::FfnDown(l), h, inter)?)?,
+                gate: half(&store.matrix(TensorKey::FfnGate(l), inter, h)?)?,
+                up: half(&store.matrix(TensorKey::FfnUp(l), inter, h)?)?,
+                down: half(&store.matrix(TensorKey::FfnDown(l), h, inter)?)?,
                 k_pool: ops.zeros_half(pool)?,
                 v_pool: ops.zeros_half(pool)?,
             });
@@ -224,16 +213,18 @@ impl<O: StageOps> GpuStage<O> {
         let head = if spec.head {
             let norm = store.vector(TensorKey::OutputNorm, h)?;
             floats += norm.len();
-            let key = if store.contains(TensorKey::Output) {
-                TensorKey::Output
+            let output = if store.contains(TensorKey::Output) {
+                half(&vocab_rows(TensorKey::Output)?)?
+            } else if let Some(e) = &embed {
+                // Tied: the head is the embedding matrix — a device copy of the table the
+                // host keeps, quantized, for lookups (read once).
+                half(e)?
             } else {
-                // Tied: the head is the embedding matrix (a device copy; the host keeps the
-                // quantized table for lookups).
-                TensorKey::TokenEmbd
+                half(&vocab_rows(TensorKey::TokenEmbd)?)?
             };
             Some(Head {
                 norm: ops.upload_float(&norm)?,
-                output: half(store.matrix(key, cfg.vocab_size, h)?)?,
+                output,
             })
         } else {
             None
@@ -337,6 +328,8 @@ impl<O: StageOps> GpuStage<O> {
                     .push(i32::try_from(p).map_err(|_| invalid("tokens", "position past i32"))?);
             }
         }
+        // Once per step: every layer's RoPE reads the same positions.
+        let positions = self.ops.upload_positions(&positions)?;
         let mut resid = self.ops.upload_float(x)?;
         let ctx = LayerCtx {
             ops: &self.ops,
@@ -345,7 +338,7 @@ impl<O: StageOps> GpuStage<O> {
             rope: self.rope,
         };
         for layer in &mut self.layers {
-            ctx.layer(layer, batch, &positions, &mut resid)?;
+            ctx.layer(layer, batch, (&positions, n), &mut resid)?;
         }
         for step in batch.iter_mut() {
             step.seq.commit(step.tokens.len());
@@ -414,16 +407,16 @@ struct LayerCtx<'a, O: StageOps> {
 }
 
 impl<O: StageOps> LayerCtx<'_, O> {
-    /// One block over the residual stream `resid` (n, hidden), in place.
+    /// One block over the residual stream `resid` (n, hidden), in place, its `n` rows at
+    /// `positions`.
     fn layer(
         &self,
         l: &mut Layer<O>,
         batch: &[SeqStep<'_>],
-        positions: &[i32],
+        (positions, n): (&O::Positions, usize),
         resid: &mut O::Float,
     ) -> Result<()> {
         let (ops, c) = (self.ops, self.cfg);
-        let n = positions.len();
         let (h, hd, qd, kvd) = (c.hidden, c.head_dim, c.q_dim(), c.kv_dim());
         let mut xn = ops.zeros_half(n * h)?;
         ops.rmsnorm(resid, &l.attn_norm, &mut xn, c.rms_eps)?;
@@ -500,15 +493,11 @@ impl<O: StageOps> LayerCtx<'_, O> {
         for step in batch {
             let (len, base) = (step.tokens.len(), step.seq.len());
             let table = step.seq.block_table();
-            // 1. K/V rows into the pools, in runs that stay inside one block.
-            let mut t = base;
-            while t < base + len {
-                let run = (bs - t % bs).min(base + len - t);
-                let dst = (table[t / bs] as usize * bs + t % bs) * kvd;
-                let src = (row + t - base) * kvd;
-                ops.copy_half(k, src, &mut l.k_pool, dst, run * kvd)?;
-                ops.copy_half(v, src, &mut l.v_pool, dst, run * kvd)?;
-                t += run;
+            // 1. K/V rows into the pools, one copy per run inside a block.
+            for run in block_runs(table, bs, base..base + len) {
+                let (dst, src, n) = (run.slot * kvd, (row + run.pos - base) * kvd, run.len * kvd);
+                ops.copy_half(k, src, &mut l.k_pool, dst, n)?;
+                ops.copy_half(v, src, &mut l.v_pool, dst, n)?;
             }
             // 2. Attention of this sequence's rows: a batch of one uses the step's buffers
             //    as they are; otherwise its rows are copied out and its output back.

@@ -10,7 +10,7 @@
 //!
 //! Buffers: [`StageOps::Half`] holds 16-bit floats of [`StageOps::dtype`] (weights,
 //! activations, the KV pools), [`StageOps::Float`] holds f32 (the residual stream, norm
-//! weights, logits). Layouts are row-major; `(m, k)` means m rows of k values.
+//! weights, logits), [`StageOps::Positions`] a step's row positions. Layouts are row-major; `(m, k)` means m rows of k values.
 
 use crate::dtype::DType;
 use crate::error::{Result, check_len};
@@ -22,6 +22,8 @@ pub trait StageOps {
     type Half;
     /// A buffer of f32.
     type Float;
+    /// A step's row positions (i32), uploaded once and read by every layer's RoPE.
+    type Positions;
 
     /// The storage dtype of weights, activations and KV.
     fn dtype(&self) -> DType;
@@ -129,15 +131,21 @@ pub trait StageOps {
     /// [`crate::CudaError::InvalidArgument`] when `b` does not divide `x`.
     fn bias(&self, x: &mut Self::Half, b: &Self::Half) -> Result<()>;
 
-    /// Rotary embedding in place of `x (positions.len(), n_heads, head_dim)`, row `t` at
-    /// global position `positions[t]`.
+    /// The positions of a step's rows, for [`StageOps::rope`].
+    ///
+    /// # Errors
+    /// As [`StageOps::upload_half`].
+    fn upload_positions(&self, positions: &[i32]) -> Result<Self::Positions>;
+
+    /// Rotary embedding in place of `x (rows, n_heads, head_dim)`, row `t` at global
+    /// position `positions[t]` (one per row).
     ///
     /// # Errors
     /// [`crate::CudaError::InvalidArgument`] for a shape that does not match.
     fn rope(
         &self,
         x: &mut Self::Half,
-        positions: &[i32],
+        positions: &Self::Positions,
         n_heads: usize,
         head_dim: usize,
         rope: Rope,

@@ -134,6 +134,46 @@ impl KvCacheConfig {
     }
 }
 
+/// A run of a sequence's positions that lie in one block: where its K/V go in the pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRun {
+    /// The run's first position in the sequence.
+    pub pos: usize,
+    /// That position's slot in the pools, `block id × block_size + offset`; the run's other
+    /// tokens follow it.
+    pub slot: usize,
+    /// Tokens in the run.
+    pub len: usize,
+}
+
+/// The positions `range` of a sequence with block table `table` cut into runs that stay inside
+/// one block each, in order: how any holder of the pools (the CPU cache, a GPU stage's device
+/// pools) writes a step's new K/V with one copy per run.
+///
+/// # Panics
+/// When `block_size` is 0 or `table` does not cover `range` (a caller bug: blocks are reserved
+/// before a step writes).
+pub fn block_runs(
+    table: &[u32],
+    block_size: usize,
+    range: std::ops::Range<usize>,
+) -> impl Iterator<Item = BlockRun> + '_ {
+    let mut t = range.start;
+    std::iter::from_fn(move || {
+        if t >= range.end {
+            return None;
+        }
+        let len = (block_size - t % block_size).min(range.end - t);
+        let run = BlockRun {
+            pos: t,
+            slot: table[t / block_size] as usize * block_size + t % block_size,
+            len,
+        };
+        t += len;
+        Some(run)
+    })
+}
+
 /// Per-layer K and V pools of `num_blocks` blocks each (f32), and the shared block allocator.
 #[derive(Debug)]
 pub struct PagedKvCache {
@@ -280,17 +320,11 @@ impl PagedKvCache {
             start >= seq.shared_blocks() * self.cfg.block_size,
             "PagedKvCache::write: position {start} is in a shared block"
         );
-        let bs = self.cfg.block_size;
         let (kp, vp) = (&mut self.k[layer], &mut self.v[layer]);
-        // Copy runs of tokens that are contiguous inside one block.
-        let mut t = start;
-        while t < end {
-            let run = (bs - t % bs).min(end - t);
-            let dst = (seq.block_table()[t / bs] as usize * bs + t % bs) * row;
-            let src = (t - start) * row;
-            kp[dst..dst + run * row].copy_from_slice(&k[src..src + run * row]);
-            vp[dst..dst + run * row].copy_from_slice(&v[src..src + run * row]);
-            t += run;
+        for run in block_runs(seq.block_table(), self.cfg.block_size, start..end) {
+            let (dst, src, len) = (run.slot * row, (run.pos - start) * row, run.len * row);
+            kp[dst..dst + len].copy_from_slice(&k[src..src + len]);
+            vp[dst..dst + len].copy_from_slice(&v[src..src + len]);
         }
     }
 
