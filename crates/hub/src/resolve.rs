@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use tessera_format::ModelLocation;
 
-use super::{ModelCache, SourceError, known_model, known_names};
+use super::{ModelCache, Packaging, SourceError, known_model, known_names};
 
 /// A model found in the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct CachedModel {
     pub name: String,
     /// The GGUF file, or the HF-style directory.
     pub path: PathBuf,
-    /// Total size of its files in bytes.
+    /// Total size of its files in bytes (for a directory, every file under it).
     pub bytes: u64,
 }
 
@@ -30,7 +30,9 @@ const SHARD_INDEX: &str = "model.safetensors.index.json";
 
 /// Resolves what a user typed to a model on disk: an existing path (a `.gguf` file, or a
 /// directory holding an HF-style model or a single `.gguf`), else a cache name (pulled, or a
-/// directory placed under `models/` by hand).
+/// directory placed under `models/` by hand). A pulled directory model
+/// ([`Packaging::ZippedDir`]) resolves like a directory given by path, usually to
+/// [`ModelLocation::HfDir`] of `models/<name>`.
 ///
 /// # Errors
 /// - [`SourceError::NotPulled`] for a known model not yet pulled ("run `tessera model pull NAME`");
@@ -44,14 +46,20 @@ pub fn resolve(spec: &str, cache: &ModelCache) -> Result<ModelLocation, SourceEr
         return resolve_path(path);
     }
     if let Some(model) = known_model(spec) {
-        let file = cache.model_path(model);
-        if file.is_file() {
-            check_gguf(&file)?;
-            return Ok(ModelLocation::Gguf(file));
+        let path = cache.model_path(model);
+        match model.packaging {
+            Packaging::File if path.is_file() => {
+                check_gguf(&path)?;
+                return Ok(ModelLocation::Gguf(path));
+            }
+            // A pull renames the directory into place whole, so one that exists is complete
+            // unless changed since; the cheap file check below catches the usual damage.
+            Packaging::ZippedDir if path.is_dir() => return resolve_path(&path),
+            Packaging::File | Packaging::ZippedDir => {}
         }
         return Err(SourceError::NotPulled {
             name: model.name.to_owned(),
-            path: file,
+            path,
         });
     }
     // A plain name (no separators) may be a model placed under models/ by hand.
@@ -67,8 +75,9 @@ pub fn resolve(spec: &str, cache: &ModelCache) -> Result<ModelLocation, SourceEr
     })
 }
 
-/// Resolves an existing file or directory.
-fn resolve_path(path: &Path) -> Result<ModelLocation, SourceError> {
+/// Resolves an existing file or directory (checking that a directory has the files a model
+/// needs, naming those it lacks).
+pub(crate) fn resolve_path(path: &Path) -> Result<ModelLocation, SourceError> {
     if path.is_file() {
         check_gguf(path)?;
         return Ok(ModelLocation::Gguf(path.to_path_buf()));
@@ -164,6 +173,24 @@ fn dir_files(dir: &Path) -> Result<Vec<PathBuf>, SourceError> {
     Ok(out)
 }
 
+/// The total size of the regular files under `dir`, at any depth (a sentence-transformers
+/// model keeps its pooling configuration in a subdirectory). Links are not followed.
+fn tree_bytes(dir: &Path) -> Result<u64, SourceError> {
+    let mut total = 0;
+    for entry in fs::read_dir(dir).map_err(SourceError::io("reading directory", dir))? {
+        let entry = entry.map_err(SourceError::io("reading directory", dir))?;
+        let meta = entry
+            .metadata()
+            .map_err(SourceError::io("reading", &entry.path()))?;
+        if meta.is_dir() {
+            total += tree_bytes(&entry.path())?;
+        } else if meta.is_file() {
+            total += meta.len();
+        }
+    }
+    Ok(total)
+}
+
 /// Checks that `path` starts with the GGUF magic.
 fn check_gguf(path: &Path) -> Result<(), SourceError> {
     let mut magic = [0u8; 4];
@@ -195,7 +222,8 @@ pub fn model_dir(spec: &str) -> Option<PathBuf> {
 }
 
 /// The models in the cache, by name: each `models/<name>/` holding a single `.gguf` or an
-/// HF-style model. Incomplete directories and unpack leftovers are skipped.
+/// HF-style model. Incomplete directories and unpack leftovers (names starting with `.`, as a
+/// directory model's temporary unpack directory does) are skipped.
 ///
 /// # Errors
 /// [`SourceError::Io`] when the cache directory exists but cannot be read.
@@ -211,7 +239,7 @@ pub fn list(cache: &ModelCache) -> Result<Vec<CachedModel>, SourceError> {
         let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
             continue;
         };
-        if !dir.is_dir() {
+        if name.starts_with('.') || !dir.is_dir() {
             continue;
         }
         let (path, bytes) = match resolve_path(&dir) {
@@ -222,13 +250,8 @@ pub fn list(cache: &ModelCache) -> Result<Vec<CachedModel>, SourceError> {
                 (f, bytes)
             }
             Ok(ModelLocation::HfDir(d)) => {
-                let mut total = 0;
-                for f in dir_files(&d)? {
-                    total += fs::metadata(&f)
-                        .map_err(SourceError::io("reading", &f))?
-                        .len();
-                }
-                (d, total)
+                let bytes = tree_bytes(&d)?;
+                (d, bytes)
             }
             Err(_) => continue,
         };
@@ -359,6 +382,31 @@ mod tests {
         );
     }
 
+    /// Ensures that a known directory model resolves to its cache directory once there, asks to
+    /// be pulled before, and names what a damaged one lacks.
+    #[test]
+    fn known_dir_model_resolves_to_its_directory() {
+        let t = TempDir::with_prefix("tessera-res-known-dir-").expect("temp dir");
+        let cache = ModelCache::at(t.path().to_path_buf());
+        let m = crate::known_model(crate::MINILM_MODEL).expect("minilm is known");
+        let e = resolve(m.name, &cache).expect_err("not pulled");
+        assert!(matches!(e, SourceError::NotPulled { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("tessera model pull all-minilm-l6-v2"),
+            "{e}"
+        );
+        let dir = cache.models_dir().join(m.name);
+        hf_dir(&dir, "tokenizer.json");
+        let e = resolve(m.name, &cache).expect_err("incomplete");
+        assert!(e.to_string().contains("missing tokenizer.json"), "{e}");
+        write(&dir.join("tokenizer.json"), b"{}");
+        assert_eq!(
+            resolve(m.name, &cache).ok(),
+            Some(ModelLocation::HfDir(dir))
+        );
+    }
+
     /// Ensures that an unknown name errors listing the known names, and a hand-placed cache
     /// directory resolves by name.
     #[test]
@@ -367,7 +415,9 @@ mod tests {
         let cache = ModelCache::at(t.path().to_path_buf());
         let e = resolve("no-such-model", &cache).expect_err("unknown");
         assert!(matches!(e, SourceError::Unknown { .. }));
-        assert!(e.to_string().contains(KNOWN_MODELS[0].name), "{e}");
+        for m in KNOWN_MODELS {
+            assert!(e.to_string().contains(m.name), "{e}");
+        }
         let mine = cache.models_dir().join("mine");
         hf_dir(&mine, "");
         assert_eq!(
@@ -376,7 +426,8 @@ mod tests {
         );
     }
 
-    /// Ensures that list finds GGUF and HF models with their sizes and skips incomplete ones.
+    /// Ensures that list finds GGUF and HF models with their sizes (files in subdirectories
+    /// counted) and skips incomplete ones and unpack leftovers.
     #[test]
     fn list_reports_models_and_sizes() {
         let t = TempDir::with_prefix("tessera-res-list-").expect("temp dir");
@@ -385,9 +436,11 @@ mod tests {
         let m = &KNOWN_MODELS[0];
         write(&cache.model_path(m), b"GGUF12345678");
         hf_dir(&cache.models_dir().join("hf"), "");
+        write(&cache.models_dir().join("hf/1_Pooling/config.json"), b"{}");
         hf_dir(&cache.models_dir().join("broken"), "config.json");
+        hf_dir(&cache.models_dir().join(".hf.partial-1"), "");
         let got = list(&cache).expect("lists");
         let names: Vec<(&str, u64)> = got.iter().map(|c| (c.name.as_str(), c.bytes)).collect();
-        assert_eq!(names, vec![("hf", 6), (m.name, 12)]);
+        assert_eq!(names, vec![("hf", 8), (m.name, 12)]);
     }
 }

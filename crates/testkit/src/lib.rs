@@ -1,7 +1,8 @@
 //! tessera's test kit, for tests only (crates take it as a dev-dependency), one concept a
 //! module:
 //!
-//! - the real model's location ([`smollm2_gguf`]), deterministic random data ([`TestRng`]) and
+//! - the real models' locations ([`smollm2_gguf`], [`minilm_dir`]) and the embedding goldens
+//!   ([`minilm_golden`]), deterministic random data ([`TestRng`]) and
 //!   random-weight models ([`MemoryWeights`] in memory, [`write_random_llama`] as GGUF files);
 //! - `tessera` processes ([`Tessera`]: start the binary, read the addresses it prints, run it
 //!   to completion) and loopback networking ([`free_port`], [`scrape`], the cuttable
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod cluster;
+mod embedding_golden;
 pub mod http;
 mod net;
 mod pipeline;
@@ -31,6 +33,7 @@ mod streaming;
 mod weights;
 
 pub use cluster::{HEARTBEAT_TIMEOUT_MS, KV_TOKENS, ProcessCluster};
+pub use embedding_golden::{EmbeddingCase, cosine, minilm_golden, minilm_golden_dir};
 pub use net::{Proxy, free_addr, free_port, sample, scrape, url_list};
 pub use pipeline::{CHUNK, Driver, Seq, drive, seq_start, seqs_for, to_sampled};
 pub use process::{
@@ -39,7 +42,9 @@ pub use process::{
 };
 pub use raft_cluster::RaftCluster;
 pub use random_gguf::{RandomLlama, write_random_llama};
-pub use real_model::{SMOLLM2_FILE, SMOLLM2_NAME, smollm2_arg, smollm2_gguf};
+pub use real_model::{
+    MINILM_NAME, SMOLLM2_FILE, SMOLLM2_NAME, minilm_dir, smollm2_arg, smollm2_gguf,
+};
 pub use requests::{
     Collected, PROMPTS, Rest, argmax, collect, collect_finished, count_tokens, finish_stream,
     greedy, greedy_exact, greedy_with_logprobs, ids_and_logprobs, inference_client, lazy_channel,

@@ -11,7 +11,8 @@ use crate::progress::Bar;
 pub enum ModelCommand {
     /// Download a known model into the cache (idempotent).
     Pull {
-        /// The model's name, e.g. smollm2-135m-instruct.
+        /// The model's name, e.g. smollm2-135m-instruct or all-minilm-l6-v2 (`tessera model
+        /// list` shows them all).
         name: String,
     },
     /// List pulled models and the names that can be pulled.
