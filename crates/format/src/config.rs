@@ -10,6 +10,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 
+use crate::encoder::{EncoderSpec, bert_config};
 use crate::error::{FormatError, Result};
 
 /// Which model family a file declares; it decides tensor names and RoPE layout defaults.
@@ -19,6 +20,26 @@ pub enum Arch {
     Llama,
     /// Qwen2: Llama with biases on the Q, K and V projections.
     Qwen2,
+    /// BERT-family encoders (BERT, MiniLM, sentence-transformers models): learned absolute
+    /// positions, post-LayerNorm, GELU, bidirectional attention, pooled outputs
+    /// ([`crate::encoder`]).
+    Bert(EncoderSpec),
+}
+
+impl Arch {
+    /// Whether the model is an encoder: it embeds inputs and never generates.
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Self::Bert(_))
+    }
+
+    /// The family's name as configs spell it (`llama`, `qwen2`, `bert`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Bert(_) => "bert",
+        }
+    }
 }
 
 /// How RoPE pairs up the dimensions of a head.
@@ -51,13 +72,14 @@ pub struct ModelConfig {
     pub head_dim: usize,
     /// Number of tokens in the vocabulary (rows of the embedding).
     pub vocab_size: usize,
-    /// The longest sequence the model was trained for.
+    /// The longest sequence the model was trained for (for encoders, the longest input it
+    /// encodes: longer ones are truncated).
     pub context_len: usize,
     /// RoPE base frequency θ.
     pub rope_theta: f32,
     /// How RoPE pairs dimensions.
     pub rope_layout: RopeLayout,
-    /// RMSNorm ε.
+    /// The norms' ε (RMSNorm; LayerNorm for encoders).
     pub rms_eps: f32,
     /// Whether Q, K and V projections carry a bias.
     pub qkv_bias: bool,
@@ -141,8 +163,9 @@ impl ModelConfig {
             context_len: get_u("context_length")?,
             rope_theta: get_f("rope.freq_base").unwrap_or(10_000.0),
             rope_layout: match arch {
-                Arch::Llama => RopeLayout::Interleaved,
                 Arch::Qwen2 => RopeLayout::Half,
+                // GGUF encoders are refused above; Llama is the rest.
+                Arch::Llama | Arch::Bert(_) => RopeLayout::Interleaved,
             },
             rms_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             qkv_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -174,9 +197,11 @@ impl ModelConfig {
         let arch = match model_type {
             "llama" | "mistral" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
+            "bert" => return bert_config(path, &raw),
             other => {
                 return Err(invalid(format!(
-                    "model_type `{other}` is not supported (supported: llama, mistral, qwen2)"
+                    "model_type `{other}` is not supported (supported: llama, mistral, qwen2, \
+                     bert)"
                 )));
             }
         };

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod encoder;
 mod error;
 mod gguf;
 mod location;
@@ -19,6 +20,7 @@ mod tensor;
 
 pub use candle_core::quantized::gguf_file;
 pub use config::{Arch, ModelConfig, RopeLayout};
+pub use encoder::{EncoderSpec, Pooling};
 pub use error::{ErrorKind, FormatError, Result};
 pub use gguf::GgufWeights;
 pub use location::{ModelLocation, open_weights};

@@ -31,11 +31,36 @@ struct Entry {
     len: u64,
 }
 
+/// Which naming scheme a checkpoint's tensors follow, told by what it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Naming {
+    /// Llama/Qwen2 (`model.layers.N…`): [`TensorKey::hf_name`].
+    Llama,
+    /// BERT (`embeddings…`, `encoder.layer.N…`): [`TensorKey::bert_name`], under `bert.` when
+    /// the checkpoint was saved from a task model.
+    Bert { prefixed: bool },
+}
+
+impl Naming {
+    /// The scheme of a checkpoint holding `tensors`: BERT when it has BERT's word embedding.
+    fn detect(tensors: &HashMap<String, Entry>) -> Self {
+        let word = "embeddings.word_embeddings.weight";
+        if tensors.contains_key(word) {
+            Self::Bert { prefixed: false }
+        } else if tensors.contains_key(&format!("bert.{word}")) {
+            Self::Bert { prefixed: true }
+        } else {
+            Self::Llama
+        }
+    }
+}
+
 /// Every `*.safetensors` file in a directory, with their tensor directories merged.
 pub struct SafetensorsWeights {
     dir: PathBuf,
     files: Vec<(PathBuf, File)>,
     tensors: HashMap<String, Entry>,
+    naming: Naming,
 }
 
 impl SafetensorsWeights {
@@ -74,8 +99,22 @@ impl SafetensorsWeights {
         Ok(Self {
             dir: dir.to_owned(),
             files,
+            naming: Naming::detect(&tensors),
             tensors,
         })
+    }
+
+    /// The name `key` has in this checkpoint (one the checkpoint's family lacks is a name
+    /// that is never found, so it reads as missing).
+    fn name(&self, key: TensorKey) -> String {
+        match self.naming {
+            Naming::Llama => key.hf_name(),
+            Naming::Bert { prefixed } => match key.bert_name() {
+                Some(n) if prefixed => format!("bert.{n}"),
+                Some(n) => n,
+                None => format!("{key:?} (not a BERT tensor)"),
+            },
+        }
     }
 }
 
@@ -180,11 +219,11 @@ fn dtype_width(dtype: &str) -> Option<usize> {
 
 impl WeightStore for SafetensorsWeights {
     fn contains(&self, key: TensorKey) -> bool {
-        self.tensors.contains_key(&key.hf_name())
+        self.tensors.contains_key(&self.name(key))
     }
 
     fn tensor(&self, key: TensorKey, rows: usize, cols: usize) -> Result<RawTensor> {
-        let name = key.hf_name();
+        let name = self.name(key);
         let entry = self
             .tensors
             .get(&name)
@@ -228,7 +267,7 @@ impl WeightStore for SafetensorsWeights {
     }
 
     fn stored_bytes(&self, key: TensorKey) -> Option<u64> {
-        let entry = self.tensors.get(&key.hf_name())?;
+        let entry = self.tensors.get(&self.name(key))?;
         let elems: usize = entry.shape.iter().product();
         // As `tensor` returns them: 16-bit floats stay 16-bit, everything else becomes f32.
         let width = if dtype_width(&entry.dtype) == Some(2) {
@@ -243,7 +282,7 @@ impl WeightStore for SafetensorsWeights {
 
     fn stored_qtype(&self, key: TensorKey) -> Option<QType> {
         // As `tensor` converts them: F64 narrows to F32.
-        match self.tensors.get(&key.hf_name())?.dtype.as_str() {
+        match self.tensors.get(&self.name(key))?.dtype.as_str() {
             "F16" => Some(QType::F16),
             "BF16" => Some(QType::BF16),
             "F32" | "F64" => Some(QType::F32),

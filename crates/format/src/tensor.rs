@@ -42,6 +42,24 @@ pub enum TensorKey {
     FfnUp(usize),
     /// Layer `l`'s MLP down projection.
     FfnDown(usize),
+    /// Learned absolute position embedding, (positions, hidden) (encoders).
+    PosEmbd,
+    /// Token-type (segment) embedding, (types, hidden) (encoders).
+    TypeEmbd,
+    /// The embedding LayerNorm's weight (encoders).
+    EmbdNorm,
+    /// The embedding LayerNorm's bias (encoders).
+    EmbdNormBias,
+    /// Layer `l`'s attention output projection bias.
+    AttnOutputBias(usize),
+    /// Layer `l`'s attention norm bias (encoders' LayerNorm after attention).
+    AttnNormBias(usize),
+    /// Layer `l`'s MLP up projection bias.
+    FfnUpBias(usize),
+    /// Layer `l`'s MLP down projection bias.
+    FfnDownBias(usize),
+    /// Layer `l`'s MLP norm bias (encoders' LayerNorm after the MLP).
+    FfnNormBias(usize),
 }
 
 impl TensorKey {
@@ -64,6 +82,48 @@ impl TensorKey {
             K::FfnGate(l) => format!("blk.{l}.ffn_gate.weight"),
             K::FfnUp(l) => format!("blk.{l}.ffn_up.weight"),
             K::FfnDown(l) => format!("blk.{l}.ffn_down.weight"),
+            K::PosEmbd => "position_embd.weight".into(),
+            K::TypeEmbd => "token_types.weight".into(),
+            K::EmbdNorm => "token_embd_norm.weight".into(),
+            K::EmbdNormBias => "token_embd_norm.bias".into(),
+            K::AttnOutputBias(l) => format!("blk.{l}.attn_output.bias"),
+            K::AttnNormBias(l) => format!("blk.{l}.attn_output_norm.bias"),
+            K::FfnUpBias(l) => format!("blk.{l}.ffn_up.bias"),
+            K::FfnDownBias(l) => format!("blk.{l}.ffn_down.bias"),
+            K::FfnNormBias(l) => format!("blk.{l}.layer_output_norm.bias"),
+        }
+    }
+
+    /// The name a Hugging Face BERT checkpoint gives this tensor (without the `bert.` prefix a
+    /// checkpoint saved from a task model carries), or `None` for a role BERT does not have.
+    /// The attention norm is BERT's LayerNorm after attention, the MLP norm the one after the
+    /// MLP (post-LN); the MLP's up projection is BERT's `intermediate`, its down `output`.
+    pub fn bert_name(self) -> Option<String> {
+        use TensorKey as K;
+        let layer = |l: usize, rest: &str| Some(format!("encoder.layer.{l}.{rest}"));
+        match self {
+            K::TokenEmbd => Some("embeddings.word_embeddings.weight".into()),
+            K::PosEmbd => Some("embeddings.position_embeddings.weight".into()),
+            K::TypeEmbd => Some("embeddings.token_type_embeddings.weight".into()),
+            K::EmbdNorm => Some("embeddings.LayerNorm.weight".into()),
+            K::EmbdNormBias => Some("embeddings.LayerNorm.bias".into()),
+            K::AttnQ(l) => layer(l, "attention.self.query.weight"),
+            K::AttnK(l) => layer(l, "attention.self.key.weight"),
+            K::AttnV(l) => layer(l, "attention.self.value.weight"),
+            K::AttnQBias(l) => layer(l, "attention.self.query.bias"),
+            K::AttnKBias(l) => layer(l, "attention.self.key.bias"),
+            K::AttnVBias(l) => layer(l, "attention.self.value.bias"),
+            K::AttnOutput(l) => layer(l, "attention.output.dense.weight"),
+            K::AttnOutputBias(l) => layer(l, "attention.output.dense.bias"),
+            K::AttnNorm(l) => layer(l, "attention.output.LayerNorm.weight"),
+            K::AttnNormBias(l) => layer(l, "attention.output.LayerNorm.bias"),
+            K::FfnUp(l) => layer(l, "intermediate.dense.weight"),
+            K::FfnUpBias(l) => layer(l, "intermediate.dense.bias"),
+            K::FfnDown(l) => layer(l, "output.dense.weight"),
+            K::FfnDownBias(l) => layer(l, "output.dense.bias"),
+            K::FfnNorm(l) => layer(l, "output.LayerNorm.weight"),
+            K::FfnNormBias(l) => layer(l, "output.LayerNorm.bias"),
+            K::OutputNorm | K::Output | K::FfnGate(_) => None,
         }
     }
 
@@ -86,6 +146,16 @@ impl TensorKey {
             K::FfnGate(l) => format!("model.layers.{l}.mlp.gate_proj.weight"),
             K::FfnUp(l) => format!("model.layers.{l}.mlp.up_proj.weight"),
             K::FfnDown(l) => format!("model.layers.{l}.mlp.down_proj.weight"),
+            // Encoder-only roles: a Llama checkpoint has none (the name is never found).
+            K::PosEmbd
+            | K::TypeEmbd
+            | K::EmbdNorm
+            | K::EmbdNormBias
+            | K::AttnOutputBias(_)
+            | K::AttnNormBias(_)
+            | K::FfnUpBias(_)
+            | K::FfnDownBias(_)
+            | K::FfnNormBias(_) => format!("{self:?} (encoder-only)"),
         }
     }
 }

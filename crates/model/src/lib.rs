@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod context_parallel;
+pub mod encoder;
 pub mod engine;
 pub mod error;
 pub mod kv_cache;

@@ -101,6 +101,12 @@ impl Llama {
         spec: LoadSpec,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
+        if cfg.arch.is_encoder() {
+            return Err(ModelError::InvalidArgument {
+                field: "model",
+                reason: "an encoder: load it with `encoder::Bert`".into(),
+            });
+        }
         spec.check(cfg)?;
         let total = spec.layers.len() + 2;
         let vocab_rows = |key| -> Result<Arc<QMatrix>> {

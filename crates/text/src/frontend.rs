@@ -166,6 +166,18 @@ impl Frontend {
         Ok(self.tokenizer.encode(&text, true, true)?)
     }
 
+    /// Tokenizes one input of an encoder (with its special tokens, special-token text
+    /// recognised, as `transformers` does), truncated to the model's input limit as
+    /// sentence-transformers truncates (`context_len`; see `Tokenizer::encode_limited`).
+    ///
+    /// # Errors
+    /// The tokenizer's.
+    pub fn tokenize_encoder_input(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode_limited(text, self.cfg.context_len, true)?)
+    }
+
     /// Validates a request once, for a serving context of `context` tokens (the model's
     /// context length or less, as the KV cache allows): everything generation needs to trust.
     ///

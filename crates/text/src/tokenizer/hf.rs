@@ -115,7 +115,12 @@ fn config_template(cfg: &Json) -> Option<String> {
 /// does not parse.
 pub fn load(path: &Path) -> Result<(Vocab, HfModel), TokenizerError> {
     let json = read_json(path)?;
-    let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| hf_err(path, e))?;
+    let mut tok = tokenizers::Tokenizer::from_file(path).map_err(|e| hf_err(path, e))?;
+    // A file's padding and truncation settings are for batched training (MiniLM's pads every
+    // input to 128 ids and cuts it there): ids are per text here, and the limit is the
+    // caller's ([`HfModel::encode_limited`]).
+    tok.with_padding(None);
+    tok.with_truncation(None).map_err(|e| hf_err(path, e))?;
     let mut types_found = Vec::new();
     if let Some(d) = json.get("decoder") {
         decoder_types(d, &mut types_found);
@@ -226,6 +231,42 @@ impl HfModel {
             .map_err(|e| TokenizerError::Encode {
                 reason: e.to_string(),
             })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// As [`HfModel::encode`] with special tokens added, keeping at most `limit` ids: the text's
+    /// tokens are cut from the right to leave room for the ones the post-processor adds, as
+    /// `transformers` truncates (`truncation=True, max_length=limit`), so an encoder's
+    /// [CLS] … [SEP] framing survives truncation.
+    ///
+    /// # Errors
+    /// [`TokenizerError::Encode`] when `tokenizers` fails, or when `limit` cannot hold even
+    /// the added special tokens.
+    pub fn encode_limited(
+        &self,
+        text: &str,
+        limit: usize,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let tok = if parse_special {
+            &self.parse_special
+        } else {
+            &self.plain
+        };
+        let err = |e: &dyn std::fmt::Display| TokenizerError::Encode {
+            reason: e.to_string(),
+        };
+        let added = tok
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        if limit <= added {
+            return Err(err(&format!(
+                "a limit of {limit} ids cannot hold the {added} special tokens"
+            )));
+        }
+        let mut enc = tok.encode(text, false).map_err(|e| err(&e))?;
+        enc.truncate(limit - added, 0, tokenizers::TruncationDirection::Right);
+        let enc = tok.post_process(enc, None, true).map_err(|e| err(&e))?;
         Ok(enc.get_ids().to_vec())
     }
 }

@@ -175,6 +175,29 @@ impl Tokenizer {
         }
     }
 
+    /// Tokenizes `text` with the model's special tokens, keeping at most `limit` ids: an
+    /// encoder's input, truncated as `transformers` does (see [`hf::HfModel::encode_limited`];
+    /// for a GGUF vocabulary, the first `limit` ids).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`]; for `tokenizer.json` models, also when `limit` cannot hold
+    /// the special tokens.
+    pub fn encode_limited(
+        &self,
+        text: &str,
+        limit: usize,
+        parse_special: bool,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        match &self.backend {
+            Backend::Gguf(m) => {
+                let mut ids = m.encode(&self.vocab, text, true, parse_special)?;
+                ids.truncate(limit);
+                Ok(ids)
+            }
+            Backend::Hf(m) => m.encode_limited(text, limit, parse_special),
+        }
+    }
+
     /// The text of `ids`: their bytes concatenated (control and unknown tokens left out when
     /// `skip_special`), converted to UTF-8 once at the end with U+FFFD for invalid bytes. No
     /// spaces are added or cleaned: this is llama.cpp's `token_to_piece` concatenation.
