@@ -133,6 +133,34 @@ pub async fn serve(
     serve_on(listeners, cfg, shutdown).await
 }
 
+/// An encoder is served by pipeline stages only (its inputs are short and whole, and its
+/// layers are not split by heads or sequence): `--tp auto` and `--cp auto` plan no groups for
+/// it, a fixed group or ring larger than one is refused naming the flag.
+fn encoder_policy(
+    mut cfg: CoordinatorConfig,
+    encoder: bool,
+) -> Result<CoordinatorConfig, CoordinatorError> {
+    use crate::state::planner::{CpPolicy, TpPolicy};
+    if !encoder {
+        return Ok(cfg);
+    }
+    if matches!(cfg.tp, TpPolicy::Fixed(k) if k > 1) {
+        return Err(CoordinatorError::invalid(
+            "tp",
+            "an encoder is not split by tensor parallelism: serve it with pipeline stages",
+        ));
+    }
+    if matches!(cfg.cp, CpPolicy::Fixed(p) if p > 1) {
+        return Err(CoordinatorError::invalid(
+            "cp",
+            "an encoder is not split over a ring: serve it with pipeline stages",
+        ));
+    }
+    cfg.tp = TpPolicy::Fixed(1);
+    cfg.cp = CpPolicy::Fixed(1);
+    Ok(cfg)
+}
+
 /// As [`serve`], on listeners the caller bound (`cfg.listen`, `cfg.cluster_listen` and
 /// `cfg.http_listen` are ignored): tests and embedders bind port 0 and know the addresses before the coordinator
 /// starts.
@@ -153,6 +181,7 @@ pub async fn serve_on(
     let (store, model_cfg) = open_weights(&location)?;
     let footprint = footprint::ModelFootprint::from_store(store.as_ref(), &model_cfg)?;
     drop(store);
+    let cfg = encoder_policy(cfg, model_cfg.arch.is_encoder())?;
     let kv_tokens = cfg.kv_tokens_for(model_cfg.context_len);
     let validator = validate::Validator::new(frontend.clone(), &cfg.model, kv_tokens as usize)
         .with_limits(cfg.limits);
@@ -247,7 +276,14 @@ pub async fn serve_on(
         replica,
         raft.clone(),
     ));
-    let (scheduler, sched_task) = scheduler::spawn(Arc::clone(&cluster), frontend);
+    // An encoder's cluster embeds; every other model's generates.
+    let (serve, sched_task) = if frontend.config().arch.is_encoder() {
+        let (h, task) = control::embedder::spawn(Arc::clone(&cluster));
+        (api::Serve::Embed(h), task)
+    } else {
+        let (h, task) = scheduler::spawn(Arc::clone(&cluster), frontend);
+        (api::Serve::Generate(h), task)
+    };
     {
         let mut out = std::io::stdout().lock();
         writeln!(out, "tessera coordinator cluster on {cluster_addr}")
@@ -305,7 +341,7 @@ pub async fn serve_on(
     }
     let (reflection_v1, reflection_v1alpha) = public_reflection().map_err(serve_err)?;
     let (stop, _) = tokio::sync::watch::channel(false);
-    let api = api::Api::new(Arc::clone(&cluster), validator, scheduler);
+    let api = api::Api::new(Arc::clone(&cluster), validator, serve);
     if let Some(listener) = http_listener {
         let max_prompt = cluster.cfg.limits.max_prompt_bytes;
         let app = openai::OpenAi::new(api.clone(), Arc::clone(&cluster), keys.clone(), max_prompt)

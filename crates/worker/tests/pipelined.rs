@@ -223,7 +223,11 @@ impl Next {
             })
             .collect();
         self.answers
-            .send(Ok(pb::StepResponse { step_id, tokens }))
+            .send(Ok(pb::StepResponse {
+                step_id,
+                tokens,
+                embeddings: Vec::new(),
+            }))
             .await
             .expect("stage 0 reads answers");
     }

@@ -99,8 +99,13 @@ pub struct UpArgs {
     #[arg(long, default_value = "auto")]
     pub device: tessera_worker::DeviceChoice,
     /// Send this prompt once the cluster is ready, print the answer, and shut down.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "embed")]
     pub prompt: Option<String>,
+    /// With an encoder model (e.g. all-minilm-l6-v2): embed these texts (repeat the flag)
+    /// once the cluster is ready, print one JSON line per text (its index, token count and
+    /// vector), and shut down.
+    #[arg(long)]
+    pub embed: Vec<String>,
     /// With --prompt: chat formatting, sampling, stop conditions and logprobs, the same flags
     /// with the same defaults as `tessera generate`.
     #[command(flatten)]
@@ -135,7 +140,7 @@ pub struct UpArgs {
     pub metrics_listen: Option<SocketAddr>,
     /// Kill a random coordinator or worker (SIGKILL) every SECS seconds, to watch the cluster
     /// recover as `up` restarts it.
-    #[arg(long, value_name = "SECS", value_parser = parse_interval, conflicts_with = "prompt")]
+    #[arg(long, value_name = "SECS", value_parser = parse_interval, conflicts_with_all = ["prompt", "embed"])]
     pub chaos_interval: Option<Duration>,
 }
 
@@ -288,6 +293,36 @@ fn print_members(cluster: &LocalCluster) {
     }
 }
 
+/// Embeds `texts` and prints one JSON line per text: `{"index", "tokens", "embedding"}`.
+async fn print_embeddings(client: &mut Client, texts: &[String]) -> Result<()> {
+    let inputs = texts
+        .iter()
+        .map(|t| tessera_proto::v1::EmbedInput {
+            input: Some(tessera_proto::v1::embed_input::Input::Text(t.clone())),
+        })
+        .collect();
+    let resp = client
+        .embed(tessera_proto::v1::EmbedRequest {
+            model: String::new(),
+            inputs,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("embed: {}", s.message()))?
+        .into_inner();
+    for e in &resp.embeddings {
+        println!(
+            "{}",
+            serde_json::json!({"index": e.index, "dimensions": e.values.len(), "embedding": e.values})
+        );
+    }
+    eprintln!(
+        "{} texts, {} tokens",
+        resp.embeddings.len(),
+        resp.prompt_tokens
+    );
+    Ok(())
+}
+
 async fn serve(args: &UpArgs, cluster: &mut LocalCluster) -> Result<()> {
     let endpoint = cluster.endpoint.clone();
     let mut client = connect(&endpoint, Duration::from_secs(10)).await?;
@@ -306,6 +341,9 @@ async fn serve(args: &UpArgs, cluster: &mut LocalCluster) -> Result<()> {
     if let Some(prompt) = &args.prompt {
         // The coordinator serves one model: "" asks for it, whatever --model spelled.
         return print_streamed(&mut client, args.request.to_proto(prompt, "")).await;
+    }
+    if !args.embed.is_empty() {
+        return print_embeddings(&mut client, &args.embed).await;
     }
     println!("{endpoint}");
     let cluster_endpoints = cluster.cluster_endpoints.join(",");

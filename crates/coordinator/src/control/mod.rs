@@ -1,12 +1,14 @@
 //! The coordinator's control tasks: long-running loops that act on the replicated state.
 //!
 //! - [`scheduler`]: continuous batching of admitted requests into steps through the pipeline;
-//!   its KV account ([`kv_budget`]) and prefix index ([`prefix`]);
+//!   its KV account ([`kv_budget`]) and prefix index ([`prefix`]); [`embedder`]: its
+//!   counterpart for encoders, batching whole inputs into stateless steps;
 //! - [`plan`]: on the leader, computes and loads a shard plan when workers come and go;
 //!   [`probe`] dials a plan's workers first and holds back those it cannot reach;
 //! - [`leadership`]: follows this node's Raft role (step up, step down);
 //! - [`liveness`]: drops workers that stop heartbeating.
 
+pub mod embedder;
 pub(crate) mod kv_budget;
 pub(crate) mod leadership;
 pub(crate) mod liveness;

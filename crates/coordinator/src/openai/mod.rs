@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /v1/chat/completions` | chat, streamed as server-sent events or whole |
 //! | `POST /v1/completions` | text completion, likewise |
+//! | `POST /v1/embeddings` | embeddings, on a cluster that serves an encoder ([`embeddings`]) |
 //! | `GET /v1/models`, `GET /v1/models/{id}` | the served model |
 //! | `GET /health` | 200 while the process serves |
 //! | `GET /ready` | 200 when this coordinator knows its Raft leader and a plan serves the model; 503 with the reason otherwise |
@@ -17,6 +18,7 @@
 //! API keys ([`ApiKeys`]) guard `/v1/*`; the health routes stay open. Errors have OpenAI's
 //! shape ([`error::ApiError`]); 429 and 503 carry `Retry-After`.
 
+mod embeddings;
 mod error;
 pub(crate) mod listener;
 mod request;
@@ -80,6 +82,7 @@ impl OpenAi {
         Router::new()
             .route("/v1/chat/completions", post(chat))
             .route("/v1/completions", post(completions))
+            .route("/v1/embeddings", post(embeddings::embeddings))
             .route("/v1/models", get(models))
             .route("/v1/models/{id}", get(model))
             .route("/health", get(health))
@@ -97,16 +100,9 @@ impl OpenAi {
         self.keys.check(value).map_err(ApiError::unauthorized)
     }
 
-    /// A completion of either endpoint: parse, validate, one generate call per choice, then
-    /// the whole response or its stream.
-    async fn complete(
-        &self,
-        headers: HeaderMap,
-        body: HttpBody,
-        endpoint: Endpoint,
-    ) -> Result<Response, ApiError> {
-        self.authorize(&headers)?;
-        let bytes = axum::body::to_bytes(body, self.body_limit)
+    /// Reads a request body, refusing one over the body limit (413) unread.
+    async fn read_body(&self, body: HttpBody) -> Result<axum::body::Bytes, ApiError> {
+        axum::body::to_bytes(body, self.body_limit)
             .await
             .map_err(|_| ApiError {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -118,7 +114,19 @@ impl OpenAi {
                      plus the JSON around it), or not fully received",
                     self.body_limit
                 ),
-            })?;
+            })
+    }
+
+    /// A completion of either endpoint: parse, validate, one generate call per choice, then
+    /// the whole response or its stream.
+    async fn complete(
+        &self,
+        headers: HeaderMap,
+        body: HttpBody,
+        endpoint: Endpoint,
+    ) -> Result<Response, ApiError> {
+        self.authorize(&headers)?;
+        let bytes = self.read_body(body).await?;
         let valid = request::parse(endpoint, &bytes, self.model_name())?;
         // Every choice is seeded, so that a client can resume it (`resume.rs`): the seed is
         // drawn here when the request has none.
@@ -284,7 +292,7 @@ async fn not_found() -> Response {
         param: None,
         code: Some("unknown_url"),
         message: "unknown route; this server serves /v1/chat/completions, /v1/completions, \
-                  /v1/models, /health and /ready"
+                  /v1/embeddings, /v1/models, /health and /ready"
             .into(),
     }
     .into_response()

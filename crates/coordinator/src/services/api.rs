@@ -1,5 +1,6 @@
 //! The public `tessera.v1.Inference` service: Generate (streamed through the scheduler),
-//! Tokenize, ListModels and ClusterStatus. On a follower, Generate and ClusterStatus are
+//! Embed (through the embedding scheduler, on a cluster that serves an encoder), Tokenize,
+//! ListModels and ClusterStatus. On a follower, Generate, Embed and ClusterStatus are
 //! forwarded to the leader; Tokenize and ListModels are answered locally (same model, and
 //! readiness comes from the replicated state, confirmed current by a ReadIndex first).
 
@@ -13,6 +14,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 
+use crate::control::embedder::EmbedderHandle;
 use crate::control::plan::assignment;
 use crate::control::scheduler::{EventResult, SchedulerHandle};
 use crate::error::CoordinatorError;
@@ -32,20 +34,30 @@ const CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 pub struct Api {
     cluster: Arc<Cluster>,
     validator: Validator,
-    scheduler: SchedulerHandle,
+    serve: Serve,
     forward: Arc<Forwarder>,
     /// Tokenization runs on blocking threads, this many at a time: however many requests
     /// arrive, the async runtime (and the Raft node on it) keeps its threads.
     tokenizers: Arc<Semaphore>,
 }
 
+/// What serves this cluster's model: the generation scheduler (a decoder), or the embedding
+/// scheduler (an encoder). Validation refuses the other kind of request first.
+#[derive(Clone, Debug)]
+pub enum Serve {
+    /// Generate requests.
+    Generate(SchedulerHandle),
+    /// Embed requests.
+    Embed(EmbedderHandle),
+}
+
 impl Api {
-    /// The service over the shared cluster, its validator and scheduler.
-    pub fn new(cluster: Arc<Cluster>, validator: Validator, scheduler: SchedulerHandle) -> Self {
+    /// The service over the shared cluster, its validator and what serves the model.
+    pub fn new(cluster: Arc<Cluster>, validator: Validator, serve: Serve) -> Self {
         Self {
             cluster,
             validator,
-            scheduler,
+            serve,
             forward: Arc::new(Forwarder::default()),
             tokenizers: Arc::new(Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
@@ -109,10 +121,60 @@ impl Api {
             headers.insert(status::REQUEST_ID_HEADER, v);
         }
         headers.insert(status::SEED_HEADER, MetadataValue::from(valid.seed));
-        self.scheduler
+        let Serve::Generate(scheduler) = &self.serve else {
+            // Validation refuses Generate on an encoder.
+            return Err(self.refused(CoordinatorError::Internal(
+                "no generation scheduler on an embedding cluster".into(),
+            )));
+        };
+        scheduler
             .submit(valid, events, metadata)
             .map_err(|e| self.refused(e))?;
         Ok(headers)
+    }
+
+    /// Validates an embed request (tokenizing on a blocking thread, as Generate does) and
+    /// waits for this node's embedding scheduler to answer it.
+    async fn embed_local(
+        &self,
+        req: pb::EmbedRequest,
+        received: Instant,
+    ) -> Result<pb::EmbedResponse, Status> {
+        let permit = Arc::clone(&self.tokenizers)
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::internal("the tokenizer pool is closed"))?;
+        let validator = self.validator.clone();
+        let valid = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            validator.validate_embed(req, received)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenization task: {e}")))?
+        .map_err(|e| self.refused(e))?;
+        let Serve::Embed(embedder) = &self.serve else {
+            return Err(self.refused(CoordinatorError::Internal(
+                "no embedding scheduler on a generation cluster".into(),
+            )));
+        };
+        let (request_id, tokens) = (valid.request_id.clone(), valid.tokens());
+        let answer = embedder.submit(valid).map_err(|e| self.refused(e))?;
+        let vectors = answer
+            .await
+            .map_err(|_| Status::internal("the embedding scheduler dropped the request"))??;
+        Ok(pb::EmbedResponse {
+            request_id,
+            embeddings: vectors
+                .into_iter()
+                .enumerate()
+                .map(|(i, values)| pb::Embedding {
+                    index: i as u32,
+                    values,
+                })
+                .collect(),
+            prompt_tokens: tokens as u32,
+            model: self.cluster.cfg.model.clone(),
+        })
     }
 
     /// Where this node's calls go now (see [`Forwarder::route`]).
@@ -161,6 +223,30 @@ impl pb::inference_server::Inference for Api {
         Ok(resp)
     }
 
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let received = Instant::now();
+        let (metadata, extensions, req) = request.into_parts();
+        // Refused before it is forwarded or tokenized: a huge request costs a length check.
+        self.validator
+            .check_embed_size(&req)
+            .map_err(|e| self.refused(e))?;
+        if let Route::Leader(mut leader) = self.forward.route(&self.cluster).await? {
+            let forwarded = Request::from_parts(metadata, extensions, req);
+            return leader.embed(forwarded).await;
+        }
+        let fut = self.embed_local(req, received);
+        match grpc_timeout(&metadata) {
+            Some(t) => tokio::time::timeout(t, fut)
+                .await
+                .map_err(|_| Status::deadline_exceeded("the request's deadline passed"))?
+                .map(Response::new),
+            None => fut.await.map(Response::new),
+        }
+    }
+
     async fn tokenize(
         &self,
         request: Request<pb::TokenizeRequest>,
@@ -192,7 +278,7 @@ impl pb::inference_server::Inference for Api {
         // follower) confirms current before reading it.
         let linearizable = !request.get_ref().local && self.confirm_replica().await;
         let cfg = self.validator.frontend().config();
-        let arch = format!("{:?}", cfg.arch).to_lowercase();
+        let arch = cfg.arch.name().to_owned();
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelInfo {
                 name: self.cluster.cfg.model.clone(),

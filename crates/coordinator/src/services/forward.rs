@@ -150,6 +150,14 @@ impl cpb::forward_server::Forward for ForwardService {
         pb::inference_server::Inference::generate(&self.api, request).await
     }
 
+    async fn embed(
+        &self,
+        request: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        self.tls.authorize(&request, &[Role::Coordinator])?;
+        pb::inference_server::Inference::embed(&self.api, request).await
+    }
+
     async fn cluster_status(
         &self,
         request: Request<pb::ClusterStatusRequest>,

@@ -1,7 +1,8 @@
 //! The coordinator's gRPC services: what arrives on its two ports.
 //!
 //! - [`api`]: `tessera.v1.Inference` (public port), validating each request once
-//!   ([`validate`]) and handing it to the scheduler;
+//!   ([`validate`], [`embed`] for Embed) and handing it to the scheduler (the embedding
+//!   scheduler on a cluster that serves an encoder);
 //! - [`forward`]: `tessera.cluster.v1.Forward`, and the client a follower uses to hand calls to
 //!   the leader; [`relay`]: a forwarded generate stream, resumed on the next leader when the
 //!   leader dies;
@@ -13,6 +14,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod embed;
 pub(crate) mod forward;
 pub(crate) mod registry;
 pub(crate) mod relay;

@@ -203,6 +203,11 @@ impl Validator {
         self.context
     }
 
+    /// The name of the model this cluster serves.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     /// Checks a requested model name (empty = the default).
     ///
     /// # Errors
@@ -244,6 +249,15 @@ impl Validator {
         received: Instant,
     ) -> Result<ValidRequest, CoordinatorError> {
         self.check_model(&req.model)?;
+        if self.frontend.config().arch.is_encoder() {
+            return Err(CoordinatorError::invalid(
+                "model",
+                format!(
+                    "`{}` is an embedding model (an encoder): use Embed or /v1/embeddings",
+                    self.model
+                ),
+            ));
+        }
         self.check_size(&req)?;
         let (text, chat) = match req.prompt {
             Some(pb::generate_request::Prompt::Text(t)) => (Some(t), None),

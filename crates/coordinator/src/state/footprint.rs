@@ -146,6 +146,9 @@ impl ModelFootprint {
                 .stored_qtype(key)
                 .map_or(WIDEST_BLOCK, |q| q.block_size() as u32)
         };
+        if cfg.arch.is_encoder() {
+            return Self::encoder_from_store(store, cfg);
+        }
         let mut layer_bytes = Vec::with_capacity(cfg.n_layers);
         let mut attn_bytes = Vec::with_capacity(cfg.n_layers);
         let mut ffn_bytes = Vec::with_capacity(cfg.n_layers);
@@ -196,6 +199,58 @@ impl ModelFootprint {
             ffn_bytes,
             attn_out_block,
             ffn_down_block,
+        })
+    }
+
+    /// [`ModelFootprint::from_store`] for an encoder: every layer's tensors (biases and
+    /// LayerNorm shifts included), the embeddings (word, position, type, their norm) on the
+    /// first stage, nothing for the pooling, no KV cache. Encoders are planned as pipeline
+    /// stages only (the tensor-parallel fields stay 0, which plans no split).
+    fn encoder_from_store(store: &dyn WeightStore, cfg: &ModelConfig) -> Result<Self> {
+        use TensorKey as K;
+        let need = |key: TensorKey| {
+            store.stored_bytes(key).ok_or_else(|| FormatError::Tensor {
+                name: format!("{key:?}"),
+                reason: "missing, or its size is unknown to the planner".into(),
+            })
+        };
+        let sum = |keys: &[TensorKey]| keys.iter().map(|&k| need(k)).sum::<Result<u64>>();
+        let layer_bytes = (0..cfg.n_layers)
+            .map(|l| {
+                sum(&[
+                    K::AttnQ(l),
+                    K::AttnK(l),
+                    K::AttnV(l),
+                    K::AttnQBias(l),
+                    K::AttnKBias(l),
+                    K::AttnVBias(l),
+                    K::AttnOutput(l),
+                    K::AttnOutputBias(l),
+                    K::AttnNorm(l),
+                    K::AttnNormBias(l),
+                    K::FfnUp(l),
+                    K::FfnUpBias(l),
+                    K::FfnDown(l),
+                    K::FfnDownBias(l),
+                    K::FfnNorm(l),
+                    K::FfnNormBias(l),
+                ])
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(Self {
+            layer_bytes,
+            embed_bytes: sum(&[
+                K::TokenEmbd,
+                K::PosEmbd,
+                K::TypeEmbd,
+                K::EmbdNorm,
+                K::EmbdNormBias,
+            ])?,
+            head_bytes: 0,
+            tied: false,
+            kv_bytes_per_token_layer: 0,
+            hidden: cfg.hidden as u32,
+            ..Self::default()
         })
     }
 

@@ -172,8 +172,12 @@ impl Executor {
         let num_blocks = kv_tokens.div_ceil(block_size);
         // Only this rank's KV heads are cached.
         let kv_heads = slice.kv_heads.len();
-        let kv_bytes =
-            2 * (end_l - start_l) * num_blocks * block_size * kv_heads * cfg.head_dim * 4;
+        // An encoder keeps no KV (its cache is a table without storage).
+        let kv_bytes = if cfg.arch.is_encoder() {
+            0
+        } else {
+            2 * (end_l - start_l) * num_blocks * block_size * kv_heads * cfg.head_dim * 4
+        };
         let span = tracing::info_span!(
             "load_shard",
             epoch = req.plan_epoch,

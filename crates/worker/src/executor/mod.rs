@@ -21,6 +21,7 @@
 //! from this worker's own inbound streams.
 
 mod check;
+mod encode;
 mod load;
 mod model;
 
@@ -333,6 +334,15 @@ impl Executor {
                 req.plan_epoch, l.epoch
             )));
         }
+        if let model::StageModel::Encoder(bert) = &mut l.model {
+            return encode::encode_step(
+                bert,
+                l.next.as_deref(),
+                req,
+                &mut self.scratch,
+                &self.pool,
+            );
+        }
         let block_size = l.cache.config().block_size;
         let ring = l.group.as_ref().is_some_and(Group::is_ring);
         if ring
@@ -437,6 +447,7 @@ impl Executor {
             Ok(StepOutput::Answer(pb::StepResponse {
                 step_id: req.step_id,
                 tokens,
+                embeddings: Vec::new(),
             }))
         }
     }

@@ -10,6 +10,7 @@
 
 use tessera_cuda::stage::{CudaOps, GpuStage, HostOps};
 use tessera_format::{ModelConfig, WeightStore};
+use tessera_model::encoder::Bert;
 use tessera_model::kv_cache::{KvCacheConfig, PagedKvCache};
 use tessera_model::layers::SeqStep;
 use tessera_model::llama::{Llama, LoadSpec};
@@ -26,6 +27,9 @@ pub(super) enum StageModel {
     Cuda(Box<GpuStage<CudaOps>>),
     /// The GPU stage over host operations (testing; see `crate::device`).
     Emulated(GpuStage<HostOps>),
+    /// An encoder's stage (CPU). It keeps no KV: its cache is an empty table of no blocks'
+    /// storage, and its steps run through `super::encode`, not [`StageModel::step`].
+    Encoder(Box<Bert>),
 }
 
 impl StageModel {
@@ -53,6 +57,14 @@ impl StageModel {
         let bad_kv = |e: tessera_model::kv_cache::KvCacheError| {
             WorkerError::invalid("kv_tokens", e.to_string())
         };
+        if cfg.arch.is_encoder() {
+            if on_device {
+                tracing::warn!("encoders run on the CPU backend (no GPU encoder stage yet)");
+            }
+            let model = Bert::load(store, cfg, &spec)?;
+            let cache = PagedKvCache::without_storage(kv).map_err(bad_kv)?;
+            return Ok((Self::Encoder(Box::new(model)), cache));
+        }
         Ok(match backend {
             Backend::Cuda { ordinal, .. } if whole => {
                 let ops = CudaOps::new(*ordinal, GPU_DTYPE)?;
@@ -79,6 +91,7 @@ impl StageModel {
             Self::Cpu(m) => m.config(),
             Self::Cuda(m) => m.config(),
             Self::Emulated(m) => m.config(),
+            Self::Encoder(m) => m.config(),
         }
     }
 
@@ -88,6 +101,7 @@ impl StageModel {
             Self::Cpu(m) => m.spec(),
             Self::Cuda(m) => m.spec(),
             Self::Emulated(m) => m.spec(),
+            Self::Encoder(m) => m.spec(),
         }
     }
 
@@ -97,13 +111,14 @@ impl StageModel {
             Self::Cpu(m) => m.weight_bytes(),
             Self::Cuda(m) => m.weight_bytes(),
             Self::Emulated(m) => m.weight_bytes(),
+            Self::Encoder(m) => m.weight_bytes(),
         }
     }
 
     /// Which backend runs it, for logs and metrics.
     pub(super) fn backend_name(&self) -> &'static str {
         match self {
-            Self::Cpu(_) => "cpu",
+            Self::Cpu(_) | Self::Encoder(_) => "cpu",
             Self::Cuda(_) => "cuda",
             Self::Emulated(_) => "emulated",
         }
@@ -125,6 +140,11 @@ impl StageModel {
             Self::Cpu(m) => m.step(batch, input, ctx, scratch)?,
             Self::Cuda(m) => m.step(batch, input, ctx.cache, scratch)?,
             Self::Emulated(m) => m.step(batch, input, ctx.cache, scratch)?,
+            Self::Encoder(_) => {
+                return Err(WorkerError::Executor(
+                    "an encoder stage runs encoder steps, not decoder steps".into(),
+                ));
+            }
         })
     }
 }

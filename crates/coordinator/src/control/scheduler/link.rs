@@ -216,33 +216,8 @@ impl Scheduler {
             return;
         };
         let (step_id, waited) = (oldest.step_id, oldest.sent_at.elapsed());
-        let cfg = &self.cluster.cfg;
-        let wedged = super::timeout::wedged(
-            &link.workers,
-            &self.cluster.liveness.snapshot(),
-            waited,
-            cfg.heartbeat_interval,
-        );
-        self.cluster.metrics.step_timed_out(wedged.len() as u64);
-        for (id, busy_ms) in &wedged {
-            tracing::error!(worker = %id, busy_ms, step = step_id,
-                "worker wedged: its executor stays on one step while it heartbeats; dropping it");
-            // Bounded: without a quorum the commit may never complete, and the stream is
-            // given up either way.
-            let drop = self.cluster.drop_worker(id);
-            if tokio::time::timeout(cfg.heartbeat_timeout, drop)
-                .await
-                .is_err()
-            {
-                tracing::warn!(worker = %id, "dropping the wedged worker did not commit in time");
-            }
-        }
-        let blamed = if wedged.is_empty() {
-            String::new()
-        } else {
-            let ids: Vec<&str> = wedged.iter().map(|(id, _)| id.as_str()).collect();
-            format!("; dropped wedged worker(s) {}", ids.join(", "))
-        };
+        let workers = link.workers.clone();
+        let blamed = super::timeout::drop_wedged(&self.cluster, &workers, step_id, waited).await;
         self.lose_link(&unavailable(format!(
             "step {step_id} had no answer in {} ms{blamed}",
             waited.as_millis()
@@ -271,7 +246,7 @@ impl Scheduler {
 }
 
 /// Resolves once the serving plan is no longer the one of `epoch`.
-async fn wait_plan_change(serving: &mut watch::Receiver<Option<Serving>>, epoch: u64) {
+pub(crate) async fn wait_plan_change(serving: &mut watch::Receiver<Option<Serving>>, epoch: u64) {
     loop {
         if serving.borrow_and_update().as_ref().map(|s| s.epoch) != Some(epoch) {
             return;

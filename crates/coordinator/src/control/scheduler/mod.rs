@@ -56,7 +56,10 @@ use crate::state::planner;
 mod link;
 mod migrate;
 mod step;
-mod timeout;
+pub(crate) mod timeout;
+
+pub(crate) use link::wait_plan_change;
+pub(crate) use migrate::MAX_MIGRATIONS;
 
 use link::Link;
 
@@ -77,7 +80,7 @@ struct Submit {
 
 /// A place in the queue of requests not yet admitted; counts itself out on drop, wherever the
 /// request leaves the queue (admitted, expired, abandoned, or the task gone).
-struct QueueSlot(Arc<AtomicUsize>);
+pub(crate) struct QueueSlot(pub(crate) Arc<AtomicUsize>);
 
 impl Drop for QueueSlot {
     fn drop(&mut self) {

@@ -31,20 +31,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::state::cluster::Seen;
+use crate::state::cluster::{Cluster, Seen};
 
 /// How many times the expected time a step may take before it counts as lost.
 const SLACK: f64 = 8.0;
 /// The weight of the newest step in the moving averages.
 const SMOOTHING: f64 = 0.2;
 /// The timeout before any step has been answered.
-pub(super) const COLD: Duration = Duration::from_secs(60);
+pub(crate) const COLD: Duration = Duration::from_secs(60);
 /// Size classes: tokens 1, 2–3, 4–7, …, ≥ 2^(CLASSES-1).
 const CLASSES: usize = 16;
 
 /// What the answered steps say about how long a step takes.
 #[derive(Debug, Default)]
-pub(super) struct StepClock {
+pub(crate) struct StepClock {
     /// Per size class: the moving average of answer seconds, once a step of it was answered.
     secs: [Option<f64>; CLASSES],
     /// The highest seconds per token of any class: the extrapolation for unseen sizes.
@@ -58,7 +58,7 @@ fn class(tokens: usize) -> usize {
 
 impl StepClock {
     /// Records a step of `tokens` tokens answered `secs` after it was sent.
-    pub(super) fn observe(&mut self, tokens: usize, secs: f64) {
+    pub(crate) fn observe(&mut self, tokens: usize, secs: f64) {
         if tokens == 0 || !secs.is_finite() || secs < 0.0 {
             return;
         }
@@ -73,7 +73,7 @@ impl StepClock {
     }
 
     /// How long a step of `tokens` tokens may go unanswered, never less than `floor`.
-    pub(super) fn timeout(&self, tokens: usize, floor: Duration) -> Duration {
+    pub(crate) fn timeout(&self, tokens: usize, floor: Duration) -> Duration {
         let expected = match (self.secs[class(tokens)], self.worst_rate) {
             (Some(secs), _) => secs,
             (None, Some(rate)) => rate * tokens.max(1) as f64,
@@ -87,7 +87,7 @@ impl StepClock {
 /// The workers among `plan_workers` that the heartbeats in `seen` show wedged after a step
 /// went unanswered for `waited`: each on one step for at least half that long (and at least
 /// `min_busy`, so a short timeout cannot blame an ordinary step).
-pub(super) fn wedged(
+fn wedged(
     plan_workers: &[String],
     seen: &HashMap<String, Seen>,
     waited: Duration,
@@ -101,6 +101,42 @@ pub(super) fn wedged(
             (Duration::from_millis(busy) >= bound).then(|| (id.clone(), busy))
         })
         .collect()
+}
+
+/// Drops the workers of `plan_workers` that the heartbeats show wedged after step `step_id`
+/// went unanswered for `waited` ([`wedged`]), each removal committed (bounded by the heartbeat
+/// timeout: without a quorum it may never complete, and the stream is given up either way);
+/// returns the text that names them for the lost stream's reason (empty when none).
+pub(crate) async fn drop_wedged(
+    cluster: &Cluster,
+    plan_workers: &[String],
+    step_id: u64,
+    waited: Duration,
+) -> String {
+    let cfg = &cluster.cfg;
+    let wedged = wedged(
+        plan_workers,
+        &cluster.liveness.snapshot(),
+        waited,
+        cfg.heartbeat_interval,
+    );
+    cluster.metrics.step_timed_out(wedged.len() as u64);
+    for (id, busy_ms) in &wedged {
+        tracing::error!(worker = %id, busy_ms, step = step_id,
+            "worker wedged: its executor stays on one step while it heartbeats; dropping it");
+        if tokio::time::timeout(cfg.heartbeat_timeout, cluster.drop_worker(id))
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker = %id, "dropping the wedged worker did not commit in time");
+        }
+    }
+    if wedged.is_empty() {
+        String::new()
+    } else {
+        let ids: Vec<&str> = wedged.iter().map(|(id, _)| id.as_str()).collect();
+        format!("; dropped wedged worker(s) {}", ids.join(", "))
+    }
 }
 
 #[cfg(test)]
