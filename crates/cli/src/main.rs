@@ -51,6 +51,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Measure what pipeline sharding costs: 1, 2, 3 workers against the embedded engine.
     BenchCluster(commands::bench_cluster::BenchClusterArgs),
+    /// Measure sentence-embedding throughput side by side with sentence-transformers.
+    BenchEmbed(commands::bench_embed::BenchEmbedArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => commands::bench::run(args),
         Command::BenchCluster(args) => commands::bench_cluster::run(args),
         Command::BenchFailover(args) => commands::bench_failover::run(args),
+        Command::BenchEmbed(args) => commands::bench_embed::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_cluster;
+pub mod bench_embed;
 pub mod bench_failover;
 mod bench_ring;
 mod bench_tp;
