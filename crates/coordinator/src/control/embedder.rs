@@ -537,12 +537,17 @@ impl Embedder {
             return;
         };
         let epoch = link.epoch;
-        tracing::warn!(
-            epoch,
-            error = why,
-            in_flight = link.in_flight.len(),
-            "embedding pipeline lost"
-        );
+        if link.in_flight.is_empty() {
+            // No input lost (a cluster stopping, typically).
+            tracing::info!(epoch, error = why, "embedding pipeline closed while idle");
+        } else {
+            tracing::warn!(
+                epoch,
+                error = why,
+                in_flight = link.in_flight.len(),
+                "embedding pipeline lost"
+            );
+        }
         let now = Instant::now();
         let mut hit = Vec::new();
         for sent in link.in_flight.into_iter().rev() {
