@@ -47,6 +47,146 @@ fn read_bandwidth(pool: &ThreadPool) -> f64 {
     (buf.len() * 8) as f64 / secs / 1e9
 }
 
+/// The fastest single call of `f` (wall time, seconds) over about `min` of calls: on a shared
+/// machine the fastest call is the one least disturbed by other processes.
+fn fastest(min: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let (start, mut best) = (Instant::now(), f64::INFINITY);
+    while start.elapsed() < min {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Ensures nothing (a benchmark); prints the float product figures: an encoder's f32 linear
+/// layers (m = 640 tokens; 1536×384 and 384×1536) and decode steps (m = 1) before the float
+/// kernels ("before": the old AVX2 `dot` per pair, see [`legacy`]) and after, per ISA and
+/// thread count, in one run:
+/// `cargo test --release -p tessera-kernels --lib quant::bench::bench_f32 -- --ignored
+/// --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand with --release --ignored --nocapture"]
+fn bench_f32_prefill() {
+    let best = isa::isa();
+    if best < Isa::Avx2 {
+        return;
+    }
+    println!("ISA detected: {}", best.name());
+    // The encoder's prefill shapes, then decode steps (m = 1, the in-place kernel) including a
+    // weight matrix larger than the caches.
+    let shapes = [
+        (1536, 384, 640),
+        (384, 1536, 640),
+        (1536, 384, 1),
+        (384, 1536, 1),
+        (8192, 2048, 1),
+    ];
+    for threads in [1, 2] {
+        let pool = ThreadPool::new(threads).expect("pool");
+        for (rows, cols, m) in shapes {
+            let w = QMatrix::quantize(QType::F32, rows, cols, &normal(rows * cols, 1)).expect("w");
+            let x = normal(m * cols, 2);
+            let mut y = vec![0.0; m * rows];
+            let mut s = QScratch::new();
+            let gflops = |secs: f64| 2.0 * (rows * cols * m) as f64 / secs / 1e9;
+            let window = Duration::from_millis(if m == 1 { 500 } else { 1500 });
+            #[cfg(target_arch = "x86_64")]
+            let before = fastest(window, || legacy::matmul(&w, &x, m, &mut y, &pool));
+            #[cfg(not(target_arch = "x86_64"))]
+            let before = f64::NAN;
+            let mut line = format!(
+                "f32 {rows:4}x{cols:<4} m={m:<3} threads={threads}: before {:6.1} GFLOP/s",
+                gflops(before)
+            );
+            for isa in [Isa::Avx2, best] {
+                let after = fastest(window, || {
+                    w.matmul_isa(isa, &x, m, &mut y, &mut s, &pool).expect("mm");
+                });
+                line += &format!(
+                    " | {} {:6.1} GFLOP/s x{:.2}",
+                    isa.name(),
+                    gflops(after),
+                    before / after
+                );
+            }
+            println!("{line}");
+        }
+    }
+}
+
+/// The float product as it was before the packed kernels, kept only so the benchmark measures
+/// before and after in one run: the old AVX2 `dot_f32` (two eight-lane accumulators over
+/// alternating groups of eight, folded and reduced by `hsum8`, then an unfused tail) once per
+/// (row, token) pair, tasks split over rows as `run` splits them.
+#[cfg(target_arch = "x86_64")]
+mod legacy {
+    use super::super::QMatrix;
+    use super::super::dot_avx2::hsum;
+    use crate::ThreadPool;
+    use std::arch::x86_64::*;
+
+    /// The old `dot_f32`.
+    ///
+    /// # Safety
+    /// AVX2 and FMA are available; `w` holds `x.len()` f32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: elements i..i + 16 are inside w and x.
+            unsafe {
+                let p = w.as_ptr().add(4 * i).cast::<f32>();
+                acc0 =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
+                let (q, xq) = (p.add(8), x.as_ptr().add(i + 8));
+                acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(xq), acc1);
+            }
+            i += 16;
+        }
+        let mut sum = hsum(_mm256_add_ps(acc0, acc1));
+        for j in i..n {
+            let c = &w[4 * j..4 * j + 4];
+            sum += f32::from_le_bytes([c[0], c[1], c[2], c[3]]) * x[j];
+        }
+        sum
+    }
+
+    /// The output, shared by tasks that write disjoint rows.
+    struct Out(*mut f32);
+    // SAFETY: every task writes only its own rows' elements.
+    unsafe impl Sync for Out {}
+
+    /// `y = x · Wᵀ` the old way (see the module docs).
+    pub(super) fn matmul(w: &QMatrix, x: &[f32], m: usize, y: &mut [f32], pool: &ThreadPool) {
+        let (rows, cols) = (w.rows(), w.cols());
+        assert!(x.len() == m * cols && y.len() == m * rows && crate::isa::avx2());
+        let n_tasks = (pool.n_threads() * 4).min(rows.div_ceil(4)).max(1);
+        let per = rows.div_ceil(n_tasks);
+        let tile = (256 * 1024 / w.row_bytes()).clamp(4, per.max(4));
+        let out = Out(y.as_mut_ptr());
+        pool.for_each(n_tasks, |i| {
+            let out = &out;
+            let end = rows.min((i + 1) * per);
+            for r0 in (i * per..end).step_by(tile) {
+                for t in 0..m {
+                    for r in r0..end.min(r0 + tile) {
+                        // SAFETY: AVX2 is available (asserted); the row holds `cols` f32; (t, r)
+                        // is inside y and written by this task only.
+                        unsafe {
+                            let v = dot_f32(w.row(r), &x[t * cols..(t + 1) * cols]);
+                            out.0.add(t * rows + r).write(v);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Ensures nothing (a benchmark); prints figures for the report.
 #[test]
 #[ignore = "benchmark: run by hand with --release --ignored --nocapture"]

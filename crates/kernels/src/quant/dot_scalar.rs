@@ -14,7 +14,8 @@
 //! * the accumulators are reduced by [`hsum8`], the exact pairing of the SIMD horizontal sum.
 //!
 //! This is also llama.cpp's own AVX2 order for Q4_1 · Q8_1 (`ggml_vec_dot_q4_1_q8_1`), which the
-//! golden tests compare against.
+//! golden tests compare against. Float weights (f32, f16, bf16) have their own, simpler order —
+//! one serial fused chain per pair — documented in `matmul_float`.
 
 use super::act::{BlockQ8, BlockQ8K};
 use super::blocks::{f16_at, scale_min_k4};
@@ -193,40 +194,102 @@ pub(crate) fn dot_q6k(w: &[u8], a: &[BlockQ8K]) -> f32 {
     hsum8(&acc)
 }
 
-/// Float row · f32 activations in the AVX2 kernel's order: two eight-lane fused accumulators
-/// over alternating groups of eight elements, summed lane-wise and reduced by [`hsum8`]; the
-/// last `n % 16` elements are added one by one (unfused).
+/// Float row · f32 activations, `w` widened by `load`: one fused multiply-add per element, in
+/// element order, from `+0` — the order every float kernel keeps (see `matmul_float`).
+#[inline(always)]
 fn dot_float(w: &[u8], x: &[f32], elem: usize, load: impl Fn(&[u8]) -> f32) -> f32 {
-    let n = x.len();
-    let (mut acc0, mut acc1) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let mut i = 0;
-    while i + 16 <= n {
-        for l in 0..LANES {
-            let (j0, j1) = (i + l, i + 8 + l);
-            acc0[l] = load(&w[j0 * elem..]).mul_add(x[j0], acc0[l]);
-            acc1[l] = load(&w[j1 * elem..]).mul_add(x[j1], acc1[l]);
+    let mut acc = 0.0f32;
+    for (c, &xk) in w.chunks_exact(elem).zip(x) {
+        acc = load(c).mul_add(xk, acc);
+    }
+    acc
+}
+
+/// [`dot_float`] of one row with four tokens: four independent chains, so their latencies
+/// overlap, each exactly its single-pair chain.
+#[inline(always)]
+fn dot_float_x4(w: &[u8], x: [&[f32]; 4], elem: usize, load: impl Fn(&[u8]) -> f32) -> [f32; 4] {
+    let mut acc = [0.0f32; 4];
+    for (k, c) in w.chunks_exact(elem).take(x[0].len()).enumerate() {
+        let wk = load(c);
+        for t in 0..4 {
+            acc[t] = wk.mul_add(x[t][k], acc[t]);
         }
-        i += 16;
     }
-    let both: [f32; LANES] = std::array::from_fn(|l| acc0[l] + acc1[l]);
-    let mut sum = hsum8(&both);
-    for j in i..n {
-        sum += load(&w[j * elem..]) * x[j];
+    acc
+}
+
+/// [`dot_float`] of four rows with one token: four independent chains.
+#[inline(always)]
+fn dot_float_r4(w: [&[u8]; 4], x: &[f32], elem: usize, load: impl Fn(&[u8]) -> f32) -> [f32; 4] {
+    let mut acc = [0.0f32; 4];
+    for (k, &xk) in x.iter().enumerate() {
+        for r in 0..4 {
+            acc[r] = load(&w[r][k * elem..(k + 1) * elem]).mul_add(xk, acc[r]);
+        }
     }
-    sum
+    acc
+}
+
+/// An f32 weight's bytes as the value.
+#[inline(always)]
+fn f32_at(c: &[u8]) -> f32 {
+    f32::from_le_bytes([c[0], c[1], c[2], c[3]])
+}
+
+/// An f16 weight's bytes widened to f32 (exactly).
+#[inline(always)]
+fn f16_val(c: &[u8]) -> f32 {
+    f16::from_le_bytes([c[0], c[1]]).to_f32()
+}
+
+/// A bf16 weight's bytes widened to f32 (exactly).
+#[inline(always)]
+fn bf16_val(c: &[u8]) -> f32 {
+    bf16::from_le_bytes([c[0], c[1]]).to_f32()
 }
 
 /// f32 row · f32 activations.
 pub(crate) fn dot_f32(w: &[u8], x: &[f32]) -> f32 {
-    dot_float(w, x, 4, |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    dot_float(w, x, 4, f32_at)
 }
 
 /// f16 row · f32 activations.
 pub(crate) fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
-    dot_float(w, x, 2, |c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+    dot_float(w, x, 2, f16_val)
 }
 
 /// bf16 row · f32 activations.
 pub(crate) fn dot_bf16(w: &[u8], x: &[f32]) -> f32 {
-    dot_float(w, x, 2, |c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+    dot_float(w, x, 2, bf16_val)
+}
+
+/// f32 row · four tokens.
+pub(crate) fn dot_f32_x4(w: &[u8], x: [&[f32]; 4]) -> [f32; 4] {
+    dot_float_x4(w, x, 4, f32_at)
+}
+
+/// f16 row · four tokens.
+pub(crate) fn dot_f16_x4(w: &[u8], x: [&[f32]; 4]) -> [f32; 4] {
+    dot_float_x4(w, x, 2, f16_val)
+}
+
+/// bf16 row · four tokens.
+pub(crate) fn dot_bf16_x4(w: &[u8], x: [&[f32]; 4]) -> [f32; 4] {
+    dot_float_x4(w, x, 2, bf16_val)
+}
+
+/// Four f32 rows · one token.
+pub(crate) fn dot_f32_r4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    dot_float_r4(w, x, 4, f32_at)
+}
+
+/// Four f16 rows · one token.
+pub(crate) fn dot_f16_r4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    dot_float_r4(w, x, 2, f16_val)
+}
+
+/// Four bf16 rows · one token.
+pub(crate) fn dot_bf16_r4(w: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    dot_float_r4(w, x, 2, bf16_val)
 }

@@ -8,9 +8,15 @@
 //! the `_x4` micro-kernel so every weight block is unpacked once per four tokens, and the tokens
 //! left over (all of them in a decode step) go four rows at a time through the `_r4`
 //! micro-kernel (`dot_rows`), whose four independent accumulation chains overlap.
+//!
+//! Float weights (f32, f16, bf16) take their own path (`matmul_float`): register-blocked
+//! GEMM micro-kernels over packed weight panels for prefill, an in-place transposing kernel
+//! for decode, all computing each pair as the one serial chain of fused multiply-adds that the
+//! portable `dot` also computes.
 
 use super::act::{self, BlockQ8, BlockQ8K};
 use super::dot_scalar as sc;
+use super::matmul_float::float_kernels;
 use super::matrix::QMatrix;
 use crate::ThreadPool;
 use crate::error::{KernelError, Result};
@@ -163,28 +169,28 @@ fn k_kernel(qtype: QType, isa: Isa) -> Dot<BlockQ8K> {
     }
 }
 
-/// The float-weight kernel for `qtype` at `isa`.
-fn float_kernel(qtype: QType, isa: Isa) -> Dot<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if isa >= Isa::Avx2 {
-        use super::dot_avx2 as v2;
-        return match qtype {
-            QType::F16 => v2::dot_f16,
-            QType::BF16 => v2::dot_bf16,
-            _ => v2::dot_f32,
-        };
+/// The portable float kernels for `qtype` (F32, F16 or BF16), for CPUs without AVX2: one
+/// serial fused chain per pair (see `matmul_float`), four independent chains at a time in the
+/// `_x4` and `_r4` kernels so their latencies overlap. `pairs_only` leaves just `dot`.
+fn float_portable(qtype: QType, pairs_only: bool) -> Kernels<f32> {
+    let (dot, x4, r4): (Dot<f32>, Dot4<f32>, DotR4<f32>) = match qtype {
+        QType::F16 => (sc::dot_f16, sc::dot_f16_x4, sc::dot_f16_r4),
+        QType::BF16 => (sc::dot_bf16, sc::dot_bf16_x4, sc::dot_bf16_r4),
+        _ => (sc::dot_f32, sc::dot_f32_x4, sc::dot_f32_r4),
+    };
+    if pairs_only {
+        return Kernels::single(dot);
     }
-    let _ = isa;
-    match qtype {
-        QType::F16 => sc::dot_f16,
-        QType::BF16 => sc::dot_bf16,
-        _ => sc::dot_f32,
+    Kernels {
+        dot,
+        tokens4: Some(x4),
+        rows4: Some(r4),
     }
 }
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 // SAFETY: every task writes only the (token, row) elements of its own row range.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above; no element is read or written by two tasks.
@@ -199,6 +205,15 @@ impl OutPtr {
     unsafe fn write(&self, i: usize, v: f32) {
         // SAFETY: forwarded contract.
         unsafe { self.0.add(i).write(v) }
+    }
+
+    /// The address of element `i`, for a kernel that writes a block from there.
+    ///
+    /// # Safety
+    /// `i` is inside the output.
+    pub(super) unsafe fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY: forwarded contract.
+        unsafe { self.0.add(i) }
     }
 }
 
@@ -246,6 +261,35 @@ impl QMatrix {
         scratch: &mut QScratch,
         pool: &ThreadPool,
     ) -> Result<()> {
+        self.matmul_impl(isa, true, x, m, y, scratch, pool)
+    }
+
+    /// [`QMatrix::matmul_isa`] with float weights computed by the portable `dot`, one pair at
+    /// a time: the reference the SIMD float kernels must equal bit for bit (tests).
+    #[cfg(test)]
+    pub(crate) fn matmul_pairs(
+        &self,
+        isa: Isa,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        pool: &ThreadPool,
+    ) -> Result<()> {
+        self.matmul_impl(isa, false, x, m, y, &mut QScratch::new(), pool)
+    }
+
+    /// [`QMatrix::matmul_isa`], with the SIMD float kernels allowed (`simd`) or not.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_impl(
+        &self,
+        isa: Isa,
+        simd: bool,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        scratch: &mut QScratch,
+        pool: &ThreadPool,
+    ) -> Result<()> {
         let (rows, cols) = (self.rows(), self.cols());
         if isa > isa::detected() {
             return Err(KernelError::InvalidArgument {
@@ -284,10 +328,13 @@ impl QMatrix {
                 let kernels = Kernels::single(k_kernel(self.qtype(), isa));
                 self.run(acts, nb, m, y, pool, kernels);
             }
-            QType::F32 | QType::F16 | QType::BF16 => {
-                let kernels = Kernels::single(float_kernel(self.qtype(), isa));
-                self.run(x, cols, m, y, pool, kernels);
-            }
+            QType::F32 | QType::F16 | QType::BF16 => match float_kernels(self.qtype(), isa) {
+                Some(k) if simd => self.run_float(x, m, y, pool, k),
+                _ => {
+                    let kernels = float_portable(self.qtype(), !simd);
+                    self.run(x, cols, m, y, pool, kernels);
+                }
+            },
         }
         Ok(())
     }
@@ -305,14 +352,7 @@ impl QMatrix {
         k: Kernels<A>,
     ) {
         let rows = self.rows();
-        let work = rows * m * self.cols();
-        let n_tasks = if pool.n_threads() == 1 || work < MIN_PARALLEL_WORK {
-            1
-        } else {
-            (pool.n_threads() * TASKS_PER_THREAD)
-                .min(rows.div_ceil(4))
-                .max(1)
-        };
+        let n_tasks = self.n_tasks(m, pool);
         let rows_per_task = rows.div_ceil(n_tasks);
         let tile = (TILE_BYTES / self.row_bytes().max(1)).clamp(4, rows_per_task.max(4));
         let out = OutPtr(y.as_mut_ptr());
@@ -374,10 +414,22 @@ impl QMatrix {
             pool.for_each(n_tasks, task);
         }
     }
+
+    /// How many row tasks a product over `m` tokens is split into.
+    pub(super) fn n_tasks(&self, m: usize, pool: &ThreadPool) -> usize {
+        let rows = self.rows();
+        if pool.n_threads() == 1 || rows * m * self.cols() < MIN_PARALLEL_WORK {
+            1
+        } else {
+            (pool.n_threads() * TASKS_PER_THREAD)
+                .min(rows.div_ceil(4))
+                .max(1)
+        }
+    }
 }
 
 /// Grows `v` to at least `n` elements (never shrinks, so warm calls do not allocate).
-fn grow<T: Copy>(v: &mut Vec<T>, n: usize, zero: T) {
+pub(super) fn grow<T: Copy>(v: &mut Vec<T>, n: usize, zero: T) {
     if v.len() < n {
         v.resize(n, zero);
     }

@@ -16,7 +16,12 @@ mod dot_avx512;
 #[cfg(target_arch = "x86_64")]
 mod dot_rows;
 mod dot_scalar;
+#[cfg(target_arch = "x86_64")]
+mod float_avx2;
+#[cfg(target_arch = "x86_64")]
+mod float_avx512;
 mod matmul;
+mod matmul_float;
 mod matrix;
 mod quantize;
 
@@ -24,6 +29,8 @@ mod quantize;
 mod bench;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_float;
 
 pub use crate::isa::Isa;
 pub use matmul::QScratch;
