@@ -122,10 +122,40 @@ impl LayerNorm {
     }
 }
 
-/// Exact GELU, `x/2 · (1 + erf(x/√2))` (transformers' `"gelu"`), erf from libm.
+/// erf in f32 to a few ulp (max |error| 4.5e-7 measured): the odd/even rational minimax fit
+/// on [-4, 4] that Eigen and XLA use for single precision (`ErfImpl32`); beyond it erf is
+/// within an ulp of ±1. Branch-free, so the GELU loop vectorizes: with libm's `erff` per
+/// element the encoder ran at 0.83x sentence-transformers, with this at 1.01x.
+#[inline]
+fn erf_f32(x: f32) -> f32 {
+    const ALPHA: [f32; 7] = [
+        -2.726_142_3e-10,
+        2.770_681_4e-8,
+        -2.101_024e-6,
+        -5.692_506_4e-5,
+        -7.349_906_3e-4,
+        -2.954_6e-3,
+        -1.609_603_3e-2,
+    ];
+    const BETA: [f32; 5] = [
+        -1.456_607_2e-5,
+        -2.133_740_6e-4,
+        -1.682_827e-3,
+        -7.373_329e-3,
+        -1.426_474e-2,
+    ];
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    // Plain multiply-adds: `mul_add` without a target FMA is a call to a software fmaf.
+    let p = ALPHA.iter().skip(1).fold(ALPHA[0], |p, &a| p * x2 + a) * x;
+    let q = BETA.iter().skip(1).fold(BETA[0], |q, &b| q * x2 + b);
+    p / q
+}
+
+/// Exact GELU, `x/2 · (1 + erf(x/√2))` (transformers' `"gelu"`, not the tanh approximation).
 pub(super) fn gelu_in_place(x: &mut [f32]) {
     for v in x {
-        *v = 0.5 * *v * (1.0 + libm::erff(*v * std::f32::consts::FRAC_1_SQRT_2));
+        *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
     }
 }
 
@@ -280,6 +310,23 @@ fn attend(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ensures that the f32 erf is within a few ulp of libm's f64 erf across its range, odd,
+    /// and within one ulp of ±1 beyond it.
+    #[test]
+    fn erf_matches_f64() {
+        let mut worst = 0f64;
+        for i in -60_000..=60_000 {
+            let x = i as f32 / 10_000.0;
+            let want = libm::erf(f64::from(x));
+            let got = f64::from(erf_f32(x));
+            worst = worst.max((got - want).abs());
+            assert_eq!(erf_f32(-x), -erf_f32(x), "odd at {x}");
+        }
+        // Measured 4.5e-7 (multiply-adds rounded twice; a few ulp of values near 1).
+        assert!(worst < 6e-7, "max |erf error| {worst}");
+        assert!((erf_f32(9.0) - 1.0).abs() <= f32::EPSILON && erf_f32(0.0) == 0.0);
+    }
 
     /// Ensures that exact GELU matches the f64 definition to f32 rounding across its range.
     #[test]
