@@ -24,17 +24,10 @@ const MINILM_FILES: [&str; 4] = [
 ];
 
 /// `$TESSERA_HOME/models/NAME`, `TESSERA_HOME` defaulting to `~/.cache/tessera` (the hub's
-/// cache layout); `None` when neither variable is set.
+/// own cache, [`tessera_hub::ModelCache::from_env`]); `None` when neither variable is set.
 fn cached(name: &str) -> Option<PathBuf> {
-    let home = std::env::var_os("TESSERA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".cache").join("tessera"))
-        })?;
-    Some(home.join("models").join(name))
+    let cache = tessera_hub::ModelCache::from_env().ok()?;
+    Some(cache.models_dir().join(name))
 }
 
 /// What a locator does when its model is missing: panic in CI (which must never skip the

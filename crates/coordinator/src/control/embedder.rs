@@ -27,7 +27,6 @@ use std::time::Instant;
 
 use tessera_proto::cluster::v1 as cpb;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
@@ -319,25 +318,12 @@ impl Embedder {
 
     /// Opens the pipeline stream of `serving`'s plan on its first stage.
     async fn open(&self, serving: &Serving) -> Result<Link, Status> {
-        let timeout = self.cluster.cfg.heartbeat_timeout * 2;
-        let limit = self
-            .cluster
-            .cfg
-            .inflight_steps_for(serving.plan.n_stages() as usize);
-        let channel =
-            super::connect(&self.cluster.cfg.cluster_tls, &serving.stage0, timeout).await?;
-        let mut client = cpb::worker_client::WorkerClient::new(channel);
-        let (tx, rx) = mpsc::channel(limit.max(4));
-        let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| unavailable("opening the pipeline stream timed out"))??;
-        tracing::info!(epoch = serving.epoch, stage0 = %serving.stage0, limit,
-            "embedding pipeline stream open");
+        let stream = super::open_pipeline(&self.cluster, serving).await?;
         Ok(Link {
             epoch: serving.epoch,
-            limit,
-            tx,
-            rx: resp.into_inner(),
+            limit: stream.limit,
+            tx: stream.tx,
+            rx: stream.rx,
             in_flight: VecDeque::new(),
             workers: serving
                 .plan

@@ -19,8 +19,14 @@ pub mod scheduler;
 
 use std::time::Duration;
 
+use tessera_proto::cluster::v1 as cpb;
 use tessera_tls::{ClusterTls, Role};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+
+use crate::error::CoordinatorError;
+use crate::state::cluster::{Cluster, Serving};
 
 /// Connects to a worker at host:port, as `tls` says (the worker must hold a worker's
 /// certificate under mutual TLS).
@@ -37,4 +43,46 @@ pub(crate) async fn connect(
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("connecting to {addr}: {e}")))
+}
+
+/// A `Pipeline` stream open on a plan's first stage: where steps go, where answers come.
+pub(crate) struct PipelineStream {
+    /// Steps to stage 0 (room for every step in flight, so sending one never waits).
+    pub(crate) tx: mpsc::Sender<cpb::StepRequest>,
+    /// Stage 0's answers, in step order.
+    pub(crate) rx: tonic::Streaming<cpb::StepResponse>,
+    /// The most steps in flight at once (`--max-inflight-steps`, by default the stages).
+    pub(crate) limit: usize,
+}
+
+/// Opens the `Pipeline` stream of `serving`'s plan on its first stage, both the connection
+/// and the stream within twice the heartbeat timeout (the generation and the embedding
+/// schedulers each hold one per plan epoch).
+///
+/// # Errors
+/// UNAVAILABLE when stage 0 cannot be reached or does not open the stream in time.
+pub(crate) async fn open_pipeline(
+    cluster: &Cluster,
+    serving: &Serving,
+) -> Result<PipelineStream, tonic::Status> {
+    let timeout = cluster.cfg.heartbeat_timeout * 2;
+    let limit = cluster
+        .cfg
+        .inflight_steps_for(serving.plan.n_stages() as usize);
+    let channel = connect(&cluster.cfg.cluster_tls, &serving.stage0, timeout).await?;
+    let mut client = cpb::worker_client::WorkerClient::new(channel);
+    let (tx, rx) = mpsc::channel(limit.max(4));
+    let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))
+        .await
+        .map_err(|_| {
+            tonic::Status::from(CoordinatorError::Unavailable(
+                "opening the pipeline stream timed out".into(),
+            ))
+        })??;
+    tracing::info!(epoch = serving.epoch, stage0 = %serving.stage0, limit, "pipeline stream open");
+    Ok(PipelineStream {
+        tx,
+        rx: resp.into_inner(),
+        limit,
+    })
 }

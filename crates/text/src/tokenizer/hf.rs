@@ -211,6 +211,16 @@ pub fn load(path: &Path) -> Result<(Vocab, HfModel), TokenizerError> {
 }
 
 impl HfModel {
+    /// The tokenizer that recognises special-token text (`parse_special`) or the one that
+    /// reads it as plain text.
+    fn tokenizer(&self, parse_special: bool) -> &tokenizers::Tokenizer {
+        if parse_special {
+            &self.parse_special
+        } else {
+            &self.plain
+        }
+    }
+
     /// Tokenizes with `tokenizers`; its post-processor decides what `add_special` adds.
     ///
     /// # Errors
@@ -221,12 +231,8 @@ impl HfModel {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let tok = if parse_special {
-            &self.parse_special
-        } else {
-            &self.plain
-        };
-        let enc = tok
+        let enc = self
+            .tokenizer(parse_special)
             .encode(text, add_special)
             .map_err(|e| TokenizerError::Encode {
                 reason: e.to_string(),
@@ -248,11 +254,7 @@ impl HfModel {
         limit: usize,
         parse_special: bool,
     ) -> Result<Vec<u32>, TokenizerError> {
-        let tok = if parse_special {
-            &self.parse_special
-        } else {
-            &self.plain
-        };
+        let tok = self.tokenizer(parse_special);
         let err = |e: &dyn std::fmt::Display| TokenizerError::Encode {
             reason: e.to_string(),
         };

@@ -15,7 +15,6 @@ use std::time::Instant;
 
 use tessera_proto::cluster::v1 as cpb;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::Instrument;
 
@@ -72,27 +71,13 @@ enum Woken {
 impl Scheduler {
     /// Opens the pipeline stream of `serving`'s plan on its first stage.
     pub(super) async fn open(&self, serving: &Serving) -> Result<Link, Status> {
-        let timeout = self.cluster.cfg.heartbeat_timeout * 2;
-        let limit = self
-            .cluster
-            .cfg
-            .inflight_steps_for(serving.plan.n_stages() as usize);
-        let channel =
-            super::super::connect(&self.cluster.cfg.cluster_tls, &serving.stage0, timeout).await?;
-        let mut client = cpb::worker_client::WorkerClient::new(channel);
-        // Room for every step in flight, so sending one never waits.
-        let (tx, rx) = mpsc::channel(limit.max(4));
-        let resp = tokio::time::timeout(timeout, client.pipeline(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| unavailable("opening the pipeline stream timed out"))??;
-        tracing::info!(epoch = serving.epoch, stage0 = %serving.stage0, limit,
-            "pipeline stream open");
+        let stream = super::super::open_pipeline(&self.cluster, serving).await?;
         Ok(Link {
             epoch: serving.epoch,
-            limit,
+            limit: stream.limit,
             ring: serving.plan.stages.first().map_or(1, |s| s.cp_ranks.max(1)),
-            tx,
-            rx: resp.into_inner(),
+            tx: stream.tx,
+            rx: stream.rx,
             in_flight: VecDeque::new(),
             workers: serving
                 .plan
