@@ -18,7 +18,8 @@
 //! on the next plan: recomputing an input gives the same vector, so a client sees nothing but
 //! the delay. A request that loses [`MAX_MIGRATIONS`] plans, or waits `ready_wait` with no
 //! plan serving, ends with UNAVAILABLE; one whose client went away is dropped from the queue.
-//! The queue holds at most `max_queued` requests (RESOURCE_EXHAUSTED beyond).
+//! At most `max_queued` requests are unanswered at once, queued or running
+//! (RESOURCE_EXHAUSTED beyond).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -49,7 +50,8 @@ struct Submit {
     req: ValidEmbedRequest,
     reply: oneshot::Sender<EmbedResult>,
     span: tracing::Span,
-    _slot: QueueSlot,
+    /// Its place under `max_queued`, handed on to its [`Job`].
+    slot: QueueSlot,
 }
 
 /// Submits requests to the embedding task.
@@ -87,7 +89,7 @@ impl EmbedderHandle {
                 req,
                 reply,
                 span,
-                _slot: slot,
+                slot,
             })
             .map_err(|_| {
                 CoordinatorError::Internal("the embedding scheduler has stopped".into())
@@ -107,6 +109,9 @@ struct Job {
     waiting_since: Instant,
     reply: oneshot::Sender<EmbedResult>,
     span: tracing::Span,
+    /// Its place under `max_queued`, held until it is answered or dropped: an embed request
+    /// counts until it ends, not only while it sits in the channel.
+    _slot: QueueSlot,
 }
 
 /// A step sent and not answered yet: which (request, input) each of its `seq_id`s is.
@@ -251,6 +256,7 @@ impl Embedder {
                 waiting_since: s.req.received,
                 reply: s.reply,
                 span: s.span,
+                _slot: s.slot,
             },
         );
     }
