@@ -199,6 +199,9 @@ impl Embedder {
             if self.link.as_ref().map(|l| l.epoch) != serving.as_ref().map(|s| s.epoch) {
                 self.lose_link("the plan stopped serving (a worker was lost)");
             }
+            if serving.is_none() && !self.cluster.replica().is_leading() {
+                self.abdicate();
+            }
             self.expire(serving.is_some());
             self.publish_load();
             let Some(serving) = serving else {
@@ -282,6 +285,16 @@ impl Embedder {
                 None => self.finish(id, None),
                 Some(why) => self.finish(id, Some(unavailable(why))),
             }
+        }
+    }
+
+    /// This coordinator stopped leading: every request ends with UNAVAILABLE at once (the new
+    /// leader's scheduler serves a retry; waiting here would only delay it).
+    fn abdicate(&mut self) {
+        let ids: Vec<u64> = self.jobs.keys().copied().collect();
+        for id in ids {
+            let msg = "this coordinator stopped leading; retry the request on the new leader";
+            self.finish(id, Some(unavailable(msg)));
         }
     }
 
