@@ -41,8 +41,11 @@ use tessera_testkit::MemoryWeights;
 use tp_group::{Out, Piece, load, load_group, max_diff, run_group, run_stage, slices};
 
 /// Largest |TP logit − whole logit| on the random models' first sampling step, before a
-/// reordered sum can have crossed a rounding boundary. Measured: 0 (Q4_1), 4.8e-6 (f32).
-const FIRST_STEP_BOUND: f32 = 2e-5;
+/// reordered sum can have crossed a rounding boundary. Measured: 0 (Q4_1), 4.7e-4 (f32; 4.8e-6
+/// before f32 products became one serial FMA chain per result, `matmul_float.rs`, whose
+/// rounding grows with the chain's length, so a rank's shorter chains plus the group's sum
+/// differ from the whole model's one chain from the first step).
+const FIRST_STEP_BOUND: f32 = 2e-3;
 
 /// Largest |TP logit − whole logit| on the random models with f32 weights, over all steps.
 /// Measured: 1.9e-3.
