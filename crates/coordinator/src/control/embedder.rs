@@ -344,12 +344,7 @@ impl Embedder {
             tx: stream.tx,
             rx: stream.rx,
             in_flight: VecDeque::new(),
-            workers: serving
-                .plan
-                .stages
-                .iter()
-                .map(|s| s.worker_id.clone())
-                .collect(),
+            workers: stream.workers,
         })
     }
 

@@ -53,6 +53,8 @@ pub(crate) struct PipelineStream {
     pub(crate) rx: tonic::Streaming<cpb::StepResponse>,
     /// The most steps in flight at once (`--max-inflight-steps`, by default the stages).
     pub(crate) limit: usize,
+    /// The plan's workers, stage by stage: whom a step timeout may blame.
+    pub(crate) workers: Vec<String>,
 }
 
 /// Opens the `Pipeline` stream of `serving`'s plan on its first stage, both the connection
@@ -84,5 +86,11 @@ pub(crate) async fn open_pipeline(
         tx,
         rx: resp.into_inner(),
         limit,
+        workers: serving
+            .plan
+            .stages
+            .iter()
+            .map(|s| s.worker_id.clone())
+            .collect(),
     })
 }

@@ -79,12 +79,7 @@ impl Scheduler {
             tx: stream.tx,
             rx: stream.rx,
             in_flight: VecDeque::new(),
-            workers: serving
-                .plan
-                .stages
-                .iter()
-                .map(|s| s.worker_id.clone())
-                .collect(),
+            workers: stream.workers,
         })
     }
 
